@@ -1,0 +1,427 @@
+//! The server's side of a connection: handshake, then requests served from a
+//! [`Store`] that the shell implements over its storage.
+
+use super::ServerHandshake;
+use crate::chunker::ChunkerKind;
+use crate::error::{ErrorCode, SessionError};
+use crate::hash::Hash;
+use crate::machine::{self, Machine, Poll};
+use crate::message::{FileInfo, Message, Outcome, validate_name};
+use crate::receiver::{Base, ReceiveStats, Receiver};
+use crate::sender::Sender;
+use crate::source::{Output, Source};
+use crate::time::{IDLE_TIMEOUT_MS, Instant};
+use crate::tree::{Summary, Tree};
+use alloc::collections::VecDeque;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+
+/// A stored file as the store describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredFile {
+    /// Name relative to the root.
+    pub name: String,
+    /// Length in bytes.
+    pub size: u64,
+    /// Seconds since the Unix epoch.
+    pub modified: u64,
+    /// SHA-256 of the contents.
+    pub sha256: Hash,
+}
+
+/// The server's storage, as the connection needs it. Names reaching these
+/// methods have passed [`validate_name`]; the store still owns the checks
+/// that need the file system (symlinks).
+pub trait Store {
+    /// Reads a stored version.
+    type Reader: Source;
+    /// Writes a new version.
+    type Writer: Output;
+
+    /// The current version of `name` chunked with `chunking` (its tree and
+    /// bytes), or `None` if there is no such file.
+    fn open(
+        &mut self,
+        name: &str,
+        chunking: ChunkerKind,
+    ) -> Result<Option<(Tree, Self::Reader)>, ErrorCode>;
+    /// Starts a new version of `name`, expected to be `size` bytes.
+    fn create(&mut self, name: &str, size: u64) -> Result<Self::Writer, ErrorCode>;
+    /// Publishes a verified version (`tree` is `Some`), or discards it.
+    fn finish(
+        &mut self,
+        name: &str,
+        writer: Self::Writer,
+        tree: Option<Tree>,
+    ) -> Result<(), ErrorCode>;
+    /// Every stored file.
+    fn list(&mut self) -> Result<Vec<StoredFile>, ErrorCode>;
+    /// One stored file.
+    fn stat(&mut self, name: &str) -> Result<StoredFile, ErrorCode>;
+    /// Removes a file.
+    fn delete(&mut self, name: &str) -> Result<(), ErrorCode>;
+}
+
+/// Direction of a transfer, seen from the client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// Client to server.
+    Upload,
+    /// Server to client.
+    Download,
+}
+
+/// What happened on a connection, for logs and the dashboard.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// The client proved the token.
+    Authenticated,
+    /// A request was refused.
+    Refused {
+        /// The name asked for, if any.
+        name: String,
+        /// Why.
+        code: ErrorCode,
+    },
+    /// A transfer began.
+    Started {
+        /// File name.
+        name: String,
+        /// Upload or download.
+        direction: Direction,
+        /// File size of the version being sent.
+        size: u64,
+    },
+    /// A transfer ended.
+    Finished {
+        /// File name.
+        name: String,
+        /// Upload or download.
+        direction: Direction,
+        /// File size.
+        size: u64,
+        /// How it ended.
+        outcome: Outcome,
+        /// File bytes that crossed the wire.
+        literal_bytes: u64,
+        /// File bytes reused from the old version (uploads).
+        reused_bytes: u64,
+    },
+    /// A file was deleted.
+    Deleted {
+        /// File name.
+        name: String,
+    },
+}
+
+/// A transfer in progress, for the dashboard.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Progress {
+    /// File name.
+    pub name: String,
+    /// Upload or download.
+    pub direction: Direction,
+    /// Bytes done (assembled for uploads, sent for downloads).
+    pub done: u64,
+    /// File size.
+    pub total: u64,
+}
+
+enum State<S: Store> {
+    Handshake(ServerHandshake<Vec<u8>>),
+    Idle,
+    Reply(VecDeque<Reply>),
+    Receiving {
+        name: String,
+        rx: Receiver<Tree, S::Reader, S::Writer>,
+    },
+    Sending {
+        name: String,
+        offered: bool,
+        tx: Sender<Tree, S::Reader>,
+    },
+}
+
+enum Reply {
+    Info(StoredFile),
+    ListEnd,
+    Deleted,
+    Done(Outcome),
+    Error(ErrorCode),
+}
+
+/// One client connection on the server.
+pub struct ServerConn<S: Store> {
+    store: S,
+    salt: [u8; 8],
+    state: State<S>,
+    events: VecDeque<Event>,
+    deadline: Instant,
+}
+
+impl<S: Store> ServerConn<S> {
+    /// A connection that will check `token`, with a fresh random `nonce`.
+    pub fn new(store: S, token: &[u8], nonce: [u8; 32], now: Instant) -> Self {
+        ServerConn {
+            store,
+            salt: [0; 8],
+            state: State::Handshake(ServerHandshake::new(token.to_vec(), nonce, now)),
+            events: VecDeque::new(),
+            deadline: now.plus_ms(IDLE_TIMEOUT_MS),
+        }
+    }
+
+    /// The next event, if any.
+    pub fn next_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Whether the connection sits between requests (a close now is clean).
+    pub fn is_idle(&self) -> bool {
+        matches!(self.state, State::Idle)
+    }
+
+    /// The transfer in progress, if any.
+    pub fn progress(&self) -> Option<Progress> {
+        match &self.state {
+            State::Receiving { name, rx } => Some(Progress {
+                name: name.clone(),
+                direction: Direction::Upload,
+                done: rx.progress(),
+                total: rx.offer().size,
+            }),
+            State::Sending { name, tx, .. } => Some(Progress {
+                name: name.clone(),
+                direction: Direction::Download,
+                done: tx.literal_bytes(),
+                total: tx.summary().size,
+            }),
+            _ => None,
+        }
+    }
+
+    fn refuse(&mut self, name: &str, code: ErrorCode) {
+        self.events.push_back(Event::Refused {
+            name: name.to_string(),
+            code,
+        });
+        self.state = State::Reply([Reply::Error(code)].into());
+    }
+
+    fn request(&mut self, now: Instant, msg: Message<'_>) -> Result<(), SessionError> {
+        let name = match msg {
+            Message::List => {
+                match self.store.list() {
+                    Ok(files) => {
+                        let mut q: VecDeque<Reply> = files.into_iter().map(Reply::Info).collect();
+                        q.push_back(Reply::ListEnd);
+                        self.state = State::Reply(q);
+                    }
+                    Err(code) => self.refuse("", code),
+                }
+                return Ok(());
+            }
+            Message::Stat { name }
+            | Message::Download { name }
+            | Message::Delete { name }
+            | Message::Upload { name, .. } => name,
+            Message::Error(c) => return Err(SessionError::Peer(c)),
+            _ => return Err(SessionError::Protocol(ErrorCode::UnexpectedMessage)),
+        };
+        if let Err(code) = validate_name(name) {
+            self.refuse(name, code);
+            return Ok(());
+        }
+        let result = match msg {
+            Message::Stat { name } => self
+                .store
+                .stat(name)
+                .map(|f| self.state = State::Reply([Reply::Info(f)].into())),
+            Message::Delete { name } => self.store.delete(name).map(|()| {
+                self.events.push_back(Event::Deleted {
+                    name: name.to_string(),
+                });
+                self.state = State::Reply([Reply::Deleted].into());
+            }),
+            Message::Upload { name, offer } => self.start_upload(now, name, offer),
+            Message::Download { name } => self.start_download(now, name),
+            _ => Ok(()),
+        };
+        if let Err(code) = result {
+            self.refuse(name, code);
+        }
+        Ok(())
+    }
+
+    fn start_upload(&mut self, now: Instant, name: &str, offer: Summary) -> Result<(), ErrorCode> {
+        if !offer.chunking.is_valid() {
+            return Err(ErrorCode::Unsupported);
+        }
+        let base = self
+            .store
+            .open(name, offer.chunking)?
+            .map(|(tree, source)| Base { tree, source });
+        let writer = self.store.create(name, offer.size)?;
+        let rx = Receiver::new(offer, self.salt, base, writer, now)
+            .map_err(|_| ErrorCode::Unsupported)?;
+        self.events.push_back(Event::Started {
+            name: name.to_string(),
+            direction: Direction::Upload,
+            size: offer.size,
+        });
+        self.state = State::Receiving {
+            name: name.to_string(),
+            rx,
+        };
+        Ok(())
+    }
+
+    fn start_download(&mut self, now: Instant, name: &str) -> Result<(), ErrorCode> {
+        let (tree, source) = self
+            .store
+            .open(name, ChunkerKind::Cdc)?
+            .ok_or(ErrorCode::NotFound)?;
+        let summary = tree.summary();
+        let tx = Sender::new(tree, source, summary, self.salt, now);
+        self.events.push_back(Event::Started {
+            name: name.to_string(),
+            direction: Direction::Download,
+            size: summary.size,
+        });
+        self.state = State::Sending {
+            name: name.to_string(),
+            offered: false,
+            tx,
+        };
+        Ok(())
+    }
+
+    /// Publishes or discards a finished upload and queues the answer.
+    fn end_upload(&mut self, outcome: Outcome) {
+        let State::Receiving { name, rx } = core::mem::replace(&mut self.state, State::Idle) else {
+            return;
+        };
+        let stats: ReceiveStats = rx.stats();
+        let size = rx.offer().size;
+        let (writer, tree) = rx.into_parts();
+        let tree = if outcome == Outcome::Written {
+            tree
+        } else {
+            None
+        };
+        let reply = match self.store.finish(&name, writer, tree) {
+            Ok(()) => {
+                self.events.push_back(Event::Finished {
+                    name,
+                    direction: Direction::Upload,
+                    size,
+                    outcome,
+                    literal_bytes: stats.literal_bytes,
+                    reused_bytes: stats.reused_bytes,
+                });
+                Reply::Done(outcome)
+            }
+            Err(code) => {
+                self.events.push_back(Event::Refused { name, code });
+                Reply::Error(code)
+            }
+        };
+        self.state = State::Reply([reply].into());
+    }
+}
+
+impl<S: Store> Machine for ServerConn<S> {
+    /// The connection has nothing more to do (it never finishes by itself:
+    /// the client closes it).
+    type Output = ();
+
+    fn handle(&mut self, now: Instant, msg: Message<'_>) -> Result<(), SessionError> {
+        self.deadline = now.plus_ms(IDLE_TIMEOUT_MS);
+        match &mut self.state {
+            State::Handshake(h) => h.handle(now, msg),
+            State::Idle => self.request(now, msg),
+            State::Receiving { rx, .. } => rx.handle(now, msg),
+            State::Sending { tx, .. } => tx.handle(now, msg),
+            State::Reply(_) => Err(SessionError::Protocol(ErrorCode::UnexpectedMessage)),
+        }
+    }
+
+    fn poll(&mut self, now: Instant, out: &mut [u8]) -> Result<Poll<()>, SessionError> {
+        loop {
+            match &mut self.state {
+                State::Handshake(h) => match h.poll(now, out)? {
+                    Poll::Done(salt) => {
+                        self.salt = salt;
+                        self.events.push_back(Event::Authenticated);
+                        self.state = State::Idle;
+                    }
+                    p => return Ok(p.map_done()),
+                },
+                State::Idle => return machine::wait_until(now, self.deadline),
+                State::Reply(q) => {
+                    let Some(r) = q.pop_front() else {
+                        self.state = State::Idle;
+                        continue;
+                    };
+                    let m = match &r {
+                        Reply::Info(f) => Message::Info(FileInfo {
+                            name: &f.name,
+                            size: f.size,
+                            modified: f.modified,
+                            sha256: f.sha256,
+                        }),
+                        Reply::ListEnd => Message::ListEnd,
+                        Reply::Deleted => Message::Deleted,
+                        Reply::Done(o) => Message::Done(*o),
+                        Reply::Error(c) => Message::Error(*c),
+                    };
+                    return machine::emit(&m, out);
+                }
+                State::Receiving { rx, .. } => match rx.poll(now, out) {
+                    Ok(Poll::Done(o)) => self.end_upload(o),
+                    Ok(p) => return Ok(p.map_done()),
+                    Err(e) => {
+                        // Whatever was written is discarded; the old version stays.
+                        if let State::Receiving { name, rx } =
+                            core::mem::replace(&mut self.state, State::Idle)
+                        {
+                            let (writer, _) = rx.into_parts();
+                            let _ = self.store.finish(&name, writer, None);
+                        }
+                        return Err(e);
+                    }
+                },
+                State::Sending { offered, tx, .. } if !*offered => {
+                    *offered = true;
+                    return machine::emit(&Message::Offer(*tx.summary()), out);
+                }
+                State::Sending { tx, name, .. } => match tx.poll(now, out)? {
+                    Poll::Done(outcome) => {
+                        let ev = Event::Finished {
+                            name: core::mem::take(name),
+                            direction: Direction::Download,
+                            size: tx.summary().size,
+                            outcome,
+                            literal_bytes: tx.literal_bytes(),
+                            reused_bytes: 0,
+                        };
+                        self.events.push_back(ev);
+                        self.state = State::Idle;
+                    }
+                    p => return Ok(p.map_done()),
+                },
+            }
+        }
+    }
+}
+
+impl<T> Poll<T> {
+    /// Forgets a `Done` value (callers match `Done` before calling this).
+    fn map_done<U: Default>(self) -> Poll<U> {
+        match self {
+            Poll::Transmit(n) => Poll::Transmit(n),
+            Poll::Wait(t) => Poll::Wait(t),
+            Poll::Done(_) => Poll::Done(U::default()),
+        }
+    }
+}

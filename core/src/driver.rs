@@ -1,0 +1,262 @@
+//! Drivers: run any [`Machine`] over a byte stream. [`Pump`] is the sans-IO
+//! part shared by both; [`run_blocking`] drives it over `embedded_io`, and
+//! [`run_async`] over `embedded_io_async`, so the tokio shells (through
+//! `embedded-io-adapters`) and a smoltcp device run the same code.
+
+use crate::error::{ErrorCode, SessionError};
+use crate::frame::{self, FrameDecoder, FrameError};
+use crate::machine::{Machine, Poll};
+use crate::message::Message;
+use crate::time::Instant;
+
+/// Why a driver stopped.
+#[non_exhaustive]
+#[derive(Debug)]
+pub enum DriveError<E> {
+    /// The state machine failed.
+    Session(SessionError),
+    /// The peer sent a frame that could not be accepted.
+    Frame(FrameError),
+    /// The transport failed.
+    Io(E),
+    /// The peer closed the connection.
+    Closed,
+}
+
+impl<E: core::fmt::Debug> core::fmt::Display for DriveError<E> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            DriveError::Session(e) => write!(f, "{e}"),
+            DriveError::Frame(FrameError::TooLong(n)) => {
+                write!(f, "peer sent a frame of {n} bytes, over the limit")
+            }
+            DriveError::Frame(e) => write!(f, "bad frame from peer: {e:?}"),
+            DriveError::Io(e) => write!(f, "connection error: {e:?}"),
+            DriveError::Closed => f.write_str("connection closed by peer"),
+        }
+    }
+}
+
+impl<E: core::fmt::Debug> core::error::Error for DriveError<E> {}
+
+/// What the transport must do next.
+#[derive(Debug)]
+pub enum Step<T> {
+    /// Write `Pump::output()[..n]`.
+    Write(usize),
+    /// Read into `Pump::input()`, then call `Pump::filled`.
+    Read(Instant),
+    /// Call `step` again.
+    Again,
+    /// The machine finished.
+    Done(T),
+}
+
+/// The buffers and counters of one connection: frames in, frames out.
+/// `I` holds received bytes, `F` the largest frame accepted, `O` the largest
+/// frame sent (at least [`frame::MAX_ENCODED`] to send full `Data` frames;
+/// smaller buffers just send smaller frames).
+pub struct Pump<I, F, O> {
+    input: I,
+    start: usize,
+    end: usize,
+    decoder: FrameDecoder<F>,
+    output: O,
+    /// Bytes written to the transport.
+    pub sent: u64,
+    /// Bytes read from the transport.
+    pub received: u64,
+    eof: bool,
+}
+
+impl<I, F, O> Pump<I, F, O>
+where
+    I: AsRef<[u8]> + AsMut<[u8]>,
+    F: AsRef<[u8]> + AsMut<[u8]>,
+    O: AsRef<[u8]> + AsMut<[u8]>,
+{
+    /// A pump over the given buffers.
+    pub fn new(input: I, frame: F, output: O) -> Self {
+        Pump {
+            input,
+            start: 0,
+            end: 0,
+            decoder: FrameDecoder::new(frame),
+            output,
+            sent: 0,
+            received: 0,
+            eof: false,
+        }
+    }
+
+    /// The bytes to write after `Step::Write(n)`.
+    pub fn output(&self, n: usize) -> &[u8] {
+        &self.output.as_ref()[..n]
+    }
+
+    /// Where to read into after `Step::Read`.
+    pub fn input(&mut self) -> &mut [u8] {
+        &mut self.input.as_mut()[self.end..]
+    }
+
+    /// Records that `n` bytes were read into `input()`; 0 means end of stream.
+    pub fn filled(&mut self, n: usize) {
+        if n == 0 {
+            self.eof = true;
+        }
+        self.end += n;
+        self.received += n as u64;
+    }
+
+    /// Whether a frame is partly received or bytes wait to be decoded.
+    pub fn is_mid_frame(&self) -> bool {
+        self.start < self.end || self.decoder.is_mid_frame()
+    }
+
+    /// Advances `m` by one step: sends what it has, else decodes one frame of
+    /// buffered input, else asks for more input.
+    pub fn step<M: Machine, E>(
+        &mut self,
+        m: &mut M,
+        now: Instant,
+    ) -> Result<Step<M::Output>, DriveError<E>> {
+        match m
+            .poll(now, self.output.as_mut())
+            .map_err(DriveError::Session)?
+        {
+            Poll::Transmit(n) => {
+                self.sent += n as u64;
+                return Ok(Step::Write(n));
+            }
+            Poll::Done(o) => return Ok(Step::Done(o)),
+            Poll::Wait(deadline) => {
+                if self.start < self.end {
+                    let (used, payload) = self
+                        .decoder
+                        .feed(&self.input.as_ref()[self.start..self.end])
+                        .map_err(DriveError::Frame)?;
+                    if let Some(p) = payload {
+                        let msg = Message::decode(p)
+                            .map_err(|c| DriveError::Session(SessionError::Protocol(c)))?;
+                        m.handle(now, msg).map_err(DriveError::Session)?;
+                    }
+                    self.start += used;
+                    if self.start == self.end {
+                        self.start = 0;
+                        self.end = 0;
+                    }
+                    return Ok(Step::Again);
+                }
+                if self.eof {
+                    return Err(DriveError::Closed);
+                }
+                Ok(Step::Read(deadline))
+            }
+        }
+    }
+
+    /// The `Error` frame to send the peer after `err`, if it should be told.
+    pub fn farewell<E>(&mut self, err: &DriveError<E>) -> Option<&[u8]> {
+        let code = match err {
+            DriveError::Session(SessionError::Protocol(c)) => *c,
+            DriveError::Session(SessionError::Timeout) => ErrorCode::Timeout,
+            DriveError::Session(SessionError::Read | SessionError::Write) => ErrorCode::Storage,
+            DriveError::Frame(FrameError::TooLong(_)) => ErrorCode::FrameTooLong,
+            DriveError::Frame(_) => ErrorCode::BadMessage,
+            _ => return None,
+        };
+        let n = frame::encode(&Message::Error(code), self.output.as_mut()).ok()?;
+        self.sent += n as u64;
+        Some(&self.output.as_ref()[..n])
+    }
+}
+
+/// Runs `m` to completion over a blocking transport. `now` reads the clock.
+/// A read that fails with `ErrorKind::TimedOut` (a socket read timeout) only
+/// wakes the machine so that it can check its deadline.
+pub fn run_blocking<M, T, I, F, O>(
+    m: &mut M,
+    io: &mut T,
+    pump: &mut Pump<I, F, O>,
+    mut now: impl FnMut() -> Instant,
+) -> Result<M::Output, DriveError<T::Error>>
+where
+    M: Machine,
+    T: embedded_io::Read + embedded_io::Write,
+    I: AsRef<[u8]> + AsMut<[u8]>,
+    F: AsRef<[u8]> + AsMut<[u8]>,
+    O: AsRef<[u8]> + AsMut<[u8]>,
+{
+    use embedded_io::{Error as _, ErrorKind};
+    let result = (|| loop {
+        match pump.step(m, now())? {
+            Step::Write(n) => io.write_all(pump.output(n)).map_err(DriveError::Io)?,
+            Step::Read(_) => {
+                io.flush().map_err(DriveError::Io)?;
+                match io.read(pump.input()) {
+                    Ok(n) => pump.filled(n),
+                    Err(e) if e.kind() == ErrorKind::TimedOut => {}
+                    Err(e) => return Err(DriveError::Io(e)),
+                }
+            }
+            Step::Again => {}
+            Step::Done(o) => {
+                io.flush().map_err(DriveError::Io)?;
+                return Ok(o);
+            }
+        }
+    })();
+    if let Err(e) = &result {
+        if let Some(bytes) = pump.farewell(e) {
+            let _ = io.write_all(bytes).and_then(|_| io.flush());
+        }
+    }
+    result
+}
+
+/// Runs `m` to completion over an async transport. Deadlines are checked
+/// whenever the transport yields; a transport that should time out idle
+/// peers returns `ErrorKind::TimedOut` from `read`, as with [`run_blocking`].
+pub async fn run_async<M, T, I, F, O>(
+    m: &mut M,
+    io: &mut T,
+    pump: &mut Pump<I, F, O>,
+    mut now: impl FnMut() -> Instant,
+) -> Result<M::Output, DriveError<T::Error>>
+where
+    M: Machine,
+    T: embedded_io_async::Read + embedded_io_async::Write,
+    I: AsRef<[u8]> + AsMut<[u8]>,
+    F: AsRef<[u8]> + AsMut<[u8]>,
+    O: AsRef<[u8]> + AsMut<[u8]>,
+{
+    use embedded_io_async::{Error as _, ErrorKind};
+    let result = async {
+        loop {
+            match pump.step(m, now())? {
+                Step::Write(n) => io.write_all(pump.output(n)).await.map_err(DriveError::Io)?,
+                Step::Read(_) => {
+                    io.flush().await.map_err(DriveError::Io)?;
+                    match io.read(pump.input()).await {
+                        Ok(n) => pump.filled(n),
+                        Err(e) if e.kind() == ErrorKind::TimedOut => {}
+                        Err(e) => return Err(DriveError::Io(e)),
+                    }
+                }
+                Step::Again => {}
+                Step::Done(o) => {
+                    io.flush().await.map_err(DriveError::Io)?;
+                    return Ok(o);
+                }
+            }
+        }
+    }
+    .await;
+    if let Err(e) = &result {
+        if let Some(bytes) = pump.farewell(e) {
+            let _ = io.write_all(bytes).await;
+            let _ = io.flush().await;
+        }
+    }
+    result
+}

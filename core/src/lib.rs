@@ -1,0 +1,52 @@
+//! deltasync-core: the delta-sync protocol, once, for every shell.
+//!
+//! Everything here is sans-IO: state machines take messages and a time and
+//! produce frames; file contents come through the small traits in [`source`].
+//! The crate is `#![no_std]`; the `alloc` feature adds the receiver side and an
+//! owned hash tree, and `std` adds conveniences for the desktop shells.
+//!
+//! ```
+//! use deltasync_core::{chunker::ChunkerKind, tree::Tree};
+//! let old = vec![7u8; 100_000];
+//! let mut new = old.clone();
+//! new[50_000] = 8;
+//! let a = Tree::build(&old[..], ChunkerKind::default());
+//! let b = Tree::build(&new[..], ChunkerKind::default());
+//! assert_ne!(a.root(), b.root());
+//! assert_eq!(a.summary().size, 100_000);
+//! ```
+#![cfg_attr(not(test), no_std)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+#[cfg(feature = "alloc")]
+extern crate alloc;
+#[cfg(all(feature = "std", not(test)))]
+extern crate std;
+
+pub mod auth;
+pub mod chunker;
+pub mod conn;
+pub mod driver;
+pub mod error;
+pub mod frame;
+pub mod hash;
+pub mod machine;
+pub mod message;
+pub mod sender;
+pub mod source;
+pub mod time;
+pub mod tree;
+mod varint;
+
+#[cfg(feature = "alloc")]
+pub mod receiver;
+
+#[cfg(test)]
+mod testutil;
+
+pub use error::{ErrorCode, SessionError};
+pub use hash::Hash;
+pub use time::Instant;
+
+/// Version of the wire protocol spoken by this crate.
+pub const PROTOCOL_VERSION: u16 = 1;

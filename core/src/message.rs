@@ -1,0 +1,417 @@
+//! The typed messages of the protocol, encoded with postcard.
+//!
+//! Messages borrow names and bytes from the frame they were decoded from, so
+//! decoding never allocates. Messages never know about sessions; sessions
+//! never see bytes.
+
+use crate::error::ErrorCode;
+use crate::hash::{Hash, ShortId};
+use crate::tree::Summary;
+use crate::varint;
+use serde::{Deserialize, Serialize};
+
+/// Longest file name accepted, in bytes.
+pub const MAX_NAME: usize = 1024;
+
+/// Most requests a receiver may have in flight; a sender queues this many.
+pub const MAX_INFLIGHT: usize = 4;
+
+/// Capability bits exchanged in the handshake (none defined yet; unknown
+/// bits are ignored so that later versions can add some).
+pub const CAPS: u32 = 0;
+
+/// How a sync ended, as the receiver tells the sender.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// The receiver already held this version; nothing was written.
+    Unchanged,
+    /// The new version was rebuilt and verified.
+    Written,
+    /// The rebuilt file did not match; the receiver kept its old version.
+    Integrity,
+}
+
+/// A stored file, as `LIST` and `STAT` describe it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileInfo<'a> {
+    /// Name relative to the server root, `/`-separated.
+    pub name: &'a str,
+    /// Length in bytes.
+    pub size: u64,
+    /// Last modification, seconds since the Unix epoch.
+    pub modified: u64,
+    /// SHA-256 of the contents.
+    pub sha256: Hash,
+}
+
+/// Every message of the protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Message<'a> {
+    /// Client to server, first: protocol version, capabilities, a fresh nonce.
+    Hello {
+        /// [`crate::PROTOCOL_VERSION`] of the client.
+        version: u16,
+        /// Capability bits.
+        caps: u32,
+        /// 32 random bytes.
+        nonce: [u8; 32],
+    },
+    /// Server to client: its own nonce and its proof of the token.
+    Challenge {
+        /// Server protocol version.
+        version: u16,
+        /// Capability bits.
+        caps: u32,
+        /// 32 random bytes.
+        nonce: [u8; 32],
+        /// HMAC-SHA256 proving the server holds the token.
+        proof: [u8; 32],
+    },
+    /// Client to server: the client's proof of the token.
+    Auth {
+        /// HMAC-SHA256 proving the client holds the token.
+        proof: [u8; 32],
+    },
+    /// Server to client: authenticated; requests may follow.
+    Welcome,
+    /// List every stored file.
+    List,
+    /// Describe one file.
+    Stat {
+        /// File name.
+        name: &'a str,
+    },
+    /// Upload: the client offers a version and becomes the sender.
+    Upload {
+        /// File name.
+        name: &'a str,
+        /// The version offered.
+        offer: Summary,
+    },
+    /// Download: the server will offer its version and become the sender.
+    Download {
+        /// File name.
+        name: &'a str,
+    },
+    /// Delete a file.
+    Delete {
+        /// File name.
+        name: &'a str,
+    },
+    /// A file's description (one per file for `List`, then `ListEnd`).
+    Info(FileInfo<'a>),
+    /// End of a listing.
+    ListEnd,
+    /// The file was deleted.
+    Deleted,
+    /// The request or session failed.
+    Error(ErrorCode),
+    /// The sender's version, in answer to `Download`.
+    Offer(Summary),
+    /// Receiver to sender: list the children of nodes `index..index+count`
+    /// at `level`.
+    GetChildren {
+        /// Level of the nodes (at least 1).
+        level: u8,
+        /// First node.
+        index: u32,
+        /// Number of consecutive nodes.
+        count: u32,
+    },
+    /// Sender to receiver: consecutive entries at `level`, starting at index
+    /// `start` and file offset `offset`, packed as (short id u64 LE, varint
+    /// length) pairs. `last` ends the answer to one `GetChildren`.
+    Entries {
+        /// Level of the entries.
+        level: u8,
+        /// Index of the first entry.
+        start: u32,
+        /// File offset of the first entry.
+        offset: u64,
+        /// Whether this ends the answer.
+        last: bool,
+        /// The packed entries.
+        packed: &'a [u8],
+    },
+    /// Receiver to sender: send file bytes `offset..offset+len`.
+    GetData {
+        /// First byte.
+        offset: u64,
+        /// Number of bytes.
+        len: u64,
+    },
+    /// Sender to receiver: file bytes starting at `offset`.
+    Data {
+        /// File offset of `bytes[0]`.
+        offset: u64,
+        /// The bytes.
+        bytes: &'a [u8],
+    },
+    /// Receiver to sender: the sync is over.
+    Done(Outcome),
+}
+
+impl<'a> Message<'a> {
+    /// Decodes one frame's payload; trailing bytes are an error.
+    pub fn decode(payload: &'a [u8]) -> Result<Message<'a>, ErrorCode> {
+        match postcard::take_from_bytes::<Message<'a>>(payload) {
+            Ok((m, [])) => Ok(m),
+            _ => Err(ErrorCode::BadMessage),
+        }
+    }
+}
+
+/// One entry of a packed listing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PackedEntry {
+    /// Salted short id.
+    pub short: ShortId,
+    /// Bytes covered.
+    pub len: u64,
+}
+
+/// Longest encoding of one packed entry.
+pub const PACKED_ENTRY_MAX: usize = 8 + 10;
+
+/// Appends an entry to a packed listing; `None` if `out` is full.
+pub fn pack_entry(out: &mut [u8], pos: &mut usize, e: PackedEntry) -> Option<()> {
+    let id = out.get_mut(*pos..*pos + 8)?;
+    id.copy_from_slice(&e.short.to_le_bytes());
+    let mut p = *pos + 8;
+    varint::put(out, &mut p, e.len)?;
+    *pos = p;
+    Some(())
+}
+
+/// Iterates a packed listing; yields `Err` once on malformed input.
+pub fn unpack_entries(packed: &[u8]) -> impl Iterator<Item = Result<PackedEntry, ErrorCode>> + '_ {
+    let mut pos = 0usize;
+    let mut failed = false;
+    core::iter::from_fn(move || {
+        if failed || pos == packed.len() {
+            return None;
+        }
+        let parsed = packed.get(pos..pos + 8).and_then(|id| {
+            let short = u64::from_le_bytes(id.try_into().ok()?);
+            let mut p = pos + 8;
+            let len = varint::get(packed, &mut p)?;
+            pos = p;
+            Some(PackedEntry { short, len })
+        });
+        failed = parsed.is_none();
+        Some(parsed.ok_or(ErrorCode::BadMessage))
+    })
+}
+
+/// Checks a file name: relative, `/`-separated, no empty, `.` or `..`
+/// components, no NUL or backslash, no component starting with `.deltasync`
+/// (the server's metadata), at most [`MAX_NAME`] bytes.
+pub fn validate_name(name: &str) -> Result<(), ErrorCode> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME
+        && !name.contains(['\0', '\\'])
+        && name
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != ".." && !c.starts_with(".deltasync"));
+    if ok { Ok(()) } else { Err(ErrorCode::BadName) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunker::ChunkerKind;
+    use crate::frame;
+    use proptest::prelude::*;
+
+    fn hash() -> impl Strategy<Value = Hash> {
+        any::<[u8; 32]>().prop_map(Hash)
+    }
+
+    fn summary() -> impl Strategy<Value = Summary> {
+        (
+            any::<u64>(),
+            hash(),
+            any::<u8>(),
+            hash(),
+            any::<Option<u32>>(),
+        )
+            .prop_map(|(size, root, height, file_hash, fixed)| Summary {
+                size,
+                root,
+                height,
+                file_hash,
+                chunking: fixed.map_or(ChunkerKind::Cdc, ChunkerKind::Fixed),
+            })
+    }
+
+    fn code() -> impl Strategy<Value = ErrorCode> {
+        prop_oneof![
+            Just(ErrorCode::BadMessage),
+            Just(ErrorCode::AuthFailed),
+            Just(ErrorCode::NotFound),
+            Just(ErrorCode::Integrity),
+            Just(ErrorCode::Busy),
+        ]
+    }
+
+    fn outcome() -> impl Strategy<Value = Outcome> {
+        prop_oneof![
+            Just(Outcome::Unchanged),
+            Just(Outcome::Written),
+            Just(Outcome::Integrity)
+        ]
+    }
+
+    /// Every message variant, with arbitrary fields; names and bytes borrow
+    /// from the strategy's owned values.
+    fn with_message<R>(
+        v: &(
+            u8,
+            u64,
+            u64,
+            u32,
+            [u8; 32],
+            Summary,
+            String,
+            Vec<u8>,
+            ErrorCode,
+            Outcome,
+            bool,
+        ),
+        f: impl FnOnce(Message<'_>) -> R,
+    ) -> R {
+        let (k, a, b, c, n, s, name, bytes, code, outcome, last) = v;
+        let (a, b, c) = (*a, *b, *c);
+        let m = match k % 19 {
+            0 => Message::Hello {
+                version: a as u16,
+                caps: c,
+                nonce: *n,
+            },
+            1 => Message::Challenge {
+                version: b as u16,
+                caps: c,
+                nonce: *n,
+                proof: *n,
+            },
+            2 => Message::Auth { proof: *n },
+            3 => Message::Welcome,
+            4 => Message::List,
+            5 => Message::Stat { name },
+            6 => Message::Upload { name, offer: *s },
+            7 => Message::Download { name },
+            8 => Message::Delete { name },
+            9 => Message::Info(FileInfo {
+                name,
+                size: a,
+                modified: b,
+                sha256: s.root,
+            }),
+            10 => Message::ListEnd,
+            11 => Message::Deleted,
+            12 => Message::Error(*code),
+            13 => Message::Offer(*s),
+            14 => Message::GetChildren {
+                level: a as u8,
+                index: c,
+                count: b as u32,
+            },
+            15 => Message::Entries {
+                level: a as u8,
+                start: c,
+                offset: b,
+                last: *last,
+                packed: bytes,
+            },
+            16 => Message::GetData { offset: a, len: b },
+            17 => Message::Data { offset: a, bytes },
+            _ => Message::Done(*outcome),
+        };
+        f(m)
+    }
+
+    proptest! {
+        #[test]
+        fn every_message_round_trips(
+            v in (any::<u8>(), any::<u64>(), any::<u64>(), any::<u32>(), any::<[u8; 32]>(),
+                  summary(), ".{0,40}", proptest::collection::vec(any::<u8>(), 0..3000),
+                  code(), outcome(), any::<bool>())
+        ) {
+            with_message(&v, |m| {
+                let mut buf = vec![0u8; frame::MAX_FRAME + 8];
+                let n = frame::encode(&m, &mut buf).unwrap();
+                let mut dec = frame::FrameDecoder::new(vec![0u8; frame::MAX_FRAME]);
+                let (used, payload) = dec.feed(&buf[..n]).unwrap();
+                prop_assert_eq!(used, n);
+                let back = Message::decode(payload.unwrap()).unwrap();
+                prop_assert_eq!(back, m);
+                Ok(())
+            })?;
+        }
+
+        #[test]
+        fn packed_entries_round_trip(entries in proptest::collection::vec((any::<u64>(), any::<u64>()), 0..50)) {
+            let mut buf = vec![0u8; entries.len() * PACKED_ENTRY_MAX];
+            let mut pos = 0;
+            for &(short, len) in &entries {
+                pack_entry(&mut buf, &mut pos, PackedEntry { short, len }).unwrap();
+            }
+            let back: Vec<_> = unpack_entries(&buf[..pos]).map(|e| e.unwrap()).map(|e| (e.short, e.len)).collect();
+            prop_assert_eq!(back, entries);
+        }
+    }
+
+    #[test]
+    fn byte_exact_fixtures() {
+        let mut buf = [0u8; 64];
+        let n = frame::encode(
+            &Message::GetData {
+                offset: 300,
+                len: 5,
+            },
+            &mut buf,
+        )
+        .unwrap();
+        // length 4, variant 16, varint 300 = ac 02, len 5
+        assert_eq!(&buf[..n], &[4, 16, 0xac, 0x02, 5]);
+        let n = frame::encode(&Message::Done(Outcome::Written), &mut buf).unwrap();
+        assert_eq!(&buf[..n], &[2, 18, 1]);
+        let n = frame::encode(&Message::Stat { name: "ab" }, &mut buf).unwrap();
+        assert_eq!(&buf[..n], &[4, 5, 2, b'a', b'b']);
+    }
+
+    #[test]
+    fn malformed_packed_listing_is_an_error() {
+        let v: Vec<_> = unpack_entries(&[1, 2, 3]).collect();
+        assert_eq!(v, vec![Err(ErrorCode::BadMessage)]);
+        let mut buf = [0u8; 9];
+        buf[8] = 0x80; // truncated varint
+        let v: Vec<_> = unpack_entries(&buf).collect();
+        assert_eq!(v, vec![Err(ErrorCode::BadMessage)]);
+    }
+
+    #[test]
+    fn names_are_checked() {
+        for bad in [
+            "",
+            "/etc/passwd",
+            "../x",
+            "a/../b",
+            "a//b",
+            "a/./b",
+            "a\0b",
+            "a\\b",
+            ".deltasync/x",
+            "x/",
+        ] {
+            assert_eq!(validate_name(bad), Err(ErrorCode::BadName), "{bad:?}");
+        }
+        assert_eq!(
+            validate_name(&"a".repeat(MAX_NAME + 1)),
+            Err(ErrorCode::BadName)
+        );
+        for good in ["a", "dir/file.txt", "devices/42/log", ".hidden", "..x"] {
+            assert_eq!(validate_name(good), Ok(()), "{good:?}");
+        }
+    }
+}

@@ -1,0 +1,516 @@
+//! The receiver of a sync: holds an old version (or nothing), walks the
+//! sender's tree from the root, asks only for what it does not hold, rebuilds
+//! the new version in order and verifies it.
+//!
+//! The walk: every entry the sender lists is looked up by short id among all
+//! entries (chunks and nodes, any level) of the old version. A hit is reused
+//! wherever it was in the old file, so moved data costs nothing; a missing
+//! chunk is fetched; a missing node is expanded with `GetChildren`. Runs of
+//! adjacent missing chunks are fetched with one `GetData`.
+//!
+//! Verification: reused chunks keep their (trusted, stored) ids, fetched bytes
+//! are re-chunked and hashed, and the tree is rebuilt from them; the new
+//! version is accepted only if its root, whole-file SHA-256 and size equal
+//! the offer's. Otherwise the outcome is [`Outcome::Integrity`] and the shell
+//! keeps its old version.
+
+use crate::error::{ErrorCode, SessionError};
+use crate::hash::ShortId;
+use crate::machine::{self, Machine, Poll};
+use crate::message::{self, MAX_INFLIGHT, Message, Outcome};
+use crate::source::{Output, Source};
+use crate::time::{IDLE_TIMEOUT_MS, Instant};
+use crate::tree::{Entry, Indexer, Levels, Summary, Tree, TreeView};
+use alloc::collections::VecDeque;
+use alloc::vec;
+use alloc::vec::Vec;
+
+/// Bytes copied per read when reusing old data.
+const COPY_BUF: usize = 256 * 1024;
+
+/// The old version a receiver may reuse: its tree and its bytes.
+pub struct Base<T, R> {
+    /// The old version's tree.
+    pub tree: T,
+    /// The old version's bytes.
+    pub source: R,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Seg {
+    Reuse {
+        at: u64,
+        len: u64,
+        level: u8,
+        index: u32,
+    },
+    Fetch {
+        at: u64,
+        len: u64,
+    },
+}
+
+impl Seg {
+    fn at(&self) -> u64 {
+        match *self {
+            Seg::Reuse { at, .. } | Seg::Fetch { at, .. } => at,
+        }
+    }
+    fn len(&self) -> u64 {
+        match *self {
+            Seg::Reuse { len, .. } | Seg::Fetch { len, .. } => len,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Expand {
+    level: u8,
+    index: u32,
+    count: u32,
+    /// File bytes the nodes cover; their children must add up to this.
+    bytes: u64,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Sent {
+    Children { level: u8, bytes: u64, covered: u64 },
+    Data { offset: u64, len: u64, got: u64 },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Start,
+    Walk,
+    Transfer,
+    Finished(Outcome),
+}
+
+/// Counters a shell reports.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReceiveStats {
+    /// File bytes received from the sender.
+    pub literal_bytes: u64,
+    /// File bytes taken from the old version.
+    pub reused_bytes: u64,
+    /// Tree entries received.
+    pub entries: u64,
+}
+
+/// Rebuilds one version from a sender, reusing an old version. It finishes
+/// with the outcome but does not send `Done`: its owner does, once it has
+/// published (or discarded) the result.
+pub struct Receiver<T, R, W> {
+    offer: Summary,
+    salt: [u8; 8],
+    base: Option<Base<T, R>>,
+    /// Every old entry: (short id, level, index, len), sorted by short id.
+    held: Vec<(ShortId, u8, u32, u64)>,
+    phase: Phase,
+    expand: VecDeque<Expand>,
+    sent: VecDeque<Sent>,
+    segs: Vec<Seg>,
+    fetch: VecDeque<(u64, u64)>,
+    cursor: usize,
+    indexer: Option<Indexer<Levels>>,
+    new_tree: Option<Tree>,
+    out: W,
+    buf: Vec<u8>,
+    deadline: Instant,
+    stats: ReceiveStats,
+}
+
+impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
+    /// A receiver of the version `offer` describes, reusing `base` if given
+    /// and writing the new version to `out`. `salt` comes from the handshake.
+    pub fn new(
+        offer: Summary,
+        salt: [u8; 8],
+        base: Option<Base<T, R>>,
+        out: W,
+        now: Instant,
+    ) -> Result<Self, SessionError> {
+        if !offer.chunking.is_valid() {
+            return Err(SessionError::Protocol(ErrorCode::Unsupported));
+        }
+        let mut held = Vec::new();
+        if let Some(b) = &base {
+            for level in 0..=b.tree.height() {
+                for index in 0..b.tree.level_len(level) {
+                    if let Some(e) = b.tree.entry(level, index).filter(|e| e.len > 0) {
+                        held.push((e.id.short(&salt), level, index, e.len));
+                    }
+                }
+            }
+            held.sort_unstable_by_key(|h| h.0);
+        }
+        Ok(Receiver {
+            offer,
+            salt,
+            base,
+            held,
+            phase: Phase::Start,
+            expand: VecDeque::new(),
+            sent: VecDeque::new(),
+            segs: Vec::new(),
+            fetch: VecDeque::new(),
+            cursor: 0,
+            indexer: Some(Indexer::new(offer.chunking, Levels::default())),
+            new_tree: None,
+            out,
+            buf: Vec::new(),
+            deadline: now.plus_ms(IDLE_TIMEOUT_MS),
+            stats: ReceiveStats::default(),
+        })
+    }
+
+    /// The version being received.
+    pub fn offer(&self) -> &Summary {
+        &self.offer
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> ReceiveStats {
+        self.stats
+    }
+
+    /// Bytes of the new version assembled so far.
+    pub fn progress(&self) -> u64 {
+        self.indexer
+            .as_ref()
+            .map_or(self.offer.size, |ix| ix.size())
+    }
+
+    /// The output, and the new version's tree if it was written and verified.
+    pub fn into_parts(self) -> (W, Option<Tree>) {
+        (self.out, self.new_tree)
+    }
+
+    fn lookup(&self, short: ShortId, len: u64) -> Option<(u8, u32)> {
+        let i = self.held.partition_point(|h| h.0 < short);
+        self.held[i..]
+            .iter()
+            .take_while(|h| h.0 == short)
+            .find(|h| h.3 == len)
+            .map(|h| (h.1, h.2))
+    }
+
+    /// Decides what to do with one entry of the sender's tree.
+    fn classify(&mut self, level: u8, index: u32, at: u64, short: ShortId, len: u64) {
+        if let Some((l, i)) = self.lookup(short, len) {
+            self.segs.push(Seg::Reuse {
+                at,
+                len,
+                level: l,
+                index: i,
+            });
+        } else if level == 0 {
+            self.segs.push(Seg::Fetch { at, len });
+        } else {
+            match self.expand.back_mut() {
+                Some(e) if e.level == level && e.index + e.count == index && e.count < 1024 => {
+                    e.count += 1;
+                    e.bytes += len;
+                }
+                _ => self.expand.push_back(Expand {
+                    level,
+                    index,
+                    count: 1,
+                    bytes: len,
+                }),
+            }
+        }
+    }
+
+    fn start(&mut self) {
+        let base_root = self
+            .base
+            .as_ref()
+            .and_then(|b| b.tree.entry(b.tree.height(), 0));
+        if base_root.is_some_and(|r| r.id == self.offer.root && r.len == self.offer.size) {
+            self.phase = Phase::Finished(Outcome::Unchanged);
+            return;
+        }
+        if self.offer.size == 0 {
+            self.phase = Phase::Transfer;
+        } else if self.held.is_empty() {
+            // Nothing to reuse: skip the walk and fetch the whole file.
+            self.segs.push(Seg::Fetch {
+                at: 0,
+                len: self.offer.size,
+            });
+            self.plan_transfer();
+        } else {
+            let short = self.offer.root.short(&self.salt);
+            self.classify(self.offer.height, 0, 0, short, self.offer.size);
+            self.phase = Phase::Walk;
+        }
+    }
+
+    /// Orders the segments found by the walk and queues the fetches.
+    fn plan_transfer(&mut self) {
+        self.segs.sort_unstable_by_key(Seg::at);
+        let mut merged: Vec<Seg> = Vec::with_capacity(self.segs.len());
+        for s in self.segs.drain(..) {
+            match (merged.last_mut(), s) {
+                (Some(Seg::Fetch { at, len }), Seg::Fetch { at: a2, len: l2 })
+                    if *at + *len == a2 =>
+                {
+                    *len += l2
+                }
+                _ => merged.push(s),
+            }
+        }
+        self.segs = merged;
+        self.fetch = self
+            .segs
+            .iter()
+            .filter_map(|s| match *s {
+                Seg::Fetch { at, len } => Some((at, len)),
+                Seg::Reuse { .. } => None,
+            })
+            .collect();
+        self.phase = Phase::Transfer;
+    }
+
+    /// Checks that the segments tile the file exactly (a lying sender could
+    /// list overlapping or missing ranges).
+    fn tiles(&self) -> bool {
+        let mut pos = 0u64;
+        for s in &self.segs {
+            if s.at() != pos || s.len() == 0 {
+                return false;
+            }
+            pos += s.len();
+        }
+        pos == self.offer.size
+    }
+
+    fn on_entries(
+        &mut self,
+        level: u8,
+        start: u32,
+        offset: u64,
+        last: bool,
+        packed: &[u8],
+    ) -> Result<(), SessionError> {
+        let bad = SessionError::Protocol(ErrorCode::BadMessage);
+        let Some(Sent::Children {
+            level: want,
+            bytes,
+            covered,
+        }) = self.sent.front().copied()
+        else {
+            return Err(SessionError::Protocol(ErrorCode::UnexpectedMessage));
+        };
+        if level != want {
+            return Err(bad);
+        }
+        let mut at = offset;
+        let mut covered = covered;
+        for (k, e) in message::unpack_entries(packed).enumerate() {
+            let e = e.map_err(SessionError::Protocol)?;
+            let index = u32::try_from(k)
+                .ok()
+                .and_then(|k| start.checked_add(k))
+                .ok_or(bad)?;
+            let end = at
+                .checked_add(e.len)
+                .filter(|&end| end <= self.offer.size)
+                .ok_or(bad)?;
+            covered += e.len;
+            if e.len == 0 || covered > bytes {
+                return Err(bad);
+            }
+            self.stats.entries += 1;
+            self.classify(level, index, at, e.short, e.len);
+            at = end;
+        }
+        if last {
+            if covered != bytes {
+                return Err(bad);
+            }
+            self.sent.pop_front();
+        } else if let Some(Sent::Children { covered: c, .. }) = self.sent.front_mut() {
+            *c = covered;
+        }
+        Ok(())
+    }
+
+    fn on_data(&mut self, offset: u64, bytes: &[u8]) -> Result<(), SessionError> {
+        let bad = SessionError::Protocol(ErrorCode::BadMessage);
+        let Some(Sent::Data {
+            offset: o,
+            len,
+            got,
+        }) = self.sent.front().copied()
+        else {
+            return Err(SessionError::Protocol(ErrorCode::UnexpectedMessage));
+        };
+        let n = bytes.len() as u64;
+        if offset != o + got || n == 0 || got + n > len {
+            return Err(bad);
+        }
+        self.assemble_to(offset)?;
+        let Some(&Seg::Fetch { at, len: seg_len }) = self.segs.get(self.cursor) else {
+            return Err(bad);
+        };
+        let ix = self.indexer.as_mut().ok_or(bad)?;
+        if ix.size() != offset {
+            return Err(bad);
+        }
+        self.out.write(bytes).map_err(|_| SessionError::Write)?;
+        ix.feed(bytes).map_err(|_| SessionError::Capacity)?;
+        if ix.size() == at + seg_len {
+            ix.end_chunk().map_err(|_| SessionError::Capacity)?;
+            self.cursor += 1;
+        }
+        self.stats.literal_bytes += n;
+        if got + n == len {
+            self.sent.pop_front();
+        } else if let Some(Sent::Data { got, .. }) = self.sent.front_mut() {
+            *got += n;
+        }
+        Ok(())
+    }
+
+    /// Copies every reused segment that starts before `target`.
+    fn assemble_to(&mut self, target: u64) -> Result<(), SessionError> {
+        while let Some(&Seg::Reuse {
+            at,
+            len,
+            level,
+            index,
+        }) = self.segs.get(self.cursor)
+        {
+            if at >= target {
+                break;
+            }
+            let (Some(base), Some(ix)) = (self.base.as_mut(), self.indexer.as_mut()) else {
+                return Err(SessionError::Read);
+            };
+            let old = base.tree.entry(level, index).ok_or(SessionError::Read)?;
+            if self.buf.is_empty() {
+                self.buf = vec![0u8; COPY_BUF];
+            }
+            let mut done = 0u64;
+            while done < len {
+                let n = (len - done).min(COPY_BUF as u64) as usize;
+                let piece = &mut self.buf[..n];
+                base.source
+                    .read_at(old.offset + done, piece)
+                    .map_err(|_| SessionError::Read)?;
+                self.out.write(piece).map_err(|_| SessionError::Write)?;
+                ix.feed_known(piece);
+                done += n as u64;
+            }
+            let leaves = base
+                .tree
+                .leaf_range(level, index)
+                .ok_or(SessionError::Read)?;
+            for i in leaves {
+                let c = base.tree.entry(0, i).ok_or(SessionError::Read)?;
+                ix.push_known_chunk(Entry {
+                    id: c.id,
+                    len: c.len,
+                })
+                .map_err(|_| SessionError::Capacity)?;
+            }
+            self.stats.reused_bytes += len;
+            self.cursor += 1;
+        }
+        Ok(())
+    }
+
+    fn verify(&mut self) -> Result<Outcome, SessionError> {
+        self.assemble_to(u64::MAX)?;
+        let ix = self.indexer.take().ok_or(SessionError::Capacity)?;
+        if self.cursor != self.segs.len() || ix.size() != self.offer.size {
+            return Ok(Outcome::Integrity);
+        }
+        let (summary, levels) = ix.finish().map_err(|_| SessionError::Capacity)?;
+        let o = &self.offer;
+        if summary.root == o.root
+            && summary.file_hash == o.file_hash
+            && summary.size == o.size
+            && summary.height == o.height
+        {
+            self.new_tree = Some(Tree::from_parts(summary, levels));
+            Ok(Outcome::Written)
+        } else {
+            Ok(Outcome::Integrity)
+        }
+    }
+}
+
+impl<T: TreeView, R: Source, W: Output> Machine for Receiver<T, R, W> {
+    type Output = Outcome;
+
+    fn handle(&mut self, now: Instant, msg: Message<'_>) -> Result<(), SessionError> {
+        self.deadline = now.plus_ms(IDLE_TIMEOUT_MS);
+        match msg {
+            Message::Entries {
+                level,
+                start,
+                offset,
+                last,
+                packed,
+            } if self.phase == Phase::Walk => self.on_entries(level, start, offset, last, packed),
+            Message::Data { offset, bytes } if self.phase == Phase::Transfer => {
+                self.on_data(offset, bytes)
+            }
+            Message::Error(c) => Err(SessionError::Peer(c)),
+            _ => Err(SessionError::Protocol(ErrorCode::UnexpectedMessage)),
+        }
+    }
+
+    fn poll(&mut self, now: Instant, out: &mut [u8]) -> Result<Poll<Outcome>, SessionError> {
+        loop {
+            match self.phase {
+                Phase::Start => self.start(),
+                Phase::Walk => {
+                    if self.sent.len() < MAX_INFLIGHT {
+                        if let Some(e) = self.expand.pop_front() {
+                            self.sent.push_back(Sent::Children {
+                                level: e.level - 1,
+                                bytes: e.bytes,
+                                covered: 0,
+                            });
+                            let m = Message::GetChildren {
+                                level: e.level,
+                                index: e.index,
+                                count: e.count,
+                            };
+                            return machine::emit(&m, out);
+                        }
+                    }
+                    if !self.sent.is_empty() {
+                        return machine::wait_until(now, self.deadline);
+                    }
+                    self.plan_transfer();
+                    if !self.tiles() {
+                        return Err(SessionError::Protocol(ErrorCode::BadMessage));
+                    }
+                }
+                Phase::Transfer => {
+                    if self.sent.len() < MAX_INFLIGHT {
+                        if let Some((offset, len)) = self.fetch.pop_front() {
+                            self.sent.push_back(Sent::Data {
+                                offset,
+                                len,
+                                got: 0,
+                            });
+                            return machine::emit(&Message::GetData { offset, len }, out);
+                        }
+                    }
+                    if !self.sent.is_empty() {
+                        return machine::wait_until(now, self.deadline);
+                    }
+                    let outcome = self.verify()?;
+                    self.phase = Phase::Finished(outcome);
+                }
+                Phase::Finished(o) => return Ok(Poll::Done(o)),
+            }
+        }
+    }
+}

@@ -1,0 +1,259 @@
+//! The sender of a sync: holds the new version and answers the receiver's
+//! requests for tree listings and bytes. Works without an allocator: its
+//! state is a small fixed queue, and frames are written into the caller's
+//! buffer.
+
+use crate::error::{ErrorCode, SessionError};
+use crate::frame::{self, MAX_DATA};
+use crate::machine::{self, Machine, Poll};
+use crate::message::{self, MAX_INFLIGHT, Message, Outcome, PACKED_ENTRY_MAX, PackedEntry};
+use crate::source::Source;
+use crate::time::{IDLE_TIMEOUT_MS, Instant};
+use crate::tree::{Summary, TreeView};
+
+/// Most entries in one `Entries` frame.
+const MAX_ENTRIES_PER_FRAME: u32 = 2048;
+/// Room a frame needs besides its packed entries or data.
+const FRAME_OVERHEAD: usize = 48;
+
+#[derive(Clone, Copy, Debug)]
+enum Request {
+    Children { level: u8, index: u32, count: u32 },
+    Data { offset: u64, len: u64 },
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Active {
+    /// Listing entries `next..end` at `level`, the next one at `offset`.
+    Entries {
+        level: u8,
+        next: u32,
+        end: u32,
+        offset: u64,
+    },
+    /// Sending bytes `offset..end`.
+    Data { offset: u64, end: u64 },
+}
+
+/// Serves one version to a receiver.
+pub struct Sender<T, S> {
+    tree: T,
+    source: S,
+    summary: Summary,
+    salt: [u8; 8],
+    queue: heapless::Deque<Request, MAX_INFLIGHT>,
+    active: Option<Active>,
+    outcome: Option<Outcome>,
+    deadline: Instant,
+    sent_bytes: u64,
+}
+
+impl<T: TreeView, S: Source> Sender<T, S> {
+    /// A sender of the version `summary` describes, whose tree is `tree` and
+    /// whose bytes `source` reads. `salt` comes from the handshake.
+    pub fn new(tree: T, source: S, summary: Summary, salt: [u8; 8], now: Instant) -> Self {
+        Sender {
+            tree,
+            source,
+            summary,
+            salt,
+            queue: heapless::Deque::new(),
+            active: None,
+            outcome: None,
+            deadline: now.plus_ms(IDLE_TIMEOUT_MS),
+            sent_bytes: 0,
+        }
+    }
+
+    /// The version being sent.
+    pub fn summary(&self) -> &Summary {
+        &self.summary
+    }
+
+    /// File bytes sent so far (literal data, excluding framing).
+    pub fn literal_bytes(&self) -> u64 {
+        self.sent_bytes
+    }
+
+    fn check(&self, r: Request) -> Result<(), ErrorCode> {
+        let ok = match r {
+            Request::Children {
+                level,
+                index,
+                count,
+            } => {
+                level >= 1
+                    && level <= self.tree.height()
+                    && count >= 1
+                    && index
+                        .checked_add(count)
+                        .is_some_and(|e| e <= self.tree.level_len(level))
+            }
+            Request::Data { offset, len } => {
+                len >= 1
+                    && offset
+                        .checked_add(len)
+                        .is_some_and(|e| e <= self.summary.size)
+            }
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(ErrorCode::OutOfRange)
+        }
+    }
+
+    fn start(&self, r: Request) -> Result<Active, SessionError> {
+        let bad = SessionError::Protocol(ErrorCode::OutOfRange);
+        Ok(match r {
+            Request::Children {
+                level,
+                index,
+                count,
+            } => {
+                let next = self.tree.first_child(level, index).ok_or(bad)?;
+                let end = self.tree.first_child(level, index + count).ok_or(bad)?;
+                let offset = self
+                    .tree
+                    .entry(level - 1, next)
+                    .map_or(self.summary.size, |e| e.offset);
+                Active::Entries {
+                    level: level - 1,
+                    next,
+                    end: end.max(next),
+                    offset,
+                }
+            }
+            Request::Data { offset, len } => Active::Data {
+                offset,
+                end: offset + len,
+            },
+        })
+    }
+
+    fn send_entries(
+        &mut self,
+        level: u8,
+        next: u32,
+        end: u32,
+        offset: u64,
+        out: &mut [u8],
+    ) -> Result<usize, SessionError> {
+        let room = out
+            .len()
+            .min(frame::MAX_ENCODED)
+            .saturating_sub(FRAME_OVERHEAD);
+        let fit = (room / PACKED_ENTRY_MAX) as u32;
+        if fit == 0 {
+            return Err(SessionError::Capacity);
+        }
+        let n = (end - next).min(fit).min(MAX_ENTRIES_PER_FRAME);
+        let last = next + n == end;
+        let template = Message::Entries {
+            level,
+            start: next,
+            offset,
+            last,
+            packed: &[],
+        };
+        let (tree, salt) = (&self.tree, &self.salt);
+        let mut covered = 0u64;
+        let written = frame::encode_with_tail(&template, out, |buf| {
+            let mut pos = 0;
+            for i in next..next + n {
+                let e = tree.entry(level, i).ok_or(SessionError::Capacity)?;
+                covered += e.len;
+                let packed = PackedEntry {
+                    short: e.id.short(salt),
+                    len: e.len,
+                };
+                message::pack_entry(buf, &mut pos, packed).ok_or(SessionError::Capacity)?;
+            }
+            Ok(pos)
+        })?
+        .map_err(|_| SessionError::Capacity)?;
+        self.active = (!last).then_some(Active::Entries {
+            level,
+            next: next + n,
+            end,
+            offset: offset + covered,
+        });
+        Ok(written)
+    }
+
+    fn send_data(&mut self, offset: u64, end: u64, out: &mut [u8]) -> Result<usize, SessionError> {
+        let room = out
+            .len()
+            .min(frame::MAX_ENCODED)
+            .saturating_sub(FRAME_OVERHEAD)
+            .min(MAX_DATA);
+        if room == 0 {
+            return Err(SessionError::Capacity);
+        }
+        let n = (end - offset).min(room as u64) as usize;
+        let source = &mut self.source;
+        let written = frame::encode_with_tail(&Message::Data { offset, bytes: &[] }, out, |buf| {
+            source
+                .read_at(offset, &mut buf[..n])
+                .map(|_| n)
+                .map_err(|_| SessionError::Read)
+        })?
+        .map_err(|_| SessionError::Capacity)?;
+        self.sent_bytes += n as u64;
+        let next = offset + n as u64;
+        self.active = (next < end).then_some(Active::Data { offset: next, end });
+        Ok(written)
+    }
+}
+
+impl<T: TreeView, S: Source> Machine for Sender<T, S> {
+    type Output = Outcome;
+
+    fn handle(&mut self, now: Instant, msg: Message<'_>) -> Result<(), SessionError> {
+        self.deadline = now.plus_ms(IDLE_TIMEOUT_MS);
+        let r = match msg {
+            Message::GetChildren {
+                level,
+                index,
+                count,
+            } => Request::Children {
+                level,
+                index,
+                count,
+            },
+            Message::GetData { offset, len } => Request::Data { offset, len },
+            Message::Done(o) => {
+                self.outcome = Some(o);
+                return Ok(());
+            }
+            Message::Error(c) => return Err(SessionError::Peer(c)),
+            _ => return Err(SessionError::Protocol(ErrorCode::UnexpectedMessage)),
+        };
+        self.check(r).map_err(SessionError::Protocol)?;
+        self.queue
+            .push_back(r)
+            .map_err(|_| SessionError::Protocol(ErrorCode::TooManyRequests))
+    }
+
+    fn poll(&mut self, now: Instant, out: &mut [u8]) -> Result<Poll<Outcome>, SessionError> {
+        if let Some(o) = self.outcome {
+            return Ok(Poll::Done(o));
+        }
+        if self.active.is_none() {
+            if let Some(r) = self.queue.pop_front() {
+                self.active = Some(self.start(r)?);
+            }
+        }
+        let n = match self.active {
+            None => return machine::wait_until(now, self.deadline),
+            Some(Active::Entries {
+                level,
+                next,
+                end,
+                offset,
+            }) => self.send_entries(level, next, end, offset, out)?,
+            Some(Active::Data { offset, end }) => self.send_data(offset, end, out)?,
+        };
+        Ok(Poll::Transmit(n))
+    }
+}

@@ -1,0 +1,74 @@
+//! How file contents reach the state machines: random-access reads of a
+//! version, and in-order writes of the new one.
+
+/// A read or write of file contents failed; the shell keeps the details.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IoFailed;
+
+/// Random-access reads of one version of a file.
+pub trait Source {
+    /// Fills all of `buf` from `offset`; an error if the range is not there.
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), IoFailed>;
+}
+
+/// In-order writes of the version being received.
+pub trait Output {
+    /// Appends `data`.
+    fn write(&mut self, data: &[u8]) -> Result<(), IoFailed>;
+}
+
+impl Source for &[u8] {
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), IoFailed> {
+        let start = usize::try_from(offset).map_err(|_| IoFailed)?;
+        let end = start.checked_add(buf.len()).ok_or(IoFailed)?;
+        buf.copy_from_slice(self.get(start..end).ok_or(IoFailed)?);
+        Ok(())
+    }
+}
+
+impl<S: Source + ?Sized> Source for &mut S {
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), IoFailed> {
+        (**self).read_at(offset, buf)
+    }
+}
+
+#[cfg(feature = "alloc")]
+impl Output for alloc::vec::Vec<u8> {
+    fn write(&mut self, data: &[u8]) -> Result<(), IoFailed> {
+        self.extend_from_slice(data);
+        Ok(())
+    }
+}
+
+#[cfg(feature = "alloc")]
+impl Source for alloc::vec::Vec<u8> {
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), IoFailed> {
+        self.as_slice().read_at(offset, buf)
+    }
+}
+
+#[cfg(feature = "std")]
+pub use file::FileSource;
+
+#[cfg(feature = "std")]
+mod file {
+    use super::*;
+    use std::fs::File;
+    use std::os::unix::fs::FileExt;
+
+    /// A file read with positional reads (no shared cursor).
+    #[derive(Debug)]
+    pub struct FileSource(pub File);
+
+    impl Source for FileSource {
+        fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), IoFailed> {
+            self.0.read_exact_at(buf, offset).map_err(|_| IoFailed)
+        }
+    }
+
+    impl<W: std::io::Write> Output for std::io::BufWriter<W> {
+        fn write(&mut self, data: &[u8]) -> Result<(), IoFailed> {
+            std::io::Write::write_all(self, data).map_err(|_| IoFailed)
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! Time as the shells give it: milliseconds from an arbitrary epoch.
+
+/// A point in time, in milliseconds since the shell's epoch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Instant(pub u64);
+
+impl Instant {
+    /// This instant plus `ms` milliseconds (saturating).
+    pub fn plus_ms(self, ms: u64) -> Instant {
+        Instant(self.0.saturating_add(ms))
+    }
+}
+
+/// How long a peer may stay silent while we wait for it.
+pub const IDLE_TIMEOUT_MS: u64 = 30_000;

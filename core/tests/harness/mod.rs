@@ -1,0 +1,233 @@
+//! A deterministic client <-> server harness: in-memory pipes, a simulated
+//! clock, optional splitting of writes and a cut after N bytes.
+
+#![allow(dead_code)]
+
+use deltasync_core::chunker::ChunkerKind;
+use deltasync_core::conn::server::{ServerConn, Store, StoredFile};
+use deltasync_core::driver::{DriveError, Pump, Step};
+use deltasync_core::error::ErrorCode;
+use deltasync_core::frame::{MAX_ENCODED, MAX_FRAME};
+use deltasync_core::machine::Machine;
+use deltasync_core::tree::Tree;
+use deltasync_core::{Hash, Instant};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, VecDeque};
+use std::rc::Rc;
+
+pub type Files = Rc<RefCell<BTreeMap<String, Vec<u8>>>>;
+
+/// An in-memory store; `finish` publishes only verified versions.
+pub struct MemStore(pub Files);
+
+impl Store for MemStore {
+    type Reader = Vec<u8>;
+    type Writer = Vec<u8>;
+
+    fn open(
+        &mut self,
+        name: &str,
+        chunking: ChunkerKind,
+    ) -> Result<Option<(Tree, Vec<u8>)>, ErrorCode> {
+        Ok(self
+            .0
+            .borrow()
+            .get(name)
+            .map(|d| (Tree::build(d, chunking), d.clone())))
+    }
+    fn create(&mut self, _name: &str, _size: u64) -> Result<Vec<u8>, ErrorCode> {
+        Ok(Vec::new())
+    }
+    fn finish(&mut self, name: &str, w: Vec<u8>, tree: Option<Tree>) -> Result<(), ErrorCode> {
+        if let Some(t) = tree {
+            assert_eq!(
+                t.summary().file_hash,
+                Hash::of(&w),
+                "published tree must describe the bytes"
+            );
+            self.0.borrow_mut().insert(name.to_string(), w);
+        }
+        Ok(())
+    }
+    fn list(&mut self) -> Result<Vec<StoredFile>, ErrorCode> {
+        Ok(self
+            .0
+            .borrow()
+            .iter()
+            .map(|(n, d)| StoredFile {
+                name: n.clone(),
+                size: d.len() as u64,
+                modified: 0,
+                sha256: Hash::of(d),
+            })
+            .collect())
+    }
+    fn stat(&mut self, name: &str) -> Result<StoredFile, ErrorCode> {
+        let f = self.0.borrow();
+        let d = f.get(name).ok_or(ErrorCode::NotFound)?;
+        Ok(StoredFile {
+            name: name.to_string(),
+            size: d.len() as u64,
+            modified: 0,
+            sha256: Hash::of(d),
+        })
+    }
+    fn delete(&mut self, name: &str) -> Result<(), ErrorCode> {
+        self.0
+            .borrow_mut()
+            .remove(name)
+            .map(|_| ())
+            .ok_or(ErrorCode::NotFound)
+    }
+}
+
+pub type Buf = Vec<u8>;
+pub type StdPump = Pump<Buf, Buf, Buf>;
+
+pub fn pump() -> StdPump {
+    Pump::new(
+        vec![0u8; 64 * 1024],
+        vec![0u8; MAX_FRAME],
+        vec![0u8; MAX_ENCODED],
+    )
+}
+
+/// The link between the two ends.
+pub struct Net {
+    pub to_server: VecDeque<u8>,
+    pub to_client: VecDeque<u8>,
+    /// Largest piece delivered per read (exercises reassembly).
+    pub piece: usize,
+    /// Stop carrying bytes after this many (both directions together) and
+    /// report end of stream to both sides.
+    pub cut_after: Option<u64>,
+    pub carried: u64,
+    pub clock: Instant,
+}
+
+impl Net {
+    pub fn new() -> Self {
+        Net {
+            to_server: VecDeque::new(),
+            to_client: VecDeque::new(),
+            piece: usize::MAX,
+            cut_after: None,
+            carried: 0,
+            clock: Instant(0),
+        }
+    }
+    fn cut(&self) -> bool {
+        self.cut_after.is_some_and(|c| self.carried >= c)
+    }
+}
+
+#[derive(Debug)]
+pub enum Stop {
+    Client(DriveError<()>),
+    Server(DriveError<()>),
+    Stalled,
+}
+
+/// Advances one side by one step; returns whether it made progress, or its
+/// output when done.
+fn side<M: Machine>(
+    m: &mut M,
+    p: &mut StdPump,
+    inbox: &mut VecDeque<u8>,
+    outbox: &mut VecDeque<u8>,
+    piece: usize,
+    cut: bool,
+    carried: &mut u64,
+    now: Instant,
+) -> Result<(bool, Option<M::Output>), DriveError<()>> {
+    match p.step::<M, ()>(m, now)? {
+        Step::Write(n) => {
+            if !cut {
+                outbox.extend(p.output(n));
+                *carried += n as u64;
+            }
+            Ok((true, None))
+        }
+        Step::Again => Ok((true, None)),
+        Step::Done(o) => Ok((true, Some(o))),
+        Step::Read(_) => {
+            if cut {
+                p.filled(0);
+                return Ok((true, None));
+            }
+            if inbox.is_empty() {
+                return Ok((false, None));
+            }
+            let buf = p.input();
+            let n = buf.len().min(inbox.len()).min(piece);
+            for (i, b) in inbox.drain(..n).enumerate() {
+                buf[i] = b;
+            }
+            p.filled(n);
+            Ok((true, None))
+        }
+    }
+}
+
+/// Runs `client` until it finishes, with `server` answering. The server's
+/// failures end the run too.
+pub fn run<C: Machine, S: Machine>(
+    client: &mut C,
+    cp: &mut StdPump,
+    server: &mut S,
+    sp: &mut StdPump,
+    net: &mut Net,
+) -> Result<C::Output, Stop> {
+    loop {
+        let cut = net.cut();
+        let now = net.clock;
+        let (c_prog, done) = side(
+            client,
+            cp,
+            &mut net.to_client,
+            &mut net.to_server,
+            net.piece,
+            cut,
+            &mut net.carried,
+            now,
+        )
+        .map_err(Stop::Client)?;
+        if let Some(o) = done {
+            return Ok(o);
+        }
+        let cut = net.cut();
+        let (s_prog, _) = side(
+            server,
+            sp,
+            &mut net.to_server,
+            &mut net.to_client,
+            net.piece,
+            cut,
+            &mut net.carried,
+            now,
+        )
+        .map_err(Stop::Server)?;
+        if !c_prog && !s_prog {
+            return Err(Stop::Stalled);
+        }
+    }
+}
+
+/// A server connection over `files` with `token`.
+pub fn server(files: &Files, token: &[u8]) -> ServerConn<MemStore> {
+    ServerConn::new(MemStore(files.clone()), token, [9u8; 32], Instant(0))
+}
+
+/// xorshift bytes.
+pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}

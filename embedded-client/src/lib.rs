@@ -1,0 +1,2 @@
+//! The no_std deltasync device client.
+#![no_std]

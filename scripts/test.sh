@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# deltasync's single "run every test" command:   bash scripts/test.sh
+#
+# Steps, in order (any failure fails the script):
+#   1. cargo fmt --check
+#   2. cargo clippy, warnings denied
+#   3. unit/integration tests (cargo-nextest, or cargo test without it), then doc tests
+#   4. cross-build deltasync-core (no_std, --no-default-features) for a Cortex-M4F
+#      (thumbv7em-none-eabihf) with Debian's rustc-web toolchain and -Zbuild-std
+#
+# Environment:
+#   DELTASYNC_SKIP_CROSS=1   skip step 4 (fast local iteration; CI runs it)
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+# rustup's cargo/rustc/rustfmt/clippy/nextest live in ~/.cargo/bin; find them even
+# when started from a bare environment.
+if ! command -v cargo >/dev/null 2>&1 && [ -x "${HOME:-/root}/.cargo/bin/cargo" ]; then
+    export PATH="${HOME:-/root}/.cargo/bin:$PATH"
+fi
+
+STEP="(start)"
+on_exit() {
+    local rc=$?
+    if [ "$rc" -ne 0 ]; then
+        echo "test.sh: FAILED (exit $rc) in step: $STEP" >&2
+    fi
+}
+
+section() {
+    STEP="$*"
+    printf '\n==================== %s ====================\n' "$*"
+}
+
+# need_pkgs PKG...: install the Debian packages that are not installed yet.
+# Runs `apt-get update` once per script run, and only when something is missing.
+APT_UPDATED=0
+need_pkgs() {
+    local p missing=()
+    for p in "$@"; do
+        if ! dpkg -s "$p" 2>/dev/null | grep -q '^Status: install ok installed'; then
+            missing+=("$p")
+        fi
+    done
+    if [ "${#missing[@]}" -eq 0 ]; then
+        return 0
+    fi
+    local sudo=()
+    if [ "$(id -u)" -ne 0 ]; then
+        sudo=(sudo)
+    fi
+    echo "need_pkgs: installing ${missing[*]}"
+    if [ "$APT_UPDATED" -eq 0 ]; then
+        "${sudo[@]}" apt-get update
+        APT_UPDATED=1
+    fi
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y --no-install-recommends "${missing[@]}"
+}
+
+step_fmt() {
+    section "1/4 format: cargo fmt --all --check"
+    cargo fmt --all --check
+}
+
+step_clippy() {
+    section "2/4 lint: cargo clippy --workspace --all-targets -D warnings"
+    cargo clippy --workspace --all-targets -- -D warnings
+}
+
+step_tests() {
+    if cargo nextest --version >/dev/null 2>&1; then
+        section "3/4 tests: cargo nextest run --workspace"
+        cargo nextest run --workspace --no-fail-fast
+    else
+        section "3/4 tests: cargo test --workspace (cargo-nextest not available)"
+        cargo test --workspace --no-fail-fast
+    fi
+    section "3/4 doc tests: cargo test --workspace --doc"
+    cargo test --workspace --doc
+}
+
+# deltasync-core must build without std for a microcontroller. rustup here has no
+# thumbv7em target, so this uses Debian's rustc-web + rust-web-src with -Zbuild-std
+# (RUSTC_BOOTSTRAP=1 unlocks -Z on that stable compiler).
+#  - RUSTC=/usr/bin/rustc is required: with rustup's rustc first in PATH, build-std
+#    looks for rust-src's Cargo.lock in the rustup toolchain and fails.
+#  - target/thumb is a separate target dir: a different compiler would otherwise
+#    invalidate the host build cache in target/ on every run.
+#  - Run from the workspace root with -p: Debian's cargo (>= 1.96) reads the
+#    edition 2024 / resolver 3 workspace and rustup cargo's v4 Cargo.lock as is.
+#  - RUSTFLAGS / RUSTC_WRAPPER meant for host builds (e.g. -C target-cpu=native,
+#    a rustup-bound sccache) must not leak into this build, so they are dropped.
+#  - This builds a library only. Linking a firmware binary also needs package
+#    rust-web-llvm (it provides /usr/bin/rust-lld -> lld-22 and is only a Recommends
+#    of rustc-web, so --no-install-recommends leaves it out).
+step_cross() {
+    section "4/4 cross-build: deltasync-core for thumbv7em-none-eabihf (no_std)"
+    need_pkgs rustc-web cargo-web rust-web-src lld-22
+    /usr/bin/rustc --version
+    /usr/bin/cargo --version
+    env -u RUSTFLAGS -u CARGO_ENCODED_RUSTFLAGS -u RUSTC_WRAPPER -u CARGO_BUILD_RUSTC_WRAPPER \
+        RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 \
+        /usr/bin/cargo build --release \
+        -Zbuild-std=core,alloc --target thumbv7em-none-eabihf \
+        --target-dir target/thumb \
+        -p deltasync-core --no-default-features
+}
+
+main() {
+    local start=$SECONDS
+    trap on_exit EXIT
+    step_fmt
+    step_clippy
+    step_tests
+    if [ "${DELTASYNC_SKIP_CROSS:-0}" = 1 ]; then
+        section "4/4 cross-build: SKIPPED (DELTASYNC_SKIP_CROSS=1)"
+    else
+        step_cross
+    fi
+    STEP="(done)"
+    printf '\ntest.sh: all steps passed in %ss\n' "$((SECONDS - start))"
+}
+
+# Sourcing this file only defines the functions (handy to run one step by hand).
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then
+    main "$@"
+fi

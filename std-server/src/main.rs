@@ -1,0 +1,2 @@
+//! The deltasync server (tokio shell over `deltasync-core`).
+fn main() {}
