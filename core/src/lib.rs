@@ -24,6 +24,8 @@ extern crate alloc;
 extern crate std;
 
 pub mod auth;
+#[cfg(feature = "std")]
+pub mod build;
 pub mod chunker;
 pub mod conn;
 pub mod driver;
@@ -41,6 +43,8 @@ mod varint;
 #[cfg(feature = "alloc")]
 pub mod receiver;
 
+#[cfg(feature = "std")]
+pub mod sim;
 #[cfg(test)]
 mod testutil;
 

@@ -1,8 +1,6 @@
 //! Client <-> server sessions over the in-memory harness: both directions,
 //! every kind of edit, authentication, disconnects and timeouts.
 
-mod harness;
-
 use deltasync_core::chunker::ChunkerKind;
 use deltasync_core::conn::server::Event;
 use deltasync_core::conn::{ClientHandshake, Download, Query, QueryKind, Upload};
@@ -11,9 +9,9 @@ use deltasync_core::error::{ErrorCode, SessionError};
 use deltasync_core::message::Outcome;
 use deltasync_core::receiver::Base;
 use deltasync_core::sender::Sender;
+use deltasync_core::sim::*;
 use deltasync_core::tree::{FixedTree, Tree};
 use deltasync_core::{Hash, Instant};
-use harness::*;
 use proptest::prelude::*;
 
 const TOKEN: &[u8] = b"correct horse";

@@ -1,20 +1,23 @@
-//! A deterministic client <-> server harness: in-memory pipes, a simulated
-//! clock, optional splitting of writes and a cut after N bytes.
+//! A deterministic client <-> server simulation: in-memory pipes, a
+//! simulated clock, optional splitting of reads and a cut after N bytes. Used
+//! by the tests and the wire-bytes benchmark; no sockets, no threads.
 
-#![allow(dead_code)]
+use crate::chunker::ChunkerKind;
+use crate::conn::server::{ServerConn, Store, StoredFile};
+use crate::driver::{DriveError, Pump, Step};
+use crate::error::ErrorCode;
+use crate::frame::{MAX_ENCODED, MAX_FRAME};
+use crate::machine::Machine;
+use crate::tree::Tree;
+use crate::{Hash, Instant};
+use alloc::collections::{BTreeMap, VecDeque};
+use alloc::rc::Rc;
+use alloc::string::{String, ToString};
+use alloc::vec;
+use alloc::vec::Vec;
+use core::cell::RefCell;
 
-use deltasync_core::chunker::ChunkerKind;
-use deltasync_core::conn::server::{ServerConn, Store, StoredFile};
-use deltasync_core::driver::{DriveError, Pump, Step};
-use deltasync_core::error::ErrorCode;
-use deltasync_core::frame::{MAX_ENCODED, MAX_FRAME};
-use deltasync_core::machine::Machine;
-use deltasync_core::tree::Tree;
-use deltasync_core::{Hash, Instant};
-use std::cell::RefCell;
-use std::collections::{BTreeMap, VecDeque};
-use std::rc::Rc;
-
+/// The files of a [`MemStore`], shared with the test that inspects them.
 pub type Files = Rc<RefCell<BTreeMap<String, Vec<u8>>>>;
 
 /// An in-memory store; `finish` publishes only verified versions.
@@ -81,9 +84,12 @@ impl Store for MemStore {
     }
 }
 
+/// A growable buffer.
 pub type Buf = Vec<u8>;
+/// A pump with heap buffers.
 pub type StdPump = Pump<Buf, Buf, Buf>;
 
+/// A pump with full-size buffers.
 pub fn pump() -> StdPump {
     Pump::new(
         vec![0u8; 64 * 1024],
@@ -94,18 +100,29 @@ pub fn pump() -> StdPump {
 
 /// The link between the two ends.
 pub struct Net {
+    /// Bytes in flight to the server.
     pub to_server: VecDeque<u8>,
+    /// Bytes in flight to the client.
     pub to_client: VecDeque<u8>,
     /// Largest piece delivered per read (exercises reassembly).
     pub piece: usize,
     /// Stop carrying bytes after this many (both directions together) and
     /// report end of stream to both sides.
     pub cut_after: Option<u64>,
+    /// Bytes carried so far.
     pub carried: u64,
+    /// The simulated time.
     pub clock: Instant,
 }
 
+impl Default for Net {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Net {
+    /// A perfect link.
     pub fn new() -> Self {
         Net {
             to_server: VecDeque::new(),
@@ -121,15 +138,20 @@ impl Net {
     }
 }
 
+/// Why a simulated run stopped early.
 #[derive(Debug)]
 pub enum Stop {
+    /// The client failed.
     Client(DriveError<()>),
+    /// The server failed.
     Server(DriveError<()>),
+    /// Neither side could move.
     Stalled,
 }
 
 /// Advances one side by one step; returns whether it made progress, or its
 /// output when done.
+#[allow(clippy::too_many_arguments)]
 fn side<M: Machine>(
     m: &mut M,
     p: &mut StdPump,
@@ -218,7 +240,7 @@ pub fn server(files: &Files, token: &[u8]) -> ServerConn<MemStore> {
     ServerConn::new(MemStore(files.clone()), token, [9u8; 32], Instant(0))
 }
 
-/// xorshift bytes.
+/// `len` reproducible pseudo-random bytes (xorshift).
 pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     let mut out = Vec::with_capacity(len + 8);
