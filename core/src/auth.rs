@@ -39,16 +39,8 @@ fn mac(token: &[u8], role: Role, client_nonce: &[u8; 32], server_nonce: &[u8; 32
 }
 
 /// The proof `role` sends for these nonces.
-pub fn prove(
-    token: &[u8],
-    role: Role,
-    client_nonce: &[u8; 32],
-    server_nonce: &[u8; 32],
-) -> [u8; 32] {
-    mac(token, role, client_nonce, server_nonce)
-        .finalize()
-        .into_bytes()
-        .into()
+pub fn prove(token: &[u8], role: Role, client_nonce: &[u8; 32], server_nonce: &[u8; 32]) -> [u8; 32] {
+    mac(token, role, client_nonce, server_nonce).finalize().into_bytes().into()
 }
 
 /// Checks, in constant time, a proof received from `role`.
@@ -59,9 +51,7 @@ pub fn verify(
     server_nonce: &[u8; 32],
     proof: &[u8; 32],
 ) -> bool {
-    mac(token, role, client_nonce, server_nonce)
-        .verify_slice(proof)
-        .is_ok()
+    mac(token, role, client_nonce, server_nonce).verify_slice(proof).is_ok()
 }
 
 /// The short-id salt of a session with these nonces.
@@ -86,10 +76,7 @@ mod tests {
         let p = prove(b"secret", Role::Client, &c, &s);
         assert!(verify(b"secret", Role::Client, &c, &s, &p));
         assert!(!verify(b"wrong", Role::Client, &c, &s, &p));
-        assert!(
-            !verify(b"secret", Role::Server, &c, &s, &p),
-            "no reflection"
-        );
+        assert!(!verify(b"secret", Role::Server, &c, &s, &p), "no reflection");
         assert!(!verify(b"secret", Role::Client, &s, &c, &p));
     }
 

@@ -1,14 +1,14 @@
 //! Building a tree from a file with several threads, streaming through fixed
 //! buffers (std only).
 //!
-//! 1. Each thread finds chunk boundaries in its own slice of the file,
-//!    starting from a fresh chunker there.
+//! 1. Each thread chunks its own slice of the file, starting from a fresh
+//!    chunker there, and hashes each chunk while its bytes are in cache.
 //! 2. The boundaries are stitched: the true chain continues from the end of
 //!    each slice until it lands on a boundary the next thread found; from a
 //!    common boundary on, both chains are identical (a chunker's cuts depend
 //!    only on the bytes since the last cut), so the rest is adopted. This takes
-//!    a few chunks, and the result equals a sequential run exactly.
-//! 3. Chunks are hashed in parallel, and the whole-file SHA-256 runs beside.
+//!    a few chunks (re-hashed), and the result equals a sequential run.
+//! 3. The whole-file SHA-256 runs beside, on its own thread.
 //! 4. The tree is built from the chunk ids (cheap: about 0.3% of the bytes).
 
 use crate::chunker::{Chunker, ChunkerKind};
@@ -36,9 +36,7 @@ impl ReadAt for [u8] {
     }
     fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let start = usize::try_from(offset).map_err(|_| io::ErrorKind::UnexpectedEof)?;
-        let src = self
-            .get(start..start + buf.len())
-            .ok_or(io::ErrorKind::UnexpectedEof)?;
+        let src = self.get(start..start + buf.len()).ok_or(io::ErrorKind::UnexpectedEof)?;
         buf.copy_from_slice(src);
         Ok(())
     }
@@ -54,148 +52,105 @@ impl ReadAt for std::fs::File {
 }
 
 /// Calls `f` on consecutive pieces of `src[from..to]`.
-fn pieces<R: ReadAt + ?Sized>(
-    src: &R,
-    from: u64,
-    to: u64,
-    mut f: impl FnMut(u64, &[u8]) -> bool,
-) -> io::Result<()> {
+fn pieces<R: ReadAt + ?Sized>(src: &R, from: u64, to: u64, mut f: impl FnMut(u64, &[u8])) -> io::Result<()> {
     let mut buf = vec![0u8; PIECE.min((to - from) as usize).max(1)];
     let mut at = from;
     while at < to {
         let n = ((to - at) as usize).min(buf.len());
         src.read_exact_at(at, &mut buf[..n])?;
-        if !f(at, &buf[..n]) {
-            break;
-        }
+        f(at, &buf[..n]);
         at += n as u64;
     }
     Ok(())
 }
 
-/// Cuts (chunk end offsets) found by a fresh chunker from `from` up to `to`.
-fn cuts_in<R: ReadAt + ?Sized>(
+/// Chunks of `src[from..to]` found by a fresh chunker at `from`, each hashed
+/// while its bytes are still in cache: (end offset, SHA-256). A trailing
+/// partial chunk is included only when `to` is the end of the file.
+fn chunk_segment<R: ReadAt + ?Sized>(
     src: &R,
     kind: ChunkerKind,
     from: u64,
     to: u64,
-) -> io::Result<Vec<u64>> {
+) -> io::Result<Vec<(u64, Hash)>> {
     let mut c = Chunker::new(kind);
-    let mut out = Vec::new();
+    let mut h = Sha256::new();
+    let mut out = Vec::with_capacity(((to - from) / 4096) as usize + 1);
     pieces(src, from, to, |at, mut data| {
         let mut base = at;
         while let Some(n) = c.next_boundary(data) {
+            h.update(&data[..n]);
             base += n as u64;
-            out.push(base);
+            out.push((base, Hash(core::mem::replace(&mut h, Sha256::new()).finalize().into())));
             data = &data[n..];
         }
-        true
+        h.update(data);
     })?;
+    if to == src.size() && out.last().map_or(from, |e| e.0) < to {
+        out.push((to, Hash(h.finalize().into())));
+    }
     Ok(out)
 }
 
-/// The next cut of the true chain after `pos` (or the file end): one read of
-/// at most a chunk's maximum length, which always holds the next cut.
-fn next_cut<R: ReadAt + ?Sized>(src: &R, kind: ChunkerKind, pos: u64) -> io::Result<u64> {
+/// The true chain's next chunk after `pos`: one read of at most a chunk's
+/// maximum length, which always holds the next cut.
+fn next_chunk<R: ReadAt + ?Sized>(src: &R, kind: ChunkerKind, pos: u64) -> io::Result<(u64, Hash)> {
     let n = (kind.max_chunk() as u64).min(src.size() - pos) as usize;
     let mut buf = vec![0u8; n];
     src.read_exact_at(pos, &mut buf)?;
-    Ok(Chunker::new(kind)
-        .next_boundary(&buf)
-        .map_or(pos + n as u64, |k| pos + k as u64))
+    let len = Chunker::new(kind).next_boundary(&buf).unwrap_or(n);
+    Ok((pos + len as u64, Hash::of(&buf[..len])))
 }
 
-/// Every chunk end of `src`, as a sequential chunker would find them, using
-/// `threads` threads.
-pub fn chunk_ends<R: ReadAt + ?Sized>(
+/// Every chunk of `src` as (SHA-256, end offset), exactly as a sequential
+/// chunker finds them, using `threads` threads.
+pub fn chunk_ids<R: ReadAt + ?Sized>(
     src: &R,
     kind: ChunkerKind,
     threads: usize,
-) -> io::Result<Vec<u64>> {
+) -> io::Result<Vec<(Hash, u64)>> {
     let len = src.size();
     let threads = threads.clamp(1, 64);
-    let bounds: Vec<u64> = (0..=threads as u64)
-        .map(|k| len * k / threads as u64)
-        .collect();
-    let per: Vec<Vec<u64>> = std::thread::scope(|s| {
+    let bounds: Vec<u64> = (0..=threads as u64).map(|k| len * k / threads as u64).collect();
+    let per: Vec<Vec<(u64, Hash)>> = std::thread::scope(|s| {
         let bounds = &bounds;
         let hs: Vec<_> = (0..threads)
-            .map(|k| s.spawn(move || cuts_in(src, kind, bounds[k], bounds[k + 1])))
+            .map(|k| s.spawn(move || chunk_segment(src, kind, bounds[k], bounds[k + 1])))
             .collect();
-        hs.into_iter()
-            .map(|h| h.join().expect("chunking thread panicked"))
-            .collect::<io::Result<_>>()
+        hs.into_iter().map(|h| h.join().expect("chunking thread panicked")).collect::<io::Result<_>>()
     })?;
-    // Thread 0 started at a true chunk start: its cuts are true.
-    let mut all: Vec<u64> = per[0].clone();
-    let mut pos = all.last().copied().unwrap_or(0);
+    // Thread 0 started at a true chunk start: its chunks are true. Each later
+    // thread's chunks become true from the first cut the true chain shares
+    // with it.
+    let mut all: Vec<(u64, Hash)> = per[0].clone();
+    let mut pos = all.last().map_or(0, |e| e.0);
     let mut k = 1;
     while pos < len {
-        let cut = next_cut(src, kind, pos)?;
-        while k < threads && per[k].last().is_none_or(|&l| l < cut) {
+        let (cut, id) = next_chunk(src, kind, pos)?;
+        all.push((cut, id));
+        pos = cut;
+        while k < threads && per[k].last().is_none_or(|e| e.0 < cut) {
             k += 1;
         }
-        if let Some(i) = per.get(k).and_then(|c| c.binary_search(&cut).ok()) {
-            // Same cut, same state from here: adopt the rest of thread k's cuts.
-            all.extend_from_slice(&per[k][i..]);
-            pos = *all.last().expect("just extended");
+        if let Some(i) = per.get(k).and_then(|c| c.binary_search_by_key(&cut, |e| e.0).ok()) {
+            all.extend_from_slice(&per[k][i + 1..]);
+            pos = all.last().map_or(pos, |e| e.0);
             k += 1;
-        } else {
-            all.push(cut);
-            pos = cut;
         }
     }
-    Ok(all)
-}
-
-/// SHA-256 of each chunk `ends[i-1]..ends[i]`.
-fn hash_chunks<R: ReadAt + ?Sized>(
-    src: &R,
-    ends: &[u64],
-    first_start: u64,
-) -> io::Result<Vec<Hash>> {
-    let mut ids = Vec::with_capacity(ends.len());
-    let Some(&last) = ends.last() else {
-        return Ok(ids);
-    };
-    let mut h = Sha256::new();
-    let mut i = 0;
-    pieces(src, first_start, last, |at, mut data| {
-        let mut at = at;
-        while !data.is_empty() {
-            let take = ((ends[i] - at) as usize).min(data.len());
-            h.update(&data[..take]);
-            data = &data[take..];
-            at += take as u64;
-            if at == ends[i] {
-                ids.push(Hash(
-                    core::mem::replace(&mut h, Sha256::new()).finalize().into(),
-                ));
-                i += 1;
-            }
-        }
-        true
-    })?;
-    Ok(ids)
+    Ok(all.into_iter().map(|(end, id)| (id, end)).collect())
 }
 
 /// Whole-file SHA-256.
 pub fn file_hash<R: ReadAt + ?Sized>(src: &R) -> io::Result<Hash> {
     let mut h = Sha256::new();
-    pieces(src, 0, src.size(), |_, d| {
-        h.update(d);
-        true
-    })?;
+    pieces(src, 0, src.size(), |_, d| h.update(d))?;
     Ok(Hash(h.finalize().into()))
 }
 
 /// Builds the tree of `src` with `threads` threads. Equal to
 /// [`Tree::build`] on the same bytes.
-pub fn build_tree<R: ReadAt + ?Sized>(
-    src: &R,
-    kind: ChunkerKind,
-    threads: usize,
-) -> io::Result<Tree> {
+pub fn build_tree<R: ReadAt + ?Sized>(src: &R, kind: ChunkerKind, threads: usize) -> io::Result<Tree> {
     let (chunks, file) = std::thread::scope(|s| {
         let file = s.spawn(|| file_hash(src));
         let chunks = chunk_ids(src, kind, threads);
@@ -204,61 +159,12 @@ pub fn build_tree<R: ReadAt + ?Sized>(
     let mut tb = TreeBuilder::new(Levels::default());
     let mut prev = 0u64;
     for (id, end) in chunks? {
-        tb.push_chunk(Entry {
-            id,
-            len: end - prev,
-        })
-        .expect("owned tree sink never fills");
+        tb.push_chunk(Entry { id, len: end - prev }).expect("owned tree sink never fills");
         prev = end;
     }
     let (root, height, levels) = tb.finish().expect("owned tree sink never fills");
-    let summary = Summary {
-        size: src.size(),
-        root: root.id,
-        height,
-        file_hash: file?,
-        chunking: kind,
-    };
+    let summary = Summary { size: src.size(), root: root.id, height, file_hash: file?, chunking: kind };
     Ok(Tree::from_parts(summary, levels))
-}
-
-/// Every chunk of `src` as (SHA-256, end offset), found and hashed with
-/// `threads` threads.
-pub fn chunk_ids<R: ReadAt + ?Sized>(
-    src: &R,
-    kind: ChunkerKind,
-    threads: usize,
-) -> io::Result<Vec<(Hash, u64)>> {
-    let threads = threads.max(1);
-    let ends = chunk_ends(src, kind, threads)?;
-    // Split the chunks into groups of about equal bytes, one per thread.
-    let len = src.size();
-    let mut groups = Vec::new();
-    let mut lo = 0usize;
-    for k in 1..=threads as u64 {
-        let target = len * k / threads as u64;
-        let hi = ends.partition_point(|&e| e <= target).max(lo);
-        groups.push((lo, hi));
-        lo = hi;
-    }
-    if let Some(g) = groups.last_mut() {
-        g.1 = ends.len();
-    }
-    let ids: Vec<Vec<Hash>> = std::thread::scope(|s| {
-        let hs: Vec<_> = groups
-            .iter()
-            .map(|&(lo, hi)| {
-                let ends = &ends;
-                s.spawn(move || {
-                    hash_chunks(src, &ends[lo..hi], if lo == 0 { 0 } else { ends[lo - 1] })
-                })
-            })
-            .collect();
-        hs.into_iter()
-            .map(|h| h.join().expect("hashing thread panicked"))
-            .collect::<io::Result<_>>()
-    })?;
-    Ok(ids.into_iter().flatten().zip(ends).collect())
 }
 
 #[cfg(test)]

@@ -64,15 +64,7 @@ impl<K: AsRef<[u8]>> Machine for ClientHandshake<K> {
     fn handle(&mut self, now: Instant, msg: Message<'_>) -> Result<(), SessionError> {
         self.deadline = now.plus_ms(IDLE_TIMEOUT_MS);
         match (self.state, msg) {
-            (
-                ClientState::AwaitChallenge,
-                Message::Challenge {
-                    version,
-                    nonce,
-                    proof,
-                    ..
-                },
-            ) => {
+            (ClientState::AwaitChallenge, Message::Challenge { version, nonce, proof, .. }) => {
                 if version != PROTOCOL_VERSION {
                     return Err(SessionError::Protocol(ErrorCode::VersionMismatch));
                 }
@@ -98,11 +90,7 @@ impl<K: AsRef<[u8]>> Machine for ClientHandshake<K> {
             ClientState::SendHello => {
                 self.state = ClientState::AwaitChallenge;
                 machine::emit(
-                    &Message::Hello {
-                        version: PROTOCOL_VERSION,
-                        caps: CAPS,
-                        nonce: self.nonce,
-                    },
+                    &Message::Hello { version: PROTOCOL_VERSION, caps: CAPS, nonce: self.nonce },
                     out,
                 )
             }
@@ -159,17 +147,10 @@ impl<K: AsRef<[u8]>> Machine for ServerHandshake<K> {
                 Ok(())
             }
             (ServerState::AwaitAuth(client_nonce), Message::Auth { proof }) => {
-                if !auth::verify(
-                    self.token.as_ref(),
-                    Role::Client,
-                    &client_nonce,
-                    &self.nonce,
-                    &proof,
-                ) {
+                if !auth::verify(self.token.as_ref(), Role::Client, &client_nonce, &self.nonce, &proof) {
                     return Err(SessionError::Protocol(ErrorCode::AuthFailed));
                 }
-                self.state =
-                    ServerState::SendWelcome(auth::session_salt(&client_nonce, &self.nonce));
+                self.state = ServerState::SendWelcome(auth::session_salt(&client_nonce, &self.nonce));
                 Ok(())
             }
             (_, Message::Error(c)) => Err(SessionError::Peer(c)),
@@ -181,18 +162,9 @@ impl<K: AsRef<[u8]>> Machine for ServerHandshake<K> {
         match self.state {
             ServerState::SendChallenge(client_nonce) => {
                 self.state = ServerState::AwaitAuth(client_nonce);
-                let proof = auth::prove(
-                    self.token.as_ref(),
-                    Role::Server,
-                    &client_nonce,
-                    &self.nonce,
-                );
-                let m = Message::Challenge {
-                    version: PROTOCOL_VERSION,
-                    caps: CAPS,
-                    nonce: self.nonce,
-                    proof,
-                };
+                let proof = auth::prove(self.token.as_ref(), Role::Server, &client_nonce, &self.nonce);
+                let m =
+                    Message::Challenge { version: PROTOCOL_VERSION, caps: CAPS, nonce: self.nonce, proof };
                 machine::emit(&m, out)
             }
             ServerState::SendWelcome(salt) => {
@@ -215,11 +187,7 @@ pub struct Upload<'n, T, S> {
 impl<'n, T: TreeView, S: Source> Upload<'n, T, S> {
     /// Uploads the version `sender` holds as `name`.
     pub fn new(name: &'n str, sender: Sender<T, S>) -> Self {
-        Upload {
-            name,
-            requested: false,
-            sender,
-        }
+        Upload { name, requested: false, sender }
     }
 
     /// The underlying sender (for progress).
@@ -238,13 +206,7 @@ impl<T: TreeView, S: Source> Machine for Upload<'_, T, S> {
     fn poll(&mut self, now: Instant, out: &mut [u8]) -> Result<Poll<Outcome>, SessionError> {
         if !self.requested {
             self.requested = true;
-            return machine::emit(
-                &Message::Upload {
-                    name: self.name,
-                    offer: *self.sender.summary(),
-                },
-                out,
-            );
+            return machine::emit(&Message::Upload { name: self.name, offer: *self.sender.summary() }, out);
         }
         self.sender.poll(now, out)
     }
@@ -285,13 +247,7 @@ pub struct Query<'n, F> {
 impl<'n, F: FnMut(FileInfo<'_>)> Query<'n, F> {
     /// A query; `on_info` sees each file described.
     pub fn new(kind: QueryKind<'n>, on_info: F, now: Instant) -> Self {
-        Query {
-            kind,
-            requested: false,
-            on_info,
-            done: None,
-            deadline: now.plus_ms(IDLE_TIMEOUT_MS),
-        }
+        Query { kind, requested: false, on_info, done: None, deadline: now.plus_ms(IDLE_TIMEOUT_MS) }
     }
 }
 
@@ -309,11 +265,7 @@ impl<F: FnMut(FileInfo<'_>)> Machine for Query<'_, F> {
             (QueryKind::List, Message::ListEnd) => self.done = Some(None),
             (QueryKind::Stat(_), Message::Info(i)) => {
                 (self.on_info)(i);
-                self.done = Some(Some(Stat {
-                    size: i.size,
-                    modified: i.modified,
-                    sha256: i.sha256,
-                }));
+                self.done = Some(Some(Stat { size: i.size, modified: i.modified, sha256: i.sha256 }));
             }
             (QueryKind::Delete(_), Message::Deleted) => self.done = Some(None),
             (_, Message::Error(c)) => return Err(SessionError::Peer(c)),
@@ -348,11 +300,12 @@ mod download {
     use crate::receiver::{Base, ReceiveStats, Receiver};
     use crate::source::Output;
     use crate::tree::{Summary, Tree};
+    use alloc::boxed::Box;
 
     enum State<T, R, W> {
         Request(Option<Base<T, R>>, W),
         AwaitOffer(Option<Base<T, R>>, W),
-        Receiving(Receiver<T, R, W>),
+        Receiving(Box<Receiver<T, R, W>>),
         Telling(Outcome),
         Done(Outcome),
         Poisoned,
@@ -371,13 +324,7 @@ mod download {
 
     impl<'n, T: TreeView, R: Source, W: Output> Download<'n, T, R, W> {
         /// Downloads `name` into `out`, reusing `base` (the local copy) if any.
-        pub fn new(
-            name: &'n str,
-            salt: [u8; 8],
-            base: Option<Base<T, R>>,
-            out: W,
-            now: Instant,
-        ) -> Self {
+        pub fn new(name: &'n str, salt: [u8; 8], base: Option<Base<T, R>>, out: W, now: Instant) -> Self {
             Download {
                 name,
                 salt,
@@ -423,13 +370,12 @@ mod download {
             self.deadline = now.plus_ms(IDLE_TIMEOUT_MS);
             match (&mut self.state, msg) {
                 (State::AwaitOffer(..), Message::Offer(offer)) => {
-                    let State::AwaitOffer(base, out) =
-                        core::mem::replace(&mut self.state, State::Poisoned)
+                    let State::AwaitOffer(base, out) = core::mem::replace(&mut self.state, State::Poisoned)
                     else {
                         unreachable!("matched above")
                     };
                     self.offer = Some(offer);
-                    self.state = State::Receiving(Receiver::new(offer, self.salt, base, out, now)?);
+                    self.state = State::Receiving(Box::new(Receiver::new(offer, self.salt, base, out, now)?));
                     Ok(())
                 }
                 (State::Receiving(r), m) => r.handle(now, m),
@@ -441,9 +387,7 @@ mod download {
         fn poll(&mut self, now: Instant, out: &mut [u8]) -> Result<Poll<Outcome>, SessionError> {
             match &mut self.state {
                 State::Request(..) => {
-                    let State::Request(base, w) =
-                        core::mem::replace(&mut self.state, State::Poisoned)
-                    else {
+                    let State::Request(base, w) = core::mem::replace(&mut self.state, State::Poisoned) else {
                         unreachable!("matched above")
                     };
                     self.state = State::AwaitOffer(base, w);
@@ -452,8 +396,7 @@ mod download {
                 State::AwaitOffer(..) => machine::wait_until(now, self.deadline),
                 State::Receiving(r) => match r.poll(now, out)? {
                     Poll::Done(o) => {
-                        let State::Receiving(r) =
-                            core::mem::replace(&mut self.state, State::Telling(o))
+                        let State::Receiving(r) = core::mem::replace(&mut self.state, State::Telling(o))
                         else {
                             unreachable!("matched above")
                         };

@@ -115,20 +115,13 @@ where
 
     /// Advances `m` by one step: sends what it has, else decodes one frame of
     /// buffered input, else asks for more input.
-    pub fn step<M: Machine, E>(
-        &mut self,
-        m: &mut M,
-        now: Instant,
-    ) -> Result<Step<M::Output>, DriveError<E>> {
-        match m
-            .poll(now, self.output.as_mut())
-            .map_err(DriveError::Session)?
-        {
+    pub fn step<M: Machine, E>(&mut self, m: &mut M, now: Instant) -> Result<Step<M::Output>, DriveError<E>> {
+        match m.poll(now, self.output.as_mut()).map_err(DriveError::Session)? {
             Poll::Transmit(n) => {
                 self.sent += n as u64;
-                return Ok(Step::Write(n));
+                Ok(Step::Write(n))
             }
-            Poll::Done(o) => return Ok(Step::Done(o)),
+            Poll::Done(o) => Ok(Step::Done(o)),
             Poll::Wait(deadline) => {
                 if self.start < self.end {
                     let (used, payload) = self
@@ -136,8 +129,8 @@ where
                         .feed(&self.input.as_ref()[self.start..self.end])
                         .map_err(DriveError::Frame)?;
                     if let Some(p) = payload {
-                        let msg = Message::decode(p)
-                            .map_err(|c| DriveError::Session(SessionError::Protocol(c)))?;
+                        let msg =
+                            Message::decode(p).map_err(|c| DriveError::Session(SessionError::Protocol(c)))?;
                         m.handle(now, msg).map_err(DriveError::Session)?;
                     }
                     self.start += used;
@@ -206,10 +199,10 @@ where
             }
         }
     })();
-    if let Err(e) = &result {
-        if let Some(bytes) = pump.farewell(e) {
-            let _ = io.write_all(bytes).and_then(|_| io.flush());
-        }
+    if let Err(e) = &result
+        && let Some(bytes) = pump.farewell(e)
+    {
+        let _ = io.write_all(bytes).and_then(|_| io.flush());
     }
     result
 }
@@ -252,11 +245,11 @@ where
         }
     }
     .await;
-    if let Err(e) = &result {
-        if let Some(bytes) = pump.farewell(e) {
-            let _ = io.write_all(bytes).await;
-            let _ = io.flush().await;
-        }
+    if let Err(e) = &result
+        && let Some(bytes) = pump.farewell(e)
+    {
+        let _ = io.write_all(bytes).await;
+        let _ = io.flush().await;
     }
     result
 }

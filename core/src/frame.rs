@@ -31,9 +31,7 @@ pub fn encode(msg: &Message<'_>, out: &mut [u8]) -> Result<usize, FrameError> {
     if out.len() <= MAX_HEADER {
         return Err(FrameError::BufferTooSmall);
     }
-    let n = postcard::to_slice(msg, &mut out[MAX_HEADER..])
-        .map_err(|_| FrameError::BufferTooSmall)?
-        .len();
+    let n = postcard::to_slice(msg, &mut out[MAX_HEADER..]).map_err(|_| FrameError::BufferTooSmall)?.len();
     finish_frame(out, n)
 }
 
@@ -102,14 +100,7 @@ pub struct FrameDecoder<B> {
 impl<B: AsRef<[u8]> + AsMut<[u8]>> FrameDecoder<B> {
     /// A decoder whose largest frame is `buf.len()` bytes.
     pub fn new(buf: B) -> Self {
-        FrameDecoder {
-            buf,
-            want: None,
-            hdr: 0,
-            shift: 0,
-            filled: 0,
-            poisoned: false,
-        }
+        FrameDecoder { buf, want: None, hdr: 0, shift: 0, filled: 0, poisoned: false }
     }
 
     /// Whether a frame is partly received.
@@ -122,10 +113,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> FrameDecoder<B> {
     /// whole in it, otherwise from the decoder's buffer). Call again with the
     /// rest of `input`. After an error the decoder stays failed: the stream
     /// cannot be resynchronised.
-    pub fn feed<'a>(
-        &'a mut self,
-        input: &'a [u8],
-    ) -> Result<(usize, Option<&'a [u8]>), FrameError> {
+    pub fn feed<'a>(&'a mut self, input: &'a [u8]) -> Result<(usize, Option<&'a [u8]>), FrameError> {
         if self.poisoned {
             return Err(FrameError::BadHeader);
         }
@@ -182,10 +170,7 @@ mod tests {
     use crate::message::Outcome;
     use proptest::prelude::*;
 
-    fn decode_all(
-        dec: &mut FrameDecoder<Vec<u8>>,
-        mut input: &[u8],
-    ) -> Result<Vec<Vec<u8>>, FrameError> {
+    fn decode_all(dec: &mut FrameDecoder<Vec<u8>>, mut input: &[u8]) -> Result<Vec<Vec<u8>>, FrameError> {
         let mut frames = Vec::new();
         while !input.is_empty() {
             let (n, f) = dec.feed(input)?;
@@ -202,14 +187,8 @@ mod tests {
         let mut stream = Vec::new();
         let mut buf = vec![0u8; MAX_ENCODED];
         let big = vec![7u8; 40_000];
-        for m in [
-            Message::Welcome,
-            Message::Data {
-                offset: 9,
-                bytes: &big,
-            },
-            Message::Done(Outcome::Written),
-        ] {
+        for m in [Message::Welcome, Message::Data { offset: 9, bytes: &big }, Message::Done(Outcome::Written)]
+        {
             let n = encode(&m, &mut buf).unwrap();
             stream.extend_from_slice(&buf[..n]);
         }
@@ -220,13 +199,7 @@ mod tests {
                 frames.extend(decode_all(&mut dec, piece).unwrap());
             }
             assert_eq!(frames.len(), 3, "step {step}");
-            assert_eq!(
-                Message::decode(&frames[1]).unwrap(),
-                Message::Data {
-                    offset: 9,
-                    bytes: &big
-                }
-            );
+            assert_eq!(Message::decode(&frames[1]).unwrap(), Message::Data { offset: 9, bytes: &big });
         }
     }
 
@@ -237,10 +210,7 @@ mod tests {
         assert_eq!(dec.feed(&[101]).unwrap_err(), FrameError::TooLong(101));
         assert!(dec.feed(&[1, 0]).is_err(), "a failed decoder stays failed");
         let mut dec = FrameDecoder::new([0u8; 100]);
-        assert_eq!(
-            dec.feed(&[0xff, 0xff, 0x7f]).unwrap_err(),
-            FrameError::TooLong(127)
-        );
+        assert_eq!(dec.feed(&[0xff, 0xff, 0x7f]).unwrap_err(), FrameError::TooLong(127));
     }
 
     #[test]
@@ -248,43 +218,17 @@ mod tests {
         let payload: Vec<u8> = (0..5000u32).map(|i| i as u8).collect();
         let mut a = vec![0u8; MAX_ENCODED];
         let mut b = vec![0u8; MAX_ENCODED];
-        let n = encode(
-            &Message::Data {
-                offset: 123_456,
-                bytes: &payload,
-            },
-            &mut a,
-        )
-        .unwrap();
-        let m = encode_with_tail::<()>(
-            &Message::Data {
-                offset: 123_456,
-                bytes: &[],
-            },
-            &mut b,
-            |t| {
-                t[..payload.len()].copy_from_slice(&payload);
-                Ok(payload.len())
-            },
-        )
+        let n = encode(&Message::Data { offset: 123_456, bytes: &payload }, &mut a).unwrap();
+        let m = encode_with_tail::<()>(&Message::Data { offset: 123_456, bytes: &[] }, &mut b, |t| {
+            t[..payload.len()].copy_from_slice(&payload);
+            Ok(payload.len())
+        })
         .unwrap()
         .unwrap();
         assert_eq!(&a[..n], &b[..m]);
-        let template = Message::Entries {
-            level: 2,
-            start: 7,
-            offset: 99,
-            last: true,
-            packed: &[],
-        };
+        let template = Message::Entries { level: 2, start: 7, offset: 99, last: true, packed: &[] };
         let n = encode(
-            &Message::Entries {
-                level: 2,
-                start: 7,
-                offset: 99,
-                last: true,
-                packed: &payload[..300],
-            },
+            &Message::Entries { level: 2, start: 7, offset: 99, last: true, packed: &payload[..300] },
             &mut a,
         )
         .unwrap();
@@ -301,12 +245,7 @@ mod tests {
     fn small_buffers_are_reported() {
         let mut tiny = [0u8; 8];
         assert_eq!(
-            encode(
-                &Message::Stat {
-                    name: "a-long-name"
-                },
-                &mut tiny
-            ),
+            encode(&Message::Stat { name: "a-long-name" }, &mut tiny),
             Err(FrameError::BufferTooSmall)
         );
     }

@@ -33,16 +33,10 @@ pub trait Machine {
 /// Encodes a small control message, mapping a too-small buffer to
 /// [`SessionError::Capacity`].
 pub(crate) fn emit<T>(msg: &Message<'_>, out: &mut [u8]) -> Result<Poll<T>, SessionError> {
-    crate::frame::encode(msg, out)
-        .map(Poll::Transmit)
-        .map_err(|_| SessionError::Capacity)
+    crate::frame::encode(msg, out).map(Poll::Transmit).map_err(|_| SessionError::Capacity)
 }
 
 /// Fails with [`SessionError::Timeout`] past `deadline`, else waits for it.
 pub(crate) fn wait_until<T>(now: Instant, deadline: Instant) -> Result<Poll<T>, SessionError> {
-    if now >= deadline {
-        Err(SessionError::Timeout)
-    } else {
-        Ok(Poll::Wait(deadline))
-    }
+    if now >= deadline { Err(SessionError::Timeout) } else { Ok(Poll::Wait(deadline)) }
 }

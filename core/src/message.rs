@@ -210,9 +210,7 @@ pub fn validate_name(name: &str) -> Result<(), ErrorCode> {
     let ok = !name.is_empty()
         && name.len() <= MAX_NAME
         && !name.contains(['\0', '\\'])
-        && name
-            .split('/')
-            .all(|c| !c.is_empty() && c != "." && c != ".." && !c.starts_with(".deltasync"));
+        && name.split('/').all(|c| !c.is_empty() && c != "." && c != ".." && !c.starts_with(".deltasync"));
     if ok { Ok(()) } else { Err(ErrorCode::BadName) }
 }
 
@@ -228,20 +226,15 @@ mod tests {
     }
 
     fn summary() -> impl Strategy<Value = Summary> {
-        (
-            any::<u64>(),
-            hash(),
-            any::<u8>(),
-            hash(),
-            any::<Option<u32>>(),
-        )
-            .prop_map(|(size, root, height, file_hash, fixed)| Summary {
+        (any::<u64>(), hash(), any::<u8>(), hash(), any::<Option<u32>>()).prop_map(
+            |(size, root, height, file_hash, fixed)| Summary {
                 size,
                 root,
                 height,
                 file_hash,
                 chunking: fixed.map_or(ChunkerKind::Cdc, ChunkerKind::Fixed),
-            })
+            },
+        )
     }
 
     fn code() -> impl Strategy<Value = ErrorCode> {
@@ -255,45 +248,19 @@ mod tests {
     }
 
     fn outcome() -> impl Strategy<Value = Outcome> {
-        prop_oneof![
-            Just(Outcome::Unchanged),
-            Just(Outcome::Written),
-            Just(Outcome::Integrity)
-        ]
+        prop_oneof![Just(Outcome::Unchanged), Just(Outcome::Written), Just(Outcome::Integrity)]
     }
+
+    type Fields = (u8, u64, u64, u32, [u8; 32], Summary, String, Vec<u8>, ErrorCode, Outcome, bool);
 
     /// Every message variant, with arbitrary fields; names and bytes borrow
     /// from the strategy's owned values.
-    fn with_message<R>(
-        v: &(
-            u8,
-            u64,
-            u64,
-            u32,
-            [u8; 32],
-            Summary,
-            String,
-            Vec<u8>,
-            ErrorCode,
-            Outcome,
-            bool,
-        ),
-        f: impl FnOnce(Message<'_>) -> R,
-    ) -> R {
+    fn with_message<R>(v: &Fields, f: impl FnOnce(Message<'_>) -> R) -> R {
         let (k, a, b, c, n, s, name, bytes, code, outcome, last) = v;
         let (a, b, c) = (*a, *b, *c);
         let m = match k % 19 {
-            0 => Message::Hello {
-                version: a as u16,
-                caps: c,
-                nonce: *n,
-            },
-            1 => Message::Challenge {
-                version: b as u16,
-                caps: c,
-                nonce: *n,
-                proof: *n,
-            },
+            0 => Message::Hello { version: a as u16, caps: c, nonce: *n },
+            1 => Message::Challenge { version: b as u16, caps: c, nonce: *n, proof: *n },
             2 => Message::Auth { proof: *n },
             3 => Message::Welcome,
             4 => Message::List,
@@ -301,28 +268,13 @@ mod tests {
             6 => Message::Upload { name, offer: *s },
             7 => Message::Download { name },
             8 => Message::Delete { name },
-            9 => Message::Info(FileInfo {
-                name,
-                size: a,
-                modified: b,
-                sha256: s.root,
-            }),
+            9 => Message::Info(FileInfo { name, size: a, modified: b, sha256: s.root }),
             10 => Message::ListEnd,
             11 => Message::Deleted,
             12 => Message::Error(*code),
             13 => Message::Offer(*s),
-            14 => Message::GetChildren {
-                level: a as u8,
-                index: c,
-                count: b as u32,
-            },
-            15 => Message::Entries {
-                level: a as u8,
-                start: c,
-                offset: b,
-                last: *last,
-                packed: bytes,
-            },
+            14 => Message::GetChildren { level: a as u8, index: c, count: b as u32 },
+            15 => Message::Entries { level: a as u8, start: c, offset: b, last: *last, packed: bytes },
             16 => Message::GetData { offset: a, len: b },
             17 => Message::Data { offset: a, bytes },
             _ => Message::Done(*outcome),
@@ -364,14 +316,7 @@ mod tests {
     #[test]
     fn byte_exact_fixtures() {
         let mut buf = [0u8; 64];
-        let n = frame::encode(
-            &Message::GetData {
-                offset: 300,
-                len: 5,
-            },
-            &mut buf,
-        )
-        .unwrap();
+        let n = frame::encode(&Message::GetData { offset: 300, len: 5 }, &mut buf).unwrap();
         // length 4, variant 16, varint 300 = ac 02, len 5
         assert_eq!(&buf[..n], &[4, 16, 0xac, 0x02, 5]);
         let n = frame::encode(&Message::Done(Outcome::Written), &mut buf).unwrap();
@@ -392,24 +337,12 @@ mod tests {
 
     #[test]
     fn names_are_checked() {
-        for bad in [
-            "",
-            "/etc/passwd",
-            "../x",
-            "a/../b",
-            "a//b",
-            "a/./b",
-            "a\0b",
-            "a\\b",
-            ".deltasync/x",
-            "x/",
-        ] {
+        for bad in
+            ["", "/etc/passwd", "../x", "a/../b", "a//b", "a/./b", "a\0b", "a\\b", ".deltasync/x", "x/"]
+        {
             assert_eq!(validate_name(bad), Err(ErrorCode::BadName), "{bad:?}");
         }
-        assert_eq!(
-            validate_name(&"a".repeat(MAX_NAME + 1)),
-            Err(ErrorCode::BadName)
-        );
+        assert_eq!(validate_name(&"a".repeat(MAX_NAME + 1)), Err(ErrorCode::BadName));
         for good in ["a", "dir/file.txt", "devices/42/log", ".hidden", "..x"] {
             assert_eq!(validate_name(good), Ok(()), "{good:?}");
         }

@@ -38,16 +38,8 @@ pub struct Base<T, R> {
 
 #[derive(Clone, Copy, Debug)]
 enum Seg {
-    Reuse {
-        at: u64,
-        len: u64,
-        level: u8,
-        index: u32,
-    },
-    Fetch {
-        at: u64,
-        len: u64,
-    },
+    Reuse { at: u64, len: u64, level: u8, index: u32 },
+    Fetch { at: u64, len: u64 },
 }
 
 impl Seg {
@@ -176,9 +168,7 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
 
     /// Bytes of the new version assembled so far.
     pub fn progress(&self) -> u64 {
-        self.indexer
-            .as_ref()
-            .map_or(self.offer.size, |ix| ix.size())
+        self.indexer.as_ref().map_or(self.offer.size, |ix| ix.size())
     }
 
     /// The output, and the new version's tree if it was written and verified.
@@ -188,22 +178,13 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
 
     fn lookup(&self, short: ShortId, len: u64) -> Option<(u8, u32)> {
         let i = self.held.partition_point(|h| h.0 < short);
-        self.held[i..]
-            .iter()
-            .take_while(|h| h.0 == short)
-            .find(|h| h.3 == len)
-            .map(|h| (h.1, h.2))
+        self.held[i..].iter().take_while(|h| h.0 == short).find(|h| h.3 == len).map(|h| (h.1, h.2))
     }
 
     /// Decides what to do with one entry of the sender's tree.
     fn classify(&mut self, level: u8, index: u32, at: u64, short: ShortId, len: u64) {
         if let Some((l, i)) = self.lookup(short, len) {
-            self.segs.push(Seg::Reuse {
-                at,
-                len,
-                level: l,
-                index: i,
-            });
+            self.segs.push(Seg::Reuse { at, len, level: l, index: i });
         } else if level == 0 {
             self.segs.push(Seg::Fetch { at, len });
         } else {
@@ -212,21 +193,13 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
                     e.count += 1;
                     e.bytes += len;
                 }
-                _ => self.expand.push_back(Expand {
-                    level,
-                    index,
-                    count: 1,
-                    bytes: len,
-                }),
+                _ => self.expand.push_back(Expand { level, index, count: 1, bytes: len }),
             }
         }
     }
 
     fn start(&mut self) {
-        let base_root = self
-            .base
-            .as_ref()
-            .and_then(|b| b.tree.entry(b.tree.height(), 0));
+        let base_root = self.base.as_ref().and_then(|b| b.tree.entry(b.tree.height(), 0));
         if base_root.is_some_and(|r| r.id == self.offer.root && r.len == self.offer.size) {
             self.phase = Phase::Finished(Outcome::Unchanged);
             return;
@@ -235,10 +208,7 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
             self.phase = Phase::Transfer;
         } else if self.held.is_empty() {
             // Nothing to reuse: skip the walk and fetch the whole file.
-            self.segs.push(Seg::Fetch {
-                at: 0,
-                len: self.offer.size,
-            });
+            self.segs.push(Seg::Fetch { at: 0, len: self.offer.size });
             self.plan_transfer();
         } else {
             let short = self.offer.root.short(&self.salt);
@@ -253,9 +223,7 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
         let mut merged: Vec<Seg> = Vec::with_capacity(self.segs.len());
         for s in self.segs.drain(..) {
             match (merged.last_mut(), s) {
-                (Some(Seg::Fetch { at, len }), Seg::Fetch { at: a2, len: l2 })
-                    if *at + *len == a2 =>
-                {
+                (Some(Seg::Fetch { at, len }), Seg::Fetch { at: a2, len: l2 }) if *at + *len == a2 => {
                     *len += l2
                 }
                 _ => merged.push(s),
@@ -295,12 +263,7 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
         packed: &[u8],
     ) -> Result<(), SessionError> {
         let bad = SessionError::Protocol(ErrorCode::BadMessage);
-        let Some(Sent::Children {
-            level: want,
-            bytes,
-            covered,
-        }) = self.sent.front().copied()
-        else {
+        let Some(Sent::Children { level: want, bytes, covered }) = self.sent.front().copied() else {
             return Err(SessionError::Protocol(ErrorCode::UnexpectedMessage));
         };
         if level != want {
@@ -310,14 +273,8 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
         let mut covered = covered;
         for (k, e) in message::unpack_entries(packed).enumerate() {
             let e = e.map_err(SessionError::Protocol)?;
-            let index = u32::try_from(k)
-                .ok()
-                .and_then(|k| start.checked_add(k))
-                .ok_or(bad)?;
-            let end = at
-                .checked_add(e.len)
-                .filter(|&end| end <= self.offer.size)
-                .ok_or(bad)?;
+            let index = u32::try_from(k).ok().and_then(|k| start.checked_add(k)).ok_or(bad)?;
+            let end = at.checked_add(e.len).filter(|&end| end <= self.offer.size).ok_or(bad)?;
             covered += e.len;
             if e.len == 0 || covered > bytes {
                 return Err(bad);
@@ -339,12 +296,7 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
 
     fn on_data(&mut self, offset: u64, bytes: &[u8]) -> Result<(), SessionError> {
         let bad = SessionError::Protocol(ErrorCode::BadMessage);
-        let Some(Sent::Data {
-            offset: o,
-            len,
-            got,
-        }) = self.sent.front().copied()
-        else {
+        let Some(Sent::Data { offset: o, len, got }) = self.sent.front().copied() else {
             return Err(SessionError::Protocol(ErrorCode::UnexpectedMessage));
         };
         let n = bytes.len() as u64;
@@ -376,13 +328,7 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
 
     /// Copies every reused segment that starts before `target`.
     fn assemble_to(&mut self, target: u64) -> Result<(), SessionError> {
-        while let Some(&Seg::Reuse {
-            at,
-            len,
-            level,
-            index,
-        }) = self.segs.get(self.cursor)
-        {
+        while let Some(&Seg::Reuse { at, len, level, index }) = self.segs.get(self.cursor) {
             if at >= target {
                 break;
             }
@@ -397,24 +343,15 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
             while done < len {
                 let n = (len - done).min(COPY_BUF as u64) as usize;
                 let piece = &mut self.buf[..n];
-                base.source
-                    .read_at(old.offset + done, piece)
-                    .map_err(|_| SessionError::Read)?;
+                base.source.read_at(old.offset + done, piece).map_err(|_| SessionError::Read)?;
                 self.out.write(piece).map_err(|_| SessionError::Write)?;
                 ix.feed_known(piece);
                 done += n as u64;
             }
-            let leaves = base
-                .tree
-                .leaf_range(level, index)
-                .ok_or(SessionError::Read)?;
+            let leaves = base.tree.leaf_range(level, index).ok_or(SessionError::Read)?;
             for i in leaves {
                 let c = base.tree.entry(0, i).ok_or(SessionError::Read)?;
-                ix.push_known_chunk(Entry {
-                    id: c.id,
-                    len: c.len,
-                })
-                .map_err(|_| SessionError::Capacity)?;
+                ix.push_known_chunk(Entry { id: c.id, len: c.len }).map_err(|_| SessionError::Capacity)?;
             }
             self.stats.reused_bytes += len;
             self.cursor += 1;
@@ -449,16 +386,10 @@ impl<T: TreeView, R: Source, W: Output> Machine for Receiver<T, R, W> {
     fn handle(&mut self, now: Instant, msg: Message<'_>) -> Result<(), SessionError> {
         self.deadline = now.plus_ms(IDLE_TIMEOUT_MS);
         match msg {
-            Message::Entries {
-                level,
-                start,
-                offset,
-                last,
-                packed,
-            } if self.phase == Phase::Walk => self.on_entries(level, start, offset, last, packed),
-            Message::Data { offset, bytes } if self.phase == Phase::Transfer => {
-                self.on_data(offset, bytes)
+            Message::Entries { level, start, offset, last, packed } if self.phase == Phase::Walk => {
+                self.on_entries(level, start, offset, last, packed)
             }
+            Message::Data { offset, bytes } if self.phase == Phase::Transfer => self.on_data(offset, bytes),
             Message::Error(c) => Err(SessionError::Peer(c)),
             _ => Err(SessionError::Protocol(ErrorCode::UnexpectedMessage)),
         }
@@ -469,20 +400,16 @@ impl<T: TreeView, R: Source, W: Output> Machine for Receiver<T, R, W> {
             match self.phase {
                 Phase::Start => self.start(),
                 Phase::Walk => {
-                    if self.sent.len() < MAX_INFLIGHT {
-                        if let Some(e) = self.expand.pop_front() {
-                            self.sent.push_back(Sent::Children {
-                                level: e.level - 1,
-                                bytes: e.bytes,
-                                covered: 0,
-                            });
-                            let m = Message::GetChildren {
-                                level: e.level,
-                                index: e.index,
-                                count: e.count,
-                            };
-                            return machine::emit(&m, out);
-                        }
+                    if self.sent.len() < MAX_INFLIGHT
+                        && let Some(e) = self.expand.pop_front()
+                    {
+                        self.sent.push_back(Sent::Children {
+                            level: e.level - 1,
+                            bytes: e.bytes,
+                            covered: 0,
+                        });
+                        let m = Message::GetChildren { level: e.level, index: e.index, count: e.count };
+                        return machine::emit(&m, out);
                     }
                     if !self.sent.is_empty() {
                         return machine::wait_until(now, self.deadline);
@@ -493,15 +420,11 @@ impl<T: TreeView, R: Source, W: Output> Machine for Receiver<T, R, W> {
                     }
                 }
                 Phase::Transfer => {
-                    if self.sent.len() < MAX_INFLIGHT {
-                        if let Some((offset, len)) = self.fetch.pop_front() {
-                            self.sent.push_back(Sent::Data {
-                                offset,
-                                len,
-                                got: 0,
-                            });
-                            return machine::emit(&Message::GetData { offset, len }, out);
-                        }
+                    if self.sent.len() < MAX_INFLIGHT
+                        && let Some((offset, len)) = self.fetch.pop_front()
+                    {
+                        self.sent.push_back(Sent::Data { offset, len, got: 0 });
+                        return machine::emit(&Message::GetData { offset, len }, out);
                     }
                     if !self.sent.is_empty() {
                         return machine::wait_until(now, self.deadline);

@@ -25,12 +25,7 @@ enum Request {
 #[derive(Clone, Copy, Debug)]
 enum Active {
     /// Listing entries `next..end` at `level`, the next one at `offset`.
-    Entries {
-        level: u8,
-        next: u32,
-        end: u32,
-        offset: u64,
-    },
+    Entries { level: u8, next: u32, end: u32, offset: u64 },
     /// Sending bytes `offset..end`.
     Data { offset: u64, end: u64 },
 }
@@ -77,57 +72,29 @@ impl<T: TreeView, S: Source> Sender<T, S> {
 
     fn check(&self, r: Request) -> Result<(), ErrorCode> {
         let ok = match r {
-            Request::Children {
-                level,
-                index,
-                count,
-            } => {
+            Request::Children { level, index, count } => {
                 level >= 1
                     && level <= self.tree.height()
                     && count >= 1
-                    && index
-                        .checked_add(count)
-                        .is_some_and(|e| e <= self.tree.level_len(level))
+                    && index.checked_add(count).is_some_and(|e| e <= self.tree.level_len(level))
             }
             Request::Data { offset, len } => {
-                len >= 1
-                    && offset
-                        .checked_add(len)
-                        .is_some_and(|e| e <= self.summary.size)
+                len >= 1 && offset.checked_add(len).is_some_and(|e| e <= self.summary.size)
             }
         };
-        if ok {
-            Ok(())
-        } else {
-            Err(ErrorCode::OutOfRange)
-        }
+        if ok { Ok(()) } else { Err(ErrorCode::OutOfRange) }
     }
 
     fn start(&self, r: Request) -> Result<Active, SessionError> {
         let bad = SessionError::Protocol(ErrorCode::OutOfRange);
         Ok(match r {
-            Request::Children {
-                level,
-                index,
-                count,
-            } => {
+            Request::Children { level, index, count } => {
                 let next = self.tree.first_child(level, index).ok_or(bad)?;
                 let end = self.tree.first_child(level, index + count).ok_or(bad)?;
-                let offset = self
-                    .tree
-                    .entry(level - 1, next)
-                    .map_or(self.summary.size, |e| e.offset);
-                Active::Entries {
-                    level: level - 1,
-                    next,
-                    end: end.max(next),
-                    offset,
-                }
+                let offset = self.tree.entry(level - 1, next).map_or(self.summary.size, |e| e.offset);
+                Active::Entries { level: level - 1, next, end: end.max(next), offset }
             }
-            Request::Data { offset, len } => Active::Data {
-                offset,
-                end: offset + len,
-            },
+            Request::Data { offset, len } => Active::Data { offset, end: offset + len },
         })
     }
 
@@ -139,23 +106,14 @@ impl<T: TreeView, S: Source> Sender<T, S> {
         offset: u64,
         out: &mut [u8],
     ) -> Result<usize, SessionError> {
-        let room = out
-            .len()
-            .min(frame::MAX_ENCODED)
-            .saturating_sub(FRAME_OVERHEAD);
+        let room = out.len().min(frame::MAX_ENCODED).saturating_sub(FRAME_OVERHEAD);
         let fit = (room / PACKED_ENTRY_MAX) as u32;
         if fit == 0 {
             return Err(SessionError::Capacity);
         }
         let n = (end - next).min(fit).min(MAX_ENTRIES_PER_FRAME);
         let last = next + n == end;
-        let template = Message::Entries {
-            level,
-            start: next,
-            offset,
-            last,
-            packed: &[],
-        };
+        let template = Message::Entries { level, start: next, offset, last, packed: &[] };
         let (tree, salt) = (&self.tree, &self.salt);
         let mut covered = 0u64;
         let written = frame::encode_with_tail(&template, out, |buf| {
@@ -163,40 +121,26 @@ impl<T: TreeView, S: Source> Sender<T, S> {
             for i in next..next + n {
                 let e = tree.entry(level, i).ok_or(SessionError::Capacity)?;
                 covered += e.len;
-                let packed = PackedEntry {
-                    short: e.id.short(salt),
-                    len: e.len,
-                };
+                let packed = PackedEntry { short: e.id.short(salt), len: e.len };
                 message::pack_entry(buf, &mut pos, packed).ok_or(SessionError::Capacity)?;
             }
             Ok(pos)
         })?
         .map_err(|_| SessionError::Capacity)?;
-        self.active = (!last).then_some(Active::Entries {
-            level,
-            next: next + n,
-            end,
-            offset: offset + covered,
-        });
+        self.active =
+            (!last).then_some(Active::Entries { level, next: next + n, end, offset: offset + covered });
         Ok(written)
     }
 
     fn send_data(&mut self, offset: u64, end: u64, out: &mut [u8]) -> Result<usize, SessionError> {
-        let room = out
-            .len()
-            .min(frame::MAX_ENCODED)
-            .saturating_sub(FRAME_OVERHEAD)
-            .min(MAX_DATA);
+        let room = out.len().min(frame::MAX_ENCODED).saturating_sub(FRAME_OVERHEAD).min(MAX_DATA);
         if room == 0 {
             return Err(SessionError::Capacity);
         }
         let n = (end - offset).min(room as u64) as usize;
         let source = &mut self.source;
         let written = frame::encode_with_tail(&Message::Data { offset, bytes: &[] }, out, |buf| {
-            source
-                .read_at(offset, &mut buf[..n])
-                .map(|_| n)
-                .map_err(|_| SessionError::Read)
+            source.read_at(offset, &mut buf[..n]).map(|_| n).map_err(|_| SessionError::Read)
         })?
         .map_err(|_| SessionError::Capacity)?;
         self.sent_bytes += n as u64;
@@ -212,15 +156,7 @@ impl<T: TreeView, S: Source> Machine for Sender<T, S> {
     fn handle(&mut self, now: Instant, msg: Message<'_>) -> Result<(), SessionError> {
         self.deadline = now.plus_ms(IDLE_TIMEOUT_MS);
         let r = match msg {
-            Message::GetChildren {
-                level,
-                index,
-                count,
-            } => Request::Children {
-                level,
-                index,
-                count,
-            },
+            Message::GetChildren { level, index, count } => Request::Children { level, index, count },
             Message::GetData { offset, len } => Request::Data { offset, len },
             Message::Done(o) => {
                 self.outcome = Some(o);
@@ -230,28 +166,23 @@ impl<T: TreeView, S: Source> Machine for Sender<T, S> {
             _ => return Err(SessionError::Protocol(ErrorCode::UnexpectedMessage)),
         };
         self.check(r).map_err(SessionError::Protocol)?;
-        self.queue
-            .push_back(r)
-            .map_err(|_| SessionError::Protocol(ErrorCode::TooManyRequests))
+        self.queue.push_back(r).map_err(|_| SessionError::Protocol(ErrorCode::TooManyRequests))
     }
 
     fn poll(&mut self, now: Instant, out: &mut [u8]) -> Result<Poll<Outcome>, SessionError> {
         if let Some(o) = self.outcome {
             return Ok(Poll::Done(o));
         }
-        if self.active.is_none() {
-            if let Some(r) = self.queue.pop_front() {
-                self.active = Some(self.start(r)?);
-            }
+        if self.active.is_none()
+            && let Some(r) = self.queue.pop_front()
+        {
+            self.active = Some(self.start(r)?);
         }
         let n = match self.active {
             None => return machine::wait_until(now, self.deadline),
-            Some(Active::Entries {
-                level,
-                next,
-                end,
-                offset,
-            }) => self.send_entries(level, next, end, offset, out)?,
+            Some(Active::Entries { level, next, end, offset }) => {
+                self.send_entries(level, next, end, offset, out)?
+            }
             Some(Active::Data { offset, end }) => self.send_data(offset, end, out)?,
         };
         Ok(Poll::Transmit(n))

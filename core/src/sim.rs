@@ -27,27 +27,15 @@ impl Store for MemStore {
     type Reader = Vec<u8>;
     type Writer = Vec<u8>;
 
-    fn open(
-        &mut self,
-        name: &str,
-        chunking: ChunkerKind,
-    ) -> Result<Option<(Tree, Vec<u8>)>, ErrorCode> {
-        Ok(self
-            .0
-            .borrow()
-            .get(name)
-            .map(|d| (Tree::build(d, chunking), d.clone())))
+    fn open(&mut self, name: &str, chunking: ChunkerKind) -> Result<Option<(Tree, Vec<u8>)>, ErrorCode> {
+        Ok(self.0.borrow().get(name).map(|d| (Tree::build(d, chunking), d.clone())))
     }
     fn create(&mut self, _name: &str, _size: u64) -> Result<Vec<u8>, ErrorCode> {
         Ok(Vec::new())
     }
     fn finish(&mut self, name: &str, w: Vec<u8>, tree: Option<Tree>) -> Result<(), ErrorCode> {
         if let Some(t) = tree {
-            assert_eq!(
-                t.summary().file_hash,
-                Hash::of(&w),
-                "published tree must describe the bytes"
-            );
+            assert_eq!(t.summary().file_hash, Hash::of(&w), "published tree must describe the bytes");
             self.0.borrow_mut().insert(name.to_string(), w);
         }
         Ok(())
@@ -68,19 +56,10 @@ impl Store for MemStore {
     fn stat(&mut self, name: &str) -> Result<StoredFile, ErrorCode> {
         let f = self.0.borrow();
         let d = f.get(name).ok_or(ErrorCode::NotFound)?;
-        Ok(StoredFile {
-            name: name.to_string(),
-            size: d.len() as u64,
-            modified: 0,
-            sha256: Hash::of(d),
-        })
+        Ok(StoredFile { name: name.to_string(), size: d.len() as u64, modified: 0, sha256: Hash::of(d) })
     }
     fn delete(&mut self, name: &str) -> Result<(), ErrorCode> {
-        self.0
-            .borrow_mut()
-            .remove(name)
-            .map(|_| ())
-            .ok_or(ErrorCode::NotFound)
+        self.0.borrow_mut().remove(name).map(|_| ()).ok_or(ErrorCode::NotFound)
     }
 }
 
@@ -91,11 +70,7 @@ pub type StdPump = Pump<Buf, Buf, Buf>;
 
 /// A pump with full-size buffers.
 pub fn pump() -> StdPump {
-    Pump::new(
-        vec![0u8; 64 * 1024],
-        vec![0u8; MAX_FRAME],
-        vec![0u8; MAX_ENCODED],
-    )
+    Pump::new(vec![0u8; 64 * 1024], vec![0u8; MAX_FRAME], vec![0u8; MAX_ENCODED])
 }
 
 /// The link between the two ends.
@@ -203,32 +178,16 @@ pub fn run<C: Machine, S: Machine>(
     loop {
         let cut = net.cut();
         let now = net.clock;
-        let (c_prog, done) = side(
-            client,
-            cp,
-            &mut net.to_client,
-            &mut net.to_server,
-            net.piece,
-            cut,
-            &mut net.carried,
-            now,
-        )
-        .map_err(Stop::Client)?;
+        let (c_prog, done) =
+            side(client, cp, &mut net.to_client, &mut net.to_server, net.piece, cut, &mut net.carried, now)
+                .map_err(Stop::Client)?;
         if let Some(o) = done {
             return Ok(o);
         }
         let cut = net.cut();
-        let (s_prog, _) = side(
-            server,
-            sp,
-            &mut net.to_server,
-            &mut net.to_client,
-            net.piece,
-            cut,
-            &mut net.carried,
-            now,
-        )
-        .map_err(Stop::Server)?;
+        let (s_prog, _) =
+            side(server, sp, &mut net.to_server, &mut net.to_client, net.piece, cut, &mut net.carried, now)
+                .map_err(Stop::Server)?;
         if !c_prog && !s_prog {
             return Err(Stop::Stalled);
         }

@@ -134,12 +134,7 @@ impl Pending {
         let mut hasher = Sha256::new();
         hasher.update(b"dsn1");
         hasher.update([level]);
-        Pending {
-            hasher,
-            count: 0,
-            len: 0,
-            done: 0,
-        }
+        Pending { hasher, count: 0, len: 0, done: 0 }
     }
 }
 
@@ -155,11 +150,7 @@ pub struct TreeBuilder<S> {
 impl<S: TreeSink> TreeBuilder<S> {
     /// An empty builder writing to `sink`.
     pub fn new(sink: S) -> Self {
-        TreeBuilder {
-            sink,
-            levels: heapless::Vec::new(),
-            chunks: 0,
-        }
+        TreeBuilder { sink, levels: heapless::Vec::new(), chunks: 0 }
     }
 
     /// The sink.
@@ -183,9 +174,7 @@ impl<S: TreeSink> TreeBuilder<S> {
     fn push_at(&mut self, level: u8, entry: Entry) -> Result<(), TreeFull> {
         let i = usize::from(level) - 1;
         if i == self.levels.len() {
-            self.levels
-                .push(Pending::new(level))
-                .map_err(|_| TreeFull)?;
+            self.levels.push(Pending::new(level)).map_err(|_| TreeFull)?;
         }
         let p = &mut self.levels[i];
         p.hasher.update(entry.id.0);
@@ -207,10 +196,7 @@ impl<S: TreeSink> TreeBuilder<S> {
         let done = p.done + 1;
         let old = core::mem::replace(p, fresh);
         p.done = done;
-        let node = Entry {
-            id: Hash(old.hasher.finalize().into()),
-            len: old.len,
-        };
+        let node = Entry { id: Hash(old.hasher.finalize().into()), len: old.len };
         self.sink.add(level, &node, old.count)?;
         Ok(node)
     }
@@ -222,9 +208,7 @@ impl<S: TreeSink> TreeBuilder<S> {
             let i = usize::from(level) - 1;
             if i == self.levels.len() {
                 // Nothing reached this level: only an empty file gets here.
-                self.levels
-                    .push(Pending::new(level))
-                    .map_err(|_| TreeFull)?;
+                self.levels.push(Pending::new(level)).map_err(|_| TreeFull)?;
             }
             let (count, done) = (self.levels[i].count, self.levels[i].done);
             if done == 0 {
@@ -299,11 +283,7 @@ impl<S: TreeSink> Indexer<S> {
             return Ok(());
         }
         self.chunker.reset();
-        let id = Hash(
-            core::mem::replace(&mut self.chunk, Sha256::new())
-                .finalize()
-                .into(),
-        );
+        let id = Hash(core::mem::replace(&mut self.chunk, Sha256::new()).finalize().into());
         let len = core::mem::take(&mut self.open);
         self.tree.push_chunk(Entry { id, len })
     }
@@ -358,10 +338,7 @@ pub struct FixedTree<const N: usize> {
 
 impl<const N: usize> Default for FixedTree<N> {
     fn default() -> Self {
-        FixedTree {
-            records: heapless::Vec::new(),
-            height: 0,
-        }
+        FixedTree { records: heapless::Vec::new(), height: 0 }
     }
 }
 
@@ -382,9 +359,7 @@ impl<const N: usize> FixedTree<N> {
 
 impl<const N: usize> TreeSink for FixedTree<N> {
     fn add(&mut self, level: u8, entry: &Entry, children: u32) -> Result<(), TreeFull> {
-        self.records
-            .push((level, *entry, children))
-            .map_err(|_| TreeFull)
+        self.records.push((level, *entry, children)).map_err(|_| TreeFull)
     }
 }
 
@@ -399,11 +374,7 @@ impl<const N: usize> TreeView for FixedTree<N> {
         let mut offset = 0;
         for (i, r) in self.at(level).enumerate() {
             if i as u32 == index {
-                return Some(NodeRef {
-                    id: r.1.id,
-                    offset,
-                    len: r.1.len,
-                });
+                return Some(NodeRef { id: r.1.id, offset, len: r.1.len });
             }
             offset += r.1.len;
         }
@@ -482,10 +453,7 @@ mod owned {
         /// Completes the tree.
         pub fn finish(self) -> Tree {
             let (summary, levels) = self.0.finish().expect("owned tree sink never fills");
-            Tree {
-                summary,
-                levels: levels.0,
-            }
+            Tree { summary, levels: levels.0 }
         }
     }
 
@@ -499,10 +467,7 @@ mod owned {
 
         /// Assembles a tree from a finished indexer's parts.
         pub(crate) fn from_parts(summary: Summary, levels: Levels) -> Tree {
-            Tree {
-                summary,
-                levels: levels.0,
-            }
+            Tree { summary, levels: levels.0 }
         }
 
         /// What identifies this version.
@@ -549,8 +514,7 @@ mod owned {
                 } else {
                     l.child_ends.len() == n
                         && l.child_ends.windows(2).all(|w| w[0] <= w[1])
-                        && l.child_ends.last().copied().unwrap_or(0) as usize
-                            == self.levels[i - 1].ids.len()
+                        && l.child_ends.last().copied().unwrap_or(0) as usize == self.levels[i - 1].ids.len()
                 };
                 sizes_ok && kids_ok
             })
@@ -562,9 +526,7 @@ mod owned {
             self.summary.height
         }
         fn level_len(&self, level: u8) -> u32 {
-            self.levels
-                .get(usize::from(level))
-                .map_or(0, |l| l.ids.len() as u32)
+            self.levels.get(usize::from(level)).map_or(0, |l| l.ids.len() as u32)
         }
         fn entry(&self, level: u8, index: u32) -> Option<NodeRef> {
             let l = self.levels.get(usize::from(level))?;
@@ -572,11 +534,7 @@ mod owned {
             let id = *l.ids.get(i)?;
             let end = l.ends[i];
             let offset = if i == 0 { 0 } else { l.ends[i - 1] };
-            Some(NodeRef {
-                id,
-                offset,
-                len: end - offset,
-            })
+            Some(NodeRef { id, offset, len: end - offset })
         }
         fn first_child(&self, level: u8, index: u32) -> Option<u32> {
             if level == 0 {
@@ -646,10 +604,7 @@ mod tests {
             }
         }
         // One chunk and roughly one node per level.
-        assert!(
-            changed <= 2 * usize::from(b.height()) + 1,
-            "{changed} new entries"
-        );
+        assert!(changed <= 2 * usize::from(b.height()) + 1, "{changed} new entries");
     }
 
     #[test]
@@ -676,10 +631,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(
-            FixedTree::<4>::build(&data, ChunkerKind::Cdc).err(),
-            Some(TreeFull)
-        );
+        assert_eq!(FixedTree::<4>::build(&data, ChunkerKind::Cdc).err(), Some(TreeFull));
     }
 
     #[test]

@@ -42,17 +42,7 @@ mod tests {
 
     #[test]
     fn round_trip_edges() {
-        for v in [
-            0u64,
-            1,
-            127,
-            128,
-            300,
-            16383,
-            16384,
-            u32::MAX as u64,
-            u64::MAX,
-        ] {
+        for v in [0u64, 1, 127, 128, 300, 16383, 16384, u32::MAX as u64, u64::MAX] {
             let mut buf = [0u8; 10];
             let mut p = 0;
             put(&mut buf, &mut p, v).unwrap();

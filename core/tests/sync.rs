@@ -25,13 +25,8 @@ struct Session {
 }
 
 fn connect(files: &Files, piece: usize) -> Session {
-    let mut s = Session {
-        server: server(files, TOKEN),
-        sp: pump(),
-        cp: pump(),
-        net: Net::new(),
-        salt: [0; 8],
-    };
+    let mut s =
+        Session { server: server(files, TOKEN), sp: pump(), cp: pump(), net: Net::new(), salt: [0; 8] };
     s.net.piece = piece;
     let mut hs = ClientHandshake::new(TOKEN, [1u8; 32], Instant(0));
     s.salt = run(&mut hs, &mut s.cp, &mut s.server, &mut s.sp, &mut s.net).expect("handshake");
@@ -50,31 +45,20 @@ fn upload(s: &mut Session, name: &str, data: &[u8], kind: ChunkerKind) -> Report
     let sender = Sender::new(&tree, data, tree.summary(), s.salt, s.net.clock);
     let mut op = Upload::new(name, sender);
     let outcome = run(&mut op, &mut s.cp, &mut s.server, &mut s.sp, &mut s.net).expect("upload");
-    Report {
-        outcome,
-        wire: s.cp.sent + s.cp.received - before,
-    }
+    Report { outcome, wire: s.cp.sent + s.cp.received - before }
 }
 
 fn download(s: &mut Session, name: &str, local: Option<&[u8]>) -> (Report, Vec<u8>) {
     let before = s.cp.sent + s.cp.received;
     let tree = local.map(|d| Tree::build(d, ChunkerKind::Cdc));
-    let base = local
-        .zip(tree.as_ref())
-        .map(|(d, t)| Base { tree: t, source: d });
+    let base = local.zip(tree.as_ref()).map(|(d, t)| Base { tree: t, source: d });
     let mut op = Download::new(name, s.salt, base, Vec::new(), s.net.clock);
     let outcome = run(&mut op, &mut s.cp, &mut s.server, &mut s.sp, &mut s.net).expect("download");
     let (out, tree) = op.take_result().unwrap();
     if outcome == Outcome::Written {
         assert_eq!(tree.unwrap().summary().file_hash, Hash::of(&out));
     }
-    (
-        Report {
-            outcome,
-            wire: s.cp.sent + s.cp.received - before,
-        },
-        out,
-    )
+    (Report { outcome, wire: s.cp.sent + s.cp.received - before }, out)
 }
 
 #[derive(Clone, Debug)]
@@ -194,11 +178,7 @@ fn a_small_edit_costs_little_and_an_unchanged_file_almost_nothing() {
     let (r, got) = download(&mut s, "big", Some(&old));
     assert_eq!(r.outcome, Outcome::Written);
     assert!(got == new);
-    assert!(
-        r.wire < 24 * 1024,
-        "4 KiB download delta cost {} bytes",
-        r.wire
-    );
+    assert!(r.wire < 24 * 1024, "4 KiB download delta cost {} bytes", r.wire);
 }
 
 #[test]
@@ -208,12 +188,7 @@ fn a_first_upload_sends_the_file_once() {
     let mut s = connect(&files, usize::MAX);
     let r = upload(&mut s, "new", &data, ChunkerKind::Cdc);
     assert_eq!(r.outcome, Outcome::Written);
-    assert!(
-        r.wire < data.len() as u64 * 101 / 100,
-        "{} wire bytes for {}",
-        r.wire,
-        data.len()
-    );
+    assert!(r.wire < data.len() as u64 * 101 / 100, "{} wire bytes for {}", r.wire, data.len());
     assert!(files.borrow()["new"] == data);
 }
 
@@ -240,18 +215,12 @@ fn list_stat_delete() {
     files.borrow_mut().insert("d/b".into(), vec![1; 10]);
     let mut s = connect(&files, usize::MAX);
     let mut names = Vec::new();
-    let mut q = Query::new(
-        QueryKind::List,
-        |i| names.push((i.name.to_string(), i.size)),
-        Instant(0),
-    );
+    let mut q = Query::new(QueryKind::List, |i| names.push((i.name.to_string(), i.size)), Instant(0));
     run(&mut q, &mut s.cp, &mut s.server, &mut s.sp, &mut s.net).unwrap();
     assert_eq!(names, vec![("a".to_string(), 5), ("d/b".to_string(), 10)]);
 
     let mut q = Query::new(QueryKind::Stat("a"), |_| {}, Instant(0));
-    let st = run(&mut q, &mut s.cp, &mut s.server, &mut s.sp, &mut s.net)
-        .unwrap()
-        .unwrap();
+    let st = run(&mut q, &mut s.cp, &mut s.server, &mut s.sp, &mut s.net).unwrap().unwrap();
     assert_eq!(st.sha256, Hash::of(b"hello"));
 
     let mut q = Query::new(QueryKind::Delete("a"), |_| {}, Instant(0));
@@ -283,13 +252,8 @@ fn bad_names_are_refused_and_the_connection_survives() {
     }
     assert!(files.borrow().is_empty());
     assert!(
-        std::iter::from_fn(|| s.server.next_event()).any(|e| matches!(
-            e,
-            Event::Refused {
-                code: ErrorCode::BadName,
-                ..
-            }
-        ))
+        std::iter::from_fn(|| s.server.next_event())
+            .any(|e| matches!(e, Event::Refused { code: ErrorCode::BadName, .. }))
     );
     let r = upload(&mut s, "ok", b"fine", ChunkerKind::Cdc);
     assert_eq!(r.outcome, Outcome::Written);
@@ -329,17 +293,11 @@ fn a_wrong_token_fails_on_both_sides() {
             use deltasync_core::message::Message;
             self.0 += 1;
             let m = match self.0 {
-                1 => Message::Hello {
-                    version: deltasync_core::PROTOCOL_VERSION,
-                    caps: 0,
-                    nonce: [5; 32],
-                },
+                1 => Message::Hello { version: deltasync_core::PROTOCOL_VERSION, caps: 0, nonce: [5; 32] },
                 2 => Message::Auth { proof: [0; 32] },
                 _ => return Ok(deltasync_core::machine::Poll::Wait(Instant(1 << 40))),
             };
-            Ok(deltasync_core::machine::Poll::Transmit(
-                deltasync_core::frame::encode(&m, out).unwrap(),
-            ))
+            Ok(deltasync_core::machine::Poll::Transmit(deltasync_core::frame::encode(&m, out).unwrap()))
         }
     }
     let mut srv = server(&files, TOKEN);
@@ -364,19 +322,14 @@ fn a_cut_connection_keeps_the_old_version() {
         let mut op = Upload::new("f", sender);
         let r = run(&mut op, &mut s.cp, &mut s.server, &mut s.sp, &mut s.net);
         assert!(r.is_err(), "cut at {cut} should fail the upload");
-        assert!(
-            files.borrow()["f"] == old,
-            "cut at {cut} damaged the stored file"
-        );
+        assert!(files.borrow()["f"] == old, "cut at {cut} damaged the stored file");
     }
 }
 
 #[test]
 fn a_silent_peer_times_out() {
     let files = Files::default();
-    files
-        .borrow_mut()
-        .insert("f".into(), random_bytes(3, 100_000));
+    files.borrow_mut().insert("f".into(), random_bytes(3, 100_000));
     let mut s = connect(&files, usize::MAX);
     // The client asks for a download and then goes silent; the server
     // (sender) waits for requests until its deadline.
@@ -389,22 +342,8 @@ fn a_silent_peer_times_out() {
     let mut server = s.server;
     let hello = Download::<&Tree, &[u8], Vec<u8>>::new("f", s.salt, None, Vec::new(), Instant(0));
     drop(hello);
-    server
-        .handle(
-            Instant(10),
-            deltasync_core::message::Message::Download { name: "f" },
-        )
-        .unwrap();
-    assert!(
-        matches!(server.poll(Instant(20), &mut out), Ok(Poll::Transmit(_))),
-        "offer"
-    );
-    assert!(matches!(
-        server.poll(Instant(20), &mut out),
-        Ok(Poll::Wait(_))
-    ));
-    assert_eq!(
-        server.poll(Instant(10 + 30_001), &mut out),
-        Err(SessionError::Timeout)
-    );
+    server.handle(Instant(10), deltasync_core::message::Message::Download { name: "f" }).unwrap();
+    assert!(matches!(server.poll(Instant(20), &mut out), Ok(Poll::Transmit(_))), "offer");
+    assert!(matches!(server.poll(Instant(20), &mut out), Ok(Poll::Wait(_))));
+    assert_eq!(server.poll(Instant(10 + 30_001), &mut out), Err(SessionError::Timeout));
 }

@@ -39,17 +39,9 @@ fn upload(old: Option<&[u8]>, new: &[u8], new_tree: &Tree) -> Wire {
     let sender = Sender::new(new_tree, new, new_tree.summary(), salt, Instant(0));
     let mut op = Upload::new("f", sender);
     let outcome = run(&mut op, &mut cp, &mut srv, &mut sp, &mut net).expect("upload");
-    assert!(
-        outcome == Outcome::Unchanged || files.borrow()["f"] == new,
-        "server copy differs"
-    );
+    assert!(outcome == Outcome::Unchanged || files.borrow()["f"] == new, "server copy differs");
     let literal = op.sender().literal_bytes();
-    Wire {
-        handshake,
-        sync: cp.sent + cp.received - handshake,
-        literal,
-        outcome,
-    }
+    Wire { handshake, sync: cp.sent + cp.received - handshake, literal, outcome }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -83,10 +75,7 @@ fn main() {
     println!("| what | time | rate |");
     println!("|---|---|---|");
     let sha = time(runs, || Sha256::digest(&old));
-    println!(
-        "| SHA-256 of the whole file (peer figure) | {sha:.3} s | {:.2} GB/s |",
-        gb / sha
-    );
+    println!("| SHA-256 of the whole file (peer figure) | {sha:.3} s | {:.2} GB/s |", gb / sha);
     let scan = time(runs, || {
         let mut c = Chunker::new(ChunkerKind::Cdc);
         let (mut rest, mut n) = (&old[..], 0usize);
@@ -96,10 +85,7 @@ fn main() {
         }
         n
     });
-    println!(
-        "| CDC boundary scan alone | {scan:.3} s | {:.2} GB/s |",
-        gb / scan
-    );
+    println!("| CDC boundary scan alone | {scan:.3} s | {:.2} GB/s |", gb / scan);
     let ix = time(runs, || {
         let mut ix = Indexer::new(ChunkerKind::Cdc, NoSink);
         for piece in old.chunks(1 << 20) {
@@ -111,30 +97,20 @@ fn main() {
         "| chunking + chunk SHA-256 + tree + whole-file SHA-256, one pass | {ix:.3} s | {:.2} GB/s |",
         gb / ix
     );
-    let ids1 = time(runs, || {
-        chunk_ids(&old[..], ChunkerKind::Cdc, 1).unwrap().len()
-    });
+    let ids1 = time(runs, || chunk_ids(&old[..], ChunkerKind::Cdc, 1).unwrap().len());
     println!(
-        "| chunking + chunk SHA-256 (no whole-file hash), 1 thread | {ids1:.3} s | {:.2} GB/s |",
+        "| chunking + chunk SHA-256 in one pass (no whole-file hash), 1 thread | {ids1:.3} s | {:.2} GB/s |",
         gb / ids1
     );
-    let ids2 = time(runs, || {
-        chunk_ids(&old[..], ChunkerKind::Cdc, 2).unwrap().len()
-    });
+    let ids2 = time(runs, || chunk_ids(&old[..], ChunkerKind::Cdc, 2).unwrap().len());
     println!(
-        "| chunking + chunk SHA-256 (no whole-file hash), 2 threads | {ids2:.3} s | {:.2} GB/s |",
+        "| chunking + chunk SHA-256 in one pass (no whole-file hash), 2 threads | {ids2:.3} s | {:.2} GB/s |",
         gb / ids2
     );
     let tree2 = time(runs, || build_tree(&old[..], ChunkerKind::Cdc, 2).unwrap());
-    println!(
-        "| whole tree incl. whole-file SHA-256, 2 threads | {tree2:.3} s | {:.2} GB/s |",
-        gb / tree2
-    );
+    println!("| whole tree incl. whole-file SHA-256, 2 threads | {tree2:.3} s | {:.2} GB/s |", gb / tree2);
     let fh = time(runs, || file_hash(&old[..]).unwrap());
-    println!(
-        "| whole-file SHA-256 alone (streamed) | {fh:.3} s | {:.2} GB/s |",
-        gb / fh
-    );
+    println!("| whole-file SHA-256 alone (streamed) | {fh:.3} s | {:.2} GB/s |", gb / fh);
 
     let old_tree = build_tree(&old[..], ChunkerKind::Cdc, 2).unwrap();
     println!(
@@ -163,29 +139,17 @@ fn main() {
         *b = !(*b) ^ i as u8;
     }
     let t = build_tree(&new[..], ChunkerKind::Cdc, 2).unwrap();
-    report(
-        "4 KiB overwritten in the middle",
-        upload(Some(&old), &new, &t),
-        "<= 24 KiB (24576)",
-    );
+    report("4 KiB overwritten in the middle", upload(Some(&old), &new, &t), "<= 24 KiB (24576)");
     drop(new);
 
     let mut new = Vec::with_capacity(size + 1);
     new.push(0x42);
     new.extend_from_slice(&old);
     let t = build_tree(&new[..], ChunkerKind::Cdc, 2).unwrap();
-    report(
-        "1 byte inserted at offset 0",
-        upload(Some(&old), &new, &t),
-        "<= 16 KiB (16384)",
-    );
+    report("1 byte inserted at offset 0", upload(Some(&old), &new, &t), "<= 16 KiB (16384)");
     drop(new);
 
-    report(
-        "unchanged file",
-        upload(Some(&old), &old, &old_tree),
-        "<= 256",
-    );
+    report("unchanged file", upload(Some(&old), &old, &old_tree), "<= 256");
     report(
         "first, full transfer",
         upload(None, &old, &old_tree),

@@ -12,6 +12,7 @@ use crate::sender::Sender;
 use crate::source::{Output, Source};
 use crate::time::{IDLE_TIMEOUT_MS, Instant};
 use crate::tree::{Summary, Tree};
+use alloc::boxed::Box;
 use alloc::collections::VecDeque;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
@@ -40,20 +41,11 @@ pub trait Store {
 
     /// The current version of `name` chunked with `chunking` (its tree and
     /// bytes), or `None` if there is no such file.
-    fn open(
-        &mut self,
-        name: &str,
-        chunking: ChunkerKind,
-    ) -> Result<Option<(Tree, Self::Reader)>, ErrorCode>;
+    fn open(&mut self, name: &str, chunking: ChunkerKind) -> Result<Option<(Tree, Self::Reader)>, ErrorCode>;
     /// Starts a new version of `name`, expected to be `size` bytes.
     fn create(&mut self, name: &str, size: u64) -> Result<Self::Writer, ErrorCode>;
     /// Publishes a verified version (`tree` is `Some`), or discards it.
-    fn finish(
-        &mut self,
-        name: &str,
-        writer: Self::Writer,
-        tree: Option<Tree>,
-    ) -> Result<(), ErrorCode>;
+    fn finish(&mut self, name: &str, writer: Self::Writer, tree: Option<Tree>) -> Result<(), ErrorCode>;
     /// Every stored file.
     fn list(&mut self) -> Result<Vec<StoredFile>, ErrorCode>;
     /// One stored file.
@@ -131,15 +123,8 @@ enum State<S: Store> {
     Handshake(ServerHandshake<Vec<u8>>),
     Idle,
     Reply(VecDeque<Reply>),
-    Receiving {
-        name: String,
-        rx: Receiver<Tree, S::Reader, S::Writer>,
-    },
-    Sending {
-        name: String,
-        offered: bool,
-        tx: Sender<Tree, S::Reader>,
-    },
+    Receiving { name: String, rx: Box<Receiver<Tree, S::Reader, S::Writer>> },
+    Sending { name: String, offered: bool, tx: Box<Sender<Tree, S::Reader>> },
 }
 
 enum Reply {
@@ -201,10 +186,7 @@ impl<S: Store> ServerConn<S> {
     }
 
     fn refuse(&mut self, name: &str, code: ErrorCode) {
-        self.events.push_back(Event::Refused {
-            name: name.to_string(),
-            code,
-        });
+        self.events.push_back(Event::Refused { name: name.to_string(), code });
         self.state = State::Reply([Reply::Error(code)].into());
     }
 
@@ -233,14 +215,11 @@ impl<S: Store> ServerConn<S> {
             return Ok(());
         }
         let result = match msg {
-            Message::Stat { name } => self
-                .store
-                .stat(name)
-                .map(|f| self.state = State::Reply([Reply::Info(f)].into())),
+            Message::Stat { name } => {
+                self.store.stat(name).map(|f| self.state = State::Reply([Reply::Info(f)].into()))
+            }
             Message::Delete { name } => self.store.delete(name).map(|()| {
-                self.events.push_back(Event::Deleted {
-                    name: name.to_string(),
-                });
+                self.events.push_back(Event::Deleted { name: name.to_string() });
                 self.state = State::Reply([Reply::Deleted].into());
             }),
             Message::Upload { name, offer } => self.start_upload(now, name, offer),
@@ -257,30 +236,20 @@ impl<S: Store> ServerConn<S> {
         if !offer.chunking.is_valid() {
             return Err(ErrorCode::Unsupported);
         }
-        let base = self
-            .store
-            .open(name, offer.chunking)?
-            .map(|(tree, source)| Base { tree, source });
+        let base = self.store.open(name, offer.chunking)?.map(|(tree, source)| Base { tree, source });
         let writer = self.store.create(name, offer.size)?;
-        let rx = Receiver::new(offer, self.salt, base, writer, now)
-            .map_err(|_| ErrorCode::Unsupported)?;
+        let rx = Receiver::new(offer, self.salt, base, writer, now).map_err(|_| ErrorCode::Unsupported)?;
         self.events.push_back(Event::Started {
             name: name.to_string(),
             direction: Direction::Upload,
             size: offer.size,
         });
-        self.state = State::Receiving {
-            name: name.to_string(),
-            rx,
-        };
+        self.state = State::Receiving { name: name.to_string(), rx: Box::new(rx) };
         Ok(())
     }
 
     fn start_download(&mut self, now: Instant, name: &str) -> Result<(), ErrorCode> {
-        let (tree, source) = self
-            .store
-            .open(name, ChunkerKind::Cdc)?
-            .ok_or(ErrorCode::NotFound)?;
+        let (tree, source) = self.store.open(name, ChunkerKind::Cdc)?.ok_or(ErrorCode::NotFound)?;
         let summary = tree.summary();
         let tx = Sender::new(tree, source, summary, self.salt, now);
         self.events.push_back(Event::Started {
@@ -288,11 +257,7 @@ impl<S: Store> ServerConn<S> {
             direction: Direction::Download,
             size: summary.size,
         });
-        self.state = State::Sending {
-            name: name.to_string(),
-            offered: false,
-            tx,
-        };
+        self.state = State::Sending { name: name.to_string(), offered: false, tx: Box::new(tx) };
         Ok(())
     }
 
@@ -304,11 +269,7 @@ impl<S: Store> ServerConn<S> {
         let stats: ReceiveStats = rx.stats();
         let size = rx.offer().size;
         let (writer, tree) = rx.into_parts();
-        let tree = if outcome == Outcome::Written {
-            tree
-        } else {
-            None
-        };
+        let tree = if outcome == Outcome::Written { tree } else { None };
         let reply = match self.store.finish(&name, writer, tree) {
             Ok(()) => {
                 self.events.push_back(Event::Finished {
