@@ -171,7 +171,26 @@ pub fn run_blocking<M, T, I, F, O>(
     m: &mut M,
     io: &mut T,
     pump: &mut Pump<I, F, O>,
+    now: impl FnMut() -> Instant,
+) -> Result<M::Output, DriveError<T::Error>>
+where
+    M: Machine,
+    T: embedded_io::Read + embedded_io::Write,
+    I: AsRef<[u8]> + AsMut<[u8]>,
+    F: AsRef<[u8]> + AsMut<[u8]>,
+    O: AsRef<[u8]> + AsMut<[u8]>,
+{
+    run_blocking_observed(m, io, pump, now, |_, _| {})
+}
+
+/// [`run_blocking`], calling `observe` after every step (for progress bars,
+/// logs and live statistics).
+pub fn run_blocking_observed<M, T, I, F, O>(
+    m: &mut M,
+    io: &mut T,
+    pump: &mut Pump<I, F, O>,
     mut now: impl FnMut() -> Instant,
+    mut observe: impl FnMut(&mut M, &Pump<I, F, O>),
 ) -> Result<M::Output, DriveError<T::Error>>
 where
     M: Machine,
@@ -182,7 +201,9 @@ where
 {
     use embedded_io::{Error as _, ErrorKind};
     let result = (|| loop {
-        match pump.step(m, now())? {
+        let step = pump.step(m, now())?;
+        observe(m, pump);
+        match step {
             Step::Write(n) => io.write_all(pump.output(n)).map_err(DriveError::Io)?,
             Step::Read(_) => {
                 io.flush().map_err(DriveError::Io)?;
@@ -252,4 +273,37 @@ where
         let _ = io.flush().await;
     }
     result
+}
+
+#[cfg(feature = "std")]
+pub use std_io::TimeoutAsTimedOut;
+
+#[cfg(feature = "std")]
+mod std_io {
+    use std::io;
+
+    /// A std stream whose read timeouts surface as `TimedOut`: a socket with
+    /// a read timeout fails with `WouldBlock` on Unix, which the drivers would
+    /// otherwise take for a broken connection. Wrap it in
+    /// `embedded_io_adapters::std::FromStd` to drive it.
+    #[derive(Debug)]
+    pub struct TimeoutAsTimedOut<S>(pub S);
+
+    impl<S: io::Read> io::Read for TimeoutAsTimedOut<S> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.0.read(buf).map_err(|e| match e.kind() {
+                io::ErrorKind::WouldBlock => io::Error::from(io::ErrorKind::TimedOut),
+                _ => e,
+            })
+        }
+    }
+
+    impl<S: io::Write> io::Write for TimeoutAsTimedOut<S> {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.write(buf)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            self.0.flush()
+        }
+    }
 }

@@ -32,6 +32,8 @@ pub mod driver;
 pub mod error;
 pub mod frame;
 pub mod hash;
+#[cfg(feature = "std")]
+pub mod local;
 pub mod machine;
 pub mod message;
 pub mod sender;

@@ -32,6 +32,24 @@ impl<S: Source + ?Sized> Source for &mut S {
     }
 }
 
+impl<S: Source> Source for Option<S> {
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), IoFailed> {
+        self.as_mut().ok_or(IoFailed)?.read_at(offset, buf)
+    }
+}
+
+/// Two sources read as one: `b`'s bytes follow the first `a_size` of `a`.
+/// (Reads never straddle the seam: they are ranges of one tree entry.)
+impl<A: Source, B: Source> Source for crate::tree::Chain<A, B> {
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), IoFailed> {
+        if offset < self.a_size {
+            self.a.read_at(offset, buf)
+        } else {
+            self.b.read_at(offset - self.a_size, buf)
+        }
+    }
+}
+
 #[cfg(feature = "alloc")]
 impl Output for alloc::vec::Vec<u8> {
     fn write(&mut self, data: &[u8]) -> Result<(), IoFailed> {

@@ -642,3 +642,85 @@ mod tests {
         assert!(t.is_consistent());
     }
 }
+
+/// Two versions seen as one: the entries of `b` follow those of `a` at every
+/// level, and its bytes follow `a`'s. A receiver holding an old version and
+/// the partial result of an interrupted transfer reuses both through this.
+pub struct Chain<A, B> {
+    /// The first tree.
+    pub a: A,
+    /// The second tree.
+    pub b: B,
+    /// Bytes covered by `a`.
+    pub a_size: u64,
+}
+
+impl<A: TreeView, B: TreeView> Chain<A, B> {
+    fn a_len(&self, level: u8) -> u32 {
+        if level <= self.a.height() { self.a.level_len(level) } else { 0 }
+    }
+    fn b_len(&self, level: u8) -> u32 {
+        if level <= self.b.height() { self.b.level_len(level) } else { 0 }
+    }
+}
+
+impl<A: TreeView, B: TreeView> TreeView for Chain<A, B> {
+    fn height(&self) -> u8 {
+        self.a.height().max(self.b.height())
+    }
+    fn level_len(&self, level: u8) -> u32 {
+        self.a_len(level) + self.b_len(level)
+    }
+    fn entry(&self, level: u8, index: u32) -> Option<NodeRef> {
+        let n = self.a_len(level);
+        if index < n {
+            return self.a.entry(level, index);
+        }
+        let e = self.b.entry(level, index - n)?;
+        Some(NodeRef { offset: e.offset + self.a_size, ..e })
+    }
+    fn first_child(&self, level: u8, index: u32) -> Option<u32> {
+        let n = self.a_len(level);
+        if index < n {
+            return self.a.first_child(level, index);
+        }
+        let below = self.a_len(level - 1);
+        if index == n && self.b_len(level) == 0 {
+            return Some(below);
+        }
+        Some(self.b.first_child(level, index - n)? + below)
+    }
+}
+
+#[cfg(test)]
+mod chain_tests {
+    use super::*;
+    use crate::testutil::random_bytes;
+
+    #[test]
+    fn a_chain_lists_both_trees_with_shifted_offsets() {
+        let x = random_bytes(1, 300_000);
+        let y = random_bytes(2, 40_000);
+        let (tx, ty) = (Tree::build(&x, ChunkerKind::Cdc), Tree::build(&y, ChunkerKind::Cdc));
+        let c = Chain { a: &tx, b: &ty, a_size: x.len() as u64 };
+        assert_eq!(c.height(), tx.height().max(ty.height()));
+        // Every entry of y appears with its offset moved past x, and its
+        // leaves are the matching chunks.
+        for l in 0..=ty.height() {
+            for i in 0..ty.level_len(l) {
+                let e = ty.entry(l, i).unwrap();
+                let j = c.level_len(l) - ty.level_len(l) + i;
+                let ce = c.entry(l, j).unwrap();
+                assert_eq!((ce.id, ce.offset, ce.len), (e.id, e.offset + x.len() as u64, e.len));
+                let leaves = c.leaf_range(l, j).unwrap();
+                let first = c.entry(0, leaves.start).unwrap();
+                assert_eq!(first.offset, ce.offset);
+                let sum: u64 = leaves.map(|k| c.entry(0, k).unwrap().len).sum();
+                assert_eq!(sum, ce.len);
+            }
+        }
+        let empty = Tree::build(&[], ChunkerKind::Cdc);
+        let c = Chain { a: &tx, b: &empty, a_size: x.len() as u64 };
+        assert_eq!(c.leaf_range(tx.height(), 0), Some(0..tx.level_len(0)));
+    }
+}

@@ -11,7 +11,7 @@ use crate::receiver::{Base, ReceiveStats, Receiver};
 use crate::sender::Sender;
 use crate::source::{Output, Source};
 use crate::time::{IDLE_TIMEOUT_MS, Instant};
-use crate::tree::{Summary, Tree};
+use crate::tree::{Chain, Summary, Tree};
 use alloc::boxed::Box;
 use alloc::collections::VecDeque;
 use alloc::string::{String, ToString};
@@ -42,6 +42,16 @@ pub trait Store {
     /// The current version of `name` chunked with `chunking` (its tree and
     /// bytes), or `None` if there is no such file.
     fn open(&mut self, name: &str, chunking: ChunkerKind) -> Result<Option<(Tree, Self::Reader)>, ErrorCode>;
+    /// What an interrupted upload of `name` left behind (a prefix of the
+    /// version it was sending), to be reused by the next upload.
+    fn partial(
+        &mut self,
+        name: &str,
+        chunking: ChunkerKind,
+    ) -> Result<Option<(Tree, Self::Reader)>, ErrorCode> {
+        let _ = (name, chunking);
+        Ok(None)
+    }
     /// Starts a new version of `name`, expected to be `size` bytes.
     fn create(&mut self, name: &str, size: u64) -> Result<Self::Writer, ErrorCode>;
     /// Publishes a verified version (`tree` is `Some`), or discards it.
@@ -119,11 +129,16 @@ pub struct Progress {
     pub total: u64,
 }
 
+/// What an upload reuses: the stored version, then any partial upload.
+type ReuseTree = Chain<Tree, Tree>;
+type ReuseSource<R> = Chain<Option<R>, Option<R>>;
+type UploadReceiver<S> = Receiver<ReuseTree, ReuseSource<<S as Store>::Reader>, <S as Store>::Writer>;
+
 enum State<S: Store> {
     Handshake(ServerHandshake<Vec<u8>>),
     Idle,
     Reply(VecDeque<Reply>),
-    Receiving { name: String, rx: Box<Receiver<Tree, S::Reader, S::Writer>> },
+    Receiving { name: String, rx: Box<UploadReceiver<S>> },
     Sending { name: String, offered: bool, tx: Box<Sender<Tree, S::Reader>> },
 }
 
@@ -236,7 +251,17 @@ impl<S: Store> ServerConn<S> {
         if !offer.chunking.is_valid() {
             return Err(ErrorCode::Unsupported);
         }
-        let base = self.store.open(name, offer.chunking)?.map(|(tree, source)| Base { tree, source });
+        let old = self.store.open(name, offer.chunking)?;
+        let partial = self.store.partial(name, offer.chunking)?;
+        let base = (old.is_some() || partial.is_some()).then(|| {
+            let split = |v: Option<(Tree, S::Reader)>| match v {
+                Some((t, r)) => (t, Some(r)),
+                None => (Tree::build(&[], offer.chunking), None),
+            };
+            let ((ta, ra), (tb, rb)) = (split(old), split(partial));
+            let a_size = ta.summary().size;
+            Base { tree: Chain { a: ta, b: tb, a_size }, source: Chain { a: ra, b: rb, a_size } }
+        });
         let writer = self.store.create(name, offer.size)?;
         let rx = Receiver::new(offer, self.salt, base, writer, now).map_err(|_| ErrorCode::Unsupported)?;
         self.events.push_back(Event::Started {

@@ -1,0 +1,5 @@
+//! The deltasync server: a file-system [`store::FsStore`] behind
+//! `deltasync-core`'s server connection, one blocking task per client.
+
+pub mod serve;
+pub mod store;

@@ -1,0 +1,358 @@
+//! Files under a root directory, with per-file hash-tree indexes in a hidden
+//! metadata directory.
+//!
+//! Layout under the root:
+//! - `NAME`: the stored files (subdirectories allowed);
+//! - `.deltasync/index/NAME.idx`: the tree of `NAME`, stamped with the file's
+//!   size, modification time and inode, rebuilt when they no longer match;
+//! - `.deltasync/partial/NAME`: the prefix an interrupted upload assembled,
+//!   reused by the next upload of `NAME`;
+//! - `DIR/.deltasync-part-PID-N-BASE`: an upload in progress, written beside
+//!   its destination so that publishing it is a rename.
+//!
+//! Listings skip every name starting with `.deltasync`.
+
+use deltasync_core::build::build_tree;
+use deltasync_core::chunker::ChunkerKind;
+use deltasync_core::conn::server::{Store, StoredFile};
+use deltasync_core::error::ErrorCode;
+use deltasync_core::source::{FileSource, IoFailed, Output};
+use deltasync_core::tree::Tree;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufWriter, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::UNIX_EPOCH;
+
+const META: &str = ".deltasync";
+const PART_PREFIX: &str = ".deltasync-part-";
+const INDEX_MAGIC: &[u8; 8] = b"DSIDX001";
+
+/// The server's storage: cheap to clone, one per connection.
+#[derive(Clone, Debug)]
+pub struct FsStore {
+    root: PathBuf,
+    /// Serializes the rename-and-index step of commits.
+    commit: Arc<Mutex<()>>,
+    /// Threads used to hash a file whose index is missing.
+    threads: usize,
+}
+
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+fn storage(e: io::Error) -> ErrorCode {
+    tracing::warn!(error = %e, "storage error");
+    ErrorCode::Storage
+}
+
+fn mtime_ns(m: &fs::Metadata) -> i128 {
+    i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec())
+}
+
+impl FsStore {
+    /// Opens (creating if needed) the store at `root`, and recovers what
+    /// interrupted uploads left: each becomes its name's partial upload.
+    pub fn open(root: &Path) -> io::Result<FsStore> {
+        fs::create_dir_all(root)?;
+        let root = root.canonicalize()?;
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let store = FsStore { root, commit: Arc::new(Mutex::new(())), threads };
+        fs::create_dir_all(store.meta().join("index"))?;
+        fs::create_dir_all(store.meta().join("partial"))?;
+        store.recover(&store.root.clone())?;
+        Ok(store)
+    }
+
+    /// The root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn meta(&self) -> PathBuf {
+        self.root.join(META)
+    }
+
+    fn index_path(&self, name: &str) -> PathBuf {
+        self.meta().join("index").join(format!("{name}.idx"))
+    }
+
+    fn partial_path(&self, name: &str) -> PathBuf {
+        self.meta().join("partial").join(name)
+    }
+
+    /// Moves leftover in-progress uploads to the partial area.
+    fn recover(&self, dir: &Path) -> io::Result<()> {
+        for entry in fs::read_dir(dir)? {
+            let entry = entry?;
+            let fname = entry.file_name();
+            let Some(fname) = fname.to_str() else { continue };
+            let ft = entry.file_type()?;
+            if ft.is_dir() && !fname.starts_with(META) {
+                self.recover(&entry.path())?;
+            } else if ft.is_file()
+                && let Some(rest) = fname.strip_prefix(PART_PREFIX)
+            {
+                // PID-N-BASE
+                let base = rest.splitn(3, '-').nth(2).unwrap_or("");
+                let rel = dir.strip_prefix(&self.root).unwrap_or(Path::new("")).join(base);
+                let keep = entry.metadata()?.len() > 0 && !base.is_empty();
+                match rel.to_str() {
+                    Some(name) if keep => {
+                        let dst = self.partial_path(name);
+                        if let Some(p) = dst.parent() {
+                            fs::create_dir_all(p)?;
+                        }
+                        fs::rename(entry.path(), &dst)?;
+                        tracing::info!(name, "kept an interrupted upload for resuming");
+                    }
+                    _ => fs::remove_file(entry.path())?,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `root/name`, refusing anything that resolves outside the root (a
+    /// symlink pointing out, for instance). Names were already checked for
+    /// `..`, absolute paths and NUL by the core.
+    fn path_of(&self, name: &str) -> Result<PathBuf, ErrorCode> {
+        let path = self.root.join(name);
+        if Path::new(name).components().any(|c| !matches!(c, Component::Normal(_))) {
+            return Err(ErrorCode::BadName);
+        }
+        let mut probe = path.as_path();
+        while fs::symlink_metadata(probe).is_err() {
+            probe = probe.parent().ok_or(ErrorCode::BadName)?;
+        }
+        let canon = probe.canonicalize().map_err(storage)?;
+        if !canon.starts_with(&self.root) || canon.starts_with(self.meta()) {
+            return Err(ErrorCode::BadName);
+        }
+        Ok(path)
+    }
+
+    fn load_index(&self, name: &str, meta: &fs::Metadata) -> Option<Tree> {
+        let bytes = fs::read(self.index_path(name)).ok()?;
+        let (head, body) = bytes.split_at_checked(40)?;
+        let fresh = &head[..8] == INDEX_MAGIC
+            && head[8..16] == meta.len().to_le_bytes()
+            && head[16..32] == mtime_ns(meta).to_le_bytes()
+            && head[32..40] == meta.ino().to_le_bytes();
+        let tree = Tree::from_bytes(body)?;
+        (fresh && tree.summary().size == meta.len()).then_some(tree)
+    }
+
+    fn save_index(&self, name: &str, meta: &fs::Metadata, tree: &Tree) -> io::Result<()> {
+        let path = self.index_path(name);
+        if let Some(p) = path.parent() {
+            fs::create_dir_all(p)?;
+        }
+        let tmp = path.with_extension(format!("tmp{}", TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)));
+        let mut f = BufWriter::new(File::create(&tmp)?);
+        f.write_all(INDEX_MAGIC)?;
+        f.write_all(&meta.len().to_le_bytes())?;
+        f.write_all(&mtime_ns(meta).to_le_bytes())?;
+        f.write_all(&meta.ino().to_le_bytes())?;
+        f.write_all(&tree.to_bytes())?;
+        f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        fs::rename(tmp, path)
+    }
+
+    /// The tree of the stored file, from its index when fresh.
+    fn tree_of(&self, name: &str, file: &File, chunking: ChunkerKind) -> io::Result<Tree> {
+        let meta = file.metadata()?;
+        if let Some(t) = self.load_index(name, &meta).filter(|t| t.summary().chunking == chunking) {
+            return Ok(t);
+        }
+        let tree = build_tree(file, chunking, self.threads)?;
+        if chunking == ChunkerKind::Cdc {
+            // The file may have changed while we hashed it; stamp what we read.
+            if file.metadata()?.len() == tree.summary().size {
+                self.save_index(name, &meta, &tree)?;
+            }
+        }
+        Ok(tree)
+    }
+
+    fn describe(&self, name: String, path: &Path) -> Result<StoredFile, ErrorCode> {
+        let file = File::open(path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => ErrorCode::NotFound,
+            _ => storage(e),
+        })?;
+        let meta = file.metadata().map_err(storage)?;
+        if !meta.is_file() {
+            return Err(ErrorCode::NotFound);
+        }
+        let tree = self.tree_of(&name, &file, ChunkerKind::Cdc).map_err(storage)?;
+        let modified =
+            meta.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map_or(0, |d| d.as_secs());
+        Ok(StoredFile { name, size: meta.len(), modified, sha256: tree.summary().file_hash })
+    }
+
+    fn walk(&self, dir: &Path, out: &mut Vec<StoredFile>) -> Result<(), ErrorCode> {
+        let mut entries: Vec<_> = fs::read_dir(dir).map_err(storage)?.filter_map(Result::ok).collect();
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let fname = e.file_name();
+            if fname.to_str().is_none_or(|n| n.starts_with(META)) {
+                continue;
+            }
+            let ft = e.file_type().map_err(storage)?;
+            let path = e.path();
+            if ft.is_dir() {
+                self.walk(&path, out)?;
+            } else if ft.is_file() {
+                let rel = path.strip_prefix(&self.root).map_err(|_| ErrorCode::Storage)?;
+                if let Some(name) = rel.to_str() {
+                    match self.describe(name.to_string(), &path) {
+                        Ok(f) => out.push(f),
+                        // Deleted while we listed: not an error.
+                        Err(ErrorCode::NotFound) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A new version being written beside its destination. Dropped without
+/// being published (the connection broke), it is kept as the name's partial
+/// upload so that the next upload resumes from it.
+pub struct TempFile {
+    file: Option<BufWriter<File>>,
+    path: PathBuf,
+    partial: PathBuf,
+    written: u64,
+}
+
+impl Output for TempFile {
+    fn write(&mut self, data: &[u8]) -> Result<(), IoFailed> {
+        let f = self.file.as_mut().ok_or(IoFailed)?;
+        f.write_all(data).map_err(|e| {
+            tracing::warn!(error = %e, path = %self.path.display(), "write failed");
+            IoFailed
+        })?;
+        self.written += data.len() as u64;
+        Ok(())
+    }
+}
+
+impl TempFile {
+    fn discard(mut self) {
+        self.file = None;
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let Some(f) = self.file.take() else { return };
+        let kept = self.written > 0
+            && f.into_inner().is_ok()
+            && self.partial.parent().is_some_and(|p| fs::create_dir_all(p).is_ok())
+            && fs::rename(&self.path, &self.partial).is_ok();
+        if kept {
+            tracing::info!(partial = %self.partial.display(), bytes = self.written, "kept interrupted upload");
+        } else {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+impl Store for FsStore {
+    type Reader = FileSource;
+    type Writer = TempFile;
+
+    fn open(&mut self, name: &str, chunking: ChunkerKind) -> Result<Option<(Tree, FileSource)>, ErrorCode> {
+        let path = self.path_of(name)?;
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(storage(e)),
+        };
+        if !file.metadata().map_err(storage)?.is_file() {
+            return Err(ErrorCode::BadName);
+        }
+        let tree = self.tree_of(name, &file, chunking).map_err(storage)?;
+        Ok(Some((tree, FileSource(file))))
+    }
+
+    fn partial(
+        &mut self,
+        name: &str,
+        chunking: ChunkerKind,
+    ) -> Result<Option<(Tree, FileSource)>, ErrorCode> {
+        let Ok(file) = File::open(self.partial_path(name)) else { return Ok(None) };
+        let tree = build_tree(&file, chunking, self.threads).map_err(storage)?;
+        Ok(Some((tree, FileSource(file))))
+    }
+
+    fn create(&mut self, name: &str, _size: u64) -> Result<TempFile, ErrorCode> {
+        let path = self.path_of(name)?;
+        let dir = path.parent().ok_or(ErrorCode::BadName)?;
+        fs::create_dir_all(dir).map_err(storage)?;
+        // Re-check now that the directories exist (a symlinked directory).
+        self.path_of(name)?;
+        let base = path.file_name().and_then(|b| b.to_str()).ok_or(ErrorCode::BadName)?;
+        let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let tmp = dir.join(format!("{PART_PREFIX}{}-{n}-{base}", std::process::id()));
+        let file = OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(storage)?;
+        Ok(TempFile {
+            file: Some(BufWriter::with_capacity(1 << 20, file)),
+            path: tmp,
+            partial: self.partial_path(name),
+            written: 0,
+        })
+    }
+
+    fn finish(&mut self, name: &str, mut w: TempFile, tree: Option<Tree>) -> Result<(), ErrorCode> {
+        let Some(tree) = tree else {
+            w.discard();
+            return Ok(());
+        };
+        let dest = self.path_of(name)?;
+        let file = w.file.take().ok_or(ErrorCode::Storage)?;
+        let file = file.into_inner().map_err(|e| storage(e.into_error()))?;
+        file.sync_all().map_err(storage)?;
+        let _guard = self.commit.lock().unwrap_or_else(|p| p.into_inner());
+        fs::rename(&w.path, &dest).map_err(storage)?;
+        if let Some(dir) = dest.parent() {
+            File::open(dir).and_then(|d| d.sync_all()).map_err(storage)?;
+        }
+        let meta = file.metadata().map_err(storage)?;
+        if let Err(e) = self.save_index(name, &meta, &tree) {
+            // The file is published; a missing index is rebuilt on demand.
+            tracing::warn!(error = %e, name, "could not write index");
+        }
+        let _ = fs::remove_file(self.partial_path(name));
+        Ok(())
+    }
+
+    fn list(&mut self) -> Result<Vec<StoredFile>, ErrorCode> {
+        let mut out = Vec::new();
+        self.walk(&self.root.clone(), &mut out)?;
+        Ok(out)
+    }
+
+    fn stat(&mut self, name: &str) -> Result<StoredFile, ErrorCode> {
+        let path = self.path_of(name)?;
+        self.describe(name.to_string(), &path)
+    }
+
+    fn delete(&mut self, name: &str) -> Result<(), ErrorCode> {
+        let path = self.path_of(name)?;
+        match fs::symlink_metadata(&path) {
+            Ok(m) if m.is_file() => {}
+            Ok(_) => return Err(ErrorCode::BadName),
+            Err(_) => return Err(ErrorCode::NotFound),
+        }
+        let _guard = self.commit.lock().unwrap_or_else(|p| p.into_inner());
+        fs::remove_file(&path).map_err(storage)?;
+        let _ = fs::remove_file(self.index_path(name));
+        Ok(())
+    }
+}
