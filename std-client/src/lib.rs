@@ -1,1 +1,432 @@
-//! The deltasync client library.
+//! The deltasync client: connect, authenticate, then list, describe, upload,
+//! download and delete files, always with delta sync. The `deltasync`
+//! command and the GUI are thin faces over this library.
+
+use deltasync_core::build::build_tree;
+use deltasync_core::chunker::ChunkerKind;
+use deltasync_core::conn::{ClientHandshake, Download, Query, QueryKind, Upload};
+use deltasync_core::driver::{DriveError, Pump, TimeoutAsTimedOut, run_blocking_observed};
+use deltasync_core::error::{ErrorCode, SessionError};
+use deltasync_core::frame::{MAX_ENCODED, MAX_FRAME};
+use deltasync_core::local::now;
+use deltasync_core::machine::Machine;
+use deltasync_core::message::Outcome;
+use deltasync_core::receiver::Base;
+use deltasync_core::sender::Sender;
+use deltasync_core::source::FileSource;
+use deltasync_core::tree::Tree;
+use embedded_io_adapters::std::FromStd;
+use serde::Serialize;
+use std::fs::{self, File};
+use std::io::{self, BufWriter};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// Why a client operation failed.
+#[non_exhaustive]
+#[derive(Debug)]
+pub enum ClientError {
+    /// No token was given or found.
+    NoToken,
+    /// The server refused our token, or could not prove its own.
+    Auth,
+    /// The server could not be reached or the connection broke.
+    Network(io::Error),
+    /// The server has no such file.
+    NotFound(String),
+    /// The transferred file did not verify; nothing was replaced.
+    Integrity(String),
+    /// The server refused the request.
+    Refused(ErrorCode),
+    /// The peer broke the protocol.
+    Protocol(String),
+    /// A local file could not be read or written.
+    Local(PathBuf, io::Error),
+    /// The operation was cancelled.
+    Cancelled,
+}
+
+impl std::fmt::Display for ClientError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientError::NoToken => {
+                f.write_str("no token: pass --token, set DELTASYNC_TOKEN, or run the server on this machine")
+            }
+            ClientError::Auth => f.write_str("authentication failed: wrong token"),
+            ClientError::Network(e) => write!(f, "network error: {e}"),
+            ClientError::NotFound(n) => write!(f, "{n}: no such file on the server"),
+            ClientError::Integrity(n) => write!(f, "{n}: integrity check failed; nothing was replaced"),
+            ClientError::Refused(c) => write!(f, "server refused the request: {c}"),
+            ClientError::Protocol(e) => write!(f, "protocol error: {e}"),
+            ClientError::Local(p, e) => write!(f, "{}: {e}", p.display()),
+            ClientError::Cancelled => f.write_str("cancelled"),
+        }
+    }
+}
+
+impl std::error::Error for ClientError {}
+
+impl ClientError {
+    /// The process exit code the `deltasync` command uses for this error.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ClientError::NoToken | ClientError::Auth => 3,
+            ClientError::Network(_) => 4,
+            ClientError::NotFound(_) => 5,
+            ClientError::Integrity(_) => 6,
+            ClientError::Refused(_) | ClientError::Protocol(_) => 7,
+            ClientError::Local(..) => 8,
+            ClientError::Cancelled => 130,
+        }
+    }
+
+    fn from_drive(e: DriveError<io::Error>, name: &str) -> ClientError {
+        match e {
+            DriveError::Io(e) => ClientError::Network(e),
+            DriveError::Closed => ClientError::Network(io::ErrorKind::ConnectionReset.into()),
+            DriveError::Session(SessionError::Peer(ErrorCode::AuthFailed))
+            | DriveError::Session(SessionError::Protocol(ErrorCode::AuthFailed)) => ClientError::Auth,
+            DriveError::Session(SessionError::Peer(ErrorCode::NotFound)) => {
+                ClientError::NotFound(name.into())
+            }
+            DriveError::Session(SessionError::Peer(ErrorCode::Integrity)) => {
+                ClientError::Integrity(name.into())
+            }
+            DriveError::Session(SessionError::Peer(c)) => ClientError::Refused(c),
+            DriveError::Session(SessionError::Timeout) => {
+                ClientError::Network(io::ErrorKind::TimedOut.into())
+            }
+            DriveError::Session(SessionError::Read) => ClientError::Local(
+                name.into(),
+                io::Error::other("file changed or unreadable during transfer"),
+            ),
+            DriveError::Session(SessionError::Write) => {
+                ClientError::Local(name.into(), io::Error::other("could not write the downloaded file"))
+            }
+            other => ClientError::Protocol(other.to_string()),
+        }
+    }
+}
+
+/// Where the token comes from when none is given: the file a server on this
+/// machine created.
+pub fn find_token(given: Option<String>) -> Result<Vec<u8>, ClientError> {
+    if let Some(t) = given.filter(|t| !t.is_empty()) {
+        return Ok(t.into_bytes());
+    }
+    let path = deltasync_core::local::default_token_path().ok_or(ClientError::NoToken)?;
+    let t = fs::read_to_string(path).map_err(|_| ClientError::NoToken)?;
+    let t = t.trim();
+    if t.is_empty() { Err(ClientError::NoToken) } else { Ok(t.as_bytes().to_vec()) }
+}
+
+/// How a transfer went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// No earlier version was reused.
+    Full,
+    /// Part of an earlier version was reused.
+    Delta,
+    /// The other side already had this version.
+    Unchanged,
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Full => "full",
+            Mode::Delta => "delta",
+            Mode::Unchanged => "unchanged",
+        })
+    }
+}
+
+/// The result of an upload or download.
+#[derive(Clone, Debug, Serialize)]
+pub struct TransferReport {
+    /// Remote name.
+    pub name: String,
+    /// Full, delta or unchanged.
+    pub mode: Mode,
+    /// Size of the file.
+    pub file_bytes: u64,
+    /// Bytes written to the socket, framing included.
+    pub wire_bytes_sent: u64,
+    /// Bytes read from the socket, framing included.
+    pub wire_bytes_received: u64,
+    /// File bytes that crossed the wire.
+    pub literal_bytes: u64,
+    /// File bytes reused from the earlier version.
+    pub reused_bytes: u64,
+    /// Wall time.
+    pub duration_ms: u64,
+    /// SHA-256 of the file, hex.
+    pub sha256: String,
+}
+
+impl TransferReport {
+    /// The share of the file that did not cross the wire, 0 to 1.
+    pub fn saving(&self) -> f64 {
+        let wire = (self.wire_bytes_sent + self.wire_bytes_received) as f64;
+        if self.file_bytes == 0 { 0.0 } else { (1.0 - wire / self.file_bytes as f64).max(0.0) }
+    }
+}
+
+/// A file on the server.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RemoteFile {
+    /// Name relative to the server root.
+    pub name: String,
+    /// Length in bytes.
+    pub size: u64,
+    /// Modification time, seconds since the Unix epoch.
+    pub modified: u64,
+    /// SHA-256, hex.
+    pub sha256: String,
+}
+
+/// Progress of a transfer: bytes done of total, for bars.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Progress {
+    /// File bytes sent (upload) or assembled (download).
+    pub done: u64,
+    /// File size.
+    pub total: u64,
+}
+
+type Io = FromStd<TimeoutAsTimedOut<TcpStream>>;
+type StdPump = Pump<Vec<u8>, Vec<u8>, Vec<u8>>;
+
+/// An authenticated connection to a server.
+pub struct Connection {
+    io: Io,
+    pump: StdPump,
+    salt: [u8; 8],
+    cancel: Arc<AtomicBool>,
+    /// A second handle on the socket, to shut it down on cancel.
+    ctl: TcpStream,
+}
+
+impl Connection {
+    /// Connects to `server` (HOST:PORT) and authenticates with `token`.
+    pub fn connect(server: &str, token: &[u8]) -> Result<Connection, ClientError> {
+        let addrs: Vec<_> = server.to_socket_addrs().map_err(ClientError::Network)?.collect();
+        let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
+        let stream = addrs
+            .iter()
+            .find_map(|a| match TcpStream::connect_timeout(a, Duration::from_secs(10)) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    last = e;
+                    None
+                }
+            })
+            .ok_or(ClientError::Network(last))?;
+        let net = ClientError::Network;
+        stream.set_nodelay(true).map_err(net)?;
+        stream.set_read_timeout(Some(Duration::from_millis(500))).map_err(ClientError::Network)?;
+        stream.set_write_timeout(Some(Duration::from_secs(30))).map_err(ClientError::Network)?;
+        let ctl = stream.try_clone().map_err(ClientError::Network)?;
+        let mut c = Connection {
+            ctl,
+            io: FromStd::new(TimeoutAsTimedOut(stream)),
+            pump: Pump::new(vec![0u8; 256 * 1024], vec![0u8; MAX_FRAME], vec![0u8; MAX_ENCODED]),
+            salt: [0; 8],
+            cancel: Arc::new(AtomicBool::new(false)),
+        };
+        let mut hs = ClientHandshake::new(token, rand::random(), now());
+        c.salt = c.run(&mut hs, "", |_, _| {})?;
+        Ok(c)
+    }
+
+    /// A flag that, once set, makes the current and later operations fail
+    /// with [`ClientError::Cancelled`] (set it from another thread).
+    pub fn cancel_flag(&self) -> Arc<AtomicBool> {
+        self.cancel.clone()
+    }
+
+    /// Bytes written to and read from the socket so far.
+    pub fn wire_bytes(&self) -> (u64, u64) {
+        (self.pump.sent, self.pump.received)
+    }
+
+    fn run<M: Machine>(
+        &mut self,
+        m: &mut M,
+        name: &str,
+        mut observe: impl FnMut(&mut M, &StdPump),
+    ) -> Result<M::Output, ClientError> {
+        let cancel = self.cancel.clone();
+        let ctl = &self.ctl;
+        let mut cancelled = false;
+        let r = run_blocking_observed(m, &mut self.io, &mut self.pump, now, |m, p| {
+            observe(m, p);
+            if cancel.load(Ordering::Relaxed) && !cancelled {
+                cancelled = true;
+                // Closing the socket makes the next read fail and the driver stop.
+                let _ = ctl.shutdown(std::net::Shutdown::Both);
+            }
+        });
+        if cancelled || self.cancel.load(Ordering::Relaxed) {
+            return Err(ClientError::Cancelled);
+        }
+        r.map_err(|e| ClientError::from_drive(e, name))
+    }
+
+    /// Every file on the server.
+    pub fn list(&mut self) -> Result<Vec<RemoteFile>, ClientError> {
+        let mut out = Vec::new();
+        let mut q = Query::new(
+            QueryKind::List,
+            |i| {
+                out.push(RemoteFile {
+                    name: i.name.to_string(),
+                    size: i.size,
+                    modified: i.modified,
+                    sha256: i.sha256.to_string(),
+                })
+            },
+            now(),
+        );
+        self.run(&mut q, "", |_, _| {})?;
+        Ok(out)
+    }
+
+    /// One file on the server.
+    pub fn stat(&mut self, name: &str) -> Result<RemoteFile, ClientError> {
+        let mut q = Query::new(QueryKind::Stat(name), |_| {}, now());
+        let s = self.run(&mut q, name, |_, _| {})?.ok_or_else(|| ClientError::NotFound(name.into()))?;
+        Ok(RemoteFile { name: name.into(), size: s.size, modified: s.modified, sha256: s.sha256.to_string() })
+    }
+
+    /// Deletes a file on the server.
+    pub fn delete(&mut self, name: &str) -> Result<(), ClientError> {
+        let mut q = Query::new(QueryKind::Delete(name), |_| {}, now());
+        self.run(&mut q, name, |_, _| {})?;
+        Ok(())
+    }
+
+    /// Uploads `path` as `name`; a delta whenever the server holds a version.
+    pub fn upload(
+        &mut self,
+        path: &Path,
+        name: &str,
+        mut progress: impl FnMut(Progress),
+    ) -> Result<TransferReport, ClientError> {
+        let start = Instant::now();
+        let local = |e| ClientError::Local(path.to_path_buf(), e);
+        let file = File::open(path).map_err(local)?;
+        if !file.metadata().map_err(local)?.is_file() {
+            return Err(local(io::Error::other("not a regular file")));
+        }
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let tree = build_tree(&file, ChunkerKind::Cdc, threads).map_err(local)?;
+        let summary = tree.summary();
+        let (s0, r0) = self.wire_bytes();
+        let sender = Sender::new(&tree, FileSource(file), summary, self.salt, now());
+        let mut op = Upload::new(name, sender);
+        let total = summary.size;
+        let outcome =
+            self.run(&mut op, name, |op, _| progress(Progress { done: op.sender().literal_bytes(), total }))?;
+        let literal = op.sender().literal_bytes();
+        if outcome == Outcome::Integrity {
+            return Err(ClientError::Integrity(name.into()));
+        }
+        let (s1, r1) = self.wire_bytes();
+        Ok(TransferReport {
+            name: name.into(),
+            mode: mode_of(outcome, literal, total),
+            file_bytes: total,
+            wire_bytes_sent: s1 - s0,
+            wire_bytes_received: r1 - r0,
+            literal_bytes: literal,
+            reused_bytes: if outcome == Outcome::Unchanged { total } else { total - literal },
+            duration_ms: start.elapsed().as_millis() as u64,
+            sha256: summary.file_hash.to_string(),
+        })
+    }
+
+    /// Downloads `name` to `dest`, reusing `dest`'s current contents if it
+    /// exists. The file is replaced only once the new version has verified.
+    pub fn download(
+        &mut self,
+        name: &str,
+        dest: &Path,
+        mut progress: impl FnMut(Progress),
+    ) -> Result<TransferReport, ClientError> {
+        let start = Instant::now();
+        let local = |e| ClientError::Local(dest.to_path_buf(), e);
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let base = match File::open(dest) {
+            Ok(f) if f.metadata().map_err(local)?.is_file() => {
+                let tree = build_tree(&f, ChunkerKind::Cdc, threads).map_err(local)?;
+                Some(Base { tree, source: FileSource(f) })
+            }
+            Ok(_) => return Err(local(io::Error::other("not a regular file"))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(local(e)),
+        };
+        let dir = match dest.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let base_name = dest.file_name().and_then(|n| n.to_str()).unwrap_or("download");
+        let tmp = dir.join(format!(".deltasync-dl-{}-{base_name}", std::process::id()));
+        let out = BufWriter::with_capacity(1 << 20, File::create(&tmp).map_err(local)?);
+        let guard = RemoveOnDrop(Some(tmp.clone()));
+        let (s0, r0) = self.wire_bytes();
+        let mut op: Download<'_, Tree, FileSource, BufWriter<File>> =
+            Download::new(name, self.salt, base, out, now());
+        let outcome = self.run(&mut op, name, |op, _| {
+            progress(Progress { done: op.progress(), total: op.offer().map_or(0, |o| o.size) })
+        })?;
+        let offer = *op.offer().ok_or_else(|| ClientError::Protocol("no offer".into()))?;
+        let stats = op.stats();
+        let (out, _tree) = op.take_result().ok_or_else(|| ClientError::Protocol("no result".into()))?;
+        match outcome {
+            Outcome::Integrity => return Err(ClientError::Integrity(name.into())),
+            Outcome::Unchanged => drop(out),
+            Outcome::Written => {
+                let f = out.into_inner().map_err(|e| local(e.into_error()))?;
+                f.sync_all().map_err(local)?;
+                fs::rename(&tmp, dest).map_err(local)?;
+            }
+        }
+        drop(guard);
+        let (s1, r1) = self.wire_bytes();
+        Ok(TransferReport {
+            name: name.into(),
+            mode: mode_of(outcome, stats.literal_bytes, offer.size),
+            file_bytes: offer.size,
+            wire_bytes_sent: s1 - s0,
+            wire_bytes_received: r1 - r0,
+            literal_bytes: stats.literal_bytes,
+            reused_bytes: if outcome == Outcome::Unchanged { offer.size } else { stats.reused_bytes },
+            duration_ms: start.elapsed().as_millis() as u64,
+            sha256: offer.file_hash.to_string(),
+        })
+    }
+}
+
+fn mode_of(outcome: Outcome, literal: u64, total: u64) -> Mode {
+    match outcome {
+        Outcome::Unchanged => Mode::Unchanged,
+        _ if literal < total => Mode::Delta,
+        _ => Mode::Full,
+    }
+}
+
+/// Removes a temporary file unless it was renamed into place.
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = fs::remove_file(p);
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! `deltasync`: upload, download, list and delete files on a deltasync
+//! server, sending only what changed.
+
+use clap::{Parser, Subcommand};
+use deltasync_client::{ClientError, Connection, Progress, TransferReport, find_token};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// deltasync client: transfers files to and from a deltasync server with
+/// delta sync.
+#[derive(Parser, Debug)]
+#[command(version, about, after_help = EXIT_CODES)]
+struct Cli {
+    /// Server address.
+    #[arg(long, env = "DELTASYNC_SERVER", default_value = "127.0.0.1:5001", global = true)]
+    server: String,
+    /// Pre-shared token [default: the token file of a server on this machine].
+    #[arg(long, env = "DELTASYNC_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
+    /// Print one JSON object per result on stdout, and no progress bars.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+const EXIT_CODES: &str = "Exit codes: 0 ok, 2 usage, 3 authentication, 4 network, 5 not found, \
+6 integrity, 7 refused by the server, 8 local file error.";
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// List the files on the server.
+    Ls,
+    /// Describe one file on the server.
+    Stat {
+        /// Remote name.
+        name: String,
+    },
+    /// Upload a file (a delta whenever the server holds a version).
+    Upload {
+        /// Local file.
+        path: PathBuf,
+        /// Remote name [default: the file's name].
+        #[arg(long = "as")]
+        name: Option<String>,
+    },
+    /// Download a file (a delta against an existing local copy).
+    Download {
+        /// Remote name.
+        name: String,
+        /// Local path [default: the remote name's last component].
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// Delete a file on the server.
+    Rm {
+        /// Remote name.
+        name: String,
+    },
+}
+
+fn human(bytes: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{bytes} B") } else { format!("{v:.1} {}", units[u]) }
+}
+
+fn summary(r: &TransferReport, verb: &str) -> String {
+    let secs = r.duration_ms as f64 / 1000.0;
+    let rate = if secs > 0.0 { r.file_bytes as f64 / secs } else { 0.0 };
+    format!(
+        "{verb} {} ({}): {} file, sent {}, received {}, saved {:.1}%, {:.2}s, {}/s",
+        r.name,
+        r.mode,
+        human(r.file_bytes),
+        human(r.wire_bytes_sent),
+        human(r.wire_bytes_received),
+        r.saving() * 100.0,
+        secs,
+        human(rate as u64)
+    )
+}
+
+/// Prints a line on stdout; a closed pipe is not an error.
+fn out(line: &str) {
+    let mut o = std::io::stdout().lock();
+    let _ = writeln!(o, "{line}");
+}
+
+fn bar(show: bool, label: &str) -> Option<ProgressBar> {
+    show.then(|| {
+        let b = ProgressBar::new(0);
+        b.set_style(
+            ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        b.set_message(label.to_string());
+        b
+    })
+}
+
+fn tick(b: &Option<ProgressBar>) -> impl FnMut(Progress) + '_ {
+    move |p| {
+        if let Some(b) = b {
+            b.set_length(p.total);
+            b.set_position(p.done);
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), ClientError> {
+    let token = find_token(cli.token)?;
+    let mut c = Connection::connect(&cli.server, &token)?;
+    let bars = !cli.json && std::io::stderr().is_terminal();
+    let json = |v: &dyn erased::Json| out(&v.to_json());
+    match cli.command {
+        Command::Ls => {
+            let files = c.list()?;
+            if cli.json {
+                json(&files);
+            } else {
+                for f in files {
+                    out(&format!("{:>12}  {}  {}  {}", f.size, f.modified, &f.sha256[..16], f.name));
+                }
+            }
+        }
+        Command::Stat { name } => {
+            let f = c.stat(&name)?;
+            if cli.json {
+                json(&f);
+            } else {
+                out(&format!("{}: {} bytes, modified {}, sha256 {}", f.name, f.size, f.modified, f.sha256));
+            }
+        }
+        Command::Rm { name } => {
+            c.delete(&name)?;
+            if cli.json {
+                json(&serde_json::json!({ "name": name, "deleted": true }));
+            } else {
+                out(&format!("deleted {name}"));
+            }
+        }
+        Command::Upload { path, name } => {
+            let name = match name {
+                Some(n) => n,
+                None => {
+                    path.file_name().and_then(|n| n.to_str()).map(str::to_string).ok_or_else(|| {
+                        ClientError::Local(path.clone(), std::io::Error::other("no file name"))
+                    })?
+                }
+            };
+            let b = bar(bars, &name);
+            let r = c.upload(&path, &name, tick(&b))?;
+            if let Some(b) = b {
+                b.finish_and_clear();
+            }
+            if cli.json { json(&r) } else { out(&summary(&r, "uploaded")) }
+        }
+        Command::Download { name, output } => {
+            let dest = output.unwrap_or_else(|| PathBuf::from(name.rsplit('/').next().unwrap_or(&name)));
+            let b = bar(bars, &name);
+            let r = c.download(&name, &dest, tick(&b))?;
+            if let Some(b) = b {
+                b.finish_and_clear();
+            }
+            if cli.json { json(&r) } else { out(&summary(&r, "downloaded")) }
+        }
+    }
+    Ok(())
+}
+
+mod erased {
+    /// Anything printable as one line of JSON.
+    pub trait Json {
+        fn to_json(&self) -> String;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn to_json(&self) -> String {
+            serde_json::to_string(self).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let json = cli.json;
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if json {
+                eprintln!("{}", serde_json::json!({ "error": e.to_string(), "exit_code": e.exit_code() }));
+            } else {
+                eprintln!("deltasync: {e}");
+            }
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}
