@@ -198,7 +198,41 @@ pub struct Progress {
     pub total: u64,
 }
 
-type Io = FromStd<TimeoutAsTimedOut<TcpStream>>;
+/// A socket whose writes are paced to at most `limit` bytes per second.
+struct Paced {
+    stream: TcpStream,
+    limit: Arc<std::sync::atomic::AtomicU64>,
+    start: Instant,
+    written: u64,
+}
+
+impl io::Read for Paced {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        io::Read::read(&mut self.stream, buf)
+    }
+}
+
+impl io::Write for Paced {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let limit = self.limit.load(Ordering::Relaxed);
+        if limit == 0 {
+            return self.stream.write(buf);
+        }
+        // Small slices keep the pace smooth.
+        let n = self.stream.write(&buf[..buf.len().min(16 * 1024)])?;
+        self.written += n as u64;
+        let due = Duration::from_secs_f64(self.written as f64 / limit as f64);
+        if let Some(wait) = due.checked_sub(self.start.elapsed()) {
+            std::thread::sleep(wait);
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.stream.flush()
+    }
+}
+
+type Io = FromStd<TimeoutAsTimedOut<Paced>>;
 type StdPump = Pump<Vec<u8>, Vec<u8>, Vec<u8>>;
 
 /// An authenticated connection to a server.
@@ -209,6 +243,7 @@ pub struct Connection {
     cancel: Arc<AtomicBool>,
     /// A second handle on the socket, to shut it down on cancel.
     ctl: TcpStream,
+    rate: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Connection {
@@ -231,9 +266,12 @@ impl Connection {
         stream.set_read_timeout(Some(Duration::from_millis(500))).map_err(ClientError::Network)?;
         stream.set_write_timeout(Some(Duration::from_secs(30))).map_err(ClientError::Network)?;
         let ctl = stream.try_clone().map_err(ClientError::Network)?;
+        let rate = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let paced = Paced { stream, limit: rate.clone(), start: Instant::now(), written: 0 };
         let mut c = Connection {
             ctl,
-            io: FromStd::new(TimeoutAsTimedOut(stream)),
+            rate,
+            io: FromStd::new(TimeoutAsTimedOut(paced)),
             pump: Pump::new(vec![0u8; 256 * 1024], vec![0u8; MAX_FRAME], vec![0u8; MAX_ENCODED]),
             salt: [0; 8],
             cancel: Arc::new(AtomicBool::new(false)),
@@ -247,6 +285,15 @@ impl Connection {
     /// with [`ClientError::Cancelled`] (set it from another thread).
     pub fn cancel_flag(&self) -> Arc<AtomicBool> {
         self.cancel.clone()
+    }
+
+    /// Limits what this connection sends to `bytes_per_sec` (0: no limit),
+    /// counted from now.
+    pub fn limit_rate(&mut self, bytes_per_sec: u64) {
+        self.rate.store(bytes_per_sec, Ordering::Relaxed);
+        let paced = &mut self.io.inner_mut().0;
+        paced.start = Instant::now();
+        paced.written = 0;
     }
 
     /// Bytes written to and read from the socket so far.

@@ -22,6 +22,9 @@ struct Cli {
     /// Print one JSON object per result on stdout, and no progress bars.
     #[arg(long, global = true)]
     json: bool,
+    /// Send at most this many bytes per second (suffixes K, M, G: powers of 1024).
+    #[arg(long, global = true, value_parser = parse_rate)]
+    limit_rate: Option<u64>,
     #[command(subcommand)]
     command: Command,
 }
@@ -59,6 +62,17 @@ enum Command {
         /// Remote name.
         name: String,
     },
+}
+
+fn parse_rate(s: &str) -> Result<u64, String> {
+    let (num, mul) = match s.trim().chars().last() {
+        Some('k' | 'K') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('m' | 'M') => (&s[..s.len() - 1], 1 << 20),
+        Some('g' | 'G') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    let n: u64 = num.trim().parse().map_err(|_| format!("not a rate: {s:?} (try 500K or 10M)"))?;
+    n.checked_mul(mul).filter(|&r| r > 0).ok_or_else(|| format!("rate out of range: {s:?}"))
 }
 
 fn human(bytes: u64) -> String {
@@ -119,6 +133,9 @@ fn tick(b: &Option<ProgressBar>) -> impl FnMut(Progress) + '_ {
 fn run(cli: Cli) -> Result<(), ClientError> {
     let token = find_token(cli.token)?;
     let mut c = Connection::connect(&cli.server, &token)?;
+    if let Some(r) = cli.limit_rate {
+        c.limit_rate(r);
+    }
     let bars = !cli.json && std::io::stderr().is_terminal();
     let json = |v: &dyn erased::Json| out(&v.to_json());
     match cli.command {

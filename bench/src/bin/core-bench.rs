@@ -116,7 +116,10 @@ fn main() {
         }
         tb.finish().unwrap().0
     });
-    println!("| tree (chunk ids + all nodes, no whole-file hash), 2 threads | {nodes2:.3} s | {:.2} GB/s |", gb / nodes2);
+    println!(
+        "| tree (chunk ids + all nodes, no whole-file hash), 2 threads | {nodes2:.3} s | {:.2} GB/s |",
+        gb / nodes2
+    );
     let tree2 = time(runs, || build_tree(&old[..], ChunkerKind::Cdc, 2).unwrap());
     println!("| whole tree incl. whole-file SHA-256, 2 threads | {tree2:.3} s | {:.2} GB/s |", gb / tree2);
     let fh = time(runs, || file_hash(&old[..]).unwrap());

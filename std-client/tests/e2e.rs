@@ -1,0 +1,306 @@
+//! End-to-end: the real `deltasync-server` on an ephemeral loopback port and
+//! the real `deltasync` command. Every server a test starts is stopped by the
+//! test, by its own process id.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const TOKEN: &str = "e2e-token";
+
+fn server_bin() -> PathBuf {
+    let cli = PathBuf::from(env!("CARGO_BIN_EXE_deltasync"));
+    let bin = cli.with_file_name("deltasync-server");
+    assert!(bin.exists(), "{} is missing: build the workspace binaries first", bin.display());
+    bin
+}
+
+struct Server {
+    child: Child,
+    port: u16,
+    root: PathBuf,
+}
+
+impl Server {
+    fn start(root: &Path) -> Server {
+        Self::start_on(root, 0)
+    }
+
+    fn start_on(root: &Path, port: u16) -> Server {
+        let mut child = Command::new(server_bin())
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--root"])
+            .arg(root)
+            .args(["--token", TOKEN])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start server");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let line = lines.next().expect("server printed nothing").unwrap();
+        let port = line
+            .split("127.0.0.1:")
+            .nth(1)
+            .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no port in {line:?}"));
+        // Keep draining stdout so the server never blocks on it.
+        std::thread::spawn(move || lines.for_each(drop));
+        Server { child, port, root: root.to_path_buf() }
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        self.cli_with_token(TOKEN, args)
+    }
+
+    fn cli_with_token(&self, token: &str, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_deltasync"))
+            .env("DELTASYNC_SERVER", format!("127.0.0.1:{}", self.port))
+            .env("DELTASYNC_TOKEN", token)
+            .args(args)
+            .output()
+            .expect("run deltasync")
+    }
+
+    /// Runs the CLI with `--json` and returns its one JSON object.
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        let out = self.cli(&a);
+        assert!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert_eq!(text.lines().count(), 1, "one JSON object expected, got {text:?}");
+        serde_json::from_str(&text).unwrap()
+    }
+
+    fn kill9(mut self) {
+        let _ = Command::new("kill").arg("-KILL").arg(self.child.id().to_string()).status();
+        let _ = self.child.wait();
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn random(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+fn wire(v: &serde_json::Value) -> u64 {
+    v["wire_bytes_sent"].as_u64().unwrap() + v["wire_bytes_received"].as_u64().unwrap()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn round_trips_of_edge_sizes_and_100_mib() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Server::start(&dir.path().join("root"));
+    for (i, len) in [0usize, 1, 4095, 4096, 4097, 100 << 20].into_iter().enumerate() {
+        let data = random(i as u64 + 1, len);
+        let src = dir.path().join(format!("in{len}"));
+        std::fs::write(&src, &data).unwrap();
+        let name = format!("sizes/f{len}");
+        let up = srv.json(&["upload", s(&src), "--as", &name]);
+        assert_eq!(up["mode"], "full", "{len}");
+        assert_eq!(up["file_bytes"], len as u64);
+        let dst = dir.path().join(format!("out{len}"));
+        let down = srv.json(&["download", &name, "-o", s(&dst)]);
+        assert_eq!(down["sha256"], up["sha256"]);
+        assert!(std::fs::read(&dst).unwrap() == data, "download of {len} bytes differs");
+        assert!(std::fs::read(srv.root.join(&name)).unwrap() == data, "stored copy of {len} bytes differs");
+    }
+    let ls = srv.cli(&["--json", "ls"]);
+    let files: Vec<serde_json::Value> = serde_json::from_slice(&ls.stdout).unwrap();
+    assert_eq!(files.len(), 6);
+    assert!(files.iter().all(|f| f["sha256"].as_str().unwrap().len() == 64));
+}
+
+#[test]
+fn a_4k_edit_of_64_mib_moves_under_one_percent_both_ways() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Server::start(&dir.path().join("root"));
+    let old = random(42, 64 << 20);
+    let path = dir.path().join("big");
+    std::fs::write(&path, &old).unwrap();
+    assert_eq!(srv.json(&["upload", s(&path)])["mode"], "full");
+
+    let mut new = old.clone();
+    new[30 << 20..(30 << 20) + 4096].iter_mut().for_each(|b| *b = !*b);
+    std::fs::write(&path, &new).unwrap();
+    let up = srv.json(&["upload", s(&path)]);
+    assert_eq!(up["mode"], "delta");
+    assert!(wire(&up) < (64 << 20) / 100, "delta upload moved {} bytes", wire(&up));
+    assert!(std::fs::read(srv.root.join("big")).unwrap() == new);
+
+    // A client still holding the old version downloads the new one.
+    let local = dir.path().join("local");
+    std::fs::write(&local, &old).unwrap();
+    let down = srv.json(&["download", "big", "-o", s(&local)]);
+    assert_eq!(down["mode"], "delta");
+    assert!(wire(&down) < (64 << 20) / 100, "delta download moved {} bytes", wire(&down));
+    assert!(std::fs::read(&local).unwrap() == new);
+
+    let again = srv.json(&["upload", s(&path)]);
+    assert_eq!(again["mode"], "unchanged");
+    assert!(wire(&again) < 300);
+}
+
+#[test]
+fn fifty_concurrent_clients_get_byte_exact_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Server::start(&dir.path().join("root"));
+    let shared: Vec<Vec<u8>> = (0..20).map(|i| random(1000 + i, 1 << 20)).collect();
+    std::thread::scope(|sc| {
+        let mut handles = Vec::new();
+        for i in 0..50u64 {
+            let (srv, dir, shared) = (&srv, dir.path(), &shared);
+            handles.push(sc.spawn(move || {
+                let (name, data) = if i < 30 {
+                    (format!("own/{i}"), random(i, 300_000 + i as usize * 1000))
+                } else {
+                    ("shared".to_string(), shared[(i - 30) as usize].clone())
+                };
+                let src = dir.join(format!("src{i}"));
+                std::fs::write(&src, &data).unwrap();
+                let up = srv.cli(&["upload", s(&src), "--as", &name]);
+                assert!(up.status.success(), "client {i}: {}", String::from_utf8_lossy(&up.stderr));
+                let dst = dir.join(format!("dst{i}"));
+                let down = srv.cli(&["download", &name, "-o", s(&dst)]);
+                assert!(down.status.success(), "client {i}: {}", String::from_utf8_lossy(&down.stderr));
+                let got = std::fs::read(&dst).unwrap();
+                if i < 30 {
+                    assert!(got == data, "client {i} got another file back");
+                } else {
+                    assert!(shared.contains(&got), "client {i} got a torn shared file");
+                }
+            }));
+        }
+        for h in handles {
+            h.join().unwrap();
+        }
+    });
+    let stored = std::fs::read(srv.root.join("shared")).unwrap();
+    assert!(shared.contains(&stored), "the stored shared file is not one of the uploads");
+}
+
+#[test]
+fn escapes_and_wrong_tokens_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let outside = dir.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("secret"), b"do not read").unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    std::os::unix::fs::symlink(&outside, root.join("link")).unwrap();
+    let srv = Server::start(&root);
+    let src = dir.path().join("payload");
+    std::fs::write(&src, b"payload").unwrap();
+
+    for bad in
+        ["../escape", "/tmp/abs", "a/../../escape", "link/planted", "link/../../escape", ".deltasync/index/x"]
+    {
+        let out = srv.cli(&["upload", s(&src), "--as", bad]);
+        assert_eq!(out.status.code(), Some(7), "{bad}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let out = srv.cli(&["download", "link/secret", "-o", s(&dir.path().join("stolen"))]);
+    assert_eq!(out.status.code(), Some(7));
+    assert!(!dir.path().join("stolen").exists());
+    let out = srv.cli(&["rm", "link/secret"]);
+    assert_eq!(out.status.code(), Some(7));
+
+    let out = srv.cli_with_token("not-the-token", &["upload", s(&src), "--as", "x"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("authentication failed"));
+
+    // Nothing was written outside the root, and nothing inside either.
+    let names: Vec<_> = std::fs::read_dir(&outside).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("secret")]);
+    assert_eq!(std::fs::read(outside.join("secret")).unwrap(), b"do not read");
+    assert!(!dir.path().join("escape").exists());
+    let ls = srv.cli(&["--json", "ls"]);
+    let files: Vec<serde_json::Value> = serde_json::from_slice(&ls.stdout).unwrap();
+    assert!(files.is_empty(), "{files:?}");
+}
+
+#[test]
+fn a_server_killed_mid_upload_keeps_the_old_version_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let srv = Server::start(&root);
+    let size = 100 << 20;
+    let old = random(7, size);
+    let path = dir.path().join("data");
+    std::fs::write(&path, &old).unwrap();
+    assert!(srv.cli(&["upload", s(&path)]).status.success());
+
+    // The new version rewrites the last 15 MiB.
+    let mut new = old.clone();
+    new[85 << 20..].copy_from_slice(&random(8, 15 << 20));
+    std::fs::write(&path, &new).unwrap();
+    let mut up = Command::new(env!("CARGO_BIN_EXE_deltasync"))
+        .env("DELTASYNC_SERVER", format!("127.0.0.1:{}", srv.port))
+        .env("DELTASYNC_TOKEN", TOKEN)
+        .args(["--limit-rate", "4M", "upload", s(&path)])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until the server has assembled the reused 85 MiB and about half of
+    // the 15 new MiB, then kill it.
+    let part_size = || {
+        std::fs::read_dir(&root)
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".deltasync-part-"))
+            .map(|e| e.metadata().map_or(0, |m| m.len()))
+            .max()
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while part_size() < (85 << 20) + (7 << 20) {
+        assert!(Instant::now() < deadline, "upload never got midway");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    srv.kill9();
+    let _ = up.wait();
+    assert!(std::fs::read(root.join("data")).unwrap() == old, "the old version was damaged");
+
+    let srv = Server::start(&root);
+    let retry = srv.json(&["upload", s(&path)]);
+    assert_eq!(retry["mode"], "delta");
+    assert!(wire(&retry) < size as u64 / 10, "retry moved {} bytes", wire(&retry));
+    assert!(std::fs::read(root.join("data")).unwrap() == new);
+    let leftovers: Vec<_> = std::fs::read_dir(&root)
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".deltasync-part-"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+    let _ = std::io::stderr().flush();
+}
