@@ -4,7 +4,7 @@
 # Steps, in order (any failure fails the script):
 #   1. cargo fmt --check
 #   2. cargo clippy, warnings denied
-#   3. unit/integration tests (cargo-nextest, or cargo test without it), then doc tests
+#   3. unit/integration/browser tests (cargo-nextest, or cargo test without it), then doc tests
 #   4. cross-build deltasync-core (no_std, --no-default-features) for a Cortex-M4F
 #      (thumbv7em-none-eabihf) with Debian's rustc-web toolchain and -Zbuild-std
 #
@@ -70,6 +70,10 @@ step_clippy() {
 }
 
 step_tests() {
+    # The dashboard tests drive headless Chromium through chromedriver and
+    # check /metrics with promtool.
+    section "3/4 tests: system packages for the dashboard tests"
+    need_pkgs chromium chromium-driver prometheus
     if cargo nextest --version >/dev/null 2>&1; then
         section "3/4 tests: cargo nextest run --workspace"
         cargo nextest run --workspace --no-fail-fast

@@ -1,1 +1,569 @@
-//! The deltasync live dashboard.
+//! deltasync's live dashboard: an axum app the server mounts (default
+//! 127.0.0.1:8000). It shows what the server publishes into a [`Hub`]: it
+//! never sees protocol frames.
+//!
+//! Routes: `/` (the page), `/events` (Server-Sent Events, at most 4 snapshots
+//! a second however fast chunks move), `/api/stats`, `/api/transfers`,
+//! `/api/files`, `/metrics` (Prometheus text format). The page's scripts,
+//! including Chart.js from the npm registry, are embedded at build time.
+
+mod metrics;
+mod page;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::Serialize;
+use std::collections::{BTreeMap, VecDeque};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::watch;
+
+/// Most recent transfers and errors kept.
+const RECENT: usize = 50;
+/// Chart points kept (one a second: five minutes).
+const POINTS: usize = 300;
+/// Least time between two live updates to a page.
+const UPDATE_EVERY: Duration = Duration::from_millis(250);
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// A connected client.
+#[derive(Clone, Debug, Serialize)]
+pub struct ClientRow {
+    /// Connection number.
+    pub id: u64,
+    /// Remote address.
+    pub addr: String,
+    /// "authenticated" once it proved the token, else "connecting".
+    pub identity: String,
+    /// Seconds since the Unix epoch.
+    pub since: u64,
+    /// Bytes received from it.
+    pub bytes_in: u64,
+    /// Bytes sent to it.
+    pub bytes_out: u64,
+}
+
+/// A transfer in progress.
+#[derive(Clone, Debug, Serialize)]
+pub struct ActiveRow {
+    /// Connection number.
+    pub client: u64,
+    /// File name.
+    pub name: String,
+    /// "upload" or "download".
+    pub direction: String,
+    /// "delta" when an earlier version is being reused, else "full".
+    pub mode: String,
+    /// File bytes done.
+    pub done: u64,
+    /// File size.
+    pub total: u64,
+    /// Bytes per second on the wire, lately.
+    pub rate: f64,
+    /// Seconds left at that rate, if known.
+    pub eta: Option<f64>,
+    #[serde(skip)]
+    started: Instant,
+    #[serde(skip)]
+    wire_at_start: u64,
+}
+
+/// A finished transfer or an error.
+#[derive(Clone, Debug, Serialize)]
+pub struct RecentRow {
+    /// Seconds since the Unix epoch.
+    pub at: u64,
+    /// Connection number.
+    pub client: u64,
+    /// File name (empty for a failed authentication).
+    pub name: String,
+    /// "upload", "download", or "error".
+    pub direction: String,
+    /// "written", "unchanged", "integrity", "auth_failed", "refused: ...".
+    pub result: String,
+    /// Bytes on the wire for this transfer, both ways.
+    pub wire_bytes: u64,
+    /// File size.
+    pub file_bytes: u64,
+    /// 1 - wire / file.
+    pub saving: f64,
+    /// Wall time.
+    pub duration_ms: u64,
+}
+
+/// Totals since start.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Totals {
+    /// Bytes received from clients.
+    pub wire_in: u64,
+    /// Bytes sent to clients.
+    pub wire_out: u64,
+    /// Wire bytes of finished transfers.
+    pub transfer_wire: u64,
+    /// What full transfers would have sent (file sizes of finished transfers).
+    pub full_bytes: u64,
+    /// File bytes reused instead of sent.
+    pub reused_bytes: u64,
+    /// File bytes sent.
+    pub literal_bytes: u64,
+    /// 1 - transfer_wire / full_bytes.
+    pub saving: f64,
+    /// Finished transfers by (direction, result).
+    pub transfers: BTreeMap<String, u64>,
+    /// Failed authentications.
+    pub auth_failures: u64,
+    /// Refused requests.
+    pub refused: u64,
+    /// Connections accepted.
+    pub connections: u64,
+    /// Sum of transfer durations, seconds.
+    pub duration_seconds: f64,
+}
+
+/// One chart point.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Point {
+    /// Seconds since the Unix epoch.
+    pub t: u64,
+    /// Wire bytes per second over the last interval.
+    pub rate: f64,
+    /// Cumulative saving, percent.
+    pub saving: f64,
+}
+
+/// A stored file.
+#[derive(Clone, Debug, Serialize)]
+pub struct FileRow {
+    /// Name.
+    pub name: String,
+    /// Length in bytes.
+    pub size: u64,
+    /// Seconds since the Unix epoch.
+    pub modified: u64,
+    /// SHA-256, hex.
+    pub sha256: String,
+}
+
+#[derive(Default)]
+struct Live {
+    clients: BTreeMap<u64, ClientRow>,
+    active: BTreeMap<u64, ActiveRow>,
+    recent: VecDeque<RecentRow>,
+    totals: Totals,
+    series: VecDeque<Point>,
+    last_sample_wire: u64,
+}
+
+/// Lists the stored files (the server provides it; called off the async
+/// workers).
+pub type FileLister = Arc<dyn Fn() -> Vec<FileRow> + Send + Sync>;
+
+/// Where the server publishes what happens; the dashboard reads it.
+pub struct Hub {
+    live: Mutex<Live>,
+    changed: watch::Sender<u64>,
+    files: Mutex<Option<FileLister>>,
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Hub { live: Mutex::default(), changed: watch::Sender::new(0), files: Mutex::new(None) }
+    }
+}
+
+impl Hub {
+    /// A hub with nothing in it.
+    pub fn new() -> Arc<Hub> {
+        Arc::new(Hub::default())
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Live)) {
+        {
+            let mut l = self.live.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut l);
+        }
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// Sets how to list stored files.
+    pub fn set_file_lister(&self, f: FileLister) {
+        *self.files.lock().unwrap_or_else(|p| p.into_inner()) = Some(f);
+    }
+
+    /// A client connected.
+    pub fn connected(&self, id: u64, addr: SocketAddr) {
+        self.update(|l| {
+            l.totals.connections += 1;
+            l.clients.insert(
+                id,
+                ClientRow {
+                    id,
+                    addr: addr.to_string(),
+                    identity: "connecting".into(),
+                    since: unix_now(),
+                    bytes_in: 0,
+                    bytes_out: 0,
+                },
+            );
+        });
+    }
+
+    /// A client proved the token.
+    pub fn authenticated(&self, id: u64) {
+        self.update(|l| {
+            if let Some(c) = l.clients.get_mut(&id) {
+                c.identity = "authenticated".into();
+            }
+        });
+    }
+
+    /// Wire counters of a connection, and the progress of its transfer.
+    pub fn progress(&self, id: u64, sent: u64, received: u64, done: Option<u64>) {
+        self.update(|l| {
+            if let Some(c) = l.clients.get_mut(&id) {
+                l.totals.wire_out += sent.saturating_sub(c.bytes_out);
+                l.totals.wire_in += received.saturating_sub(c.bytes_in);
+                c.bytes_out = sent;
+                c.bytes_in = received;
+            }
+            if let (Some(a), Some(done)) = (l.active.get_mut(&id), done) {
+                a.done = done;
+                let secs = a.started.elapsed().as_secs_f64();
+                let wire = (sent + received).saturating_sub(a.wire_at_start);
+                a.rate = if secs > 0.0 { wire as f64 / secs } else { 0.0 };
+                let file_rate = if secs > 0.0 { done as f64 / secs } else { 0.0 };
+                a.eta = (file_rate > 0.0).then(|| a.total.saturating_sub(done) as f64 / file_rate);
+            }
+        });
+    }
+
+    /// A transfer began.
+    pub fn started(&self, id: u64, name: &str, upload: bool, size: u64, delta: bool, wire_now: u64) {
+        self.update(|l| {
+            l.active.insert(
+                id,
+                ActiveRow {
+                    client: id,
+                    name: name.into(),
+                    direction: if upload { "upload" } else { "download" }.into(),
+                    mode: if delta { "delta" } else { "full" }.into(),
+                    done: 0,
+                    total: size,
+                    rate: 0.0,
+                    eta: None,
+                    started: Instant::now(),
+                    wire_at_start: wire_now,
+                },
+            );
+        });
+    }
+
+    /// A transfer ended; `result` is "written", "unchanged" or "integrity".
+    #[allow(clippy::too_many_arguments)]
+    pub fn finished(
+        &self,
+        id: u64,
+        name: &str,
+        upload: bool,
+        size: u64,
+        result: &str,
+        literal: u64,
+        reused: u64,
+        wire_now: u64,
+    ) {
+        self.update(|l| {
+            let (wire, duration_ms) = l.active.remove(&id).map_or((0, 0), |a| {
+                (wire_now.saturating_sub(a.wire_at_start), a.started.elapsed().as_millis() as u64)
+            });
+            let direction = if upload { "upload" } else { "download" };
+            let t = &mut l.totals;
+            t.transfer_wire += wire;
+            t.full_bytes += size;
+            t.reused_bytes += reused;
+            t.literal_bytes += literal;
+            t.duration_seconds += duration_ms as f64 / 1000.0;
+            *t.transfers.entry(format!("{direction}/{result}")).or_default() += 1;
+            t.saving =
+                if t.full_bytes > 0 { 1.0 - t.transfer_wire as f64 / t.full_bytes as f64 } else { 0.0 };
+            let saving = if size > 0 { 1.0 - wire as f64 / size as f64 } else { 0.0 };
+            push_recent(
+                &mut l.recent,
+                RecentRow {
+                    at: unix_now(),
+                    client: id,
+                    name: name.into(),
+                    direction: direction.into(),
+                    result: result.into(),
+                    wire_bytes: wire,
+                    file_bytes: size,
+                    saving,
+                    duration_ms,
+                },
+            );
+        });
+    }
+
+    /// A request was refused, or a transfer failed.
+    pub fn error(&self, id: u64, name: &str, what: &str) {
+        self.update(|l| {
+            l.active.remove(&id);
+            if what == "auth_failed" {
+                l.totals.auth_failures += 1;
+            } else {
+                l.totals.refused += 1;
+            }
+            push_recent(
+                &mut l.recent,
+                RecentRow {
+                    at: unix_now(),
+                    client: id,
+                    name: name.into(),
+                    direction: "error".into(),
+                    result: what.into(),
+                    wire_bytes: 0,
+                    file_bytes: 0,
+                    saving: 0.0,
+                    duration_ms: 0,
+                },
+            );
+        });
+    }
+
+    /// A client disconnected.
+    pub fn closed(&self, id: u64) {
+        self.update(|l| {
+            l.clients.remove(&id);
+            l.active.remove(&id);
+        });
+    }
+
+    /// Adds a chart point (the dashboard calls this every second).
+    fn sample(&self, interval: Duration) {
+        self.update(|l| {
+            let wire = l.totals.wire_in + l.totals.wire_out;
+            let rate = (wire - l.last_sample_wire) as f64 / interval.as_secs_f64();
+            l.last_sample_wire = wire;
+            if l.series.len() == POINTS {
+                l.series.pop_front();
+            }
+            l.series.push_back(Point { t: unix_now(), rate, saving: l.totals.saving * 100.0 });
+        });
+    }
+
+    fn snapshot(&self) -> serde_json::Value {
+        let l = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        serde_json::json!({
+            "clients": l.clients.values().collect::<Vec<_>>(),
+            "active": l.active.values().collect::<Vec<_>>(),
+            "recent": l.recent,
+            "totals": l.totals,
+            "series": l.series,
+        })
+    }
+
+    fn totals(&self) -> (Totals, usize, usize) {
+        let l = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        (l.totals.clone(), l.clients.len(), l.active.len())
+    }
+
+    async fn files(&self) -> Vec<FileRow> {
+        let lister = self.files.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        match lister {
+            Some(f) => tokio::task::spawn_blocking(move || f()).await.unwrap_or_default(),
+            None => Vec::new(),
+        }
+    }
+}
+
+fn push_recent(q: &mut VecDeque<RecentRow>, r: RecentRow) {
+    if q.len() == RECENT {
+        q.pop_back();
+    }
+    q.push_front(r);
+}
+
+#[derive(Clone)]
+struct App {
+    hub: Arc<Hub>,
+    token: Option<Arc<str>>,
+}
+
+/// Builds the dashboard's routes. With `token`, every request must carry it
+/// (`Authorization: Bearer`, a `token` query parameter, which also sets a
+/// cookie, or that cookie).
+pub fn router(hub: Arc<Hub>, token: Option<String>) -> Router {
+    let app = App { hub, token: token.map(Arc::from) };
+    let timed = Router::new()
+        .route("/", get(page::index))
+        .route("/app.js", get(page::app_js))
+        .route("/style.css", get(page::style))
+        .route("/chart.js", get(page::chart_js))
+        .route("/api/stats", get(api_stats))
+        .route("/api/transfers", get(api_transfers))
+        .route("/api/files", get(api_files))
+        .route("/metrics", get(metrics::metrics))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            Duration::from_secs(10),
+        ));
+    Router::new()
+        .route("/events", get(events))
+        .merge(timed)
+        .layer(middleware::from_fn_with_state(app.clone(), check_token))
+        .with_state(app)
+}
+
+async fn check_token(State(app): State<App>, req: Request, next: Next) -> Response {
+    let Some(token) = app.token.as_deref() else { return next.run(req).await };
+    let headers = req.headers();
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| ct_eq(t, token));
+    let cookie = cookie_token(headers).is_some_and(|t| ct_eq(&t, token));
+    let query = req
+        .uri()
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("token=")))
+        .is_some_and(|t| ct_eq(t, token));
+    if !(bearer || cookie || query) {
+        return (StatusCode::UNAUTHORIZED, "this dashboard needs the server's token: open /?token=...")
+            .into_response();
+    }
+    let mut resp = next.run(req).await;
+    if query && !cookie {
+        let c = format!("deltasync_token={token}; HttpOnly; SameSite=Strict; Path=/");
+        if let Ok(v) = c.parse() {
+            resp.headers_mut().insert(header::SET_COOKIE, v);
+        }
+    }
+    resp
+}
+
+fn cookie_token(h: &HeaderMap) -> Option<String> {
+    h.get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|kv| kv.trim().strip_prefix("deltasync_token=").map(str::to_string))
+}
+
+/// Constant-time comparison, so the token cannot be guessed byte by byte.
+fn ct_eq(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn api_stats(State(app): State<App>) -> impl IntoResponse {
+    let (totals, clients, active) = app.hub.totals();
+    axum::Json(
+        serde_json::json!({ "totals": totals, "connected_clients": clients, "active_transfers": active }),
+    )
+}
+
+async fn api_transfers(State(app): State<App>) -> impl IntoResponse {
+    let s = app.hub.snapshot();
+    axum::Json(serde_json::json!({ "active": s["active"], "recent": s["recent"] }))
+}
+
+async fn api_files(State(app): State<App>) -> impl IntoResponse {
+    axum::Json(app.hub.files().await)
+}
+
+async fn events(State(app): State<App>) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
+    let rx = app.hub.changed.subscribe();
+    let stream = futures_util::stream::unfold(
+        (app.hub, rx, true, Instant::now()),
+        |(hub, mut rx, first, mut files_at)| async move {
+            if !first {
+                // Throttle: however fast the hub changes, at most one update per tick.
+                tokio::time::sleep(UPDATE_EVERY).await;
+                if rx.changed().await.is_err() {
+                    return None;
+                }
+            }
+            rx.borrow_and_update();
+            let mut snap = hub.snapshot();
+            // Files change rarely and listing them touches the disk: every 2 s.
+            if first || files_at.elapsed() > Duration::from_secs(2) {
+                files_at = Instant::now();
+                snap["files"] = serde_json::to_value(hub.files().await).unwrap_or_default();
+            }
+            let ev = Event::default().data(snap.to_string());
+            Some((Ok(ev), (hub, rx, false, files_at)))
+        },
+    );
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+/// Serves the dashboard on `listener` until `shutdown`, and samples the
+/// charts every second. A token is required unless the address is loopback.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    hub: Arc<Hub>,
+    token: String,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let loopback = listener.local_addr()?.ip().is_loopback();
+    let sampler = {
+        let hub = hub.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                hub.sample(Duration::from_secs(1));
+            }
+        })
+    };
+    let app = router(hub, (!loopback).then_some(token));
+    let r = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
+    sampler.abort();
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn totals_and_savings_follow_transfers() {
+        let hub = Hub::new();
+        let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        hub.connected(1, addr);
+        hub.authenticated(1);
+        hub.started(1, "f", true, 1000, true, 0);
+        hub.progress(1, 50, 100, Some(500));
+        hub.finished(1, "f", true, 1000, "written", 90, 910, 150);
+        hub.error(1, "../x", "refused: file name refused");
+        hub.error(2, "", "auth_failed");
+        let (t, clients, active) = hub.totals();
+        assert_eq!((clients, active), (1, 0));
+        assert_eq!(t.transfer_wire, 150);
+        assert_eq!(t.full_bytes, 1000);
+        assert!((t.saving - 0.85).abs() < 1e-9);
+        assert_eq!(t.transfers.get("upload/written"), Some(&1));
+        assert_eq!((t.auth_failures, t.refused), (1, 1));
+        let s = hub.snapshot();
+        assert_eq!(s["recent"].as_array().unwrap().len(), 3);
+        assert_eq!(s["recent"][0]["result"], "auth_failed");
+        hub.closed(1);
+        assert_eq!(hub.totals().1, 0);
+    }
+
+    #[test]
+    fn token_comparison() {
+        assert!(ct_eq("abc", "abc"));
+        assert!(!ct_eq("abc", "abd"));
+        assert!(!ct_eq("abc", "abcd"));
+    }
+}

@@ -1,5 +1,6 @@
 //! The deltasync server: a file-system [`store::FsStore`] behind
 //! `deltasync-core`'s server connection, one blocking task per client.
 
+pub mod live;
 pub mod serve;
 pub mod store;

@@ -2,7 +2,9 @@
 
 use anyhow::Context;
 use clap::Parser;
-use deltasync_server::serve::{LogOnly, Server, serve};
+use deltasync_dashboard::Hub;
+use deltasync_server::live::LiveObserver;
+use deltasync_server::serve::{LogOnly, Observer, Server, serve};
 use deltasync_server::store::FsStore;
 use std::io::Write;
 use std::net::SocketAddr;
@@ -28,6 +30,10 @@ struct Args {
     /// Token file [default: $XDG_CONFIG_HOME/deltasync/token or ~/.config/deltasync/token].
     #[arg(long, env = "DELTASYNC_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// Address of the live web dashboard, or "off". Off loopback it asks
+    /// for the token.
+    #[arg(long, env = "DELTASYNC_DASHBOARD", default_value = "127.0.0.1:8000")]
+    dashboard: String,
 }
 
 /// Reads the token file, or creates it (owner-only) with a random token.
@@ -82,16 +88,34 @@ async fn main() -> anyhow::Result<()> {
         listener.local_addr()?,
         store.root().display()
     );
-    let server = Arc::new(Server::new(store, token.into_bytes(), Arc::new(LogOnly)));
-    let shutdown = async {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let observer: Arc<dyn Observer> = if args.dashboard == "off" {
+        Arc::new(LogOnly)
+    } else {
+        let addr: SocketAddr = args.dashboard.parse().context("--dashboard takes ADDR:PORT or off")?;
+        let dl = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("dashboard on {addr}"))?;
+        println!("dashboard on http://{}/", dl.local_addr()?);
+        let hub = Hub::new();
+        tokio::spawn(deltasync_dashboard::serve(dl, hub.clone(), token.clone(), stopped()));
+        Arc::new(LiveObserver::new(hub, store.clone()))
+    };
+    let server = Arc::new(Server::new(store, token.into_bytes(), observer));
+    tokio::spawn(async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("installing a SIGTERM handler");
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
         }
-    };
-    serve(listener, server, shutdown, Duration::from_secs(10)).await?;
+        let _ = stop_tx.send(true);
+    });
+    serve(listener, server, stopped(), Duration::from_secs(10)).await?;
     println!("deltasync-server stopped");
     Ok(())
 }

@@ -22,12 +22,13 @@ const READ_TICK: Duration = Duration::from_millis(500);
 pub trait Observer: Send + Sync {
     /// A client connected.
     fn connected(&self, _id: u64, _peer: SocketAddr) {}
-    /// Something happened on a connection.
-    fn event(&self, _id: u64, _event: &Event) {}
+    /// Something happened on a connection; `wire` is the bytes it has moved
+    /// so far, both ways.
+    fn event(&self, _id: u64, _event: &Event, _wire: u64) {}
     /// Periodic progress: the transfer in flight and the wire counters.
     fn progress(&self, _id: u64, _transfer: Option<Progress>, _sent: u64, _received: u64) {}
     /// The connection ended; `error` says why if it was not a clean close.
-    fn closed(&self, _id: u64, _error: Option<&str>) {}
+    fn closed(&self, _id: u64, _error: Option<&DriveError<io::Error>>) {}
 }
 
 /// An observer that only logs.
@@ -74,10 +75,6 @@ impl Server {
         self.observer.connected(id, peer);
         tracing::info!(id, %peer, "connected");
         let result = self.drive(id, stream);
-        let error = match &result {
-            Ok(()) => None,
-            Err(e) => Some(e.to_string()),
-        };
         match &result {
             Ok(()) => tracing::info!(id, %peer, "closed"),
             Err(DriveError::Session(SessionError::Protocol(ErrorCode::AuthFailed))) => {
@@ -86,7 +83,7 @@ impl Server {
             }
             Err(e) => tracing::warn!(id, %peer, error = %e, "connection ended with an error"),
         }
-        self.observer.closed(id, error.as_deref());
+        self.observer.closed(id, result.as_ref().err());
         self.counters.open.fetch_sub(1, Ordering::SeqCst);
     }
 
@@ -103,7 +100,7 @@ impl Server {
         let result = run_blocking_observed(&mut conn, &mut io, &mut pump, now, |conn, pump| {
             while let Some(ev) = conn.next_event() {
                 log_event(id, &ev);
-                observer.event(id, &ev);
+                observer.event(id, &ev, pump.sent + pump.received);
             }
             let t = now();
             if t.0 >= last_report.0 + 100 {
@@ -113,7 +110,7 @@ impl Server {
         });
         while let Some(ev) = conn.next_event() {
             log_event(id, &ev);
-            observer.event(id, &ev);
+            observer.event(id, &ev, pump.sent + pump.received);
         }
         observer.progress(id, None, pump.sent, pump.received);
         match result {

@@ -93,6 +93,8 @@ pub enum Event {
         direction: Direction,
         /// File size of the version being sent.
         size: u64,
+        /// Whether an earlier version is being reused (uploads only).
+        base: bool,
     },
     /// A transfer ended.
     Finished {
@@ -253,7 +255,8 @@ impl<S: Store> ServerConn<S> {
         }
         let old = self.store.open(name, offer.chunking)?;
         let partial = self.store.partial(name, offer.chunking)?;
-        let base = (old.is_some() || partial.is_some()).then(|| {
+        let has_base = old.is_some() || partial.is_some();
+        let base = has_base.then(|| {
             let split = |v: Option<(Tree, S::Reader)>| match v {
                 Some((t, r)) => (t, Some(r)),
                 None => (Tree::build(&[], offer.chunking), None),
@@ -268,6 +271,7 @@ impl<S: Store> ServerConn<S> {
             name: name.to_string(),
             direction: Direction::Upload,
             size: offer.size,
+            base: has_base,
         });
         self.state = State::Receiving { name: name.to_string(), rx: Box::new(rx) };
         Ok(())
@@ -281,6 +285,7 @@ impl<S: Store> ServerConn<S> {
             name: name.to_string(),
             direction: Direction::Download,
             size: summary.size,
+            base: false,
         });
         self.state = State::Sending { name: name.to_string(), offered: false, tx: Box::new(tx) };
         Ok(())

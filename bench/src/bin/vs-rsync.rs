@@ -1,0 +1,228 @@
+//! deltasync against an rsync daemon, both on loopback, in one run: wall
+//! time and bytes on the wire for the same edits of the same files, and the
+//! deltasync server's peak RSS.
+//!
+//! `cargo build --release --workspace && target/release/vs-rsync [RUNS] [BIG_MIB] [LOG_MIB]`
+//! (needs `rsync`; `bench/vs-rsync.sh` installs it and runs this).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Instant;
+
+const TOKEN: &str = "bench-token";
+
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg("-TERM").arg(self.0.id().to_string()).status();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn write_random(path: &Path, seed: u64, len: usize) {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    std::fs::write(path, out).unwrap();
+}
+
+struct Run {
+    secs: f64,
+    wire: u64,
+}
+
+fn rsync(port: u16, file: &Path, name: &str) -> Run {
+    let t = Instant::now();
+    let out = Command::new("rsync")
+        .args(["-I", "--no-whole-file", "--stats"])
+        .arg(file)
+        .arg(format!("rsync://127.0.0.1:{port}/bench/{name}"))
+        .output()
+        .expect("run rsync");
+    let secs = t.elapsed().as_secs_f64();
+    assert!(out.status.success(), "rsync failed: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |key: &str| -> u64 {
+        let line = text.lines().find(|l| l.starts_with(key)).unwrap_or_else(|| panic!("no {key} in {text}"));
+        line[key.len()..].split_whitespace().next().unwrap().replace(',', "").parse().unwrap()
+    };
+    Run { secs, wire: field("Total bytes sent:") + field("Total bytes received:") }
+}
+
+fn deltasync(cli: &Path, port: u16, file: &Path, name: &str) -> Run {
+    let t = Instant::now();
+    let out = Command::new(cli)
+        .env("DELTASYNC_SERVER", format!("127.0.0.1:{port}"))
+        .env("DELTASYNC_TOKEN", TOKEN)
+        .args(["--json", "upload"])
+        .arg(file)
+        .args(["--as", name])
+        .output()
+        .expect("run deltasync");
+    let secs = t.elapsed().as_secs_f64();
+    assert!(out.status.success(), "deltasync failed: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let num = |k: &str| -> u64 {
+        let i = text.find(&format!("\"{k}\":")).unwrap() + k.len() + 3;
+        text[i..].split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap()
+    };
+    Run { secs, wire: num("wire_bytes_sent") + num("wire_bytes_received") }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let runs: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(3);
+    let big: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(1024) << 20;
+    let logsz: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(100) << 20;
+    let bin_dir = std::env::current_exe().unwrap().parent().unwrap().to_path_buf();
+    let (server_bin, cli) = (bin_dir.join("deltasync-server"), bin_dir.join("deltasync"));
+    let work = PathBuf::from(std::env::var("BENCH_DIR").unwrap_or_else(|_| "target/bench-work".into()));
+    let _ = std::fs::remove_dir_all(&work);
+    for d in ["src", "ds-root", "rsync-root", "cfg"] {
+        std::fs::create_dir_all(work.join(d)).unwrap();
+    }
+    let work = work.canonicalize().unwrap();
+
+    // rsync daemon on loopback.
+    let rport = free_port();
+    let conf = work.join("cfg/rsyncd.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "use chroot = no\npid file = {0}/cfg/rsyncd.pid\n[bench]\n  path = {0}/rsync-root\n  read only = false\n  uid = root\n  gid = root\n",
+            work.display()
+        ),
+    )
+    .unwrap();
+    let _rsyncd = Proc(
+        Command::new("rsync")
+            .args(["--daemon", "--no-detach", "--address=127.0.0.1"])
+            .arg(format!("--port={rport}"))
+            .arg(format!("--config={}", conf.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start rsync daemon (is rsync installed?)"),
+    );
+
+    // deltasync server on loopback.
+    let mut child = Command::new(&server_bin)
+        .args(["--listen", "127.0.0.1:0", "--root"])
+        .arg(work.join("ds-root"))
+        .args(["--token", TOKEN])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start deltasync-server");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = lines.next().unwrap().unwrap();
+    let dport: u16 = line
+        .split("127.0.0.1:")
+        .nth(1)
+        .unwrap()
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    std::thread::spawn(move || lines.for_each(drop));
+    let server_pid = child.id();
+    let server = Proc(child);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+
+    eprintln!("preparing files");
+    let base = work.join("src/base");
+    write_random(&base, 1, big);
+    let log = work.join("src/log");
+    write_random(&log, 2, logsz);
+    let overwrite = work.join("src/overwrite");
+    let insert = work.join("src/insert");
+    let appended = work.join("src/appended");
+    {
+        let mut d = std::fs::read(&base).unwrap();
+        let mid = d.len() / 2;
+        d[mid..mid + 4096].iter_mut().for_each(|b| *b = !*b);
+        std::fs::write(&overwrite, &d).unwrap();
+        d[mid..mid + 4096].iter_mut().for_each(|b| *b = !*b);
+        d.insert(0, b'!');
+        std::fs::write(&insert, &d).unwrap();
+        let mut l = std::fs::read(&log).unwrap();
+        let extra = work.join("src/extra");
+        write_random(&extra, 3, 1 << 20);
+        l.extend_from_slice(&std::fs::read(&extra).unwrap());
+        std::fs::write(&appended, &l).unwrap();
+    }
+
+    println!("## deltasync vs rsync daemon, loopback, {runs} runs, medians\n");
+    println!("| scenario | tool | wall time | bytes on the wire |");
+    println!("|---|---|---|---|");
+    let mut ratios = Vec::new();
+    let scenarios: [(&str, &Path, Option<&Path>); 4] = [
+        ("(a) 4 KiB overwrite in the middle", &overwrite, Some(&base)),
+        ("(b) 1 byte inserted at offset 0", &insert, Some(&base)),
+        ("(c) 1 MiB appended to a log", &appended, Some(&log)),
+        ("(d) first full upload", &base, None),
+    ];
+    for (label, new, old) in scenarios {
+        let mut r_secs = Vec::new();
+        let mut d_secs = Vec::new();
+        let (mut r_wire, mut d_wire) = (0, 0);
+        for i in 0..runs {
+            let name = format!("f{i}-{}", label.as_bytes()[1] as char);
+            // Put the old version in place on both servers (untimed).
+            if let Some(old) = old {
+                rsync(rport, old, &name);
+                deltasync(&cli, dport, old, &name);
+            }
+            let r = rsync(rport, new, &name);
+            let d = deltasync(&cli, dport, new, &name);
+            assert_eq!(
+                std::fs::read(work.join("rsync-root").join(&name)).unwrap().len(),
+                std::fs::read(work.join("ds-root").join(&name)).unwrap().len()
+            );
+            r_secs.push(r.secs);
+            d_secs.push(d.secs);
+            r_wire = r.wire;
+            d_wire = d.wire;
+            let _ = std::fs::remove_file(work.join("rsync-root").join(&name));
+        }
+        let (rt, dt) = (median(r_secs), median(d_secs));
+        println!("| {label} | rsync | {rt:.3} s | {r_wire} |");
+        println!("| {label} | deltasync | {dt:.3} s | {d_wire} |");
+        ratios.push((label, dt / rt, d_wire as f64 / r_wire as f64));
+    }
+    let rss = peak_rss_kib(server_pid);
+    drop(server);
+    println!("\n| scenario | time deltasync / rsync | bytes deltasync / rsync |");
+    println!("|---|---|---|");
+    for (label, t, b) in ratios {
+        println!("| {label} | {t:.2} | {b:.4} (1/{:.0}) |", 1.0 / b);
+    }
+    println!("\ndeltasync-server peak RSS (VmHWM) over the whole run: {:.1} MiB", rss as f64 / 1024.0);
+}

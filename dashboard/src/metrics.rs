@@ -1,0 +1,96 @@
+//! `/metrics` in the Prometheus text exposition format.
+
+use crate::App;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use std::fmt::Write;
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, f64)]) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+    for (labels, v) in samples {
+        let _ = writeln!(out, "{name}{labels} {v}");
+    }
+}
+
+pub(crate) async fn metrics(State(app): State<App>) -> impl IntoResponse {
+    let (t, clients, active) = app.hub.totals();
+    let mut o = String::new();
+    let one = |v: u64| vec![(String::new(), v as f64)];
+    family(
+        &mut o,
+        "deltasync_wire_bytes_total",
+        "counter",
+        "Bytes on the wire, framing included.",
+        &[("{direction=\"in\"}".into(), t.wire_in as f64), ("{direction=\"out\"}".into(), t.wire_out as f64)],
+    );
+    family(
+        &mut o,
+        "deltasync_file_bytes_total",
+        "counter",
+        "File bytes of finished transfers (what full transfers would have sent).",
+        &one(t.full_bytes),
+    );
+    family(
+        &mut o,
+        "deltasync_reused_bytes_total",
+        "counter",
+        "File bytes reused from earlier versions instead of sent.",
+        &one(t.reused_bytes),
+    );
+    family(
+        &mut o,
+        "deltasync_literal_bytes_total",
+        "counter",
+        "File bytes sent as data.",
+        &one(t.literal_bytes),
+    );
+    family(
+        &mut o,
+        "deltasync_transfer_wire_bytes_total",
+        "counter",
+        "Bytes on the wire of finished transfers.",
+        &one(t.transfer_wire),
+    );
+    let by_result: Vec<(String, f64)> = t
+        .transfers
+        .iter()
+        .map(|(k, v)| {
+            let (dir, res) = k.split_once('/').unwrap_or((k, ""));
+            (format!("{{direction=\"{dir}\",result=\"{res}\"}}"), *v as f64)
+        })
+        .collect();
+    family(
+        &mut o,
+        "deltasync_transfers_total",
+        "counter",
+        "Finished transfers by direction and result.",
+        &by_result,
+    );
+    family(
+        &mut o,
+        "deltasync_auth_failures_total",
+        "counter",
+        "Failed authentications.",
+        &one(t.auth_failures),
+    );
+    family(
+        &mut o,
+        "deltasync_refused_requests_total",
+        "counter",
+        "Requests refused or failed.",
+        &one(t.refused),
+    );
+    family(&mut o, "deltasync_connections_total", "counter", "Connections accepted.", &one(t.connections));
+    family(&mut o, "deltasync_connected_clients", "gauge", "Clients connected now.", &one(clients as u64));
+    family(&mut o, "deltasync_active_transfers", "gauge", "Transfers in progress.", &one(active as u64));
+    family(
+        &mut o,
+        "deltasync_transfer_duration_seconds_total",
+        "counter",
+        "Time spent in finished transfers.",
+        &[(String::new(), t.duration_seconds)],
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], o)
+}

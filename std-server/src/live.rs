@@ -1,0 +1,77 @@
+//! Feeds the dashboard's [`Hub`] from the server's connections.
+
+use crate::serve::Observer;
+use crate::store::FsStore;
+use deltasync_core::conn::server::{Direction, Event, Progress, Store};
+use deltasync_core::driver::DriveError;
+use deltasync_core::error::{ErrorCode, SessionError};
+use deltasync_core::message::Outcome;
+use deltasync_dashboard::{FileRow, Hub};
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// Publishes connections, transfers and errors to the dashboard.
+pub struct LiveObserver(pub Arc<Hub>);
+
+impl LiveObserver {
+    /// An observer publishing to `hub`, which lists files from `store`.
+    pub fn new(hub: Arc<Hub>, store: FsStore) -> LiveObserver {
+        hub.set_file_lister(Arc::new(move || {
+            let mut s = store.clone();
+            s.list()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|f| FileRow {
+                    name: f.name,
+                    size: f.size,
+                    modified: f.modified,
+                    sha256: f.sha256.to_string(),
+                })
+                .collect()
+        }));
+        LiveObserver(hub)
+    }
+}
+
+impl Observer for LiveObserver {
+    fn connected(&self, id: u64, peer: SocketAddr) {
+        self.0.connected(id, peer);
+    }
+
+    fn event(&self, id: u64, event: &Event, wire: u64) {
+        let hub = &self.0;
+        match event {
+            Event::Authenticated => hub.authenticated(id),
+            Event::Started { name, direction, size, base } => {
+                hub.started(id, name, *direction == Direction::Upload, *size, *base, wire)
+            }
+            Event::Finished { name, direction, size, outcome, literal_bytes, reused_bytes } => {
+                let result = match outcome {
+                    Outcome::Written => "written",
+                    Outcome::Unchanged => "unchanged",
+                    Outcome::Integrity => "integrity",
+                };
+                let upload = *direction == Direction::Upload;
+                hub.finished(id, name, upload, *size, result, *literal_bytes, *reused_bytes, wire);
+            }
+            Event::Refused { name, code } => hub.error(id, name, &format!("refused: {code}")),
+            Event::Deleted { .. } => {}
+        }
+    }
+
+    fn progress(&self, id: u64, transfer: Option<Progress>, sent: u64, received: u64) {
+        self.0.progress(id, sent, received, transfer.map(|p| p.done));
+    }
+
+    fn closed(&self, id: u64, error: Option<&DriveError<io::Error>>) {
+        match error {
+            Some(DriveError::Session(SessionError::Protocol(ErrorCode::AuthFailed))) => {
+                self.0.error(id, "", "auth_failed")
+            }
+            Some(e) => self.0.error(id, "", &format!("connection: {e}")),
+            None => {}
+        }
+        self.0.closed(id);
+    }
+}

@@ -1,0 +1,284 @@
+//! The dashboard end to end: the real server with its dashboard, the real
+//! CLI, headless Chromium driven through chromedriver (fantoccini), and
+//! `promtool` for the metrics format. `bash scripts/test.sh` installs
+//! Debian's `chromium`, `chromium-driver` and `prometheus` when missing.
+//! Every process a test starts is stopped by the test, by its process id.
+
+use fantoccini::{ClientBuilder, Locator};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const TOKEN: &str = "dash-token";
+
+struct Killed(Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg("-TERM").arg(self.0.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Running {
+    _server: Killed,
+    port: u16,
+    dashboard: String,
+}
+
+fn start_server(root: &Path) -> Running {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_deltasync-server"))
+        .args(["--listen", "127.0.0.1:0", "--dashboard", "127.0.0.1:0", "--token", TOKEN, "--root"])
+        .arg(root)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start server");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (mut port, mut dashboard) = (None, None);
+    while port.is_none() || dashboard.is_none() {
+        let line = lines.next().expect("server stopped early").unwrap();
+        if let Some(rest) = line.strip_prefix("dashboard on ") {
+            dashboard = Some(rest.trim().to_string());
+        } else if line.contains("listening on 127.0.0.1:") {
+            let p = line.split("127.0.0.1:").nth(1).unwrap();
+            port = p.split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().ok();
+        }
+    }
+    std::thread::spawn(move || lines.for_each(drop));
+    Running { _server: Killed(child), port: port.unwrap(), dashboard: dashboard.unwrap() }
+}
+
+fn cli_bin() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_BIN_EXE_deltasync-server")).with_file_name("deltasync");
+    assert!(p.exists(), "{} is missing: build the workspace binaries first", p.display());
+    p
+}
+
+fn upload(port: u16, path: &Path, name: &str) {
+    let out = Command::new(cli_bin())
+        .env("DELTASYNC_SERVER", format!("127.0.0.1:{port}"))
+        .env("DELTASYNC_TOKEN", TOKEN)
+        .args(["upload"])
+        .arg(path)
+        .args(["--as", name])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn http_get(url: &str) -> (u16, String) {
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_once('/').map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
+    let mut s = TcpStream::connect(host).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status = resp.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = resp.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    // Bodies here are small and sent with a length or chunked; undo chunking.
+    let body = if resp.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        let mut out = String::new();
+        let mut rest = body;
+        while let Some((size, tail)) = rest.split_once("\r\n") {
+            let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            out.push_str(&tail[..n]);
+            rest = &tail[n + 2..];
+        }
+        out
+    } else {
+        body.to_string()
+    };
+    (status, body)
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.split(['{', ' ']).next() == Some(name))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum()
+}
+
+fn random(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[test]
+fn metrics_parse_as_prometheus_text_and_move_with_a_transfer() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = start_server(&dir.path().join("root"));
+    let url = format!("{}metrics", srv.dashboard);
+    let check = |text: &str| {
+        let mut p = Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("promtool is needed (Debian package prometheus; scripts/test.sh installs it)");
+        p.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+        let out = p.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "promtool rejected /metrics:\n{}{}\n{text}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let (status, before) = http_get(&url);
+    assert_eq!(status, 200);
+    check(&before);
+    let f = dir.path().join("data");
+    std::fs::write(&f, random(1, 300_000)).unwrap();
+    upload(srv.port, &f, "data");
+    // Counters are published as the connection ends; give it a moment.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let after = loop {
+        let (_, t) = http_get(&url);
+        if metric(&t, "deltasync_transfers_total") >= 1.0 || Instant::now() > deadline {
+            break t;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    check(&after);
+    assert_eq!(
+        metric(&after, "deltasync_transfers_total") - metric(&before, "deltasync_transfers_total"),
+        1.0
+    );
+    assert!(metric(&after, "deltasync_wire_bytes_total") >= 300_000.0);
+    assert_eq!(metric(&after, "deltasync_file_bytes_total"), 300_000.0);
+    assert!(metric(&after, "deltasync_connections_total") >= 1.0);
+    let (status, body) = http_get(&format!("{}api/files", srv.dashboard));
+    assert_eq!(status, 200);
+    assert!(body.contains("\"name\":\"data\""), "{body}");
+    let (status, _) = http_get(&format!("{}../../etc/passwd", srv.dashboard));
+    assert_eq!(status, 404);
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_updates_live_in_headless_chromium() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = start_server(&dir.path().join("root"));
+    let port = free_port();
+    let _driver = Killed(
+        Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromedriver is needed (Debian package chromium-driver; scripts/test.sh installs it)"),
+    );
+    let profile = dir.path().join("chrome-profile");
+    let caps: serde_json::Map<String, serde_json::Value> = serde_json::from_value(serde_json::json!({
+        "goog:chromeOptions": {
+            "binary": "/usr/bin/chromium",
+            "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                     "--disable-quic", format!("--user-data-dir={}", profile.display()), "--window-size=1280,800"]
+        }
+    }))
+    .unwrap();
+    let webdriver = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let client = loop {
+        match ClientBuilder::native().capabilities(caps.clone()).connect(&webdriver).await {
+            Ok(c) => break c,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("could not reach chromedriver: {e}"),
+        }
+    };
+    client.goto(&srv.dashboard).await.unwrap();
+    let js = |c: &fantoccini::Client, s: &'static str| {
+        let c = c.clone();
+        async move { c.execute(s, vec![]).await.unwrap() }
+    };
+    let wait_for = |c: &fantoccini::Client, s: &'static str| {
+        let c = c.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                if c.execute(s, vec![]).await.unwrap() == serde_json::Value::Bool(true) {
+                    return;
+                }
+                assert!(Instant::now() < deadline, "timed out waiting for: {s}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    wait_for(&client, "return document.getElementById('status').textContent === 'live'").await;
+    js(&client, "window.__marker = 42; return null").await;
+    let count_before = client.find(Locator::Id("count")).await.unwrap().text().await.unwrap();
+    let chart_before =
+        js(&client, "return Chart.getChart('rate-chart').data.datasets[0].data.reduce((a,b)=>a+b,0)").await;
+    assert_eq!(chart_before.as_f64(), Some(0.0));
+
+    // A real upload with the CLI: a full one, then a delta.
+    let f = dir.path().join("report.bin");
+    let mut data = random(3, 3 << 20);
+    std::fs::write(&f, &data).unwrap();
+    let port = srv.port;
+    let f2 = f.clone();
+    tokio::task::spawn_blocking(move || upload(port, &f2, "reports/report.bin")).await.unwrap();
+    data[1 << 20] ^= 0xff;
+    std::fs::write(&f, &data).unwrap();
+    let f2 = f.clone();
+    tokio::task::spawn_blocking(move || upload(port, &f2, "reports/report.bin")).await.unwrap();
+
+    wait_for(
+        &client,
+        "return document.querySelector('#recent tbody').textContent.includes('reports/report.bin')",
+    )
+    .await;
+    wait_for(&client, "return document.getElementById('count').textContent === '2'").await;
+    wait_for(&client, "return Chart.getChart('rate-chart').data.datasets[0].data.some(v => v > 0)").await;
+    wait_for(
+        &client,
+        "return document.querySelector('#files tbody').textContent.includes('reports/report.bin')",
+    )
+    .await;
+    let count_after = client.find(Locator::Id("count")).await.unwrap().text().await.unwrap();
+    assert_ne!(count_before, count_after);
+    let saving = client.find(Locator::Id("saving")).await.unwrap().text().await.unwrap();
+    assert!(saving.ends_with('%') && saving != "0.0 %", "saving shows {saving:?}");
+    assert_eq!(js(&client, "return window.__marker").await.as_i64(), Some(42), "the page reloaded");
+
+    let target = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target");
+    std::fs::create_dir_all(&target).unwrap();
+    std::fs::write(target.join("dashboard.png"), client.screenshot().await.unwrap()).unwrap();
+    client.set_window_size(390, 844).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let overflow = js(&client, "return document.documentElement.scrollWidth <= window.innerWidth + 1").await;
+    assert_eq!(overflow, serde_json::Value::Bool(true), "the page is wider than a phone screen");
+    std::fs::write(target.join("dashboard-phone.png"), client.screenshot().await.unwrap()).unwrap();
+    client.close().await.unwrap();
+}
