@@ -560,6 +560,38 @@ mod tests {
         assert_eq!(hub.totals().1, 0);
     }
 
+    async fn status(app: Router, uri: &str, auth: Option<&str>) -> (StatusCode, Option<String>) {
+        use tower::ServiceExt;
+        let mut req = axum::http::Request::builder().uri(uri);
+        if let Some(a) = auth {
+            req = req.header(header::AUTHORIZATION, a);
+        }
+        let resp = app.oneshot(req.body(axum::body::Body::empty()).unwrap()).await.unwrap();
+        let cookie = resp.headers().get(header::SET_COOKIE).map(|v| v.to_str().unwrap().to_string());
+        (resp.status(), cookie)
+    }
+
+    #[tokio::test]
+    async fn a_token_is_required_when_configured() {
+        let app = router(Hub::new(), Some("s3cret".into()));
+        assert_eq!(status(app.clone(), "/api/stats", None).await.0, StatusCode::UNAUTHORIZED);
+        assert_eq!(status(app.clone(), "/metrics", Some("Bearer wrong")).await.0, StatusCode::UNAUTHORIZED);
+        assert_eq!(status(app.clone(), "/?token=wrong", None).await.0, StatusCode::UNAUTHORIZED);
+        assert_eq!(status(app.clone(), "/metrics", Some("Bearer s3cret")).await.0, StatusCode::OK);
+        let (code, cookie) = status(app.clone(), "/?token=s3cret", None).await;
+        assert_eq!(code, StatusCode::OK);
+        assert!(cookie.unwrap().starts_with("deltasync_token=s3cret"));
+        // Only embedded assets exist: no path reaches the file system.
+        assert_eq!(
+            status(app.clone(), "/../Cargo.toml", Some("Bearer s3cret")).await.0,
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(status(app, "/web/index.html", Some("Bearer s3cret")).await.0, StatusCode::NOT_FOUND);
+        // Without a token configured (loopback), no check.
+        let open = router(Hub::new(), None);
+        assert_eq!(status(open, "/api/stats", None).await.0, StatusCode::OK);
+    }
+
     #[test]
     fn token_comparison() {
         assert!(ct_eq("abc", "abc"));

@@ -31,7 +31,7 @@ impl Server {
         let mut child = Command::new(server_bin())
             .args(["--listen", &format!("127.0.0.1:{port}"), "--root"])
             .arg(root)
-            .args(["--token", TOKEN])
+            .args(["--token", TOKEN, "--dashboard", "off"])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

@@ -134,7 +134,7 @@ fn main() {
     let mut child = Command::new(&server_bin)
         .args(["--listen", "127.0.0.1:0", "--root"])
         .arg(work.join("ds-root"))
-        .args(["--token", TOKEN])
+        .args(["--token", TOKEN, "--dashboard", "off"])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
