@@ -1,0 +1,77 @@
+//! Pushing the log: one authenticated upload through `deltasync-core`'s
+//! client handshake and sender, with every buffer of fixed size.
+
+use deltasync_core::Instant;
+use deltasync_core::chunker::ChunkerKind;
+use deltasync_core::conn::{ClientHandshake, Upload};
+use deltasync_core::driver::{DriveError, Pump, run_blocking};
+use deltasync_core::message::Outcome;
+use deltasync_core::sender::Sender;
+use deltasync_core::tree::FixedTree;
+
+/// Tree entries (chunks and nodes) kept for one log: a 64 KiB log has at
+/// most 32 chunks of 2 KiB and fewer nodes.
+pub const TREE_ENTRIES: usize = 96;
+/// Largest frame the server sends to a device (handshake, requests).
+const FRAME: usize = 256;
+/// Received bytes buffered per read.
+const INPUT: usize = 512;
+/// Largest frame the device sends (a `Data` frame carries this minus ~16).
+const OUTPUT: usize = 1536;
+
+/// What one sync did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SyncReport {
+    /// How the server ended it.
+    pub outcome: Outcome,
+    /// Bytes written to the stream, framing and handshake included.
+    pub wire_sent: u64,
+    /// Bytes read from the stream.
+    pub wire_received: u64,
+    /// Log bytes sent as data.
+    pub literal_bytes: u64,
+    /// Size of the log synced.
+    pub log_bytes: u64,
+}
+
+/// Why a sync failed.
+#[derive(Debug)]
+pub enum SyncError<E> {
+    /// The log has more chunks than [`TREE_ENTRIES`] allows.
+    TreeTooBig,
+    /// The connection or the protocol failed.
+    Drive(DriveError<E>),
+    /// The server could not verify the log.
+    Integrity,
+}
+
+/// Uploads `log` as `name` over the connected stream `io`: handshake with
+/// `token` and a fresh `nonce`, then a delta upload. The caller opens and
+/// closes the stream.
+pub fn sync_log<T: embedded_io::Read + embedded_io::Write>(
+    io: &mut T,
+    token: &[u8],
+    name: &str,
+    log: &[u8],
+    nonce: [u8; 32],
+    mut now: impl FnMut() -> Instant,
+) -> Result<SyncReport, SyncError<T::Error>> {
+    let (summary, tree) =
+        FixedTree::<TREE_ENTRIES>::build(log, ChunkerKind::Cdc).map_err(|_| SyncError::TreeTooBig)?;
+    let mut pump = Pump::new([0u8; INPUT], [0u8; FRAME], [0u8; OUTPUT]);
+    let mut hs = ClientHandshake::new(token, nonce, now());
+    let salt = run_blocking(&mut hs, io, &mut pump, &mut now).map_err(SyncError::Drive)?;
+    let sender = Sender::new(&tree, log, summary, salt, now());
+    let mut up = Upload::new(name, sender);
+    let outcome = run_blocking(&mut up, io, &mut pump, &mut now).map_err(SyncError::Drive)?;
+    if outcome == Outcome::Integrity {
+        return Err(SyncError::Integrity);
+    }
+    Ok(SyncReport {
+        outcome,
+        wire_sent: pump.sent,
+        wire_received: pump.received,
+        literal_bytes: up.sender().literal_bytes(),
+        log_bytes: log.len() as u64,
+    })
+}
