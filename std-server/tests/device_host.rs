@@ -62,7 +62,7 @@ fn record(i: u32) -> Vec<u8> {
         15 + x % 20,
         x % 10,
         i,
-        ["ok", "warn"][(x % 7 == 0) as usize]
+        ["ok", "warn"][x.is_multiple_of(7) as usize]
     )
     .into_bytes()
 }
