@@ -47,7 +47,7 @@ pub mod receiver;
 
 #[cfg(feature = "std")]
 pub mod sim;
-#[cfg(test)]
+#[cfg(all(test, feature = "std"))]
 mod testutil;
 
 pub use error::{ErrorCode, SessionError};

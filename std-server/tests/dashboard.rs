@@ -4,6 +4,7 @@
 //! Debian's `chromium`, `chromium-driver` and `prometheus` when missing.
 //! Every process a test starts is stopped by the test, by its process id.
 
+use deltasync_core::sim::random_bytes as random;
 use fantoccini::{ClientBuilder, Locator};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -112,18 +113,6 @@ fn metric(text: &str, name: &str) -> f64 {
         .filter(|l| l.split(['{', ' ']).next() == Some(name))
         .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
         .sum()
-}
-
-fn random(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 #[test]

@@ -5,7 +5,12 @@
 //! `cargo build --release --workspace && target/release/vs-rsync [RUNS] [BIG_MIB] [LOG_MIB]`
 //! (needs `rsync`; `bench/vs-rsync.sh` installs it and runs this).
 
+use deltasync_core::sim::random_bytes;
 use std::io::{BufRead, BufReader};
+
+fn write_random(path: &Path, seed: u64, len: usize) {
+    std::fs::write(path, random_bytes(seed, len)).unwrap();
+}
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Instant;
@@ -22,19 +27,6 @@ impl Drop for Proc {
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn write_random(path: &Path, seed: u64, len: usize) {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    std::fs::write(path, out).unwrap();
 }
 
 struct Run {
