@@ -490,6 +490,12 @@ mod owned {
             postcard::to_allocvec(self).expect("serializing into a Vec cannot fail")
         }
 
+        /// Reads only the summary at the start of bytes written by
+        /// [`Tree::to_bytes`] (a few dozen bytes suffice), without the tree.
+        pub fn summary_from_prefix(prefix: &[u8]) -> Option<Summary> {
+            postcard::take_from_bytes::<Summary>(prefix).ok().map(|(s, _)| s)
+        }
+
         /// Reads a tree written by [`Tree::to_bytes`], checking its shape.
         pub fn from_bytes(bytes: &[u8]) -> Option<Tree> {
             let t: Tree = postcard::from_bytes(bytes).ok()?;
@@ -612,6 +618,7 @@ mod tests {
         let data = random_bytes(5, 500_000);
         let t = Tree::build(&data, ChunkerKind::Cdc);
         let bytes = t.to_bytes();
+        assert_eq!(Tree::summary_from_prefix(&bytes[..120]), Some(t.summary()));
         assert_eq!(Tree::from_bytes(&bytes), Some(t));
         assert_eq!(Tree::from_bytes(&bytes[..bytes.len() / 2]), None);
     }

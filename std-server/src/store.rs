@@ -17,9 +17,9 @@ use deltasync_core::chunker::ChunkerKind;
 use deltasync_core::conn::server::{Store, StoredFile};
 use deltasync_core::error::ErrorCode;
 use deltasync_core::source::{FileSource, IoFailed, Output};
-use deltasync_core::tree::Tree;
+use deltasync_core::tree::{Summary, Tree};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufWriter, Write};
+use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,6 +29,15 @@ use std::time::UNIX_EPOCH;
 const META: &str = ".deltasync";
 const PART_PREFIX: &str = ".deltasync-part-";
 const INDEX_MAGIC: &[u8; 8] = b"DSIDX001";
+
+/// Whether an index header describes the file with this metadata.
+fn index_is_fresh(head: &[u8], meta: &fs::Metadata) -> bool {
+    head.len() == 40
+        && &head[..8] == INDEX_MAGIC
+        && head[8..16] == meta.len().to_le_bytes()
+        && head[16..32] == mtime_ns(meta).to_le_bytes()
+        && head[32..40] == meta.ino().to_le_bytes()
+}
 
 /// The server's storage: cheap to clone, one per connection.
 #[derive(Clone, Debug)]
@@ -136,12 +145,26 @@ impl FsStore {
     fn load_index(&self, name: &str, meta: &fs::Metadata) -> Option<Tree> {
         let bytes = fs::read(self.index_path(name)).ok()?;
         let (head, body) = bytes.split_at_checked(40)?;
-        let fresh = &head[..8] == INDEX_MAGIC
-            && head[8..16] == meta.len().to_le_bytes()
-            && head[16..32] == mtime_ns(meta).to_le_bytes()
-            && head[32..40] == meta.ino().to_le_bytes();
         let tree = Tree::from_bytes(body)?;
-        (fresh && tree.summary().size == meta.len()).then_some(tree)
+        (index_is_fresh(head, meta) && tree.summary().size == meta.len()).then_some(tree)
+    }
+
+    /// The summary of a fresh index, reading only its first bytes (listings
+    /// need the hash, not the tree).
+    fn load_summary(&self, name: &str, meta: &fs::Metadata) -> Option<Summary> {
+        let mut f = File::open(self.index_path(name)).ok()?;
+        let mut buf = [0u8; 40 + 160];
+        let mut n = 0;
+        while n < buf.len() {
+            match f.read(&mut buf[n..]) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(_) => return None,
+            }
+        }
+        let (head, body) = buf[..n].split_at_checked(40)?;
+        let s = Tree::summary_from_prefix(body)?;
+        (index_is_fresh(head, meta) && s.size == meta.len()).then_some(s)
     }
 
     fn save_index(&self, name: &str, meta: &fs::Metadata, tree: &Tree) -> io::Result<()> {
@@ -185,10 +208,13 @@ impl FsStore {
         if !meta.is_file() {
             return Err(ErrorCode::NotFound);
         }
-        let tree = self.tree_of(&name, &file, ChunkerKind::Cdc).map_err(storage)?;
+        let summary = match self.load_summary(&name, &meta) {
+            Some(s) => s,
+            None => self.tree_of(&name, &file, ChunkerKind::Cdc).map_err(storage)?.summary(),
+        };
         let modified =
             meta.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map_or(0, |d| d.as_secs());
-        Ok(StoredFile { name, size: meta.len(), modified, sha256: tree.summary().file_hash })
+        Ok(StoredFile { name, size: meta.len(), modified, sha256: summary.file_hash })
     }
 
     fn walk(&self, dir: &Path, out: &mut Vec<StoredFile>) -> Result<(), ErrorCode> {
