@@ -382,3 +382,42 @@ impl Store for FsStore {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use deltasync_core::Hash;
+
+    #[test]
+    fn a_file_changed_behind_the_servers_back_gets_a_fresh_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = FsStore::open(dir.path()).unwrap();
+        let path = dir.path().join("f");
+        fs::write(&path, vec![1u8; 100_000]).unwrap();
+        assert_eq!(store.stat("f").unwrap().sha256, Hash::of(&vec![1u8; 100_000]));
+        assert!(store.index_path("f").exists(), "stat builds and keeps the index");
+
+        // Same size, new contents and a different mtime: the index is stale.
+        fs::write(&path, vec![2u8; 100_000]).unwrap();
+        let f = File::options().write(true).open(&path).unwrap();
+        f.set_modified(UNIX_EPOCH + std::time::Duration::from_secs(1_000_000)).unwrap();
+        assert_eq!(store.stat("f").unwrap().sha256, Hash::of(&vec![2u8; 100_000]));
+        let (tree, _) = store.open("f", ChunkerKind::Cdc).unwrap().unwrap();
+        assert_eq!(tree.summary().file_hash, Hash::of(&vec![2u8; 100_000]));
+        assert_eq!(store.list().unwrap().len(), 1, "the metadata directory is not listed");
+    }
+
+    #[test]
+    fn leftover_uploads_become_partials_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("d")).unwrap();
+        fs::write(dir.path().join("d/.deltasync-part-123-4-log"), b"prefix").unwrap();
+        fs::write(dir.path().join("d/.deltasync-part-123-5-empty"), b"").unwrap();
+        let mut store = FsStore::open(dir.path()).unwrap();
+        assert_eq!(fs::read(store.partial_path("d/log")).unwrap(), b"prefix");
+        assert!(!dir.path().join("d/.deltasync-part-123-4-log").exists());
+        assert!(!dir.path().join("d/.deltasync-part-123-5-empty").exists());
+        assert!(store.partial("d/log", ChunkerKind::Cdc).unwrap().is_some());
+        assert!(store.list().unwrap().is_empty());
+    }
+}
