@@ -4,7 +4,8 @@
 # Steps, in order (any failure fails the script):
 #   1. cargo fmt --check
 #   2. cargo clippy, warnings denied
-#   3. unit/integration/browser tests (cargo-nextest, or cargo test without it), then doc tests
+#   3. the QEMU firmware (built and size-checked by scripts/firmware.sh), then
+#      unit/integration/browser/QEMU tests (cargo-nextest, or cargo test without it), then doc tests
 #   4. cross-build deltasync-core (no_std, --no-default-features) for a Cortex-M4F
 #      (thumbv7em-none-eabihf) with Debian's rustc-web toolchain and -Zbuild-std
 #
@@ -69,6 +70,18 @@ step_clippy() {
     cargo clippy --workspace --all-targets -- -D warnings
 }
 
+step_firmware() {
+    # The QEMU end-to-end test (std-server/tests/qemu.rs) boots this firmware;
+    # firmware.sh installs the cross toolchain, QEMU and socat, checks the
+    # flash and RAM budgets, and prints FIRMWARE=<elf>.
+    section "3/4 firmware: build for QEMU mps2-an386 and check its size"
+    local out
+    out="$(bash scripts/firmware.sh)"
+    printf '%s\n' "$out"
+    DELTASYNC_FIRMWARE="$(sed -n 's/^FIRMWARE=//p' <<<"$out")"
+    export DELTASYNC_FIRMWARE
+}
+
 step_tests() {
     # The dashboard tests drive headless Chromium through chromedriver and
     # check /metrics with promtool.
@@ -117,6 +130,7 @@ main() {
     trap on_exit EXIT
     step_fmt
     step_clippy
+    step_firmware
     step_tests
     if [ "${DELTASYNC_SKIP_CROSS:-0}" = 1 ]; then
         section "4/4 cross-build: SKIPPED (DELTASYNC_SKIP_CROSS=1)"
