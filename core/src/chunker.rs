@@ -26,6 +26,9 @@ pub const CDC_AVG: usize = 4 * 1024;
 pub const CDC_MAX: usize = 16 * 1024;
 /// Largest fixed chunk size accepted from a peer.
 pub const FIXED_MAX: u32 = 1 << 20;
+/// Smallest fixed chunk size accepted from a peer: tiny chunks would make
+/// the other side build a tree with an entry for every few bytes.
+pub const FIXED_MIN: u32 = 1024;
 
 // Cut when these bits of the gear hash are all zero: 12 bits (1 in 4096)
 // before the normal size, 10 bits (1 in 1024) after. The high bits are used
@@ -52,7 +55,7 @@ impl ChunkerKind {
     pub fn is_valid(&self) -> bool {
         match *self {
             ChunkerKind::Cdc => true,
-            ChunkerKind::Fixed(n) => (1..=FIXED_MAX).contains(&n),
+            ChunkerKind::Fixed(n) => (FIXED_MIN..=FIXED_MAX).contains(&n),
         }
     }
 
@@ -266,6 +269,15 @@ mod tests {
         let b = cuts(ChunkerKind::Cdc, &new, &[]);
         // Everything after the first chunk is shared.
         assert_eq!(&a[1..], &b[1..]);
+    }
+
+    #[test]
+    fn peers_may_only_ask_for_sane_chunk_sizes() {
+        assert!(ChunkerKind::Cdc.is_valid());
+        assert!(ChunkerKind::CLASSIC.is_valid());
+        assert!(!ChunkerKind::Fixed(1).is_valid());
+        assert!(!ChunkerKind::Fixed(FIXED_MIN - 1).is_valid());
+        assert!(!ChunkerKind::Fixed(FIXED_MAX + 1).is_valid());
     }
 
     #[test]

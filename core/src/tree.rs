@@ -22,8 +22,9 @@ use sha2::{Digest, Sha256};
 pub const MIN_FANOUT: u32 = 2;
 /// A node always ends when it has this many children.
 pub const MAX_FANOUT: u32 = 32;
-/// Deepest tree the fixed-size builder supports (fanout >= 2 per level).
-pub const MAX_LEVELS: usize = 48;
+/// Deepest tree the builder supports: at least 2^32 chunks (terabytes) even
+/// with the smallest fanout of 2.
+pub const MAX_LEVELS: usize = 32;
 
 /// A chunk or node: its id and the number of file bytes it covers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,6 +78,12 @@ pub trait TreeSink {
     /// Records an entry at `level`; `children` is 0 for chunks. Entries of
     /// one level arrive in file order; the root arrives last.
     fn add(&mut self, level: u8, entry: &Entry, children: u32) -> Result<(), TreeFull>;
+}
+
+impl<S: TreeSink + ?Sized> TreeSink for &mut S {
+    fn add(&mut self, level: u8, entry: &Entry, children: u32) -> Result<(), TreeFull> {
+        (**self).add(level, entry, children)
+    }
 }
 
 /// Read access to a stored tree, for a sender answering requests and a
@@ -345,11 +352,20 @@ impl<const N: usize> Default for FixedTree<N> {
 impl<const N: usize> FixedTree<N> {
     /// Indexes `data` into a fixed tree.
     pub fn build(data: &[u8], kind: ChunkerKind) -> Result<(Summary, Self), TreeFull> {
-        let mut ix = Indexer::new(kind, FixedTree::<N>::default());
-        ix.feed(data)?;
-        let (summary, mut tree) = ix.finish()?;
-        tree.height = summary.height;
+        let mut tree = FixedTree::default();
+        let summary = tree.index(data, kind)?;
         Ok((summary, tree))
+    }
+
+    /// Replaces this tree with the tree of `data`, in place (on a device
+    /// this avoids moving the array around the stack).
+    pub fn index(&mut self, data: &[u8], kind: ChunkerKind) -> Result<Summary, TreeFull> {
+        self.records.clear();
+        let mut ix = Indexer::new(kind, &mut *self);
+        ix.feed(data)?;
+        let (summary, _) = ix.finish()?;
+        self.height = summary.height;
+        Ok(summary)
     }
 
     fn at(&self, level: u8) -> impl Iterator<Item = &(u8, Entry, u32)> {

@@ -56,8 +56,8 @@ pub fn sync_log<T: embedded_io::Read + embedded_io::Write>(
     nonce: [u8; 32],
     mut now: impl FnMut() -> Instant,
 ) -> Result<SyncReport, SyncError<T::Error>> {
-    let (summary, tree) =
-        FixedTree::<TREE_ENTRIES>::build(log, ChunkerKind::Cdc).map_err(|_| SyncError::TreeTooBig)?;
+    let mut tree = FixedTree::<TREE_ENTRIES>::default();
+    let summary = tree.index(log, ChunkerKind::Cdc).map_err(|_| SyncError::TreeTooBig)?;
     let mut pump = Pump::new([0u8; INPUT], [0u8; FRAME], [0u8; OUTPUT]);
     let mut hs = ClientHandshake::new(token, nonce, now());
     let salt = run_blocking(&mut hs, io, &mut pump, &mut now).map_err(SyncError::Drive)?;
