@@ -124,10 +124,23 @@ pub struct Totals {
     pub auth_failures: u64,
     /// Refused requests.
     pub refused: u64,
+    /// Connections that ended with an error (other than authentication).
+    pub connection_errors: u64,
     /// Connections accepted.
     pub connections: u64,
     /// Sum of transfer durations, seconds.
     pub duration_seconds: f64,
+}
+
+/// What went wrong on a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Problem<'a> {
+    /// The client did not prove the token.
+    AuthFailed,
+    /// A request was refused (the reason, for people).
+    Refused(&'a str),
+    /// The connection broke or the peer broke the protocol.
+    Connection(&'a str),
 }
 
 /// One chart point.
@@ -313,29 +326,36 @@ impl Hub {
         });
     }
 
-    /// A request was refused, or a transfer failed.
-    pub fn error(&self, id: u64, name: &str, what: &str) {
+    /// Something went wrong on a connection.
+    pub fn error(&self, id: u64, name: &str, problem: Problem<'_>) {
         self.update(|l| {
             l.active.remove(&id);
-            if what == "auth_failed" {
-                l.totals.auth_failures += 1;
-            } else {
-                l.totals.refused += 1;
-            }
-            push_recent(
-                &mut l.recent,
-                RecentRow {
-                    at: unix_now(),
-                    client: id,
-                    name: name.into(),
-                    direction: "error".into(),
-                    result: what.into(),
-                    wire_bytes: 0,
-                    file_bytes: 0,
-                    saving: 0.0,
-                    duration_ms: 0,
-                },
-            );
+            let result = match problem {
+                Problem::AuthFailed => {
+                    l.totals.auth_failures += 1;
+                    "auth_failed".to_string()
+                }
+                Problem::Refused(why) => {
+                    l.totals.refused += 1;
+                    format!("refused: {why}")
+                }
+                Problem::Connection(why) => {
+                    l.totals.connection_errors += 1;
+                    format!("connection: {why}")
+                }
+            };
+            let row = RecentRow {
+                at: unix_now(),
+                client: id,
+                name: name.into(),
+                direction: "error".into(),
+                result,
+                wire_bytes: 0,
+                file_bytes: 0,
+                saving: 0.0,
+                duration_ms: 0,
+            };
+            push_recent(&mut l.recent, row);
         });
     }
 
@@ -544,18 +564,20 @@ mod tests {
         hub.started(1, "f", true, 1000, true, 0);
         hub.progress(1, 50, 100, Some(500));
         hub.finished(1, "f", true, 1000, "written", 90, 910, 150);
-        hub.error(1, "../x", "refused: file name refused");
-        hub.error(2, "", "auth_failed");
+        hub.error(1, "../x", Problem::Refused("file name refused"));
+        hub.error(2, "", Problem::AuthFailed);
+        hub.error(3, "", Problem::Connection("reset"));
         let (t, clients, active) = hub.totals();
         assert_eq!((clients, active), (1, 0));
         assert_eq!(t.transfer_wire, 150);
         assert_eq!(t.full_bytes, 1000);
         assert!((t.saving - 0.85).abs() < 1e-9);
         assert_eq!(t.transfers.get("upload/written"), Some(&1));
-        assert_eq!((t.auth_failures, t.refused), (1, 1));
+        assert_eq!((t.auth_failures, t.refused, t.connection_errors), (1, 1, 1));
         let s = hub.snapshot();
-        assert_eq!(s["recent"].as_array().unwrap().len(), 3);
-        assert_eq!(s["recent"][0]["result"], "auth_failed");
+        assert_eq!(s["recent"].as_array().unwrap().len(), 4);
+        assert_eq!(s["recent"][0]["result"], "connection: reset");
+        assert_eq!(s["recent"][1]["result"], "auth_failed");
         hub.closed(1);
         assert_eq!(hub.totals().1, 0);
     }

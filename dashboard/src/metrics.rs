@@ -82,6 +82,13 @@ pub(crate) async fn metrics(State(app): State<App>) -> impl IntoResponse {
         "Requests refused or failed.",
         &one(t.refused),
     );
+    family(
+        &mut o,
+        "deltasync_connection_errors_total",
+        "counter",
+        "Connections that ended with an error other than authentication.",
+        &one(t.connection_errors),
+    );
     family(&mut o, "deltasync_connections_total", "counter", "Connections accepted.", &one(t.connections));
     family(&mut o, "deltasync_connected_clients", "gauge", "Clients connected now.", &one(clients as u64));
     family(&mut o, "deltasync_active_transfers", "gauge", "Transfers in progress.", &one(active as u64));

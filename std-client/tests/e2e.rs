@@ -3,9 +3,10 @@
 //! test, by its own process id.
 
 use deltasync_core::sim::random_bytes as random;
-use std::io::{BufRead, BufReader, Write};
+use deltasync_server::process::ServerProcess;
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 const TOKEN: &str = "e2e-token";
@@ -18,37 +19,16 @@ fn server_bin() -> PathBuf {
 }
 
 struct Server {
-    child: Child,
+    proc: ServerProcess,
     port: u16,
     root: PathBuf,
 }
 
 impl Server {
     fn start(root: &Path) -> Server {
-        Self::start_on(root, 0)
-    }
-
-    fn start_on(root: &Path, port: u16) -> Server {
-        let mut child = Command::new(server_bin())
-            .args(["--listen", &format!("127.0.0.1:{port}"), "--root"])
-            .arg(root)
-            .args(["--token", TOKEN, "--dashboard", "off"])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start server");
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let line = lines.next().expect("server printed nothing").unwrap();
-        let port = line
-            .split("127.0.0.1:")
-            .nth(1)
-            .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("no port in {line:?}"));
-        // Keep draining stdout so the server never blocks on it.
-        std::thread::spawn(move || lines.for_each(drop));
-        Server { child, port, root: root.to_path_buf() }
+        let proc =
+            ServerProcess::start(&server_bin(), root, TOKEN, &["--dashboard", "off"]).expect("start server");
+        Server { port: proc.port, proc, root: root.to_path_buf() }
     }
 
     fn cli(&self, args: &[&str]) -> Output {
@@ -75,25 +55,8 @@ impl Server {
         serde_json::from_str(&text).unwrap()
     }
 
-    fn kill9(mut self) {
-        let _ = Command::new("kill").arg("-KILL").arg(self.child.id().to_string()).status();
-        let _ = self.child.wait();
-        std::mem::forget(self);
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    fn kill9(self) {
+        self.proc.kill9();
     }
 }
 

@@ -2,5 +2,6 @@
 //! `deltasync-core`'s server connection, one blocking task per client.
 
 pub mod live;
+pub mod process;
 pub mod serve;
 pub mod store;

@@ -6,7 +6,7 @@ use deltasync_core::conn::server::{Direction, Event, Progress, Store};
 use deltasync_core::driver::DriveError;
 use deltasync_core::error::{ErrorCode, SessionError};
 use deltasync_core::message::Outcome;
-use deltasync_dashboard::{FileRow, Hub};
+use deltasync_dashboard::{FileRow, Hub, Problem};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -55,7 +55,7 @@ impl Observer for LiveObserver {
                 let upload = *direction == Direction::Upload;
                 hub.finished(id, name, upload, *size, result, *literal_bytes, *reused_bytes, wire);
             }
-            Event::Refused { name, code } => hub.error(id, name, &format!("refused: {code}")),
+            Event::Refused { name, code } => hub.error(id, name, Problem::Refused(&code.to_string())),
             Event::Deleted { .. } => {}
         }
     }
@@ -67,9 +67,9 @@ impl Observer for LiveObserver {
     fn closed(&self, id: u64, error: Option<&DriveError<io::Error>>) {
         match error {
             Some(DriveError::Session(SessionError::Protocol(ErrorCode::AuthFailed))) => {
-                self.0.error(id, "", "auth_failed")
+                self.0.error(id, "", Problem::AuthFailed)
             }
-            Some(e) => self.0.error(id, "", &format!("connection: {e}")),
+            Some(e) => self.0.error(id, "", Problem::Connection(&e.to_string())),
             None => {}
         }
         self.0.closed(id);

@@ -5,8 +5,9 @@
 //! Every process a test starts is stopped by the test, by its process id.
 
 use deltasync_core::sim::random_bytes as random;
+use deltasync_server::process::ServerProcess;
 use fantoccini::{ClientBuilder, Locator};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -30,34 +31,9 @@ impl Drop for Killed {
     }
 }
 
-struct Running {
-    _server: Killed,
-    port: u16,
-    dashboard: String,
-}
-
-fn start_server(root: &Path) -> Running {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_deltasync-server"))
-        .args(["--listen", "127.0.0.1:0", "--dashboard", "127.0.0.1:0", "--token", TOKEN, "--root"])
-        .arg(root)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start server");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let (mut port, mut dashboard) = (None, None);
-    while port.is_none() || dashboard.is_none() {
-        let line = lines.next().expect("server stopped early").unwrap();
-        if let Some(rest) = line.strip_prefix("dashboard on ") {
-            dashboard = Some(rest.trim().to_string());
-        } else if line.contains("listening on 127.0.0.1:") {
-            let p = line.split("127.0.0.1:").nth(1).unwrap();
-            port = p.split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().ok();
-        }
-    }
-    std::thread::spawn(move || lines.for_each(drop));
-    Running { _server: Killed(child), port: port.unwrap(), dashboard: dashboard.unwrap() }
+fn start_server(root: &Path) -> ServerProcess {
+    let bin = Path::new(env!("CARGO_BIN_EXE_deltasync-server"));
+    ServerProcess::start(bin, root, TOKEN, &["--dashboard", "127.0.0.1:0"]).expect("start server")
 }
 
 fn cli_bin() -> PathBuf {
@@ -119,7 +95,7 @@ fn metric(text: &str, name: &str) -> f64 {
 fn metrics_parse_as_prometheus_text_and_move_with_a_transfer() {
     let dir = tempfile::tempdir().unwrap();
     let srv = start_server(&dir.path().join("root"));
-    let url = format!("{}metrics", srv.dashboard);
+    let url = format!("{}metrics", srv.dashboard.as_deref().unwrap());
     let check = |text: &str| {
         let mut p = Command::new("promtool")
             .args(["check", "metrics"])
@@ -160,10 +136,10 @@ fn metrics_parse_as_prometheus_text_and_move_with_a_transfer() {
     assert!(metric(&after, "deltasync_wire_bytes_total") >= 300_000.0);
     assert_eq!(metric(&after, "deltasync_file_bytes_total"), 300_000.0);
     assert!(metric(&after, "deltasync_connections_total") >= 1.0);
-    let (status, body) = http_get(&format!("{}api/files", srv.dashboard));
+    let (status, body) = http_get(&format!("{}api/files", srv.dashboard.as_deref().unwrap()));
     assert_eq!(status, 200);
     assert!(body.contains("\"name\":\"data\""), "{body}");
-    let (status, _) = http_get(&format!("{}../../etc/passwd", srv.dashboard));
+    let (status, _) = http_get(&format!("{}../../etc/passwd", srv.dashboard.as_deref().unwrap()));
     assert_eq!(status, 404);
 }
 
@@ -206,7 +182,7 @@ async fn the_dashboard_updates_live_in_headless_chromium() {
             Err(e) => panic!("could not reach chromedriver: {e}"),
         }
     };
-    client.goto(&srv.dashboard).await.unwrap();
+    client.goto(srv.dashboard.as_deref().unwrap()).await.unwrap();
     let js = |c: &fantoccini::Client, s: &'static str| {
         let c = c.clone();
         async move { c.execute(s, vec![]).await.unwrap() }

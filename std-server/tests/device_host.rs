@@ -10,39 +10,19 @@ use deltasync_core::driver::TimeoutAsTimedOut;
 use deltasync_core::message::Outcome;
 use deltasync_embedded::log::LogStore;
 use deltasync_embedded::sync::{SyncReport, sync_log};
+use deltasync_server::process::ServerProcess;
 use embedded_io_adapters::std::FromStd;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 const TOKEN: &[u8] = b"device-token";
 const NAME: &str = "devices/7/log";
 
-struct Server(Child, u16);
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").arg("-TERM").arg(self.0.id().to_string()).status();
-        let _ = self.0.wait();
-    }
-}
-
-fn start(root: &Path) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_deltasync-server"))
-        .args(["--listen", "127.0.0.1:0", "--dashboard", "off", "--token", "device-token", "--root"])
-        .arg(root)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = lines.next().unwrap().unwrap();
-    let port = line.split("127.0.0.1:").nth(1).unwrap().split(|c: char| !c.is_ascii_digit()).next().unwrap();
-    let port = port.parse().unwrap();
-    std::thread::spawn(move || lines.for_each(drop));
-    Server(child, port)
+fn start(root: &Path) -> ServerProcess {
+    let bin = Path::new(env!("CARGO_BIN_EXE_deltasync-server"));
+    ServerProcess::start(bin, root, "device-token", &["--dashboard", "off"]).expect("start server")
 }
 
 fn sync(port: u16, log: &[u8], n: u8) -> SyncReport {
@@ -81,7 +61,7 @@ fn device_syncs_cost_the_new_bytes_plus_little() {
     let srv = start(dir.path());
     let mut log = Box::new(LogStore::<65536>::new());
     fill(&mut log, 0, 600);
-    let first = sync(srv.1, log.as_bytes(), 1);
+    let first = sync(srv.port, log.as_bytes(), 1);
     assert_eq!(first.outcome, Outcome::Written);
     let wire = first.wire_sent + first.wire_received;
     println!("first sync: {} log bytes, {wire} on the wire", log.len());
@@ -91,7 +71,7 @@ fn device_syncs_cost_the_new_bytes_plus_little() {
     for (round, n) in [(2u8, 1u32), (3, 20), (4, 120)] {
         let start = 600 + 1000 * round as u32;
         let appended = fill(&mut log, start, start + n) as u64;
-        let r = sync(srv.1, log.as_bytes(), round);
+        let r = sync(srv.port, log.as_bytes(), round);
         let wire = r.wire_sent + r.wire_received;
         println!(
             "append {appended} bytes: {wire} on the wire, {} literal (last chunk re-sent: {}), overhead {}",
@@ -107,7 +87,7 @@ fn device_syncs_cost_the_new_bytes_plus_little() {
         assert_eq!(std::fs::read(dir.path().join(NAME)).unwrap(), log.as_bytes());
     }
 
-    let same = sync(srv.1, log.as_bytes(), 9);
+    let same = sync(srv.port, log.as_bytes(), 9);
     let wire = same.wire_sent + same.wire_received;
     println!("nothing new: {wire} on the wire");
     assert_eq!(same.outcome, Outcome::Unchanged);
@@ -156,14 +136,14 @@ fn a_sync_cut_midway_leaves_the_old_log_and_the_retry_resends_at_most_a_chunk() 
     // What an uninterrupted sync of the same append costs.
     let clean_dir = tempfile::tempdir().unwrap();
     let clean = start(clean_dir.path());
-    sync(clean.1, &old, 1);
-    let uninterrupted = sync(clean.1, log.as_bytes(), 2).literal_bytes;
+    sync(clean.port, &old, 1);
+    let uninterrupted = sync(clean.port, log.as_bytes(), 2).literal_bytes;
 
     let dir = tempfile::tempdir().unwrap();
     let srv = start(dir.path());
-    sync(srv.1, &old, 1);
+    sync(srv.port, &old, 1);
     let limit = 12_000;
-    let proxy = cutting_proxy(srv.1, limit);
+    let proxy = cutting_proxy(srv.port, limit);
     let s = TcpStream::connect(("127.0.0.1", proxy)).unwrap();
     s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
     let mut io = FromStd::new(TimeoutAsTimedOut(s));
@@ -173,7 +153,7 @@ fn a_sync_cut_midway_leaves_the_old_log_and_the_retry_resends_at_most_a_chunk() 
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(std::fs::read(dir.path().join(NAME)).unwrap(), old, "the server holds a torn log");
 
-    let retry = sync(srv.1, log.as_bytes(), 6);
+    let retry = sync(srv.port, log.as_bytes(), 6);
     assert_eq!(retry.outcome, Outcome::Written);
     assert_eq!(std::fs::read(dir.path().join(NAME)).unwrap(), log.as_bytes());
     // At most `limit` bytes (literal or not) reached the server before the

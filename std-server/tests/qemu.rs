@@ -12,9 +12,9 @@
 //! test, by their own process ids, on every path.
 
 use deltasync_core::hash::Hash;
+use deltasync_server::process::ServerProcess;
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
@@ -104,43 +104,13 @@ fn require_tool(name: &str, version_arg: &str) {
     assert!(found, "`{name}` is not installed: `apt-get install {name}` (bash scripts/test.sh installs it)");
 }
 
-/// Starts the server on an ephemeral loopback port; returns it and the port.
-fn start_server(root: &Path) -> (Stopped, u16) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_deltasync-server"))
-        .args(["--listen", "127.0.0.1:0", "--dashboard", "off", "--token", TOKEN, "--root"])
-        .arg(root)
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting deltasync-server");
-    let stdout = child.stdout.take().expect("server stdout");
-    let stderr = child.stderr.take().expect("server stderr");
-    let server = Stopped::new(child, Duration::from_secs(10));
-    // Its log goes to stderr; echo it so a failure shows what the server saw.
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("server: {line}");
-        }
-    });
-    let mut lines = BufReader::new(stdout).lines();
-    let mut port = None;
-    for line in lines.by_ref() {
-        let line = line.expect("reading server stdout");
-        // "deltasync-server listening on 127.0.0.1:PORT, storing in DIR"
-        if let Some(rest) = line.split("listening on ").nth(1) {
-            let addr: SocketAddr = rest
-                .split(',')
-                .next()
-                .and_then(|a| a.trim().parse().ok())
-                .unwrap_or_else(|| panic!("no address in {line:?}"));
-            port = Some(addr.port());
-            break;
-        }
-    }
-    let port = port.expect("the server exited without printing its address");
-    std::thread::spawn(move || lines.for_each(drop));
+/// Starts the server on an ephemeral loopback port (its log goes to the
+/// test's stderr, shown when the test fails).
+fn start_server(root: &Path) -> (ServerProcess, u16) {
+    let bin = Path::new(env!("CARGO_BIN_EXE_deltasync-server"));
+    let server =
+        ServerProcess::start(bin, root, TOKEN, &["--dashboard", "off"]).expect("starting deltasync-server");
+    let port = server.port;
     (server, port)
 }
 

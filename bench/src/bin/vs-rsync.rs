@@ -6,7 +6,7 @@
 //! (needs `rsync`; `bench/vs-rsync.sh` installs it and runs this).
 
 use deltasync_core::sim::random_bytes;
-use std::io::{BufRead, BufReader};
+use deltasync_server::process::ServerProcess;
 
 fn write_random(path: &Path, seed: u64, len: usize) {
     std::fs::write(path, random_bytes(seed, len)).unwrap();
@@ -123,29 +123,9 @@ fn main() {
     );
 
     // deltasync server on loopback.
-    let mut child = Command::new(&server_bin)
-        .args(["--listen", "127.0.0.1:0", "--root"])
-        .arg(work.join("ds-root"))
-        .args(["--token", TOKEN, "--dashboard", "off"])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
+    let server = ServerProcess::start(&server_bin, &work.join("ds-root"), TOKEN, &["--dashboard", "off"])
         .expect("start deltasync-server");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = lines.next().unwrap().unwrap();
-    let dport: u16 = line
-        .split("127.0.0.1:")
-        .nth(1)
-        .unwrap()
-        .split(|c: char| !c.is_ascii_digit())
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
-    std::thread::spawn(move || lines.for_each(drop));
-    let server_pid = child.id();
-    let server = Proc(child);
+    let (dport, server_pid) = (server.port, server.pid());
     std::thread::sleep(std::time::Duration::from_millis(300));
 
     eprintln!("preparing files");

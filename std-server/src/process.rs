@@ -1,0 +1,80 @@
+//! Running the real `deltasync-server` binary as a child process, for the
+//! integration tests and benchmarks that drive it: start it on an ephemeral
+//! loopback port, learn its ports from what it prints, and stop it by its
+//! own process id.
+
+use std::io::{self, BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running server, stopped (SIGTERM, then SIGKILL) when dropped.
+pub struct ServerProcess {
+    child: Child,
+    /// The port its deltasync listener bound on 127.0.0.1.
+    pub port: u16,
+    /// The dashboard's base URL (`http://127.0.0.1:PORT/`), when it has one.
+    pub dashboard: Option<String>,
+}
+
+impl ServerProcess {
+    /// Starts `bin --listen 127.0.0.1:0 --root ROOT --token TOKEN EXTRA...`
+    /// and waits until it says where it listens (and where its dashboard
+    /// is, unless `EXTRA` has `--dashboard off`). Its log goes to this
+    /// process's stderr; `RUST_LOG` defaults to `warn`.
+    pub fn start(bin: &Path, root: &Path, token: &str, extra: &[&str]) -> io::Result<ServerProcess> {
+        let mut cmd = Command::new(bin);
+        cmd.args(["--listen", "127.0.0.1:0", "--token", token, "--root"]).arg(root).args(extra);
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "warn");
+        }
+        let mut child = cmd.env("NO_COLOR", "1").stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn()?;
+        let want_dashboard = !extra.windows(2).any(|w| w == ["--dashboard", "off"]);
+        let mut lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
+        let (mut port, mut dashboard) = (None, None);
+        while port.is_none() || (want_dashboard && dashboard.is_none()) {
+            let Some(line) = lines.next().transpose()? else {
+                let _ = child.kill();
+                let status = child.wait()?;
+                return Err(io::Error::other(format!("deltasync-server exited early ({status})")));
+            };
+            if let Some(url) = line.strip_prefix("dashboard on ") {
+                dashboard = Some(url.trim().to_string());
+            } else if let Some(rest) = line.split("listening on 127.0.0.1:").nth(1) {
+                port = rest.split(|c: char| !c.is_ascii_digit()).next().and_then(|p| p.parse().ok());
+            }
+        }
+        // Keep reading its stdout so that it never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        Ok(ServerProcess { child, port: port.expect("loop ends with a port"), dashboard })
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Kills it with SIGKILL (a crash), without the graceful shutdown.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
