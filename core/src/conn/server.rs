@@ -54,7 +54,8 @@ pub trait Store {
     }
     /// Starts a new version of `name`, expected to be `size` bytes.
     fn create(&mut self, name: &str, size: u64) -> Result<Self::Writer, ErrorCode>;
-    /// Publishes a verified version (`tree` is `Some`), or discards it.
+    /// Publishes a verified version (`tree` is `Some`), or discards it. A
+    /// writer dropped without `finish` belongs to an interrupted upload.
     fn finish(&mut self, name: &str, writer: Self::Writer, tree: Option<Tree>) -> Result<(), ErrorCode>;
     /// Every stored file.
     fn list(&mut self) -> Result<Vec<StoredFile>, ErrorCode>;
@@ -372,12 +373,18 @@ impl<S: Store> Machine for ServerConn<S> {
                     Ok(Poll::Done(o)) => self.end_upload(o),
                     Ok(p) => return Ok(p.map_done()),
                     Err(e) => {
-                        // Whatever was written is discarded; the old version stays.
+                        // The old version stays. After a protocol error what
+                        // was written is discarded; after a timeout (a client
+                        // gone quiet) the writer is only dropped, so a store
+                        // may keep it for the client's next attempt, as when
+                        // the connection breaks.
                         if let State::Receiving { name, rx } =
                             core::mem::replace(&mut self.state, State::Idle)
                         {
                             let (writer, _) = rx.into_parts();
-                            let _ = self.store.finish(&name, writer, None);
+                            if e != SessionError::Timeout {
+                                let _ = self.store.finish(&name, writer, None);
+                            }
                         }
                         return Err(e);
                     }
