@@ -287,6 +287,11 @@ impl Connection {
         self.cancel.clone()
     }
 
+    /// Uses `flag` as this connection's cancel flag (see [`Self::cancel_flag`]).
+    pub fn set_cancel_flag(&mut self, flag: Arc<AtomicBool>) {
+        self.cancel = flag;
+    }
+
     /// Limits what this connection sends to `bytes_per_sec` (0: no limit),
     /// counted from now.
     pub fn limit_rate(&mut self, bytes_per_sec: u64) {

@@ -1,0 +1,109 @@
+//! Clicks through the GUI headlessly (egui_kittest, through the AccessKit
+//! tree) against the real server: connect, upload, list, download, delete,
+//! with the files checked byte for byte.
+
+use deltasync_core::sim::random_bytes;
+use deltasync_gui::{GuiApp, JobState, Settings};
+use deltasync_server::process::ServerProcess;
+use egui_kittest::Harness;
+use egui_kittest::kittest::Queryable;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+fn server_bin() -> PathBuf {
+    // The test binary lives in target/<profile>/deps; the server one level up.
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().unwrap().parent().unwrap().join("deltasync-server");
+    assert!(bin.exists(), "{} is missing: build the workspace binaries first", bin.display());
+    bin
+}
+
+/// Steps the UI until `done` holds (background work reports through the
+/// UI's channel), failing after 20 s.
+fn wait(h: &mut Harness<'_, GuiApp>, what: &str, done: impl Fn(&GuiApp) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !done(h.state()) {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}; log: {:?}", h.state().log);
+        h.step();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    h.step();
+}
+
+#[test]
+fn connect_upload_list_download_and_delete_by_clicking() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let srv = ServerProcess::start(&server_bin(), &root, "gui-token", &["--dashboard", "off"]).unwrap();
+    let downloads = dir.path().join("downloads");
+    std::fs::create_dir_all(&downloads).unwrap();
+    let settings = Settings {
+        server: format!("127.0.0.1:{}", srv.port),
+        token: "gui-token".into(),
+        download_dir: downloads.display().to_string(),
+    };
+    let mut h = Harness::builder()
+        .with_size([1000.0, 800.0])
+        .build_ui_state(|ui, app: &mut GuiApp| app.show(ui), GuiApp::new(settings));
+
+    // A wrong token is reported in plain words.
+    h.state_mut().settings.token = "wrong".into();
+    h.get_by_label("Connect").click();
+    wait(&mut h, "the refusal", |a| a.log.iter().any(|l| l.contains("authentication failed")));
+    assert!(!h.state().connected);
+
+    h.state_mut().settings.token = "gui-token".into();
+    h.get_by_label("Connect").click();
+    wait(&mut h, "connecting", |a| a.connected);
+
+    // Upload, by typing the path and clicking.
+    let data = random_bytes(21, 700_000);
+    let local = dir.path().join("report.bin");
+    std::fs::write(&local, &data).unwrap();
+    h.get_by_label("Local file").click();
+    h.get_by_label("Local file").type_text(&local.display().to_string());
+    h.run_ok();
+    assert_eq!(h.state().upload_path, local.display().to_string());
+    h.get_by_label("Upload").click();
+    wait(&mut h, "the upload", |a| a.jobs.iter().any(|j| matches!(j.state, JobState::Done(_))));
+    assert_eq!(std::fs::read(root.join("report.bin")).unwrap(), data);
+
+    // The list shows it (after an explicit refresh too).
+    h.get_by_label("Refresh").click();
+    wait(&mut h, "the listing", |a| a.files.iter().any(|f| f.name == "report.bin"));
+    h.get_by_label("report.bin");
+
+    // A second upload of an edited file goes as a delta.
+    let mut edited = data.clone();
+    edited[350_000] ^= 1;
+    std::fs::write(&local, &edited).unwrap();
+    h.get_by_label("Upload").click();
+    wait(&mut h, "the delta upload", |a| {
+        a.jobs.iter().filter(|j| matches!(j.state, JobState::Done(_))).count() == 2
+    });
+    match &h.state().jobs[1].state {
+        JobState::Done(r) => assert_eq!(r.mode.to_string(), "delta"),
+        _ => unreachable!(),
+    }
+    assert!(h.state().log.iter().any(|l| l.contains("delta")));
+
+    // Download.
+    h.get_by_label("Download").click();
+    wait(&mut h, "the download", |a| {
+        a.jobs.iter().filter(|j| matches!(j.state, JobState::Done(_))).count() == 3
+    });
+    assert_eq!(std::fs::read(downloads.join("report.bin")).unwrap(), edited);
+
+    // Delete, with confirmation: "Keep it" keeps it, "Yes, delete" deletes.
+    h.get_by_label("Delete").click();
+    h.run_ok();
+    h.get_by_label("Keep it").click();
+    h.run_ok();
+    assert!(root.join("report.bin").exists());
+    h.get_by_label("Delete").click();
+    h.run_ok();
+    h.get_by_label("Yes, delete").click();
+    wait(&mut h, "the delete", |a| a.log.iter().any(|l| l == "deleted report.bin"));
+    assert!(!root.join("report.bin").exists());
+    wait(&mut h, "the list to empty", |a| a.files.is_empty());
+}
