@@ -47,8 +47,12 @@ pub enum JobState {
     Failed(String),
 }
 
+/// Background results. Every background job ends with exactly one of
+/// `Connected`, `Refreshed`, `Finished` or `Deleted`; `Files` and `Progress`
+/// come along the way.
 enum Msg {
     Connected(Result<Vec<RemoteFile>, String>),
+    Refreshed(Result<Vec<RemoteFile>, String>),
     Files(Result<Vec<RemoteFile>, String>),
     Progress(usize, Progress),
     Finished(usize, Result<TransferReport, String>),
@@ -158,7 +162,7 @@ impl GuiApp {
     /// Lists the server's files again.
     pub fn refresh(&mut self, ctx: &egui::Context) {
         self.background(ctx, None, |conn, tx| {
-            let _ = tx.send(Msg::Files(conn.and_then(|mut c| c.list()).map_err(|e| plain(&e))));
+            let _ = tx.send(Msg::Refreshed(conn.and_then(|mut c| c.list()).map_err(|e| plain(&e))));
         });
     }
 
@@ -237,6 +241,13 @@ impl GuiApp {
         });
     }
 
+    fn take_files(&mut self, r: Result<Vec<RemoteFile>, String>) {
+        match r {
+            Ok(f) => self.files = f,
+            Err(e) => self.say(format!("could not list files: {e}")),
+        }
+    }
+
     /// Takes what the background threads reported.
     fn drain(&mut self, ctx: &egui::Context) {
         while let Ok(msg) = self.rx.try_recv() {
@@ -258,10 +269,11 @@ impl GuiApp {
                         }
                     }
                 }
-                Msg::Files(r) => match r {
-                    Ok(f) => self.files = f,
-                    Err(e) => self.say(format!("could not list files: {e}")),
-                },
+                Msg::Refreshed(r) => {
+                    self.busy -= 1;
+                    self.take_files(r);
+                }
+                Msg::Files(r) => self.take_files(r),
                 Msg::Progress(id, p) => {
                     if let Some(j) = self.jobs.get_mut(id) {
                         j.done = p.done;

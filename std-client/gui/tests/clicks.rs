@@ -106,4 +106,6 @@ fn connect_upload_list_download_and_delete_by_clicking() {
     wait(&mut h, "the delete", |a| a.log.iter().any(|l| l == "deleted report.bin"));
     assert!(!root.join("report.bin").exists());
     wait(&mut h, "the list to empty", |a| a.files.is_empty());
+    h.get_by_label("Refresh").click();
+    wait(&mut h, "all background work to end", |a| !a.is_busy());
 }
