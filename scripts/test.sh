@@ -125,6 +125,12 @@ step_cross() {
         -p deltasync-core --no-default-features
 }
 
+step_gui_window() {
+    # The real GUI window under Xvfb, after an upload (also the README's picture).
+    section "3/4 tests: the GUI's real window under Xvfb"
+    bash scripts/gui-screenshot.sh
+}
+
 main() {
     local start=$SECONDS
     trap on_exit EXIT
@@ -132,6 +138,7 @@ main() {
     step_clippy
     step_firmware
     step_tests
+    step_gui_window
     if [ "${DELTASYNC_SKIP_CROSS:-0}" = 1 ]; then
         section "4/4 cross-build: SKIPPED (DELTASYNC_SKIP_CROSS=1)"
     else
