@@ -176,6 +176,18 @@ impl TransferReport {
     }
 }
 
+/// A byte count for people: `812 B`, `4.8 MiB`.
+pub fn human_bytes(bytes: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{bytes} B") } else { format!("{v:.1} {}", units[u]) }
+}
+
 /// A file on the server.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct RemoteFile {
@@ -480,5 +492,19 @@ impl Drop for RemoveOnDrop {
         if let Some(p) = self.0.take() {
             let _ = fs::remove_file(p);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::human_bytes;
+
+    #[test]
+    fn byte_counts_read_well() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(1024), "1.0 KiB");
+        assert_eq!(human_bytes(5_000_000), "4.8 MiB");
+        assert_eq!(human_bytes(3 << 30), "3.0 GiB");
     }
 }

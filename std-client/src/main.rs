@@ -2,7 +2,7 @@
 //! server, sending only what changed.
 
 use clap::{Parser, Subcommand};
-use deltasync_client::{ClientError, Connection, Progress, TransferReport, find_token};
+use deltasync_client::{ClientError, Connection, Progress, TransferReport, find_token, human_bytes as human};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -73,17 +73,6 @@ fn parse_rate(s: &str) -> Result<u64, String> {
     };
     let n: u64 = num.trim().parse().map_err(|_| format!("not a rate: {s:?} (try 500K or 10M)"))?;
     n.checked_mul(mul).filter(|&r| r > 0).ok_or_else(|| format!("rate out of range: {s:?}"))
-}
-
-fn human(bytes: u64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < units.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 { format!("{bytes} B") } else { format!("{v:.1} {}", units[u]) }
 }
 
 fn summary(r: &TransferReport, verb: &str) -> String {

@@ -3,7 +3,7 @@
 //! background thread and reports back through a channel, so the window never
 //! freezes and transfers can be cancelled.
 
-use deltasync_client::{ClientError, Connection, Progress, RemoteFile, TransferReport};
+use deltasync_client::{ClientError, Connection, Progress, RemoteFile, TransferReport, human_bytes as human};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -86,17 +86,6 @@ pub struct GuiApp {
 
 fn plain(e: &ClientError) -> String {
     e.to_string()
-}
-
-fn human(bytes: u64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < units.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 { format!("{bytes} B") } else { format!("{v:.1} {}", units[u]) }
 }
 
 impl GuiApp {
