@@ -15,9 +15,13 @@ use std::time::{Duration, Instant};
 
 const TOKEN: &str = "dash-token";
 
+/// chromedriver, stopped by its pid together with the browsers it started
+/// (its children, by parent pid), even when a failed assertion skipped
+/// closing the session.
 struct Killed(Child);
 impl Drop for Killed {
     fn drop(&mut self) {
+        let _ = Command::new("pkill").arg("-TERM").arg("-P").arg(self.0.id().to_string()).status();
         let _ = Command::new("kill").arg("-TERM").arg(self.0.id().to_string()).status();
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
