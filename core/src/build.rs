@@ -22,6 +22,11 @@ use std::vec::Vec;
 /// Size of each thread's read buffer.
 const PIECE: usize = 1 << 20;
 
+/// Threads worth using for [`build_tree`] on this machine.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
 /// Positional reads from something that several threads may read at once.
 pub trait ReadAt: Sync {
     /// Total length.

@@ -387,7 +387,7 @@ impl Connection {
         if !file.metadata().map_err(local)?.is_file() {
             return Err(local(io::Error::other("not a regular file")));
         }
-        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let threads = deltasync_core::build::default_threads();
         let tree = build_tree(&file, ChunkerKind::Cdc, threads).map_err(local)?;
         let summary = tree.summary();
         let (s0, r0) = self.wire_bytes();
@@ -424,7 +424,7 @@ impl Connection {
     ) -> Result<TransferReport, ClientError> {
         let start = Instant::now();
         let local = |e| ClientError::Local(dest.to_path_buf(), e);
-        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let threads = deltasync_core::build::default_threads();
         let base = match File::open(dest) {
             Ok(f) if f.metadata().map_err(local)?.is_file() => {
                 let tree = build_tree(&f, ChunkerKind::Cdc, threads).map_err(local)?;

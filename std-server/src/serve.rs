@@ -35,15 +35,12 @@ pub trait Observer: Send + Sync {
 pub struct LogOnly;
 impl Observer for LogOnly {}
 
-/// Counters kept whatever the observer.
+/// Counters kept whatever the observer (totals are the observer's job: the
+/// dashboard counts connections and failed authentications).
 #[derive(Debug, Default)]
 pub struct Counters {
-    /// Connections open now.
+    /// Connections open now (graceful shutdown waits for them).
     pub open: AtomicUsize,
-    /// Connections accepted since start.
-    pub accepted: AtomicU64,
-    /// Failed authentications since start.
-    pub auth_failures: AtomicU64,
 }
 
 /// Everything a connection needs.
@@ -71,14 +68,12 @@ impl Server {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let peer = stream.peer_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
         self.counters.open.fetch_add(1, Ordering::SeqCst);
-        self.counters.accepted.fetch_add(1, Ordering::Relaxed);
         self.observer.connected(id, peer);
         tracing::info!(id, %peer, "connected");
         let result = self.drive(id, stream);
         match &result {
             Ok(()) => tracing::info!(id, %peer, "closed"),
             Err(DriveError::Session(SessionError::Protocol(ErrorCode::AuthFailed))) => {
-                self.counters.auth_failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(id, %peer, "authentication failed: wrong token");
             }
             Err(e) => tracing::warn!(id, %peer, error = %e, "connection ended with an error"),

@@ -66,7 +66,7 @@ impl FsStore {
     pub fn open(root: &Path) -> io::Result<FsStore> {
         fs::create_dir_all(root)?;
         let root = root.canonicalize()?;
-        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let threads = deltasync_core::build::default_threads();
         let store = FsStore { root, commit: Arc::new(Mutex::new(())), threads };
         fs::create_dir_all(store.meta().join("index"))?;
         fs::create_dir_all(store.meta().join("partial"))?;
