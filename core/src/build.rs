@@ -156,10 +156,26 @@ pub fn file_hash<R: ReadAt + ?Sized>(src: &R) -> io::Result<Hash> {
 /// Builds the tree of `src` with `threads` threads. Equal to
 /// [`Tree::build`] on the same bytes.
 pub fn build_tree<R: ReadAt + ?Sized>(src: &R, kind: ChunkerKind, threads: usize) -> io::Result<Tree> {
+    build(src, kind, threads, true)
+}
+
+/// Like [`build_tree`] without the whole-file SHA-256 (left
+/// [`Hash::UNKNOWN`]): what an uploading client offers, and what a receiver
+/// needs of the version it reuses. Saves one sequential pass over the file.
+pub fn build_tree_unhashed<R: ReadAt + ?Sized>(
+    src: &R,
+    kind: ChunkerKind,
+    threads: usize,
+) -> io::Result<Tree> {
+    build(src, kind, threads, false)
+}
+
+fn build<R: ReadAt + ?Sized>(src: &R, kind: ChunkerKind, threads: usize, hashed: bool) -> io::Result<Tree> {
     let (chunks, file) = std::thread::scope(|s| {
-        let file = s.spawn(|| file_hash(src));
+        let file = hashed.then(|| s.spawn(|| file_hash(src)));
         let chunks = chunk_ids(src, kind, threads);
-        (chunks, file.join().expect("hashing thread panicked"))
+        let file = file.map_or(Ok(Hash::UNKNOWN), |f| f.join().expect("hashing thread panicked"));
+        (chunks, file)
     });
     let mut tb = TreeBuilder::new(Levels::default());
     let mut prev = 0u64;
@@ -188,6 +204,17 @@ mod tests {
                 assert_eq!(t, Tree::build(&data, kind), "threads {threads} {kind:?}");
             }
         }
+    }
+
+    #[test]
+    fn unhashed_trees_lack_only_the_file_hash() {
+        let data = random_bytes(5, 300_000);
+        let full = build_tree(&data[..], ChunkerKind::Cdc, 2).unwrap();
+        let bare = build_tree_unhashed(&data[..], ChunkerKind::Cdc, 2).unwrap();
+        assert_eq!(bare.summary().file_hash, Hash::UNKNOWN);
+        assert_eq!(full.summary().file_hash, Hash::of(&data));
+        assert_eq!(Summary { file_hash: full.summary().file_hash, ..bare.summary() }, full.summary());
+        assert_eq!(bare.chunks(), full.chunks());
     }
 
     proptest! {

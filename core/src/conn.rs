@@ -13,9 +13,14 @@
 //! C: Delete{name}             S: Deleted | Error
 //! C: Upload{name, offer}      C is the sender, S the receiver:
 //!                             S: GetChildren/GetData*  C: Entries/Data*
-//!                             S: Done(outcome) | Error
+//!                             S: Done(outcome, hash?) | Error
 //! C: Download{name}           S: Offer | Error; then S is the sender,
 //!                             C the receiver, and C ends with Done(outcome)
+//! ```
+//! An upload offer may leave the whole-file SHA-256 unknown
+//! ([`crate::Hash::UNKNOWN`]): the server computes it while writing and
+//! returns it in `Done`, so the client hashes its file only once (chunk ids).
+//! ```text
 //! ```
 
 use crate::PROTOCOL_VERSION;
@@ -409,7 +414,7 @@ mod download {
                 State::Telling(o) => {
                     let o = *o;
                     self.state = State::Done(o);
-                    machine::emit(&Message::Done(o), out)
+                    machine::emit(&Message::Done { outcome: o, file_hash: None }, out)
                 }
                 State::Done(o) => Ok(Poll::Done(*o)),
                 State::Poisoned => Err(SessionError::Capacity),

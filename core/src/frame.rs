@@ -187,8 +187,11 @@ mod tests {
         let mut stream = Vec::new();
         let mut buf = vec![0u8; MAX_ENCODED];
         let big = vec![7u8; 40_000];
-        for m in [Message::Welcome, Message::Data { offset: 9, bytes: &big }, Message::Done(Outcome::Written)]
-        {
+        for m in [
+            Message::Welcome,
+            Message::Data { offset: 9, bytes: &big },
+            Message::Done { outcome: Outcome::Written, file_hash: None },
+        ] {
             let n = encode(&m, &mut buf).unwrap();
             stream.extend_from_slice(&buf[..n]);
         }

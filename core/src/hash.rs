@@ -16,6 +16,17 @@ pub struct Hash(pub [u8; 32]);
 pub type ShortId = u64;
 
 impl Hash {
+    /// Stands for a whole-file hash its sender did not compute (an upload
+    /// offer may leave it to the receiver, which hashes the file as it writes
+    /// it and reports the result in `Done`). No SHA-256 input is known to give
+    /// 32 zero bytes.
+    pub const UNKNOWN: Hash = Hash([0; 32]);
+
+    /// Whether this is a real hash rather than [`Hash::UNKNOWN`].
+    pub fn is_known(&self) -> bool {
+        *self != Hash::UNKNOWN
+    }
+
     /// The SHA-256 of `data`.
     pub fn of(data: &[u8]) -> Hash {
         Hash(Sha256::digest(data).into())

@@ -147,8 +147,14 @@ pub enum Message<'a> {
         /// The bytes.
         bytes: &'a [u8],
     },
-    /// Receiver to sender: the sync is over.
-    Done(Outcome),
+    /// Receiver to sender: the sync is over. `file_hash` is the whole-file
+    /// SHA-256 the receiver computed, sent when the offer left it unknown.
+    Done {
+        /// How the sync ended.
+        outcome: Outcome,
+        /// The version's SHA-256, if the sender did not know it.
+        file_hash: Option<Hash>,
+    },
 }
 
 impl<'a> Message<'a> {
@@ -258,7 +264,7 @@ mod tests {
     fn with_message<R>(v: &Fields, f: impl FnOnce(Message<'_>) -> R) -> R {
         let (k, a, b, c, n, s, name, bytes, code, outcome, last) = v;
         let (a, b, c) = (*a, *b, *c);
-        let m = match k % 19 {
+        let m = match k % 20 {
             0 => Message::Hello { version: a as u16, caps: c, nonce: *n },
             1 => Message::Challenge { version: b as u16, caps: c, nonce: *n, proof: *n },
             2 => Message::Auth { proof: *n },
@@ -277,7 +283,8 @@ mod tests {
             15 => Message::Entries { level: a as u8, start: c, offset: b, last: *last, packed: bytes },
             16 => Message::GetData { offset: a, len: b },
             17 => Message::Data { offset: a, bytes },
-            _ => Message::Done(*outcome),
+            18 => Message::Done { outcome: *outcome, file_hash: Some(s.root) },
+            _ => Message::Done { outcome: *outcome, file_hash: None },
         };
         f(m)
     }
@@ -319,8 +326,9 @@ mod tests {
         let n = frame::encode(&Message::GetData { offset: 300, len: 5 }, &mut buf).unwrap();
         // length 4, variant 16, varint 300 = ac 02, len 5
         assert_eq!(&buf[..n], &[4, 16, 0xac, 0x02, 5]);
-        let n = frame::encode(&Message::Done(Outcome::Written), &mut buf).unwrap();
-        assert_eq!(&buf[..n], &[2, 18, 1]);
+        let n =
+            frame::encode(&Message::Done { outcome: Outcome::Written, file_hash: None }, &mut buf).unwrap();
+        assert_eq!(&buf[..n], &[3, 18, 1, 0]);
         let n = frame::encode(&Message::Stat { name: "ab" }, &mut buf).unwrap();
         assert_eq!(&buf[..n], &[4, 5, 2, b'a', b'b']);
     }

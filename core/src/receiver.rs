@@ -10,8 +10,11 @@
 //!
 //! Verification: reused chunks keep their (trusted, stored) ids, fetched bytes
 //! are re-chunked and hashed, and the tree is rebuilt from them; the new
-//! version is accepted only if its root, whole-file SHA-256 and size equal
-//! the offer's. Otherwise the outcome is [`Outcome::Integrity`] and the shell
+//! version is accepted only if its root and size equal the offer's, and its
+//! whole-file SHA-256 too when the offer carries one. An upload offer may
+//! leave that hash unknown: the new tree then leaves it unknown too, and the
+//! server's store computes it over the bytes it wrote (see
+//! [`crate::conn::server::Store::finish`]). Otherwise the outcome is [`Outcome::Integrity`] and the shell
 //! keeps its old version.
 
 use crate::error::{ErrorCode, SessionError};
@@ -147,7 +150,13 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
             segs: Vec::new(),
             fetch: VecDeque::new(),
             cursor: 0,
-            indexer: Some(Indexer::new(offer.chunking, Levels::default())),
+            // An offer without the whole-file hash leaves it to the shell
+            // (which hashes what it writes, on its own thread).
+            indexer: Some(if offer.file_hash.is_known() {
+                Indexer::new(offer.chunking, Levels::default())
+            } else {
+                Indexer::without_file_hash(offer.chunking, Levels::default())
+            }),
             new_tree: None,
             out,
             buf: Vec::new(),
@@ -368,7 +377,7 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
         let (summary, levels) = ix.finish().map_err(|_| SessionError::Capacity)?;
         let o = &self.offer;
         if summary.root == o.root
-            && summary.file_hash == o.file_hash
+            && (!o.file_hash.is_known() || summary.file_hash == o.file_hash)
             && summary.size == o.size
             && summary.height == o.height
         {

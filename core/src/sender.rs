@@ -5,6 +5,7 @@
 
 use crate::error::{ErrorCode, SessionError};
 use crate::frame::{self, MAX_DATA};
+use crate::hash::Hash;
 use crate::machine::{self, Machine, Poll};
 use crate::message::{self, MAX_INFLIGHT, Message, Outcome, PACKED_ENTRY_MAX, PackedEntry};
 use crate::source::Source;
@@ -39,6 +40,7 @@ pub struct Sender<T, S> {
     queue: heapless::Deque<Request, MAX_INFLIGHT>,
     active: Option<Active>,
     outcome: Option<Outcome>,
+    peer_hash: Option<Hash>,
     deadline: Instant,
     sent_bytes: u64,
 }
@@ -55,6 +57,7 @@ impl<T: TreeView, S: Source> Sender<T, S> {
             queue: heapless::Deque::new(),
             active: None,
             outcome: None,
+            peer_hash: None,
             deadline: now.plus_ms(IDLE_TIMEOUT_MS),
             sent_bytes: 0,
         }
@@ -63,6 +66,12 @@ impl<T: TreeView, S: Source> Sender<T, S> {
     /// The version being sent.
     pub fn summary(&self) -> &Summary {
         &self.summary
+    }
+
+    /// The whole-file SHA-256 the receiver reported in `Done`, if the
+    /// summary left it unknown.
+    pub fn reported_hash(&self) -> Option<Hash> {
+        self.peer_hash
     }
 
     /// File bytes sent so far (literal data, excluding framing).
@@ -158,8 +167,9 @@ impl<T: TreeView, S: Source> Machine for Sender<T, S> {
         let r = match msg {
             Message::GetChildren { level, index, count } => Request::Children { level, index, count },
             Message::GetData { offset, len } => Request::Data { offset, len },
-            Message::Done(o) => {
-                self.outcome = Some(o);
+            Message::Done { outcome, file_hash } => {
+                self.outcome = Some(outcome);
+                self.peer_hash = file_hash;
                 return Ok(());
             }
             Message::Error(c) => return Err(SessionError::Peer(c)),

@@ -56,7 +56,8 @@ pub struct Summary {
     pub root: Hash,
     /// Level of the root (chunks are level 0, so the root is at least 1).
     pub height: u8,
-    /// SHA-256 of the whole file.
+    /// SHA-256 of the whole file, or [`Hash::UNKNOWN`] in an upload offer
+    /// whose sender left it to the receiver.
     pub file_hash: Hash,
     /// How the file was chunked.
     pub chunking: ChunkerKind,
@@ -239,7 +240,8 @@ pub struct Indexer<S> {
     chunk: Sha256,
     /// Bytes in the open chunk.
     open: u64,
-    file: Sha256,
+    /// The whole-file hash, unless someone else computes it.
+    file: Option<Sha256>,
     size: u64,
     tree: TreeBuilder<S>,
 }
@@ -251,10 +253,16 @@ impl<S: TreeSink> Indexer<S> {
             chunker: Chunker::new(kind),
             chunk: Sha256::new(),
             open: 0,
-            file: Sha256::new(),
+            file: Some(Sha256::new()),
             size: 0,
             tree: TreeBuilder::new(sink),
         }
+    }
+
+    /// An indexer that leaves the whole-file hash [`Hash::UNKNOWN`] (for a
+    /// shell that hashes the file on another thread as it writes it).
+    pub fn without_file_hash(kind: ChunkerKind, sink: S) -> Self {
+        Indexer { file: None, ..Indexer::new(kind, sink) }
     }
 
     /// Bytes seen so far.
@@ -269,7 +277,9 @@ impl<S: TreeSink> Indexer<S> {
 
     /// Feeds the next bytes of the file.
     pub fn feed(&mut self, mut data: &[u8]) -> Result<(), TreeFull> {
-        self.file.update(data);
+        if let Some(f) = &mut self.file {
+            f.update(data);
+        }
         self.size += data.len() as u64;
         while let Some(n) = self.chunker.next_boundary(data) {
             self.chunk.update(&data[..n]);
@@ -299,7 +309,9 @@ impl<S: TreeSink> Indexer<S> {
     /// version): they count towards the whole-file hash only. The caller adds
     /// their chunks with [`Indexer::push_known_chunk`].
     pub fn feed_known(&mut self, data: &[u8]) {
-        self.file.update(data);
+        if let Some(f) = &mut self.file {
+            f.update(data);
+        }
         self.size += data.len() as u64;
     }
 
@@ -318,7 +330,7 @@ impl<S: TreeSink> Indexer<S> {
             size: self.size,
             root: root.id,
             height,
-            file_hash: Hash(self.file.finalize().into()),
+            file_hash: self.file.map_or(Hash::UNKNOWN, |f| Hash(f.finalize().into())),
             chunking: kind,
         };
         Ok((summary, sink))
@@ -484,6 +496,12 @@ mod owned {
         /// Assembles a tree from a finished indexer's parts.
         pub(crate) fn from_parts(summary: Summary, levels: Levels) -> Tree {
             Tree { summary, levels: levels.0 }
+        }
+
+        /// Sets the whole-file hash (a store that hashed the bytes itself
+        /// fills in what an upload offer left [`Hash::UNKNOWN`]).
+        pub fn set_file_hash(&mut self, file_hash: Hash) {
+            self.summary.file_hash = file_hash;
         }
 
         /// What identifies this version.

@@ -10,7 +10,7 @@ use deltasync_core::message::Outcome;
 use deltasync_core::receiver::Base;
 use deltasync_core::sender::Sender;
 use deltasync_core::sim::*;
-use deltasync_core::tree::{FixedTree, Tree};
+use deltasync_core::tree::{FixedTree, Summary, Tree};
 use deltasync_core::{Hash, Instant};
 use proptest::prelude::*;
 
@@ -190,6 +190,31 @@ fn a_first_upload_sends_the_file_once() {
     assert_eq!(r.outcome, Outcome::Written);
     assert!(r.wire < data.len() as u64 * 101 / 100, "{} wire bytes for {}", r.wire, data.len());
     assert!(files.borrow()["new"] == data);
+}
+
+#[test]
+fn an_offer_without_the_file_hash_gets_it_from_the_server() {
+    let old = random_bytes(12, 1 << 20);
+    let mut new = old.clone();
+    new[1000] ^= 1;
+    let files = Files::default();
+    let mut s = connect(&files, 5000);
+    let mut offer = |data: &[u8], file_hash: Option<Hash>| {
+        let tree = Tree::build(data, ChunkerKind::Cdc);
+        let summary = Summary { file_hash: file_hash.unwrap_or(Hash::UNKNOWN), ..tree.summary() };
+        let sender = Sender::new(&tree, data, summary, s.salt, s.net.clock);
+        let mut op = Upload::new("f", sender);
+        let o = run(&mut op, &mut s.cp, &mut s.server, &mut s.sp, &mut s.net).unwrap();
+        (o, op.sender().reported_hash())
+    };
+    assert_eq!(offer(&old, None), (Outcome::Written, Some(Hash::of(&old))));
+    assert_eq!(offer(&new, None), (Outcome::Written, Some(Hash::of(&new))));
+    assert_eq!(offer(&new, None), (Outcome::Unchanged, Some(Hash::of(&new))));
+    // A hash the client did send is checked, and not sent back.
+    assert_eq!(offer(&old, Some(Hash::of(b"not this file"))), (Outcome::Integrity, None));
+    assert!(files.borrow()["f"] == new, "a failed upload keeps the old version");
+    assert_eq!(offer(&old, Some(Hash::of(&old))), (Outcome::Written, None));
+    assert!(files.borrow()["f"] == old);
 }
 
 #[test]

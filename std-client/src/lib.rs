@@ -2,7 +2,7 @@
 //! download and delete files, always with delta sync. The `deltasync`
 //! command and the GUI are thin faces over this library.
 
-use deltasync_core::build::build_tree;
+use deltasync_core::build::build_tree_unhashed;
 use deltasync_core::chunker::ChunkerKind;
 use deltasync_core::conn::{ClientHandshake, Download, Query, QueryKind, Upload};
 use deltasync_core::driver::{DriveError, Pump, TimeoutAsTimedOut, run_blocking_observed};
@@ -388,10 +388,13 @@ impl Connection {
             return Err(local(io::Error::other("not a regular file")));
         }
         let threads = deltasync_core::build::default_threads();
-        let tree = build_tree(&file, ChunkerKind::Cdc, threads).map_err(local)?;
+        // Chunk ids only: the server hashes the whole file as it writes it and
+        // reports that SHA-256 back (the tree root already pins every byte).
+        let tree = build_tree_unhashed(&file, ChunkerKind::Cdc, threads).map_err(local)?;
         let summary = tree.summary();
         let (s0, r0) = self.wire_bytes();
-        let sender = Sender::new(&tree, FileSource(file), summary, self.salt, now());
+        let sender =
+            Sender::new(&tree, FileSource(file.try_clone().map_err(local)?), summary, self.salt, now());
         let mut op = Upload::new(name, sender);
         let total = summary.size;
         let outcome =
@@ -401,6 +404,12 @@ impl Connection {
             return Err(ClientError::Integrity(name.into()));
         }
         let (s1, r1) = self.wire_bytes();
+        let sha256 = match op.sender().reported_hash() {
+            Some(h) => h,
+            // A server that could not tell (it kept no hash of an unchanged
+            // version): hash the local file after all.
+            None => deltasync_core::build::file_hash(&file).map_err(local)?,
+        };
         Ok(TransferReport {
             name: name.into(),
             mode: mode_of(outcome, literal, total),
@@ -410,7 +419,7 @@ impl Connection {
             literal_bytes: literal,
             reused_bytes: if outcome == Outcome::Unchanged { total } else { total - literal },
             duration_ms: start.elapsed().as_millis() as u64,
-            sha256: summary.file_hash.to_string(),
+            sha256: sha256.to_string(),
         })
     }
 
@@ -427,7 +436,8 @@ impl Connection {
         let threads = deltasync_core::build::default_threads();
         let base = match File::open(dest) {
             Ok(f) if f.metadata().map_err(local)?.is_file() => {
-                let tree = build_tree(&f, ChunkerKind::Cdc, threads).map_err(local)?;
+                // Reuse needs chunk ids only, not the local file's SHA-256.
+                let tree = build_tree_unhashed(&f, ChunkerKind::Cdc, threads).map_err(local)?;
                 Some(Base { tree, source: FileSource(f) })
             }
             Ok(_) => return Err(local(io::Error::other("not a regular file"))),

@@ -7,23 +7,27 @@
 //!   size, modification time and inode, rebuilt when they no longer match;
 //! - `.deltasync/partial/NAME`: the prefix an interrupted upload assembled,
 //!   reused by the next upload of `NAME`;
+//! - `.deltasync/trash/N`: a replaced version, unlinked in the background
+//!   after the new one is published (emptied at start);
 //! - `DIR/.deltasync-part-PID-N-BASE`: an upload in progress, written beside
 //!   its destination so that publishing it is a rename.
 //!
 //! Listings skip every name starting with `.deltasync`.
 
-use deltasync_core::build::build_tree;
+use deltasync_core::Hash;
+use deltasync_core::build::{build_tree, build_tree_unhashed};
 use deltasync_core::chunker::ChunkerKind;
 use deltasync_core::conn::server::{Store, StoredFile};
 use deltasync_core::error::ErrorCode;
 use deltasync_core::source::{FileSource, IoFailed, Output};
 use deltasync_core::tree::{Summary, Tree};
+use sha2::{Digest, Sha256};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::UNIX_EPOCH;
 
 const META: &str = ".deltasync";
@@ -70,6 +74,10 @@ impl FsStore {
         let store = FsStore { root, commit: Arc::new(Mutex::new(())), threads };
         fs::create_dir_all(store.meta().join("index"))?;
         fs::create_dir_all(store.meta().join("partial"))?;
+        // Old versions whose removal a crash interrupted.
+        let trash = store.meta().join("trash");
+        let _ = fs::remove_dir_all(&trash);
+        fs::create_dir_all(&trash)?;
         store.recover(&store.root.clone())?;
         Ok(store)
     }
@@ -250,10 +258,94 @@ impl FsStore {
 /// upload so that the next upload resumes from it.
 pub struct TempFile {
     file: Option<BufWriter<File>>,
+    hasher: Option<BackgroundHash>,
     path: PathBuf,
     partial: PathBuf,
     written: u64,
+    /// Bytes already handed to the kernel's writeback (and to the hasher).
+    kicked: u64,
 }
+
+#[derive(Default)]
+struct HashProgress {
+    /// Bytes of the file that are written and may be hashed.
+    ready: u64,
+    /// No more bytes will come.
+    closed: bool,
+    /// Stop without a result.
+    abandoned: bool,
+}
+
+/// The whole-file SHA-256 of a file being written, computed on its own
+/// thread: it reads back (from the page cache) what the writer has flushed,
+/// so the connection's thread only writes and both cores work.
+struct BackgroundHash {
+    shared: Arc<(Mutex<HashProgress>, Condvar)>,
+    thread: Option<std::thread::JoinHandle<io::Result<Hash>>>,
+}
+
+impl BackgroundHash {
+    fn start(file: File) -> io::Result<BackgroundHash> {
+        let shared = Arc::new((Mutex::new(HashProgress::default()), Condvar::new()));
+        let progress = shared.clone();
+        let thread = std::thread::Builder::new().name("file-hash".into()).spawn(move || {
+            let (lock, wake) = &*progress;
+            let mut h = Sha256::new();
+            let mut buf = vec![0u8; 1 << 20];
+            let mut pos = 0u64;
+            loop {
+                let (ready, closed) = {
+                    let mut p = lock.lock().unwrap_or_else(|e| e.into_inner());
+                    while p.ready == pos && !p.closed && !p.abandoned {
+                        p = wake.wait(p).unwrap_or_else(|e| e.into_inner());
+                    }
+                    if p.abandoned {
+                        return Err(io::Error::other("abandoned"));
+                    }
+                    (p.ready, p.closed)
+                };
+                while pos < ready {
+                    let n = (ready - pos).min(buf.len() as u64) as usize;
+                    std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf[..n], pos)?;
+                    h.update(&buf[..n]);
+                    pos += n as u64;
+                }
+                if closed {
+                    return Ok(Hash(h.finalize().into()));
+                }
+            }
+        })?;
+        Ok(BackgroundHash { shared, thread: Some(thread) })
+    }
+
+    fn update(&self, f: impl FnOnce(&mut HashProgress)) {
+        let (lock, wake) = &*self.shared;
+        f(&mut lock.lock().unwrap_or_else(|e| e.into_inner()));
+        wake.notify_one();
+    }
+
+    /// The hash of the first `len` bytes, once the thread has read them.
+    fn finish(mut self, len: u64) -> io::Result<Hash> {
+        self.update(|p| {
+            p.ready = len;
+            p.closed = true;
+        });
+        let t = self.thread.take().ok_or_else(|| io::Error::other("hasher gone"))?;
+        t.join().map_err(|_| io::Error::other("hashing thread panicked"))?
+    }
+}
+
+impl Drop for BackgroundHash {
+    fn drop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            self.update(|p| p.abandoned = true);
+            let _ = t.join();
+        }
+    }
+}
+
+/// Bytes written between two writeback requests.
+const WRITEBACK_STEP: u64 = 8 << 20;
 
 impl Output for TempFile {
     fn write(&mut self, data: &[u8]) -> Result<(), IoFailed> {
@@ -263,19 +355,44 @@ impl Output for TempFile {
             IoFailed
         })?;
         self.written += data.len() as u64;
+        if self.written - self.kicked >= WRITEBACK_STEP {
+            self.start_writeback();
+        }
         Ok(())
     }
 }
 
 impl TempFile {
+    /// Asks the kernel to start writing what we wrote so far, so that the
+    /// disk works while the transfer goes on and the final `fsync` (which
+    /// still makes the file durable and reports errors) has little left.
+    fn start_writeback(&mut self) {
+        let Some(f) = self.file.as_mut() else { return };
+        if f.flush().is_err() {
+            return; // the next write or the final sync reports it
+        }
+        let (from, len) = (self.kicked as libc::off64_t, (self.written - self.kicked) as libc::off64_t);
+        let fd = std::os::fd::AsRawFd::as_raw_fd(f.get_ref());
+        // SAFETY: `fd` belongs to a file we own for the whole call; the call
+        // takes no pointers. Failure only means no early writeback.
+        let _ = unsafe { libc::sync_file_range(fd, from, len, libc::SYNC_FILE_RANGE_WRITE) };
+        self.kicked = self.written;
+        let ready = self.written;
+        if let Some(h) = &self.hasher {
+            h.update(|p| p.ready = ready);
+        }
+    }
+
     fn discard(mut self) {
         self.file = None;
+        self.hasher = None;
         let _ = fs::remove_file(&self.path);
     }
 }
 
 impl Drop for TempFile {
     fn drop(&mut self) {
+        self.hasher = None;
         let Some(f) = self.file.take() else { return };
         let kept = self.written > 0
             && f.into_inner().is_ok()
@@ -313,7 +430,7 @@ impl Store for FsStore {
         chunking: ChunkerKind,
     ) -> Result<Option<(Tree, FileSource)>, ErrorCode> {
         let Ok(file) = File::open(self.partial_path(name)) else { return Ok(None) };
-        let tree = build_tree(&file, chunking, self.threads).map_err(storage)?;
+        let tree = build_tree_unhashed(&file, chunking, self.threads).map_err(storage)?;
         Ok(Some((tree, FileSource(file))))
     }
 
@@ -326,36 +443,65 @@ impl Store for FsStore {
         let base = path.file_name().and_then(|b| b.to_str()).ok_or(ErrorCode::BadName)?;
         let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
         let tmp = dir.join(format!("{PART_PREFIX}{}-{n}-{base}", std::process::id()));
-        let file = OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(storage)?;
+        let file = OpenOptions::new().read(true).write(true).create_new(true).open(&tmp).map_err(storage)?;
+        let hasher = match file.try_clone().and_then(BackgroundHash::start) {
+            Ok(h) => h,
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                return Err(storage(e));
+            }
+        };
         Ok(TempFile {
             file: Some(BufWriter::with_capacity(1 << 20, file)),
+            hasher: Some(hasher),
             path: tmp,
             partial: self.partial_path(name),
             written: 0,
+            kicked: 0,
         })
     }
 
-    fn finish(&mut self, name: &str, mut w: TempFile, tree: Option<Tree>) -> Result<(), ErrorCode> {
-        let Some(tree) = tree else {
+    fn finish(&mut self, name: &str, mut w: TempFile, tree: Option<Tree>) -> Result<Option<Hash>, ErrorCode> {
+        let Some(mut tree) = tree else {
             w.discard();
-            return Ok(());
+            return Ok(None);
         };
         let dest = self.path_of(name)?;
         let file = w.file.take().ok_or(ErrorCode::Storage)?;
         let file = file.into_inner().map_err(|e| storage(e.into_error()))?;
+        let t = std::time::Instant::now();
+        let hash = w.hasher.take().ok_or(ErrorCode::Storage)?.finish(w.written).map_err(storage)?;
+        let claimed = tree.summary().file_hash;
+        if claimed.is_known() && claimed != hash {
+            // The receiver verified other bytes than the disk now holds.
+            tracing::warn!(name, "the written file does not match what was received");
+            w.discard();
+            return Err(ErrorCode::Storage);
+        }
+        tree.set_file_hash(hash);
         file.sync_all().map_err(storage)?;
+        tracing::debug!(name, ms = t.elapsed().as_millis() as u64, "hashed and synced the new version");
         let _guard = self.commit.lock().unwrap_or_else(|p| p.into_inner());
+        // Keep the old version alive under another name while renaming, so
+        // that the rename does not have to free it; it goes in the background.
+        let trash = self.meta().join("trash").join(TEMP_COUNTER.fetch_add(1, Ordering::Relaxed).to_string());
+        let old = fs::hard_link(&dest, &trash).is_ok().then_some(trash);
         fs::rename(&w.path, &dest).map_err(storage)?;
         if let Some(dir) = dest.parent() {
             File::open(dir).and_then(|d| d.sync_all()).map_err(storage)?;
         }
+        if let Some(old) = old {
+            std::thread::spawn(move || fs::remove_file(old));
+        }
+        tracing::debug!(name, ms = t.elapsed().as_millis() as u64, "published");
         let meta = file.metadata().map_err(storage)?;
         if let Err(e) = self.save_index(name, &meta, &tree) {
             // The file is published; a missing index is rebuilt on demand.
             tracing::warn!(error = %e, name, "could not write index");
         }
         let _ = fs::remove_file(self.partial_path(name));
-        Ok(())
+        tracing::debug!(name, ms = t.elapsed().as_millis() as u64, "indexed");
+        Ok(Some(hash))
     }
 
     fn list(&mut self) -> Result<Vec<StoredFile>, ErrorCode> {

@@ -172,8 +172,15 @@ fn main() {
                 rsync(rport, old, &name);
                 deltasync(&cli, dport, old, &name);
             }
-            let r = rsync(rport, new, &name);
-            let d = deltasync(&cli, dport, new, &name);
+            // Alternate who goes first: the second one may meet the first
+            // one's dirty pages still being written back.
+            let (r, d) = if i % 2 == 0 {
+                let r = rsync(rport, new, &name);
+                (r, deltasync(&cli, dport, new, &name))
+            } else {
+                let d = deltasync(&cli, dport, new, &name);
+                (rsync(rport, new, &name), d)
+            };
             assert_eq!(
                 std::fs::read(work.join("rsync-root").join(&name)).unwrap().len(),
                 std::fs::read(work.join("ds-root").join(&name)).unwrap().len()

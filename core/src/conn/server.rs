@@ -54,9 +54,17 @@ pub trait Store {
     }
     /// Starts a new version of `name`, expected to be `size` bytes.
     fn create(&mut self, name: &str, size: u64) -> Result<Self::Writer, ErrorCode>;
-    /// Publishes a verified version (`tree` is `Some`), or discards it. A
-    /// writer dropped without `finish` belongs to an interrupted upload.
-    fn finish(&mut self, name: &str, writer: Self::Writer, tree: Option<Tree>) -> Result<(), ErrorCode>;
+    /// Publishes a verified version (`tree` is `Some`) and returns its
+    /// whole-file SHA-256, or discards it (`None`). If the tree's file hash
+    /// is [`Hash::UNKNOWN`] (the client left it to the server) the store
+    /// computes it over the bytes it wrote. A writer dropped without
+    /// `finish` belongs to an interrupted upload.
+    fn finish(
+        &mut self,
+        name: &str,
+        writer: Self::Writer,
+        tree: Option<Tree>,
+    ) -> Result<Option<Hash>, ErrorCode>;
     /// Every stored file.
     fn list(&mut self) -> Result<Vec<StoredFile>, ErrorCode>;
     /// One stored file.
@@ -141,7 +149,7 @@ enum State<S: Store> {
     Handshake(ServerHandshake<Vec<u8>>),
     Idle,
     Reply(VecDeque<Reply>),
-    Receiving { name: String, rx: Box<UploadReceiver<S>> },
+    Receiving { name: String, old: Option<Summary>, rx: Box<UploadReceiver<S>> },
     Sending { name: String, offered: bool, tx: Box<Sender<Tree, S::Reader>> },
 }
 
@@ -149,7 +157,7 @@ enum Reply {
     Info(StoredFile),
     ListEnd,
     Deleted,
-    Done(Outcome),
+    Done(Outcome, Option<Hash>),
     Error(ErrorCode),
 }
 
@@ -187,7 +195,7 @@ impl<S: Store> ServerConn<S> {
     /// The transfer in progress, if any.
     pub fn progress(&self) -> Option<Progress> {
         match &self.state {
-            State::Receiving { name, rx } => Some(Progress {
+            State::Receiving { name, rx, .. } => Some(Progress {
                 name: name.clone(),
                 direction: Direction::Upload,
                 done: rx.progress(),
@@ -255,6 +263,7 @@ impl<S: Store> ServerConn<S> {
             return Err(ErrorCode::Unsupported);
         }
         let old = self.store.open(name, offer.chunking)?;
+        let old_summary = old.as_ref().map(|(t, _)| t.summary());
         let partial = self.store.partial(name, offer.chunking)?;
         let has_base = old.is_some() || partial.is_some();
         let base = has_base.then(|| {
@@ -274,7 +283,7 @@ impl<S: Store> ServerConn<S> {
             size: offer.size,
             base: has_base,
         });
-        self.state = State::Receiving { name: name.to_string(), rx: Box::new(rx) };
+        self.state = State::Receiving { name: name.to_string(), old: old_summary, rx: Box::new(rx) };
         Ok(())
     }
 
@@ -294,15 +303,21 @@ impl<S: Store> ServerConn<S> {
 
     /// Publishes or discards a finished upload and queues the answer.
     fn end_upload(&mut self, outcome: Outcome) {
-        let State::Receiving { name, rx } = core::mem::replace(&mut self.state, State::Idle) else {
+        let State::Receiving { name, old, rx } = core::mem::replace(&mut self.state, State::Idle) else {
             return;
         };
         let stats: ReceiveStats = rx.stats();
-        let size = rx.offer().size;
+        let offer = *rx.offer();
+        let size = offer.size;
         let (writer, tree) = rx.into_parts();
         let tree = if outcome == Outcome::Written { tree } else { None };
+        let unchanged = (outcome == Outcome::Unchanged)
+            .then(|| old.filter(|s| s.root == offer.root && s.size == offer.size).map(|s| s.file_hash))
+            .flatten();
         let reply = match self.store.finish(&name, writer, tree) {
-            Ok(()) => {
+            Ok(written) => {
+                // The client left the whole-file hash to us: tell it.
+                let file_hash = written.or(unchanged).filter(|_| !offer.file_hash.is_known());
                 self.events.push_back(Event::Finished {
                     name,
                     direction: Direction::Upload,
@@ -311,7 +326,7 @@ impl<S: Store> ServerConn<S> {
                     literal_bytes: stats.literal_bytes,
                     reused_bytes: stats.reused_bytes,
                 });
-                Reply::Done(outcome)
+                Reply::Done(outcome, file_hash)
             }
             Err(code) => {
                 self.events.push_back(Event::Refused { name, code });
@@ -364,7 +379,7 @@ impl<S: Store> Machine for ServerConn<S> {
                         }),
                         Reply::ListEnd => Message::ListEnd,
                         Reply::Deleted => Message::Deleted,
-                        Reply::Done(o) => Message::Done(*o),
+                        Reply::Done(o, h) => Message::Done { outcome: *o, file_hash: *h },
                         Reply::Error(c) => Message::Error(*c),
                     };
                     return machine::emit(&m, out);
@@ -378,7 +393,7 @@ impl<S: Store> Machine for ServerConn<S> {
                         // gone quiet) the writer is only dropped, so a store
                         // may keep it for the client's next attempt, as when
                         // the connection breaks.
-                        if let State::Receiving { name, rx } =
+                        if let State::Receiving { name, rx, .. } =
                             core::mem::replace(&mut self.state, State::Idle)
                         {
                             let (writer, _) = rx.into_parts();
