@@ -128,15 +128,17 @@ where
                         .decoder
                         .feed(&self.input.as_ref()[self.start..self.end])
                         .map_err(DriveError::Frame)?;
-                    if let Some(p) = payload {
-                        let msg =
-                            Message::decode(p).map_err(|c| DriveError::Session(SessionError::Protocol(c)))?;
-                        m.handle(now, msg).map_err(DriveError::Session)?;
-                    }
+                    // Consumed even if handling it fails: a connection that
+                    // goes on after a refused request must not see it again.
                     self.start += used;
                     if self.start == self.end {
                         self.start = 0;
                         self.end = 0;
+                    }
+                    if let Some(p) = payload {
+                        let msg =
+                            Message::decode(p).map_err(|c| DriveError::Session(SessionError::Protocol(c)))?;
+                        m.handle(now, msg).map_err(DriveError::Session)?;
                     }
                     return Ok(Step::Again);
                 }

@@ -108,6 +108,10 @@ pub struct Receiver<T, R, W> {
     fetch: VecDeque<(u64, u64)>,
     cursor: usize,
     indexer: Option<Indexer<Levels>>,
+    /// The output computes the tree itself (a whole version is fetched).
+    shell_tree: bool,
+    /// Bytes given to the output.
+    written: u64,
     new_tree: Option<Tree>,
     out: W,
     buf: Vec<u8>,
@@ -157,6 +161,8 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
             } else {
                 Indexer::without_file_hash(offer.chunking, Levels::default())
             }),
+            shell_tree: false,
+            written: 0,
             new_tree: None,
             out,
             buf: Vec::new(),
@@ -177,7 +183,7 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
 
     /// Bytes of the new version assembled so far.
     pub fn progress(&self) -> u64 {
-        self.indexer.as_ref().map_or(self.offer.size, |ix| ix.size())
+        self.written
     }
 
     /// The output, and the new version's tree if it was written and verified.
@@ -216,7 +222,12 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
         if self.offer.size == 0 {
             self.phase = Phase::Transfer;
         } else if self.held.is_empty() {
-            // Nothing to reuse: skip the walk and fetch the whole file.
+            // Nothing to reuse: skip the walk and fetch the whole file. The
+            // output may index it as it goes, off this thread.
+            if self.out.index_in_background(self.offer.chunking) {
+                self.shell_tree = true;
+                self.indexer = None;
+            }
             self.segs.push(Seg::Fetch { at: 0, len: self.offer.size });
             self.plan_transfer();
         } else {
@@ -316,14 +327,20 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
         let Some(&Seg::Fetch { at, len: seg_len }) = self.segs.get(self.cursor) else {
             return Err(bad);
         };
-        let ix = self.indexer.as_mut().ok_or(bad)?;
-        if ix.size() != offset {
+        if self.written != offset {
             return Err(bad);
         }
         self.out.write(bytes).map_err(|_| SessionError::Write)?;
-        ix.feed(bytes).map_err(|_| SessionError::Capacity)?;
-        if ix.size() == at + seg_len {
-            ix.end_chunk().map_err(|_| SessionError::Capacity)?;
+        self.written += n;
+        if let Some(ix) = self.indexer.as_mut() {
+            ix.feed(bytes).map_err(|_| SessionError::Capacity)?;
+            if self.written == at + seg_len {
+                ix.end_chunk().map_err(|_| SessionError::Capacity)?;
+            }
+        } else if !self.shell_tree {
+            return Err(SessionError::Capacity);
+        }
+        if self.written == at + seg_len {
             self.cursor += 1;
         }
         self.stats.literal_bytes += n;
@@ -355,6 +372,7 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
                 base.source.read_at(old.offset + done, piece).map_err(|_| SessionError::Read)?;
                 self.out.write(piece).map_err(|_| SessionError::Write)?;
                 ix.feed_known(piece);
+                self.written += n as u64;
                 done += n as u64;
             }
             let leaves = base.tree.leaf_range(level, index).ok_or(SessionError::Read)?;
@@ -370,18 +388,26 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
 
     fn verify(&mut self) -> Result<Outcome, SessionError> {
         self.assemble_to(u64::MAX)?;
-        let ix = self.indexer.take().ok_or(SessionError::Capacity)?;
-        if self.cursor != self.segs.len() || ix.size() != self.offer.size {
+        if self.cursor != self.segs.len() || self.written != self.offer.size {
             return Ok(Outcome::Integrity);
         }
-        let (summary, levels) = ix.finish().map_err(|_| SessionError::Capacity)?;
-        let o = &self.offer;
-        if summary.root == o.root
-            && (!o.file_hash.is_known() || summary.file_hash == o.file_hash)
-            && summary.size == o.size
-            && summary.height == o.height
-        {
-            self.new_tree = Some(Tree::from_parts(summary, levels));
+        let tree = if self.shell_tree {
+            self.out.finish_tree().map_err(|_| SessionError::Write)?
+        } else {
+            let ix = self.indexer.take().ok_or(SessionError::Capacity)?;
+            let (summary, levels) = ix.finish().map_err(|_| SessionError::Capacity)?;
+            Tree::from_parts(summary, levels)
+        };
+        let mut tree = tree;
+        if !tree.summary().file_hash.is_known() {
+            // The output hashes the bytes itself: it gets the offer's claim
+            // to check (a store refuses to publish on a mismatch).
+            tree.set_file_hash(self.offer.file_hash);
+        }
+        let (s, o) = (tree.summary(), &self.offer);
+        let hash_ok = !o.file_hash.is_known() || s.file_hash == o.file_hash;
+        if s.root == o.root && hash_ok && s.size == o.size && s.height == o.height {
+            self.new_tree = Some(tree);
             Ok(Outcome::Written)
         } else {
             Ok(Outcome::Integrity)

@@ -8,7 +8,8 @@ use crate::driver::{DriveError, Pump, Step};
 use crate::error::ErrorCode;
 use crate::frame::{MAX_ENCODED, MAX_FRAME};
 use crate::machine::Machine;
-use crate::tree::Tree;
+use crate::source::{IoFailed, Output};
+use crate::tree::{Tree, TreeIndexer};
 use crate::{Hash, Instant};
 use alloc::collections::{BTreeMap, VecDeque};
 use alloc::rc::Rc;
@@ -23,22 +24,48 @@ pub type Files = Rc<RefCell<BTreeMap<String, Vec<u8>>>>;
 /// An in-memory store; `finish` publishes only verified versions.
 pub struct MemStore(pub Files);
 
+/// A version being written to a [`MemStore`]. Like the real server's, it
+/// accepts to index a whole version itself (here, all at once at the end).
+#[derive(Debug, Default)]
+pub struct MemWriter {
+    data: Vec<u8>,
+    index: Option<ChunkerKind>,
+}
+
+impl Output for MemWriter {
+    fn write(&mut self, data: &[u8]) -> Result<(), IoFailed> {
+        self.data.extend_from_slice(data);
+        Ok(())
+    }
+    fn index_in_background(&mut self, kind: ChunkerKind) -> bool {
+        self.index = Some(kind);
+        true
+    }
+    fn finish_tree(&mut self) -> Result<Tree, IoFailed> {
+        let mut ix = TreeIndexer::without_file_hash(self.index.ok_or(IoFailed)?);
+        ix.feed(&self.data);
+        Ok(ix.finish())
+    }
+}
+
 impl Store for MemStore {
     type Reader = Vec<u8>;
-    type Writer = Vec<u8>;
+    type Writer = MemWriter;
 
     fn open(&mut self, name: &str, chunking: ChunkerKind) -> Result<Option<(Tree, Vec<u8>)>, ErrorCode> {
         Ok(self.0.borrow().get(name).map(|d| (Tree::build(d, chunking), d.clone())))
     }
-    fn create(&mut self, _name: &str, _size: u64) -> Result<Vec<u8>, ErrorCode> {
-        Ok(Vec::new())
+    fn create(&mut self, _name: &str, _size: u64) -> Result<MemWriter, ErrorCode> {
+        Ok(MemWriter::default())
     }
-    fn finish(&mut self, name: &str, w: Vec<u8>, tree: Option<Tree>) -> Result<Option<Hash>, ErrorCode> {
+    fn finish(&mut self, name: &str, w: MemWriter, tree: Option<Tree>) -> Result<Option<Hash>, ErrorCode> {
         let Some(t) = tree else { return Ok(None) };
-        let hash = Hash::of(&w);
+        let hash = Hash::of(&w.data);
         let claimed = t.summary().file_hash;
-        assert!(!claimed.is_known() || claimed == hash, "published tree must describe the bytes");
-        self.0.borrow_mut().insert(name.to_string(), w);
+        if claimed.is_known() && claimed != hash {
+            return Err(ErrorCode::Integrity);
+        }
+        self.0.borrow_mut().insert(name.to_string(), w.data);
         Ok(Some(hash))
     }
     fn list(&mut self) -> Result<Vec<StoredFile>, ErrorCode> {

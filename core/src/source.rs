@@ -15,6 +15,25 @@ pub trait Source {
 pub trait Output {
     /// Appends `data`.
     fn write(&mut self, data: &[u8]) -> Result<(), IoFailed>;
+
+    /// Offers to compute the tree of everything written, chunked as `kind`,
+    /// by itself (on another thread, say, while the receiver keeps reading
+    /// the network). A receiver fetching a whole version asks first; on
+    /// `true` it skips chunking and hashing, and takes the tree from
+    /// [`Output::finish_tree`] to verify the version.
+    #[cfg(feature = "alloc")]
+    fn index_in_background(&mut self, kind: crate::chunker::ChunkerKind) -> bool {
+        let _ = kind;
+        false
+    }
+
+    /// The tree of everything written, once all of it is (only called after
+    /// [`Output::index_in_background`] returned `true`). Its whole-file hash
+    /// may be [`crate::Hash::UNKNOWN`].
+    #[cfg(feature = "alloc")]
+    fn finish_tree(&mut self) -> Result<crate::tree::Tree, IoFailed> {
+        Err(IoFailed)
+    }
 }
 
 impl Source for &[u8] {

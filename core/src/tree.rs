@@ -472,6 +472,12 @@ mod owned {
         pub fn new(kind: ChunkerKind) -> Self {
             TreeIndexer(Indexer::new(kind, Levels::default()))
         }
+
+        /// An indexer whose tree leaves the whole-file hash
+        /// [`Hash::UNKNOWN`].
+        pub fn without_file_hash(kind: ChunkerKind) -> Self {
+            TreeIndexer(Indexer::without_file_hash(kind, Levels::default()))
+        }
         /// Feeds the next bytes.
         pub fn feed(&mut self, data: &[u8]) {
             // The owned sink grows without limit, and chunk counts are bounded

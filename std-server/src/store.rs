@@ -20,7 +20,7 @@ use deltasync_core::chunker::ChunkerKind;
 use deltasync_core::conn::server::{Store, StoredFile};
 use deltasync_core::error::ErrorCode;
 use deltasync_core::source::{FileSource, IoFailed, Output};
-use deltasync_core::tree::{Summary, Tree};
+use deltasync_core::tree::{Summary, Tree, TreeIndexer};
 use sha2::{Digest, Sha256};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Read, Write};
@@ -258,7 +258,9 @@ impl FsStore {
 /// upload so that the next upload resumes from it.
 pub struct TempFile {
     file: Option<BufWriter<File>>,
-    hasher: Option<BackgroundHash>,
+    hasher: Option<ReadBack<FileHash>>,
+    /// Set when the receiver lets us index a whole new version.
+    indexer: Option<ReadBack<FileTree>>,
     path: PathBuf,
     partial: PathBuf,
     written: u64,
@@ -266,9 +268,12 @@ pub struct TempFile {
     kicked: u64,
 }
 
+/// Bytes written between two writeback requests (and read-back updates).
+const WRITEBACK_STEP: u64 = 4 << 20;
+
 #[derive(Default)]
-struct HashProgress {
-    /// Bytes of the file that are written and may be hashed.
+struct Progress {
+    /// Bytes of the file that are written and may be read back.
     ready: u64,
     /// No more bytes will come.
     closed: bool,
@@ -276,21 +281,53 @@ struct HashProgress {
     abandoned: bool,
 }
 
-/// The whole-file SHA-256 of a file being written, computed on its own
-/// thread: it reads back (from the page cache) what the writer has flushed,
-/// so the connection's thread only writes and both cores work.
-struct BackgroundHash {
-    shared: Arc<(Mutex<HashProgress>, Condvar)>,
-    thread: Option<std::thread::JoinHandle<io::Result<Hash>>>,
+/// What a [`ReadBack`] thread computes over a file being written.
+trait Follow: Send + 'static {
+    type Out: Send + 'static;
+    fn feed(&mut self, data: &[u8]);
+    fn done(self) -> Self::Out;
 }
 
-impl BackgroundHash {
-    fn start(file: File) -> io::Result<BackgroundHash> {
-        let shared = Arc::new((Mutex::new(HashProgress::default()), Condvar::new()));
+/// The whole-file SHA-256.
+struct FileHash(Sha256);
+
+impl Follow for FileHash {
+    type Out = Hash;
+    fn feed(&mut self, data: &[u8]) {
+        self.0.update(data);
+    }
+    fn done(self) -> Hash {
+        Hash(self.0.finalize().into())
+    }
+}
+
+/// The hash tree (chunk ids and nodes), without the whole-file hash.
+struct FileTree(TreeIndexer);
+
+impl Follow for FileTree {
+    type Out = Tree;
+    fn feed(&mut self, data: &[u8]) {
+        self.0.feed(data);
+    }
+    fn done(self) -> Tree {
+        self.0.finish()
+    }
+}
+
+/// Work over a file being written, on its own thread: it reads back (from
+/// the page cache) what the writer has flushed, so that the connection's
+/// thread only receives and writes, and every core works.
+struct ReadBack<F: Follow> {
+    shared: Arc<(Mutex<Progress>, Condvar)>,
+    thread: Option<std::thread::JoinHandle<io::Result<F::Out>>>,
+}
+
+impl<F: Follow> ReadBack<F> {
+    fn start(file: File, mut work: F, name: &str) -> io::Result<ReadBack<F>> {
+        let shared = Arc::new((Mutex::new(Progress::default()), Condvar::new()));
         let progress = shared.clone();
-        let thread = std::thread::Builder::new().name("file-hash".into()).spawn(move || {
+        let thread = std::thread::Builder::new().name(name.into()).spawn(move || {
             let (lock, wake) = &*progress;
-            let mut h = Sha256::new();
             let mut buf = vec![0u8; 1 << 20];
             let mut pos = 0u64;
             loop {
@@ -307,35 +344,35 @@ impl BackgroundHash {
                 while pos < ready {
                     let n = (ready - pos).min(buf.len() as u64) as usize;
                     std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf[..n], pos)?;
-                    h.update(&buf[..n]);
+                    work.feed(&buf[..n]);
                     pos += n as u64;
                 }
                 if closed {
-                    return Ok(Hash(h.finalize().into()));
+                    return Ok(work.done());
                 }
             }
         })?;
-        Ok(BackgroundHash { shared, thread: Some(thread) })
+        Ok(ReadBack { shared, thread: Some(thread) })
     }
 
-    fn update(&self, f: impl FnOnce(&mut HashProgress)) {
+    fn update(&self, f: impl FnOnce(&mut Progress)) {
         let (lock, wake) = &*self.shared;
         f(&mut lock.lock().unwrap_or_else(|e| e.into_inner()));
         wake.notify_one();
     }
 
-    /// The hash of the first `len` bytes, once the thread has read them.
-    fn finish(mut self, len: u64) -> io::Result<Hash> {
+    /// The result over the first `len` bytes, once the thread has read them.
+    fn finish(mut self, len: u64) -> io::Result<F::Out> {
         self.update(|p| {
             p.ready = len;
             p.closed = true;
         });
-        let t = self.thread.take().ok_or_else(|| io::Error::other("hasher gone"))?;
-        t.join().map_err(|_| io::Error::other("hashing thread panicked"))?
+        let t = self.thread.take().ok_or_else(|| io::Error::other("reader gone"))?;
+        t.join().map_err(|_| io::Error::other("read-back thread panicked"))?
     }
 }
 
-impl Drop for BackgroundHash {
+impl<F: Follow> Drop for ReadBack<F> {
     fn drop(&mut self) {
         if let Some(t) = self.thread.take() {
             self.update(|p| p.abandoned = true);
@@ -343,9 +380,6 @@ impl Drop for BackgroundHash {
         }
     }
 }
-
-/// Bytes written between two writeback requests.
-const WRITEBACK_STEP: u64 = 8 << 20;
 
 impl Output for TempFile {
     fn write(&mut self, data: &[u8]) -> Result<(), IoFailed> {
@@ -359,6 +393,34 @@ impl Output for TempFile {
             self.start_writeback();
         }
         Ok(())
+    }
+
+    fn index_in_background(&mut self, kind: ChunkerKind) -> bool {
+        let Some(f) = self.file.as_ref() else { return false };
+        let started = f.get_ref().try_clone().and_then(|file| {
+            ReadBack::start(file, FileTree(TreeIndexer::without_file_hash(kind)), "file-tree")
+        });
+        match started {
+            Ok(r) => {
+                let ready = self.kicked;
+                r.update(|p| p.ready = ready);
+                self.indexer = Some(r);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "indexing on this thread instead");
+                false
+            }
+        }
+    }
+
+    fn finish_tree(&mut self) -> Result<Tree, IoFailed> {
+        let failed = |e: io::Error| {
+            tracing::warn!(error = %e, "indexing the new version failed");
+            IoFailed
+        };
+        self.file.as_mut().ok_or(IoFailed)?.flush().map_err(failed)?;
+        self.indexer.take().ok_or(IoFailed)?.finish(self.written).map_err(failed)
     }
 }
 
@@ -381,11 +443,15 @@ impl TempFile {
         if let Some(h) = &self.hasher {
             h.update(|p| p.ready = ready);
         }
+        if let Some(t) = &self.indexer {
+            t.update(|p| p.ready = ready);
+        }
     }
 
     fn discard(mut self) {
         self.file = None;
         self.hasher = None;
+        self.indexer = None;
         let _ = fs::remove_file(&self.path);
     }
 }
@@ -393,6 +459,7 @@ impl TempFile {
 impl Drop for TempFile {
     fn drop(&mut self) {
         self.hasher = None;
+        self.indexer = None;
         let Some(f) = self.file.take() else { return };
         let kept = self.written > 0
             && f.into_inner().is_ok()
@@ -444,16 +511,18 @@ impl Store for FsStore {
         let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
         let tmp = dir.join(format!("{PART_PREFIX}{}-{n}-{base}", std::process::id()));
         let file = OpenOptions::new().read(true).write(true).create_new(true).open(&tmp).map_err(storage)?;
-        let hasher = match file.try_clone().and_then(BackgroundHash::start) {
-            Ok(h) => h,
-            Err(e) => {
-                let _ = fs::remove_file(&tmp);
-                return Err(storage(e));
-            }
-        };
+        let hasher =
+            match file.try_clone().and_then(|f| ReadBack::start(f, FileHash(Sha256::new()), "file-hash")) {
+                Ok(h) => h,
+                Err(e) => {
+                    let _ = fs::remove_file(&tmp);
+                    return Err(storage(e));
+                }
+            };
         Ok(TempFile {
             file: Some(BufWriter::with_capacity(1 << 20, file)),
             hasher: Some(hasher),
+            indexer: None,
             path: tmp,
             partial: self.partial_path(name),
             written: 0,
@@ -473,10 +542,9 @@ impl Store for FsStore {
         let hash = w.hasher.take().ok_or(ErrorCode::Storage)?.finish(w.written).map_err(storage)?;
         let claimed = tree.summary().file_hash;
         if claimed.is_known() && claimed != hash {
-            // The receiver verified other bytes than the disk now holds.
-            tracing::warn!(name, "the written file does not match what was received");
+            tracing::warn!(name, "the written file does not match the offered SHA-256");
             w.discard();
-            return Err(ErrorCode::Storage);
+            return Err(ErrorCode::Integrity);
         }
         tree.set_file_hash(hash);
         file.sync_all().map_err(storage)?;

@@ -57,7 +57,9 @@ pub trait Store {
     /// Publishes a verified version (`tree` is `Some`) and returns its
     /// whole-file SHA-256, or discards it (`None`). If the tree's file hash
     /// is [`Hash::UNKNOWN`] (the client left it to the server) the store
-    /// computes it over the bytes it wrote. A writer dropped without
+    /// computes it over the bytes it wrote; if it is known and the bytes do
+    /// not match, the store keeps the old version and fails with
+    /// [`ErrorCode::Integrity`]. A writer dropped without
     /// `finish` belongs to an interrupted upload.
     fn finish(
         &mut self,
