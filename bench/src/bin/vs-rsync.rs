@@ -72,6 +72,12 @@ fn deltasync(cli: &Path, port: u16, file: &Path, name: &str) -> Run {
     Run { secs, wire: num("wire_bytes_sent") + num("wire_bytes_received") }
 }
 
+/// Flushes every dirty page to disk (untimed).
+fn settle() {
+    let ok = Command::new("sync").status().is_ok_and(|s| s.success());
+    assert!(ok, "sync failed");
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -172,13 +178,17 @@ fn main() {
                 rsync(rport, old, &name);
                 deltasync(&cli, dport, old, &name);
             }
-            // Alternate who goes first: the second one may meet the first
-            // one's dirty pages still being written back.
+            // Each timed run starts with nothing left to write back (rsync
+            // does not fsync, so its writes would otherwise slow down
+            // whoever runs next); the order alternates too.
+            settle();
             let (r, d) = if i % 2 == 0 {
                 let r = rsync(rport, new, &name);
+                settle();
                 (r, deltasync(&cli, dport, new, &name))
             } else {
                 let d = deltasync(&cli, dport, new, &name);
+                settle();
                 (rsync(rport, new, &name), d)
             };
             assert_eq!(
@@ -191,17 +201,24 @@ fn main() {
             d_wire = d.wire;
             let _ = std::fs::remove_file(work.join("rsync-root").join(&name));
         }
+        // Each run times both tools back to back: the paired ratios are
+        // steadier than a ratio of medians on a noisy machine.
+        let paired: Vec<f64> = d_secs.iter().zip(&r_secs).map(|(d, r)| d / r).collect();
+        let runs_text: Vec<String> =
+            r_secs.iter().zip(&d_secs).map(|(r, d)| format!("{r:.2}/{d:.2}")).collect();
         let (rt, dt) = (median(r_secs), median(d_secs));
         println!("| {label} | rsync | {rt:.3} s | {r_wire} |");
         println!("| {label} | deltasync | {dt:.3} s | {d_wire} |");
-        ratios.push((label, dt / rt, d_wire as f64 / r_wire as f64));
+        ratios.push((label, dt / rt, median(paired), runs_text.join(" "), d_wire as f64 / r_wire as f64));
     }
     let rss = peak_rss_kib(server_pid);
     drop(server);
-    println!("\n| scenario | time deltasync / rsync | bytes deltasync / rsync |");
-    println!("|---|---|---|");
-    for (label, t, b) in ratios {
-        println!("| {label} | {t:.2} | {b:.4} (1/{:.0}) |", 1.0 / b);
+    println!(
+        "\n| scenario | time ratio of medians | median of paired time ratios | runs (rsync/deltasync s) | bytes deltasync / rsync |"
+    );
+    println!("|---|---|---|---|---|");
+    for (label, t, p, runs, b) in ratios {
+        println!("| {label} | {t:.2} | {p:.2} | {runs} | {b:.4} (1/{:.0}) |", 1.0 / b);
     }
     println!("\ndeltasync-server peak RSS (VmHWM) over the whole run: {:.1} MiB", rss as f64 / 1024.0);
 }
