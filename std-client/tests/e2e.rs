@@ -82,6 +82,8 @@ fn round_trips_of_edge_sizes_and_100_mib() {
         assert_eq!(up["file_bytes"], len as u64);
         let dst = dir.path().join(format!("out{len}"));
         let down = srv.json(&["download", &name, "-o", s(&dst)]);
+        // The uploader hashes chunk ids only; this SHA-256 is the server's.
+        assert_eq!(up["sha256"], deltasync_core::Hash::of(&data).to_string(), "{len}");
         assert_eq!(down["sha256"], up["sha256"]);
         assert!(std::fs::read(&dst).unwrap() == data, "download of {len} bytes differs");
         assert!(std::fs::read(srv.root.join(&name)).unwrap() == data, "stored copy of {len} bytes differs");
@@ -89,7 +91,10 @@ fn round_trips_of_edge_sizes_and_100_mib() {
     let ls = srv.cli(&["--json", "ls"]);
     let files: Vec<serde_json::Value> = serde_json::from_slice(&ls.stdout).unwrap();
     assert_eq!(files.len(), 6);
-    assert!(files.iter().all(|f| f["sha256"].as_str().unwrap().len() == 64));
+    for f in &files {
+        let stored = std::fs::read(srv.root.join(f["name"].as_str().unwrap())).unwrap();
+        assert_eq!(f["sha256"], deltasync_core::Hash::of(&stored).to_string());
+    }
 }
 
 #[test]
@@ -108,6 +113,7 @@ fn a_4k_edit_of_64_mib_moves_under_one_percent_both_ways() {
     assert_eq!(up["mode"], "delta");
     assert!(wire(&up) < (64 << 20) / 100, "delta upload moved {} bytes", wire(&up));
     assert!(std::fs::read(srv.root.join("big")).unwrap() == new);
+    assert_eq!(up["sha256"], deltasync_core::Hash::of(&new).to_string());
 
     // A client still holding the old version downloads the new one.
     let local = dir.path().join("local");
@@ -120,6 +126,7 @@ fn a_4k_edit_of_64_mib_moves_under_one_percent_both_ways() {
     let again = srv.json(&["upload", s(&path)]);
     assert_eq!(again["mode"], "unchanged");
     assert!(wire(&again) < 300);
+    assert_eq!(again["sha256"], deltasync_core::Hash::of(&new).to_string(), "from the stored index");
 }
 
 #[test]
