@@ -374,6 +374,11 @@ mod download {
         fn handle(&mut self, now: Instant, msg: Message<'_>) -> Result<(), SessionError> {
             self.deadline = now.plus_ms(IDLE_TIMEOUT_MS);
             match (&mut self.state, msg) {
+                (State::AwaitOffer(..), Message::Offer(offer)) if !offer.file_hash.is_known() => {
+                    // Only an uploader may leave the hash to its peer; a
+                    // server always knows the hash of what it serves.
+                    Err(SessionError::Protocol(ErrorCode::BadMessage))
+                }
                 (State::AwaitOffer(..), Message::Offer(offer)) => {
                     let State::AwaitOffer(base, out) = core::mem::replace(&mut self.state, State::Poisoned)
                     else {

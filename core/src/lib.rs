@@ -54,5 +54,6 @@ pub use error::{ErrorCode, SessionError};
 pub use hash::Hash;
 pub use time::Instant;
 
-/// Version of the wire protocol spoken by this crate.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Version of the wire protocol spoken by this crate. Version 2: upload
+/// offers may leave the whole-file hash to the server, and `Done` carries it.
+pub const PROTOCOL_VERSION: u16 = 2;

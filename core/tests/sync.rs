@@ -397,3 +397,18 @@ fn a_silent_peer_times_out() {
     assert!(matches!(server.poll(Instant(20), &mut out), Ok(Poll::Wait(_))));
     assert_eq!(server.poll(Instant(10 + 30_001), &mut out), Err(SessionError::Timeout));
 }
+
+#[test]
+fn a_download_offer_without_the_file_hash_is_refused() {
+    use deltasync_core::machine::Machine;
+    use deltasync_core::message::Message;
+    let mut op: Download<'_, Tree, &[u8], Vec<u8>> = Download::new("f", [0; 8], None, Vec::new(), Instant(0));
+    let mut buf = [0u8; 256];
+    op.poll(Instant(0), &mut buf).unwrap();
+    let known = Tree::build(b"abc", ChunkerKind::Cdc).summary();
+    let offer = Summary { file_hash: Hash::UNKNOWN, ..known };
+    assert_eq!(
+        op.handle(Instant(0), Message::Offer(offer)),
+        Err(SessionError::Protocol(ErrorCode::BadMessage))
+    );
+}

@@ -67,6 +67,7 @@ fn token_from_file(path: &Path) -> anyhow::Result<String> {
 fn tune_allocator() {
     // SAFETY: mallopt only sets allocator parameters; it is called before
     // any other thread exists.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
         libc::mallopt(libc::M_ARENA_MAX, 2);

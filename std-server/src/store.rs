@@ -225,6 +225,50 @@ impl FsStore {
         Ok(StoredFile { name, size: meta.len(), modified, sha256: summary.file_hash })
     }
 
+    /// Verifies the written bytes' hash, syncs and renames the new version
+    /// into place, then writes its index; the caller cleans up on error.
+    fn publish(&mut self, name: &str, w: &mut TempFile, mut tree: Tree) -> Result<Hash, ErrorCode> {
+        let dest = self.path_of(name)?;
+        let file = w.file.take().ok_or(ErrorCode::Storage)?;
+        let file = file.into_inner().map_err(|e| storage(e.into_error()))?;
+        let t = std::time::Instant::now();
+        let hash = w.hasher.take().ok_or(ErrorCode::Storage)?.finish(w.written).map_err(storage)?;
+        let claimed = tree.summary().file_hash;
+        if claimed.is_known() && claimed != hash {
+            tracing::warn!(name, "the written file does not match the offered SHA-256");
+            return Err(ErrorCode::Integrity);
+        }
+        tree.set_file_hash(hash);
+        file.sync_all().map_err(storage)?;
+        tracing::debug!(name, ms = t.elapsed().as_millis() as u64, "hashed and synced the new version");
+        let _guard = self.commit.lock().unwrap_or_else(|p| p.into_inner());
+        // Keep the old version alive under another name while renaming, so
+        // that the rename does not have to free it; it goes in the background.
+        let trash = self.meta().join("trash").join(TEMP_COUNTER.fetch_add(1, Ordering::Relaxed).to_string());
+        let old = fs::hard_link(&dest, &trash).is_ok().then_some(trash);
+        if let Err(e) = fs::rename(&w.path, &dest) {
+            if let Some(old) = old {
+                let _ = fs::remove_file(old);
+            }
+            return Err(storage(e));
+        }
+        if let Some(old) = old {
+            std::thread::spawn(move || fs::remove_file(old));
+        }
+        if let Some(dir) = dest.parent() {
+            File::open(dir).and_then(|d| d.sync_all()).map_err(storage)?;
+        }
+        tracing::debug!(name, ms = t.elapsed().as_millis() as u64, "published");
+        let meta = file.metadata().map_err(storage)?;
+        if let Err(e) = self.save_index(name, &meta, &tree) {
+            // The file is published; a missing index is rebuilt on demand.
+            tracing::warn!(error = %e, name, "could not write index");
+        }
+        let _ = fs::remove_file(self.partial_path(name));
+        tracing::debug!(name, ms = t.elapsed().as_millis() as u64, "indexed");
+        Ok(hash)
+    }
+
     fn walk(&self, dir: &Path, out: &mut Vec<StoredFile>) -> Result<(), ErrorCode> {
         let mut entries: Vec<_> = fs::read_dir(dir).map_err(storage)?.filter_map(Result::ok).collect();
         entries.sort_by_key(|e| e.file_name());
@@ -433,11 +477,14 @@ impl TempFile {
         if f.flush().is_err() {
             return; // the next write or the final sync reports it
         }
-        let (from, len) = (self.kicked as libc::off64_t, (self.written - self.kicked) as libc::off64_t);
-        let fd = std::os::fd::AsRawFd::as_raw_fd(f.get_ref());
-        // SAFETY: `fd` belongs to a file we own for the whole call; the call
-        // takes no pointers. Failure only means no early writeback.
-        let _ = unsafe { libc::sync_file_range(fd, from, len, libc::SYNC_FILE_RANGE_WRITE) };
+        #[cfg(target_os = "linux")]
+        {
+            let (from, len) = (self.kicked as libc::off64_t, (self.written - self.kicked) as libc::off64_t);
+            let fd = std::os::fd::AsRawFd::as_raw_fd(f.get_ref());
+            // SAFETY: `fd` belongs to a file we own for the whole call; the
+            // call takes no pointers. Failure only means no early writeback.
+            let _ = unsafe { libc::sync_file_range(fd, from, len, libc::SYNC_FILE_RANGE_WRITE) };
+        }
         self.kicked = self.written;
         let ready = self.written;
         if let Some(h) = &self.hasher {
@@ -531,45 +578,19 @@ impl Store for FsStore {
     }
 
     fn finish(&mut self, name: &str, mut w: TempFile, tree: Option<Tree>) -> Result<Option<Hash>, ErrorCode> {
-        let Some(mut tree) = tree else {
+        let Some(tree) = tree else {
             w.discard();
             return Ok(None);
         };
-        let dest = self.path_of(name)?;
-        let file = w.file.take().ok_or(ErrorCode::Storage)?;
-        let file = file.into_inner().map_err(|e| storage(e.into_error()))?;
-        let t = std::time::Instant::now();
-        let hash = w.hasher.take().ok_or(ErrorCode::Storage)?.finish(w.written).map_err(storage)?;
-        let claimed = tree.summary().file_hash;
-        if claimed.is_known() && claimed != hash {
-            tracing::warn!(name, "the written file does not match the offered SHA-256");
-            w.discard();
-            return Err(ErrorCode::Integrity);
+        let temp = w.path.clone();
+        let result = self.publish(name, &mut w, tree);
+        if result.is_err() {
+            // Whatever step failed, no half-published leftover stays behind
+            // (after a successful rename this finds nothing to remove).
+            w.file = None;
+            let _ = fs::remove_file(temp);
         }
-        tree.set_file_hash(hash);
-        file.sync_all().map_err(storage)?;
-        tracing::debug!(name, ms = t.elapsed().as_millis() as u64, "hashed and synced the new version");
-        let _guard = self.commit.lock().unwrap_or_else(|p| p.into_inner());
-        // Keep the old version alive under another name while renaming, so
-        // that the rename does not have to free it; it goes in the background.
-        let trash = self.meta().join("trash").join(TEMP_COUNTER.fetch_add(1, Ordering::Relaxed).to_string());
-        let old = fs::hard_link(&dest, &trash).is_ok().then_some(trash);
-        fs::rename(&w.path, &dest).map_err(storage)?;
-        if let Some(dir) = dest.parent() {
-            File::open(dir).and_then(|d| d.sync_all()).map_err(storage)?;
-        }
-        if let Some(old) = old {
-            std::thread::spawn(move || fs::remove_file(old));
-        }
-        tracing::debug!(name, ms = t.elapsed().as_millis() as u64, "published");
-        let meta = file.metadata().map_err(storage)?;
-        if let Err(e) = self.save_index(name, &meta, &tree) {
-            // The file is published; a missing index is rebuilt on demand.
-            tracing::warn!(error = %e, name, "could not write index");
-        }
-        let _ = fs::remove_file(self.partial_path(name));
-        tracing::debug!(name, ms = t.elapsed().as_millis() as u64, "indexed");
-        Ok(Some(hash))
+        result.map(Some)
     }
 
     fn list(&mut self) -> Result<Vec<StoredFile>, ErrorCode> {
@@ -619,6 +640,31 @@ mod tests {
         let (tree, _) = store.open("f", ChunkerKind::Cdc).unwrap().unwrap();
         assert_eq!(tree.summary().file_hash, Hash::of(&vec![2u8; 100_000]));
         assert_eq!(store.list().unwrap().len(), 1, "the metadata directory is not listed");
+    }
+
+    #[test]
+    fn a_wrong_offered_hash_publishes_nothing_and_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = FsStore::open(dir.path()).unwrap();
+        fs::write(dir.path().join("f"), b"old").unwrap();
+        let mut w = store.create("f", 3).unwrap();
+        w.write(b"new").unwrap();
+        let mut tree = Tree::build(b"new", ChunkerKind::Cdc);
+        tree.set_file_hash(Hash::of(b"something else"));
+        assert_eq!(store.finish("f", w, Some(tree)), Err(ErrorCode::Integrity));
+        assert_eq!(fs::read(dir.path().join("f")).unwrap(), b"old");
+        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names.len(), 2, "only f and the metadata directory: {names:?}");
+        assert!(store.partial("f", ChunkerKind::Cdc).unwrap().is_none());
+
+        // Left to the store, the hash is that of the bytes written.
+        let mut w = store.create("f", 3).unwrap();
+        w.write(b"new").unwrap();
+        let mut tree = Tree::build(b"new", ChunkerKind::Cdc);
+        tree.set_file_hash(Hash::UNKNOWN);
+        assert_eq!(store.finish("f", w, Some(tree)), Ok(Some(Hash::of(b"new"))));
+        assert_eq!(store.stat("f").unwrap().sha256, Hash::of(b"new"));
+        assert_eq!(fs::read(dir.path().join("f")).unwrap(), b"new");
     }
 
     #[test]
