@@ -11,11 +11,11 @@
 //! Verification: reused chunks keep their (trusted, stored) ids, fetched bytes
 //! are re-chunked and hashed, and the tree is rebuilt from them; the new
 //! version is accepted only if its root and size equal the offer's, and its
-//! whole-file SHA-256 too when the offer carries one. An upload offer may
-//! leave that hash unknown: the new tree then leaves it unknown too, and the
-//! server's store computes it over the bytes it wrote (see
-//! [`crate::conn::server::Store::finish`]). Otherwise the outcome is [`Outcome::Integrity`] and the shell
-//! keeps its old version.
+//! whole-file SHA-256 too when the offer carries one. Otherwise the outcome
+//! is [`Outcome::Integrity`] and the shell keeps its old version. An upload
+//! offer may leave that hash unknown: the new tree then leaves it unknown
+//! too, and the server's store computes it over the bytes it wrote (see
+//! [`crate::conn::server::Store::finish`]).
 
 use crate::error::{ErrorCode, SessionError};
 use crate::hash::ShortId;
@@ -107,9 +107,9 @@ pub struct Receiver<T, R, W> {
     segs: Vec<Seg>,
     fetch: VecDeque<(u64, u64)>,
     cursor: usize,
+    /// `None` once the output took over indexing (a whole version is
+    /// fetched) or once the tree is finished.
     indexer: Option<Indexer<Levels>>,
-    /// The output computes the tree itself (a whole version is fetched).
-    shell_tree: bool,
     /// Bytes given to the output.
     written: u64,
     new_tree: Option<Tree>,
@@ -161,7 +161,6 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
             } else {
                 Indexer::without_file_hash(offer.chunking, Levels::default())
             }),
-            shell_tree: false,
             written: 0,
             new_tree: None,
             out,
@@ -225,7 +224,6 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
             // Nothing to reuse: skip the walk and fetch the whole file. The
             // output may index it as it goes, off this thread.
             if self.out.index_in_background(self.offer.chunking) {
-                self.shell_tree = true;
                 self.indexer = None;
             }
             self.segs.push(Seg::Fetch { at: 0, len: self.offer.size });
@@ -337,8 +335,6 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
             if self.written == at + seg_len {
                 ix.end_chunk().map_err(|_| SessionError::Capacity)?;
             }
-        } else if !self.shell_tree {
-            return Err(SessionError::Capacity);
         }
         if self.written == at + seg_len {
             self.cursor += 1;
@@ -391,14 +387,14 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
         if self.cursor != self.segs.len() || self.written != self.offer.size {
             return Ok(Outcome::Integrity);
         }
-        let tree = if self.shell_tree {
-            self.out.finish_tree().map_err(|_| SessionError::Write)?
-        } else {
-            let ix = self.indexer.take().ok_or(SessionError::Capacity)?;
-            let (summary, levels) = ix.finish().map_err(|_| SessionError::Capacity)?;
-            Tree::from_parts(summary, levels)
+        let mut tree = match self.indexer.take() {
+            Some(ix) => {
+                let (summary, levels) = ix.finish().map_err(|_| SessionError::Capacity)?;
+                Tree::from_parts(summary, levels)
+            }
+            // The output indexed the version itself.
+            None => self.out.finish_tree().map_err(|_| SessionError::Write)?,
         };
-        let mut tree = tree;
         if !tree.summary().file_hash.is_known() {
             // The output hashes the bytes itself: it gets the offer's claim
             // to check (a store refuses to publish on a mismatch).
