@@ -114,9 +114,20 @@ pub fn chunk_ids<R: ReadAt + ?Sized>(
     kind: ChunkerKind,
     threads: usize,
 ) -> io::Result<Vec<(Hash, u64)>> {
+    chunk_ids_from(src, kind, threads, 0)
+}
+
+/// Like [`chunk_ids`] for the chunks after `from`, which must be a cut of
+/// the true chain (or 0).
+pub(crate) fn chunk_ids_from<R: ReadAt + ?Sized>(
+    src: &R,
+    kind: ChunkerKind,
+    threads: usize,
+    from: u64,
+) -> io::Result<Vec<(Hash, u64)>> {
     let len = src.size();
     let threads = threads.clamp(1, 64);
-    let bounds: Vec<u64> = (0..=threads as u64).map(|k| len * k / threads as u64).collect();
+    let bounds: Vec<u64> = (0..=threads as u64).map(|k| from + (len - from) * k / threads as u64).collect();
     let per: Vec<Vec<(u64, Hash)>> = std::thread::scope(|s| {
         let bounds = &bounds;
         let hs: Vec<_> = (0..threads)
@@ -128,7 +139,7 @@ pub fn chunk_ids<R: ReadAt + ?Sized>(
     // thread's chunks become true from the first cut the true chain shares
     // with it.
     let mut all: Vec<(u64, Hash)> = per[0].clone();
-    let mut pos = all.last().map_or(0, |e| e.0);
+    let mut pos = all.last().map_or(from, |e| e.0);
     let mut k = 1;
     while pos < len {
         let (cut, id) = next_chunk(src, kind, pos)?;
@@ -177,15 +188,20 @@ fn build<R: ReadAt + ?Sized>(src: &R, kind: ChunkerKind, threads: usize, hashed:
         let file = file.map_or(Ok(Hash::UNKNOWN), |f| f.join().expect("hashing thread panicked"));
         (chunks, file)
     });
+    Ok(tree_of_chunks(src.size(), kind, &chunks?, file?))
+}
+
+/// The tree over chunks given as (SHA-256, end offset).
+pub(crate) fn tree_of_chunks(size: u64, kind: ChunkerKind, chunks: &[(Hash, u64)], file_hash: Hash) -> Tree {
     let mut tb = TreeBuilder::new(Levels::default());
     let mut prev = 0u64;
-    for (id, end) in chunks? {
+    for &(id, end) in chunks {
         tb.push_chunk(Entry { id, len: end - prev }).expect("owned tree sink never fills");
         prev = end;
     }
     let (root, height, levels) = tb.finish().expect("owned tree sink never fills");
-    let summary = Summary { size: src.size(), root: root.id, height, file_hash: file?, chunking: kind };
-    Ok(Tree::from_parts(summary, levels))
+    let summary = Summary { size, root: root.id, height, file_hash, chunking: kind };
+    Tree::from_parts(summary, levels)
 }
 
 #[cfg(test)]

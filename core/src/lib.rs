@@ -33,6 +33,8 @@ pub mod error;
 pub mod frame;
 pub mod hash;
 #[cfg(feature = "std")]
+pub mod hints;
+#[cfg(feature = "std")]
 pub mod local;
 pub mod machine;
 pub mod message;
