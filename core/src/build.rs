@@ -69,32 +69,57 @@ fn pieces<R: ReadAt + ?Sized>(src: &R, from: u64, to: u64, mut f: impl FnMut(u64
     Ok(())
 }
 
+/// A group of chunks (see [`crate::hints`]) hashed by the thread that read
+/// its bytes: (start offset, end offset, BLAKE3).
+pub(crate) type Group = (u64, u64, [u8; 32]);
+
+/// What one thread found in its slice: chunks as (end offset, SHA-256) and,
+/// if asked, its groups.
+type Segment = (Vec<(u64, Hash)>, Vec<Group>);
+
 /// Chunks of `src[from..to]` found by a fresh chunker at `from`, each hashed
-/// while its bytes are still in cache: (end offset, SHA-256). A trailing
-/// partial chunk is included only when `to` is the end of the file.
+/// while its bytes are still in cache. A trailing partial chunk is included
+/// only when `to` is the end of the file. With `grouped`, the chunks are also
+/// cut into groups from `from` on, each BLAKE3-hashed from the same bytes.
 fn chunk_segment<R: ReadAt + ?Sized>(
     src: &R,
     kind: ChunkerKind,
     from: u64,
     to: u64,
-) -> io::Result<Vec<(u64, Hash)>> {
+    grouped: bool,
+) -> io::Result<Segment> {
     let mut c = Chunker::new(kind);
     let mut h = Sha256::new();
     let mut out = Vec::with_capacity(((to - from) / 4096) as usize + 1);
+    let mut groups = Vec::new();
+    let (mut g, mut g_start, mut g_count) = (blake3::Hasher::new(), from, 0u32);
     pieces(src, from, to, |at, mut data| {
         let mut base = at;
         while let Some(n) = c.next_boundary(data) {
             h.update(&data[..n]);
             base += n as u64;
-            out.push((base, Hash(core::mem::replace(&mut h, Sha256::new()).finalize().into())));
+            let id = Hash(core::mem::replace(&mut h, Sha256::new()).finalize().into());
+            out.push((base, id));
+            if grouped {
+                g.update(&data[..n]);
+                g_count += 1;
+                if crate::hints::ends_group(&id, g_count) {
+                    groups.push((g_start, base, *g.finalize().as_bytes()));
+                    (g_start, g_count) = (base, 0);
+                    g.reset();
+                }
+            }
             data = &data[n..];
         }
         h.update(data);
+        if grouped {
+            g.update(data);
+        }
     })?;
     if to == src.size() && out.last().map_or(from, |e| e.0) < to {
         out.push((to, Hash(h.finalize().into())));
     }
-    Ok(out)
+    Ok((out, groups))
 }
 
 /// The true chain's next chunk after `pos`: one read of at most a chunk's
@@ -114,47 +139,52 @@ pub fn chunk_ids<R: ReadAt + ?Sized>(
     kind: ChunkerKind,
     threads: usize,
 ) -> io::Result<Vec<(Hash, u64)>> {
-    chunk_ids_from(src, kind, threads, 0)
+    Ok(chunk_ids_from(src, kind, threads, 0, false)?.0)
 }
 
 /// Like [`chunk_ids`] for the chunks after `from`, which must be a cut of
-/// the true chain (or 0).
+/// the true chain (or 0). With `grouped`, also the groups whose chunks were
+/// taken from the thread that hashed the group (so each group's hash and its
+/// chunks' ids come from one read of the bytes).
 pub(crate) fn chunk_ids_from<R: ReadAt + ?Sized>(
     src: &R,
     kind: ChunkerKind,
     threads: usize,
     from: u64,
-) -> io::Result<Vec<(Hash, u64)>> {
+    grouped: bool,
+) -> io::Result<(Vec<(Hash, u64)>, Vec<Group>)> {
     let len = src.size();
     let threads = threads.clamp(1, 64);
     let bounds: Vec<u64> = (0..=threads as u64).map(|k| from + (len - from) * k / threads as u64).collect();
-    let per: Vec<Vec<(u64, Hash)>> = std::thread::scope(|s| {
+    let per: Vec<Segment> = std::thread::scope(|s| {
         let bounds = &bounds;
         let hs: Vec<_> = (0..threads)
-            .map(|k| s.spawn(move || chunk_segment(src, kind, bounds[k], bounds[k + 1])))
+            .map(|k| s.spawn(move || chunk_segment(src, kind, bounds[k], bounds[k + 1], grouped)))
             .collect();
         hs.into_iter().map(|h| h.join().expect("chunking thread panicked")).collect::<io::Result<_>>()
     })?;
     // Thread 0 started at a true chunk start: its chunks are true. Each later
     // thread's chunks become true from the first cut the true chain shares
     // with it.
-    let mut all: Vec<(u64, Hash)> = per[0].clone();
+    let mut all: Vec<(u64, Hash)> = per[0].0.clone();
+    let mut groups: Vec<Group> = per[0].1.clone();
     let mut pos = all.last().map_or(from, |e| e.0);
     let mut k = 1;
     while pos < len {
         let (cut, id) = next_chunk(src, kind, pos)?;
         all.push((cut, id));
         pos = cut;
-        while k < threads && per[k].last().is_none_or(|e| e.0 < cut) {
+        while k < threads && per[k].0.last().is_none_or(|e| e.0 < cut) {
             k += 1;
         }
-        if let Some(i) = per.get(k).and_then(|c| c.binary_search_by_key(&cut, |e| e.0).ok()) {
-            all.extend_from_slice(&per[k][i + 1..]);
+        if let Some(i) = per.get(k).and_then(|c| c.0.binary_search_by_key(&cut, |e| e.0).ok()) {
+            all.extend_from_slice(&per[k].0[i + 1..]);
+            groups.extend(per[k].1.iter().filter(|g| g.0 >= cut));
             pos = all.last().map_or(pos, |e| e.0);
             k += 1;
         }
     }
-    Ok(all.into_iter().map(|(end, id)| (id, end)).collect())
+    Ok((all.into_iter().map(|(end, id)| (id, end)).collect(), groups))
 }
 
 /// Whole-file SHA-256.

@@ -30,7 +30,7 @@
 //! client keys them by server and file name), and wrong or stale hints cost
 //! time, never correctness.
 
-use crate::build::{ReadAt, chunk_ids_from, tree_of_chunks};
+use crate::build::{Group, ReadAt, chunk_ids_from, tree_of_chunks};
 use crate::chunker::{Chunker, ChunkerKind};
 use crate::hash::Hash;
 use crate::tree::{Tree, TreeView};
@@ -53,7 +53,7 @@ const MAGIC: &[u8; 8] = b"DSHINTS1";
 
 /// Whether `id`, the `count`-th chunk of its group, ends the group. Uses a
 /// different byte of the id than the tree's node boundaries.
-fn ends_group(id: &Hash, count: u32) -> bool {
+pub(crate) fn ends_group(id: &Hash, count: u32) -> bool {
     count >= GROUP_MAX || (count >= GROUP_MIN && id.0[30] & 31 == 0)
 }
 
@@ -69,15 +69,25 @@ pub struct ChunkHints {
     groups: Vec<(u32, [u8; 32])>,
 }
 
-/// Groups a build found unchanged: start offset -> (end offset, BLAKE3).
-/// [`ChunkHints::collect`] reuses their hashes instead of reading them again.
+/// Groups whose BLAKE3 hash a build computed from the same read of the
+/// bytes as their chunks' ids (or took, with the ids, from matching hints):
+/// start offset -> (end offset, BLAKE3). [`ChunkHints::collect`] reuses
+/// them instead of reading those bytes again.
 #[derive(Clone, Debug, Default)]
-pub struct Known(HashMap<u64, (u64, [u8; 32])>);
+pub struct Known {
+    groups: HashMap<u64, (u64, [u8; 32])>,
+    /// Bytes whose chunks were taken from old hints.
+    reused: u64,
+}
 
 impl Known {
-    /// Bytes of the file that matched an old group.
-    pub fn bytes(&self) -> u64 {
-        self.0.iter().map(|(start, (end, _))| end - start).sum()
+    fn add(&mut self, groups: impl IntoIterator<Item = Group>) {
+        self.groups.extend(groups.into_iter().map(|(s, e, h)| (s, (e, h))));
+    }
+
+    /// Bytes of the file whose chunk ids were taken from the old hints.
+    pub fn reused_bytes(&self) -> u64 {
+        self.reused
     }
 }
 
@@ -113,7 +123,11 @@ impl Window {
 impl ChunkHints {
     /// The hints of a version whose tree is `tree` and whose bytes `src`
     /// holds. `known` lists groups whose BLAKE3 hash is already known (from
-    /// the build that made `tree`); every other group is read and hashed.
+    /// the build that made `tree`); every other group is read, hashed, and
+    /// its chunks' SHA-256 ids checked against the tree from that same read,
+    /// so that a group's hash and ids always describe the same bytes. Fails
+    /// with [`io::ErrorKind::InvalidData`] if they differ (the file changed
+    /// since the tree was built): such hints would mislead the next build.
     pub fn collect<R: ReadAt + ?Sized>(src: &R, tree: &Tree, known: &Known) -> io::Result<ChunkHints> {
         let summary = tree.summary();
         let n = tree.level_len(0);
@@ -124,16 +138,22 @@ impl ChunkHints {
         }
         let mut groups = Vec::new();
         let mut win = Window::new();
-        let (mut start, mut end, mut count) = (0u64, 0u64, 0u32);
+        let (mut start, mut end, mut count, mut groups_chunks) = (0u64, 0u64, 0u32, 0usize);
         for &(len, id) in chunks.iter().take(chunks.len().saturating_sub(1)) {
             end += u64::from(len);
             count += 1;
             if ends_group(&id, count) {
-                let hash = match known.0.get(&start) {
+                let hash = match known.groups.get(&start) {
                     Some(&(e, h)) if e == end => h,
-                    _ => *blake3::hash(win.get(src, summary.size, start, (end - start) as usize)?).as_bytes(),
+                    _ => {
+                        let bytes = win.get(src, summary.size, start, (end - start) as usize)?;
+                        let members = &chunks[groups_chunks..groups_chunks + count as usize];
+                        verify(bytes, members)?;
+                        *blake3::hash(bytes).as_bytes()
+                    }
                 };
                 groups.push((count, hash));
+                groups_chunks += count as usize;
                 (start, count) = (end, 0);
             }
         }
@@ -170,6 +190,19 @@ impl ChunkHints {
     }
 }
 
+/// Checks that `bytes` are the chunks `members` (length, SHA-256) in order.
+fn verify(bytes: &[u8], members: &[(u32, Hash)]) -> io::Result<()> {
+    let mut at = 0usize;
+    for &(len, id) in members {
+        let chunk = bytes.get(at..at + len as usize);
+        if chunk.map(Hash::of) != Some(id) {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "the file changed while it was read"));
+        }
+        at += len as usize;
+    }
+    Ok(())
+}
+
 /// Builds the tree of `src` without the whole-file SHA-256, as
 /// [`crate::build::build_tree_unhashed`] does, taking unchanged groups from
 /// `old` (see the module documentation). Also returns the groups found
@@ -183,7 +216,12 @@ pub fn build_tree_hinted<R: ReadAt + ?Sized>(
     let len = src.size();
     let (chunks, known) = match old {
         Some(old) if old.kind == kind && !old.groups.is_empty() => walk(src, len, kind, threads, old)?,
-        _ => (chunk_ids_from(src, kind, threads, 0)?, Known::default()),
+        _ => {
+            let (chunks, groups) = chunk_ids_from(src, kind, threads, 0, true)?;
+            let mut known = Known::default();
+            known.add(groups);
+            (chunks, known)
+        }
     };
     Ok((tree_of_chunks(len, kind, &chunks, Hash::UNKNOWN), known))
 }
@@ -220,7 +258,8 @@ fn walk<R: ReadAt + ?Sized>(
                     end += u64::from(clen);
                     out.push((id, end));
                 }
-                known.0.insert(pos, (end, hash));
+                known.groups.insert(pos, (end, hash));
+                known.reused += bytes;
                 (pos, k, misses) = (end, k + count as usize, 0);
                 continue;
             }
@@ -237,7 +276,9 @@ fn walk<R: ReadAt + ?Sized>(
             None => (k, misses) = (k + 1, misses + 1),
         }
         if misses >= GIVE_UP && pos < len {
-            out.extend(chunk_ids_from(src, kind, threads, pos)?);
+            let (rest, groups) = chunk_ids_from(src, kind, threads, pos, true)?;
+            out.extend(rest);
+            known.add(groups);
             break;
         }
     }
@@ -264,7 +305,7 @@ mod tests {
         assert_eq!(tree, build_tree_unhashed(new, ChunkerKind::Cdc, 2).unwrap());
         // The hints of the new version equal those collected from scratch.
         assert_eq!(ChunkHints::collect(new, &tree, &known).unwrap(), hints_of(new));
-        known.bytes()
+        known.reused_bytes()
     }
 
     #[test]
@@ -302,6 +343,27 @@ mod tests {
         assert_eq!(rebuild(&a, &b), 0);
         assert_eq!(rebuild(&a, &[]), 0);
         assert_eq!(rebuild(&[], &a), 0);
+    }
+
+    #[test]
+    fn a_first_build_hashes_its_groups_as_it_chunks() {
+        let data = random_bytes(7, 8 << 20);
+        for threads in [1, 2, 3] {
+            let (_, known) = build_tree_hinted(&data[..], ChunkerKind::Cdc, threads, None).unwrap();
+            let covered: u64 = known.groups.iter().map(|(s, (e, _))| e - s).sum();
+            assert!(covered > data.len() as u64 * 9 / 10, "threads {threads}: {covered}");
+        }
+    }
+
+    #[test]
+    fn hints_are_never_collected_from_bytes_other_than_those_chunked() {
+        let data = random_bytes(8, 2 << 20);
+        let (tree, _) = build_tree_hinted(&data[..], ChunkerKind::Cdc, 2, None).unwrap();
+        let mut changed = data.clone();
+        changed[1 << 20] ^= 1;
+        let err = ChunkHints::collect(&changed[..], &tree, &Known::default()).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert_eq!(ChunkHints::collect(&data[..], &tree, &Known::default()).unwrap(), hints_of(&data));
     }
 
     #[test]

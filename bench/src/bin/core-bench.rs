@@ -9,6 +9,7 @@ use deltasync_core::Instant;
 use deltasync_core::build::{build_tree, chunk_ids, file_hash};
 use deltasync_core::chunker::{Chunker, ChunkerKind};
 use deltasync_core::conn::{ClientHandshake, Upload};
+use deltasync_core::hints::{ChunkHints, build_tree_hinted};
 use deltasync_core::message::Outcome;
 use deltasync_core::sender::Sender;
 use deltasync_core::sim::{Files, Net, pump, random_bytes, run, server};
@@ -124,6 +125,32 @@ fn main() {
     println!("| whole tree incl. whole-file SHA-256, 2 threads | {tree2:.3} s | {:.2} GB/s |", gb / tree2);
     let fh = time(runs, || file_hash(&old[..]).unwrap());
     println!("| whole-file SHA-256 alone (streamed) | {fh:.3} s | {:.2} GB/s |", gb / fh);
+
+    // Chunk hints: the first build also hashes its groups (BLAKE3) for the
+    // next one; a rebuild with the old version's hints takes unchanged
+    // groups without chunking or SHA-256 (one thread walks the file).
+    let first = time(runs, || build_tree_hinted(&old[..], ChunkerKind::Cdc, 2, None).unwrap());
+    println!(
+        "| tree + group hashes for hints (first build), 2 threads | {first:.3} s | {:.2} GB/s |",
+        gb / first
+    );
+    let (t, known) = build_tree_hinted(&old[..], ChunkerKind::Cdc, 2, None).unwrap();
+    let hints = ChunkHints::collect(&old[..], &t, &known).unwrap();
+    let mut edited = old.clone();
+    edited[size / 2..size / 2 + 4096].iter_mut().for_each(|b| *b = !*b);
+    let re = time(runs, || build_tree_hinted(&edited[..], ChunkerKind::Cdc, 2, Some(&hints)).unwrap());
+    println!(
+        "| tree with the old version's hints, after a 4 KiB overwrite | {re:.3} s | {:.2} GB/s |",
+        gb / re
+    );
+    let mut inserted = old.clone();
+    inserted.insert(0, b'!');
+    let ri = time(runs, || build_tree_hinted(&inserted[..], ChunkerKind::Cdc, 2, Some(&hints)).unwrap());
+    println!(
+        "| tree with the old version's hints, after a 1-byte insert at 0 | {ri:.3} s | {:.2} GB/s |",
+        gb / ri
+    );
+    drop((edited, inserted));
 
     let old_tree = build_tree(&old[..], ChunkerKind::Cdc, 2).unwrap();
     println!(
