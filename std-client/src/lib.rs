@@ -2,12 +2,12 @@
 //! download and delete files, always with delta sync. The `deltasync`
 //! command and the GUI are thin faces over this library.
 
-use deltasync_core::build::build_tree_unhashed;
 use deltasync_core::chunker::ChunkerKind;
 use deltasync_core::conn::{ClientHandshake, Download, Query, QueryKind, Upload};
 use deltasync_core::driver::{DriveError, Pump, TimeoutAsTimedOut, run_blocking_observed};
 use deltasync_core::error::{ErrorCode, SessionError};
 use deltasync_core::frame::{MAX_ENCODED, MAX_FRAME};
+use deltasync_core::hints::{ChunkHints, build_tree_hinted};
 use deltasync_core::local::now;
 use deltasync_core::machine::Machine;
 use deltasync_core::message::Outcome;
@@ -256,6 +256,10 @@ pub struct Connection {
     /// A second handle on the socket, to shut it down on cancel.
     ctl: TcpStream,
     rate: Arc<std::sync::atomic::AtomicU64>,
+    /// The address this connection was made with, part of the hints' key.
+    server: String,
+    /// Where chunk hints are kept, if anywhere.
+    hints_dir: Option<PathBuf>,
 }
 
 impl Connection {
@@ -287,6 +291,8 @@ impl Connection {
             pump: Pump::new(vec![0u8; 256 * 1024], vec![0u8; MAX_FRAME], vec![0u8; MAX_ENCODED]),
             salt: [0; 8],
             cancel: Arc::new(AtomicBool::new(false)),
+            server: server.to_string(),
+            hints_dir: None,
         };
         let mut hs = ClientHandshake::new(token, rand::random(), now());
         c.salt = c.run(&mut hs, "", |_, _| {})?;
@@ -297,6 +303,20 @@ impl Connection {
     /// with [`ClientError::Cancelled`] (set it from another thread).
     pub fn cancel_flag(&self) -> Arc<AtomicBool> {
         self.cancel.clone()
+    }
+
+    /// Keeps chunk hints in `dir` (see [`deltasync_core::hints`]): after an
+    /// upload or download of a file, what its chunks were, so that chunking
+    /// its next version skips the unchanged parts. Keyed by server address
+    /// and file name; `None` (the default) keeps none.
+    pub fn set_hints_dir(&mut self, dir: Option<PathBuf>) {
+        self.hints_dir = dir;
+    }
+
+    /// The hints file for `name` on this server.
+    fn hints_file(&self, name: &str) -> Option<PathBuf> {
+        let key = deltasync_core::hash::Hash::of(format!("{}\0{name}", self.server).as_bytes());
+        Some(self.hints_dir.as_ref()?.join(key.to_string()))
     }
 
     /// Uses `flag` as this connection's cancel flag (see [`Self::cancel_flag`]).
@@ -390,15 +410,30 @@ impl Connection {
         let threads = deltasync_core::build::default_threads();
         // Chunk ids only: the server hashes the whole file as it writes it and
         // reports that SHA-256 back (the tree root already pins every byte).
-        let tree = build_tree_unhashed(&file, ChunkerKind::Cdc, threads).map_err(local)?;
+        // The hints of the version last sent as `name` spare re-chunking what
+        // did not change.
+        let hints_file = self.hints_file(name);
+        let old = hints_file.as_deref().and_then(load_hints);
+        let (tree, known) =
+            build_tree_hinted(&file, ChunkerKind::Cdc, threads, old.as_ref()).map_err(local)?;
+        drop(old);
         let summary = tree.summary();
         let (s0, r0) = self.wire_bytes();
         let sender =
             Sender::new(&tree, FileSource(file.try_clone().map_err(local)?), summary, self.salt, now());
         let mut op = Upload::new(name, sender);
         let total = summary.size;
-        let outcome =
-            self.run(&mut op, name, |op, _| progress(Progress { done: op.sender().literal_bytes(), total }))?;
+        // The next version's hints are collected while the upload runs.
+        let (outcome, hints) = std::thread::scope(|s| {
+            let hints = hints_file.is_some().then(|| s.spawn(|| ChunkHints::collect(&file, &tree, &known)));
+            let outcome = self
+                .run(&mut op, name, |op, _| progress(Progress { done: op.sender().literal_bytes(), total }));
+            (outcome, hints.and_then(|h| h.join().ok()))
+        });
+        let outcome = outcome?;
+        if let (Some(path), Some(Ok(hints))) = (&hints_file, hints) {
+            store_hints(path, &hints);
+        }
         let literal = op.sender().literal_bytes();
         if outcome == Outcome::Integrity {
             return Err(ClientError::Integrity(name.into()));
@@ -436,8 +471,10 @@ impl Connection {
         let threads = deltasync_core::build::default_threads();
         let base = match File::open(dest) {
             Ok(f) if f.metadata().map_err(local)?.is_file() => {
-                // Reuse needs chunk ids only, not the local file's SHA-256.
-                let tree = build_tree_unhashed(&f, ChunkerKind::Cdc, threads).map_err(local)?;
+                // Reuse needs chunk ids only, not the local file's SHA-256;
+                // hints of `name` help if this copy is what was last sent.
+                let old = self.hints_file(name).as_deref().and_then(load_hints);
+                let tree = build_tree_hinted(&f, ChunkerKind::Cdc, threads, old.as_ref()).map_err(local)?.0;
                 Some(Base { tree, source: FileSource(f) })
             }
             Ok(_) => return Err(local(io::Error::other("not a regular file"))),
@@ -484,6 +521,34 @@ impl Connection {
             sha256: offer.file_hash.to_string(),
         })
     }
+}
+
+/// Hints stored at `path`, if any and undamaged.
+fn load_hints(path: &Path) -> Option<ChunkHints> {
+    ChunkHints::from_bytes(&fs::read(path).ok()?)
+}
+
+/// Stores hints at `path` (best effort: they are a cache), replacing the
+/// file at once so that a reader sees old or new hints whole.
+fn store_hints(path: &Path, hints: &ChunkHints) {
+    let Some(dir) = path.parent() else { return };
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let ok = fs::create_dir_all(dir).is_ok()
+        && fs::write(&tmp, hints.to_bytes()).is_ok()
+        && fs::rename(&tmp, path).is_ok();
+    if !ok {
+        let _ = fs::remove_file(&tmp);
+    }
+}
+
+/// The default directory for chunk hints: `$XDG_CACHE_HOME/deltasync/hints`
+/// or `~/.cache/deltasync/hints`.
+pub fn default_hints_dir() -> Option<PathBuf> {
+    let cache =
+        std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()).map(PathBuf::from).or_else(|| {
+            std::env::var_os("HOME").filter(|d| !d.is_empty()).map(|h| PathBuf::from(h).join(".cache"))
+        })?;
+    Some(cache.join("deltasync").join("hints"))
 }
 
 fn mode_of(outcome: Outcome, literal: u64, total: u64) -> Mode {

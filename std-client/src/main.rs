@@ -25,6 +25,14 @@ struct Cli {
     /// Send at most this many bytes per second (suffixes K, M, G: powers of 1024).
     #[arg(long, global = true, value_parser = parse_rate)]
     limit_rate: Option<u64>,
+    /// Where to keep chunk hints: what each file's chunks were when it was
+    /// last uploaded, so that the next upload re-reads only what changed
+    /// [default: $XDG_CACHE_HOME/deltasync/hints or ~/.cache/deltasync/hints].
+    #[arg(long, env = "DELTASYNC_HINTS", global = true, value_name = "DIR")]
+    hints: Option<PathBuf>,
+    /// Use and keep no chunk hints: chunk and hash every file in full.
+    #[arg(long, global = true)]
+    no_hints: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -125,6 +133,7 @@ fn run(cli: Cli) -> Result<(), ClientError> {
     if let Some(r) = cli.limit_rate {
         c.limit_rate(r);
     }
+    c.set_hints_dir(if cli.no_hints { None } else { cli.hints.or_else(deltasync_client::default_hints_dir) });
     let bars = !cli.json && std::io::stderr().is_terminal();
     let json = |v: &dyn erased::Json| out(&v.to_json());
     match cli.command {

@@ -31,6 +31,11 @@ impl Server {
         Server { port: proc.port, proc, root: root.to_path_buf() }
     }
 
+    /// The CLI's chunk hints, beside the server's root.
+    fn hints(&self) -> PathBuf {
+        self.root.with_file_name("hints")
+    }
+
     fn cli(&self, args: &[&str]) -> Output {
         self.cli_with_token(TOKEN, args)
     }
@@ -39,6 +44,7 @@ impl Server {
         Command::new(env!("CARGO_BIN_EXE_deltasync"))
             .env("DELTASYNC_SERVER", format!("127.0.0.1:{}", self.port))
             .env("DELTASYNC_TOKEN", token)
+            .env("DELTASYNC_HINTS", self.hints())
             .args(args)
             .output()
             .expect("run deltasync")
@@ -127,6 +133,56 @@ fn a_4k_edit_of_64_mib_moves_under_one_percent_both_ways() {
     assert_eq!(again["mode"], "unchanged");
     assert!(wire(&again) < 300);
     assert_eq!(again["sha256"], deltasync_core::Hash::of(&new).to_string(), "from the stored index");
+}
+
+#[test]
+fn chunk_hints_never_mislead_an_upload() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Server::start(&dir.path().join("root"));
+    let path = dir.path().join("doc");
+    let check = |data: &[u8], mode: &str| {
+        let up = srv.json(&["upload", s(&path), "--as", "doc"]);
+        assert_eq!(up["mode"], mode);
+        assert_eq!(up["sha256"], deltasync_core::Hash::of(data).to_string());
+        assert!(std::fs::read(srv.root.join("doc")).unwrap() == data, "stored copy differs");
+    };
+    let mut data = random(50, 8 << 20);
+    std::fs::write(&path, &data).unwrap();
+    check(&data, "full");
+    let hints: Vec<_> = std::fs::read_dir(srv.hints()).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(hints.len(), 1, "one hints file per uploaded name");
+
+    // Edited in place: the hints of the last upload describe all but the edit.
+    data[5 << 20..(5 << 20) + 4096].iter_mut().for_each(|b| *b = !*b);
+    data.insert(100, b'!');
+    std::fs::write(&path, &data).unwrap();
+    check(&data, "delta");
+
+    // Damaged hints are ignored.
+    let mut bytes = std::fs::read(&hints[0]).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&hints[0], &bytes).unwrap();
+    data[1 << 20] ^= 1;
+    std::fs::write(&path, &data).unwrap();
+    check(&data, "delta");
+
+    // Hints of another file, under this file's key, cost time only.
+    let other = dir.path().join("other");
+    std::fs::write(&other, random(51, 3 << 20)).unwrap();
+    assert_eq!(srv.json(&["upload", s(&other), "--as", "other"])["mode"], "full");
+    let other_hints =
+        std::fs::read_dir(srv.hints()).unwrap().map(|e| e.unwrap().path()).find(|p| *p != hints[0]);
+    std::fs::copy(other_hints.unwrap(), &hints[0]).unwrap();
+    data.truncate(6 << 20);
+    std::fs::write(&path, &data).unwrap();
+    check(&data, "delta");
+
+    // Without hints the same file is unchanged.
+    let plain = srv.cli(&["--no-hints", "--json", "upload", s(&path), "--as", "doc"]);
+    assert!(plain.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&plain.stdout).unwrap();
+    assert_eq!(v["mode"], "unchanged");
 }
 
 #[test]
@@ -224,6 +280,7 @@ fn a_server_killed_mid_upload_keeps_the_old_version_and_resumes() {
     let mut up = Command::new(env!("CARGO_BIN_EXE_deltasync"))
         .env("DELTASYNC_SERVER", format!("127.0.0.1:{}", srv.port))
         .env("DELTASYNC_TOKEN", TOKEN)
+        .env("DELTASYNC_HINTS", srv.hints())
         .args(["--limit-rate", "4M", "upload", s(&path)])
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -129,6 +129,7 @@ impl GuiApp {
         self.busy += 1;
         std::thread::spawn(move || {
             let conn = Connection::connect(&server, token.as_bytes()).map(|mut c| {
+                c.set_hints_dir(deltasync_client::default_hints_dir());
                 if let Some(flag) = cancel {
                     c.set_cancel_flag(flag);
                 }
