@@ -76,8 +76,8 @@ pub struct ChunkHints {
 #[derive(Clone, Debug, Default)]
 pub struct Known {
     groups: HashMap<u64, (u64, [u8; 32])>,
-    /// Bytes whose chunks were taken from old hints.
-    reused: u64,
+    /// Groups taken from the old hints: (start offset, bytes).
+    taken: Vec<(u64, u64)>,
 }
 
 impl Known {
@@ -87,7 +87,7 @@ impl Known {
 
     /// Bytes of the file whose chunk ids were taken from the old hints.
     pub fn reused_bytes(&self) -> u64 {
-        self.reused
+        self.taken.iter().map(|t| t.1).sum()
     }
 }
 
@@ -226,63 +226,164 @@ pub fn build_tree_hinted<R: ReadAt + ?Sized>(
     Ok((tree_of_chunks(len, kind, &chunks, Hash::UNKNOWN), known))
 }
 
+/// The old version, indexed for a walk.
+struct Old<'a> {
+    hints: &'a ChunkHints,
+    /// Group by its first chunk: (group, start offset, bytes).
+    group_at: HashMap<usize, (usize, u64, u64)>,
+    /// Chunk by its id.
+    by_id: HashMap<Hash, usize>,
+}
+
+/// A walk of the new file from a position, against the old groups.
+struct Walk<'a, R: ?Sized> {
+    src: &'a R,
+    len: u64,
+    old: &'a Old<'a>,
+    win: Window,
+    out: Vec<(Hash, u64)>,
+    known: Known,
+    pos: u64,
+    /// The old chunk expected at `pos`.
+    k: usize,
+    misses: u32,
+}
+
+impl<'a, R: ReadAt + ?Sized> Walk<'a, R> {
+    fn new(src: &'a R, len: u64, old: &'a Old<'a>, pos: u64, k: usize) -> Self {
+        let out = Vec::with_capacity(old.hints.chunks.len() + 16);
+        Walk { src, len, old, win: Window::new(), out, known: Known::default(), pos, k, misses: 0 }
+    }
+
+    /// Whether the old group starting at chunk `k` holds the bytes at `pos`.
+    fn group_matches(&mut self, pos: u64, k: usize) -> io::Result<Option<(usize, u64)>> {
+        let Some(&(g, _, bytes)) = self.old.group_at.get(&k) else { return Ok(None) };
+        if pos + bytes > self.len {
+            return Ok(None);
+        }
+        let data = self.win.get(self.src, self.len, pos, bytes as usize)?;
+        Ok((blake3::hash(data).as_bytes() == &self.old.hints.groups[g].1).then_some((g, bytes)))
+    }
+
+    /// Takes one old group, or chunks and hashes one chunk. Past
+    /// [`GIVE_UP`] unknown chunks in a row, chunks the rest of the file
+    /// with `threads` threads instead.
+    fn step(&mut self, kind: ChunkerKind, threads: usize) -> io::Result<()> {
+        if let Some((g, bytes)) = self.group_matches(self.pos, self.k)? {
+            let (count, hash) = self.old.hints.groups[g];
+            let mut end = self.pos;
+            for &(clen, id) in &self.old.hints.chunks[self.k..self.k + count as usize] {
+                end += u64::from(clen);
+                self.out.push((id, end));
+            }
+            self.known.groups.insert(self.pos, (end, hash));
+            self.known.taken.push((self.pos, bytes));
+            (self.pos, self.k, self.misses) = (end, self.k + count as usize, 0);
+            return Ok(());
+        }
+        let avail = (kind.max_chunk() as u64).min(self.len - self.pos) as usize;
+        let data = self.win.get(self.src, self.len, self.pos, avail)?;
+        let n = Chunker::new(kind).next_boundary(data).unwrap_or(avail);
+        let id = Hash::of(&data[..n]);
+        self.pos += n as u64;
+        self.out.push((id, self.pos));
+        match self.old.by_id.get(&id) {
+            Some(&i) => (self.k, self.misses) = (i + 1, 0),
+            None => (self.k, self.misses) = (self.k + 1, self.misses + 1),
+        }
+        if self.misses >= GIVE_UP && self.pos < self.len {
+            let (rest, groups) = chunk_ids_from(self.src, kind, threads, self.pos, true)?;
+            self.out.extend(rest);
+            self.known.add(groups);
+            self.pos = self.len;
+        }
+        Ok(())
+    }
+}
+
 /// The chunks of `src` as (SHA-256, end offset), reusing `old`'s groups.
+///
+/// With two threads or more, a second walk starts at the old group nearest
+/// the middle, placed where the file's size change says it moved (an edit
+/// before it) or where it was (an edit after it), if its bytes are there.
+/// The first walk goes until it lands on a cut of the second and adopts the
+/// rest (as [`crate::build::chunk_ids`] stitches its threads), so the
+/// result is the true chain even if the guess was wrong.
 fn walk<R: ReadAt + ?Sized>(
     src: &R,
     len: u64,
     kind: ChunkerKind,
     threads: usize,
-    old: &ChunkHints,
+    hints: &ChunkHints,
 ) -> io::Result<(Vec<(Hash, u64)>, Known)> {
-    // Old group by its first chunk: (group, bytes).
-    let mut group_at = HashMap::with_capacity(old.groups.len());
-    let mut first = 0usize;
-    for (g, &(count, _)) in old.groups.iter().enumerate() {
-        let bytes: u64 = old.chunks[first..first + count as usize].iter().map(|c| u64::from(c.0)).sum();
-        group_at.insert(first, (g, bytes));
+    let mut group_at = HashMap::with_capacity(hints.groups.len());
+    let (mut first, mut at) = (0usize, 0u64);
+    for (g, &(count, _)) in hints.groups.iter().enumerate() {
+        let bytes: u64 = hints.chunks[first..first + count as usize].iter().map(|c| u64::from(c.0)).sum();
+        group_at.insert(first, (g, at, bytes));
         first += count as usize;
+        at += bytes;
     }
-    let by_id: HashMap<Hash, usize> = old.chunks.iter().enumerate().map(|(i, c)| (c.1, i)).collect();
-    let mut out = Vec::with_capacity(old.chunks.len() + 16);
-    let mut known = Known::default();
-    let mut win = Window::new();
-    let (mut pos, mut k, mut misses) = (0u64, 0usize, 0u32);
-    while pos < len {
-        if let Some(&(g, bytes)) = group_at.get(&k)
-            && pos + bytes <= len
-        {
-            let (count, hash) = old.groups[g];
-            if blake3::hash(win.get(src, len, pos, bytes as usize)?).as_bytes() == &hash {
-                let mut end = pos;
-                for &(clen, id) in &old.chunks[k..k + count as usize] {
-                    end += u64::from(clen);
-                    out.push((id, end));
+    let by_id = hints.chunks.iter().enumerate().map(|(i, c)| (c.1, i)).collect();
+    let old = Old { hints, group_at, by_id };
+    let old_len: u64 = hints.chunks.iter().map(|c| u64::from(c.0)).sum();
+
+    // The second walk's start: (position, old chunk), if a guess holds.
+    let mut a = Walk::new(src, len, &old, 0, 0);
+    let mut second = None;
+    if threads >= 2 {
+        let mid = old.group_at.values().filter(|g| g.1 >= old_len / 2).min_by_key(|g| g.1);
+        if let Some(&(g, at, _)) = mid {
+            let k: usize = hints.groups[..g].iter().map(|g| g.0 as usize).sum();
+            for shift in [0, len as i64 - old_len as i64] {
+                let pos = at as i64 + shift;
+                if pos > 0 && a.group_matches(pos as u64, k)?.is_some() {
+                    second = Some((pos as u64, k));
+                    break;
                 }
-                known.groups.insert(pos, (end, hash));
-                known.reused += bytes;
-                (pos, k, misses) = (end, k + count as usize, 0);
-                continue;
             }
         }
-        // One chunk the usual way.
-        let avail = (kind.max_chunk() as u64).min(len - pos) as usize;
-        let data = win.get(src, len, pos, avail)?;
-        let n = Chunker::new(kind).next_boundary(data).unwrap_or(avail);
-        let id = Hash::of(&data[..n]);
-        pos += n as u64;
-        out.push((id, pos));
-        match by_id.get(&id) {
-            Some(&i) => (k, misses) = (i + 1, 0),
-            None => (k, misses) = (k + 1, misses + 1),
+    }
+    let Some((start, k)) = second else {
+        while a.pos < len {
+            a.step(kind, threads)?;
         }
-        if misses >= GIVE_UP && pos < len {
-            let (rest, groups) = chunk_ids_from(src, kind, threads, pos, true)?;
-            out.extend(rest);
-            known.add(groups);
+        return Ok((a.out, a.known));
+    };
+    let (mut a, b) = std::thread::scope(|s| {
+        let b = s.spawn(|| {
+            let mut b = Walk::new(src, len, &old, start, k);
+            while b.pos < len {
+                b.step(kind, 1)?;
+            }
+            io::Result::Ok(b)
+        });
+        while a.pos < start {
+            a.step(kind, 1)?;
+        }
+        let b = b.join().expect("walking thread panicked")?;
+        io::Result::Ok((a, b))
+    })?;
+    // Continue the first walk until it stands on one of the second's cuts.
+    loop {
+        let adopt_from = if a.pos == start {
+            Some(0)
+        } else {
+            b.out.binary_search_by_key(&a.pos, |c| c.1).ok().map(|i| i + 1)
+        };
+        if let Some(i) = adopt_from {
+            let cut = a.pos;
+            a.out.extend_from_slice(&b.out[i..]);
+            a.known.groups.extend(b.known.groups.iter().filter(|g| *g.0 >= cut));
+            a.known.taken.extend(b.known.taken.iter().filter(|t| t.0 >= cut));
             break;
         }
+        if a.pos >= len {
+            break;
+        }
+        a.step(kind, threads)?;
     }
-    Ok((out, known))
+    Ok((a.out, a.known))
 }
 
 #[cfg(test)]
@@ -333,6 +434,22 @@ mod tests {
             // Every group but the one or two around the edit (and the tail
             // after the last group) matches.
             assert!(reused + (2 << 20) > old.len() as u64, "{what}: {reused}");
+        }
+    }
+
+    #[test]
+    fn a_wrong_guess_for_the_second_walk_still_gives_the_true_chunks() {
+        // Zeros repeat: the second walk's guess finds matching bytes at a
+        // place that need not be a cut of the new file.
+        let mut old = random_bytes(9, 4 << 20);
+        old[1 << 20..3 << 20].fill(0);
+        for shift in [1usize, 100, 2047, 2048, 5000, 16 << 10] {
+            let mut new = old.clone();
+            new.splice(500_000..500_000, random_bytes(shift as u64, shift)).for_each(drop);
+            rebuild(&old, &new);
+            let mut new = old.clone();
+            new.drain(500_000..500_000 + shift).for_each(drop);
+            rebuild(&old, &new);
         }
     }
 

@@ -9,6 +9,15 @@ pub struct IoFailed;
 pub trait Source {
     /// Fills all of `buf` from `offset`; an error if the range is not there.
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), IoFailed>;
+
+    /// The file holding bytes `offset..offset + len`, and where they start
+    /// in it, if they lie in one file: lets an [`Output`] copy them inside
+    /// the kernel ([`Output::copy_from_file`]).
+    #[cfg(feature = "std")]
+    fn file_range(&self, offset: u64, len: u64) -> Option<(&std::fs::File, u64)> {
+        let _ = (offset, len);
+        None
+    }
 }
 
 /// In-order writes of the version being received.
@@ -34,6 +43,16 @@ pub trait Output {
     fn finish_tree(&mut self) -> Result<crate::tree::Tree, IoFailed> {
         Err(IoFailed)
     }
+
+    /// Appends `len` bytes of `src` from `offset` without passing them
+    /// through the caller (a kernel-side copy, say). `Ok(false)`: not
+    /// supported here, nothing was written, the caller copies them itself.
+    /// Only used when the receiver needs no hash over these bytes.
+    #[cfg(feature = "std")]
+    fn copy_from_file(&mut self, src: &std::fs::File, offset: u64, len: u64) -> Result<bool, IoFailed> {
+        let _ = (src, offset, len);
+        Ok(false)
+    }
 }
 
 impl Source for &[u8] {
@@ -49,11 +68,21 @@ impl<S: Source + ?Sized> Source for &mut S {
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), IoFailed> {
         (**self).read_at(offset, buf)
     }
+
+    #[cfg(feature = "std")]
+    fn file_range(&self, offset: u64, len: u64) -> Option<(&std::fs::File, u64)> {
+        (**self).file_range(offset, len)
+    }
 }
 
 impl<S: Source> Source for Option<S> {
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), IoFailed> {
         self.as_mut().ok_or(IoFailed)?.read_at(offset, buf)
+    }
+
+    #[cfg(feature = "std")]
+    fn file_range(&self, offset: u64, len: u64) -> Option<(&std::fs::File, u64)> {
+        self.as_ref()?.file_range(offset, len)
     }
 }
 
@@ -65,6 +94,15 @@ impl<A: Source, B: Source> Source for crate::tree::Chain<A, B> {
             self.a.read_at(offset, buf)
         } else {
             self.b.read_at(offset - self.a_size, buf)
+        }
+    }
+
+    #[cfg(feature = "std")]
+    fn file_range(&self, offset: u64, len: u64) -> Option<(&std::fs::File, u64)> {
+        if offset < self.a_size {
+            (offset.checked_add(len)? <= self.a_size).then(|| self.a.file_range(offset, len))?
+        } else {
+            self.b.file_range(offset - self.a_size, len)
         }
     }
 }
@@ -100,6 +138,10 @@ mod file {
     impl Source for FileSource {
         fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), IoFailed> {
             self.0.read_exact_at(buf, offset).map_err(|_| IoFailed)
+        }
+
+        fn file_range(&self, offset: u64, _len: u64) -> Option<(&File, u64)> {
+            Some((&self.0, offset))
         }
     }
 

@@ -315,6 +315,20 @@ impl<S: TreeSink> Indexer<S> {
         self.size += data.len() as u64;
     }
 
+    /// Whether this indexer computes the whole-file hash (and so must see
+    /// every byte).
+    pub fn hashes_file(&self) -> bool {
+        self.file.is_some()
+    }
+
+    /// Counts `len` bytes whose chunk ids are known without seeing them;
+    /// only for an indexer that does not hash the file
+    /// ([`Indexer::hashes_file`] is false).
+    pub fn skip_known(&mut self, len: u64) {
+        debug_assert!(self.file.is_none(), "a file-hashing indexer must see every byte");
+        self.size += len;
+    }
+
     /// Adds a chunk whose bytes went through [`Indexer::feed_known`].
     pub fn push_known_chunk(&mut self, entry: Entry) -> Result<(), TreeFull> {
         debug_assert_eq!(self.open, 0, "a known chunk must start at a boundary");

@@ -458,6 +458,54 @@ impl Output for TempFile {
         }
     }
 
+    /// Copies inside the kernel (`copy_file_range`; on ext4 a page-cache
+    /// copy without the round trip through user memory), in steps that keep
+    /// the writeback and the read-back threads going as plain writes do.
+    #[cfg(target_os = "linux")]
+    fn copy_from_file(&mut self, src: &File, offset: u64, len: u64) -> Result<bool, IoFailed> {
+        let f = self.file.as_mut().ok_or(IoFailed)?;
+        f.flush().map_err(|e| {
+            tracing::warn!(error = %e, path = %self.path.display(), "write failed");
+            IoFailed
+        })?;
+        let (mut from, end) = (offset, offset + len);
+        while from < end {
+            let step = (end - from).min(WRITEBACK_STEP) as usize;
+            let dst = self.file.as_ref().ok_or(IoFailed)?.get_ref();
+            // No offset for the destination: it writes at, and advances,
+            // the file position, where the next plain write continues.
+            match rustix::fs::copy_file_range(src, Some(&mut from), dst, None, step) {
+                Ok(0) => {
+                    tracing::warn!(path = %self.path.display(), "the old version ended early");
+                    return Err(IoFailed);
+                }
+                Ok(n) => self.written += n as u64,
+                // Not possible here (another filesystem, an old kernel):
+                // the receiver copies through memory instead.
+                Err(e)
+                    if from == offset
+                        && [
+                            rustix::io::Errno::XDEV,
+                            rustix::io::Errno::NOSYS,
+                            rustix::io::Errno::OPNOTSUPP,
+                            rustix::io::Errno::INVAL,
+                        ]
+                        .contains(&e) =>
+                {
+                    return Ok(false);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, path = %self.path.display(), "copy failed");
+                    return Err(IoFailed);
+                }
+            }
+            if self.written - self.kicked >= WRITEBACK_STEP {
+                self.start_writeback();
+            }
+        }
+        Ok(true)
+    }
+
     fn finish_tree(&mut self) -> Result<Tree, IoFailed> {
         let failed = |e: io::Error| {
             tracing::warn!(error = %e, "indexing the new version failed");

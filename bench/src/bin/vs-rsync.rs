@@ -52,11 +52,12 @@ fn rsync(port: u16, file: &Path, name: &str) -> Run {
     Run { secs, wire: field("Total bytes sent:") + field("Total bytes received:") }
 }
 
-fn deltasync(cli: &Path, port: u16, file: &Path, name: &str) -> Run {
+fn deltasync(cli: &Path, port: u16, file: &Path, name: &str, opts: &[&str]) -> Run {
     let t = Instant::now();
     let out = Command::new(cli)
         .env("DELTASYNC_SERVER", format!("127.0.0.1:{port}"))
         .env("DELTASYNC_TOKEN", TOKEN)
+        .args(opts)
         .args(["--json", "upload"])
         .arg(file)
         .args(["--as", name])
@@ -167,58 +168,76 @@ fn main() {
         ("(c) 1 MiB appended to a log", &appended, Some(&log)),
         ("(d) first full upload", &base, None),
     ];
+    let hints = work.join("hints");
+    let hints = hints.to_str().unwrap();
     for (label, new, old) in scenarios {
-        let mut r_secs = Vec::new();
-        let mut d_secs = Vec::new();
-        let (mut r_wire, mut d_wire) = (0, 0);
+        // Per tool: seconds of every run, and the last run's bytes.
+        let mut secs: [Vec<f64>; 3] = Default::default();
+        let mut wire = [0u64; 3];
         for i in 0..runs {
             let name = format!("f{i}-{}", label.as_bytes()[1] as char);
-            // Put the old version in place on both servers (untimed).
+            // Put the old version in place on both servers (untimed); the
+            // client with hints keeps those of what it sent as `name`, as it
+            // would after syncing the old version of a file.
             if let Some(old) = old {
                 rsync(rport, old, &name);
-                deltasync(&cli, dport, old, &name);
+                deltasync(&cli, dport, old, &name, &["--hints", hints]);
+                deltasync(&cli, dport, old, &format!("{name}-nh"), &["--no-hints"]);
             }
             // Each timed run starts with nothing left to write back (rsync
             // does not fsync, so its writes would otherwise slow down
-            // whoever runs next); the order alternates too.
-            settle();
-            let (r, d) = if i % 2 == 0 {
-                let r = rsync(rport, new, &name);
+            // whoever runs next); the order rotates.
+            for k in 0..3 {
+                let tool = (i + k) % 3;
                 settle();
-                (r, deltasync(&cli, dport, new, &name))
-            } else {
-                let d = deltasync(&cli, dport, new, &name);
-                settle();
-                (rsync(rport, new, &name), d)
-            };
+                let r = match tool {
+                    0 => rsync(rport, new, &name),
+                    1 => deltasync(&cli, dport, new, &name, &["--hints", hints]),
+                    _ => deltasync(&cli, dport, new, &format!("{name}-nh"), &["--no-hints"]),
+                };
+                secs[tool].push(r.secs);
+                wire[tool] = r.wire;
+            }
+            for n in [name.clone(), format!("{name}-nh")] {
+                assert_eq!(
+                    std::fs::read(work.join("ds-root").join(&n)).unwrap(),
+                    std::fs::read(new).unwrap(),
+                    "deltasync stored a different {n}"
+                );
+            }
             assert_eq!(
-                std::fs::read(work.join("rsync-root").join(&name)).unwrap().len(),
-                std::fs::read(work.join("ds-root").join(&name)).unwrap().len()
+                std::fs::read(work.join("rsync-root").join(&name)).unwrap(),
+                std::fs::read(new).unwrap()
             );
-            r_secs.push(r.secs);
-            d_secs.push(d.secs);
-            r_wire = r.wire;
-            d_wire = d.wire;
             let _ = std::fs::remove_file(work.join("rsync-root").join(&name));
         }
-        // Each run times both tools back to back: the paired ratios are
+        // Each run times the tools back to back: the paired ratios are
         // steadier than a ratio of medians on a noisy machine.
-        let paired: Vec<f64> = d_secs.iter().zip(&r_secs).map(|(d, r)| d / r).collect();
+        let paired = |t: usize| median(secs[t].iter().zip(&secs[0]).map(|(d, r)| d / r).collect());
         let runs_text: Vec<String> =
-            r_secs.iter().zip(&d_secs).map(|(r, d)| format!("{r:.2}/{d:.2}")).collect();
-        let (rt, dt) = (median(r_secs), median(d_secs));
-        println!("| {label} | rsync | {rt:.3} s | {r_wire} |");
-        println!("| {label} | deltasync | {dt:.3} s | {d_wire} |");
-        ratios.push((label, dt / rt, median(paired), runs_text.join(" "), d_wire as f64 / r_wire as f64));
+            (0..runs).map(|i| format!("{:.2}/{:.2}/{:.2}", secs[0][i], secs[1][i], secs[2][i])).collect();
+        let m: Vec<f64> = secs.iter().map(|v| median(v.clone())).collect();
+        println!("| {label} | rsync | {:.3} s | {} |", m[0], wire[0]);
+        println!("| {label} | deltasync | {:.3} s | {} |", m[1], wire[1]);
+        println!("| {label} | deltasync --no-hints | {:.3} s | {} |", m[2], wire[2]);
+        ratios.push((
+            label,
+            m[1] / m[0],
+            paired(1),
+            m[2] / m[0],
+            paired(2),
+            runs_text.join(" "),
+            wire[1] as f64 / wire[0] as f64,
+        ));
     }
     let rss = peak_rss_kib(server_pid);
     drop(server);
     println!(
-        "\n| scenario | time ratio of medians | median of paired time ratios | runs (rsync/deltasync s) | bytes deltasync / rsync |"
+        "\n| scenario | time ratio of medians | median of paired ratios | same, --no-hints | paired, --no-hints | runs (rsync/deltasync/--no-hints s) | bytes deltasync / rsync |"
     );
-    println!("|---|---|---|---|---|");
-    for (label, t, p, runs, b) in ratios {
-        println!("| {label} | {t:.2} | {p:.2} | {runs} | {b:.4} (1/{:.0}) |", 1.0 / b);
+    println!("|---|---|---|---|---|---|---|");
+    for (label, t, p, tn, pn, runs, b) in ratios {
+        println!("| {label} | {t:.2} | {p:.2} | {tn:.2} | {pn:.2} | {runs} | {b:.4} (1/{:.0}) |", 1.0 / b);
     }
     println!("\ndeltasync-server peak RSS (VmHWM) over the whole run: {:.1} MiB", rss as f64 / 1024.0);
 }
