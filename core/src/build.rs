@@ -73,6 +73,9 @@ fn pieces<R: ReadAt + ?Sized>(src: &R, from: u64, to: u64, mut f: impl FnMut(u64
 /// its bytes: (start offset, end offset, BLAKE3).
 pub(crate) type Group = (u64, u64, [u8; 32]);
 
+/// Chunks as (SHA-256, end offset) and the groups hashed with them.
+pub(crate) type Chunked = (Vec<(Hash, u64)>, Vec<Group>);
+
 /// What one thread found in its slice: chunks as (end offset, SHA-256) and,
 /// if asked, its groups.
 type Segment = (Vec<(u64, Hash)>, Vec<Group>);
@@ -152,7 +155,7 @@ pub(crate) fn chunk_ids_from<R: ReadAt + ?Sized>(
     threads: usize,
     from: u64,
     grouped: bool,
-) -> io::Result<(Vec<(Hash, u64)>, Vec<Group>)> {
+) -> io::Result<Chunked> {
     let len = src.size();
     let threads = threads.clamp(1, 64);
     let bounds: Vec<u64> = (0..=threads as u64).map(|k| from + (len - from) * k / threads as u64).collect();

@@ -365,14 +365,13 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
             // bytes by itself (inside the kernel).
             #[cfg(feature = "std")]
             let mut done = match base.source.file_range(old.offset, len) {
-                Some((f, at)) if !ix.hashes_file() => {
-                    if self.out.copy_from_file(f, at, len).map_err(|_| SessionError::Write)? {
-                        ix.skip_known(len);
-                        self.written += len;
-                        len
-                    } else {
-                        0
-                    }
+                Some((f, at))
+                    if !ix.hashes_file()
+                        && self.out.copy_from_file(f, at, len).map_err(|_| SessionError::Write)? =>
+                {
+                    ix.skip_known(len);
+                    self.written += len;
+                    len
                 }
                 _ => 0,
             };
