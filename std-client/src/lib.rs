@@ -529,14 +529,21 @@ fn load_hints(path: &Path) -> Option<ChunkHints> {
 }
 
 /// Stores hints at `path` (best effort: they are a cache), replacing the
-/// file at once so that a reader sees old or new hints whole.
+/// file at once so that a reader sees old or new hints whole. The directory
+/// and the files are its owner's alone: hints written by someone else could
+/// make an upload offer wrong chunk ids.
 fn store_hints(path: &Path, hints: &ChunkHints) {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     let Some(dir) = path.parent() else { return };
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let ok = fs::create_dir_all(dir).is_ok()
-        && fs::write(&tmp, hints.to_bytes()).is_ok()
-        && fs::rename(&tmp, path).is_ok();
-    if !ok {
+    let write = || -> io::Result<()> {
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+        let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        f.write_all(&hints.to_bytes())?;
+        fs::rename(&tmp, path)
+    };
+    if write().is_err() {
         let _ = fs::remove_file(&tmp);
     }
 }

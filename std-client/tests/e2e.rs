@@ -151,6 +151,11 @@ fn chunk_hints_never_mislead_an_upload() {
     check(&data, "full");
     let hints: Vec<_> = std::fs::read_dir(srv.hints()).unwrap().map(|e| e.unwrap().path()).collect();
     assert_eq!(hints.len(), 1, "one hints file per uploaded name");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!((mode(&srv.hints()), mode(&hints[0])), (0o700, 0o600), "hints are the owner's alone");
+    }
 
     // Edited in place: the hints of the last upload describe all but the edit.
     data[5 << 20..(5 << 20) + 4096].iter_mut().for_each(|b| *b = !*b);
