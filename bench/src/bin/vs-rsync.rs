@@ -73,6 +73,18 @@ fn deltasync(cli: &Path, port: u16, file: &Path, name: &str, opts: &[&str]) -> R
     Run { secs, wire: num("wire_bytes_sent") + num("wire_bytes_received") }
 }
 
+/// Deletes `name` from the deltasync server (untimed).
+fn remove(cli: &Path, port: u16, name: &str) {
+    let ok = Command::new(cli)
+        .env("DELTASYNC_SERVER", format!("127.0.0.1:{port}"))
+        .env("DELTASYNC_TOKEN", TOKEN)
+        .args(["rm", name])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "deltasync rm {name} failed");
+}
+
 /// Flushes every dirty page to disk (untimed).
 fn settle() {
     let ok = Command::new("sync").status().is_ok_and(|s| s.success());
@@ -209,7 +221,11 @@ fn main() {
                 std::fs::read(work.join("rsync-root").join(&name)).unwrap(),
                 std::fs::read(new).unwrap()
             );
+            // Both servers start every run with the same free space.
             let _ = std::fs::remove_file(work.join("rsync-root").join(&name));
+            for n in [name.clone(), format!("{name}-nh")] {
+                remove(&cli, dport, &n);
+            }
         }
         // Each run times the tools back to back: the paired ratios are
         // steadier than a ratio of medians on a noisy machine.
