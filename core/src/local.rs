@@ -2,15 +2,26 @@
 
 use std::path::PathBuf;
 
+/// `$VAR/deltasync` if `VAR` (an XDG base directory variable) is set, else
+/// `$HOME/HOME_DIR/deltasync`.
+fn xdg_dir(var: &str, home_dir: &str) -> Option<PathBuf> {
+    let base = std::env::var_os(var).filter(|v| !v.is_empty()).map(PathBuf::from).or_else(|| {
+        std::env::var_os("HOME").filter(|v| !v.is_empty()).map(|h| PathBuf::from(h).join(home_dir))
+    })?;
+    Some(base.join("deltasync"))
+}
+
 /// Where a server keeps the token it generated, and where a client on the
 /// same machine looks for it: `$XDG_CONFIG_HOME/deltasync/token`, else
 /// `$HOME/.config/deltasync/token`.
 pub fn default_token_path() -> Option<PathBuf> {
-    let base =
-        std::env::var_os("XDG_CONFIG_HOME").filter(|v| !v.is_empty()).map(PathBuf::from).or_else(|| {
-            std::env::var_os("HOME").filter(|v| !v.is_empty()).map(|h| PathBuf::from(h).join(".config"))
-        })?;
-    Some(base.join("deltasync").join("token"))
+    Some(xdg_dir("XDG_CONFIG_HOME", ".config")?.join("token"))
+}
+
+/// Where a client keeps chunk hints ([`crate::hints`]):
+/// `$XDG_CACHE_HOME/deltasync/hints`, else `$HOME/.cache/deltasync/hints`.
+pub fn default_hints_dir() -> Option<PathBuf> {
+    Some(xdg_dir("XDG_CACHE_HOME", ".cache")?.join("hints"))
 }
 
 /// Milliseconds on a monotonic clock, as the state machines take time.

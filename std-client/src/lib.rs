@@ -8,6 +8,7 @@ use deltasync_core::driver::{DriveError, Pump, TimeoutAsTimedOut, run_blocking_o
 use deltasync_core::error::{ErrorCode, SessionError};
 use deltasync_core::frame::{MAX_ENCODED, MAX_FRAME};
 use deltasync_core::hints::{ChunkHints, build_tree_hinted};
+pub use deltasync_core::local::default_hints_dir;
 use deltasync_core::local::now;
 use deltasync_core::machine::Machine;
 use deltasync_core::message::Outcome;
@@ -546,16 +547,6 @@ fn store_hints(path: &Path, hints: &ChunkHints) {
     if write().is_err() {
         let _ = fs::remove_file(&tmp);
     }
-}
-
-/// The default directory for chunk hints: `$XDG_CACHE_HOME/deltasync/hints`
-/// or `~/.cache/deltasync/hints`.
-pub fn default_hints_dir() -> Option<PathBuf> {
-    let cache =
-        std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()).map(PathBuf::from).or_else(|| {
-            std::env::var_os("HOME").filter(|d| !d.is_empty()).map(|h| PathBuf::from(h).join(".cache"))
-        })?;
-    Some(cache.join("deltasync").join("hints"))
 }
 
 fn mode_of(outcome: Outcome, literal: u64, total: u64) -> Mode {

@@ -54,9 +54,7 @@ fn rsync(port: u16, file: &Path, name: &str) -> Run {
 
 fn deltasync(cli: &Path, port: u16, file: &Path, name: &str, opts: &[&str]) -> Run {
     let t = Instant::now();
-    let out = Command::new(cli)
-        .env("DELTASYNC_SERVER", format!("127.0.0.1:{port}"))
-        .env("DELTASYNC_TOKEN", TOKEN)
+    let out = client(cli, port)
         .args(opts)
         .args(["--json", "upload"])
         .arg(file)
@@ -73,15 +71,16 @@ fn deltasync(cli: &Path, port: u16, file: &Path, name: &str, opts: &[&str]) -> R
     Run { secs, wire: num("wire_bytes_sent") + num("wire_bytes_received") }
 }
 
+/// The deltasync CLI, pointed at the bench's server.
+fn client(cli: &Path, port: u16) -> Command {
+    let mut c = Command::new(cli);
+    c.env("DELTASYNC_SERVER", format!("127.0.0.1:{port}")).env("DELTASYNC_TOKEN", TOKEN);
+    c
+}
+
 /// Deletes `name` from the deltasync server (untimed).
 fn remove(cli: &Path, port: u16, name: &str) {
-    let ok = Command::new(cli)
-        .env("DELTASYNC_SERVER", format!("127.0.0.1:{port}"))
-        .env("DELTASYNC_TOKEN", TOKEN)
-        .args(["rm", name])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
+    let ok = client(cli, port).args(["rm", name]).stdout(Stdio::null()).status().is_ok_and(|s| s.success());
     assert!(ok, "deltasync rm {name} failed");
 }
 
