@@ -125,14 +125,21 @@ fn chunk_segment<R: ReadAt + ?Sized>(
     Ok((out, groups))
 }
 
+/// The chunk that starts at `data[0]`, a cut: (length, SHA-256). `data`
+/// holds at least a chunk's maximum length, or the rest of the file.
+pub(crate) fn first_chunk(kind: ChunkerKind, data: &[u8]) -> (usize, Hash) {
+    let len = Chunker::new(kind).next_boundary(data).unwrap_or(data.len());
+    (len, Hash::of(&data[..len]))
+}
+
 /// The true chain's next chunk after `pos`: one read of at most a chunk's
 /// maximum length, which always holds the next cut.
 fn next_chunk<R: ReadAt + ?Sized>(src: &R, kind: ChunkerKind, pos: u64) -> io::Result<(u64, Hash)> {
     let n = (kind.max_chunk() as u64).min(src.size() - pos) as usize;
     let mut buf = vec![0u8; n];
     src.read_exact_at(pos, &mut buf)?;
-    let len = Chunker::new(kind).next_boundary(&buf).unwrap_or(n);
-    Ok((pos + len as u64, Hash::of(&buf[..len])))
+    let (len, id) = first_chunk(kind, &buf);
+    Ok((pos + len as u64, id))
 }
 
 /// Every chunk of `src` as (SHA-256, end offset), exactly as a sequential

@@ -30,8 +30,8 @@
 //! client keys them by server and file name), and wrong or stale hints cost
 //! time, never correctness.
 
-use crate::build::{Group, ReadAt, chunk_ids_from, tree_of_chunks};
-use crate::chunker::{Chunker, ChunkerKind};
+use crate::build::{Group, ReadAt, chunk_ids_from, first_chunk, tree_of_chunks};
+use crate::chunker::ChunkerKind;
 use crate::hash::Hash;
 use crate::tree::{Tree, TreeView};
 use serde::{Deserialize, Serialize};
@@ -83,6 +83,20 @@ pub struct Known {
 impl Known {
     fn add(&mut self, groups: impl IntoIterator<Item = Group>) {
         self.groups.extend(groups.into_iter().map(|(s, e, h)| (s, (e, h))));
+    }
+
+    /// The chunks of `src` after `from` (a cut), chunked with `threads`
+    /// threads without hints; their groups become known.
+    fn chunk_rest<R: ReadAt + ?Sized>(
+        &mut self,
+        src: &R,
+        kind: ChunkerKind,
+        threads: usize,
+        from: u64,
+    ) -> io::Result<Vec<(Hash, u64)>> {
+        let (chunks, groups) = chunk_ids_from(src, kind, threads, from, true)?;
+        self.add(groups);
+        Ok(chunks)
     }
 
     /// Bytes of the file whose chunk ids were taken from the old hints.
@@ -183,11 +197,6 @@ impl ChunkHints {
             && (hints.groups.is_empty() || grouped < hints.chunks.len() as u64);
         sane.then_some(hints)
     }
-
-    /// Chunks described.
-    pub fn chunks(&self) -> usize {
-        self.chunks.len()
-    }
 }
 
 /// Checks that `bytes` are the chunks `members` (length, SHA-256) in order.
@@ -217,10 +226,8 @@ pub fn build_tree_hinted<R: ReadAt + ?Sized>(
     let (chunks, known) = match old {
         Some(old) if old.kind == kind && !old.groups.is_empty() => walk(src, len, kind, threads, old)?,
         _ => {
-            let (chunks, groups) = chunk_ids_from(src, kind, threads, 0, true)?;
             let mut known = Known::default();
-            known.add(groups);
-            (chunks, known)
+            (known.chunk_rest(src, kind, threads, 0)?, known)
         }
     };
     Ok((tree_of_chunks(len, kind, &chunks, Hash::UNKNOWN), known))
@@ -282,9 +289,7 @@ impl<'a, R: ReadAt + ?Sized> Walk<'a, R> {
             return Ok(());
         }
         let avail = (kind.max_chunk() as u64).min(self.len - self.pos) as usize;
-        let data = self.win.get(self.src, self.len, self.pos, avail)?;
-        let n = Chunker::new(kind).next_boundary(data).unwrap_or(avail);
-        let id = Hash::of(&data[..n]);
+        let (n, id) = first_chunk(kind, self.win.get(self.src, self.len, self.pos, avail)?);
         self.pos += n as u64;
         self.out.push((id, self.pos));
         match self.old.by_id.get(&id) {
@@ -292,9 +297,8 @@ impl<'a, R: ReadAt + ?Sized> Walk<'a, R> {
             None => (self.k, self.misses) = (self.k + 1, self.misses + 1),
         }
         if self.misses >= GIVE_UP && self.pos < self.len {
-            let (rest, groups) = chunk_ids_from(self.src, kind, threads, self.pos, true)?;
+            let rest = self.known.chunk_rest(self.src, kind, threads, self.pos)?;
             self.out.extend(rest);
-            self.known.add(groups);
             self.pos = self.len;
         }
         Ok(())

@@ -307,9 +307,10 @@ impl Connection {
     }
 
     /// Keeps chunk hints in `dir` (see [`deltasync_core::hints`]): after an
-    /// upload or download of a file, what its chunks were, so that chunking
-    /// its next version skips the unchanged parts. Keyed by server address
-    /// and file name; `None` (the default) keeps none.
+    /// upload of a file, what its chunks were, so that chunking its next
+    /// version (to upload, or as the base of a download) skips the unchanged
+    /// parts. Keyed by server address and file name; `None` (the default)
+    /// keeps none.
     pub fn set_hints_dir(&mut self, dir: Option<PathBuf>) {
         self.hints_dir = dir;
     }
