@@ -15,6 +15,12 @@
 //! - Two masks (FastCDC's "normalized chunking") make cuts harder before 4 KiB
 //!   and easier after, which narrows the size spread; 16 KiB caps the cost of a
 //!   chunk that must be resent and of data that never matches the mask (zeros).
+//!
+//! Large files use the same scheme with every size doubled `n` times
+//! ([`ChunkerKind::CdcScaled`]), chosen by [`ChunkerKind::for_size`] so that
+//! a file has at most about [`TARGET_CHUNKS`] chunks: what a peer keeps per
+//! chunk (ids, an index) then stays bounded whatever the file's size, as
+//! rsync's block size grows with the file.
 
 use serde::{Deserialize, Serialize};
 
@@ -29,12 +35,24 @@ pub const FIXED_MAX: u32 = 1 << 20;
 /// Smallest fixed chunk size accepted from a peer: tiny chunks would make
 /// the other side build a tree with an entry for every few bytes.
 pub const FIXED_MIN: u32 = 1024;
+/// Largest scale of [`ChunkerKind::CdcScaled`]: 4 MiB normal chunks, 16 MiB
+/// at most.
+pub const CDC_MAX_SHIFT: u8 = 10;
+/// The chunk count [`ChunkerKind::for_size`] aims below: 2^18 (1 GiB in
+/// 4 KiB chunks).
+pub const TARGET_CHUNKS: u64 = 1 << 18;
+/// A kind [`suits`](ChunkerKind::suits) a size that would take up to 1.5 x
+/// [`TARGET_CHUNKS`] normal chunks, so a file that grows a little past a
+/// scale's range keeps its kind (and its chunks) for the next delta.
+pub const MAX_CHUNKS: u64 = TARGET_CHUNKS * 3 / 2;
 
-// Cut when these bits of the gear hash are all zero: 12 bits (1 in 4096)
-// before the normal size, 10 bits (1 in 1024) after. The high bits are used
-// because they depend on the most input bytes (up to 64).
-const MASK_HARD: u64 = 0xfff0_0000_0000_0000;
-const MASK_EASY: u64 = 0xffc0_0000_0000_0000;
+// Cut when the top bits of the gear hash are all zero: 12 bits (1 in 4096)
+// before the normal size, 10 bits (1 in 1024) after, one more of each per
+// doubling of the sizes. The high bits are used because they depend on the
+// most input bytes (up to 64).
+const fn top_bits(n: u32) -> u64 {
+    !0u64 << (64 - n)
+}
 
 /// How a file is cut into chunks. Both peers must use the same kind for
 /// their versions to share chunks.
@@ -45,6 +63,9 @@ pub enum ChunkerKind {
     Cdc,
     /// Fixed-size chunks of the given length, the classic rsync-like mode.
     Fixed(u32),
+    /// Content-defined with the sizes of [`Cdc`](ChunkerKind::Cdc) doubled
+    /// `n` times (1..=[`CDC_MAX_SHIFT`]), for large files.
+    CdcScaled(u8),
 }
 
 impl ChunkerKind {
@@ -56,14 +77,69 @@ impl ChunkerKind {
         match *self {
             ChunkerKind::Cdc => true,
             ChunkerKind::Fixed(n) => (FIXED_MIN..=FIXED_MAX).contains(&n),
+            ChunkerKind::CdcScaled(n) => (1..=CDC_MAX_SHIFT).contains(&n),
+        }
+    }
+
+    /// The content-defined kind for a file of `size` bytes: the finest whose
+    /// normal chunk cuts it into at most [`TARGET_CHUNKS`] chunks (4 KiB up to
+    /// 1 GiB, 8 KiB up to 2 GiB, ...; the coarsest beyond 1 TiB).
+    pub fn for_size(size: u64) -> ChunkerKind {
+        let mut shift = 0u8;
+        while shift < CDC_MAX_SHIFT && size > ((CDC_AVG as u64) << shift) * TARGET_CHUNKS {
+            shift += 1;
+        }
+        Self::cdc(shift)
+    }
+
+    /// `kind` if it [suits](Self::suits) a file of `size` bytes and is not
+    /// coarser than it needs to be, otherwise [`for_size`](Self::for_size).
+    /// Peers that chunk a new version with the kind of the old one share its
+    /// chunks, so a delta across a scale boundary stays a delta.
+    pub fn keep_or_choose(kind: Option<ChunkerKind>, size: u64) -> ChunkerKind {
+        let fresh = Self::for_size(size);
+        match kind {
+            Some(k) if k.suits(size) && k.normal_chunk() <= 2 * fresh.normal_chunk() => k,
+            _ => fresh,
+        }
+    }
+
+    /// Whether a peer may be asked to hold the tree of `size` bytes cut this
+    /// way: at most [`MAX_CHUNKS`] normal chunks (so a server's memory per
+    /// transfer stays bounded), or the coarsest kind there is.
+    pub fn suits(&self, size: u64) -> bool {
+        self.is_valid()
+            && (size.div_ceil(self.normal_chunk() as u64) <= MAX_CHUNKS
+                || *self == ChunkerKind::CdcScaled(CDC_MAX_SHIFT))
+    }
+
+    fn cdc(shift: u8) -> ChunkerKind {
+        if shift == 0 { ChunkerKind::Cdc } else { ChunkerKind::CdcScaled(shift) }
+    }
+
+    /// How many times the content-defined sizes are doubled (`None` for a
+    /// fixed kind).
+    fn shift(&self) -> Option<u32> {
+        match *self {
+            ChunkerKind::Cdc => Some(0),
+            ChunkerKind::CdcScaled(n) => Some(u32::from(n.min(CDC_MAX_SHIFT))),
+            ChunkerKind::Fixed(_) => None,
+        }
+    }
+
+    /// The normal (fixed: the only) chunk size of this kind.
+    pub fn normal_chunk(&self) -> usize {
+        match (*self, self.shift()) {
+            (ChunkerKind::Fixed(n), _) => (n as usize).max(1),
+            (_, s) => CDC_AVG << s.unwrap_or(0),
         }
     }
 
     /// The largest chunk this kind produces.
     pub fn max_chunk(&self) -> usize {
-        match *self {
-            ChunkerKind::Cdc => CDC_MAX,
-            ChunkerKind::Fixed(n) => n as usize,
+        match (*self, self.shift()) {
+            (ChunkerKind::Fixed(n), _) => (n as usize).max(1),
+            (_, s) => CDC_MAX << s.unwrap_or(0),
         }
     }
 }
@@ -90,15 +166,34 @@ const GEAR: [u64; 256] = {
 #[derive(Clone, Debug)]
 pub struct Chunker {
     kind: ChunkerKind,
+    /// Content-defined sizes and masks (unused for a fixed kind).
+    cdc: Cdc,
     /// Bytes already in the current chunk.
     pos: usize,
     hash: u64,
 }
 
+#[derive(Clone, Copy, Debug)]
+struct Cdc {
+    min: usize,
+    avg: usize,
+    max: usize,
+    hard: u64,
+    easy: u64,
+}
+
 impl Chunker {
     /// A chunker at the start of a chunk.
     pub fn new(kind: ChunkerKind) -> Self {
-        Chunker { kind, pos: 0, hash: 0 }
+        let s = kind.shift().unwrap_or(0);
+        let cdc = Cdc {
+            min: CDC_MIN << s,
+            avg: CDC_AVG << s,
+            max: CDC_MAX << s,
+            hard: top_bits(12 + s),
+            easy: top_bits(10 + s),
+        };
+        Chunker { kind, cdc, pos: 0, hash: 0 }
     }
 
     /// The kind of chunking.
@@ -133,15 +228,16 @@ impl Chunker {
                     None
                 }
             }
-            ChunkerKind::Cdc => self.next_cdc(data),
+            ChunkerKind::Cdc | ChunkerKind::CdcScaled(_) => self.next_cdc(data),
         }
     }
 
     fn next_cdc(&mut self, data: &[u8]) -> Option<usize> {
+        let Cdc { min, avg, max, hard, easy } = self.cdc;
         // `i` indexes `data`; the byte data[i] sits at chunk position pos + i.
         let mut i = 0usize;
-        if self.pos < CDC_MIN {
-            let skip = CDC_MIN - self.pos;
+        if self.pos < min {
+            let skip = min - self.pos;
             if data.len() < skip {
                 self.pos += data.len();
                 return None;
@@ -151,25 +247,25 @@ impl Chunker {
         let base = self.pos;
         let mut h = self.hash;
         // Hard mask up to the normal size.
-        if base + i < CDC_AVG {
-            let end = (CDC_AVG - base).min(data.len());
-            if let Some(n) = scan(&data[i..end], &mut h, MASK_HARD) {
+        if base + i < avg {
+            let end = (avg - base).min(data.len());
+            if let Some(n) = scan(&data[i..end], &mut h, hard) {
                 self.reset();
                 return Some(i + n);
             }
             i = end;
         }
-        // Easy mask up to the maximum; the byte that makes the chunk CDC_MAX
+        // Easy mask up to the maximum; the byte that makes the chunk `max`
         // long always ends it.
-        let end = (CDC_MAX - base).min(data.len());
+        let end = (max - base).min(data.len());
         if i < end {
-            if let Some(n) = scan(&data[i..end], &mut h, MASK_EASY) {
+            if let Some(n) = scan(&data[i..end], &mut h, easy) {
                 self.reset();
                 return Some(i + n);
             }
             i = end;
         }
-        if base + i == CDC_MAX {
+        if base + i == max {
             self.reset();
             return Some(i);
         }
@@ -281,6 +377,56 @@ mod tests {
     }
 
     #[test]
+    fn scaled_sizes_stay_in_bounds_and_average_near_their_normal_size() {
+        let data = random_bytes(3, 16 << 20);
+        for shift in 1..=3u8 {
+            let kind = ChunkerKind::CdcScaled(shift);
+            let all = cuts(kind, &data, &[]);
+            let (min, max) = (CDC_MIN << shift, kind.max_chunk());
+            assert!(all[..all.len() - 1].iter().all(|&n| (min..=max).contains(&n)), "shift {shift}");
+            let avg = all.iter().sum::<usize>() / all.len();
+            let normal = kind.normal_chunk();
+            assert!(avg > normal * 7 / 8 && avg < normal * 11 / 8, "shift {shift}: average {avg}");
+        }
+    }
+
+    #[test]
+    fn the_kind_for_a_size_keeps_the_chunk_count_bounded() {
+        const GIB: u64 = 1 << 30;
+        assert_eq!(ChunkerKind::for_size(0), ChunkerKind::Cdc);
+        assert_eq!(ChunkerKind::for_size(GIB), ChunkerKind::Cdc);
+        assert_eq!(ChunkerKind::for_size(GIB + 1), ChunkerKind::CdcScaled(1));
+        assert_eq!(ChunkerKind::for_size(5 * GIB), ChunkerKind::CdcScaled(3));
+        assert_eq!(ChunkerKind::for_size(u64::MAX), ChunkerKind::CdcScaled(CDC_MAX_SHIFT));
+        for size in [1, GIB, 3 * GIB + 7, 100 * GIB, 1 << 40] {
+            let k = ChunkerKind::for_size(size);
+            assert!(k.suits(size) && k.is_valid());
+            assert!(size.div_ceil(k.normal_chunk() as u64) <= TARGET_CHUNKS, "{size}");
+        }
+        // Too fine for the size: a server refuses to hold such a tree.
+        assert!(!ChunkerKind::Cdc.suits(2 * GIB));
+        assert!(!ChunkerKind::Fixed(FIXED_MIN).suits(GIB));
+        assert!(!ChunkerKind::CdcScaled(CDC_MAX_SHIFT + 1).suits(1));
+        // The coarsest kind takes any size.
+        assert!(ChunkerKind::CdcScaled(CDC_MAX_SHIFT).suits(u64::MAX));
+    }
+
+    #[test]
+    fn a_file_keeps_its_kind_near_a_scale_boundary() {
+        const GIB: u64 = 1 << 30;
+        let keep = ChunkerKind::keep_or_choose;
+        // Grown a little past 1 GiB: still 4 KiB chunks, shared with the old version.
+        assert_eq!(keep(Some(ChunkerKind::Cdc), GIB + 1), ChunkerKind::Cdc);
+        // Grown past 1.5 GiB: the next scale.
+        assert_eq!(keep(Some(ChunkerKind::Cdc), 2 * GIB), ChunkerKind::CdcScaled(1));
+        // Shrunk a little below a boundary: one scale coarser is kept, two are not.
+        assert_eq!(keep(Some(ChunkerKind::CdcScaled(1)), GIB - 1), ChunkerKind::CdcScaled(1));
+        assert_eq!(keep(Some(ChunkerKind::CdcScaled(2)), GIB - 1), ChunkerKind::Cdc);
+        assert_eq!(keep(None, 3 * GIB), ChunkerKind::CdcScaled(2));
+        assert_eq!(keep(Some(ChunkerKind::Fixed(0)), 10), ChunkerKind::Cdc);
+    }
+
+    #[test]
     fn gear_table_has_no_repeats() {
         let mut sorted = GEAR.to_vec();
         sorted.sort_unstable();
@@ -294,10 +440,13 @@ mod tests {
             seed in any::<u64>(),
             len in 0usize..200_000,
             splits in proptest::collection::vec(0usize..200_000, 0..40),
-            fixed in prop_oneof![Just(None), (1u32..9000).prop_map(Some)],
+            kind in prop_oneof![
+                Just(ChunkerKind::Cdc),
+                (1u32..9000).prop_map(ChunkerKind::Fixed),
+                (1u8..=2).prop_map(ChunkerKind::CdcScaled),
+            ],
         ) {
             let data = random_bytes(seed, len);
-            let kind = fixed.map_or(ChunkerKind::Cdc, ChunkerKind::Fixed);
             let whole = cuts(kind, &data, &[]);
             let split = cuts(kind, &data, &splits);
             prop_assert_eq!(whole, split);

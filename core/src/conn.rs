@@ -25,6 +25,7 @@
 
 use crate::PROTOCOL_VERSION;
 use crate::auth::{self, Role};
+use crate::chunker::ChunkerKind;
 use crate::error::{ErrorCode, SessionError};
 use crate::hash::Hash;
 use crate::machine::{self, Machine, Poll};
@@ -226,6 +227,8 @@ pub struct Stat {
     pub modified: u64,
     /// SHA-256 of the contents.
     pub sha256: Hash,
+    /// How the server's tree of the file is chunked.
+    pub chunking: ChunkerKind,
 }
 
 /// Which small request a [`Query`] makes.
@@ -270,7 +273,12 @@ impl<F: FnMut(FileInfo<'_>)> Machine for Query<'_, F> {
             (QueryKind::List, Message::ListEnd) => self.done = Some(None),
             (QueryKind::Stat(_), Message::Info(i)) => {
                 (self.on_info)(i);
-                self.done = Some(Some(Stat { size: i.size, modified: i.modified, sha256: i.sha256 }));
+                self.done = Some(Some(Stat {
+                    size: i.size,
+                    modified: i.modified,
+                    sha256: i.sha256,
+                    chunking: i.chunking,
+                }));
             }
             (QueryKind::Delete(_), Message::Deleted) => self.done = Some(None),
             (_, Message::Error(c)) => return Err(SessionError::Peer(c)),

@@ -398,19 +398,42 @@ mod tests {
     use proptest::prelude::*;
 
     fn hints_of(data: &[u8]) -> ChunkHints {
-        let (tree, known) = build_tree_hinted(data, ChunkerKind::Cdc, 2, None).unwrap();
+        hints_of_kind(data, ChunkerKind::Cdc)
+    }
+
+    fn hints_of_kind(data: &[u8], kind: ChunkerKind) -> ChunkHints {
+        let (tree, known) = build_tree_hinted(data, kind, 2, None).unwrap();
         ChunkHints::collect(data, &tree, &known).unwrap()
     }
 
     /// Builds `new` with the hints of `old`; checks the tree against a plain
     /// build and returns the bytes taken from the hints.
     fn rebuild(old: &[u8], new: &[u8]) -> u64 {
-        let hints = ChunkHints::from_bytes(&hints_of(old).to_bytes()).expect("hints round-trip");
-        let (tree, known) = build_tree_hinted(new, ChunkerKind::Cdc, 2, Some(&hints)).unwrap();
-        assert_eq!(tree, build_tree_unhashed(new, ChunkerKind::Cdc, 2).unwrap());
+        rebuild_kind(old, new, ChunkerKind::Cdc)
+    }
+
+    fn rebuild_kind(old: &[u8], new: &[u8], kind: ChunkerKind) -> u64 {
+        let hints = ChunkHints::from_bytes(&hints_of_kind(old, kind).to_bytes()).expect("hints round-trip");
+        let (tree, known) = build_tree_hinted(new, kind, 2, Some(&hints)).unwrap();
+        assert_eq!(tree, build_tree_unhashed(new, kind, 2).unwrap());
         // The hints of the new version equal those collected from scratch.
-        assert_eq!(ChunkHints::collect(new, &tree, &known).unwrap(), hints_of(new));
+        assert_eq!(ChunkHints::collect(new, &tree, &known).unwrap(), hints_of_kind(new, kind));
         known.reused_bytes()
+    }
+
+    #[test]
+    fn a_scaled_kind_rebuilds_like_a_plain_build() {
+        let old = random_bytes(21, 24 << 20);
+        let mut new = old.clone();
+        new.insert(5 << 20, 7);
+        new[17 << 20..(17 << 20) + 4096].fill(1);
+        let reused = rebuild_kind(&old, &new, ChunkerKind::CdcScaled(2));
+        assert!(reused > new.len() as u64 * 3 / 4, "{reused}");
+        // Hints of another kind are not used at all.
+        let other = hints_of_kind(&old, ChunkerKind::Cdc);
+        let (tree, known) = build_tree_hinted(&new[..], ChunkerKind::CdcScaled(2), 2, Some(&other)).unwrap();
+        assert_eq!(tree, build_tree_unhashed(&new[..], ChunkerKind::CdcScaled(2), 2).unwrap());
+        assert_eq!(known.reused_bytes(), 0);
     }
 
     #[test]

@@ -58,4 +58,6 @@ pub use time::Instant;
 
 /// Version of the wire protocol spoken by this crate. Version 2: upload
 /// offers may leave the whole-file hash to the server, and `Done` carries it.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// Version 3: chunk sizes scale with the file (`ChunkerKind::CdcScaled`),
+/// and `Info` tells how the server's tree of a file is chunked.
+pub const PROTOCOL_VERSION: u16 = 3;

@@ -4,6 +4,7 @@
 //! decoding never allocates. Messages never know about sessions; sessions
 //! never see bytes.
 
+use crate::chunker::ChunkerKind;
 use crate::error::ErrorCode;
 use crate::hash::{Hash, ShortId};
 use crate::tree::Summary;
@@ -42,6 +43,9 @@ pub struct FileInfo<'a> {
     pub modified: u64,
     /// SHA-256 of the contents.
     pub sha256: Hash,
+    /// How the server's tree of this file is chunked: a client chunks a new
+    /// version, or the base of a download, the same way to share its chunks.
+    pub chunking: ChunkerKind,
 }
 
 /// Every message of the protocol.
@@ -223,7 +227,6 @@ pub fn validate_name(name: &str) -> Result<(), ErrorCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chunker::ChunkerKind;
     use crate::frame;
     use proptest::prelude::*;
 
@@ -232,14 +235,13 @@ mod tests {
     }
 
     fn summary() -> impl Strategy<Value = Summary> {
-        (any::<u64>(), hash(), any::<u8>(), hash(), any::<Option<u32>>()).prop_map(
-            |(size, root, height, file_hash, fixed)| Summary {
-                size,
-                root,
-                height,
-                file_hash,
-                chunking: fixed.map_or(ChunkerKind::Cdc, ChunkerKind::Fixed),
-            },
+        let kind = prop_oneof![
+            Just(ChunkerKind::Cdc),
+            any::<u32>().prop_map(ChunkerKind::Fixed),
+            any::<u8>().prop_map(ChunkerKind::CdcScaled),
+        ];
+        (any::<u64>(), hash(), any::<u8>(), hash(), kind).prop_map(
+            |(size, root, height, file_hash, chunking)| Summary { size, root, height, file_hash, chunking },
         )
     }
 
@@ -274,7 +276,7 @@ mod tests {
             6 => Message::Upload { name, offer: *s },
             7 => Message::Download { name },
             8 => Message::Delete { name },
-            9 => Message::Info(FileInfo { name, size: a, modified: b, sha256: s.root }),
+            9 => Message::Info(FileInfo { name, size: a, modified: b, sha256: s.root, chunking: s.chunking }),
             10 => Message::ListEnd,
             11 => Message::Deleted,
             12 => Message::Error(*code),

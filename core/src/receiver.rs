@@ -129,7 +129,8 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
         out: W,
         now: Instant,
     ) -> Result<Self, SessionError> {
-        if !offer.chunking.is_valid() {
+        // A kind too fine for the size would make the new tree unbounded.
+        if !offer.chunking.suits(offer.size) {
             return Err(SessionError::Protocol(ErrorCode::Unsupported));
         }
         let mut held = Vec::new();

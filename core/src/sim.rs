@@ -52,8 +52,16 @@ impl Store for MemStore {
     type Reader = Vec<u8>;
     type Writer = MemWriter;
 
-    fn open(&mut self, name: &str, chunking: ChunkerKind) -> Result<Option<(Tree, Vec<u8>)>, ErrorCode> {
-        Ok(self.0.borrow().get(name).map(|d| (Tree::build(d, chunking), d.clone())))
+    fn open(
+        &mut self,
+        name: &str,
+        chunking: Option<ChunkerKind>,
+    ) -> Result<Option<(Tree, Vec<u8>)>, ErrorCode> {
+        let files = self.0.borrow();
+        let Some(d) = files.get(name) else { return Ok(None) };
+        let size = d.len() as u64;
+        let kind = chunking.unwrap_or(ChunkerKind::for_size(size));
+        Ok(kind.suits(size).then(|| (Tree::build(d, kind), d.clone())))
     }
     fn create(&mut self, _name: &str, _size: u64) -> Result<MemWriter, ErrorCode> {
         Ok(MemWriter::default())
@@ -78,13 +86,21 @@ impl Store for MemStore {
                 size: d.len() as u64,
                 modified: 0,
                 sha256: Hash::of(d),
+                chunking: ChunkerKind::for_size(d.len() as u64),
             })
             .collect())
     }
     fn stat(&mut self, name: &str) -> Result<StoredFile, ErrorCode> {
         let f = self.0.borrow();
         let d = f.get(name).ok_or(ErrorCode::NotFound)?;
-        Ok(StoredFile { name: name.to_string(), size: d.len() as u64, modified: 0, sha256: Hash::of(d) })
+        let size = d.len() as u64;
+        Ok(StoredFile {
+            name: name.to_string(),
+            size,
+            modified: 0,
+            sha256: Hash::of(d),
+            chunking: ChunkerKind::for_size(size),
+        })
     }
     fn delete(&mut self, name: &str) -> Result<(), ErrorCode> {
         self.0.borrow_mut().remove(name).map(|_| ()).ok_or(ErrorCode::NotFound)

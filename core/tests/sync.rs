@@ -134,11 +134,14 @@ proptest! {
         len in 0usize..300_000,
         edits in proptest::collection::vec(edit(), 1..4),
         piece in prop_oneof![Just(usize::MAX), 1usize..5000],
-        fixed in any::<bool>(),
+        kind in prop_oneof![
+            Just(ChunkerKind::Cdc),
+            Just(ChunkerKind::CLASSIC),
+            Just(ChunkerKind::CdcScaled(1)),
+        ],
     ) {
         let old = random_bytes(seed, len);
         let new = apply(&old, &edits);
-        let kind = if fixed { ChunkerKind::CLASSIC } else { ChunkerKind::Cdc };
 
         // Upload: the server holds `old`, the client sends `new`.
         let files = Files::default();
@@ -179,6 +182,30 @@ fn a_small_edit_costs_little_and_an_unchanged_file_almost_nothing() {
     assert_eq!(r.outcome, Outcome::Written);
     assert!(got == new);
     assert!(r.wire < 24 * 1024, "4 KiB download delta cost {} bytes", r.wire);
+}
+
+#[test]
+fn an_offer_chunked_too_finely_for_its_size_is_refused() {
+    // The tree a server would have to hold for 2 GiB in 4 KiB chunks is not
+    // bounded; the offer alone decides, before anything is read or written.
+    let files = Files::default();
+    files.borrow_mut().insert("big".into(), random_bytes(14, 10_000));
+    let mut s = connect(&files, usize::MAX);
+    let data = random_bytes(15, 4096);
+    let tree = Tree::build(&data, ChunkerKind::Cdc);
+    let offer = Summary { size: 2 << 30, ..tree.summary() };
+    let sender = Sender::new(&tree, &data[..], offer, s.salt, s.net.clock);
+    let mut op = Upload::new("big", sender);
+    let err = run(&mut op, &mut s.cp, &mut s.server, &mut s.sp, &mut s.net).unwrap_err();
+    assert!(
+        matches!(err, Stop::Client(DriveError::Session(SessionError::Peer(ErrorCode::Unsupported)))),
+        "{err:?}"
+    );
+    assert_eq!(files.borrow()["big"].len(), 10_000, "the stored version is untouched");
+    // The same connection still serves a sane offer.
+    let r = upload(&mut s, "big", &data, ChunkerKind::for_size(data.len() as u64));
+    assert_eq!(r.outcome, Outcome::Written);
+    assert!(files.borrow()["big"] == data);
 }
 
 #[test]

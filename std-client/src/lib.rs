@@ -389,6 +389,18 @@ impl Connection {
         Ok(RemoteFile { name: name.into(), size: s.size, modified: s.modified, sha256: s.sha256.to_string() })
     }
 
+    /// How the server's tree of `name` is chunked, `None` if there is no
+    /// such file: a new version or a download's base chunked the same way
+    /// shares its chunks.
+    fn remote_chunking(&mut self, name: &str) -> Result<Option<ChunkerKind>, ClientError> {
+        let mut q = Query::new(QueryKind::Stat(name), |_| {}, now());
+        match self.run(&mut q, name, |_, _| {}) {
+            Ok(s) => Ok(s.map(|s| s.chunking)),
+            Err(ClientError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Deletes a file on the server.
     pub fn delete(&mut self, name: &str) -> Result<(), ClientError> {
         let mut q = Query::new(QueryKind::Delete(name), |_| {}, now());
@@ -416,8 +428,10 @@ impl Connection {
         // did not change.
         let hints_file = self.hints_file(name);
         let old = hints_file.as_deref().and_then(load_hints);
-        let (tree, known) =
-            build_tree_hinted(&file, ChunkerKind::Cdc, threads, old.as_ref()).map_err(local)?;
+        // Chunked as the server's version is, if that suits the new size.
+        let size = file.metadata().map_err(local)?.len();
+        let kind = ChunkerKind::keep_or_choose(self.remote_chunking(name)?, size);
+        let (tree, known) = build_tree_hinted(&file, kind, threads, old.as_ref()).map_err(local)?;
         drop(old);
         let summary = tree.summary();
         let (s0, r0) = self.wire_bytes();
@@ -473,10 +487,15 @@ impl Connection {
         let threads = deltasync_core::build::default_threads();
         let base = match File::open(dest) {
             Ok(f) if f.metadata().map_err(local)?.is_file() => {
-                // Reuse needs chunk ids only, not the local file's SHA-256;
-                // hints of `name` help if this copy is what was last sent.
+                // Reuse needs chunk ids only, not the local file's SHA-256,
+                // chunked as the server's tree is; hints of `name` help if
+                // this copy is what was last sent.
+                let kind = match self.remote_chunking(name)? {
+                    Some(k) => k,
+                    None => return Err(ClientError::NotFound(name.into())),
+                };
                 let old = self.hints_file(name).as_deref().and_then(load_hints);
-                let tree = build_tree_hinted(&f, ChunkerKind::Cdc, threads, old.as_ref()).map_err(local)?.0;
+                let tree = build_tree_hinted(&f, kind, threads, old.as_ref()).map_err(local)?.0;
                 Some(Base { tree, source: FileSource(f) })
             }
             Ok(_) => return Err(local(io::Error::other("not a regular file"))),

@@ -191,20 +191,28 @@ impl FsStore {
         fs::rename(tmp, path)
     }
 
-    /// The tree of the stored file, from its index when fresh.
-    fn tree_of(&self, name: &str, file: &File, chunking: ChunkerKind) -> io::Result<Tree> {
+    /// The tree of the stored file chunked with `chunking` (see
+    /// [`Store::open`] for `None`), from its index when fresh; `None` if the
+    /// kind does not suit the file's size.
+    fn tree_of(&self, name: &str, file: &File, chunking: Option<ChunkerKind>) -> io::Result<Option<Tree>> {
         let meta = file.metadata()?;
-        if let Some(t) = self.load_index(name, &meta).filter(|t| t.summary().chunking == chunking) {
-            return Ok(t);
+        let index = self.load_index(name, &meta);
+        let stored = index.as_ref().map(|t| t.summary().chunking);
+        let kind = chunking.unwrap_or_else(|| ChunkerKind::keep_or_choose(stored, meta.len()));
+        if !kind.suits(meta.len()) {
+            return Ok(None);
         }
-        let tree = build_tree(file, chunking, self.threads)?;
-        if chunking == ChunkerKind::Cdc {
-            // The file may have changed while we hashed it; stamp what we read.
-            if file.metadata()?.len() == tree.summary().size {
-                self.save_index(name, &meta, &tree)?;
-            }
+        if let Some(t) = index.filter(|t| t.summary().chunking == kind) {
+            return Ok(Some(t));
         }
-        Ok(tree)
+        let tree = build_tree(file, kind, self.threads)?;
+        // Content-defined trees are kept (a fixed kind is one client's
+        // choice); the file may have changed while we hashed it, so only if
+        // its size is still what we read.
+        if !matches!(kind, ChunkerKind::Fixed(_)) && file.metadata()?.len() == tree.summary().size {
+            self.save_index(name, &meta, &tree)?;
+        }
+        Ok(Some(tree))
     }
 
     fn describe(&self, name: String, path: &Path) -> Result<StoredFile, ErrorCode> {
@@ -218,11 +226,17 @@ impl FsStore {
         }
         let summary = match self.load_summary(&name, &meta) {
             Some(s) => s,
-            None => self.tree_of(&name, &file, ChunkerKind::Cdc).map_err(storage)?.summary(),
+            None => self.tree_of(&name, &file, None).map_err(storage)?.ok_or(ErrorCode::Storage)?.summary(),
         };
         let modified =
             meta.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map_or(0, |d| d.as_secs());
-        Ok(StoredFile { name, size: meta.len(), modified, sha256: summary.file_hash })
+        Ok(StoredFile {
+            name,
+            size: meta.len(),
+            modified,
+            sha256: summary.file_hash,
+            chunking: summary.chunking,
+        })
     }
 
     /// Verifies the written bytes' hash, syncs and renames the new version
@@ -572,7 +586,11 @@ impl Store for FsStore {
     type Reader = FileSource;
     type Writer = TempFile;
 
-    fn open(&mut self, name: &str, chunking: ChunkerKind) -> Result<Option<(Tree, FileSource)>, ErrorCode> {
+    fn open(
+        &mut self,
+        name: &str,
+        chunking: Option<ChunkerKind>,
+    ) -> Result<Option<(Tree, FileSource)>, ErrorCode> {
         let path = self.path_of(name)?;
         let file = match File::open(&path) {
             Ok(f) => f,
@@ -583,7 +601,7 @@ impl Store for FsStore {
             return Err(ErrorCode::BadName);
         }
         let tree = self.tree_of(name, &file, chunking).map_err(storage)?;
-        Ok(Some((tree, FileSource(file))))
+        Ok(tree.map(|t| (t, FileSource(file))))
     }
 
     fn partial(
@@ -592,6 +610,9 @@ impl Store for FsStore {
         chunking: ChunkerKind,
     ) -> Result<Option<(Tree, FileSource)>, ErrorCode> {
         let Ok(file) = File::open(self.partial_path(name)) else { return Ok(None) };
+        if !chunking.suits(file.metadata().map_err(storage)?.len()) {
+            return Ok(None);
+        }
         let tree = build_tree_unhashed(&file, chunking, self.threads).map_err(storage)?;
         Ok(Some((tree, FileSource(file))))
     }
@@ -685,7 +706,7 @@ mod tests {
         let f = File::options().write(true).open(&path).unwrap();
         f.set_modified(UNIX_EPOCH + std::time::Duration::from_secs(1_000_000)).unwrap();
         assert_eq!(store.stat("f").unwrap().sha256, Hash::of(&vec![2u8; 100_000]));
-        let (tree, _) = store.open("f", ChunkerKind::Cdc).unwrap().unwrap();
+        let (tree, _) = store.open("f", Some(ChunkerKind::Cdc)).unwrap().unwrap();
         assert_eq!(tree.summary().file_hash, Hash::of(&vec![2u8; 100_000]));
         assert_eq!(store.list().unwrap().len(), 1, "the metadata directory is not listed");
     }

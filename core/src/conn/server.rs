@@ -28,6 +28,8 @@ pub struct StoredFile {
     pub modified: u64,
     /// SHA-256 of the contents.
     pub sha256: Hash,
+    /// How the stored tree of the file is chunked.
+    pub chunking: ChunkerKind,
 }
 
 /// The server's storage, as the connection needs it. Names reaching these
@@ -39,9 +41,18 @@ pub trait Store {
     /// Writes a new version.
     type Writer: Output;
 
-    /// The current version of `name` chunked with `chunking` (its tree and
-    /// bytes), or `None` if there is no such file.
-    fn open(&mut self, name: &str, chunking: ChunkerKind) -> Result<Option<(Tree, Self::Reader)>, ErrorCode>;
+    /// The current version of `name` (its tree and bytes), or `None` if
+    /// there is no such file. The tree is chunked with `chunking`, or with
+    /// `None` as [`ChunkerKind::keep_or_choose`] picks from the kind of its
+    /// stored tree and its size. A kind that does not
+    /// [suit](ChunkerKind::suits) the file's size is never used to build a
+    /// tree (that tree would not be bounded): the version is then `None`, as
+    /// no base for an upload chunked that way.
+    fn open(
+        &mut self,
+        name: &str,
+        chunking: Option<ChunkerKind>,
+    ) -> Result<Option<(Tree, Self::Reader)>, ErrorCode>;
     /// What an interrupted upload of `name` left behind (a prefix of the
     /// version it was sending), to be reused by the next upload.
     fn partial(
@@ -261,10 +272,12 @@ impl<S: Store> ServerConn<S> {
     }
 
     fn start_upload(&mut self, now: Instant, name: &str, offer: Summary) -> Result<(), ErrorCode> {
-        if !offer.chunking.is_valid() {
+        // A kind too fine for the size would make this server hold a tree
+        // without bound: refused (clients pick with `ChunkerKind::for_size`).
+        if !offer.chunking.suits(offer.size) {
             return Err(ErrorCode::Unsupported);
         }
-        let old = self.store.open(name, offer.chunking)?;
+        let old = self.store.open(name, Some(offer.chunking))?;
         let old_summary = old.as_ref().map(|(t, _)| t.summary());
         let partial = self.store.partial(name, offer.chunking)?;
         let has_base = old.is_some() || partial.is_some();
@@ -290,7 +303,7 @@ impl<S: Store> ServerConn<S> {
     }
 
     fn start_download(&mut self, now: Instant, name: &str) -> Result<(), ErrorCode> {
-        let (tree, source) = self.store.open(name, ChunkerKind::Cdc)?.ok_or(ErrorCode::NotFound)?;
+        let (tree, source) = self.store.open(name, None)?.ok_or(ErrorCode::NotFound)?;
         let summary = tree.summary();
         let tx = Sender::new(tree, source, summary, self.salt, now);
         self.events.push_back(Event::Started {
@@ -378,6 +391,7 @@ impl<S: Store> Machine for ServerConn<S> {
                             size: f.size,
                             modified: f.modified,
                             sha256: f.sha256,
+                            chunking: f.chunking,
                         }),
                         Reply::ListEnd => Message::ListEnd,
                         Reply::Deleted => Message::Deleted,
