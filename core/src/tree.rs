@@ -556,6 +556,13 @@ mod owned {
             t.is_consistent().then_some(t)
         }
 
+        /// Like [`Tree::from_bytes`] for bytes that may go on after the
+        /// tree; returns the tree and what follows it.
+        pub fn take_from_bytes(bytes: &[u8]) -> Option<(Tree, &[u8])> {
+            let (t, rest): (Tree, &[u8]) = postcard::take_from_bytes(bytes).ok()?;
+            t.is_consistent().then_some((t, rest))
+        }
+
         pub(crate) fn is_consistent(&self) -> bool {
             let h = usize::from(self.summary.height);
             if self.levels.len() != h + 1 || self.levels[h].ids.len() != 1 {

@@ -119,6 +119,10 @@ impl Server {
 
 fn log_event(id: u64, ev: &Event) {
     match ev {
+        // A client asks whether a file exists before its first upload.
+        Event::Refused { name, code: code @ ErrorCode::NotFound } => {
+            tracing::debug!(id, name, %code, "request refused")
+        }
         Event::Refused { name, code } => tracing::warn!(id, name, %code, "request refused"),
         Event::Finished { name, direction, size, outcome, literal_bytes, reused_bytes } => tracing::info!(
             id,

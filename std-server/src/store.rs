@@ -4,7 +4,10 @@
 //! Layout under the root:
 //! - `NAME`: the stored files (subdirectories allowed);
 //! - `.deltasync/index/NAME.idx`: the tree of `NAME`, stamped with the file's
-//!   size, modification time and inode, rebuilt when they no longer match;
+//!   size, modification time and inode, rebuilt when they no longer match,
+//!   followed by the SHA-256 state after every 16 MiB of the file (so that a
+//!   new version that starts like the old one is hashed from where it
+//!   differs, not from its first byte);
 //! - `.deltasync/partial/NAME`: the prefix an interrupted upload assembled,
 //!   reused by the next upload of `NAME`;
 //! - `.deltasync/trash/N`: a replaced version, unlinked in the background
@@ -21,6 +24,7 @@ use deltasync_core::conn::server::{Store, StoredFile};
 use deltasync_core::error::ErrorCode;
 use deltasync_core::source::{FileSource, IoFailed, Output};
 use deltasync_core::tree::{Summary, Tree, TreeIndexer};
+use sha2::digest::common::hazmat::{SerializableState, SerializedState};
 use sha2::{Digest, Sha256};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Read, Write};
@@ -31,6 +35,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::UNIX_EPOCH;
 
 const META: &str = ".deltasync";
+/// The whole-file SHA-256 state is kept after every this many bytes.
+const MIDSTATE_STEP: u64 = 16 << 20;
 const PART_PREFIX: &str = ".deltasync-part-";
 const INDEX_MAGIC: &[u8; 8] = b"DSIDX001";
 
@@ -153,8 +159,31 @@ impl FsStore {
     fn load_index(&self, name: &str, meta: &fs::Metadata) -> Option<Tree> {
         let bytes = fs::read(self.index_path(name)).ok()?;
         let (head, body) = bytes.split_at_checked(40)?;
-        let tree = Tree::from_bytes(body)?;
+        let (tree, _midstates) = Tree::take_from_bytes(body)?;
         (index_is_fresh(head, meta) && tree.summary().size == meta.len()).then_some(tree)
+    }
+
+    /// The SHA-256 states kept in a fresh index (state `i` after `(i + 1) *`
+    /// [`MIDSTATE_STEP`] bytes), read from its end only; empty if none.
+    fn load_midstates(&self, name: &str, meta: &fs::Metadata) -> Vec<Vec<u8>> {
+        let read = || -> io::Result<Vec<Vec<u8>>> {
+            let f = File::open(self.index_path(name))?;
+            let len = f.metadata()?.len();
+            let mut head = [0u8; 48];
+            std::os::unix::fs::FileExt::read_exact_at(&f, &mut head[..40], 0)?;
+            if !index_is_fresh(&head[..40], meta) || len < 48 {
+                return Ok(Vec::new());
+            }
+            std::os::unix::fs::FileExt::read_exact_at(&f, &mut head[40..], len - 8)?;
+            let n = u64::from_le_bytes(head[40..].try_into().unwrap_or_default());
+            if n > len - 48 {
+                return Ok(Vec::new());
+            }
+            let mut body = vec![0u8; n as usize];
+            std::os::unix::fs::FileExt::read_exact_at(&f, &mut body, len - 8 - n)?;
+            Ok(postcard::from_bytes(&body).unwrap_or_default())
+        };
+        read().unwrap_or_default()
     }
 
     /// The summary of a fresh index, reading only its first bytes (listings
@@ -175,7 +204,13 @@ impl FsStore {
         (index_is_fresh(head, meta) && s.size == meta.len()).then_some(s)
     }
 
-    fn save_index(&self, name: &str, meta: &fs::Metadata, tree: &Tree) -> io::Result<()> {
+    fn save_index(
+        &self,
+        name: &str,
+        meta: &fs::Metadata,
+        tree: &Tree,
+        midstates: &[Vec<u8>],
+    ) -> io::Result<()> {
         let path = self.index_path(name);
         if let Some(p) = path.parent() {
             fs::create_dir_all(p)?;
@@ -187,6 +222,11 @@ impl FsStore {
         f.write_all(&mtime_ns(meta).to_le_bytes())?;
         f.write_all(&meta.ino().to_le_bytes())?;
         f.write_all(&tree.to_bytes())?;
+        // The midstates and their length last: `load_midstates` reads them
+        // from the end, `load_summary` and `load_index` ignore them.
+        let states = postcard::to_allocvec(midstates).map_err(io::Error::other)?;
+        f.write_all(&states)?;
+        f.write_all(&(states.len() as u64).to_le_bytes())?;
         f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
         fs::rename(tmp, path)
     }
@@ -210,7 +250,7 @@ impl FsStore {
         // choice); the file may have changed while we hashed it, so only if
         // its size is still what we read.
         if !matches!(kind, ChunkerKind::Fixed(_)) && file.metadata()?.len() == tree.summary().size {
-            self.save_index(name, &meta, &tree)?;
+            self.save_index(name, &meta, &tree, &[])?;
         }
         Ok(Some(tree))
     }
@@ -243,10 +283,16 @@ impl FsStore {
     /// into place, then writes its index; the caller cleans up on error.
     fn publish(&mut self, name: &str, w: &mut TempFile, mut tree: Tree) -> Result<Hash, ErrorCode> {
         let dest = self.path_of(name)?;
+        if w.hasher.is_none() {
+            w.start_hasher().map_err(storage)?;
+        }
         let file = w.file.take().ok_or(ErrorCode::Storage)?;
         let file = file.into_inner().map_err(|e| storage(e.into_error()))?;
         let t = std::time::Instant::now();
-        let hash = w.hasher.take().ok_or(ErrorCode::Storage)?.finish(w.written).map_err(storage)?;
+        let (hash, recorded) =
+            w.hasher.take().ok_or(ErrorCode::Storage)?.finish(w.written).map_err(storage)?;
+        let mut midstates = std::mem::take(&mut w.kept_midstates);
+        midstates.extend(recorded);
         let claimed = tree.summary().file_hash;
         if claimed.is_known() && claimed != hash {
             tracing::warn!(name, "the written file does not match the offered SHA-256");
@@ -274,7 +320,7 @@ impl FsStore {
         }
         tracing::debug!(name, ms = t.elapsed().as_millis() as u64, "published");
         let meta = file.metadata().map_err(storage)?;
-        if let Err(e) = self.save_index(name, &meta, &tree) {
+        if let Err(e) = self.save_index(name, &meta, &tree, &midstates) {
             // The file is published; a missing index is rebuilt on demand.
             tracing::warn!(error = %e, name, "could not write index");
         }
@@ -316,7 +362,13 @@ impl FsStore {
 /// upload so that the next upload resumes from it.
 pub struct TempFile {
     file: Option<BufWriter<File>>,
+    /// Started once the new version stops matching the old one's first
+    /// bytes (see `start_hasher`).
     hasher: Option<ReadBack<FileHash>>,
+    /// The version being replaced, while the new one still starts like it.
+    base: Option<HashBase>,
+    /// The old version's midstates that also hold for the new one.
+    kept_midstates: Vec<Vec<u8>>,
     /// Set when the receiver lets us index a whole new version.
     indexer: Option<ReadBack<FileTree>>,
     path: PathBuf,
@@ -346,16 +398,38 @@ trait Follow: Send + 'static {
     fn done(self) -> Self::Out;
 }
 
-/// The whole-file SHA-256.
-struct FileHash(Sha256);
+/// The version an upload replaces, as far as hashing the new one goes: the
+/// file (by device and inode) and its kept SHA-256 midstates.
+struct HashBase {
+    dev: u64,
+    ino: u64,
+    midstates: Vec<Vec<u8>>,
+}
+
+/// The whole-file SHA-256 from `pos` on, recording the state at every
+/// multiple of [`MIDSTATE_STEP`].
+struct FileHash {
+    sha: Sha256,
+    pos: u64,
+    midstates: Vec<Vec<u8>>,
+}
 
 impl Follow for FileHash {
-    type Out = Hash;
-    fn feed(&mut self, data: &[u8]) {
-        self.0.update(data);
+    type Out = (Hash, Vec<Vec<u8>>);
+    fn feed(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            let to_mark = MIDSTATE_STEP - self.pos % MIDSTATE_STEP;
+            let n = to_mark.min(data.len() as u64) as usize;
+            self.sha.update(&data[..n]);
+            self.pos += n as u64;
+            data = &data[n..];
+            if self.pos.is_multiple_of(MIDSTATE_STEP) {
+                self.midstates.push(self.sha.serialize().to_vec());
+            }
+        }
     }
-    fn done(self) -> Hash {
-        Hash(self.0.finalize().into())
+    fn done(self) -> (Hash, Vec<Vec<u8>>) {
+        (Hash(self.sha.finalize().into()), self.midstates)
     }
 }
 
@@ -381,17 +455,18 @@ struct ReadBack<F: Follow> {
 }
 
 impl<F: Follow> ReadBack<F> {
-    fn start(file: File, mut work: F, name: &str) -> io::Result<ReadBack<F>> {
+    /// Starts the work at byte `from` of `file`.
+    fn start(file: File, mut work: F, from: u64, name: &str) -> io::Result<ReadBack<F>> {
         let shared = Arc::new((Mutex::new(Progress::default()), Condvar::new()));
         let progress = shared.clone();
         let thread = std::thread::Builder::new().name(name.into()).spawn(move || {
             let (lock, wake) = &*progress;
             let mut buf = vec![0u8; 1 << 20];
-            let mut pos = 0u64;
+            let mut pos = from;
             loop {
                 let (ready, closed) = {
                     let mut p = lock.lock().unwrap_or_else(|e| e.into_inner());
-                    while p.ready == pos && !p.closed && !p.abandoned {
+                    while p.ready <= pos && !p.closed && !p.abandoned {
                         p = wake.wait(p).unwrap_or_else(|e| e.into_inner());
                     }
                     if p.abandoned {
@@ -441,6 +516,9 @@ impl<F: Follow> Drop for ReadBack<F> {
 
 impl Output for TempFile {
     fn write(&mut self, data: &[u8]) -> Result<(), IoFailed> {
+        if self.hasher.is_none() && !data.is_empty() {
+            self.start_hasher().map_err(|_| IoFailed)?;
+        }
         let f = self.file.as_mut().ok_or(IoFailed)?;
         f.write_all(data).map_err(|e| {
             tracing::warn!(error = %e, path = %self.path.display(), "write failed");
@@ -456,7 +534,7 @@ impl Output for TempFile {
     fn index_in_background(&mut self, kind: ChunkerKind) -> bool {
         let Some(f) = self.file.as_ref() else { return false };
         let started = f.get_ref().try_clone().and_then(|file| {
-            ReadBack::start(file, FileTree(TreeIndexer::without_file_hash(kind)), "file-tree")
+            ReadBack::start(file, FileTree(TreeIndexer::without_file_hash(kind)), 0, "file-tree")
         });
         match started {
             Ok(r) => {
@@ -477,6 +555,9 @@ impl Output for TempFile {
     /// the writeback and the read-back threads going as plain writes do.
     #[cfg(target_os = "linux")]
     fn copy_from_file(&mut self, src: &File, offset: u64, len: u64) -> Result<bool, IoFailed> {
+        if self.hasher.is_none() && !self.continues_base(src, offset) {
+            self.start_hasher().map_err(|_| IoFailed)?;
+        }
         let f = self.file.as_mut().ok_or(IoFailed)?;
         f.flush().map_err(|e| {
             tracing::warn!(error = %e, path = %self.path.display(), "write failed");
@@ -531,6 +612,35 @@ impl Output for TempFile {
 }
 
 impl TempFile {
+    /// Whether copying `src` from `offset` keeps the new version identical
+    /// to the old one so far: the same bytes at the same place.
+    fn continues_base(&self, src: &File, offset: u64) -> bool {
+        let Some(b) = &self.base else { return false };
+        offset == self.written && src.metadata().is_ok_and(|m| m.dev() == b.dev && m.ino() == b.ino)
+    }
+
+    /// Starts hashing the new version, once it stops being a copy of the
+    /// old one's first `written` bytes: from the last midstate within them.
+    fn start_hasher(&mut self) -> io::Result<()> {
+        let mut midstates = self.base.take().map(|b| b.midstates).unwrap_or_default();
+        midstates.truncate((self.written / MIDSTATE_STEP) as usize);
+        let sha = match midstates.last() {
+            Some(s) => SerializedState::<Sha256>::try_from(&s[..])
+                .ok()
+                .and_then(|s| Sha256::deserialize(&s).ok())
+                .ok_or_else(|| io::Error::other("bad midstate"))?,
+            None => Sha256::new(),
+        };
+        let from = midstates.len() as u64 * MIDSTATE_STEP;
+        let file = self.file.as_ref().ok_or_else(|| io::Error::other("closed"))?.get_ref().try_clone()?;
+        let h = ReadBack::start(file, FileHash { sha, pos: from, midstates: Vec::new() }, from, "file-hash")?;
+        let ready = self.kicked;
+        h.update(|p| p.ready = ready);
+        self.hasher = Some(h);
+        self.kept_midstates = midstates;
+        Ok(())
+    }
+
     /// Asks the kernel to start writing what we wrote so far, so that the
     /// disk works while the transfer goes on and the final `fsync` (which
     /// still makes the file durable and reports errors) has little left.
@@ -627,17 +737,18 @@ impl Store for FsStore {
         let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
         let tmp = dir.join(format!("{PART_PREFIX}{}-{n}-{base}", std::process::id()));
         let file = OpenOptions::new().read(true).write(true).create_new(true).open(&tmp).map_err(storage)?;
-        let hasher =
-            match file.try_clone().and_then(|f| ReadBack::start(f, FileHash(Sha256::new()), "file-hash")) {
-                Ok(h) => h,
-                Err(e) => {
-                    let _ = fs::remove_file(&tmp);
-                    return Err(storage(e));
-                }
-            };
+        // The version being replaced and its midstates: hashing the new one
+        // waits until it differs from it (see `TempFile::start_hasher`).
+        let base = fs::metadata(&path).ok().filter(|m| m.is_file()).map(|m| HashBase {
+            dev: m.dev(),
+            ino: m.ino(),
+            midstates: self.load_midstates(name, &m),
+        });
         Ok(TempFile {
             file: Some(BufWriter::with_capacity(1 << 20, file)),
-            hasher: Some(hasher),
+            hasher: None,
+            base: base.filter(|b| !b.midstates.is_empty()),
+            kept_midstates: Vec::new(),
             indexer: None,
             path: tmp,
             partial: self.partial_path(name),
@@ -734,6 +845,92 @@ mod tests {
         assert_eq!(store.finish("f", w, Some(tree)), Ok(Some(Hash::of(b"new"))));
         assert_eq!(store.stat("f").unwrap().sha256, Hash::of(b"new"));
         assert_eq!(fs::read(dir.path().join("f")).unwrap(), b"new");
+    }
+
+    /// Publishes `data` as `name` the way an upload does: copies of the
+    /// stored version's ranges `(offset, len)` or fresh bytes, in order.
+    /// Returns the reported hash and how many of the old version's
+    /// midstates the new one started from.
+    fn publish(
+        store: &mut FsStore,
+        name: &str,
+        parts: &[Result<(u64, u64), &[u8]>],
+    ) -> (Option<Hash>, usize) {
+        let old = File::open(store.path_of(name).unwrap()).ok();
+        let mut w = store.create(name, 0).unwrap();
+        let mut data = Vec::new();
+        for p in parts {
+            match *p {
+                Ok((offset, len)) => {
+                    let old = old.as_ref().unwrap();
+                    assert!(w.copy_from_file(old, offset, len).unwrap(), "copy_file_range works here");
+                    let mut buf = vec![0u8; len as usize];
+                    std::os::unix::fs::FileExt::read_exact_at(old, &mut buf, offset).unwrap();
+                    data.extend_from_slice(&buf);
+                }
+                Err(bytes) => {
+                    w.write(bytes).unwrap();
+                    data.extend_from_slice(bytes);
+                }
+            }
+        }
+        if w.hasher.is_none() {
+            w.start_hasher().unwrap(); // as `finish` would
+        }
+        let kept = w.kept_midstates.len();
+        let mut tree = Tree::build(&data, ChunkerKind::Cdc);
+        tree.set_file_hash(Hash::UNKNOWN);
+        (store.finish(name, w, Some(tree)).unwrap(), kept)
+    }
+
+    /// The midstates of `data` computed from its first byte.
+    fn midstates_of(data: &[u8]) -> Vec<Vec<u8>> {
+        let mut h = FileHash { sha: Sha256::new(), pos: 0, midstates: Vec::new() };
+        h.feed(data);
+        h.done().1
+    }
+
+    #[test]
+    fn a_version_that_starts_like_the_old_one_is_hashed_from_a_midstate() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = FsStore::open(dir.path()).unwrap();
+        let step = MIDSTATE_STEP as usize;
+        let old = deltasync_core::sim::random_bytes(1, 3 * step + 1000);
+        assert_eq!(publish(&mut store, "f", &[Err(&old)]), (Some(Hash::of(&old)), 0));
+        let meta = fs::metadata(dir.path().join("f")).unwrap();
+        assert_eq!(store.load_midstates("f", &meta), midstates_of(&old));
+        assert_eq!(store.load_midstates("f", &meta).len(), 3);
+
+        // Same first 2.5 steps, then new bytes, then the old tail (moved).
+        let cut = 2 * step + step / 2;
+        let fresh = deltasync_core::sim::random_bytes(2, 5000);
+        let mut new = old[..cut].to_vec();
+        new.extend_from_slice(&fresh);
+        new.extend_from_slice(&old[cut + 10..]);
+        let parts = [
+            Ok((0, 1000)),
+            Ok((1000, cut as u64 - 1000)),
+            Err(&fresh[..]),
+            Ok((cut as u64 + 10, (old.len() - cut - 10) as u64)),
+        ];
+        assert_eq!(publish(&mut store, "f", &parts), (Some(Hash::of(&new)), 2));
+        assert_eq!(fs::read(dir.path().join("f")).unwrap(), new);
+        let meta = fs::metadata(dir.path().join("f")).unwrap();
+        assert_eq!(store.load_midstates("f", &meta), midstates_of(&new));
+
+        // A pure prefix (truncation), an unaligned copy, and a rewrite.
+        let parts = [Ok((0, (step + 7) as u64))];
+        assert_eq!(publish(&mut store, "f", &parts), (Some(Hash::of(&new[..step + 7])), 1));
+        let shifted = [Ok((1, (step + 6) as u64))];
+        assert_eq!(publish(&mut store, "f", &shifted), (Some(Hash::of(&new[1..step + 7])), 0));
+        let meta = fs::metadata(dir.path().join("f")).unwrap();
+        assert_eq!(store.load_midstates("f", &meta), midstates_of(&new[1..step + 7]));
+        assert_eq!(publish(&mut store, "f", &[Err(b"x")]), (Some(Hash::of(b"x")), 0));
+        // A stale index (the file changed behind our back) offers no midstates.
+        fs::write(dir.path().join("f"), &old).unwrap();
+        let meta = fs::metadata(dir.path().join("f")).unwrap();
+        assert!(store.load_midstates("f", &meta).is_empty());
+        assert_eq!(publish(&mut store, "f", &[Ok((0, old.len() as u64))]), (Some(Hash::of(&old)), 0));
     }
 
     #[test]

@@ -1,0 +1,148 @@
+//! The deltasync server's peak memory against the file size: for each size,
+//! a fresh server on loopback takes a first upload of a pseudo-random file,
+//! a delta upload after a 4 KiB overwrite in the middle, and serves a delta
+//! download to a client holding the first version; then its VmHWM is read.
+//!
+//! `cargo build --release --workspace --bins && target/release/server-rss [GIB...]`
+//! (`bench/server-rss.sh` does both; files go under `BENCH_DIR`, default
+//! `target/bench-work`, and are deleted at the end).
+
+use deltasync_core::chunker::ChunkerKind;
+use deltasync_core::sim::random_bytes;
+use deltasync_server::process::ServerProcess;
+use std::fs::File;
+use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+const TOKEN: &str = "bench-token";
+const PIECE: usize = 64 << 20;
+
+/// Writes `len` pseudo-random bytes without holding them all in memory.
+fn write_random(path: &Path, seed: u64, len: u64) {
+    let mut f = File::create(path).unwrap();
+    let mut done = 0u64;
+    let mut k = 0;
+    while done < len {
+        let n = PIECE.min((len - done) as usize);
+        f.write_all(&random_bytes(seed.wrapping_mul(1_000_003).wrapping_add(k), n)).unwrap();
+        done += n as u64;
+        k += 1;
+    }
+    f.sync_all().unwrap();
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Runs the CLI against the server; returns (seconds, wire bytes both ways).
+fn cli(bin: &Path, port: u16, args: &[&std::ffi::OsStr]) -> (f64, u64) {
+    let t = Instant::now();
+    let out = Command::new(bin)
+        .env("DELTASYNC_SERVER", format!("127.0.0.1:{port}"))
+        .env("DELTASYNC_TOKEN", TOKEN)
+        .arg("--json")
+        .args(args)
+        .output()
+        .expect("run deltasync");
+    let secs = t.elapsed().as_secs_f64();
+    assert!(out.status.success(), "deltasync failed: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let num = |k: &str| -> u64 {
+        let i = text.find(&format!("\"{k}\":")).unwrap() + k.len() + 3;
+        text[i..].split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap()
+    };
+    (secs, num("wire_bytes_sent") + num("wire_bytes_received"))
+}
+
+fn same_bytes(a: &Path, b: &Path) -> bool {
+    let (fa, fb) = (File::open(a).unwrap(), File::open(b).unwrap());
+    let len = fa.metadata().unwrap().len();
+    if len != fb.metadata().unwrap().len() {
+        return false;
+    }
+    let (mut x, mut y) = (vec![0u8; PIECE], vec![0u8; PIECE]);
+    let mut at = 0u64;
+    while at < len {
+        let n = PIECE.min((len - at) as usize);
+        fa.read_exact_at(&mut x[..n], at).unwrap();
+        fb.read_exact_at(&mut y[..n], at).unwrap();
+        if x[..n] != y[..n] {
+            return false;
+        }
+        at += n as u64;
+    }
+    true
+}
+
+fn main() {
+    let sizes: Vec<u64> = std::env::args().skip(1).filter_map(|s| s.parse().ok()).collect();
+    let sizes = if sizes.is_empty() { vec![1, 4] } else { sizes };
+    let bin_dir = std::env::current_exe().unwrap().parent().unwrap().to_path_buf();
+    let (server_bin, bin) = (bin_dir.join("deltasync-server"), bin_dir.join("deltasync"));
+    let work = PathBuf::from(std::env::var("BENCH_DIR").unwrap_or_else(|_| "target/bench-work".into()));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).unwrap();
+    let work = work.canonicalize().unwrap();
+    let hints = work.join("hints");
+
+    println!("## deltasync-server peak RSS by file size (a fresh server per size)\n");
+    println!(
+        "| file | chunking | first upload | 4 KiB overwrite, upload | same, download to the old copy | server peak RSS (VmHWM) |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for gib in sizes {
+        let len = gib << 30;
+        let root = work.join(format!("root-{gib}"));
+        std::fs::create_dir_all(&root).unwrap();
+        let (old, new, copy) = (work.join("old"), work.join("new"), work.join("copy"));
+        eprintln!("preparing {gib} GiB");
+        write_random(&old, gib, len);
+        std::fs::copy(&old, &new).unwrap();
+        {
+            let mut f = std::fs::OpenOptions::new().write(true).open(&new).unwrap();
+            f.seek(SeekFrom::Start(len / 2)).unwrap();
+            f.write_all(&random_bytes(gib + 100, 4096)).unwrap();
+        }
+        std::fs::copy(&old, &copy).unwrap();
+        let server = ServerProcess::start(&server_bin, &root, TOKEN, &["--dashboard", "off"])
+            .expect("start deltasync-server");
+        let port = server.port;
+        let h = ["--hints".as_ref(), hints.as_os_str()];
+        let first =
+            cli(&bin, port, &[h[0], h[1], "upload".as_ref(), old.as_os_str(), "--as".as_ref(), "f".as_ref()]);
+        let up =
+            cli(&bin, port, &[h[0], h[1], "upload".as_ref(), new.as_os_str(), "--as".as_ref(), "f".as_ref()]);
+        let down = cli(
+            &bin,
+            port,
+            &["--no-hints".as_ref(), "download".as_ref(), "f".as_ref(), "-o".as_ref(), copy.as_os_str()],
+        );
+        let rss = peak_rss_kib(server.pid());
+        drop(server);
+        assert!(same_bytes(&root.join("f"), &new), "the server stored a different file");
+        assert!(same_bytes(&copy, &new), "the download rebuilt a different file");
+        let chunking = format!("{} KiB normal", ChunkerKind::for_size(len).normal_chunk() >> 10);
+        let cell = |(s, w): (f64, u64)| format!("{s:.2} s, {w} B");
+        println!(
+            "| {gib} GiB | {chunking} | {} | {} | {} | {:.1} MiB |",
+            cell(first),
+            cell(up),
+            cell(down),
+            rss as f64 / 1024.0
+        );
+        for p in [&old, &new, &copy] {
+            let _ = std::fs::remove_file(p);
+        }
+        let _ = std::fs::remove_dir_all(&root);
+    }
+    let _ = std::fs::remove_dir_all(&work);
+}
