@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The deltasync server's peak RSS against the file size (see src/bin/server-rss.rs):
-#   bash bench/server-rss.sh [GIB...]      (default: 1 4)
+#   bash bench/server-rss.sh [GIB|GIB+GIB...]      (default: 1 4 1+0.5)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 cargo build --release --workspace --bins

@@ -934,6 +934,33 @@ mod tests {
     }
 
     #[test]
+    fn a_copy_the_kernel_refuses_leaves_the_file_as_it_was() {
+        // An old version on another file system (tmpfs): copy_file_range
+        // between two different kinds of file system fails with EXDEV, and
+        // the receiver then copies through memory (plain writes).
+        let dir = tempfile::tempdir().unwrap();
+        let shm = tempfile::tempdir_in("/dev/shm").expect("/dev/shm (tmpfs)");
+        let old_path = shm.path().join("old");
+        fs::write(&old_path, b"0123456789").unwrap();
+        let old = File::open(&old_path).unwrap();
+        let mut store = FsStore::open(dir.path()).unwrap();
+        let mut w = store.create("f", 10).unwrap();
+        w.write(b"ab").unwrap();
+        let fs_kind = |p: &Path| rustix::fs::statfs(p).unwrap().f_type;
+        let refused = fs_kind(dir.path()) != fs_kind(shm.path());
+        assert_eq!(w.copy_from_file(&old, 2, 5).unwrap(), !refused);
+        if refused {
+            assert_eq!(w.written, 2, "a refused copy writes nothing");
+            w.write(b"23456").unwrap();
+        }
+        w.write(b"z").unwrap();
+        let mut tree = Tree::build(b"ab23456z", ChunkerKind::Cdc);
+        tree.set_file_hash(Hash::UNKNOWN);
+        assert_eq!(store.finish("f", w, Some(tree)), Ok(Some(Hash::of(b"ab23456z"))));
+        assert_eq!(fs::read(dir.path().join("f")).unwrap(), b"ab23456z");
+    }
+
+    #[test]
     fn leftover_uploads_become_partials_at_start() {
         let dir = tempfile::tempdir().unwrap();
         fs::create_dir_all(dir.path().join("d")).unwrap();

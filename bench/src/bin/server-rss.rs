@@ -2,8 +2,12 @@
 //! a fresh server on loopback takes a first upload of a pseudo-random file,
 //! a delta upload after a 4 KiB overwrite in the middle, and serves a delta
 //! download to a client holding the first version; then its VmHWM is read.
+//! A size `A+B` (GiB) instead appends B GiB to the first version: the new
+//! version keeps the old one's chunking while that suits its size, which is
+//! the most chunks a server holds for one transfer (1+0.5: 1.5 GiB in
+//! 4 KiB chunks).
 //!
-//! `cargo build --release --workspace --bins && target/release/server-rss [GIB...]`
+//! `cargo build --release --workspace --bins && target/release/server-rss [GIB|GIB+GIB...]`
 //! (`bench/server-rss.sh` does both; files go under `BENCH_DIR`, default
 //! `target/bench-work`, and are deleted at the end).
 
@@ -84,8 +88,8 @@ fn same_bytes(a: &Path, b: &Path) -> bool {
 }
 
 fn main() {
-    let sizes: Vec<u64> = std::env::args().skip(1).filter_map(|s| s.parse().ok()).collect();
-    let sizes = if sizes.is_empty() { vec![1, 4] } else { sizes };
+    let sizes: Vec<String> = std::env::args().skip(1).collect();
+    let sizes = if sizes.is_empty() { vec!["1".into(), "4".into(), "1+0.5".into()] } else { sizes };
     let bin_dir = std::env::current_exe().unwrap().parent().unwrap().to_path_buf();
     let (server_bin, bin) = (bin_dir.join("deltasync-server"), bin_dir.join("deltasync"));
     let work = PathBuf::from(std::env::var("BENCH_DIR").unwrap_or_else(|_| "target/bench-work".into()));
@@ -96,21 +100,32 @@ fn main() {
 
     println!("## deltasync-server peak RSS by file size (a fresh server per size)\n");
     println!(
-        "| file | chunking | first upload | 4 KiB overwrite, upload | same, download to the old copy | server peak RSS (VmHWM) |"
+        "| file | chunking | first upload | 4 KiB overwrite (or append), upload | same, download to the old copy | server peak RSS (VmHWM) |"
     );
     println!("|---|---|---|---|---|---|");
-    for gib in sizes {
-        let len = gib << 30;
-        let root = work.join(format!("root-{gib}"));
+    for (seed, spec) in sizes.iter().enumerate() {
+        let gib = |s: &str| (s.parse::<f64>().expect("a size in GiB") * (1u64 << 30) as f64) as u64;
+        let (len, grow) = match spec.split_once('+') {
+            Some((a, b)) => (gib(a), gib(b)),
+            None => (gib(spec), 0),
+        };
+        let seed = seed as u64 + 1;
+        let root = work.join(format!("root-{seed}"));
         std::fs::create_dir_all(&root).unwrap();
         let (old, new, copy) = (work.join("old"), work.join("new"), work.join("copy"));
-        eprintln!("preparing {gib} GiB");
-        write_random(&old, gib, len);
+        eprintln!("preparing {spec} GiB");
+        write_random(&old, seed, len);
         std::fs::copy(&old, &new).unwrap();
-        {
+        if grow == 0 {
             let mut f = std::fs::OpenOptions::new().write(true).open(&new).unwrap();
             f.seek(SeekFrom::Start(len / 2)).unwrap();
-            f.write_all(&random_bytes(gib + 100, 4096)).unwrap();
+            f.write_all(&random_bytes(seed + 100, 4096)).unwrap();
+        } else {
+            let extra = work.join("extra");
+            write_random(&extra, seed + 100, grow);
+            let mut f = std::fs::OpenOptions::new().append(true).open(&new).unwrap();
+            std::io::copy(&mut File::open(&extra).unwrap(), &mut f).unwrap();
+            let _ = std::fs::remove_file(extra);
         }
         std::fs::copy(&old, &copy).unwrap();
         let server = ServerProcess::start(&server_bin, &root, TOKEN, &["--dashboard", "off"])
@@ -130,10 +145,14 @@ fn main() {
         drop(server);
         assert!(same_bytes(&root.join("f"), &new), "the server stored a different file");
         assert!(same_bytes(&copy, &new), "the download rebuilt a different file");
-        let chunking = format!("{} KiB normal", ChunkerKind::for_size(len).normal_chunk() >> 10);
+        // What the client picks, as it does: the stored version's kind if
+        // it suits the new size.
+        let kind = ChunkerKind::keep_or_choose(Some(ChunkerKind::for_size(len)), len + grow);
+        let chunking = format!("{} KiB normal", kind.normal_chunk() >> 10);
         let cell = |(s, w): (f64, u64)| format!("{s:.2} s, {w} B");
+        let file = if grow == 0 { format!("{spec} GiB") } else { format!("{spec} GiB (grown)") };
         println!(
-            "| {gib} GiB | {chunking} | {} | {} | {} | {:.1} MiB |",
+            "| {file} | {chunking} | {} | {} | {} | {:.1} MiB |",
             cell(first),
             cell(up),
             cell(down),
