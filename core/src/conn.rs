@@ -50,6 +50,8 @@ pub struct ClientHandshake<K> {
     nonce: [u8; 32],
     state: ClientState,
     deadline: Instant,
+    caps: u32,
+    peer_caps: u32,
 }
 
 impl<K: AsRef<[u8]>> ClientHandshake<K> {
@@ -60,7 +62,23 @@ impl<K: AsRef<[u8]>> ClientHandshake<K> {
             nonce,
             state: ClientState::SendHello,
             deadline: now.plus_ms(IDLE_TIMEOUT_MS),
+            caps: CAPS,
+            peer_caps: 0,
         }
+    }
+
+    /// Announces only those of this build's capabilities that are in `caps`
+    /// (e.g. without [`crate::message::CAP_ZSTD`], the server sends
+    /// downloads uncompressed).
+    pub fn announcing(mut self, caps: u32) -> Self {
+        self.caps = caps & CAPS;
+        self
+    }
+
+    /// The capability bits both this client (as announced) and the server
+    /// have (known once the server's challenge arrived).
+    pub fn shared_caps(&self) -> u32 {
+        self.caps & self.peer_caps
     }
 }
 
@@ -70,10 +88,11 @@ impl<K: AsRef<[u8]>> Machine for ClientHandshake<K> {
     fn handle(&mut self, now: Instant, msg: Message<'_>) -> Result<(), SessionError> {
         self.deadline = now.plus_ms(IDLE_TIMEOUT_MS);
         match (self.state, msg) {
-            (ClientState::AwaitChallenge, Message::Challenge { version, nonce, proof, .. }) => {
+            (ClientState::AwaitChallenge, Message::Challenge { version, caps, nonce, proof }) => {
                 if version != PROTOCOL_VERSION {
                     return Err(SessionError::Protocol(ErrorCode::VersionMismatch));
                 }
+                self.peer_caps = caps;
                 let token = self.token.as_ref();
                 if !auth::verify(token, Role::Server, &self.nonce, &nonce, &proof) {
                     return Err(SessionError::Protocol(ErrorCode::AuthFailed));
@@ -96,7 +115,7 @@ impl<K: AsRef<[u8]>> Machine for ClientHandshake<K> {
             ClientState::SendHello => {
                 self.state = ClientState::AwaitChallenge;
                 machine::emit(
-                    &Message::Hello { version: PROTOCOL_VERSION, caps: CAPS, nonce: self.nonce },
+                    &Message::Hello { version: PROTOCOL_VERSION, caps: self.caps, nonce: self.nonce },
                     out,
                 )
             }
@@ -125,6 +144,7 @@ pub struct ServerHandshake<K> {
     nonce: [u8; 32],
     state: ServerState,
     deadline: Instant,
+    peer_caps: u32,
 }
 
 impl<K: AsRef<[u8]>> ServerHandshake<K> {
@@ -135,7 +155,14 @@ impl<K: AsRef<[u8]>> ServerHandshake<K> {
             nonce,
             state: ServerState::AwaitHello,
             deadline: now.plus_ms(IDLE_TIMEOUT_MS),
+            peer_caps: 0,
         }
+    }
+
+    /// The capability bits both this build and the client have (known once
+    /// the client's hello arrived).
+    pub fn shared_caps(&self) -> u32 {
+        CAPS & self.peer_caps
     }
 }
 
@@ -145,10 +172,11 @@ impl<K: AsRef<[u8]>> Machine for ServerHandshake<K> {
     fn handle(&mut self, now: Instant, msg: Message<'_>) -> Result<(), SessionError> {
         self.deadline = now.plus_ms(IDLE_TIMEOUT_MS);
         match (self.state, msg) {
-            (ServerState::AwaitHello, Message::Hello { version, nonce, .. }) => {
+            (ServerState::AwaitHello, Message::Hello { version, caps, nonce }) => {
                 if version != PROTOCOL_VERSION {
                     return Err(SessionError::Protocol(ErrorCode::VersionMismatch));
                 }
+                self.peer_caps = caps;
                 self.state = ServerState::SendChallenge(nonce);
                 Ok(())
             }

@@ -17,9 +17,13 @@ pub const MAX_NAME: usize = 1024;
 /// Most requests a receiver may have in flight; a sender queues this many.
 pub const MAX_INFLIGHT: usize = 4;
 
-/// Capability bits exchanged in the handshake (none defined yet; unknown
-/// bits are ignored so that later versions can add some).
-pub const CAPS: u32 = 0;
+/// Capability bit: this peer reads [`Message::DataZ`] (zstd), so its peer
+/// may send it.
+pub const CAP_ZSTD: u32 = 1;
+
+/// Capability bits this build announces in the handshake; unknown bits are
+/// ignored, so later versions can add some.
+pub const CAPS: u32 = if cfg!(feature = "compress") { CAP_ZSTD } else { 0 };
 
 /// How a sync ended, as the receiver tells the sender.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -159,6 +163,17 @@ pub enum Message<'a> {
         /// The version's SHA-256, if the sender did not know it.
         file_hash: Option<Hash>,
     },
+    /// Sender to receiver: like [`Message::Data`], the bytes at `offset`
+    /// compressed with zstd (one frame; `raw` bytes once decompressed).
+    /// Only sent to a peer that announced [`CAP_ZSTD`].
+    DataZ {
+        /// Offset in the version of the first decompressed byte.
+        offset: u64,
+        /// Length once decompressed, at most [`crate::frame::MAX_DATA`].
+        raw: u32,
+        /// The zstd frame.
+        bytes: &'a [u8],
+    },
 }
 
 impl<'a> Message<'a> {
@@ -266,7 +281,7 @@ mod tests {
     fn with_message<R>(v: &Fields, f: impl FnOnce(Message<'_>) -> R) -> R {
         let (k, a, b, c, n, s, name, bytes, code, outcome, last) = v;
         let (a, b, c) = (*a, *b, *c);
-        let m = match k % 20 {
+        let m = match k % 21 {
             0 => Message::Hello { version: a as u16, caps: c, nonce: *n },
             1 => Message::Challenge { version: b as u16, caps: c, nonce: *n, proof: *n },
             2 => Message::Auth { proof: *n },
@@ -286,6 +301,7 @@ mod tests {
             16 => Message::GetData { offset: a, len: b },
             17 => Message::Data { offset: a, bytes },
             18 => Message::Done { outcome: *outcome, file_hash: Some(s.root) },
+            19 => Message::DataZ { offset: a, raw: c, bytes },
             _ => Message::Done { outcome: *outcome, file_hash: None },
         };
         f(m)

@@ -117,6 +117,9 @@ pub struct Receiver<T, R, W> {
     buf: Vec<u8>,
     deadline: Instant,
     stats: ReceiveStats,
+    /// zstd's context and the buffer `DataZ` frames are decompressed into.
+    #[cfg(feature = "compress")]
+    unzstd: Option<alloc::boxed::Box<(zstd::bulk::Decompressor<'static>, Vec<u8>)>>,
 }
 
 impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
@@ -168,7 +171,36 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
             buf: Vec::new(),
             deadline: now.plus_ms(IDLE_TIMEOUT_MS),
             stats: ReceiveStats::default(),
+            #[cfg(feature = "compress")]
+            unzstd: None,
         })
+    }
+
+    /// A `DataZ` frame: decompressed (to exactly `raw` bytes, at most a
+    /// frame's worth), then taken as `Data`.
+    #[cfg(feature = "compress")]
+    fn on_data_z(&mut self, offset: u64, raw: u32, bytes: &[u8]) -> Result<(), SessionError> {
+        let bad = SessionError::Protocol(ErrorCode::BadMessage);
+        let raw = raw as usize;
+        if raw == 0 || raw > crate::frame::MAX_DATA {
+            return Err(bad);
+        }
+        let mut z = match self.unzstd.take() {
+            Some(z) => z,
+            None => {
+                let ctx = zstd::bulk::Decompressor::new().map_err(|_| SessionError::Capacity)?;
+                alloc::boxed::Box::new((ctx, Vec::with_capacity(crate::frame::MAX_DATA)))
+            }
+        };
+        let (ctx, out) = &mut *z;
+        out.clear();
+        // Fails if the frame is damaged or would decompress to more than
+        // `raw` bytes (the buffer's room).
+        out.reserve(raw);
+        let ok = matches!(ctx.decompress_to_buffer(bytes, out), Ok(n) if n == raw && out.len() == raw);
+        let r = if ok { self.on_data(offset, &z.1) } else { Err(bad) };
+        self.unzstd = Some(z);
+        r
     }
 
     /// The version being received.
@@ -437,6 +469,10 @@ impl<T: TreeView, R: Source, W: Output> Machine for Receiver<T, R, W> {
                 self.on_entries(level, start, offset, last, packed)
             }
             Message::Data { offset, bytes } if self.phase == Phase::Transfer => self.on_data(offset, bytes),
+            #[cfg(feature = "compress")]
+            Message::DataZ { offset, raw, bytes } if self.phase == Phase::Transfer => {
+                self.on_data_z(offset, raw, bytes)
+            }
             Message::Error(c) => Err(SessionError::Peer(c)),
             _ => Err(SessionError::Protocol(ErrorCode::UnexpectedMessage)),
         }

@@ -43,7 +43,27 @@ pub struct Sender<T, S> {
     peer_hash: Option<Hash>,
     deadline: Instant,
     sent_bytes: u64,
+    #[cfg(feature = "compress")]
+    zstd: Option<alloc::boxed::Box<Compress>>,
 }
+
+/// zstd for `Data` frames, with the buffers it reuses.
+#[cfg(feature = "compress")]
+struct Compress {
+    ctx: zstd::bulk::Compressor<'static>,
+    raw: alloc::vec::Vec<u8>,
+    packed: alloc::vec::Vec<u8>,
+    /// Frames still to send without trying (after one that did not shrink).
+    skip: u32,
+}
+
+/// zstd level for `Data` frames: fast, and most of what text gives.
+#[cfg(feature = "compress")]
+const ZSTD_LEVEL: i32 = 3;
+/// After a frame that does not shrink by 1/16, this many go out as they are
+/// before the next try, so incompressible data costs little time.
+#[cfg(feature = "compress")]
+const ZSTD_SKIP: u32 = 15;
 
 impl<T: TreeView, S: Source> Sender<T, S> {
     /// A sender of the version `summary` describes, whose tree is `tree` and
@@ -60,7 +80,30 @@ impl<T: TreeView, S: Source> Sender<T, S> {
             peer_hash: None,
             deadline: now.plus_ms(IDLE_TIMEOUT_MS),
             sent_bytes: 0,
+            #[cfg(feature = "compress")]
+            zstd: None,
         }
+    }
+
+    /// Compresses the bytes it sends with zstd (as [`Message::DataZ`]) when
+    /// `on` and it pays; the caller sets `on` only if the receiver announced
+    /// [`crate::message::CAP_ZSTD`]. Without the `compress` feature, bytes
+    /// always go as they are.
+    pub fn compress(mut self, on: bool) -> Self {
+        #[cfg(feature = "compress")]
+        {
+            self.zstd = on.then(|| zstd::bulk::Compressor::new(ZSTD_LEVEL).ok()).flatten().map(|ctx| {
+                alloc::boxed::Box::new(Compress {
+                    ctx,
+                    raw: alloc::vec::Vec::new(),
+                    packed: alloc::vec::Vec::new(),
+                    skip: 0,
+                })
+            });
+        }
+        #[cfg(not(feature = "compress"))]
+        let _ = on;
+        self
     }
 
     /// The version being sent.
@@ -147,9 +190,59 @@ impl<T: TreeView, S: Source> Sender<T, S> {
             return Err(SessionError::Capacity);
         }
         let n = (end - offset).min(room as u64) as usize;
+        #[cfg(feature = "compress")]
+        if let Some(z) = self.zstd.as_deref_mut() {
+            if z.skip > 0 {
+                z.skip -= 1;
+            } else {
+                return self.send_data_z(offset, end, n, out);
+            }
+        }
         let source = &mut self.source;
         let written = frame::encode_with_tail(&Message::Data { offset, bytes: &[] }, out, |buf| {
             source.read_at(offset, &mut buf[..n]).map(|_| n).map_err(|_| SessionError::Read)
+        })?
+        .map_err(|_| SessionError::Capacity)?;
+        self.sent_bytes += n as u64;
+        let next = offset + n as u64;
+        self.active = (next < end).then_some(Active::Data { offset: next, end });
+        Ok(written)
+    }
+}
+
+#[cfg(feature = "compress")]
+impl<T: TreeView, S: Source> Sender<T, S> {
+    /// Sends `n` bytes at `offset` as `DataZ` if zstd shrinks them by at
+    /// least 1/16, else as `Data` (and skips the next few tries).
+    fn send_data_z(
+        &mut self,
+        offset: u64,
+        end: u64,
+        n: usize,
+        out: &mut [u8],
+    ) -> Result<usize, SessionError> {
+        let z = self.zstd.as_deref_mut().ok_or(SessionError::Capacity)?;
+        z.raw.resize(n, 0);
+        self.source.read_at(offset, &mut z.raw).map_err(|_| SessionError::Read)?;
+        z.packed.clear();
+        z.packed.reserve(n);
+        let worth = n - n / 16;
+        let packed = match z.ctx.compress_to_buffer(&z.raw[..], &mut z.packed) {
+            Ok(m) if m < worth => true,
+            _ => {
+                z.skip = ZSTD_SKIP;
+                false
+            }
+        };
+        let (template, body) = if packed {
+            (Message::DataZ { offset, raw: n as u32, bytes: &[] }, &z.packed[..])
+        } else {
+            (Message::Data { offset, bytes: &[] }, &z.raw[..])
+        };
+        let written = frame::encode_with_tail(&template, out, |buf| {
+            let dst = buf.get_mut(..body.len()).ok_or(SessionError::Capacity)?;
+            dst.copy_from_slice(body);
+            Ok(body.len())
         })?
         .map_err(|_| SessionError::Capacity)?;
         self.sent_bytes += n as u64;

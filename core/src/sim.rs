@@ -256,3 +256,62 @@ pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
     out.truncate(len);
     out
 }
+
+/// About `len` bytes (whole lines, at least `len`) of a reproducible
+/// service log: timestamps that move on, levels, peers, request ids,
+/// methods, paths, statuses, sizes and durations drawn at random, as text
+/// the way servers write it (what compression of a real log sees).
+pub fn log_lines(seed: u64, len: usize) -> Vec<u8> {
+    use core::fmt::Write as _;
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut next = move |n: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n
+    };
+    const LEVELS: [&str; 10] = ["INFO "; 10];
+    const PATHS: [&str; 8] = [
+        "/api/v1/files",
+        "/api/v1/files/reports",
+        "/api/v1/upload",
+        "/api/v1/sessions",
+        "/healthz",
+        "/metrics",
+        "/api/v1/users",
+        "/static/app.js",
+    ];
+    const METHODS: [&str; 4] = ["GET", "GET", "PUT", "POST"];
+    const STATUS: [u16; 8] = [200, 200, 200, 200, 204, 304, 404, 500];
+    let mut ms = 1_795_000_000_000u64 + seed % 1000;
+    let mut line = String::new();
+    let mut out = Vec::with_capacity(len + 200);
+    while out.len() < len {
+        ms += next(40);
+        let (s, milli) = (ms / 1000, ms % 1000);
+        let (h, m, sec) = (s / 3600 % 24, s / 60 % 60, s % 60);
+        let level = match next(20) {
+            0 => "WARN ",
+            1 => "DEBUG",
+            k => LEVELS[k as usize % LEVELS.len()],
+        };
+        line.clear();
+        let _ = writeln!(
+            line,
+            "2026-11-22T{h:02}:{m:02}:{sec:02}.{milli:03}Z {level} http{{peer=10.0.{}.{}:{} req={:016x}}}: {} {}/{} -> {} ({} B, {}.{} ms)",
+            next(4),
+            next(256),
+            32768 + next(28232),
+            next(u64::MAX),
+            METHODS[next(4) as usize],
+            PATHS[next(8) as usize],
+            next(5000),
+            STATUS[next(8) as usize],
+            next(200_000),
+            next(300),
+            next(10),
+        );
+        out.extend_from_slice(line.as_bytes());
+    }
+    out
+}

@@ -209,6 +209,69 @@ fn an_offer_chunked_too_finely_for_its_size_is_refused() {
 }
 
 #[test]
+fn text_crosses_compressed_both_ways_and_noise_as_it_is() {
+    let text = log_lines(16, 2 << 20);
+    let noise = random_bytes(17, 2 << 20);
+    let files = Files::default();
+    let mut s = connect(&files, 777);
+    for (name, data) in [("log", &text), ("noise", &noise)] {
+        let before = s.cp.sent + s.cp.received;
+        let tree = Tree::build(data, ChunkerKind::Cdc);
+        let sender = Sender::new(&tree, &data[..], tree.summary(), s.salt, s.net.clock).compress(true);
+        let mut op = Upload::new(name, sender);
+        assert_eq!(run(&mut op, &mut s.cp, &mut s.server, &mut s.sp, &mut s.net).unwrap(), Outcome::Written);
+        assert_eq!(op.sender().literal_bytes(), data.len() as u64, "literal bytes count the raw file bytes");
+        let up = s.cp.sent + s.cp.received - before;
+        assert!(files.borrow()[name] == *data, "{name} stored exactly");
+        // The server compresses a download for a client that announced zstd.
+        let (down, got) = download(&mut s, name, None);
+        assert!(got == *data, "{name} downloaded exactly");
+        let len = data.len() as u64;
+        if name == "log" {
+            assert!(up < len / 3 && down.wire < len / 3, "{name}: {up} up, {} down for {len}", down.wire);
+        } else {
+            assert!(up < len + len / 50 && down.wire < len + len / 50, "{name}: {up} up, {} down", down.wire);
+        }
+    }
+    // Not asked for: bytes go as they are.
+    let r = upload(&mut s, "plain", &text, ChunkerKind::Cdc);
+    assert_eq!(r.outcome, Outcome::Written);
+    assert!(r.wire >= text.len() as u64, "{} wire bytes", r.wire);
+}
+
+#[test]
+fn a_damaged_or_oversized_compressed_frame_is_a_bad_message() {
+    use deltasync_core::machine::{Machine, Poll};
+    use deltasync_core::message::Message;
+    use deltasync_core::receiver::Receiver;
+    let data = log_lines(18, 4000);
+    let tree = Tree::build(&data, ChunkerKind::Cdc);
+    let packed = zstd::bulk::compress(&data, 3).unwrap();
+    let cases: [(u32, &[u8]); 3] = [
+        (data.len() as u32, b"not a zstd frame"),
+        // Decompresses to more than it claims.
+        (100, &packed),
+        (0, &packed),
+    ];
+    for (raw, bytes) in cases {
+        let mut rx: Receiver<Tree, Vec<u8>, Vec<u8>> =
+            Receiver::new(tree.summary(), [0; 8], None, Vec::new(), Instant(0)).unwrap();
+        let mut buf = vec![0u8; 1 << 17];
+        // Nothing to reuse: it asks for the whole file.
+        assert!(matches!(rx.poll(Instant(0), &mut buf).unwrap(), Poll::Transmit(_)));
+        let err = rx.handle(Instant(0), Message::DataZ { offset: 0, raw, bytes }).unwrap_err();
+        assert_eq!(err, SessionError::Protocol(ErrorCode::BadMessage), "raw {raw}");
+    }
+    // The same frame, claimed right, is taken.
+    let mut rx: Receiver<Tree, Vec<u8>, Vec<u8>> =
+        Receiver::new(tree.summary(), [0; 8], None, Vec::new(), Instant(0)).unwrap();
+    let mut buf = vec![0u8; 1 << 17];
+    rx.poll(Instant(0), &mut buf).unwrap();
+    rx.handle(Instant(0), Message::DataZ { offset: 0, raw: data.len() as u32, bytes: &packed }).unwrap();
+    assert!(rx.progress() == data.len() as u64);
+}
+
+#[test]
 fn a_first_upload_sends_the_file_once() {
     let data = random_bytes(8, 3 << 20);
     let files = Files::default();

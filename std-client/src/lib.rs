@@ -11,7 +11,7 @@ use deltasync_core::hints::{ChunkHints, build_tree_hinted};
 pub use deltasync_core::local::default_hints_dir;
 use deltasync_core::local::now;
 use deltasync_core::machine::Machine;
-use deltasync_core::message::Outcome;
+use deltasync_core::message::{CAP_ZSTD, CAPS, Outcome};
 use deltasync_core::receiver::Base;
 use deltasync_core::sender::Sender;
 use deltasync_core::source::FileSource;
@@ -261,11 +261,21 @@ pub struct Connection {
     server: String,
     /// Where chunk hints are kept, if anywhere.
     hints_dir: Option<PathBuf>,
+    /// Capabilities this client and the server share.
+    caps: u32,
 }
 
 impl Connection {
-    /// Connects to `server` (HOST:PORT) and authenticates with `token`.
+    /// Connects to `server` (HOST:PORT) and authenticates with `token`;
+    /// file bytes are compressed both ways when it pays.
     pub fn connect(server: &str, token: &[u8]) -> Result<Connection, ClientError> {
+        Self::connect_with(server, token, true)
+    }
+
+    /// Like [`Self::connect`]; with `compress` false, file bytes cross the
+    /// wire as they are in both directions (zstd is neither used nor
+    /// announced to the server).
+    pub fn connect_with(server: &str, token: &[u8], compress: bool) -> Result<Connection, ClientError> {
         let addrs: Vec<_> = server.to_socket_addrs().map_err(ClientError::Network)?.collect();
         let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
         let stream = addrs
@@ -294,9 +304,12 @@ impl Connection {
             cancel: Arc::new(AtomicBool::new(false)),
             server: server.to_string(),
             hints_dir: None,
+            caps: 0,
         };
-        let mut hs = ClientHandshake::new(token, rand::random(), now());
+        let announce = if compress { CAPS } else { CAPS & !CAP_ZSTD };
+        let mut hs = ClientHandshake::new(token, rand::random(), now()).announcing(announce);
         c.salt = c.run(&mut hs, "", |_, _| {})?;
+        c.caps = hs.shared_caps();
         Ok(c)
     }
 
@@ -436,7 +449,8 @@ impl Connection {
         let summary = tree.summary();
         let (s0, r0) = self.wire_bytes();
         let sender =
-            Sender::new(&tree, FileSource(file.try_clone().map_err(local)?), summary, self.salt, now());
+            Sender::new(&tree, FileSource(file.try_clone().map_err(local)?), summary, self.salt, now())
+                .compress(self.caps & CAP_ZSTD != 0);
         let mut op = Upload::new(name, sender);
         let total = summary.size;
         // The next version's hints are collected while the upload runs.

@@ -33,6 +33,12 @@ struct Cli {
     /// Use and keep no chunk hints: chunk and hash every file in full.
     #[arg(long, global = true)]
     no_hints: bool,
+    /// Send and receive file bytes as they are. By default they are
+    /// compressed with zstd (level 3) both ways when the server supports it
+    /// and a piece shrinks by at least 1/16; incompressible data is then
+    /// only tried now and then.
+    #[arg(long, global = true)]
+    no_compress: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -129,7 +135,7 @@ fn tick(b: &Option<ProgressBar>) -> impl FnMut(Progress) + '_ {
 
 fn run(cli: Cli) -> Result<(), ClientError> {
     let token = find_token(cli.token)?;
-    let mut c = Connection::connect(&cli.server, &token)?;
+    let mut c = Connection::connect_with(&cli.server, &token, !cli.no_compress)?;
     if let Some(r) = cli.limit_rate {
         c.limit_rate(r);
     }

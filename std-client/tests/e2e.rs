@@ -104,6 +104,31 @@ fn round_trips_of_edge_sizes_and_100_mib() {
 }
 
 #[test]
+fn text_is_compressed_unless_told_not_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Server::start(&dir.path().join("root"));
+    let log = deltasync_core::sim::log_lines(5, 8 << 20);
+    let path = dir.path().join("app.log");
+    std::fs::write(&path, &log).unwrap();
+    let len = log.len() as u64;
+    let up = srv.json(&["upload", s(&path)]);
+    assert_eq!(up["file_bytes"], len);
+    assert_eq!(up["literal_bytes"], len, "literal bytes are file bytes, before compression");
+    assert!(wire(&up) < len / 3, "{} wire bytes for {len} of text", wire(&up));
+    let dst = dir.path().join("copy.log");
+    let down = srv.json(&["download", "app.log", "-o", s(&dst)]);
+    assert!(wire(&down) < len / 3, "{} wire bytes down", wire(&down));
+    assert!(std::fs::read(&dst).unwrap() == log);
+    assert_eq!(down["sha256"], deltasync_core::Hash::of(&log).to_string());
+    // --no-compress: as it is, both ways.
+    let up = srv.json(&["--no-compress", "upload", s(&path), "--as", "plain.log"]);
+    assert!(wire(&up) > len, "{} wire bytes with --no-compress", wire(&up));
+    let down = srv.json(&["--no-compress", "download", "plain.log", "-o", s(&dir.path().join("plain"))]);
+    assert!(wire(&down) > len, "{} wire bytes down with --no-compress", wire(&down));
+    assert!(std::fs::read(srv.root.join("plain.log")).unwrap() == log);
+}
+
+#[test]
 fn a_4k_edit_of_64_mib_moves_under_one_percent_both_ways() {
     let dir = tempfile::tempdir().unwrap();
     let srv = Server::start(&dir.path().join("root"));

@@ -178,6 +178,8 @@ enum Reply {
 pub struct ServerConn<S: Store> {
     store: S,
     salt: [u8; 8],
+    /// Capabilities this server and the client share.
+    caps: u32,
     state: State<S>,
     events: VecDeque<Event>,
     deadline: Instant,
@@ -189,6 +191,7 @@ impl<S: Store> ServerConn<S> {
         ServerConn {
             store,
             salt: [0; 8],
+            caps: 0,
             state: State::Handshake(ServerHandshake::new(token.to_vec(), nonce, now)),
             events: VecDeque::new(),
             deadline: now.plus_ms(IDLE_TIMEOUT_MS),
@@ -305,7 +308,8 @@ impl<S: Store> ServerConn<S> {
     fn start_download(&mut self, now: Instant, name: &str) -> Result<(), ErrorCode> {
         let (tree, source) = self.store.open(name, None)?.ok_or(ErrorCode::NotFound)?;
         let summary = tree.summary();
-        let tx = Sender::new(tree, source, summary, self.salt, now);
+        let tx = Sender::new(tree, source, summary, self.salt, now)
+            .compress(self.caps & crate::message::CAP_ZSTD != 0);
         self.events.push_back(Event::Started {
             name: name.to_string(),
             direction: Direction::Download,
@@ -374,6 +378,7 @@ impl<S: Store> Machine for ServerConn<S> {
                 State::Handshake(h) => match h.poll(now, out)? {
                     Poll::Done(salt) => {
                         self.salt = salt;
+                        self.caps = h.shared_caps();
                         self.events.push_back(Event::Authenticated);
                         self.state = State::Idle;
                     }
