@@ -1,6 +1,7 @@
 //! deltasync against an rsync daemon, both on loopback, in one run: wall
 //! time and bytes on the wire for the same edits of the same files, and the
-//! deltasync server's peak RSS.
+//! deltasync server's peak RSS. (a)-(d) use pseudo-random bytes; (e) a generated
+//! service log (text), where deltasync compresses what it sends.
 //!
 //! `cargo build --release --workspace && target/release/vs-rsync [RUNS] [BIG_MIB] [LOG_MIB]`
 //! (needs `rsync`; `bench/vs-rsync.sh` installs it and runs this).
@@ -154,6 +155,7 @@ fn main() {
     let overwrite = work.join("src/overwrite");
     let insert = work.join("src/insert");
     let appended = work.join("src/appended");
+    let (text_old, text_new) = (work.join("src/text-old"), work.join("src/text-new"));
     {
         let mut d = std::fs::read(&base).unwrap();
         let mid = d.len() / 2;
@@ -167,17 +169,23 @@ fn main() {
         write_random(&extra, 3, 1 << 20);
         l.extend_from_slice(&std::fs::read(&extra).unwrap());
         std::fs::write(&appended, &l).unwrap();
+        // A text log: the first LOG_MIB of it, then all of it (1 MiB more).
+        let text = deltasync_core::sim::log_lines(4, logsz + (1 << 20));
+        let cut = text[..logsz].iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        std::fs::write(&text_old, &text[..cut]).unwrap();
+        std::fs::write(&text_new, &text).unwrap();
     }
 
     println!("## deltasync vs rsync daemon, loopback, {runs} runs, medians\n");
     println!("| scenario | tool | wall time | bytes on the wire |");
     println!("|---|---|---|---|");
     let mut ratios = Vec::new();
-    let scenarios: [(&str, &Path, Option<&Path>); 4] = [
+    let scenarios: [(&str, &Path, Option<&Path>); 5] = [
         ("(a) 4 KiB overwrite in the middle", &overwrite, Some(&base)),
         ("(b) 1 byte inserted at offset 0", &insert, Some(&base)),
         ("(c) 1 MiB appended to a log", &appended, Some(&log)),
         ("(d) first full upload", &base, None),
+        ("(e) 1 MiB of text appended to a text log", &text_new, Some(&text_old)),
     ];
     let hints = work.join("hints");
     let hints = hints.to_str().unwrap();
