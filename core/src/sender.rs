@@ -203,10 +203,15 @@ impl<T: TreeView, S: Source> Sender<T, S> {
             source.read_at(offset, &mut buf[..n]).map(|_| n).map_err(|_| SessionError::Read)
         })?
         .map_err(|_| SessionError::Capacity)?;
+        self.sent(offset, n, end);
+        Ok(written)
+    }
+
+    /// Bytes `offset..offset + n` of `..end` went out.
+    fn sent(&mut self, offset: u64, n: usize, end: u64) {
         self.sent_bytes += n as u64;
         let next = offset + n as u64;
         self.active = (next < end).then_some(Active::Data { offset: next, end });
-        Ok(written)
     }
 }
 
@@ -245,9 +250,7 @@ impl<T: TreeView, S: Source> Sender<T, S> {
             Ok(body.len())
         })?
         .map_err(|_| SessionError::Capacity)?;
-        self.sent_bytes += n as u64;
-        let next = offset + n as u64;
-        self.active = (next < end).then_some(Active::Data { offset: next, end });
+        self.sent(offset, n, end);
         Ok(written)
     }
 }

@@ -11,6 +11,7 @@
 //! (`bench/server-rss.sh` does both; files go under `BENCH_DIR`, default
 //! `target/bench-work`, and are deleted at the end).
 
+use deltasync_bench::{TOKEN, client, peak_rss_kib, timed_transfer};
 use deltasync_core::chunker::ChunkerKind;
 use deltasync_core::sim::random_bytes;
 use deltasync_server::process::ServerProcess;
@@ -18,10 +19,7 @@ use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::Instant;
 
-const TOKEN: &str = "bench-token";
 const PIECE: usize = 64 << 20;
 
 /// Writes `len` pseudo-random bytes without holding them all in memory.
@@ -38,33 +36,9 @@ fn write_random(path: &Path, seed: u64, len: u64) {
     f.sync_all().unwrap();
 }
 
-fn peak_rss_kib(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 /// Runs the CLI against the server; returns (seconds, wire bytes both ways).
 fn cli(bin: &Path, port: u16, args: &[&std::ffi::OsStr]) -> (f64, u64) {
-    let t = Instant::now();
-    let out = Command::new(bin)
-        .env("DELTASYNC_SERVER", format!("127.0.0.1:{port}"))
-        .env("DELTASYNC_TOKEN", TOKEN)
-        .arg("--json")
-        .args(args)
-        .output()
-        .expect("run deltasync");
-    let secs = t.elapsed().as_secs_f64();
-    assert!(out.status.success(), "deltasync failed: {}", String::from_utf8_lossy(&out.stderr));
-    let text = String::from_utf8_lossy(&out.stdout);
-    let num = |k: &str| -> u64 {
-        let i = text.find(&format!("\"{k}\":")).unwrap() + k.len() + 3;
-        text[i..].split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap()
-    };
-    (secs, num("wire_bytes_sent") + num("wire_bytes_received"))
+    timed_transfer(client(bin, port).arg("--json").args(args))
 }
 
 fn same_bytes(a: &Path, b: &Path) -> bool {

@@ -6,17 +6,17 @@
 //! `cargo build --release --workspace && target/release/vs-rsync [RUNS] [BIG_MIB] [LOG_MIB]`
 //! (needs `rsync`; `bench/vs-rsync.sh` installs it and runs this).
 
+use deltasync_bench::{TOKEN, client, peak_rss_kib, timed_transfer};
 use deltasync_core::sim::random_bytes;
 use deltasync_server::process::ServerProcess;
 
-fn write_random(path: &Path, seed: u64, len: usize) {
-    std::fs::write(path, random_bytes(seed, len)).unwrap();
-}
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Instant;
 
-const TOKEN: &str = "bench-token";
+fn write_random(path: &Path, seed: u64, len: usize) {
+    std::fs::write(path, random_bytes(seed, len)).unwrap();
+}
 
 struct Proc(Child);
 impl Drop for Proc {
@@ -54,29 +54,10 @@ fn rsync(port: u16, file: &Path, name: &str) -> Run {
 }
 
 fn deltasync(cli: &Path, port: u16, file: &Path, name: &str, opts: &[&str]) -> Run {
-    let t = Instant::now();
-    let out = client(cli, port)
-        .args(opts)
-        .args(["--json", "upload"])
-        .arg(file)
-        .args(["--as", name])
-        .output()
-        .expect("run deltasync");
-    let secs = t.elapsed().as_secs_f64();
-    assert!(out.status.success(), "deltasync failed: {}", String::from_utf8_lossy(&out.stderr));
-    let text = String::from_utf8_lossy(&out.stdout);
-    let num = |k: &str| -> u64 {
-        let i = text.find(&format!("\"{k}\":")).unwrap() + k.len() + 3;
-        text[i..].split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap()
-    };
-    Run { secs, wire: num("wire_bytes_sent") + num("wire_bytes_received") }
-}
-
-/// The deltasync CLI, pointed at the bench's server.
-fn client(cli: &Path, port: u16) -> Command {
-    let mut c = Command::new(cli);
-    c.env("DELTASYNC_SERVER", format!("127.0.0.1:{port}")).env("DELTASYNC_TOKEN", TOKEN);
-    c
+    let (secs, wire) = timed_transfer(
+        client(cli, port).args(opts).args(["--json", "upload"]).arg(file).args(["--as", name]),
+    );
+    Run { secs, wire }
 }
 
 /// Deletes `name` from the deltasync server (untimed).
@@ -94,15 +75,6 @@ fn settle() {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
-}
-
-fn peak_rss_kib(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }
 
 fn main() {

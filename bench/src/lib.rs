@@ -1,0 +1,41 @@
+//! Helpers shared by the bench binaries: the CLI against a bench server,
+//! its `--json` byte counts, and a process's peak memory.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+/// The token every bench server is started with.
+pub const TOKEN: &str = "bench-token";
+
+/// The deltasync CLI `cli`, pointed at a bench server on loopback `port`.
+pub fn client(cli: &Path, port: u16) -> Command {
+    let mut c = Command::new(cli);
+    c.env("DELTASYNC_SERVER", format!("127.0.0.1:{port}")).env("DELTASYNC_TOKEN", TOKEN);
+    c
+}
+
+/// Runs a `--json` transfer; returns its wall time in seconds and its
+/// `wire_bytes_sent + wire_bytes_received`. Panics if it fails.
+pub fn timed_transfer(cmd: &mut Command) -> (f64, u64) {
+    let t = Instant::now();
+    let out = cmd.output().expect("run deltasync");
+    let secs = t.elapsed().as_secs_f64();
+    assert!(out.status.success(), "deltasync failed: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let num = |k: &str| -> u64 {
+        let i = text.find(&format!("\"{k}\":")).expect("a --json report") + k.len() + 3;
+        text[i..].split(|c: char| !c.is_ascii_digit()).next().and_then(|n| n.parse().ok()).expect("a count")
+    };
+    (secs, num("wire_bytes_sent") + num("wire_bytes_received"))
+}
+
+/// Peak resident memory (VmHWM) of process `pid`, in KiB (0 if unknown).
+pub fn peak_rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
