@@ -194,10 +194,9 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
         };
         let (ctx, out) = &mut *z;
         out.clear();
-        // Fails if the frame is damaged or would decompress to more than
-        // `raw` bytes (the buffer's room).
-        out.reserve(raw);
-        let ok = matches!(ctx.decompress_to_buffer(bytes, out), Ok(n) if n == raw && out.len() == raw);
+        // Fails if the frame is damaged or holds more than the buffer's
+        // room (a frame's worth); any other size than `raw` is refused too.
+        let ok = matches!(ctx.decompress_to_buffer(bytes, out), Ok(n) if n == raw);
         let r = if ok { self.on_data(offset, &z.1) } else { Err(bad) };
         self.unzstd = Some(z);
         r

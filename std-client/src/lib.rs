@@ -3,7 +3,7 @@
 //! command and the GUI are thin faces over this library.
 
 use deltasync_core::chunker::ChunkerKind;
-use deltasync_core::conn::{ClientHandshake, Download, Query, QueryKind, Upload};
+use deltasync_core::conn::{ClientHandshake, Download, Query, QueryKind, Stat, Upload};
 use deltasync_core::driver::{DriveError, Pump, TimeoutAsTimedOut, run_blocking_observed};
 use deltasync_core::error::{ErrorCode, SessionError};
 use deltasync_core::frame::{MAX_ENCODED, MAX_FRAME};
@@ -306,7 +306,7 @@ impl Connection {
             hints_dir: None,
             caps: 0,
         };
-        let announce = if compress { CAPS } else { CAPS & !CAP_ZSTD };
+        let announce = if compress { CAPS } else { !CAP_ZSTD };
         let mut hs = ClientHandshake::new(token, rand::random(), now()).announcing(announce);
         c.salt = c.run(&mut hs, "", |_, _| {})?;
         c.caps = hs.shared_caps();
@@ -397,21 +397,24 @@ impl Connection {
 
     /// One file on the server.
     pub fn stat(&mut self, name: &str) -> Result<RemoteFile, ClientError> {
-        let mut q = Query::new(QueryKind::Stat(name), |_| {}, now());
-        let s = self.run(&mut q, name, |_, _| {})?.ok_or_else(|| ClientError::NotFound(name.into()))?;
+        let s = self.query_stat(name)?.ok_or_else(|| ClientError::NotFound(name.into()))?;
         Ok(RemoteFile { name: name.into(), size: s.size, modified: s.modified, sha256: s.sha256.to_string() })
+    }
+
+    /// The server's description of `name`, `None` if there is no such file.
+    fn query_stat(&mut self, name: &str) -> Result<Option<Stat>, ClientError> {
+        let mut q = Query::new(QueryKind::Stat(name), |_| {}, now());
+        match self.run(&mut q, name, |_, _| {}) {
+            Err(ClientError::NotFound(_)) => Ok(None),
+            r => r,
+        }
     }
 
     /// How the server's tree of `name` is chunked, `None` if there is no
     /// such file: a new version or a download's base chunked the same way
     /// shares its chunks.
     fn remote_chunking(&mut self, name: &str) -> Result<Option<ChunkerKind>, ClientError> {
-        let mut q = Query::new(QueryKind::Stat(name), |_| {}, now());
-        match self.run(&mut q, name, |_, _| {}) {
-            Ok(s) => Ok(s.map(|s| s.chunking)),
-            Err(ClientError::NotFound(_)) => Ok(None),
-            Err(e) => Err(e),
-        }
+        Ok(self.query_stat(name)?.map(|s| s.chunking))
     }
 
     /// Deletes a file on the server.

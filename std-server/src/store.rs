@@ -283,9 +283,7 @@ impl FsStore {
     /// into place, then writes its index; the caller cleans up on error.
     fn publish(&mut self, name: &str, w: &mut TempFile, mut tree: Tree) -> Result<Hash, ErrorCode> {
         let dest = self.path_of(name)?;
-        if w.hasher.is_none() {
-            w.start_hasher().map_err(storage)?;
-        }
+        w.start_hasher().map_err(storage)?;
         let file = w.file.take().ok_or(ErrorCode::Storage)?;
         let file = file.into_inner().map_err(|e| storage(e.into_error()))?;
         let t = std::time::Instant::now();
@@ -516,7 +514,7 @@ impl<F: Follow> Drop for ReadBack<F> {
 
 impl Output for TempFile {
     fn write(&mut self, data: &[u8]) -> Result<(), IoFailed> {
-        if self.hasher.is_none() && !data.is_empty() {
+        if !data.is_empty() {
             self.start_hasher().map_err(|_| IoFailed)?;
         }
         let f = self.file.as_mut().ok_or(IoFailed)?;
@@ -555,7 +553,7 @@ impl Output for TempFile {
     /// the writeback and the read-back threads going as plain writes do.
     #[cfg(target_os = "linux")]
     fn copy_from_file(&mut self, src: &File, offset: u64, len: u64) -> Result<bool, IoFailed> {
-        if self.hasher.is_none() && !self.continues_base(src, offset) {
+        if !self.continues_base(src, offset) {
             self.start_hasher().map_err(|_| IoFailed)?;
         }
         let f = self.file.as_mut().ok_or(IoFailed)?;
@@ -621,7 +619,11 @@ impl TempFile {
 
     /// Starts hashing the new version, once it stops being a copy of the
     /// old one's first `written` bytes: from the last midstate within them.
+    /// Does nothing if the hasher runs already.
     fn start_hasher(&mut self) -> io::Result<()> {
+        if self.hasher.is_some() {
+            return Ok(());
+        }
         let mut midstates = self.base.take().map(|b| b.midstates).unwrap_or_default();
         midstates.truncate((self.written / MIDSTATE_STEP) as usize);
         let sha = match midstates.last() {
@@ -874,9 +876,7 @@ mod tests {
                 }
             }
         }
-        if w.hasher.is_none() {
-            w.start_hasher().unwrap(); // as `finish` would
-        }
+        w.start_hasher().unwrap(); // as `finish` would
         let kept = w.kept_midstates.len();
         let mut tree = Tree::build(&data, ChunkerKind::Cdc);
         tree.set_file_hash(Hash::UNKNOWN);
