@@ -20,8 +20,17 @@
 //! An upload offer may leave the whole-file SHA-256 unknown
 //! ([`crate::Hash::UNKNOWN`]): the server computes it while writing and
 //! returns it in `Done`, so the client hashes its file only once (chunk ids).
+//!
+//! A first upload may leave the root unknown too, so that its bytes go out
+//! while the client still hashes them; the root follows when it is known:
 //! ```text
+//! C: Upload{name, offer without root}
+//!                             S: GetData*   C: Data* ... Root{root, height} ... Data*
+//!                             S: Done(outcome, hash) | Error
 //! ```
+//! A server holding a version or an interrupted upload of that name answers
+//! such an offer with `Error(NeedTree)` instead, and the client offers again
+//! with its tree (a delta).
 
 use crate::PROTOCOL_VERSION;
 use crate::auth::{self, Role};
@@ -228,6 +237,12 @@ impl<'n, T: TreeView, S: Source> Upload<'n, T, S> {
     pub fn sender(&self) -> &Sender<T, S> {
         &self.sender
     }
+
+    /// The underlying sender, to give it a root it was offered without
+    /// ([`Sender::set_root`]).
+    pub fn sender_mut(&mut self) -> &mut Sender<T, S> {
+        &mut self.sender
+    }
 }
 
 impl<T: TreeView, S: Source> Machine for Upload<'_, T, S> {
@@ -240,7 +255,7 @@ impl<T: TreeView, S: Source> Machine for Upload<'_, T, S> {
     fn poll(&mut self, now: Instant, out: &mut [u8]) -> Result<Poll<Outcome>, SessionError> {
         if !self.requested {
             self.requested = true;
-            return machine::emit(&Message::Upload { name: self.name, offer: *self.sender.summary() }, out);
+            return machine::emit(&Message::Upload { name: self.name, offer: self.sender.offer() }, out);
         }
         self.sender.poll(now, out)
     }
@@ -410,9 +425,11 @@ mod download {
         fn handle(&mut self, now: Instant, msg: Message<'_>) -> Result<(), SessionError> {
             self.deadline = now.plus_ms(IDLE_TIMEOUT_MS);
             match (&mut self.state, msg) {
-                (State::AwaitOffer(..), Message::Offer(offer)) if !offer.file_hash.is_known() => {
-                    // Only an uploader may leave the hash to its peer; a
-                    // server always knows the hash of what it serves.
+                (State::AwaitOffer(..), Message::Offer(offer))
+                    if !offer.file_hash.is_known() || !offer.root.is_known() =>
+                {
+                    // Only an uploader may leave the hash or the root to its
+                    // peer; a server always knows those of what it serves.
                     Err(SessionError::Protocol(ErrorCode::BadMessage))
                 }
                 (State::AwaitOffer(..), Message::Offer(offer)) => {

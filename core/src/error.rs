@@ -35,6 +35,9 @@ pub enum ErrorCode {
     Busy,
     /// A requested mode (such as a chunker) is not supported.
     Unsupported,
+    /// An upload offered without its root, to a server that holds data it
+    /// could reuse for that name: offer the version's tree instead.
+    NeedTree,
 }
 
 impl core::fmt::Display for ErrorCode {
@@ -54,6 +57,7 @@ impl core::fmt::Display for ErrorCode {
             ErrorCode::Timeout => "timed out",
             ErrorCode::Busy => "file busy",
             ErrorCode::Unsupported => "unsupported",
+            ErrorCode::NeedTree => "the server holds a version to reuse: offer the tree",
         };
         f.write_str(s)
     }

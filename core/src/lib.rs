@@ -59,5 +59,7 @@ pub use time::Instant;
 /// Version of the wire protocol spoken by this crate. Version 2: upload
 /// offers may leave the whole-file hash to the server, and `Done` carries it.
 /// Version 3: chunk sizes scale with the file (`ChunkerKind::CdcScaled`),
-/// and `Info` tells how the server's tree of a file is chunked.
-pub const PROTOCOL_VERSION: u16 = 3;
+/// and `Info` tells how the server's tree of a file is chunked. Version 4:
+/// a first upload may be offered without its root, which follows in `Root`
+/// (the sender hashes while its bytes go out).
+pub const PROTOCOL_VERSION: u16 = 4;

@@ -174,6 +174,17 @@ pub enum Message<'a> {
         /// The zstd frame.
         bytes: &'a [u8],
     },
+    /// Sender to receiver: the root of the version, for an upload offered
+    /// with [`crate::Hash::UNKNOWN`] as its root (a first upload whose bytes
+    /// go out while the sender still hashes them). Sent once, at any time
+    /// before the receiver's `Done`; the receiver checks what it rebuilt
+    /// against it.
+    Root {
+        /// Root of the hash tree.
+        root: Hash,
+        /// Level of the root.
+        height: u8,
+    },
 }
 
 impl<'a> Message<'a> {

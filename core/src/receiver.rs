@@ -15,7 +15,10 @@
 //! is [`Outcome::Integrity`] and the shell keeps its old version. An upload
 //! offer may leave that hash unknown: the new tree then leaves it unknown
 //! too, and the server's store computes it over the bytes it wrote (see
-//! [`crate::conn::server::Store::finish`]).
+//! [`crate::conn::server::Store::finish`]). An offer may also leave its root
+//! unknown (a first upload that starts before the sender has hashed): then
+//! nothing is walked or reused, every byte is fetched, and the root that
+//! follows in `Message::Root` is checked like an offered one.
 
 use crate::error::{ErrorCode, SessionError};
 use crate::hash::ShortId;
@@ -252,7 +255,9 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
         }
         if self.offer.size == 0 {
             self.phase = Phase::Transfer;
-        } else if self.held.is_empty() {
+        } else if self.held.is_empty() || !self.offer.root.is_known() {
+            // Without a root there is no tree to walk: every byte is fetched
+            // and the root checked once `Root` arrives.
             // Nothing to reuse: skip the walk and fetch the whole file. The
             // output may index it as it goes, off this thread.
             if self.out.index_in_background(self.offer.chunking) {
@@ -472,6 +477,14 @@ impl<T: TreeView, R: Source, W: Output> Machine for Receiver<T, R, W> {
             Message::DataZ { offset, raw, bytes } if self.phase == Phase::Transfer => {
                 self.on_data_z(offset, raw, bytes)
             }
+            Message::Root { root, height } if !self.offer.root.is_known() && self.phase != Phase::Walk => {
+                if !root.is_known() {
+                    return Err(SessionError::Protocol(ErrorCode::BadMessage));
+                }
+                self.offer.root = root;
+                self.offer.height = height;
+                Ok(())
+            }
             Message::Error(c) => Err(SessionError::Peer(c)),
             _ => Err(SessionError::Protocol(ErrorCode::UnexpectedMessage)),
         }
@@ -508,7 +521,7 @@ impl<T: TreeView, R: Source, W: Output> Machine for Receiver<T, R, W> {
                         self.sent.push_back(Sent::Data { offset, len, got: 0 });
                         return machine::emit(&Message::GetData { offset, len }, out);
                     }
-                    if !self.sent.is_empty() {
+                    if !self.sent.is_empty() || !self.offer.root.is_known() {
                         return machine::wait_until(now, self.deadline);
                     }
                     let outcome = self.verify()?;

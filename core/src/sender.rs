@@ -43,6 +43,8 @@ pub struct Sender<T, S> {
     peer_hash: Option<Hash>,
     deadline: Instant,
     sent_bytes: u64,
+    /// A root given by [`Sender::set_root`] and not yet sent.
+    root_due: bool,
     #[cfg(feature = "compress")]
     zstd: Option<alloc::boxed::Box<Compress>>,
 }
@@ -80,8 +82,34 @@ impl<T: TreeView, S: Source> Sender<T, S> {
             peer_hash: None,
             deadline: now.plus_ms(IDLE_TIMEOUT_MS),
             sent_bytes: 0,
+            root_due: false,
             #[cfg(feature = "compress")]
             zstd: None,
+        }
+    }
+
+    /// Whether the summary's root is still unknown: an upload offered
+    /// before its tree was built, whose root [`Sender::set_root`] gives.
+    /// Such a sender lists no tree (its receiver fetches every byte).
+    pub fn awaiting_root(&self) -> bool {
+        !self.summary.root.is_known()
+    }
+
+    /// The summary to offer, once: a root given before the offer goes out
+    /// with it rather than in a `Root` of its own.
+    pub(crate) fn offer(&mut self) -> Summary {
+        self.root_due = false;
+        self.summary
+    }
+
+    /// Gives the root and height of a version offered without them (see
+    /// [`Sender::awaiting_root`]); it goes to the receiver as
+    /// [`Message::Root`] with the next frame. Ignored once known.
+    pub fn set_root(&mut self, root: Hash, height: u8) {
+        if self.awaiting_root() && root.is_known() {
+            self.summary.root = root;
+            self.summary.height = height;
+            self.root_due = true;
         }
     }
 
@@ -278,6 +306,11 @@ impl<T: TreeView, S: Source> Machine for Sender<T, S> {
     fn poll(&mut self, now: Instant, out: &mut [u8]) -> Result<Poll<Outcome>, SessionError> {
         if let Some(o) = self.outcome {
             return Ok(Poll::Done(o));
+        }
+        if self.root_due {
+            self.root_due = false;
+            let Summary { root, height, .. } = self.summary;
+            return machine::emit(&Message::Root { root, height }, out);
         }
         if self.active.is_none()
             && let Some(r) = self.queue.pop_front()

@@ -502,3 +502,128 @@ fn a_download_offer_without_the_file_hash_is_refused() {
         Err(SessionError::Protocol(ErrorCode::BadMessage))
     );
 }
+
+/// An upload offered without its root, which its sender learns only once
+/// `after` file bytes went out (and never before the offer).
+struct LateRoot<'a> {
+    op: Upload<'a, &'a Tree, &'a [u8]>,
+    root: (Hash, u8),
+    after: u64,
+    polls: u32,
+}
+
+impl deltasync_core::machine::Machine for LateRoot<'_> {
+    type Output = Outcome;
+
+    fn handle(&mut self, now: Instant, msg: deltasync_core::message::Message<'_>) -> Result<(), SessionError> {
+        self.op.handle(now, msg)
+    }
+
+    fn poll(
+        &mut self,
+        now: Instant,
+        out: &mut [u8],
+    ) -> Result<deltasync_core::machine::Poll<Outcome>, SessionError> {
+        if self.polls > 0 && self.op.sender().literal_bytes() >= self.after {
+            self.op.sender_mut().set_root(self.root.0, self.root.1);
+        }
+        self.polls += 1;
+        self.op.poll(now, out)
+    }
+}
+
+/// Uploads `data` as `name` with its root (or `root`, if given) sent late.
+fn upload_root_late(
+    s: &mut Session,
+    name: &str,
+    data: &[u8],
+    root: Option<Hash>,
+    after: u64,
+) -> (Result<Outcome, Stop>, Option<Hash>, u64) {
+    let before = s.cp.sent + s.cp.received;
+    let tree = Tree::build(data, ChunkerKind::Cdc);
+    let empty = Tree::build(&[], ChunkerKind::Cdc);
+    let offer =
+        Summary { root: Hash::UNKNOWN, height: 0, file_hash: Hash::UNKNOWN, ..tree.summary() };
+    let sender = Sender::new(&empty, data, offer, s.salt, s.net.clock);
+    let root = (root.unwrap_or(tree.summary().root), tree.summary().height);
+    let mut m = LateRoot { op: Upload::new(name, sender), root, after, polls: 0 };
+    let r = run(&mut m, &mut s.cp, &mut s.server, &mut s.sp, &mut s.net);
+    (r, m.op.sender().reported_hash(), s.cp.sent + s.cp.received - before)
+}
+
+#[test]
+fn a_first_upload_may_send_its_root_while_or_after_its_bytes_go_out() {
+    for len in [0usize, 1, 4096, 100_000, 3 << 20] {
+        let data = random_bytes(len as u64 + 40, len);
+        for after in [0, len as u64 / 2, len as u64] {
+            let files = Files::default();
+            let mut s = connect(&files, 7000);
+            let (r, hash, wire) = upload_root_late(&mut s, "new", &data, None, after);
+            assert_eq!(r.unwrap(), Outcome::Written, "{len} bytes, root after {after}");
+            assert_eq!(hash, Some(Hash::of(&data)));
+            assert!(files.borrow()["new"] == data);
+            assert!(wire < len as u64 * 101 / 100 + 300, "{wire} wire bytes for {len}");
+            // The stored tree is the one the root pinned: an edit is a delta.
+            let mut edited = data.clone();
+            edited.push(7);
+            let r = upload(&mut s, "new", &edited, ChunkerKind::Cdc);
+            assert_eq!(r.outcome, Outcome::Written);
+            assert!(r.wire < 40_000, "{} wire bytes for a one-byte append", r.wire);
+            assert!(files.borrow()["new"] == edited);
+        }
+    }
+}
+
+#[test]
+fn a_late_root_that_does_not_match_publishes_nothing() {
+    let data = random_bytes(41, 300_000);
+    let files = Files::default();
+    let mut s = connect(&files, 5000);
+    let (r, _, _) = upload_root_late(&mut s, "f", &data, Some(Hash::of(b"another root")), 1000);
+    assert_eq!(r.unwrap(), Outcome::Integrity);
+    assert!(!files.borrow().contains_key("f"), "nothing published");
+    // The connection stays usable.
+    assert_eq!(upload(&mut s, "f", &data, ChunkerKind::Cdc).outcome, Outcome::Written);
+}
+
+#[test]
+fn an_offer_without_its_root_to_a_server_holding_the_name_is_asked_for_the_tree() {
+    let old = random_bytes(42, 500_000);
+    let mut new = old.clone();
+    new[250_000] ^= 1;
+    let files = Files::default();
+    files.borrow_mut().insert("f".into(), old.clone());
+    let mut s = connect(&files, 5000);
+    let (r, _, _) = upload_root_late(&mut s, "f", &new, None, 0);
+    match r {
+        Err(Stop::Client(DriveError::Session(SessionError::Peer(ErrorCode::NeedTree)))) => {}
+        other => panic!("expected NeedTree, got {other:?}"),
+    }
+    assert!(files.borrow()["f"] == old);
+    // Offered again with its tree, on the same connection: a delta.
+    let r = upload(&mut s, "f", &new, ChunkerKind::Cdc);
+    assert_eq!(r.outcome, Outcome::Written);
+    assert!(r.wire < 30_000, "{} wire bytes", r.wire);
+    assert!(files.borrow()["f"] == new);
+}
+
+#[test]
+fn a_root_is_taken_once_and_only_when_the_offer_lacked_it() {
+    use deltasync_core::machine::Machine;
+    use deltasync_core::message::Message;
+    use deltasync_core::receiver::Receiver;
+    let data = random_bytes(43, 10_000);
+    let tree = Tree::build(&data, ChunkerKind::Cdc);
+    let (root, height) = (tree.summary().root, tree.summary().height);
+    let without = Summary { root: Hash::UNKNOWN, height: 0, ..tree.summary() };
+    let mut rx: Receiver<&Tree, &[u8], Vec<u8>> =
+        Receiver::new(without, [0; 8], None, Vec::new(), Instant(0)).unwrap();
+    let bad = |c| Err(SessionError::Protocol(c));
+    assert_eq!(rx.handle(Instant(0), Message::Root { root: Hash::UNKNOWN, height }), bad(ErrorCode::BadMessage));
+    assert_eq!(rx.handle(Instant(0), Message::Root { root, height }), Ok(()));
+    assert_eq!(rx.handle(Instant(0), Message::Root { root, height }), bad(ErrorCode::UnexpectedMessage));
+    let mut rx: Receiver<&Tree, &[u8], Vec<u8>> =
+        Receiver::new(tree.summary(), [0; 8], None, Vec::new(), Instant(0)).unwrap();
+    assert_eq!(rx.handle(Instant(0), Message::Root { root, height }), bad(ErrorCode::UnexpectedMessage));
+}

@@ -284,6 +284,11 @@ impl<S: Store> ServerConn<S> {
         let old_summary = old.as_ref().map(|(t, _)| t.summary());
         let partial = self.store.partial(name, offer.chunking)?;
         let has_base = old.is_some() || partial.is_some();
+        // Without the offer's tree nothing held could be reused: the client
+        // builds it and offers again (it streams first uploads only).
+        if has_base && !offer.root.is_known() {
+            return Err(ErrorCode::NeedTree);
+        }
         let base = has_base.then(|| {
             let split = |v: Option<(Tree, S::Reader)>| match v {
                 Some((t, r)) => (t, Some(r)),
@@ -365,6 +370,9 @@ impl<S: Store> Machine for ServerConn<S> {
         self.deadline = now.plus_ms(IDLE_TIMEOUT_MS);
         match &mut self.state {
             State::Handshake(h) => h.handle(now, msg),
+            // The root of an upload this server refused (`NeedTree`, say)
+            // may have been sent before the refusal arrived: dropped.
+            State::Idle | State::Reply(_) if matches!(msg, Message::Root { .. }) => Ok(()),
             State::Idle => self.request(now, msg),
             State::Receiving { rx, .. } => rx.handle(now, msg),
             State::Sending { tx, .. } => tx.handle(now, msg),
