@@ -96,17 +96,23 @@ fn chunk_segment<R: ReadAt + ?Sized>(
     let mut out = Vec::with_capacity(((to - from) / 4096) as usize + 1);
     let mut groups = Vec::new();
     let (mut g, mut g_start, mut g_count) = (blake3::Hasher::new(), from, 0u32);
-    pieces(src, from, to, |at, mut data| {
-        let mut base = at;
+    pieces(src, from, to, |at, piece| {
+        let (mut base, mut data) = (at, piece);
+        // BLAKE3 is given a group's bytes in one slice where it can (it is
+        // fastest on long inputs), not chunk by chunk: `piece[g_from..]`
+        // is what it has not seen yet.
+        let mut g_from = 0;
         while let Some(n) = c.next_boundary(data) {
             h.update(&data[..n]);
             base += n as u64;
             let id = Hash(core::mem::replace(&mut h, Sha256::new()).finalize().into());
             out.push((base, id));
             if grouped {
-                g.update(&data[..n]);
                 g_count += 1;
                 if crate::hints::ends_group(&id, g_count) {
+                    let end = (base - at) as usize;
+                    g.update(&piece[g_from..end]);
+                    g_from = end;
                     groups.push((g_start, base, *g.finalize().as_bytes()));
                     (g_start, g_count) = (base, 0);
                     g.reset();
@@ -116,7 +122,7 @@ fn chunk_segment<R: ReadAt + ?Sized>(
         }
         h.update(data);
         if grouped {
-            g.update(data);
+            g.update(&piece[g_from..]);
         }
     })?;
     if to == src.size() && out.last().map_or(from, |e| e.0) < to {

@@ -515,7 +515,11 @@ struct LateRoot<'a> {
 impl deltasync_core::machine::Machine for LateRoot<'_> {
     type Output = Outcome;
 
-    fn handle(&mut self, now: Instant, msg: deltasync_core::message::Message<'_>) -> Result<(), SessionError> {
+    fn handle(
+        &mut self,
+        now: Instant,
+        msg: deltasync_core::message::Message<'_>,
+    ) -> Result<(), SessionError> {
         self.op.handle(now, msg)
     }
 
@@ -543,8 +547,7 @@ fn upload_root_late(
     let before = s.cp.sent + s.cp.received;
     let tree = Tree::build(data, ChunkerKind::Cdc);
     let empty = Tree::build(&[], ChunkerKind::Cdc);
-    let offer =
-        Summary { root: Hash::UNKNOWN, height: 0, file_hash: Hash::UNKNOWN, ..tree.summary() };
+    let offer = Summary { root: Hash::UNKNOWN, height: 0, file_hash: Hash::UNKNOWN, ..tree.summary() };
     let sender = Sender::new(&empty, data, offer, s.salt, s.net.clock);
     let root = (root.unwrap_or(tree.summary().root), tree.summary().height);
     let mut m = LateRoot { op: Upload::new(name, sender), root, after, polls: 0 };
@@ -620,7 +623,10 @@ fn a_root_is_taken_once_and_only_when_the_offer_lacked_it() {
     let mut rx: Receiver<&Tree, &[u8], Vec<u8>> =
         Receiver::new(without, [0; 8], None, Vec::new(), Instant(0)).unwrap();
     let bad = |c| Err(SessionError::Protocol(c));
-    assert_eq!(rx.handle(Instant(0), Message::Root { root: Hash::UNKNOWN, height }), bad(ErrorCode::BadMessage));
+    assert_eq!(
+        rx.handle(Instant(0), Message::Root { root: Hash::UNKNOWN, height }),
+        bad(ErrorCode::BadMessage)
+    );
     assert_eq!(rx.handle(Instant(0), Message::Root { root, height }), Ok(()));
     assert_eq!(rx.handle(Instant(0), Message::Root { root, height }), bad(ErrorCode::UnexpectedMessage));
     let mut rx: Receiver<&Tree, &[u8], Vec<u8>> =

@@ -2,12 +2,13 @@
 //! download and delete files, always with delta sync. The `deltasync`
 //! command and the GUI are thin faces over this library.
 
+use deltasync_core::Hash;
 use deltasync_core::chunker::ChunkerKind;
 use deltasync_core::conn::{ClientHandshake, Download, Query, QueryKind, Stat, Upload};
 use deltasync_core::driver::{DriveError, Pump, TimeoutAsTimedOut, run_blocking_observed};
 use deltasync_core::error::{ErrorCode, SessionError};
 use deltasync_core::frame::{MAX_ENCODED, MAX_FRAME};
-use deltasync_core::hints::{ChunkHints, build_tree_hinted};
+use deltasync_core::hints::{ChunkHints, Known, build_tree_hinted};
 pub use deltasync_core::local::default_hints_dir;
 use deltasync_core::local::now;
 use deltasync_core::machine::Machine;
@@ -15,7 +16,7 @@ use deltasync_core::message::{CAP_ZSTD, CAPS, Outcome};
 use deltasync_core::receiver::Base;
 use deltasync_core::sender::Sender;
 use deltasync_core::source::FileSource;
-use deltasync_core::tree::Tree;
+use deltasync_core::tree::{Summary, Tree};
 use embedded_io_adapters::std::FromStd;
 use serde::Serialize;
 use std::fs::{self, File};
@@ -437,20 +438,32 @@ impl Connection {
         if !file.metadata().map_err(local)?.is_file() {
             return Err(local(io::Error::other("not a regular file")));
         }
-        let threads = deltasync_core::build::default_threads();
+        let hints_file = self.hints_file(name);
+        // Chunked as the server's version is, if that suits the new size.
+        let size = file.metadata().map_err(local)?.len();
+        let remote = self.remote_chunking(name)?;
+        let kind = ChunkerKind::keep_or_choose(remote, size);
+        let (s0, r0) = self.wire_bytes();
+        if remote.is_none() && size > 0 {
+            // Nothing to reuse on the server: send while hashing.
+            match self.upload_streamed(&file, path, name, kind, size, hints_file.as_deref(), &mut progress) {
+                // It holds an interrupted upload of `name` (or a version
+                // appeared meanwhile): offered again with the tree, a delta.
+                Err(ClientError::Refused(ErrorCode::NeedTree)) => {}
+                r => {
+                    let (outcome, literal, hash) = r?;
+                    return self.report(name, &file, path, (outcome, literal, hash), size, (s0, r0), start);
+                }
+            }
+        }
         // Chunk ids only: the server hashes the whole file as it writes it and
         // reports that SHA-256 back (the tree root already pins every byte).
         // The hints of the version last sent as `name` spare re-chunking what
         // did not change.
-        let hints_file = self.hints_file(name);
         let old = hints_file.as_deref().and_then(load_hints);
-        // Chunked as the server's version is, if that suits the new size.
-        let size = file.metadata().map_err(local)?.len();
-        let kind = ChunkerKind::keep_or_choose(self.remote_chunking(name)?, size);
-        let (tree, known) = build_tree_hinted(&file, kind, threads, old.as_ref()).map_err(local)?;
+        let (tree, known) = chunk_tree(&file, kind, old.as_ref(), hints_file.is_some()).map_err(local)?;
         drop(old);
         let summary = tree.summary();
-        let (s0, r0) = self.wire_bytes();
         let sender =
             Sender::new(&tree, FileSource(file.try_clone().map_err(local)?), summary, self.salt, now())
                 .compress(self.caps & CAP_ZSTD != 0);
@@ -467,23 +480,111 @@ impl Connection {
         if let (Some(path), Some(Ok(hints))) = (&hints_file, hints) {
             store_hints(path, &hints);
         }
-        let literal = op.sender().literal_bytes();
+        let ended = (outcome, op.sender().literal_bytes(), op.sender().reported_hash());
+        self.report(name, &file, path, ended, total, (s0, r0), start)
+    }
+
+    /// A first upload: offered without its root, its bytes go out while
+    /// another thread builds the tree, whose root follows (see
+    /// [`deltasync_core::conn`]). Returns the outcome, the literal bytes
+    /// sent and the hash the server reported; `Refused(NeedTree)` if the
+    /// server holds something to reuse after all.
+    #[allow(clippy::too_many_arguments)]
+    fn upload_streamed(
+        &mut self,
+        file: &File,
+        path: &Path,
+        name: &str,
+        kind: ChunkerKind,
+        size: u64,
+        hints_file: Option<&Path>,
+        progress: &mut impl FnMut(Progress),
+    ) -> Result<(Outcome, u64, Option<Hash>), ClientError> {
+        let local = |e| ClientError::Local(path.to_path_buf(), e);
+        let offer =
+            Summary { size, root: Hash::UNKNOWN, height: 0, file_hash: Hash::UNKNOWN, chunking: kind };
+        // Lists nothing: the server fetches every byte of a rootless offer.
+        let empty = Tree::build(&[], kind);
+        let sender =
+            Sender::new(&empty, FileSource(file.try_clone().map_err(local)?), offer, self.salt, now())
+                .compress(self.caps & CAP_ZSTD != 0);
+        let mut op = Upload::new(name, sender);
+        let ctl = self.ctl.try_clone().map_err(ClientError::Network)?;
+        let (root_tx, root_rx) = std::sync::mpsc::channel();
+        let (outcome, built) = std::thread::scope(|s| {
+            let builder = s.spawn(move || -> io::Result<Option<ChunkHints>> {
+                let (tree, known) = chunk_tree(file, kind, None, hints_file.is_some())?;
+                let _ = root_tx.send((tree.summary().root, tree.summary().height));
+                hints_file.map(|_| ChunkHints::collect(file, &tree, &known)).transpose()
+            });
+            let mut waiting = true;
+            let outcome = self.run(&mut op, name, |op, _| {
+                let done = op.sender().literal_bytes();
+                progress(Progress { done, total: size });
+                if !waiting {
+                    return;
+                }
+                // Block for the root only once every byte went out.
+                let root = if done >= size { root_rx.recv().ok() } else { root_rx.try_recv().ok() };
+                match root {
+                    Some((root, height)) => {
+                        waiting = false;
+                        op.sender_mut().set_root(root, height);
+                    }
+                    None if done >= size || builder.is_finished() => {
+                        // The tree could not be built (the builder says why):
+                        // without a root the server would wait, so hang up.
+                        waiting = false;
+                        let _ = ctl.shutdown(std::net::Shutdown::Both);
+                    }
+                    None => {}
+                }
+            });
+            (outcome, builder.join())
+        });
+        let hints = match built {
+            Ok(Ok(hints)) => hints,
+            Ok(Err(e)) => return Err(local(e)),
+            Err(_) => return Err(local(io::Error::other("hashing the file failed"))),
+        };
+        let outcome = outcome?;
+        if let (Some(path), Some(hints)) = (hints_file, hints) {
+            store_hints(path, &hints);
+        }
+        Ok((outcome, op.sender().literal_bytes(), op.sender().reported_hash()))
+    }
+
+    /// The report of an upload of `file` that ended with `ended` (outcome,
+    /// literal bytes, the hash the server reported) after the connection's
+    /// byte counts were `before`.
+    #[allow(clippy::too_many_arguments)]
+    fn report(
+        &self,
+        name: &str,
+        file: &File,
+        path: &Path,
+        ended: (Outcome, u64, Option<Hash>),
+        total: u64,
+        before: (u64, u64),
+        start: Instant,
+    ) -> Result<TransferReport, ClientError> {
+        let (outcome, literal, reported) = ended;
         if outcome == Outcome::Integrity {
             return Err(ClientError::Integrity(name.into()));
         }
         let (s1, r1) = self.wire_bytes();
-        let sha256 = match op.sender().reported_hash() {
+        let sha256 = match reported {
             Some(h) => h,
             // A server that could not tell (it kept no hash of an unchanged
             // version): hash the local file after all.
-            None => deltasync_core::build::file_hash(&file).map_err(local)?,
+            None => deltasync_core::build::file_hash(file).map_err(|e| ClientError::Local(path.into(), e))?,
         };
         Ok(TransferReport {
             name: name.into(),
             mode: mode_of(outcome, literal, total),
             file_bytes: total,
-            wire_bytes_sent: s1 - s0,
-            wire_bytes_received: r1 - r0,
+            wire_bytes_sent: s1 - before.0,
+            wire_bytes_received: r1 - before.1,
             literal_bytes: literal,
             reused_bytes: if outcome == Outcome::Unchanged { total } else { total - literal },
             duration_ms: start.elapsed().as_millis() as u64,
@@ -501,7 +602,6 @@ impl Connection {
     ) -> Result<TransferReport, ClientError> {
         let start = Instant::now();
         let local = |e| ClientError::Local(dest.to_path_buf(), e);
-        let threads = deltasync_core::build::default_threads();
         let base = match File::open(dest) {
             Ok(f) if f.metadata().map_err(local)?.is_file() => {
                 // Reuse needs chunk ids only, not the local file's SHA-256,
@@ -512,7 +612,7 @@ impl Connection {
                     None => return Err(ClientError::NotFound(name.into())),
                 };
                 let old = self.hints_file(name).as_deref().and_then(load_hints);
-                let tree = build_tree_hinted(&f, kind, threads, old.as_ref()).map_err(local)?.0;
+                let tree = chunk_tree(&f, kind, old.as_ref(), old.is_some()).map_err(local)?.0;
                 Some(Base { tree, source: FileSource(f) })
             }
             Ok(_) => return Err(local(io::Error::other("not a regular file"))),
@@ -558,6 +658,23 @@ impl Connection {
             duration_ms: start.elapsed().as_millis() as u64,
             sha256: offer.file_hash.to_string(),
         })
+    }
+}
+
+/// The tree of `file` in chunk ids only, helped by `old` hints if any;
+/// with `grouped`, the build also hashes the groups new hints are made of
+/// (see [`ChunkHints::collect`]), else it spares that work.
+fn chunk_tree(
+    file: &File,
+    kind: ChunkerKind,
+    old: Option<&ChunkHints>,
+    grouped: bool,
+) -> io::Result<(Tree, Known)> {
+    let threads = deltasync_core::build::default_threads();
+    if grouped || old.is_some() {
+        build_tree_hinted(file, kind, threads, old)
+    } else {
+        Ok((deltasync_core::build::build_tree_unhashed(file, kind, threads)?, Known::default()))
     }
 }
 

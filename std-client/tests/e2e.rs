@@ -292,6 +292,55 @@ fn escapes_and_wrong_tokens_are_refused() {
     assert!(files.is_empty(), "{files:?}");
 }
 
+/// The largest upload in progress in `root`'s top directory, in bytes.
+fn part_size(root: &Path) -> u64 {
+    std::fs::read_dir(root)
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".deltasync-part-"))
+        .map(|e| e.metadata().map_or(0, |m| m.len()))
+        .max()
+        .unwrap_or(0)
+}
+
+#[test]
+fn an_interrupted_first_upload_resumes_where_it_stopped() {
+    // A first upload goes out before its tree is built (the root follows);
+    // retried after a crash, the server's partial copy makes it a delta.
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let srv = Server::start(&root);
+    let size = 48 << 20;
+    let data = random(9, size);
+    let path = dir.path().join("first");
+    std::fs::write(&path, &data).unwrap();
+    let mut up = Command::new(env!("CARGO_BIN_EXE_deltasync"))
+        .env("DELTASYNC_SERVER", format!("127.0.0.1:{}", srv.port))
+        .env("DELTASYNC_TOKEN", TOKEN)
+        .env("DELTASYNC_HINTS", srv.hints())
+        .args(["--no-compress", "--limit-rate", "8M", "upload", s(&path)])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while part_size(&root) < 24 << 20 {
+        assert!(Instant::now() < deadline, "upload never got midway");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    srv.kill9();
+    let _ = up.wait();
+    assert!(!root.join("first").exists(), "a partial file became visible");
+
+    let srv = Server::start(&root);
+    let retry = srv.json(&["upload", s(&path)]);
+    assert_eq!(retry["mode"], "delta");
+    assert!(wire(&retry) < size as u64 * 6 / 10, "retry moved {} bytes of {size}", wire(&retry));
+    assert!(std::fs::read(root.join("first")).unwrap() == data);
+    assert_eq!(retry["sha256"], deltasync_core::Hash::of(&data).to_string());
+    assert_eq!(part_size(&root), 0, "temporary files left");
+}
+
 #[test]
 fn a_server_killed_mid_upload_keeps_the_old_version_and_resumes() {
     let dir = tempfile::tempdir().unwrap();
@@ -318,15 +367,7 @@ fn a_server_killed_mid_upload_keeps_the_old_version_and_resumes() {
         .unwrap();
     // Wait until the server has assembled the reused 85 MiB and about half of
     // the 15 new MiB, then kill it.
-    let part_size = || {
-        std::fs::read_dir(&root)
-            .unwrap()
-            .filter_map(Result::ok)
-            .filter(|e| e.file_name().to_string_lossy().starts_with(".deltasync-part-"))
-            .map(|e| e.metadata().map_or(0, |m| m.len()))
-            .max()
-            .unwrap_or(0)
-    };
+    let part_size = || part_size(&root);
     let deadline = Instant::now() + Duration::from_secs(60);
     while part_size() < (85 << 20) + (7 << 20) {
         assert!(Instant::now() < deadline, "upload never got midway");
