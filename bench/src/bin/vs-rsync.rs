@@ -1,7 +1,10 @@
 //! deltasync against an rsync daemon, both on loopback, in one run: wall
 //! time and bytes on the wire for the same edits of the same files, and the
 //! deltasync server's peak RSS. (a)-(d) use pseudo-random bytes; (e) a generated
-//! service log (text), where deltasync compresses what it sends.
+//! service log (text), where deltasync compresses what it sends. rsync runs
+//! twice: as it comes (its daemon leaves what it wrote to the kernel to write
+//! back) and with `--fsync` (it syncs the file before it ends, the
+//! durability deltasync's server always gives).
 //!
 //! `cargo build --release --workspace && target/release/vs-rsync [RUNS] [BIG_MIB] [LOG_MIB]`
 //! (needs `rsync`; `bench/vs-rsync.sh` installs it and runs this).
@@ -35,10 +38,13 @@ struct Run {
     wire: u64,
 }
 
-fn rsync(port: u16, file: &Path, name: &str) -> Run {
+/// rsync's upload of `file` as `name`; with `fsync`, the daemon syncs the
+/// file it wrote before it ends (`--fsync`), as deltasync's server does.
+fn rsync(port: u16, file: &Path, name: &str, fsync: bool) -> Run {
     let t = Instant::now();
     let out = Command::new("rsync")
         .args(["-I", "--no-whole-file", "--stats"])
+        .args(fsync.then_some("--fsync"))
         .arg(file)
         .arg(format!("rsync://127.0.0.1:{port}/bench/{name}"))
         .output()
@@ -161,78 +167,81 @@ fn main() {
     ];
     let hints = work.join("hints");
     let hints = hints.to_str().unwrap();
+    // The tools, each under its own name on its server.
+    const TOOLS: [(&str, &str); 4] =
+        [("rsync", ""), ("rsync --fsync", "-fs"), ("deltasync", ""), ("deltasync --no-hints", "-nh")];
+    let run_tool = |tool: usize, file: &Path, name: &str| -> Run {
+        let name = format!("{name}{}", TOOLS[tool].1);
+        match tool {
+            0 | 1 => rsync(rport, file, &name, tool == 1),
+            2 => deltasync(&cli, dport, file, &name, &["--hints", hints]),
+            _ => deltasync(&cli, dport, file, &name, &["--no-hints"]),
+        }
+    };
     for (label, new, old) in scenarios {
         // Per tool: seconds of every run, and the last run's bytes.
-        let mut secs: [Vec<f64>; 3] = Default::default();
-        let mut wire = [0u64; 3];
+        let mut secs: [Vec<f64>; 4] = Default::default();
+        let mut wire = [0u64; 4];
         for i in 0..runs {
             let name = format!("f{i}-{}", label.as_bytes()[1] as char);
-            // Put the old version in place on both servers (untimed); the
+            // Put the old version in place for every tool (untimed); the
             // client with hints keeps those of what it sent as `name`, as it
             // would after syncing the old version of a file.
             if let Some(old) = old {
-                rsync(rport, old, &name);
-                deltasync(&cli, dport, old, &name, &["--hints", hints]);
-                deltasync(&cli, dport, old, &format!("{name}-nh"), &["--no-hints"]);
+                for tool in 0..TOOLS.len() {
+                    run_tool(tool, old, &name);
+                }
             }
             // Each timed run starts with nothing left to write back (rsync
-            // does not fsync, so its writes would otherwise slow down
-            // whoever runs next); the order rotates.
-            for k in 0..3 {
-                let tool = (i + k) % 3;
+            // without --fsync leaves its writes to the kernel, which would
+            // otherwise slow down whoever runs next); the order rotates.
+            for k in 0..TOOLS.len() {
+                let tool = (i + k) % TOOLS.len();
                 settle();
-                let r = match tool {
-                    0 => rsync(rport, new, &name),
-                    1 => deltasync(&cli, dport, new, &name, &["--hints", hints]),
-                    _ => deltasync(&cli, dport, new, &format!("{name}-nh"), &["--no-hints"]),
-                };
+                let r = run_tool(tool, new, &name);
                 secs[tool].push(r.secs);
                 wire[tool] = r.wire;
             }
-            for n in [name.clone(), format!("{name}-nh")] {
-                assert_eq!(
-                    std::fs::read(work.join("ds-root").join(&n)).unwrap(),
-                    std::fs::read(new).unwrap(),
-                    "deltasync stored a different {n}"
-                );
+            for (tool, (_, suffix)) in TOOLS.iter().enumerate() {
+                let root = if tool < 2 { "rsync-root" } else { "ds-root" };
+                let stored = work.join(root).join(format!("{name}{suffix}"));
+                assert!(std::fs::read(&stored).unwrap() == std::fs::read(new).unwrap(), "{stored:?} differs");
             }
-            assert_eq!(
-                std::fs::read(work.join("rsync-root").join(&name)).unwrap(),
-                std::fs::read(new).unwrap()
-            );
-            // Both servers start every run with the same free space.
-            let _ = std::fs::remove_file(work.join("rsync-root").join(&name));
+            // The servers start every run with the same free space.
+            for suffix in ["", "-fs"] {
+                let _ = std::fs::remove_file(work.join("rsync-root").join(format!("{name}{suffix}")));
+            }
             for n in [name.clone(), format!("{name}-nh")] {
                 remove(&cli, dport, &n);
             }
         }
         // Each run times the tools back to back: the paired ratios are
         // steadier than a ratio of medians on a noisy machine.
-        let paired = |t: usize| median(secs[t].iter().zip(&secs[0]).map(|(d, r)| d / r).collect());
-        let runs_text: Vec<String> =
-            (0..runs).map(|i| format!("{:.2}/{:.2}/{:.2}", secs[0][i], secs[1][i], secs[2][i])).collect();
+        let paired =
+            |t: usize, peer: usize| median(secs[t].iter().zip(&secs[peer]).map(|(d, r)| d / r).collect());
+        let runs_text: Vec<String> = (0..runs)
+            .map(|i| format!("{:.2}/{:.2}/{:.2}/{:.2}", secs[0][i], secs[1][i], secs[2][i], secs[3][i]))
+            .collect();
         let m: Vec<f64> = secs.iter().map(|v| median(v.clone())).collect();
-        println!("| {label} | rsync | {:.3} s | {} |", m[0], wire[0]);
-        println!("| {label} | deltasync | {:.3} s | {} |", m[1], wire[1]);
-        println!("| {label} | deltasync --no-hints | {:.3} s | {} |", m[2], wire[2]);
+        for (tool, (tool_name, _)) in TOOLS.iter().enumerate() {
+            println!("| {label} | {tool_name} | {:.3} s | {} |", m[tool], wire[tool]);
+        }
         ratios.push((
             label,
-            m[1] / m[0],
-            paired(1),
-            m[2] / m[0],
-            paired(2),
+            [m[2] / m[0], paired(2, 0), paired(3, 0), paired(2, 1), paired(3, 1)],
             runs_text.join(" "),
-            wire[1] as f64 / wire[0] as f64,
+            wire[2] as f64 / wire[0] as f64,
         ));
     }
     let rss = peak_rss_kib(server_pid);
     drop(server);
     println!(
-        "\n| scenario | time ratio of medians | median of paired ratios | same, --no-hints | paired, --no-hints | runs (rsync/deltasync/--no-hints s) | bytes deltasync / rsync |"
+        "\n| scenario | deltasync / rsync, ratio of medians | paired | --no-hints / rsync, paired | deltasync / rsync --fsync, paired | --no-hints / rsync --fsync, paired | runs (rsync / rsync --fsync / deltasync / --no-hints, s) | bytes deltasync / rsync |"
     );
-    println!("|---|---|---|---|---|---|---|");
-    for (label, t, p, tn, pn, runs, b) in ratios {
-        println!("| {label} | {t:.2} | {p:.2} | {tn:.2} | {pn:.2} | {runs} | {b:.4} (1/{:.0}) |", 1.0 / b);
+    println!("|---|---|---|---|---|---|---|---|");
+    for (label, r, runs, b) in ratios {
+        let r: Vec<String> = r.iter().map(|x| format!("{x:.2}")).collect();
+        println!("| {label} | {} | {runs} | {b:.4} (1/{:.0}) |", r.join(" | "), 1.0 / b);
     }
     println!("\ndeltasync-server peak RSS (VmHWM) over the whole run: {:.1} MiB", rss as f64 / 1024.0);
 }
