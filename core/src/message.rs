@@ -278,6 +278,7 @@ mod tests {
             Just(ErrorCode::NotFound),
             Just(ErrorCode::Integrity),
             Just(ErrorCode::Busy),
+            Just(ErrorCode::NeedTree),
         ]
     }
 
@@ -292,7 +293,7 @@ mod tests {
     fn with_message<R>(v: &Fields, f: impl FnOnce(Message<'_>) -> R) -> R {
         let (k, a, b, c, n, s, name, bytes, code, outcome, last) = v;
         let (a, b, c) = (*a, *b, *c);
-        let m = match k % 21 {
+        let m = match k % 22 {
             0 => Message::Hello { version: a as u16, caps: c, nonce: *n },
             1 => Message::Challenge { version: b as u16, caps: c, nonce: *n, proof: *n },
             2 => Message::Auth { proof: *n },
@@ -313,6 +314,7 @@ mod tests {
             17 => Message::Data { offset: a, bytes },
             18 => Message::Done { outcome: *outcome, file_hash: Some(s.root) },
             19 => Message::DataZ { offset: a, raw: c, bytes },
+            20 => Message::Root { root: s.root, height: a as u8 },
             _ => Message::Done { outcome: *outcome, file_hash: None },
         };
         f(m)

@@ -31,6 +31,11 @@ use alloc::collections::VecDeque;
 use alloc::vec;
 use alloc::vec::Vec;
 
+/// Bytes per millisecond a sender is assumed to hash at least (16 MB/s):
+/// once a rootless offer's bytes are all in, its root is waited for the
+/// idle timeout plus as long as hashing them at that rate takes.
+const ROOT_RATE: u64 = 16_000;
+
 /// Bytes copied per read when reusing old data.
 const COPY_BUF: usize = 256 * 1024;
 
@@ -100,6 +105,11 @@ pub struct ReceiveStats {
 /// published (or discarded) the result.
 pub struct Receiver<T, R, W> {
     offer: Summary,
+    /// The offer came without its root (it follows in `Root`).
+    rootless: bool,
+    /// Once every byte is in and only the root is missing: until when it is
+    /// waited for.
+    root_deadline: Option<Instant>,
     salt: [u8; 8],
     base: Option<Base<T, R>>,
     /// Every old entry: (short id, level, index, len), sorted by short id.
@@ -152,6 +162,8 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
         }
         Ok(Receiver {
             offer,
+            rootless: !offer.root.is_known(),
+            root_deadline: None,
             salt,
             base,
             held,
@@ -255,7 +267,7 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
         }
         if self.offer.size == 0 {
             self.phase = Phase::Transfer;
-        } else if self.held.is_empty() || !self.offer.root.is_known() {
+        } else if self.held.is_empty() || self.rootless {
             // Without a root there is no tree to walk: every byte is fetched
             // and the root checked once `Root` arrives.
             // Nothing to reuse: skip the walk and fetch the whole file. The
@@ -521,8 +533,17 @@ impl<T: TreeView, R: Source, W: Output> Machine for Receiver<T, R, W> {
                         self.sent.push_back(Sent::Data { offset, len, got: 0 });
                         return machine::emit(&Message::GetData { offset, len }, out);
                     }
-                    if !self.sent.is_empty() || !self.offer.root.is_known() {
+                    if !self.sent.is_empty() {
                         return machine::wait_until(now, self.deadline);
+                    }
+                    if !self.offer.root.is_known() {
+                        // The sender may still be hashing what it sent: it
+                        // gets the idle timeout plus the time hashing all of
+                        // it at ROOT_RATE takes.
+                        let until = *self.root_deadline.get_or_insert_with(|| {
+                            now.plus_ms(IDLE_TIMEOUT_MS + self.offer.size / ROOT_RATE)
+                        });
+                        return machine::wait_until(now, until.max(self.deadline));
                     }
                     let outcome = self.verify()?;
                     self.phase = Phase::Finished(outcome);

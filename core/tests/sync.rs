@@ -633,3 +633,38 @@ fn a_root_is_taken_once_and_only_when_the_offer_lacked_it() {
         Receiver::new(tree.summary(), [0; 8], None, Vec::new(), Instant(0)).unwrap();
     assert_eq!(rx.handle(Instant(0), Message::Root { root, height }), bad(ErrorCode::UnexpectedMessage));
 }
+
+#[test]
+fn a_missing_root_is_waited_for_as_long_as_hashing_the_file_may_take() {
+    use deltasync_core::machine::{Machine, Poll};
+    use deltasync_core::message::Message;
+    use deltasync_core::receiver::Receiver;
+    let data = random_bytes(44, 1_000_000);
+    let tree = Tree::build(&data, ChunkerKind::Cdc);
+    let without = Summary { root: Hash::UNKNOWN, height: 0, ..tree.summary() };
+    let receive_all = |rx: &mut Receiver<&Tree, &[u8], Vec<u8>>| {
+        let mut out = vec![0u8; 1024];
+        assert!(matches!(rx.poll(Instant(0), &mut out), Ok(Poll::Transmit(_))), "GetData");
+        for (k, piece) in data.chunks(60_000).enumerate() {
+            rx.handle(Instant(0), Message::Data { offset: k as u64 * 60_000, bytes: piece }).unwrap();
+        }
+    };
+    let mut out = vec![0u8; 1024];
+    // The 30 s idle timeout, plus 62 ms: 1 MB hashed at the assumed 16 MB/s.
+    let mut rx: Receiver<&Tree, &[u8], Vec<u8>> =
+        Receiver::new(without, [0; 8], None, Vec::new(), Instant(0)).unwrap();
+    receive_all(&mut rx);
+    assert!(matches!(rx.poll(Instant(0), &mut out), Ok(Poll::Wait(_))));
+    assert!(matches!(rx.poll(Instant(30_050), &mut out), Ok(Poll::Wait(_))));
+    let (root, height) = (tree.summary().root, tree.summary().height);
+    rx.handle(Instant(30_050), Message::Root { root, height }).unwrap();
+    assert_eq!(rx.poll(Instant(30_050), &mut out), Ok(Poll::Done(Outcome::Written)));
+    assert!(rx.into_parts().0 == data);
+    // A root that never comes times out in the end.
+    let mut rx: Receiver<&Tree, &[u8], Vec<u8>> =
+        Receiver::new(without, [0; 8], None, Vec::new(), Instant(0)).unwrap();
+    receive_all(&mut rx);
+    assert!(matches!(rx.poll(Instant(0), &mut out), Ok(Poll::Wait(_))));
+    assert!(matches!(rx.poll(Instant(30_061), &mut out), Ok(Poll::Wait(_))));
+    assert_eq!(rx.poll(Instant(30_062), &mut out), Err(SessionError::Timeout));
+}

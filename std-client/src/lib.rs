@@ -291,7 +291,7 @@ impl Connection {
             .ok_or(ClientError::Network(last))?;
         let net = ClientError::Network;
         stream.set_nodelay(true).map_err(net)?;
-        stream.set_read_timeout(Some(Duration::from_millis(500))).map_err(ClientError::Network)?;
+        stream.set_read_timeout(Some(READ_TIMEOUT)).map_err(ClientError::Network)?;
         stream.set_write_timeout(Some(Duration::from_secs(30))).map_err(ClientError::Network)?;
         let ctl = stream.try_clone().map_err(ClientError::Network)?;
         let rate = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -444,25 +444,29 @@ impl Connection {
         let remote = self.remote_chunking(name)?;
         let kind = ChunkerKind::keep_or_choose(remote, size);
         let (s0, r0) = self.wire_bytes();
+        let mut built = None;
         if remote.is_none() && size > 0 {
             // Nothing to reuse on the server: send while hashing.
-            match self.upload_streamed(&file, path, name, kind, size, hints_file.as_deref(), &mut progress) {
+            match self.upload_streamed(&file, path, name, kind, size, hints_file.as_deref(), &mut progress)? {
+                Streamed::Ended(ended) => {
+                    return self.report(name, &file, path, ended, size, (s0, r0), start);
+                }
                 // It holds an interrupted upload of `name` (or a version
                 // appeared meanwhile): offered again with the tree, a delta.
-                Err(ClientError::Refused(ErrorCode::NeedTree)) => {}
-                r => {
-                    let (outcome, literal, hash) = r?;
-                    return self.report(name, &file, path, (outcome, literal, hash), size, (s0, r0), start);
-                }
+                Streamed::NeedTree(tree, known) => built = Some((tree, known)),
             }
         }
         // Chunk ids only: the server hashes the whole file as it writes it and
         // reports that SHA-256 back (the tree root already pins every byte).
         // The hints of the version last sent as `name` spare re-chunking what
         // did not change.
-        let old = hints_file.as_deref().and_then(load_hints);
-        let (tree, known) = chunk_tree(&file, kind, old.as_ref(), hints_file.is_some()).map_err(local)?;
-        drop(old);
+        let (tree, known) = match built {
+            Some(built) => built,
+            None => {
+                let old = hints_file.as_deref().and_then(load_hints);
+                chunk_tree(&file, kind, old.as_ref(), hints_file.is_some()).map_err(local)?
+            }
+        };
         let summary = tree.summary();
         let sender =
             Sender::new(&tree, FileSource(file.try_clone().map_err(local)?), summary, self.salt, now())
@@ -486,9 +490,8 @@ impl Connection {
 
     /// A first upload: offered without its root, its bytes go out while
     /// another thread builds the tree, whose root follows (see
-    /// [`deltasync_core::conn`]). Returns the outcome, the literal bytes
-    /// sent and the hash the server reported; `Refused(NeedTree)` if the
-    /// server holds something to reuse after all.
+    /// [`deltasync_core::conn`]). If the server holds something to reuse
+    /// after all (`NeedTree`), returns the tree it built for a delta offer.
     #[allow(clippy::too_many_arguments)]
     fn upload_streamed(
         &mut self,
@@ -499,7 +502,8 @@ impl Connection {
         size: u64,
         hints_file: Option<&Path>,
         progress: &mut impl FnMut(Progress),
-    ) -> Result<(Outcome, u64, Option<Hash>), ClientError> {
+    ) -> Result<Streamed, ClientError> {
+        use std::sync::mpsc::TryRecvError;
         let local = |e| ClientError::Local(path.to_path_buf(), e);
         let offer =
             Summary { size, root: Hash::UNKNOWN, height: 0, file_hash: Hash::UNKNOWN, chunking: kind };
@@ -512,46 +516,64 @@ impl Connection {
         let ctl = self.ctl.try_clone().map_err(ClientError::Network)?;
         let (root_tx, root_rx) = std::sync::mpsc::channel();
         let (outcome, built) = std::thread::scope(|s| {
-            let builder = s.spawn(move || -> io::Result<Option<ChunkHints>> {
-                let (tree, known) = chunk_tree(file, kind, None, hints_file.is_some())?;
-                let _ = root_tx.send((tree.summary().root, tree.summary().height));
-                hints_file.map(|_| ChunkHints::collect(file, &tree, &known)).transpose()
+            let builder = s.spawn(move || -> io::Result<(Tree, Known)> {
+                let built = chunk_tree(file, kind, None, hints_file.is_some())?;
+                let _ = root_tx.send((built.0.summary().root, built.0.summary().height));
+                Ok(built)
             });
-            let mut waiting = true;
+            let (mut waiting, mut polling) = (true, false);
             let outcome = self.run(&mut op, name, |op, _| {
                 let done = op.sender().literal_bytes();
                 progress(Progress { done, total: size });
                 if !waiting {
                     return;
                 }
-                // Block for the root only once every byte went out.
-                let root = if done >= size { root_rx.recv().ok() } else { root_rx.try_recv().ok() };
-                match root {
-                    Some((root, height)) => {
+                match root_rx.try_recv() {
+                    Ok((root, height)) => {
                         waiting = false;
                         op.sender_mut().set_root(root, height);
                     }
-                    None if done >= size || builder.is_finished() => {
+                    Err(TryRecvError::Disconnected) => {
                         // The tree could not be built (the builder says why):
                         // without a root the server would wait, so hang up.
                         waiting = false;
                         let _ = ctl.shutdown(std::net::Shutdown::Both);
                     }
-                    None => {}
+                    // Every byte went out and the server waits for the root:
+                    // look for it every few milliseconds rather than at each
+                    // read timeout (the driver is blocked in reads).
+                    Err(TryRecvError::Empty) if done >= size && !polling => {
+                        polling = true;
+                        let _ = ctl.set_read_timeout(Some(ROOT_POLL));
+                    }
+                    Err(TryRecvError::Empty) => {}
                 }
             });
+            if polling {
+                let _ = ctl.set_read_timeout(Some(READ_TIMEOUT));
+            }
             (outcome, builder.join())
         });
-        let hints = match built {
-            Ok(Ok(hints)) => hints,
-            Ok(Err(e)) => return Err(local(e)),
-            Err(_) => return Err(local(io::Error::other("hashing the file failed"))),
+        let built = match built {
+            Ok(b) => b,
+            Err(_) => Err(io::Error::other("hashing the file failed")),
         };
-        let outcome = outcome?;
-        if let (Some(path), Some(hints)) = (hints_file, hints) {
+        let (outcome, (tree, known)) = match (outcome, built) {
+            (Err(ClientError::Refused(ErrorCode::NeedTree)), Ok(built)) => {
+                return Ok(Streamed::NeedTree(built.0, built.1));
+            }
+            (_, Err(e)) => return Err(local(e)),
+            (Err(e), _) => return Err(e),
+            (Ok(outcome), Ok(built)) => (outcome, built),
+        };
+        // The build hashed every group: collecting reads nothing again.
+        if outcome != Outcome::Integrity
+            && let Some(path) = hints_file
+            && let Ok(hints) = ChunkHints::collect(file, &tree, &known)
+        {
             store_hints(path, &hints);
         }
-        Ok((outcome, op.sender().literal_bytes(), op.sender().reported_hash()))
+        Ok(Streamed::Ended((outcome, op.sender().literal_bytes(), op.sender().reported_hash())))
     }
 
     /// The report of an upload of `file` that ended with `ended` (outcome,
@@ -660,6 +682,21 @@ impl Connection {
         })
     }
 }
+
+/// How a first upload offered without its root ended.
+enum Streamed {
+    /// The server answered: (outcome, literal bytes sent, reported hash).
+    Ended((Outcome, u64, Option<Hash>)),
+    /// The server holds something to reuse: the tree (and the groups the
+    /// build hashed) to offer instead.
+    NeedTree(Tree, Known),
+}
+
+/// How long a read waits before the driver checks deadlines and cancels.
+const READ_TIMEOUT: Duration = Duration::from_millis(500);
+/// The same while a first upload's bytes all went out and its root is
+/// still being computed: the root goes out within this of being known.
+const ROOT_POLL: Duration = Duration::from_millis(5);
 
 /// The tree of `file` in chunk ids only, helped by `old` hints if any;
 /// with `grouped`, the build also hashes the groups new hints are made of

@@ -716,6 +716,10 @@ impl Store for FsStore {
         Ok(tree.map(|t| (t, FileSource(file))))
     }
 
+    fn has_partial(&mut self, name: &str) -> bool {
+        fs::metadata(self.partial_path(name)).is_ok_and(|m| m.is_file())
+    }
+
     fn partial(
         &mut self,
         name: &str,

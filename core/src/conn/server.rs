@@ -63,6 +63,12 @@ pub trait Store {
         let _ = (name, chunking);
         Ok(None)
     }
+    /// Whether an interrupted upload of `name` left something behind
+    /// (what [`Store::partial`] would reuse), without building its tree.
+    fn has_partial(&mut self, name: &str) -> bool {
+        let _ = name;
+        false
+    }
     /// Starts a new version of `name`, expected to be `size` bytes.
     fn create(&mut self, name: &str, size: u64) -> Result<Self::Writer, ErrorCode>;
     /// Publishes a verified version (`tree` is `Some`) and returns its
@@ -228,7 +234,11 @@ impl<S: Store> ServerConn<S> {
     }
 
     fn refuse(&mut self, name: &str, code: ErrorCode) {
-        self.events.push_back(Event::Refused { name: name.to_string(), code });
+        // Asking for the tree is part of a normal resumed upload, not a
+        // refusal to count or show.
+        if code != ErrorCode::NeedTree {
+            self.events.push_back(Event::Refused { name: name.to_string(), code });
+        }
         self.state = State::Reply([Reply::Error(code)].into());
     }
 
@@ -281,14 +291,14 @@ impl<S: Store> ServerConn<S> {
             return Err(ErrorCode::Unsupported);
         }
         let old = self.store.open(name, Some(offer.chunking))?;
+        // Without the offer's tree nothing held could be reused: the client
+        // builds it and offers again (it streams first uploads only).
+        if !offer.root.is_known() && (old.is_some() || self.store.has_partial(name)) {
+            return Err(ErrorCode::NeedTree);
+        }
         let old_summary = old.as_ref().map(|(t, _)| t.summary());
         let partial = self.store.partial(name, offer.chunking)?;
         let has_base = old.is_some() || partial.is_some();
-        // Without the offer's tree nothing held could be reused: the client
-        // builds it and offers again (it streams first uploads only).
-        if has_base && !offer.root.is_known() {
-            return Err(ErrorCode::NeedTree);
-        }
         let base = has_base.then(|| {
             let split = |v: Option<(Tree, S::Reader)>| match v {
                 Some((t, r)) => (t, Some(r)),
