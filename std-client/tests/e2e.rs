@@ -40,14 +40,23 @@ impl Server {
         self.cli_with_token(TOKEN, args)
     }
 
-    fn cli_with_token(&self, token: &str, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_deltasync"))
-            .env("DELTASYNC_SERVER", format!("127.0.0.1:{}", self.port))
+    /// The CLI pointed at this server with `token`.
+    fn command(&self, token: &str, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_deltasync"));
+        c.env("DELTASYNC_SERVER", format!("127.0.0.1:{}", self.port))
             .env("DELTASYNC_TOKEN", token)
             .env("DELTASYNC_HINTS", self.hints())
-            .args(args)
-            .output()
-            .expect("run deltasync")
+            .args(args);
+        c
+    }
+
+    fn cli_with_token(&self, token: &str, args: &[&str]) -> Output {
+        self.command(token, args).output().expect("run deltasync")
+    }
+
+    /// Starts the CLI in the background, its output discarded.
+    fn spawn(&self, args: &[&str]) -> std::process::Child {
+        self.command(TOKEN, args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("run deltasync")
     }
 
     /// Runs the CLI with `--json` and returns its one JSON object.
@@ -314,15 +323,7 @@ fn an_interrupted_first_upload_resumes_where_it_stopped() {
     let data = random(9, size);
     let path = dir.path().join("first");
     std::fs::write(&path, &data).unwrap();
-    let mut up = Command::new(env!("CARGO_BIN_EXE_deltasync"))
-        .env("DELTASYNC_SERVER", format!("127.0.0.1:{}", srv.port))
-        .env("DELTASYNC_TOKEN", TOKEN)
-        .env("DELTASYNC_HINTS", srv.hints())
-        .args(["--no-compress", "--limit-rate", "8M", "upload", s(&path)])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut up = srv.spawn(&["--no-compress", "--limit-rate", "8M", "upload", s(&path)]);
     let deadline = Instant::now() + Duration::from_secs(60);
     while part_size(&root) < 24 << 20 {
         assert!(Instant::now() < deadline, "upload never got midway");
@@ -356,15 +357,7 @@ fn a_server_killed_mid_upload_keeps_the_old_version_and_resumes() {
     let mut new = old.clone();
     new[85 << 20..].copy_from_slice(&random(8, 15 << 20));
     std::fs::write(&path, &new).unwrap();
-    let mut up = Command::new(env!("CARGO_BIN_EXE_deltasync"))
-        .env("DELTASYNC_SERVER", format!("127.0.0.1:{}", srv.port))
-        .env("DELTASYNC_TOKEN", TOKEN)
-        .env("DELTASYNC_HINTS", srv.hints())
-        .args(["--limit-rate", "4M", "upload", s(&path)])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut up = srv.spawn(&["--limit-rate", "4M", "upload", s(&path)]);
     // Wait until the server has assembled the reused 85 MiB and about half of
     // the 15 new MiB, then kill it.
     let part_size = || part_size(&root);
