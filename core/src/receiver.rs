@@ -268,9 +268,8 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
         if self.offer.size == 0 {
             self.phase = Phase::Transfer;
         } else if self.held.is_empty() || self.rootless {
-            // Without a root there is no tree to walk: every byte is fetched
-            // and the root checked once `Root` arrives.
-            // Nothing to reuse: skip the walk and fetch the whole file. The
+            // Nothing to reuse, or no root to walk from (it is checked once
+            // `Root` arrives): skip the walk and fetch the whole file. The
             // output may index it as it goes, off this thread.
             if self.out.index_in_background(self.offer.chunking) {
                 self.indexer = None;

@@ -435,12 +435,13 @@ impl Connection {
         let start = Instant::now();
         let local = |e| ClientError::Local(path.to_path_buf(), e);
         let file = File::open(path).map_err(local)?;
-        if !file.metadata().map_err(local)?.is_file() {
+        let meta = file.metadata().map_err(local)?;
+        if !meta.is_file() {
             return Err(local(io::Error::other("not a regular file")));
         }
         let hints_file = self.hints_file(name);
         // Chunked as the server's version is, if that suits the new size.
-        let size = file.metadata().map_err(local)?.len();
+        let size = meta.len();
         let remote = self.remote_chunking(name)?;
         let kind = ChunkerKind::keep_or_choose(remote, size);
         let (s0, r0) = self.wire_bytes();
