@@ -32,7 +32,6 @@
 //! such an offer with `Error(NeedTree)` instead, and the client offers again
 //! with its tree (a delta).
 
-use crate::PROTOCOL_VERSION;
 use crate::auth::{self, Role};
 use crate::chunker::ChunkerKind;
 use crate::error::{ErrorCode, SessionError};
@@ -43,6 +42,7 @@ use crate::sender::Sender;
 use crate::source::Source;
 use crate::time::{IDLE_TIMEOUT_MS, Instant};
 use crate::tree::TreeView;
+use crate::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum ClientState {
@@ -61,6 +61,23 @@ pub struct ClientHandshake<K> {
     deadline: Instant,
     caps: u32,
     peer_caps: u32,
+    /// The version announced, then the one agreed on.
+    version: u16,
+}
+
+/// The version two peers use: the older of the newest each speaks, if this
+/// side still speaks it.
+fn agree(mine: u16, theirs: u16) -> Result<u16, SessionError> {
+    let v = mine.min(theirs);
+    if v < MIN_PROTOCOL_VERSION {
+        return Err(SessionError::Protocol(ErrorCode::VersionMismatch));
+    }
+    Ok(v)
+}
+
+/// `v` within the versions this crate speaks.
+fn clamp_version(v: u16) -> u16 {
+    v.clamp(MIN_PROTOCOL_VERSION, PROTOCOL_VERSION)
 }
 
 impl<K: AsRef<[u8]>> ClientHandshake<K> {
@@ -73,7 +90,26 @@ impl<K: AsRef<[u8]>> ClientHandshake<K> {
             deadline: now.plus_ms(IDLE_TIMEOUT_MS),
             caps: CAPS,
             peer_caps: 0,
+            version: PROTOCOL_VERSION,
         }
+    }
+
+    /// Announces `version` as the newest it speaks (within
+    /// [`MIN_PROTOCOL_VERSION`]`..=`[`PROTOCOL_VERSION`]): to reach a server
+    /// too old to answer a newer hello with its own version (a version 3
+    /// server refuses any other), or to test how this build behaves as an
+    /// older one.
+    pub fn speaking(mut self, version: u16) -> Self {
+        self.version = clamp_version(version);
+        self
+    }
+
+    /// The protocol version of this session: the one announced until the
+    /// server's challenge arrives, then the one both sides use. Features of
+    /// a later version (such as offers without a root, version 4) are used
+    /// only if it is at least that version.
+    pub fn version(&self) -> u16 {
+        self.version
     }
 
     /// Announces only those of this build's capabilities that are in `caps`
@@ -98,15 +134,14 @@ impl<K: AsRef<[u8]>> Machine for ClientHandshake<K> {
         self.deadline = now.plus_ms(IDLE_TIMEOUT_MS);
         match (self.state, msg) {
             (ClientState::AwaitChallenge, Message::Challenge { version, caps, nonce, proof }) => {
-                if version != PROTOCOL_VERSION {
-                    return Err(SessionError::Protocol(ErrorCode::VersionMismatch));
-                }
+                let agreed = agree(self.version, version)?;
                 self.peer_caps = caps;
                 let token = self.token.as_ref();
                 if !auth::verify(token, Role::Server, &self.nonce, &nonce, &proof) {
                     return Err(SessionError::Protocol(ErrorCode::AuthFailed));
                 }
                 let mine = auth::prove(token, Role::Client, &self.nonce, &nonce);
+                self.version = agreed;
                 self.state = ClientState::SendAuth(mine, auth::session_salt(&self.nonce, &nonce));
                 Ok(())
             }
@@ -124,7 +159,7 @@ impl<K: AsRef<[u8]>> Machine for ClientHandshake<K> {
             ClientState::SendHello => {
                 self.state = ClientState::AwaitChallenge;
                 machine::emit(
-                    &Message::Hello { version: PROTOCOL_VERSION, caps: self.caps, nonce: self.nonce },
+                    &Message::Hello { version: self.version, caps: self.caps, nonce: self.nonce },
                     out,
                 )
             }
@@ -154,6 +189,8 @@ pub struct ServerHandshake<K> {
     state: ServerState,
     deadline: Instant,
     peer_caps: u32,
+    /// The version announced, then the one agreed on.
+    version: u16,
 }
 
 impl<K: AsRef<[u8]>> ServerHandshake<K> {
@@ -165,7 +202,22 @@ impl<K: AsRef<[u8]>> ServerHandshake<K> {
             state: ServerState::AwaitHello,
             deadline: now.plus_ms(IDLE_TIMEOUT_MS),
             peer_caps: 0,
+            version: PROTOCOL_VERSION,
         }
+    }
+
+    /// Speaks at most `version` (within
+    /// [`MIN_PROTOCOL_VERSION`]`..=`[`PROTOCOL_VERSION`]), as a server of
+    /// that version would.
+    pub fn speaking(mut self, version: u16) -> Self {
+        self.version = clamp_version(version);
+        self
+    }
+
+    /// The protocol version of this session once the client's hello
+    /// arrived: the older of the client's and this server's newest.
+    pub fn version(&self) -> u16 {
+        self.version
     }
 
     /// The capability bits both this build and the client have (known once
@@ -182,9 +234,7 @@ impl<K: AsRef<[u8]>> Machine for ServerHandshake<K> {
         self.deadline = now.plus_ms(IDLE_TIMEOUT_MS);
         match (self.state, msg) {
             (ServerState::AwaitHello, Message::Hello { version, caps, nonce }) => {
-                if version != PROTOCOL_VERSION {
-                    return Err(SessionError::Protocol(ErrorCode::VersionMismatch));
-                }
+                self.version = agree(self.version, version)?;
                 self.peer_caps = caps;
                 self.state = ServerState::SendChallenge(nonce);
                 Ok(())
@@ -206,8 +256,7 @@ impl<K: AsRef<[u8]>> Machine for ServerHandshake<K> {
             ServerState::SendChallenge(client_nonce) => {
                 self.state = ServerState::AwaitAuth(client_nonce);
                 let proof = auth::prove(self.token.as_ref(), Role::Server, &client_nonce, &self.nonce);
-                let m =
-                    Message::Challenge { version: PROTOCOL_VERSION, caps: CAPS, nonce: self.nonce, proof };
+                let m = Message::Challenge { version: self.version, caps: CAPS, nonce: self.nonce, proof };
                 machine::emit(&m, out)
             }
             ServerState::SendWelcome(salt) => {

@@ -63,3 +63,11 @@ pub use time::Instant;
 /// a first upload may be offered without its root, which follows in `Root`
 /// (the sender hashes while its bytes go out).
 pub const PROTOCOL_VERSION: u16 = 4;
+
+/// The oldest protocol version this crate still speaks. Each side of a
+/// handshake announces the newest version it speaks and both then use the
+/// older of the two (see [`conn::ClientHandshake::version`]), so devices in
+/// the field keep working with a newer server and the other way round.
+/// Version 4 only adds to version 3 (the `Root` message, the `NeedTree`
+/// error and offers without a root), which a version 3 peer never sees.
+pub const MIN_PROTOCOL_VERSION: u16 = 3;

@@ -9,6 +9,7 @@ use deltasync_core::error::{ErrorCode, SessionError};
 use deltasync_core::message::Outcome;
 use deltasync_core::receiver::Base;
 use deltasync_core::sender::Sender;
+use deltasync_core::sim::server as server_conn;
 use deltasync_core::sim::*;
 use deltasync_core::tree::{FixedTree, Summary, Tree};
 use deltasync_core::{Hash, Instant};
@@ -667,4 +668,97 @@ fn a_missing_root_is_waited_for_as_long_as_hashing_the_file_may_take() {
     assert!(matches!(rx.poll(Instant(0), &mut out), Ok(Poll::Wait(_))));
     assert!(matches!(rx.poll(Instant(30_061), &mut out), Ok(Poll::Wait(_))));
     assert_eq!(rx.poll(Instant(30_062), &mut out), Err(SessionError::Timeout));
+}
+
+/// A session whose client announces `client` and whose server speaks at most
+/// `server`; also the versions each side settled on.
+fn connect_versions(files: &Files, client: u16, server: u16) -> Result<(Session, u16, u16), Stop> {
+    let mut s = Session {
+        server: server_conn(files, TOKEN).speaking(server),
+        sp: pump(),
+        cp: pump(),
+        net: Net::new(),
+        salt: [0; 8],
+    };
+    let mut hs = ClientHandshake::new(TOKEN, [1u8; 32], Instant(0)).speaking(client);
+    s.salt = run(&mut hs, &mut s.cp, &mut s.server, &mut s.sp, &mut s.net)?;
+    let agreed = hs.version();
+    Ok((s, agreed, server))
+}
+
+#[test]
+fn peers_of_protocol_version_3_and_4_agree_on_the_older_and_work() {
+    use deltasync_core::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+    assert_eq!((MIN_PROTOCOL_VERSION, PROTOCOL_VERSION), (3, 4));
+    let old = random_bytes(44, 300_000);
+    let mut new = old.clone();
+    new[150_000..150_100].fill(7);
+    for (client, server) in [(3, 4), (4, 3), (3, 3), (4, 4)] {
+        let files = Files::default();
+        let (mut s, agreed, _) = connect_versions(&files, client, server).expect("handshake");
+        assert_eq!(agreed, client.min(server), "client {client}, server {server}");
+        for data in [&old, &new] {
+            assert_eq!(upload(&mut s, "f", data, ChunkerKind::Cdc).outcome, Outcome::Written);
+            assert!(files.borrow()["f"] == *data);
+        }
+        let (r, got) = download(&mut s, "f", Some(&old));
+        assert_eq!(r.outcome, Outcome::Written);
+        assert!(got == new);
+        assert!(r.wire < 40_000, "a delta: {} wire bytes", r.wire);
+        // Offers without a root came with version 4: a session that agreed
+        // on version 3 refuses one and stores nothing.
+        let (r, _, _) = upload_root_late(&mut s, "fresh", &old, None, 0);
+        if agreed < 4 {
+            match r {
+                Err(Stop::Client(DriveError::Session(SessionError::Peer(ErrorCode::BadMessage)))) => {}
+                other => panic!("a version 3 session took a rootless offer: {other:?}"),
+            }
+            assert!(!files.borrow().contains_key("fresh"));
+        } else {
+            assert_eq!(r.unwrap(), Outcome::Written);
+            assert!(files.borrow()["fresh"] == old);
+        }
+    }
+}
+
+#[test]
+fn a_hello_older_than_version_3_is_refused_and_a_newer_one_is_answered_as_version_4() {
+    use deltasync_core::message::Message;
+    for (version, expect) in [(2u16, None), (0, None), (5, Some(4u16)), (u16::MAX, Some(4))] {
+        let mut hs = deltasync_core::conn::ServerHandshake::new(TOKEN, [3; 32], Instant(0));
+        let r = deltasync_core::machine::Machine::handle(
+            &mut hs,
+            Instant(0),
+            Message::Hello { version, caps: 0, nonce: [4; 32] },
+        );
+        match expect {
+            None => assert_eq!(r, Err(SessionError::Protocol(ErrorCode::VersionMismatch)), "{version}"),
+            Some(v) => {
+                assert_eq!(r, Ok(()));
+                assert_eq!(hs.version(), v);
+                // The challenge carries the agreed version, which is what
+                // a version 3 client checks.
+                let mut out = [0u8; 256];
+                let n = match deltasync_core::machine::Machine::poll(&mut hs, Instant(0), &mut out) {
+                    Ok(deltasync_core::machine::Poll::Transmit(n)) => n,
+                    other => panic!("no challenge: {other:?}"),
+                };
+                let mut dec = deltasync_core::frame::FrameDecoder::new(vec![0u8; 512]);
+                let (_, payload) = dec.feed(&out[..n]).unwrap();
+                let m = Message::decode(payload.unwrap()).unwrap();
+                assert!(matches!(m, Message::Challenge { version: 4, .. }), "{m:?}");
+            }
+        }
+    }
+    // A client refuses a challenge older than the versions it speaks.
+    let mut hs = ClientHandshake::new(TOKEN, [1u8; 32], Instant(0));
+    let mut out = [0u8; 256];
+    let hello = deltasync_core::machine::Machine::poll(&mut hs, Instant(0), &mut out);
+    assert!(matches!(hello, Ok(deltasync_core::machine::Poll::Transmit(_))));
+    let r = deltasync_core::machine::Machine::handle(
+        &mut hs,
+        Instant(0),
+        Message::Challenge { version: 2, caps: 0, nonce: [2; 32], proof: [0; 32] },
+    );
+    assert_eq!(r, Err(SessionError::Protocol(ErrorCode::VersionMismatch)));
 }

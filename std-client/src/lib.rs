@@ -2,7 +2,6 @@
 //! download and delete files, always with delta sync. The `deltasync`
 //! command and the GUI are thin faces over this library.
 
-use deltasync_core::Hash;
 use deltasync_core::chunker::ChunkerKind;
 use deltasync_core::conn::{ClientHandshake, Download, Query, QueryKind, Stat, Upload};
 use deltasync_core::driver::{DriveError, Pump, TimeoutAsTimedOut, run_blocking_observed};
@@ -17,6 +16,7 @@ use deltasync_core::receiver::Base;
 use deltasync_core::sender::Sender;
 use deltasync_core::source::FileSource;
 use deltasync_core::tree::{Summary, Tree};
+use deltasync_core::{Hash, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 use embedded_io_adapters::std::FromStd;
 use serde::Serialize;
 use std::fs::{self, File};
@@ -264,6 +264,8 @@ pub struct Connection {
     hints_dir: Option<PathBuf>,
     /// Capabilities this client and the server share.
     caps: u32,
+    /// The protocol version agreed with the server.
+    version: u16,
 }
 
 impl Connection {
@@ -277,6 +279,25 @@ impl Connection {
     /// wire as they are in both directions (zstd is neither used nor
     /// announced to the server).
     pub fn connect_with(server: &str, token: &[u8], compress: bool) -> Result<Connection, ClientError> {
+        match Self::connect_speaking(server, token, compress, PROTOCOL_VERSION) {
+            // A version 3 server refuses any hello but its own version's;
+            // later ones answer with the version both speak.
+            Err(ClientError::Refused(ErrorCode::VersionMismatch)) => {
+                Self::connect_speaking(server, token, compress, MIN_PROTOCOL_VERSION)
+            }
+            r => r,
+        }
+    }
+
+    /// Like [`Self::connect_with`], announcing `version` as the newest
+    /// protocol version this client speaks (see
+    /// [`ClientHandshake::speaking`]), without trying an older one.
+    pub fn connect_speaking(
+        server: &str,
+        token: &[u8],
+        compress: bool,
+        version: u16,
+    ) -> Result<Connection, ClientError> {
         let addrs: Vec<_> = server.to_socket_addrs().map_err(ClientError::Network)?.collect();
         let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
         let stream = addrs
@@ -306,12 +327,20 @@ impl Connection {
             server: server.to_string(),
             hints_dir: None,
             caps: 0,
+            version,
         };
         let announce = if compress { CAPS } else { !CAP_ZSTD };
-        let mut hs = ClientHandshake::new(token, rand::random(), now()).announcing(announce);
+        let mut hs =
+            ClientHandshake::new(token, rand::random(), now()).announcing(announce).speaking(version);
         c.salt = c.run(&mut hs, "", |_, _| {})?;
         c.caps = hs.shared_caps();
+        c.version = hs.version();
         Ok(c)
+    }
+
+    /// The protocol version this connection speaks (agreed with the server).
+    pub fn protocol_version(&self) -> u16 {
+        self.version
     }
 
     /// A flag that, once set, makes the current and later operations fail
@@ -446,8 +475,9 @@ impl Connection {
         let kind = ChunkerKind::keep_or_choose(remote, size);
         let (s0, r0) = self.wire_bytes();
         let mut built = None;
-        if remote.is_none() && size > 0 {
-            // Nothing to reuse on the server: send while hashing.
+        if remote.is_none() && size > 0 && self.version >= 4 {
+            // Nothing to reuse on the server: send while hashing (offers
+            // without a root came with protocol version 4).
             match self.upload_streamed(&file, path, name, kind, size, hints_file.as_deref(), &mut progress)? {
                 Streamed::Ended(ended) => {
                     return self.report(name, &file, path, ended, size, (s0, r0), start);

@@ -716,8 +716,9 @@ impl Store for FsStore {
         Ok(tree.map(|t| (t, FileSource(file))))
     }
 
-    fn has_partial(&mut self, name: &str) -> bool {
-        fs::metadata(self.partial_path(name)).is_ok_and(|m| m.is_file())
+    fn holds(&mut self, name: &str) -> Result<bool, ErrorCode> {
+        let is_file = |p: &Path| fs::metadata(p).is_ok_and(|m| m.is_file());
+        Ok(is_file(&self.path_of(name)?) || is_file(&self.partial_path(name)))
     }
 
     fn partial(

@@ -63,11 +63,11 @@ pub trait Store {
         let _ = (name, chunking);
         Ok(None)
     }
-    /// Whether an interrupted upload of `name` left something behind
-    /// (what [`Store::partial`] would reuse), without building its tree.
-    fn has_partial(&mut self, name: &str) -> bool {
-        let _ = name;
-        false
+    /// Whether a version of `name` or what an interrupted upload of it
+    /// left behind is stored (what [`Store::open`] or [`Store::partial`]
+    /// would offer an upload to reuse), ideally without building any tree.
+    fn holds(&mut self, name: &str) -> Result<bool, ErrorCode> {
+        Ok(self.open(name, None)?.is_some())
     }
     /// Starts a new version of `name`, expected to be `size` bytes.
     fn create(&mut self, name: &str, size: u64) -> Result<Self::Writer, ErrorCode>;
@@ -186,6 +186,8 @@ pub struct ServerConn<S: Store> {
     salt: [u8; 8],
     /// Capabilities this server and the client share.
     caps: u32,
+    /// The protocol version agreed on in the handshake.
+    version: u16,
     state: State<S>,
     events: VecDeque<Event>,
     deadline: Instant,
@@ -198,10 +200,21 @@ impl<S: Store> ServerConn<S> {
             store,
             salt: [0; 8],
             caps: 0,
+            version: crate::PROTOCOL_VERSION,
             state: State::Handshake(ServerHandshake::new(token.to_vec(), nonce, now)),
             events: VecDeque::new(),
             deadline: now.plus_ms(IDLE_TIMEOUT_MS),
         }
+    }
+
+    /// Speaks at most protocol `version`, as a server of that version
+    /// would (see [`ServerHandshake::speaking`]).
+    pub fn speaking(mut self, version: u16) -> Self {
+        self.state = match self.state {
+            State::Handshake(h) => State::Handshake(h.speaking(version)),
+            other => other,
+        };
+        self
     }
 
     /// The next event, if any.
@@ -290,12 +303,19 @@ impl<S: Store> ServerConn<S> {
         if !offer.chunking.suits(offer.size) {
             return Err(ErrorCode::Unsupported);
         }
-        let old = self.store.open(name, Some(offer.chunking))?;
-        // Without the offer's tree nothing held could be reused: the client
-        // builds it and offers again (it streams first uploads only).
-        if !offer.root.is_known() && (old.is_some() || self.store.has_partial(name)) {
-            return Err(ErrorCode::NeedTree);
+        if !offer.root.is_known() {
+            // Offers without a root came with version 4.
+            if self.version < 4 {
+                return Err(ErrorCode::BadMessage);
+            }
+            // Without the offer's tree nothing held could be reused: the
+            // client builds it and offers again (it streams first uploads
+            // only).
+            if self.store.holds(name)? {
+                return Err(ErrorCode::NeedTree);
+            }
         }
+        let old = self.store.open(name, Some(offer.chunking))?;
         let old_summary = old.as_ref().map(|(t, _)| t.summary());
         let partial = self.store.partial(name, offer.chunking)?;
         let has_base = old.is_some() || partial.is_some();
@@ -397,6 +417,7 @@ impl<S: Store> Machine for ServerConn<S> {
                     Poll::Done(salt) => {
                         self.salt = salt;
                         self.caps = h.shared_caps();
+                        self.version = h.version();
                         self.events.push_back(Event::Authenticated);
                         self.state = State::Idle;
                     }
