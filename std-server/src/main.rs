@@ -125,6 +125,7 @@ async fn run() -> anyhow::Result<()> {
         tokio::spawn(deltasync_dashboard::serve(dl, hub.clone(), token.clone(), stopped()));
         Arc::new(LiveObserver::new(hub, store.clone()))
     };
+    let indexes = store.clone();
     let server = Arc::new(Server::new(store, token.into_bytes(), observer));
     tokio::spawn(async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -136,6 +137,8 @@ async fn run() -> anyhow::Result<()> {
         let _ = stop_tx.send(true);
     });
     serve(listener, server, stopped(), Duration::from_secs(10)).await?;
+    // Indexes of the last uploads may still be being written.
+    tokio::task::spawn_blocking(move || indexes.wait_indexing()).await?;
     println!("deltasync-server stopped");
     Ok(())
 }

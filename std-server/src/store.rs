@@ -26,6 +26,7 @@ use deltasync_core::source::{FileSource, IoFailed, Output};
 use deltasync_core::tree::{Summary, Tree, TreeIndexer};
 use sha2::digest::common::hazmat::{SerializableState, SerializedState};
 use sha2::{Digest, Sha256};
+use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::fs::MetadataExt;
@@ -57,6 +58,23 @@ pub struct FsStore {
     commit: Arc<Mutex<()>>,
     /// Threads used to hash a file whose index is missing.
     threads: usize,
+    /// Names whose new index a background thread is writing (see
+    /// `publish`): whoever reads or replaces one of them waits for it.
+    indexing: Arc<(Mutex<HashSet<String>>, Condvar)>,
+}
+
+/// A name in [`FsStore::indexing`]; taken out (and waiters woken) on drop.
+struct Indexing {
+    set: Arc<(Mutex<HashSet<String>>, Condvar)>,
+    name: String,
+}
+
+impl Drop for Indexing {
+    fn drop(&mut self) {
+        let (set, cv) = &*self.set;
+        set.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.name);
+        cv.notify_all();
+    }
 }
 
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -77,7 +95,8 @@ impl FsStore {
         fs::create_dir_all(root)?;
         let root = root.canonicalize()?;
         let threads = deltasync_core::build::default_threads();
-        let store = FsStore { root, commit: Arc::new(Mutex::new(())), threads };
+        let indexing = Arc::new((Mutex::new(HashSet::new()), Condvar::new()));
+        let store = FsStore { root, commit: Arc::new(Mutex::new(())), threads, indexing };
         fs::create_dir_all(store.meta().join("index"))?;
         fs::create_dir_all(store.meta().join("partial"))?;
         // Old versions whose removal a crash interrupted.
@@ -99,6 +118,37 @@ impl FsStore {
 
     fn index_path(&self, name: &str) -> PathBuf {
         self.meta().join("index").join(format!("{name}.idx"))
+    }
+
+    /// Waits until no background thread writes `name`'s index.
+    fn wait_indexed(&self, name: &str) {
+        let (set, cv) = &*self.indexing;
+        let mut s = set.lock().unwrap_or_else(|p| p.into_inner());
+        while s.contains(name) {
+            s = cv.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Waits until every index being written in the background is written
+    /// (before the process exits).
+    pub fn wait_indexing(&self) {
+        let (set, cv) = &*self.indexing;
+        let mut s = set.lock().unwrap_or_else(|p| p.into_inner());
+        while !s.is_empty() {
+            s = cv.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Marks `name`'s index as being written until the result is dropped,
+    /// after waiting for any write of it already going on.
+    fn start_indexing(&self, name: &str) -> Indexing {
+        let (set, cv) = &*self.indexing;
+        let mut s = set.lock().unwrap_or_else(|p| p.into_inner());
+        while s.contains(name) {
+            s = cv.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        s.insert(name.to_string());
+        Indexing { set: self.indexing.clone(), name: name.to_string() }
     }
 
     fn partial_path(&self, name: &str) -> PathBuf {
@@ -157,6 +207,7 @@ impl FsStore {
     }
 
     fn load_index(&self, name: &str, meta: &fs::Metadata) -> Option<Tree> {
+        self.wait_indexed(name);
         let bytes = fs::read(self.index_path(name)).ok()?;
         let (head, body) = bytes.split_at_checked(40)?;
         let (tree, _midstates) = Tree::take_from_bytes(body)?;
@@ -166,6 +217,7 @@ impl FsStore {
     /// The SHA-256 states kept in a fresh index (state `i` after `(i + 1) *`
     /// [`MIDSTATE_STEP`] bytes), read from its end only; empty if none.
     fn load_midstates(&self, name: &str, meta: &fs::Metadata) -> Vec<Vec<u8>> {
+        self.wait_indexed(name);
         let read = || -> io::Result<Vec<Vec<u8>>> {
             let f = File::open(self.index_path(name))?;
             let len = f.metadata()?.len();
@@ -189,6 +241,7 @@ impl FsStore {
     /// The summary of a fresh index, reading only its first bytes (listings
     /// need the hash, not the tree).
     fn load_summary(&self, name: &str, meta: &fs::Metadata) -> Option<Summary> {
+        self.wait_indexed(name);
         let mut f = File::open(self.index_path(name)).ok()?;
         let mut buf = [0u8; 40 + 160];
         let mut n = 0;
@@ -211,24 +264,8 @@ impl FsStore {
         tree: &Tree,
         midstates: &[Vec<u8>],
     ) -> io::Result<()> {
-        let path = self.index_path(name);
-        if let Some(p) = path.parent() {
-            fs::create_dir_all(p)?;
-        }
-        let tmp = path.with_extension(format!("tmp{}", TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)));
-        let mut f = BufWriter::new(File::create(&tmp)?);
-        f.write_all(INDEX_MAGIC)?;
-        f.write_all(&meta.len().to_le_bytes())?;
-        f.write_all(&mtime_ns(meta).to_le_bytes())?;
-        f.write_all(&meta.ino().to_le_bytes())?;
-        f.write_all(&tree.to_bytes())?;
-        // The midstates and their length last: `load_midstates` reads them
-        // from the end, `load_summary` and `load_index` ignore them.
-        let states = postcard::to_allocvec(midstates).map_err(io::Error::other)?;
-        f.write_all(&states)?;
-        f.write_all(&(states.len() as u64).to_le_bytes())?;
-        f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-        fs::rename(tmp, path)
+        let _writing = self.start_indexing(name);
+        write_index(&self.index_path(name), meta, tree, midstates)
     }
 
     /// The tree of the stored file chunked with `chunking` (see
@@ -299,6 +336,9 @@ impl FsStore {
         tree.set_file_hash(hash);
         file.sync_all().map_err(storage)?;
         tracing::debug!(name, ms = t.elapsed().as_millis() as u64, "hashed and synced the new version");
+        // Readers of this name's index wait from before the rename until the
+        // new index is written (below, in the background).
+        let indexing = self.start_indexing(name);
         let _guard = self.commit.lock().unwrap_or_else(|p| p.into_inner());
         // Keep the old version alive under another name while renaming, so
         // that the rename does not have to free it; it goes in the background.
@@ -316,14 +356,23 @@ impl FsStore {
         if let Some(dir) = dest.parent() {
             File::open(dir).and_then(|d| d.sync_all()).map_err(storage)?;
         }
-        tracing::debug!(name, ms = t.elapsed().as_millis() as u64, "published");
         let meta = file.metadata().map_err(storage)?;
-        if let Err(e) = self.save_index(name, &meta, &tree, &midstates) {
-            // The file is published; a missing index is rebuilt on demand.
-            tracing::warn!(error = %e, name, "could not write index");
-        }
         let _ = fs::remove_file(self.partial_path(name));
-        tracing::debug!(name, ms = t.elapsed().as_millis() as u64, "indexed");
+        // The index is written while the client gets its answer; until then
+        // whoever reads it waits (`wait_indexed`). One never written (no
+        // thread to write it, or a crash) is rebuilt when next needed.
+        let path = self.index_path(name);
+        let job = move || {
+            let _done = indexing;
+            match write_index(&path, &meta, &tree, &midstates) {
+                Ok(()) => tracing::debug!(index = %path.display(), "indexed"),
+                Err(e) => tracing::warn!(error = %e, index = %path.display(), "could not write index"),
+            }
+        };
+        if let Err(e) = std::thread::Builder::new().name("index".into()).spawn(job) {
+            tracing::warn!(error = %e, name, "could not start writing the index");
+        }
+        tracing::debug!(name, ms = t.elapsed().as_millis() as u64, "published");
         Ok(hash)
     }
 
@@ -353,6 +402,28 @@ impl FsStore {
         }
         Ok(())
     }
+}
+
+/// Writes an index of the file with metadata `meta` to `path` (replacing it
+/// atomically, synced: a torn index could pair ids with the wrong bytes).
+fn write_index(path: &Path, meta: &fs::Metadata, tree: &Tree, midstates: &[Vec<u8>]) -> io::Result<()> {
+    if let Some(p) = path.parent() {
+        fs::create_dir_all(p)?;
+    }
+    let tmp = path.with_extension(format!("tmp{}", TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)));
+    let mut f = BufWriter::new(File::create(&tmp)?);
+    f.write_all(INDEX_MAGIC)?;
+    f.write_all(&meta.len().to_le_bytes())?;
+    f.write_all(&mtime_ns(meta).to_le_bytes())?;
+    f.write_all(&meta.ino().to_le_bytes())?;
+    f.write_all(&tree.to_bytes())?;
+    // The midstates and their length last: `load_midstates` reads them
+    // from the end, `load_summary` and `load_index` ignore them.
+    let states = postcard::to_allocvec(midstates).map_err(io::Error::other)?;
+    f.write_all(&states)?;
+    f.write_all(&(states.len() as u64).to_le_bytes())?;
+    f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    fs::rename(tmp, path)
 }
 
 /// A new version being written beside its destination. Dropped without
@@ -798,6 +869,7 @@ impl Store for FsStore {
             Ok(_) => return Err(ErrorCode::BadName),
             Err(_) => return Err(ErrorCode::NotFound),
         }
+        self.wait_indexed(name);
         let _guard = self.commit.lock().unwrap_or_else(|p| p.into_inner());
         fs::remove_file(&path).map_err(storage)?;
         let _ = fs::remove_file(self.index_path(name));
@@ -893,6 +965,24 @@ mod tests {
         let mut h = FileHash { sha: Sha256::new(), pos: 0, midstates: Vec::new() };
         h.feed(data);
         h.done().1
+    }
+
+    #[test]
+    fn an_index_written_after_the_answer_is_waited_for_by_its_readers() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = FsStore::open(dir.path()).unwrap();
+        for i in 0..20 {
+            let data = deltasync_core::sim::random_bytes(i, 300_000 + i as usize);
+            assert_eq!(publish(&mut store, "f", &[Err(&data)]).0, Some(Hash::of(&data)));
+            // Read at once, as the client's next request would: the new
+            // version's index, not the replaced one's (stale, rebuilt).
+            let meta = fs::metadata(dir.path().join("f")).unwrap();
+            let tree = store.load_index("f", &meta).expect("the new index, written");
+            assert_eq!(tree.summary().file_hash, Hash::of(&data));
+            assert_eq!(tree.summary().root, Tree::build(&data, ChunkerKind::Cdc).summary().root);
+        }
+        store.wait_indexing();
+        assert!(store.indexing.0.lock().unwrap().is_empty());
     }
 
     #[test]
