@@ -134,6 +134,11 @@ impl<K: AsRef<[u8]>> Machine for ClientHandshake<K> {
         self.deadline = now.plus_ms(IDLE_TIMEOUT_MS);
         match (self.state, msg) {
             (ClientState::AwaitChallenge, Message::Challenge { version, caps, nonce, proof }) => {
+                // The server answers with the version both speak, never a
+                // newer one than this client announced.
+                if version > self.version {
+                    return Err(SessionError::Protocol(ErrorCode::VersionMismatch));
+                }
                 let agreed = agree(self.version, version)?;
                 self.peer_caps = caps;
                 let token = self.token.as_ref();

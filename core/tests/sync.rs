@@ -724,7 +724,9 @@ fn peers_of_protocol_version_3_and_4_agree_on_the_older_and_work() {
 #[test]
 fn a_hello_older_than_version_3_is_refused_and_a_newer_one_is_answered_as_version_4() {
     use deltasync_core::message::Message;
-    for (version, expect) in [(2u16, None), (0, None), (5, Some(4u16)), (u16::MAX, Some(4))] {
+    for (version, expect) in
+        [(2u16, None), (0, None), (3, Some(3)), (4, Some(4)), (5, Some(4u16)), (u16::MAX, Some(4))]
+    {
         let mut hs = deltasync_core::conn::ServerHandshake::new(TOKEN, [3; 32], Instant(0));
         let r = deltasync_core::machine::Machine::handle(
             &mut hs,
@@ -746,19 +748,22 @@ fn a_hello_older_than_version_3_is_refused_and_a_newer_one_is_answered_as_versio
                 let mut dec = deltasync_core::frame::FrameDecoder::new(vec![0u8; 512]);
                 let (_, payload) = dec.feed(&out[..n]).unwrap();
                 let m = Message::decode(payload.unwrap()).unwrap();
-                assert!(matches!(m, Message::Challenge { version: 4, .. }), "{m:?}");
+                assert!(matches!(m, Message::Challenge { version: c, .. } if c == v), "{m:?}");
             }
         }
     }
-    // A client refuses a challenge older than the versions it speaks.
-    let mut hs = ClientHandshake::new(TOKEN, [1u8; 32], Instant(0));
-    let mut out = [0u8; 256];
-    let hello = deltasync_core::machine::Machine::poll(&mut hs, Instant(0), &mut out);
-    assert!(matches!(hello, Ok(deltasync_core::machine::Poll::Transmit(_))));
-    let r = deltasync_core::machine::Machine::handle(
-        &mut hs,
-        Instant(0),
-        Message::Challenge { version: 2, caps: 0, nonce: [2; 32], proof: [0; 32] },
-    );
-    assert_eq!(r, Err(SessionError::Protocol(ErrorCode::VersionMismatch)));
+    // A client refuses a challenge older than the versions it speaks, or
+    // newer than the one it announced.
+    for (announced, challenge) in [(4, 2), (4, 5), (3, 4)] {
+        let mut hs = ClientHandshake::new(TOKEN, [1u8; 32], Instant(0)).speaking(announced);
+        let mut out = [0u8; 256];
+        let hello = deltasync_core::machine::Machine::poll(&mut hs, Instant(0), &mut out);
+        assert!(matches!(hello, Ok(deltasync_core::machine::Poll::Transmit(_))));
+        let r = deltasync_core::machine::Machine::handle(
+            &mut hs,
+            Instant(0),
+            Message::Challenge { version: challenge, caps: 0, nonce: [2; 32], proof: [0; 32] },
+        );
+        assert_eq!(r, Err(SessionError::Protocol(ErrorCode::VersionMismatch)), "{announced} {challenge}");
+    }
 }

@@ -136,9 +136,10 @@ async fn run() -> anyhow::Result<()> {
         }
         let _ = stop_tx.send(true);
     });
-    serve(listener, server, stopped(), Duration::from_secs(10)).await?;
+    let served = serve(listener, server, stopped(), Duration::from_secs(10)).await;
     // Indexes of the last uploads may still be being written.
     tokio::task::spawn_blocking(move || indexes.wait_indexing()).await?;
+    served?;
     println!("deltasync-server stopped");
     Ok(())
 }

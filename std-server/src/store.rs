@@ -98,6 +98,8 @@ impl FsStore {
         let indexing = Arc::new((Mutex::new(HashSet::new()), Condvar::new()));
         let store = FsStore { root, commit: Arc::new(Mutex::new(())), threads, indexing };
         fs::create_dir_all(store.meta().join("index"))?;
+        // Indexes whose writing a crash or an exit interrupted.
+        remove_temp_indexes(&store.meta().join("index"))?;
         fs::create_dir_all(store.meta().join("partial"))?;
         // Old versions whose removal a crash interrupted.
         let trash = store.meta().join("trash");
@@ -285,8 +287,11 @@ impl FsStore {
         let tree = build_tree(file, kind, self.threads)?;
         // Content-defined trees are kept (a fixed kind is one client's
         // choice); the file may have changed while we hashed it, so only if
-        // its size is still what we read.
-        if !matches!(kind, ChunkerKind::Fixed(_)) && file.metadata()?.len() == tree.summary().size {
+        // its size is still what we read, and only while it is still the
+        // version stored under `name` (a newer one's index stays).
+        let current = fs::metadata(self.root.join(name)).is_ok_and(|m| m.ino() == meta.ino());
+        if !matches!(kind, ChunkerKind::Fixed(_)) && file.metadata()?.len() == tree.summary().size && current
+        {
             self.save_index(name, &meta, &tree, &[])?;
         }
         Ok(Some(tree))
@@ -402,6 +407,21 @@ impl FsStore {
         }
         Ok(())
     }
+}
+
+/// Removes what is not an index (`*.idx`) under `dir`: temporary files of
+/// index writes that never finished.
+fn remove_temp_indexes(dir: &Path) -> io::Result<()> {
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let ft = entry.file_type()?;
+        if ft.is_dir() {
+            remove_temp_indexes(&entry.path())?;
+        } else if !entry.file_name().as_encoded_bytes().ends_with(b".idx") {
+            fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
 }
 
 /// Writes an index of the file with metadata `meta` to `path` (replacing it
@@ -869,7 +889,8 @@ impl Store for FsStore {
             Ok(_) => return Err(ErrorCode::BadName),
             Err(_) => return Err(ErrorCode::NotFound),
         }
-        self.wait_indexed(name);
+        // Marked, so that no new index of the name is written meanwhile.
+        let _indexing = self.start_indexing(name);
         let _guard = self.commit.lock().unwrap_or_else(|p| p.into_inner());
         fs::remove_file(&path).map_err(storage)?;
         let _ = fs::remove_file(self.index_path(name));
@@ -1067,5 +1088,19 @@ mod tests {
         assert!(!dir.path().join("d/.deltasync-part-123-5-empty").exists());
         assert!(store.partial("d/log", ChunkerKind::Cdc).unwrap().is_some());
         assert!(store.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn unfinished_index_writes_are_removed_at_start_and_indexes_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = dir.path().join(META).join("index");
+        fs::create_dir_all(index.join("d")).unwrap();
+        for (f, body) in [("a.tmp7", "x"), ("d/b.tmp3", "y"), ("c.idx", "z"), ("d/e.tmp9.idx", "w")] {
+            fs::write(index.join(f), body).unwrap();
+        }
+        FsStore::open(dir.path()).unwrap();
+        assert!(!index.join("a.tmp7").exists() && !index.join("d/b.tmp3").exists());
+        assert_eq!(fs::read(index.join("c.idx")).unwrap(), b"z");
+        assert_eq!(fs::read(index.join("d/e.tmp9.idx")).unwrap(), b"w");
     }
 }
