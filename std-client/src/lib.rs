@@ -338,11 +338,6 @@ impl Connection {
         Ok(c)
     }
 
-    /// The protocol version this connection speaks (agreed with the server).
-    pub fn protocol_version(&self) -> u16 {
-        self.version
-    }
-
     /// A flag that, once set, makes the current and later operations fail
     /// with [`ClientError::Cancelled`] (set it from another thread).
     pub fn cancel_flag(&self) -> Arc<AtomicBool> {

@@ -32,7 +32,7 @@ use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::UNIX_EPOCH;
 
 const META: &str = ".deltasync";
@@ -60,12 +60,15 @@ pub struct FsStore {
     threads: usize,
     /// Names whose new index a background thread is writing (see
     /// `publish`): whoever reads or replaces one of them waits for it.
-    indexing: Arc<(Mutex<HashSet<String>>, Condvar)>,
+    indexing: IndexingSet,
 }
+
+/// Names whose index is being written, and a condvar woken as each is done.
+type IndexingSet = Arc<(Mutex<HashSet<String>>, Condvar)>;
 
 /// A name in [`FsStore::indexing`]; taken out (and waiters woken) on drop.
 struct Indexing {
-    set: Arc<(Mutex<HashSet<String>>, Condvar)>,
+    set: IndexingSet,
     name: String,
 }
 
@@ -122,34 +125,31 @@ impl FsStore {
         self.meta().join("index").join(format!("{name}.idx"))
     }
 
+    /// The set of names being indexed, once `busy` no longer holds for it.
+    fn indexing_once(
+        &self,
+        busy: impl FnMut(&mut HashSet<String>) -> bool,
+    ) -> MutexGuard<'_, HashSet<String>> {
+        let (set, cv) = &*self.indexing;
+        let s = set.lock().unwrap_or_else(|p| p.into_inner());
+        cv.wait_while(s, busy).unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Waits until no background thread writes `name`'s index.
     fn wait_indexed(&self, name: &str) {
-        let (set, cv) = &*self.indexing;
-        let mut s = set.lock().unwrap_or_else(|p| p.into_inner());
-        while s.contains(name) {
-            s = cv.wait(s).unwrap_or_else(|p| p.into_inner());
-        }
+        drop(self.indexing_once(|s| s.contains(name)));
     }
 
     /// Waits until every index being written in the background is written
     /// (before the process exits).
     pub fn wait_indexing(&self) {
-        let (set, cv) = &*self.indexing;
-        let mut s = set.lock().unwrap_or_else(|p| p.into_inner());
-        while !s.is_empty() {
-            s = cv.wait(s).unwrap_or_else(|p| p.into_inner());
-        }
+        drop(self.indexing_once(|s| !s.is_empty()));
     }
 
     /// Marks `name`'s index as being written until the result is dropped,
     /// after waiting for any write of it already going on.
     fn start_indexing(&self, name: &str) -> Indexing {
-        let (set, cv) = &*self.indexing;
-        let mut s = set.lock().unwrap_or_else(|p| p.into_inner());
-        while s.contains(name) {
-            s = cv.wait(s).unwrap_or_else(|p| p.into_inner());
-        }
-        s.insert(name.to_string());
+        self.indexing_once(|s| s.contains(name)).insert(name.to_string());
         Indexing { set: self.indexing.clone(), name: name.to_string() }
     }
 
@@ -289,8 +289,9 @@ impl FsStore {
         // choice); the file may have changed while we hashed it, so only if
         // its size is still what we read, and only while it is still the
         // version stored under `name` (a newer one's index stays).
-        let current = fs::metadata(self.root.join(name)).is_ok_and(|m| m.ino() == meta.ino());
-        if !matches!(kind, ChunkerKind::Fixed(_)) && file.metadata()?.len() == tree.summary().size && current
+        if !matches!(kind, ChunkerKind::Fixed(_))
+            && file.metadata()?.len() == tree.summary().size
+            && fs::metadata(self.root.join(name)).is_ok_and(|m| m.ino() == meta.ino())
         {
             self.save_index(name, &meta, &tree, &[])?;
         }
