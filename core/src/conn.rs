@@ -3,11 +3,10 @@
 //!
 //! Message flow (client `C`, server `S`):
 //! ```text
-//! C: Hello{version, caps, nonce_c}
-//! S: Challenge{version, caps, nonce_s, proof_s}      C checks proof_s
-//! C: Auth{proof_c}                                   S checks proof_c
-//! S: Welcome                  (or Error(AuthFailed) and close)
-//! then any number of requests:
+//! C: Hello{version, cipher, key id, noise: -> psk, e}   in clear
+//! S: Accept{noise: <- e, ee}  (or Error(AuthFailed) and close)
+//! every later frame is sealed (see `crate::channel`); then any number of
+//! requests, each checked against the key's permissions:
 //! C: List                     S: Info* ListEnd
 //! C: Stat{name}               S: Info | Error
 //! C: Delete{name}             S: Deleted | Error
@@ -32,7 +31,7 @@
 //! such an offer with `Error(NeedTree)` instead, and the client offers again
 //! with its tree (a delta).
 
-use crate::auth::{self, Role};
+use crate::channel::{Channel, CipherKind, ClientKey, Handshake, KEY_ID_LEN};
 use crate::chunker::ChunkerKind;
 use crate::error::{ErrorCode, SessionError};
 use crate::hash::Hash;
@@ -44,27 +43,6 @@ use crate::time::{IDLE_TIMEOUT_MS, Instant};
 use crate::tree::TreeView;
 use crate::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum ClientState {
-    SendHello,
-    AwaitChallenge,
-    SendAuth([u8; 32], [u8; 8]),
-    AwaitWelcome([u8; 8]),
-    Done([u8; 8]),
-}
-
-/// The client side of the handshake; yields the session salt.
-pub struct ClientHandshake<K> {
-    token: K,
-    nonce: [u8; 32],
-    state: ClientState,
-    deadline: Instant,
-    caps: u32,
-    peer_caps: u32,
-    /// The version announced, then the one agreed on.
-    version: u16,
-}
-
 /// The version two peers use: the older of the newest each speaks, if this
 /// side still speaks it.
 fn agree(mine: u16, theirs: u16) -> Result<u16, SessionError> {
@@ -75,18 +53,59 @@ fn agree(mine: u16, theirs: u16) -> Result<u16, SessionError> {
     Ok(v)
 }
 
-/// `v` within the versions this crate speaks.
-fn clamp_version(v: u16) -> u16 {
-    v.clamp(MIN_PROTOCOL_VERSION, PROTOCOL_VERSION)
+/// The Noise prologue: the clear fields of the client's hello, so that
+/// neither side can be talked into another version, cipher or key.
+fn prologue(version: u16, cipher: CipherKind, key: &[u8; KEY_ID_LEN]) -> [u8; 20] {
+    let mut p = [0u8; 20];
+    p[..9].copy_from_slice(b"deltasync");
+    p[9..11].copy_from_slice(&version.to_be_bytes());
+    p[11] = cipher as u8;
+    p[12..].copy_from_slice(key);
+    p
 }
 
-impl<K: AsRef<[u8]>> ClientHandshake<K> {
-    /// A handshake proving `token`, with a fresh random `nonce` from the shell.
-    pub fn new(token: K, nonce: [u8; 32], now: Instant) -> Self {
+/// The short-id salt of a session: the start of its handshake hash, which
+/// neither side chooses alone.
+fn session_salt(channel: &Channel) -> [u8; 8] {
+    let b = channel.binding();
+    [b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]
+}
+
+/// The largest handshake payload: a version and capability bits (varints).
+const HANDSHAKE_PAYLOAD: usize = 8;
+/// The largest Noise handshake message either side sends.
+const HANDSHAKE_NOISE: usize = crate::channel::HANDSHAKE_OVERHEAD + HANDSHAKE_PAYLOAD;
+
+enum ClientState {
+    SendHello([u8; 32]),
+    AwaitAccept(Handshake),
+    Done([u8; 8]),
+    Failed,
+}
+
+/// The client side of the handshake; yields the session salt, and hands the
+/// channel to the driver ([`Machine::take_channel`]).
+pub struct ClientHandshake {
+    key: ClientKey,
+    cipher: CipherKind,
+    state: ClientState,
+    channel: Option<Channel>,
+    deadline: Instant,
+    caps: u32,
+    peer_caps: u32,
+    /// The version announced, then the one agreed on.
+    version: u16,
+}
+
+impl ClientHandshake {
+    /// A handshake with `key` over `cipher`; `ephemeral` is 32 fresh random
+    /// bytes from the shell.
+    pub fn new(key: ClientKey, cipher: CipherKind, ephemeral: [u8; 32], now: Instant) -> Self {
         ClientHandshake {
-            token,
-            nonce,
-            state: ClientState::SendHello,
+            key,
+            cipher,
+            state: ClientState::SendHello(ephemeral),
+            channel: None,
             deadline: now.plus_ms(IDLE_TIMEOUT_MS),
             caps: CAPS,
             peer_caps: 0,
@@ -94,20 +113,8 @@ impl<K: AsRef<[u8]>> ClientHandshake<K> {
         }
     }
 
-    /// Announces `version` as the newest it speaks (within
-    /// [`MIN_PROTOCOL_VERSION`]`..=`[`PROTOCOL_VERSION`]): to reach a server
-    /// too old to answer a newer hello with its own version (a version 3
-    /// server refuses any other), or to test how this build behaves as an
-    /// older one.
-    pub fn speaking(mut self, version: u16) -> Self {
-        self.version = clamp_version(version);
-        self
-    }
-
     /// The protocol version of this session: the one announced until the
-    /// server's challenge arrives, then the one both sides use. Features of
-    /// a later version (such as offers without a root, version 4) are used
-    /// only if it is at least that version.
+    /// server accepted, then the one both sides use.
     pub fn version(&self) -> u16 {
         self.version
     }
@@ -121,156 +128,67 @@ impl<K: AsRef<[u8]>> ClientHandshake<K> {
     }
 
     /// The capability bits both this client (as announced) and the server
-    /// have (known once the server's challenge arrived).
+    /// have (known once the server accepted).
     pub fn shared_caps(&self) -> u32 {
         self.caps & self.peer_caps
     }
+
+    fn accept(&mut self, hs: Handshake, noise: &[u8]) -> Result<(), SessionError> {
+        let mut hs = hs;
+        let mut payload = [0u8; HANDSHAKE_PAYLOAD];
+        // Only the holder of the key's secret can answer: anything else is
+        // a server with another key, or bytes changed on the way.
+        let n = hs.read(noise, &mut payload).map_err(|_| SessionError::Protocol(ErrorCode::AuthFailed))?;
+        let (version, caps) = postcard::from_bytes::<(u16, u32)>(&payload[..n])
+            .map_err(|_| SessionError::Protocol(ErrorCode::BadMessage))?;
+        // The server answers with the version both speak, never a newer one
+        // than this client announced.
+        if version > self.version {
+            return Err(SessionError::Protocol(ErrorCode::VersionMismatch));
+        }
+        self.version = agree(self.version, version)?;
+        self.peer_caps = caps;
+        let channel = hs.finish().map_err(|_| SessionError::Protocol(ErrorCode::AuthFailed))?;
+        self.state = ClientState::Done(session_salt(&channel));
+        self.channel = Some(channel);
+        Ok(())
+    }
 }
 
-impl<K: AsRef<[u8]>> Machine for ClientHandshake<K> {
+impl Machine for ClientHandshake {
     type Output = [u8; 8];
 
     fn handle(&mut self, now: Instant, msg: Message<'_>) -> Result<(), SessionError> {
         self.deadline = now.plus_ms(IDLE_TIMEOUT_MS);
-        match (self.state, msg) {
-            (ClientState::AwaitChallenge, Message::Challenge { version, caps, nonce, proof }) => {
-                // The server answers with the version both speak, never a
-                // newer one than this client announced.
-                if version > self.version {
-                    return Err(SessionError::Protocol(ErrorCode::VersionMismatch));
-                }
-                let agreed = agree(self.version, version)?;
-                self.peer_caps = caps;
-                let token = self.token.as_ref();
-                if !auth::verify(token, Role::Server, &self.nonce, &nonce, &proof) {
-                    return Err(SessionError::Protocol(ErrorCode::AuthFailed));
-                }
-                let mine = auth::prove(token, Role::Client, &self.nonce, &nonce);
-                self.version = agreed;
-                self.state = ClientState::SendAuth(mine, auth::session_salt(&self.nonce, &nonce));
-                Ok(())
-            }
-            (ClientState::AwaitWelcome(salt), Message::Welcome) => {
-                self.state = ClientState::Done(salt);
-                Ok(())
-            }
+        match (core::mem::replace(&mut self.state, ClientState::Failed), msg) {
+            (ClientState::AwaitAccept(hs), Message::Accept { noise }) => self.accept(hs, noise),
             (_, Message::Error(c)) => Err(SessionError::Peer(c)),
             _ => Err(SessionError::Protocol(ErrorCode::UnexpectedMessage)),
         }
     }
 
     fn poll(&mut self, now: Instant, out: &mut [u8]) -> Result<Poll<[u8; 8]>, SessionError> {
-        match self.state {
-            ClientState::SendHello => {
-                self.state = ClientState::AwaitChallenge;
-                machine::emit(
-                    &Message::Hello { version: self.version, caps: self.caps, nonce: self.nonce },
-                    out,
-                )
+        match &self.state {
+            ClientState::SendHello(ephemeral) => {
+                let ephemeral = *ephemeral;
+                let (version, cipher, id) = (self.version, self.cipher, self.key.id);
+                let mut hs = Handshake::new(true, cipher, &prologue(version, cipher, &id), &self.key.secret, ephemeral)
+                    .map_err(|_| SessionError::Protocol(ErrorCode::Unsupported))?;
+                let mut payload = [0u8; HANDSHAKE_PAYLOAD];
+                let p = postcard::to_slice(&self.caps, &mut payload).map_err(|_| SessionError::Capacity)?.len();
+                let mut noise = [0u8; HANDSHAKE_NOISE];
+                let n = hs.write(&payload[..p], &mut noise).map_err(|_| SessionError::Capacity)?;
+                self.state = ClientState::AwaitAccept(hs);
+                machine::emit(&Message::Hello { version, cipher, key: id, noise: &noise[..n] }, out)
             }
-            ClientState::SendAuth(proof, salt) => {
-                self.state = ClientState::AwaitWelcome(salt);
-                machine::emit(&Message::Auth { proof }, out)
-            }
-            ClientState::Done(salt) => Ok(Poll::Done(salt)),
-            _ => machine::wait_until(now, self.deadline),
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum ServerState {
-    AwaitHello,
-    SendChallenge([u8; 32]),
-    AwaitAuth([u8; 32]),
-    SendWelcome([u8; 8]),
-    Done([u8; 8]),
-}
-
-/// The server side of the handshake; yields the session salt.
-pub struct ServerHandshake<K> {
-    token: K,
-    nonce: [u8; 32],
-    state: ServerState,
-    deadline: Instant,
-    peer_caps: u32,
-    /// The version announced, then the one agreed on.
-    version: u16,
-}
-
-impl<K: AsRef<[u8]>> ServerHandshake<K> {
-    /// A handshake checking `token`, with a fresh random `nonce` from the shell.
-    pub fn new(token: K, nonce: [u8; 32], now: Instant) -> Self {
-        ServerHandshake {
-            token,
-            nonce,
-            state: ServerState::AwaitHello,
-            deadline: now.plus_ms(IDLE_TIMEOUT_MS),
-            peer_caps: 0,
-            version: PROTOCOL_VERSION,
+            ClientState::Done(salt) => Ok(Poll::Done(*salt)),
+            ClientState::AwaitAccept(_) => machine::wait_until(now, self.deadline),
+            ClientState::Failed => Err(SessionError::Protocol(ErrorCode::UnexpectedMessage)),
         }
     }
 
-    /// Speaks at most `version` (within
-    /// [`MIN_PROTOCOL_VERSION`]`..=`[`PROTOCOL_VERSION`]), as a server of
-    /// that version would.
-    pub fn speaking(mut self, version: u16) -> Self {
-        self.version = clamp_version(version);
-        self
-    }
-
-    /// The protocol version of this session once the client's hello
-    /// arrived: the older of the client's and this server's newest.
-    pub fn version(&self) -> u16 {
-        self.version
-    }
-
-    /// The capability bits both this build and the client have (known once
-    /// the client's hello arrived).
-    pub fn shared_caps(&self) -> u32 {
-        CAPS & self.peer_caps
-    }
-}
-
-impl<K: AsRef<[u8]>> Machine for ServerHandshake<K> {
-    type Output = [u8; 8];
-
-    fn handle(&mut self, now: Instant, msg: Message<'_>) -> Result<(), SessionError> {
-        self.deadline = now.plus_ms(IDLE_TIMEOUT_MS);
-        match (self.state, msg) {
-            (ServerState::AwaitHello, Message::Hello { version, caps, nonce }) => {
-                self.version = agree(self.version, version)?;
-                self.peer_caps = caps;
-                self.state = ServerState::SendChallenge(nonce);
-                Ok(())
-            }
-            (ServerState::AwaitAuth(client_nonce), Message::Auth { proof }) => {
-                if !auth::verify(self.token.as_ref(), Role::Client, &client_nonce, &self.nonce, &proof) {
-                    return Err(SessionError::Protocol(ErrorCode::AuthFailed));
-                }
-                self.state = ServerState::SendWelcome(auth::session_salt(&client_nonce, &self.nonce));
-                Ok(())
-            }
-            (_, Message::Error(c)) => Err(SessionError::Peer(c)),
-            _ => Err(SessionError::Protocol(ErrorCode::UnexpectedMessage)),
-        }
-    }
-
-    fn poll(&mut self, now: Instant, out: &mut [u8]) -> Result<Poll<[u8; 8]>, SessionError> {
-        match self.state {
-            ServerState::SendChallenge(client_nonce) => {
-                self.state = ServerState::AwaitAuth(client_nonce);
-                let proof = auth::prove(self.token.as_ref(), Role::Server, &client_nonce, &self.nonce);
-                let m = Message::Challenge { version: self.version, caps: CAPS, nonce: self.nonce, proof };
-                machine::emit(&m, out)
-            }
-            ServerState::SendWelcome(salt) => {
-                self.state = ServerState::Done(salt);
-                machine::emit(&Message::Welcome, out)
-            }
-            ServerState::Done(salt) => Ok(Poll::Done(salt)),
-            _ => machine::wait_until(now, self.deadline),
-        }
+    fn take_channel(&mut self) -> Option<Channel> {
+        self.channel.take()
     }
 }
 

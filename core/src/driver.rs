@@ -3,6 +3,7 @@
 //! [`run_async`] over `embedded_io_async`, so the tokio shells (through
 //! `embedded-io-adapters`) and a smoltcp device run the same code.
 
+use crate::channel::{Channel, TAG_LEN};
 use crate::error::{ErrorCode, SessionError};
 use crate::frame::{self, FrameDecoder, FrameError};
 use crate::machine::{Machine, Poll};
@@ -52,16 +53,22 @@ pub enum Step<T> {
     Done(T),
 }
 
-/// The buffers and counters of one connection: frames in, frames out.
-/// `I` holds received bytes, `F` the largest frame accepted, `O` the largest
+/// The buffers, counters and secure channel of one connection: frames in,
+/// frames out. `I` holds received bytes, `F` the largest frame accepted
+/// (sealed: [`frame::MAX_SEALED`] for full `Data` frames), `O` the largest
 /// frame sent (at least [`frame::MAX_ENCODED`] to send full `Data` frames;
-/// smaller buffers just send smaller frames).
+/// smaller buffers just send smaller frames). Once a handshake hands it a
+/// channel ([`Machine::take_channel`]), every frame out is sealed and every
+/// frame in must open, or the session ends with
+/// `SessionError::Protocol(ErrorCode::Tampered)` and the frame is not acted
+/// on.
 pub struct Pump<I, F, O> {
     input: I,
     start: usize,
     end: usize,
     decoder: FrameDecoder<F>,
     output: O,
+    channel: Option<Channel>,
     /// Bytes written to the transport.
     pub sent: u64,
     /// Bytes read from the transport.
@@ -83,6 +90,7 @@ where
             end: 0,
             decoder: FrameDecoder::new(frame),
             output,
+            channel: None,
             sent: 0,
             received: 0,
             eof: false,
@@ -113,20 +121,51 @@ where
         self.start < self.end || self.decoder.is_mid_frame()
     }
 
+    /// Whether frames are sealed (a handshake has finished).
+    pub fn is_secure(&self) -> bool {
+        self.channel.is_some()
+    }
+
+    /// Takes the channel a handshake just finished, if any.
+    fn adopt<M: Machine>(&mut self, m: &mut M) {
+        if let Some(c) = m.take_channel() {
+            self.channel = Some(c);
+        }
+    }
+
+    /// Seals the plaintext frame `output[..n]` if the channel is up.
+    fn seal(&mut self, n: usize) -> Result<usize, SessionError> {
+        match self.channel.as_mut() {
+            Some(c) => frame::seal(c, self.output.as_mut(), n).map_err(|_| SessionError::Capacity),
+            None => Ok(n),
+        }
+    }
+
     /// Advances `m` by one step: sends what it has, else decodes one frame of
     /// buffered input, else asks for more input.
     pub fn step<M: Machine, E>(&mut self, m: &mut M, now: Instant) -> Result<Step<M::Output>, DriveError<E>> {
-        match m.poll(now, self.output.as_mut()).map_err(DriveError::Session)? {
+        // Room for the tag and a longer length header once sealed.
+        let out = self.output.as_mut();
+        let room = out.len().saturating_sub(TAG_LEN + 1);
+        let polled = m.poll(now, &mut out[..room]).map_err(DriveError::Session)?;
+        match polled {
             Poll::Transmit(n) => {
+                // The frame goes out under the channel as it was before
+                // this poll: a handshake's last message is sent in clear.
+                let n = self.seal(n).map_err(DriveError::Session)?;
+                self.adopt(m);
                 self.sent += n as u64;
                 Ok(Step::Write(n))
             }
-            Poll::Done(o) => Ok(Step::Done(o)),
+            Poll::Done(o) => {
+                self.adopt(m);
+                Ok(Step::Done(o))
+            }
             Poll::Wait(deadline) => {
                 if self.start < self.end {
                     let (used, payload) = self
                         .decoder
-                        .feed(&self.input.as_ref()[self.start..self.end])
+                        .feed_mut(&mut self.input.as_mut()[self.start..self.end])
                         .map_err(DriveError::Frame)?;
                     // Consumed even if handling it fails: a connection that
                     // goes on after a refused request must not see it again.
@@ -136,9 +175,19 @@ where
                         self.end = 0;
                     }
                     if let Some(p) = payload {
+                        let plain = match self.channel.as_mut() {
+                            Some(c) => match c.open(p) {
+                                Ok(n) => &p[..n],
+                                Err(_) => {
+                                    return Err(DriveError::Session(SessionError::Protocol(ErrorCode::Tampered)));
+                                }
+                            },
+                            None => &p[..],
+                        };
                         let msg =
-                            Message::decode(p).map_err(|c| DriveError::Session(SessionError::Protocol(c)))?;
+                            Message::decode(plain).map_err(|c| DriveError::Session(SessionError::Protocol(c)))?;
                         m.handle(now, msg).map_err(DriveError::Session)?;
+                        self.adopt(m);
                     }
                     return Ok(Step::Again);
                 }
@@ -161,6 +210,7 @@ where
             _ => return None,
         };
         let n = frame::encode(&Message::Error(code), self.output.as_mut()).ok()?;
+        let n = self.seal(n).ok()?;
         self.sent += n as u64;
         Some(&self.output.as_ref()[..n])
     }

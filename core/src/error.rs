@@ -15,7 +15,7 @@ pub enum ErrorCode {
     FrameTooLong,
     /// The peer speaks another protocol version.
     VersionMismatch,
-    /// The peer did not prove it holds the token.
+    /// The peer did not prove it holds the key.
     AuthFailed,
     /// A file name is not acceptable (absolute, `..`, NUL, too long...).
     BadName,
@@ -38,6 +38,12 @@ pub enum ErrorCode {
     /// An upload offered without its root, to a server that holds data it
     /// could reuse for that name: offer the version's tree instead.
     NeedTree,
+    /// The key of the session does not allow this request (operation or
+    /// name outside its prefixes).
+    PermissionDenied,
+    /// A frame failed authentication: it was changed, dropped, repeated or
+    /// reordered on the way. Nothing it carried was acted on.
+    Tampered,
 }
 
 impl core::fmt::Display for ErrorCode {
@@ -58,6 +64,8 @@ impl core::fmt::Display for ErrorCode {
             ErrorCode::Busy => "file busy",
             ErrorCode::Unsupported => "unsupported",
             ErrorCode::NeedTree => "the server holds a version to reuse: offer the tree",
+            ErrorCode::PermissionDenied => "permission denied for this key",
+            ErrorCode::Tampered => "a frame failed authentication (changed on the way)",
         };
         f.write_str(s)
     }

@@ -1,18 +1,26 @@
 //! Frames on the byte stream: a LEB128 length, then that many bytes of
-//! postcard-encoded [`Message`]. One hard cap, [`MAX_FRAME`], bounds every
-//! frame; a decoder rejects a longer length before reading any of it.
+//! postcard-encoded [`Message`], sealed after the handshake (the payload is
+//! then a Noise transport message, see [`crate::channel`]). One hard cap,
+//! [`MAX_SEALED`], bounds every frame; a decoder rejects a longer length
+//! before reading any of it.
 
+use crate::channel::TAG_LEN;
 use crate::message::Message;
 use crate::varint;
 
-/// Largest file payload carried by one `Data` frame.
-pub const MAX_DATA: usize = 64 * 1024;
-/// Largest frame payload accepted (a full `Data` frame plus its header).
+/// Largest file payload carried by one `Data` frame: 63 KiB, so that a
+/// sealed frame stays within Noise's 65,535-byte message limit.
+pub const MAX_DATA: usize = 63 * 1024;
+/// Largest plaintext frame payload (a full `Data` frame plus its header).
 pub const MAX_FRAME: usize = MAX_DATA + 64;
+/// Largest frame payload on the wire: a plaintext frame sealed.
+pub const MAX_SEALED: usize = MAX_FRAME + TAG_LEN;
 /// Longest frame length header.
 pub const MAX_HEADER: usize = 3;
-/// Output buffer that holds any frame this crate produces.
-pub const MAX_ENCODED: usize = MAX_HEADER + MAX_FRAME;
+/// Output buffer that holds any frame this crate produces, sealed.
+pub const MAX_ENCODED: usize = MAX_HEADER + MAX_SEALED;
+
+const _: () = assert!(MAX_SEALED <= crate::channel::MAX_MESSAGE);
 
 /// Why a frame could not be produced or accepted.
 #[non_exhaustive]
@@ -70,6 +78,26 @@ pub fn encode_with_tail<E>(
     Ok(Ok(data_at + n))
 }
 
+/// Seals the plaintext frame `out[..n]` with `channel`: the payload is
+/// encrypted in place and its tag appended, behind a new length header.
+/// `out` needs [`TAG_LEN`] + 1 bytes of room past the frame.
+pub fn seal(channel: &mut crate::channel::Channel, out: &mut [u8], n: usize) -> Result<usize, FrameError> {
+    let mut pos = 0;
+    let len = varint::get(&out[..n], &mut pos).ok_or(FrameError::BadHeader)? as usize;
+    if pos + len != n {
+        return Err(FrameError::BadHeader);
+    }
+    let hdr = varint::len((len + TAG_LEN) as u64);
+    if out.len() < hdr + len + TAG_LEN {
+        return Err(FrameError::BufferTooSmall);
+    }
+    out.copy_within(pos..n, hdr);
+    let sealed = channel.seal(&mut out[hdr..], len).map_err(|_| FrameError::BufferTooSmall)?;
+    let mut at = 0;
+    varint::put(out, &mut at, sealed as u64).ok_or(FrameError::BufferTooSmall)?;
+    Ok(hdr + sealed)
+}
+
 /// Writes the length header in front of a payload of `n` bytes that was
 /// encoded at `out[MAX_HEADER..]`, and closes the gap.
 fn finish_frame(out: &mut [u8], n: usize) -> Result<usize, FrameError> {
@@ -81,6 +109,23 @@ fn finish_frame(out: &mut [u8], n: usize) -> Result<usize, FrameError> {
     let mut pos = 0;
     varint::put(out, &mut pos, n as u64).ok_or(FrameError::BufferTooSmall)?;
     Ok(hdr + n)
+}
+
+/// Where a completed frame's payload lies.
+enum Payload {
+    /// In the input, at this range.
+    Input(core::ops::Range<usize>),
+    /// At the start of the decoder's buffer, this long.
+    Buffer(usize),
+}
+
+impl Payload {
+    fn slice<'a>(self, input: &'a [u8], buf: &'a [u8]) -> &'a [u8] {
+        match self {
+            Payload::Input(r) => &input[r],
+            Payload::Buffer(n) => &buf[..n],
+        }
+    }
 }
 
 /// Reassembles frames from bytes that arrive in arbitrary pieces, in a
@@ -114,6 +159,23 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> FrameDecoder<B> {
     /// rest of `input`. After an error the decoder stays failed: the stream
     /// cannot be resynchronised.
     pub fn feed<'a>(&'a mut self, input: &'a [u8]) -> Result<(usize, Option<&'a [u8]>), FrameError> {
+        let (used, at) = self.take(input)?;
+        Ok((used, at.map(|at| at.slice(input, self.buf.as_ref()))))
+    }
+
+    /// [`Self::feed`], lending the payload mutably (to open it in place).
+    pub fn feed_mut<'a>(&'a mut self, input: &'a mut [u8]) -> Result<(usize, Option<&'a mut [u8]>), FrameError> {
+        let (used, at) = self.take(input)?;
+        Ok((
+            used,
+            at.map(|at| match at {
+                Payload::Input(r) => &mut input[r],
+                Payload::Buffer(n) => &mut self.buf.as_mut()[..n],
+            }),
+        ))
+    }
+
+    fn take(&mut self, input: &[u8]) -> Result<(usize, Option<Payload>), FrameError> {
         if self.poisoned {
             return Err(FrameError::BadHeader);
         }
@@ -143,7 +205,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> FrameDecoder<B> {
         let rest = &input[used..];
         if self.filled == 0 && rest.len() >= want {
             self.reset_header();
-            return Ok((used + want, Some(&rest[..want])));
+            return Ok((used + want, Some(Payload::Input(used..used + want))));
         }
         let take = (want - self.filled).min(rest.len());
         self.buf.as_mut()[self.filled..self.filled + take].copy_from_slice(&rest[..take]);
@@ -154,7 +216,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> FrameDecoder<B> {
         }
         self.reset_header();
         self.filled = 0;
-        Ok((used, Some(&self.buf.as_ref()[..want])))
+        Ok((used, Some(Payload::Buffer(want))))
     }
 
     fn reset_header(&mut self) {
@@ -188,7 +250,7 @@ mod tests {
         let mut buf = vec![0u8; MAX_ENCODED];
         let big = vec![7u8; 40_000];
         for m in [
-            Message::Welcome,
+            Message::ListEnd,
             Message::Data { offset: 9, bytes: &big },
             Message::Done { outcome: Outcome::Written, file_hash: None },
         ] {
@@ -204,6 +266,45 @@ mod tests {
             assert_eq!(frames.len(), 3, "step {step}");
             assert_eq!(Message::decode(&frames[1]).unwrap(), Message::Data { offset: 9, bytes: &big });
         }
+    }
+
+    #[test]
+    fn sealed_frames_open_in_place_after_any_split() {
+        use crate::channel::{CipherKind, Handshake};
+        let mut c = Handshake::new(true, CipherKind::ChaChaPoly, b"", &[3; 32], [1; 32]).unwrap();
+        let mut s = Handshake::new(false, CipherKind::ChaChaPoly, b"", &[3; 32], [2; 32]).unwrap();
+        let (mut m, mut p) = ([0u8; 128], [0u8; 128]);
+        let n = c.write(&[], &mut m).unwrap();
+        s.read(&m[..n], &mut p).unwrap();
+        let n = s.write(&[], &mut m).unwrap();
+        c.read(&m[..n], &mut p).unwrap();
+        let (mut c, mut s) = (c.finish().unwrap(), s.finish().unwrap());
+        let big = vec![9u8; MAX_DATA];
+        let msgs = [Message::ListEnd, Message::Data { offset: 1, bytes: &big }, Message::Stat { name: "x" }];
+        let mut stream = Vec::new();
+        let mut buf = vec![0u8; MAX_ENCODED];
+        for m in &msgs {
+            let n = encode(m, &mut buf[..MAX_ENCODED - TAG_LEN - 1]).unwrap();
+            let n = seal(&mut c, &mut buf, n).unwrap();
+            assert!(n <= MAX_ENCODED);
+            stream.extend_from_slice(&buf[..n]);
+        }
+        let mut dec = FrameDecoder::new(vec![0u8; MAX_SEALED]);
+        let mut got = 0;
+        for piece in stream.chunks(5000) {
+            let mut piece = piece.to_vec();
+            let mut rest = &mut piece[..];
+            while !rest.is_empty() {
+                let (used, f) = dec.feed_mut(rest).unwrap();
+                if let Some(f) = f {
+                    let n = s.open(f).unwrap();
+                    assert_eq!(Message::decode(&f[..n]).unwrap(), msgs[got]);
+                    got += 1;
+                }
+                rest = &mut rest[used..];
+            }
+        }
+        assert_eq!(got, 3);
     }
 
     #[test]

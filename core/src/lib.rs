@@ -23,7 +23,9 @@ extern crate alloc;
 #[cfg(all(feature = "std", not(test)))]
 extern crate std;
 
-pub mod auth;
+#[cfg(feature = "alloc")]
+pub mod access;
+pub mod channel;
 #[cfg(feature = "std")]
 pub mod build;
 pub mod chunker;
@@ -61,13 +63,13 @@ pub use time::Instant;
 /// Version 3: chunk sizes scale with the file (`ChunkerKind::CdcScaled`),
 /// and `Info` tells how the server's tree of a file is chunked. Version 4:
 /// a first upload may be offered without its root, which follows in `Root`
-/// (the sender hashes while its bytes go out).
-pub const PROTOCOL_VERSION: u16 = 4;
+/// (the sender hashes while its bytes go out). Version 5: every session is a
+/// Noise channel keyed by a per-client key ([`channel`]); requests are
+/// checked against the key's permissions.
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// The oldest protocol version this crate still speaks. Each side of a
 /// handshake announces the newest version it speaks and both then use the
-/// older of the two (see [`conn::ClientHandshake::version`]), so devices in
-/// the field keep working with a newer server and the other way round.
-/// Version 4 only adds to version 3 (the `Root` message, the `NeedTree`
-/// error and offers without a root), which a version 3 peer never sees.
-pub const MIN_PROTOCOL_VERSION: u16 = 3;
+/// older of the two, if both still speak it. The plaintext versions (up to
+/// 4) are not spoken at all: their peers get `Error(VersionMismatch)`.
+pub const MIN_PROTOCOL_VERSION: u16 = 5;

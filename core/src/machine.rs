@@ -28,6 +28,15 @@ pub trait Machine {
     /// [`crate::frame::MAX_ENCODED`] bytes is always enough), or says to wait,
     /// or finishes.
     fn poll(&mut self, now: Instant, out: &mut [u8]) -> Result<Poll<Self::Output>, SessionError>;
+
+    /// The secure channel a handshake just established, once: the driver
+    /// seals every later frame with it and opens every later frame from
+    /// the peer. Asked after every `handle` and `poll`; the frame a `poll`
+    /// returned goes out as it was produced (the last handshake message is
+    /// sent in clear).
+    fn take_channel(&mut self) -> Option<crate::channel::Channel> {
+        None
+    }
 }
 
 /// Encodes a small control message, mapping a too-small buffer to

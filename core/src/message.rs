@@ -4,6 +4,7 @@
 //! decoding never allocates. Messages never know about sessions; sessions
 //! never see bytes.
 
+use crate::channel::{CipherKind, KEY_ID_LEN};
 use crate::chunker::ChunkerKind;
 use crate::error::ErrorCode;
 use crate::hash::{Hash, ShortId};
@@ -55,33 +56,34 @@ pub struct FileInfo<'a> {
 /// Every message of the protocol.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Message<'a> {
-    /// Client to server, first: protocol version, capabilities, a fresh nonce.
+    /// Client to server, first: the clear part of the handshake (what the
+    /// server needs to begin it), then the first Noise message (see
+    /// [`crate::channel`]). `version`, `cipher` and `key` are the Noise
+    /// prologue, so they cannot be changed on the way. Its variant number and
+    /// first field stay what they were in the plaintext versions, so a
+    /// server recognises an old client's hello and answers
+    /// `Error(VersionMismatch)`.
     Hello {
-        /// [`crate::PROTOCOL_VERSION`] of the client.
+        /// [`crate::PROTOCOL_VERSION`] of the client: the newest it speaks.
         version: u16,
-        /// Capability bits.
-        caps: u32,
-        /// 32 random bytes.
-        nonce: [u8; 32],
+        /// The AEAD of the session.
+        cipher: CipherKind,
+        /// Id of the client's key.
+        key: [u8; KEY_ID_LEN],
+        /// Noise `-> psk, e`, with the client's capabilities as payload.
+        noise: &'a [u8],
     },
-    /// Server to client: its own nonce and its proof of the token.
-    Challenge {
-        /// Server protocol version.
-        version: u16,
-        /// Capability bits.
-        caps: u32,
-        /// 32 random bytes.
-        nonce: [u8; 32],
-        /// HMAC-SHA256 proving the server holds the token.
-        proof: [u8; 32],
+    /// Server to client: Noise `<- e, ee`, with the agreed version and the
+    /// server's capabilities as payload. Every later frame is sealed.
+    Accept {
+        /// The Noise message.
+        noise: &'a [u8],
     },
-    /// Client to server: the client's proof of the token.
-    Auth {
-        /// HMAC-SHA256 proving the client holds the token.
-        proof: [u8; 32],
-    },
-    /// Server to client: authenticated; requests may follow.
-    Welcome,
+    /// Unused: was the plaintext versions' `Auth`. Kept so that every later
+    /// variant keeps its number (an old peer still reads `Error`).
+    RetiredAuth,
+    /// Unused: was the plaintext versions' `Welcome` (see `RetiredAuth`).
+    RetiredWelcome,
     /// List every stored file.
     List,
     /// Describe one file.
@@ -188,13 +190,28 @@ pub enum Message<'a> {
 }
 
 impl<'a> Message<'a> {
-    /// Decodes one frame's payload; trailing bytes are an error.
+    /// Decodes one frame's payload; trailing bytes are an error. A hello
+    /// of another protocol version that is not laid out as this version's
+    /// (the plaintext versions' hello) is `VersionMismatch`, so that an old
+    /// peer is told why.
     pub fn decode(payload: &'a [u8]) -> Result<Message<'a>, ErrorCode> {
         match postcard::take_from_bytes::<Message<'a>>(payload) {
             Ok((m, [])) => Ok(m),
-            _ => Err(ErrorCode::BadMessage),
+            _ => match hello_version(payload) {
+                Some(v) if v != u64::from(crate::PROTOCOL_VERSION) => Err(ErrorCode::VersionMismatch),
+                _ => Err(ErrorCode::BadMessage),
+            },
         }
     }
+}
+
+/// The version a hello announces, read from its first two fields only
+/// (variant 0, then the version), which every protocol version shares.
+fn hello_version(payload: &[u8]) -> Option<u64> {
+    if payload.first() != Some(&0) {
+        return None;
+    }
+    varint::get(payload, &mut 1)
 }
 
 /// One entry of a packed listing.
@@ -272,14 +289,60 @@ mod tests {
     }
 
     fn code() -> impl Strategy<Value = ErrorCode> {
-        prop_oneof![
-            Just(ErrorCode::BadMessage),
-            Just(ErrorCode::AuthFailed),
-            Just(ErrorCode::NotFound),
-            Just(ErrorCode::Integrity),
-            Just(ErrorCode::Busy),
-            Just(ErrorCode::NeedTree),
-        ]
+        proptest::sample::select(ALL_CODES.to_vec())
+    }
+
+    /// Every error code, in wire order.
+    const ALL_CODES: [ErrorCode; 17] = [
+        ErrorCode::BadMessage,
+        ErrorCode::UnexpectedMessage,
+        ErrorCode::FrameTooLong,
+        ErrorCode::VersionMismatch,
+        ErrorCode::AuthFailed,
+        ErrorCode::BadName,
+        ErrorCode::NotFound,
+        ErrorCode::OutOfRange,
+        ErrorCode::TooManyRequests,
+        ErrorCode::Storage,
+        ErrorCode::Integrity,
+        ErrorCode::Timeout,
+        ErrorCode::Busy,
+        ErrorCode::Unsupported,
+        ErrorCode::NeedTree,
+        ErrorCode::PermissionDenied,
+        ErrorCode::Tampered,
+    ];
+
+    #[test]
+    fn error_codes_keep_their_wire_numbers() {
+        // An old peer reads `Error` as variant 12 and `VersionMismatch` as
+        // code 3: both must stay where the plaintext versions had them.
+        for (i, code) in ALL_CODES.iter().enumerate() {
+            let mut buf = [0u8; 8];
+            let n = frame::encode(&Message::Error(*code), &mut buf).unwrap();
+            assert_eq!(&buf[..n], &[2, 12, i as u8], "{code:?}");
+        }
+    }
+
+    #[test]
+    fn an_old_hello_is_a_version_mismatch() {
+        // Version 4's hello: variant 0, version 4, caps 1, a 32-byte nonce.
+        let mut old = vec![0u8, 4, 1];
+        old.extend_from_slice(&[0x55; 32]);
+        assert_eq!(Message::decode(&old), Err(ErrorCode::VersionMismatch));
+        // Garbage that is no hello stays a malformed message.
+        assert_eq!(Message::decode(&[1, 2, 3]), Err(ErrorCode::BadMessage));
+        let mut hello = [0u8; 80];
+        let m = Message::Hello {
+            version: crate::PROTOCOL_VERSION,
+            cipher: CipherKind::ChaChaPoly,
+            key: [1; 8],
+            noise: &[2; 49],
+        };
+        let n = frame::encode(&m, &mut hello).unwrap();
+        assert_eq!(Message::decode(&hello[1..n]), Ok(m));
+        // This version's hello with a byte missing is malformed, not old.
+        assert_eq!(Message::decode(&hello[1..n - 1]), Err(ErrorCode::BadMessage));
     }
 
     fn outcome() -> impl Strategy<Value = Outcome> {
@@ -294,10 +357,15 @@ mod tests {
         let (k, a, b, c, n, s, name, bytes, code, outcome, last) = v;
         let (a, b, c) = (*a, *b, *c);
         let m = match k % 22 {
-            0 => Message::Hello { version: a as u16, caps: c, nonce: *n },
-            1 => Message::Challenge { version: b as u16, caps: c, nonce: *n, proof: *n },
-            2 => Message::Auth { proof: *n },
-            3 => Message::Welcome,
+            0 => Message::Hello {
+                version: a as u16,
+                cipher: if *last { CipherKind::AesGcm } else { CipherKind::ChaChaPoly },
+                key: [n[0], n[1], n[2], n[3], n[4], n[5], n[6], n[7]],
+                noise: bytes,
+            },
+            1 => Message::Accept { noise: bytes },
+            2 => Message::RetiredAuth,
+            3 => Message::RetiredWelcome,
             4 => Message::List,
             5 => Message::Stat { name },
             6 => Message::Upload { name, offer: *s },

@@ -117,6 +117,7 @@ impl<T: TreeView, S: Source> Sender<T, S> {
     /// `on` and it pays; the caller sets `on` only if the receiver announced
     /// [`crate::message::CAP_ZSTD`]. Without the `compress` feature, bytes
     /// always go as they are.
+    #[cfg_attr(not(feature = "compress"), allow(unused_mut))]
     pub fn compress(mut self, on: bool) -> Self {
         #[cfg(feature = "compress")]
         {

@@ -2,11 +2,14 @@
 //! simulated clock, optional splitting of reads and a cut after N bytes. Used
 //! by the tests and the wire-bytes benchmark; no sockets, no threads.
 
+use crate::access::{Access, Keys};
+use crate::channel::{CipherKind, ClientKey};
 use crate::chunker::ChunkerKind;
+use crate::conn::ClientHandshake;
 use crate::conn::server::{ServerConn, Store, StoredFile};
 use crate::driver::{DriveError, Pump, Step};
 use crate::error::ErrorCode;
-use crate::frame::{MAX_ENCODED, MAX_FRAME};
+use crate::frame::{MAX_ENCODED, MAX_SEALED};
 use crate::machine::Machine;
 use crate::source::{IoFailed, Output};
 use crate::tree::{Tree, TreeIndexer};
@@ -114,7 +117,7 @@ pub type StdPump = Pump<Buf, Buf, Buf>;
 
 /// A pump with full-size buffers.
 pub fn pump() -> StdPump {
-    Pump::new(vec![0u8; 64 * 1024], vec![0u8; MAX_FRAME], vec![0u8; MAX_ENCODED])
+    Pump::new(vec![0u8; 64 * 1024], vec![0u8; MAX_SEALED], vec![0u8; MAX_ENCODED])
 }
 
 /// The link between the two ends.
@@ -130,6 +133,12 @@ pub struct Net {
     pub cut_after: Option<u64>,
     /// Bytes carried so far.
     pub carried: u64,
+    /// Flip this bit of the carried stream (both directions in the order
+    /// they were carried, counted from 0), as a meddling relay would.
+    pub flip_bit: Option<u64>,
+    /// Every frame carried, in order: whether it went to the server, and
+    /// its length on the wire.
+    pub frames: Vec<(bool, u64)>,
     /// The simulated time.
     pub clock: Instant,
 }
@@ -149,6 +158,8 @@ impl Net {
             piece: usize::MAX,
             cut_after: None,
             carried: 0,
+            flip_bit: None,
+            frames: Vec::new(),
             clock: Instant(0),
         }
     }
@@ -179,12 +190,19 @@ fn side<M: Machine>(
     piece: usize,
     cut: bool,
     carried: &mut u64,
+    flip_bit: Option<u64>,
     now: Instant,
 ) -> Result<(bool, Option<M::Output>), DriveError<()>> {
     match p.step::<M, ()>(m, now)? {
         Step::Write(n) => {
             if !cut {
+                let start = outbox.len();
                 outbox.extend(p.output(n));
+                if let Some(bit) = flip_bit
+                    && let Some(at) = (bit / 8).checked_sub(*carried).filter(|&at| at < n as u64)
+                {
+                    outbox[start + at as usize] ^= 1 << (bit % 8);
+                }
                 *carried += n as u64;
             }
             Ok((true, None))
@@ -222,25 +240,46 @@ pub fn run<C: Machine, S: Machine>(
     loop {
         let cut = net.cut();
         let now = net.clock;
+        let before = net.carried;
         let (c_prog, done) =
-            side(client, cp, &mut net.to_client, &mut net.to_server, net.piece, cut, &mut net.carried, now)
+            side(client, cp, &mut net.to_client, &mut net.to_server, net.piece, cut, &mut net.carried, net.flip_bit, now)
                 .map_err(Stop::Client)?;
+        if net.carried > before {
+            net.frames.push((true, net.carried - before));
+        }
         if let Some(o) = done {
             return Ok(o);
         }
         let cut = net.cut();
+        let before = net.carried;
         let (s_prog, _) =
-            side(server, sp, &mut net.to_server, &mut net.to_client, net.piece, cut, &mut net.carried, now)
+            side(server, sp, &mut net.to_server, &mut net.to_client, net.piece, cut, &mut net.carried, net.flip_bit, now)
                 .map_err(Stop::Server)?;
+        if net.carried > before {
+            net.frames.push((false, net.carried - before));
+        }
         if !c_prog && !s_prog {
             return Err(Stop::Stalled);
         }
     }
 }
 
-/// A server connection over `files` with `token`.
-pub fn server(files: &Files, token: &[u8]) -> ServerConn<MemStore> {
-    ServerConn::new(MemStore(files.clone()), token, [9u8; 32], Instant(0))
+/// The key of the simulations' client (not secret: tests only).
+pub const KEY: ClientKey = ClientKey { id: *b"simulkey", secret: [0x42; 32] };
+
+/// The keys of a simulated server: [`KEY`] with every permission.
+pub fn keys() -> Vec<(ClientKey, Access)> {
+    vec![(KEY, Access::full("sim"))]
+}
+
+/// A server connection over `files` checking clients against `keys`.
+pub fn server<K: Keys>(files: &Files, keys: K) -> ServerConn<MemStore, K> {
+    ServerConn::new(MemStore(files.clone()), keys, [9u8; 32], Instant(0))
+}
+
+/// A client handshake with `key` (ChaCha20-Poly1305, as devices use).
+pub fn handshake(key: ClientKey) -> ClientHandshake {
+    ClientHandshake::new(key, CipherKind::ChaChaPoly, [1u8; 32], Instant(0))
 }
 
 /// `len` reproducible pseudo-random bytes (xorshift).

@@ -4,11 +4,11 @@
 
 use deltasync_core::Instant;
 use deltasync_core::chunker::ChunkerKind;
-use deltasync_core::conn::{ClientHandshake, Upload};
+use deltasync_core::conn::Upload;
 use deltasync_core::driver::{DriveError, run_async};
 use deltasync_core::message::Outcome;
 use deltasync_core::sender::Sender;
-use deltasync_core::sim::{Files, pump, random_bytes, server};
+use deltasync_core::sim::{Files, KEY, handshake, keys, pump, random_bytes, server};
 use deltasync_core::tree::Tree;
 use embedded_io_adapters::tokio_1::FromTokio;
 
@@ -23,11 +23,11 @@ async fn a_client_and_server_sync_over_the_async_driver() {
     // A small pipe buffer forces many partial reads and writes.
     let (a, b) = tokio::io::duplex(4096);
     let (mut cio, mut sio) = (FromTokio::new(a), FromTokio::new(b));
-    let mut srv = server(&files, b"tok");
+    let mut srv = server(&files, keys());
     let (mut cp, mut sp) = (pump(), pump());
 
     let client = async move {
-        let mut hs = ClientHandshake::new(&b"tok"[..], [3u8; 32], Instant(0));
+        let mut hs = handshake(KEY);
         let salt = run_async(&mut hs, &mut cio, &mut cp, || Instant(0)).await.unwrap();
         let tree = Tree::build(&new, ChunkerKind::Cdc);
         let sender = Sender::new(&tree, &new[..], tree.summary(), salt, Instant(0));

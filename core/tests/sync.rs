@@ -3,22 +3,23 @@
 
 use deltasync_core::chunker::ChunkerKind;
 use deltasync_core::conn::server::Event;
-use deltasync_core::conn::{ClientHandshake, Download, Query, QueryKind, Upload};
+use deltasync_core::access::Access;
+use deltasync_core::channel::ClientKey;
+use deltasync_core::conn::{Download, Query, QueryKind, Upload};
 use deltasync_core::driver::DriveError;
 use deltasync_core::error::{ErrorCode, SessionError};
 use deltasync_core::message::Outcome;
 use deltasync_core::receiver::Base;
 use deltasync_core::sender::Sender;
-use deltasync_core::sim::server as server_conn;
 use deltasync_core::sim::*;
 use deltasync_core::tree::{FixedTree, Summary, Tree};
 use deltasync_core::{Hash, Instant};
 use proptest::prelude::*;
 
-const TOKEN: &[u8] = b"correct horse";
+type Keys = Vec<(ClientKey, Access)>;
 
 struct Session {
-    server: deltasync_core::conn::server::ServerConn<MemStore>,
+    server: deltasync_core::conn::server::ServerConn<MemStore, Keys>,
     sp: StdPump,
     cp: StdPump,
     net: Net,
@@ -26,10 +27,9 @@ struct Session {
 }
 
 fn connect(files: &Files, piece: usize) -> Session {
-    let mut s =
-        Session { server: server(files, TOKEN), sp: pump(), cp: pump(), net: Net::new(), salt: [0; 8] };
+    let mut s = Session { server: server(files, keys()), sp: pump(), cp: pump(), net: Net::new(), salt: [0; 8] };
     s.net.piece = piece;
-    let mut hs = ClientHandshake::new(TOKEN, [1u8; 32], Instant(0));
+    let mut hs = handshake(KEY);
     s.salt = run(&mut hs, &mut s.cp, &mut s.server, &mut s.sp, &mut s.net).expect("handshake");
     s
 }
@@ -401,51 +401,52 @@ fn bad_names_are_refused_and_the_connection_survives() {
 }
 
 #[test]
-fn a_wrong_token_fails_on_both_sides() {
-    // The client checks the server first: a server with another token fails.
+fn a_wrong_or_unknown_key_fails_on_both_sides() {
     let files = Files::default();
-    let mut srv = server(&files, b"server token");
-    let (mut cp, mut sp, mut net) = (pump(), pump(), Net::new());
-    let mut hs = ClientHandshake::new(b"client token", [1u8; 32], Instant(0));
-    match run(&mut hs, &mut cp, &mut srv, &mut sp, &mut net) {
-        Err(Stop::Client(DriveError::Session(SessionError::Protocol(ErrorCode::AuthFailed)))) => {}
-        other => panic!("client accepted a server with the wrong token: {other:?}"),
+    files.borrow_mut().insert("f".into(), b"kept".to_vec());
+    let wrong_secret = ClientKey { secret: [0x43; 32], ..KEY };
+    let unknown_id = ClientKey { id: *b"nobody!!", ..KEY };
+    for key in [wrong_secret, unknown_id] {
+        let mut srv = server(&files, keys());
+        let (mut cp, mut sp, mut net) = (pump(), pump(), Net::new());
+        let mut hs = handshake(key);
+        // The server refuses the hello (and tells the client so, in clear).
+        let err = match run(&mut hs, &mut cp, &mut srv, &mut sp, &mut net) {
+            Err(Stop::Server(e @ DriveError::Session(SessionError::Protocol(ErrorCode::AuthFailed)))) => e,
+            other => panic!("a wrong key got through: {other:?}"),
+        };
+        assert_eq!(sp.farewell(&err), Some(&[2u8, 12, 4][..]));
+        assert!(!sp.is_secure() && !cp.is_secure(), "no channel without the key");
+        assert!(std::iter::from_fn(|| srv.next_event()).all(|e| !matches!(e, Event::Authenticated { .. })));
     }
+    assert!(files.borrow()["f"] == b"kept");
+}
 
-    // The server checks the client: a client that cannot prove the token fails.
-    struct Impostor(u8);
-    impl deltasync_core::machine::Machine for Impostor {
-        type Output = ();
-        fn handle(
-            &mut self,
-            _: Instant,
-            m: deltasync_core::message::Message<'_>,
-        ) -> Result<(), SessionError> {
-            match m {
-                deltasync_core::message::Message::Error(c) => Err(SessionError::Peer(c)),
-                _ => Ok(()),
+#[test]
+fn a_plaintext_hello_of_version_3_or_4_gets_a_version_mismatch() {
+    use deltasync_core::driver::{Pump, Step};
+    for version in [3u8, 4] {
+        let files = Files::default();
+        let mut srv = server(&files, keys());
+        let mut sp = pump();
+        // A version 3/4 client's first frame: Hello{version, caps, nonce}.
+        let mut hello = vec![35u8, 0, version, 1];
+        hello.extend_from_slice(&[0x5a; 32]);
+        sp.input()[..hello.len()].copy_from_slice(&hello);
+        sp.filled(hello.len());
+        let err = loop {
+            match Pump::step::<_, ()>(&mut sp, &mut srv, Instant(0)) {
+                Ok(Step::Again) => {}
+                Ok(other) => panic!("{version}: {other:?}"),
+                Err(e) => break e,
             }
-        }
-        fn poll(
-            &mut self,
-            _: Instant,
-            out: &mut [u8],
-        ) -> Result<deltasync_core::machine::Poll<()>, SessionError> {
-            use deltasync_core::message::Message;
-            self.0 += 1;
-            let m = match self.0 {
-                1 => Message::Hello { version: deltasync_core::PROTOCOL_VERSION, caps: 0, nonce: [5; 32] },
-                2 => Message::Auth { proof: [0; 32] },
-                _ => return Ok(deltasync_core::machine::Poll::Wait(Instant(1 << 40))),
-            };
-            Ok(deltasync_core::machine::Poll::Transmit(deltasync_core::frame::encode(&m, out).unwrap()))
-        }
-    }
-    let mut srv = server(&files, TOKEN);
-    let (mut cp, mut sp, mut net) = (pump(), pump(), Net::new());
-    match run(&mut Impostor(0), &mut cp, &mut srv, &mut sp, &mut net) {
-        Err(Stop::Server(DriveError::Session(SessionError::Protocol(ErrorCode::AuthFailed)))) => {}
-        other => panic!("server accepted a wrong proof: {other:?}"),
+        };
+        assert!(
+            matches!(err, DriveError::Session(SessionError::Protocol(ErrorCode::VersionMismatch))),
+            "{err:?}"
+        );
+        // The old peer is told in clear, as the plaintext versions framed it.
+        assert_eq!(sp.farewell(&err), Some(&[2u8, 12, 3][..]));
     }
 }
 
@@ -668,102 +669,4 @@ fn a_missing_root_is_waited_for_as_long_as_hashing_the_file_may_take() {
     assert!(matches!(rx.poll(Instant(0), &mut out), Ok(Poll::Wait(_))));
     assert!(matches!(rx.poll(Instant(30_061), &mut out), Ok(Poll::Wait(_))));
     assert_eq!(rx.poll(Instant(30_062), &mut out), Err(SessionError::Timeout));
-}
-
-/// A session whose client announces `client` and whose server speaks at most
-/// `server`; also the versions each side settled on.
-fn connect_versions(files: &Files, client: u16, server: u16) -> Result<(Session, u16, u16), Stop> {
-    let mut s = Session {
-        server: server_conn(files, TOKEN).speaking(server),
-        sp: pump(),
-        cp: pump(),
-        net: Net::new(),
-        salt: [0; 8],
-    };
-    let mut hs = ClientHandshake::new(TOKEN, [1u8; 32], Instant(0)).speaking(client);
-    s.salt = run(&mut hs, &mut s.cp, &mut s.server, &mut s.sp, &mut s.net)?;
-    let agreed = hs.version();
-    Ok((s, agreed, server))
-}
-
-#[test]
-fn peers_of_protocol_version_3_and_4_agree_on_the_older_and_work() {
-    use deltasync_core::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
-    assert_eq!((MIN_PROTOCOL_VERSION, PROTOCOL_VERSION), (3, 4));
-    let old = random_bytes(44, 300_000);
-    let mut new = old.clone();
-    new[150_000..150_100].fill(7);
-    for (client, server) in [(3, 4), (4, 3), (3, 3), (4, 4)] {
-        let files = Files::default();
-        let (mut s, agreed, _) = connect_versions(&files, client, server).expect("handshake");
-        assert_eq!(agreed, client.min(server), "client {client}, server {server}");
-        for data in [&old, &new] {
-            assert_eq!(upload(&mut s, "f", data, ChunkerKind::Cdc).outcome, Outcome::Written);
-            assert!(files.borrow()["f"] == *data);
-        }
-        let (r, got) = download(&mut s, "f", Some(&old));
-        assert_eq!(r.outcome, Outcome::Written);
-        assert!(got == new);
-        assert!(r.wire < 40_000, "a delta: {} wire bytes", r.wire);
-        // Offers without a root came with version 4: a session that agreed
-        // on version 3 refuses one and stores nothing.
-        let (r, _, _) = upload_root_late(&mut s, "fresh", &old, None, 0);
-        if agreed < 4 {
-            match r {
-                Err(Stop::Client(DriveError::Session(SessionError::Peer(ErrorCode::BadMessage)))) => {}
-                other => panic!("a version 3 session took a rootless offer: {other:?}"),
-            }
-            assert!(!files.borrow().contains_key("fresh"));
-        } else {
-            assert_eq!(r.unwrap(), Outcome::Written);
-            assert!(files.borrow()["fresh"] == old);
-        }
-    }
-}
-
-#[test]
-fn a_hello_older_than_version_3_is_refused_and_a_newer_one_is_answered_as_version_4() {
-    use deltasync_core::message::Message;
-    for (version, expect) in
-        [(2u16, None), (0, None), (3, Some(3)), (4, Some(4)), (5, Some(4u16)), (u16::MAX, Some(4))]
-    {
-        let mut hs = deltasync_core::conn::ServerHandshake::new(TOKEN, [3; 32], Instant(0));
-        let r = deltasync_core::machine::Machine::handle(
-            &mut hs,
-            Instant(0),
-            Message::Hello { version, caps: 0, nonce: [4; 32] },
-        );
-        match expect {
-            None => assert_eq!(r, Err(SessionError::Protocol(ErrorCode::VersionMismatch)), "{version}"),
-            Some(v) => {
-                assert_eq!(r, Ok(()));
-                assert_eq!(hs.version(), v);
-                // The challenge carries the agreed version, which is what
-                // a version 3 client checks.
-                let mut out = [0u8; 256];
-                let n = match deltasync_core::machine::Machine::poll(&mut hs, Instant(0), &mut out) {
-                    Ok(deltasync_core::machine::Poll::Transmit(n)) => n,
-                    other => panic!("no challenge: {other:?}"),
-                };
-                let mut dec = deltasync_core::frame::FrameDecoder::new(vec![0u8; 512]);
-                let (_, payload) = dec.feed(&out[..n]).unwrap();
-                let m = Message::decode(payload.unwrap()).unwrap();
-                assert!(matches!(m, Message::Challenge { version: c, .. } if c == v), "{m:?}");
-            }
-        }
-    }
-    // A client refuses a challenge older than the versions it speaks, or
-    // newer than the one it announced.
-    for (announced, challenge) in [(4, 2), (4, 5), (3, 4)] {
-        let mut hs = ClientHandshake::new(TOKEN, [1u8; 32], Instant(0)).speaking(announced);
-        let mut out = [0u8; 256];
-        let hello = deltasync_core::machine::Machine::poll(&mut hs, Instant(0), &mut out);
-        assert!(matches!(hello, Ok(deltasync_core::machine::Poll::Transmit(_))));
-        let r = deltasync_core::machine::Machine::handle(
-            &mut hs,
-            Instant(0),
-            Message::Challenge { version: challenge, caps: 0, nonce: [2; 32], proof: [0; 32] },
-        );
-        assert_eq!(r, Err(SessionError::Protocol(ErrorCode::VersionMismatch)), "{announced} {challenge}");
-    }
 }

@@ -1,12 +1,15 @@
 //! The server's side of a connection: handshake, then requests served from a
-//! [`Store`] that the shell implements over its storage.
+//! [`Store`] that the shell implements over its storage, each checked
+//! against the permissions of the client's key.
 
-use super::ServerHandshake;
+use super::{HANDSHAKE_NOISE, HANDSHAKE_PAYLOAD, agree, prologue, session_salt};
+use crate::access::{Access, Keys, Operation};
+use crate::channel::{Channel, Handshake};
 use crate::chunker::ChunkerKind;
 use crate::error::{ErrorCode, SessionError};
 use crate::hash::Hash;
 use crate::machine::{self, Machine, Poll};
-use crate::message::{FileInfo, Message, Outcome, validate_name};
+use crate::message::{CAPS, FileInfo, Message, Outcome, validate_name};
 use crate::receiver::{Base, ReceiveStats, Receiver};
 use crate::sender::Sender;
 use crate::source::{Output, Source};
@@ -16,6 +19,134 @@ use alloc::boxed::Box;
 use alloc::collections::VecDeque;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
+
+enum HsState {
+    AwaitHello([u8; 32]),
+    SendAccept(Handshake, u16),
+    Done,
+    Failed,
+}
+
+/// The server side of the handshake: finds the client's key in `K`, yields
+/// the session salt and the key's permissions, and hands the channel to the
+/// driver ([`Machine::take_channel`]).
+pub struct ServerHandshake<K> {
+    keys: K,
+    state: HsState,
+    access: Option<Access>,
+    channel: Option<Channel>,
+    salt: [u8; 8],
+    deadline: Instant,
+    peer_caps: u32,
+    version: u16,
+}
+
+impl<K: Keys> ServerHandshake<K> {
+    /// A handshake checking clients against `keys`; `ephemeral` is 32 fresh
+    /// random bytes from the shell.
+    pub fn new(keys: K, ephemeral: [u8; 32], now: Instant) -> Self {
+        ServerHandshake {
+            keys,
+            state: HsState::AwaitHello(ephemeral),
+            access: None,
+            channel: None,
+            salt: [0; 8],
+            deadline: now.plus_ms(IDLE_TIMEOUT_MS),
+            peer_caps: 0,
+            version: crate::PROTOCOL_VERSION,
+        }
+    }
+
+    /// The protocol version of this session once the client's hello
+    /// arrived: the older of the client's and this server's newest.
+    pub fn version(&self) -> u16 {
+        self.version
+    }
+
+    /// The capability bits both this build and the client have (known once
+    /// the client's hello arrived).
+    pub fn shared_caps(&self) -> u32 {
+        CAPS & self.peer_caps
+    }
+
+    /// The permissions of the client's key, once its hello passed.
+    pub fn access(&self) -> Option<&Access> {
+        self.access.as_ref()
+    }
+
+    fn hello(
+        &mut self,
+        ephemeral: [u8; 32],
+        version: u16,
+        cipher: crate::channel::CipherKind,
+        key: [u8; crate::channel::KEY_ID_LEN],
+        noise: &[u8],
+    ) -> Result<(), SessionError> {
+        let agreed = agree(crate::PROTOCOL_VERSION, version)?;
+        if !cipher.supported() {
+            return Err(SessionError::Protocol(ErrorCode::Unsupported));
+        }
+        let auth_failed = SessionError::Protocol(ErrorCode::AuthFailed);
+        // An unknown id and a wrong secret fail alike.
+        let (secret, access) = self.keys.find(&key).ok_or(auth_failed)?;
+        let mut hs = Handshake::new(false, cipher, &prologue(version, cipher, &key), &secret, ephemeral)
+            .map_err(|_| auth_failed)?;
+        let mut payload = [0u8; HANDSHAKE_PAYLOAD];
+        let n = hs.read(noise, &mut payload).map_err(|_| auth_failed)?;
+        self.peer_caps =
+            postcard::from_bytes::<u32>(&payload[..n]).map_err(|_| SessionError::Protocol(ErrorCode::BadMessage))?;
+        self.version = agreed;
+        self.access = Some(access);
+        self.state = HsState::SendAccept(hs, agreed);
+        Ok(())
+    }
+}
+
+impl<K: Keys> Machine for ServerHandshake<K> {
+    type Output = [u8; 8];
+
+    fn handle(&mut self, now: Instant, msg: Message<'_>) -> Result<(), SessionError> {
+        self.deadline = now.plus_ms(IDLE_TIMEOUT_MS);
+        match (core::mem::replace(&mut self.state, HsState::Failed), msg) {
+            (HsState::AwaitHello(e), Message::Hello { version, cipher, key, noise }) => {
+                self.hello(e, version, cipher, key, noise)
+            }
+            (_, Message::Error(c)) => Err(SessionError::Peer(c)),
+            _ => Err(SessionError::Protocol(ErrorCode::UnexpectedMessage)),
+        }
+    }
+
+    fn poll(&mut self, now: Instant, out: &mut [u8]) -> Result<Poll<[u8; 8]>, SessionError> {
+        match core::mem::replace(&mut self.state, HsState::Failed) {
+            HsState::SendAccept(mut hs, version) => {
+                let mut payload = [0u8; HANDSHAKE_PAYLOAD];
+                let p = postcard::to_slice(&(version, CAPS), &mut payload)
+                    .map_err(|_| SessionError::Capacity)?
+                    .len();
+                let mut noise = [0u8; HANDSHAKE_NOISE];
+                let n = hs.write(&payload[..p], &mut noise).map_err(|_| SessionError::Capacity)?;
+                let channel = hs.finish().map_err(|_| SessionError::Capacity)?;
+                self.salt = session_salt(&channel);
+                self.channel = Some(channel);
+                self.state = HsState::Done;
+                machine::emit(&Message::Accept { noise: &noise[..n] }, out)
+            }
+            HsState::Done => {
+                self.state = HsState::Done;
+                Ok(Poll::Done(self.salt))
+            }
+            s @ HsState::AwaitHello(_) => {
+                self.state = s;
+                machine::wait_until(now, self.deadline)
+            }
+            HsState::Failed => Err(SessionError::Protocol(ErrorCode::UnexpectedMessage)),
+        }
+    }
+
+    fn take_channel(&mut self) -> Option<Channel> {
+        self.channel.take()
+    }
+}
 
 /// A stored file as the store describes it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -104,8 +235,11 @@ pub enum Direction {
 /// What happened on a connection, for logs and the dashboard.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
-    /// The client proved the token.
-    Authenticated,
+    /// The client proved its key: its first sealed frame opened.
+    Authenticated {
+        /// The key's name.
+        key: String,
+    },
     /// A request was refused.
     Refused {
         /// The name asked for, if any.
@@ -164,8 +298,8 @@ type ReuseTree = Chain<Tree, Tree>;
 type ReuseSource<R> = Chain<Option<R>, Option<R>>;
 type UploadReceiver<S> = Receiver<ReuseTree, ReuseSource<<S as Store>::Reader>, <S as Store>::Writer>;
 
-enum State<S: Store> {
-    Handshake(ServerHandshake<Vec<u8>>),
+enum State<S: Store, K> {
+    Handshake(ServerHandshake<K>),
     Idle,
     Reply(VecDeque<Reply>),
     Receiving { name: String, old: Option<Summary>, rx: Box<UploadReceiver<S>> },
@@ -181,40 +315,50 @@ enum Reply {
 }
 
 /// One client connection on the server.
-pub struct ServerConn<S: Store> {
+pub struct ServerConn<S: Store, K> {
     store: S,
+    /// The permissions of the client's key, once the handshake passed.
+    access: Option<Access>,
+    /// Whether a sealed frame from the client has opened (the hello alone
+    /// may be a replay).
+    confirmed: bool,
     salt: [u8; 8],
     /// Capabilities this server and the client share.
     caps: u32,
     /// The protocol version agreed on in the handshake.
     version: u16,
-    state: State<S>,
+    state: State<S, K>,
     events: VecDeque<Event>,
     deadline: Instant,
 }
 
-impl<S: Store> ServerConn<S> {
-    /// A connection that will check `token`, with a fresh random `nonce`.
-    pub fn new(store: S, token: &[u8], nonce: [u8; 32], now: Instant) -> Self {
+impl<S: Store, K: Keys> ServerConn<S, K> {
+    /// A connection checking clients against `keys`; `ephemeral` is 32
+    /// fresh random bytes from the shell.
+    pub fn new(store: S, keys: K, ephemeral: [u8; 32], now: Instant) -> Self {
         ServerConn {
             store,
+            access: None,
+            confirmed: false,
             salt: [0; 8],
             caps: 0,
             version: crate::PROTOCOL_VERSION,
-            state: State::Handshake(ServerHandshake::new(token.to_vec(), nonce, now)),
+            state: State::Handshake(ServerHandshake::new(keys, ephemeral, now)),
             events: VecDeque::new(),
             deadline: now.plus_ms(IDLE_TIMEOUT_MS),
         }
     }
 
-    /// Speaks at most protocol `version`, as a server of that version
-    /// would (see [`ServerHandshake::speaking`]).
-    pub fn speaking(mut self, version: u16) -> Self {
-        self.state = match self.state {
-            State::Handshake(h) => State::Handshake(h.speaking(version)),
-            other => other,
-        };
-        self
+    /// The name of the client's key, once its hello passed.
+    pub fn key_name(&self) -> Option<&str> {
+        match &self.state {
+            State::Handshake(h) => h.access().map(|a| a.key.as_str()),
+            _ => self.access.as_ref().map(|a| a.key.as_str()),
+        }
+    }
+
+    fn allowed(&self, op: Operation, name: &str) -> bool {
+        self.access.as_ref().is_some_and(|a| a.allows(op, name))
     }
 
     /// The next event, if any.
@@ -258,9 +402,14 @@ impl<S: Store> ServerConn<S> {
     fn request(&mut self, now: Instant, msg: Message<'_>) -> Result<(), SessionError> {
         let name = match msg {
             Message::List => {
+                let Some(access) = self.access.as_ref().filter(|a| a.read) else {
+                    self.refuse("", ErrorCode::PermissionDenied);
+                    return Ok(());
+                };
                 match self.store.list() {
                     Ok(files) => {
-                        let mut q: VecDeque<Reply> = files.into_iter().map(Reply::Info).collect();
+                        let mut q: VecDeque<Reply> =
+                            files.into_iter().filter(|f| access.covers(&f.name)).map(Reply::Info).collect();
                         q.push_back(Reply::ListEnd);
                         self.state = State::Reply(q);
                     }
@@ -277,6 +426,17 @@ impl<S: Store> ServerConn<S> {
         };
         if let Err(code) = validate_name(name) {
             self.refuse(name, code);
+            return Ok(());
+        }
+        let permitted = match msg {
+            // A writer stats a name before it uploads it.
+            Message::Stat { .. } => self.allowed(Operation::Read, name) || self.allowed(Operation::Write, name),
+            Message::Download { .. } => self.allowed(Operation::Read, name),
+            Message::Upload { .. } => self.allowed(Operation::Write, name),
+            _ => self.allowed(Operation::Delete, name),
+        };
+        if !permitted {
+            self.refuse(name, ErrorCode::PermissionDenied);
             return Ok(());
         }
         let result = match msg {
@@ -304,10 +464,6 @@ impl<S: Store> ServerConn<S> {
             return Err(ErrorCode::Unsupported);
         }
         if !offer.root.is_known() {
-            // Offers without a root came with version 4.
-            if self.version < 4 {
-                return Err(ErrorCode::BadMessage);
-            }
             // Without the offer's tree nothing held could be reused: the
             // client builds it and offers again (it streams first uploads
             // only).
@@ -391,13 +547,19 @@ impl<S: Store> ServerConn<S> {
     }
 }
 
-impl<S: Store> Machine for ServerConn<S> {
+impl<S: Store, K: Keys> Machine for ServerConn<S, K> {
     /// The connection has nothing more to do (it never finishes by itself:
     /// the client closes it).
     type Output = ();
 
     fn handle(&mut self, now: Instant, msg: Message<'_>) -> Result<(), SessionError> {
         self.deadline = now.plus_ms(IDLE_TIMEOUT_MS);
+        if !self.confirmed && !matches!(self.state, State::Handshake(_)) {
+            // Only the holder of the session's keys could seal this frame.
+            self.confirmed = true;
+            let key = self.access.as_ref().map(|a| a.key.clone()).unwrap_or_default();
+            self.events.push_back(Event::Authenticated { key });
+        }
         match &mut self.state {
             State::Handshake(h) => h.handle(now, msg),
             // The root of an upload this server refused (`NeedTree`, say)
@@ -418,7 +580,7 @@ impl<S: Store> Machine for ServerConn<S> {
                         self.salt = salt;
                         self.caps = h.shared_caps();
                         self.version = h.version();
-                        self.events.push_back(Event::Authenticated);
+                        self.access = h.access().cloned();
                         self.state = State::Idle;
                     }
                     p => return Ok(p.map_done()),
@@ -484,6 +646,13 @@ impl<S: Store> Machine for ServerConn<S> {
                     p => return Ok(p.map_done()),
                 },
             }
+        }
+    }
+
+    fn take_channel(&mut self) -> Option<Channel> {
+        match &mut self.state {
+            State::Handshake(h) => h.take_channel(),
+            _ => None,
         }
     }
 }

@@ -1,0 +1,414 @@
+//! The secure channel: the Noise protocol, pattern
+//! `NNpsk0_25519_{ChaChaPoly,AESGCM}_SHA256`, through the `clatter` crate
+//! (no_std, no allocator).
+//!
+//! ```text
+//! NNpsk0:
+//!   -> psk, e          (Hello: the key id in clear, then e and an encrypted payload)
+//!   <- e, ee           (Accept)
+//! ```
+//! The 256-bit secret of the client's key is the PSK; the key id, the cipher
+//! and the protocol version travel in clear (the server needs them to begin)
+//! and are bound into the handshake as its prologue, so changing any of them
+//! on the way fails the handshake. Every frame after the handshake is one
+//! Noise transport message: ciphertext and a 16-byte tag, under Noise's
+//! implicit nonce counters, so a frame altered, dropped, repeated or moved
+//! fails to open.
+//!
+//! This module holds the cryptographic state only; [`crate::conn`] runs the
+//! handshake and [`crate::driver::Pump`] seals and opens frames.
+
+use clatter::crypto::cipher::ChaChaPoly;
+use clatter::crypto::dh::X25519;
+use clatter::crypto::hash::Sha256;
+use clatter::handshakepattern::noise_nn_psk0;
+use clatter::traits::{Dh, Handshaker};
+use clatter::transportstate::TransportState;
+use clatter::{KeyPair, NqHandshakeCore};
+use serde::{Deserialize, Serialize};
+
+#[cfg(feature = "aes")]
+use clatter::crypto::cipher::AesGcm;
+
+/// Bytes a sealed frame adds to its plaintext (the AEAD tag).
+pub const TAG_LEN: usize = 16;
+/// Largest Noise message (plaintext plus tag).
+pub const MAX_MESSAGE: usize = 65_535;
+/// Length of a key id.
+pub const KEY_ID_LEN: usize = 8;
+/// Length of a key's secret: 256 bits, the Noise PSK.
+pub const SECRET_LEN: usize = 32;
+/// Bytes the handshake adds around its payloads: `e` (32) plus a tag.
+pub const HANDSHAKE_OVERHEAD: usize = 32 + TAG_LEN;
+
+/// The AEAD cipher of a session, chosen by the client and named in its
+/// `Hello`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CipherKind {
+    /// ChaCha20-Poly1305: fast in software (devices, CPUs without AES).
+    ChaChaPoly,
+    /// AES-256-GCM: several times faster on CPUs with AES instructions.
+    AesGcm,
+}
+
+impl CipherKind {
+    /// Whether this build implements it (AES-GCM needs the `aes` feature).
+    pub fn supported(self) -> bool {
+        match self {
+            CipherKind::ChaChaPoly => true,
+            CipherKind::AesGcm => cfg!(feature = "aes"),
+        }
+    }
+
+    /// The faster cipher on this machine: AES-GCM where the CPU has AES and
+    /// carry-less multiplication instructions (and this build has AES-GCM),
+    /// else ChaCha20-Poly1305.
+    #[cfg(feature = "std")]
+    pub fn preferred() -> CipherKind {
+        #[cfg(all(feature = "aes", target_arch = "x86_64"))]
+        if std::arch::is_x86_feature_detected!("aes") && std::arch::is_x86_feature_detected!("pclmulqdq") {
+            return CipherKind::AesGcm;
+        }
+        #[cfg(all(feature = "aes", target_arch = "aarch64"))]
+        if std::arch::is_aarch64_feature_detected!("aes") && std::arch::is_aarch64_feature_detected!("pmull") {
+            return CipherKind::AesGcm;
+        }
+        CipherKind::ChaChaPoly
+    }
+
+    /// The Noise protocol name this cipher gives.
+    pub fn protocol_name(self) -> &'static str {
+        match self {
+            CipherKind::ChaChaPoly => "Noise_NNpsk0_25519_ChaChaPoly_SHA256",
+            CipherKind::AesGcm => "Noise_NNpsk0_25519_AESGCM_SHA256",
+        }
+    }
+}
+
+/// Why the channel failed. Nothing a failed frame carried is acted on.
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChannelError {
+    /// A handshake message or a frame did not authenticate: the peer holds
+    /// another secret, or the bytes were changed, dropped, repeated or
+    /// reordered on the way.
+    Authentication,
+    /// The cipher is not built into this side.
+    Unsupported,
+    /// A buffer was too small, or a message longer than Noise allows.
+    Capacity,
+    /// The handshake was used out of order.
+    State,
+}
+
+impl core::fmt::Display for ChannelError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            ChannelError::Authentication => "a message failed authentication",
+            ChannelError::Unsupported => "cipher not supported",
+            ChannelError::Capacity => "message too long for its buffer",
+            ChannelError::State => "handshake used out of order",
+        })
+    }
+}
+
+impl core::error::Error for ChannelError {}
+
+/// Never used: every handshake here is given its ephemeral key by the shell
+/// (the state machines are sans-IO, so randomness comes in as input), and
+/// clatter draws from its RNG only when it has none.
+#[derive(Clone, Default)]
+pub struct NoRng;
+
+impl clatter::rand_core::RngCore for NoRng {
+    fn next_u32(&mut self) -> u32 {
+        unreachable!("ephemeral keys come from the shell")
+    }
+    fn next_u64(&mut self) -> u64 {
+        unreachable!("ephemeral keys come from the shell")
+    }
+    fn fill_bytes(&mut self, _: &mut [u8]) {
+        unreachable!("ephemeral keys come from the shell")
+    }
+    fn try_fill_bytes(&mut self, _: &mut [u8]) -> Result<(), clatter::rand_core::Error> {
+        unreachable!("ephemeral keys come from the shell")
+    }
+}
+impl clatter::rand_core::CryptoRng for NoRng {}
+
+type Hs<C> = NqHandshakeCore<X25519, C, Sha256, NoRng>;
+
+/// Applies the same expression to whichever cipher a value holds.
+macro_rules! each_cipher {
+    ($v:expr, $enum:ident, $x:ident => $body:expr) => {
+        match $v {
+            $enum::ChaCha($x) => $body,
+            #[cfg(feature = "aes")]
+            $enum::Aes($x) => $body,
+        }
+    };
+}
+
+#[allow(clippy::large_enum_variant)]
+enum HsInner {
+    ChaCha(Hs<ChaChaPoly>),
+    #[cfg(feature = "aes")]
+    Aes(Hs<AesGcm>),
+}
+
+/// A Noise handshake in progress (one side).
+pub struct Handshake(HsInner);
+
+impl Handshake {
+    /// A handshake of the initiator (client) or responder (server) with
+    /// this `cipher`, `prologue` (the clear part of the client's hello),
+    /// `psk` (the key's secret) and `ephemeral` (32 fresh random bytes from
+    /// the shell: the X25519 ephemeral private key).
+    pub fn new(
+        initiator: bool,
+        cipher: CipherKind,
+        prologue: &[u8],
+        psk: &[u8; SECRET_LEN],
+        ephemeral: [u8; 32],
+    ) -> Result<Handshake, ChannelError> {
+        fn make<C: clatter::traits::Cipher>(
+            initiator: bool,
+            prologue: &[u8],
+            psk: &[u8; SECRET_LEN],
+            ephemeral: [u8; 32],
+        ) -> Result<Hs<C>, ChannelError> {
+            use clatter::bytearray::ByteArray;
+            let secret = <X25519 as Dh>::PrivateKey::from_slice(&ephemeral);
+            let e = KeyPair::new(X25519::pubkey(&secret), secret);
+            let mut hs = Hs::<C>::new(noise_nn_psk0(), prologue, initiator, None, Some(e), None, None)
+                .map_err(|_| ChannelError::State)?;
+            hs.push_psk(psk);
+            Ok(hs)
+        }
+        Ok(Handshake(match cipher {
+            CipherKind::ChaChaPoly => HsInner::ChaCha(make(initiator, prologue, psk, ephemeral)?),
+            #[cfg(feature = "aes")]
+            CipherKind::AesGcm => HsInner::Aes(make(initiator, prologue, psk, ephemeral)?),
+            #[cfg(not(feature = "aes"))]
+            CipherKind::AesGcm => return Err(ChannelError::Unsupported),
+        }))
+    }
+
+    /// Writes the next handshake message carrying `payload` into `out`;
+    /// returns its length.
+    pub fn write(&mut self, payload: &[u8], out: &mut [u8]) -> Result<usize, ChannelError> {
+        if payload.len() + HANDSHAKE_OVERHEAD > out.len().min(MAX_MESSAGE) {
+            return Err(ChannelError::Capacity);
+        }
+        each_cipher!(&mut self.0, HsInner, h => h.write_message(payload, out)).map_err(|_| ChannelError::State)
+    }
+
+    /// Reads the peer's handshake message; writes its payload into `out` and
+    /// returns the payload's length.
+    pub fn read(&mut self, msg: &[u8], out: &mut [u8]) -> Result<usize, ChannelError> {
+        if msg.len() > MAX_MESSAGE || msg.len() < HANDSHAKE_OVERHEAD {
+            return Err(ChannelError::Authentication);
+        }
+        if out.len() < msg.len() - HANDSHAKE_OVERHEAD {
+            return Err(ChannelError::Capacity);
+        }
+        each_cipher!(&mut self.0, HsInner, h => h.read_message(msg, out)).map_err(|_| ChannelError::Authentication)
+    }
+
+    /// The transport channel, once both messages have passed.
+    pub fn finish(self) -> Result<Channel, ChannelError> {
+        Ok(Channel(match self.0 {
+            HsInner::ChaCha(h) => ChInner::ChaCha(h.finalize().map_err(|_| ChannelError::State)?),
+            #[cfg(feature = "aes")]
+            HsInner::Aes(h) => ChInner::Aes(h.finalize().map_err(|_| ChannelError::State)?),
+        }))
+    }
+}
+
+#[allow(clippy::large_enum_variant)]
+enum ChInner {
+    ChaCha(TransportState<ChaChaPoly, Sha256>),
+    #[cfg(feature = "aes")]
+    Aes(TransportState<AesGcm, Sha256>),
+}
+
+/// An established channel: seals frames to the peer and opens the peer's.
+pub struct Channel(ChInner);
+
+impl Channel {
+    /// Encrypts `buf[..len]` in place and appends the tag; returns the
+    /// sealed length (`len + TAG_LEN`).
+    pub fn seal(&mut self, buf: &mut [u8], len: usize) -> Result<usize, ChannelError> {
+        if len + TAG_LEN > buf.len().min(MAX_MESSAGE) {
+            return Err(ChannelError::Capacity);
+        }
+        each_cipher!(&mut self.0, ChInner, t => t.send_in_place(buf, len)).map_err(|_| ChannelError::Capacity)
+    }
+
+    /// Authenticates and decrypts the sealed frame `buf` in place; returns
+    /// the plaintext's length. After a failure the channel is unusable (the
+    /// peer's nonce no longer matches), and the session must end.
+    pub fn open(&mut self, buf: &mut [u8]) -> Result<usize, ChannelError> {
+        let len = buf.len();
+        if !(TAG_LEN..=MAX_MESSAGE).contains(&len) {
+            return Err(ChannelError::Authentication);
+        }
+        each_cipher!(&mut self.0, ChInner, t => t.receive_in_place(buf, len))
+            .map_err(|_| ChannelError::Authentication)
+    }
+
+    /// The handshake hash: a value both sides share and nobody else can
+    /// choose, binding anything derived from it to this session.
+    pub fn binding(&self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        each_cipher!(&self.0, ChInner, t => out.copy_from_slice(t.get_handshake_hash().as_slice()));
+        out
+    }
+}
+
+/// A client's key: the id the server looks it up by, and its secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClientKey {
+    /// Sent in clear in the hello.
+    pub id: [u8; KEY_ID_LEN],
+    /// The PSK; never leaves this side.
+    pub secret: [u8; SECRET_LEN],
+}
+
+impl core::fmt::Debug for ClientKey {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("ClientKey").field("id", &self.id).finish_non_exhaustive()
+    }
+}
+
+/// Why a key string was refused.
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyError {
+    /// Not of the form `dsk1-<16 hex digits>-<64 hex digits>`.
+    Format,
+    /// The secret is shorter than 256 bits (it has this many).
+    Weak(usize),
+}
+
+impl core::fmt::Display for KeyError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            KeyError::Format => f.write_str(
+                "not a deltasync key (expected dsk1-<16 hex digits>-<64 hex digits>): \
+                 make one with `deltasync-server key add NAME`",
+            ),
+            KeyError::Weak(bits) => write!(
+                f,
+                "the key's secret has {bits} bits, and a deltasync key needs 256 random bits \
+                 (a shorter one can be guessed offline): make one with `deltasync-server key add NAME`"
+            ),
+        }
+    }
+}
+
+impl core::error::Error for KeyError {}
+
+/// Prefix of a key string (version 1 of the format).
+pub const KEY_PREFIX: &str = "dsk1-";
+
+impl ClientKey {
+    /// Parses `dsk1-<id: 16 hex digits>-<secret: 64 hex digits>`.
+    pub fn parse(s: &str) -> Result<ClientKey, KeyError> {
+        let rest = s.trim().strip_prefix(KEY_PREFIX).ok_or(KeyError::Format)?;
+        let (id_hex, secret_hex) = rest.split_once('-').ok_or(KeyError::Format)?;
+        let mut id = [0u8; KEY_ID_LEN];
+        hex::decode_to_slice(id_hex, &mut id).map_err(|_| KeyError::Format)?;
+        if !secret_hex.bytes().all(|b| b.is_ascii_hexdigit()) || secret_hex.len() % 2 != 0 {
+            return Err(KeyError::Format);
+        }
+        if secret_hex.len() < 2 * SECRET_LEN {
+            return Err(KeyError::Weak(secret_hex.len() * 4));
+        }
+        let mut secret = [0u8; SECRET_LEN];
+        hex::decode_to_slice(secret_hex, &mut secret).map_err(|_| KeyError::Format)?;
+        Ok(ClientKey { id, secret })
+    }
+
+    /// The key string a user pastes into a client.
+    pub fn encode(&self) -> heapless::String<{ KEY_PREFIX.len() + 2 * KEY_ID_LEN + 1 + 2 * SECRET_LEN }> {
+        let mut s = heapless::String::new();
+        let mut buf = [0u8; 2 * SECRET_LEN];
+        // Capacity is exact, so the pushes cannot fail.
+        let _ = s.push_str(KEY_PREFIX);
+        let _ = hex::encode_to_slice(self.id, &mut buf[..2 * KEY_ID_LEN]);
+        let _ = s.push_str(core::str::from_utf8(&buf[..2 * KEY_ID_LEN]).unwrap_or_default());
+        let _ = s.push('-');
+        let _ = hex::encode_to_slice(self.secret, &mut buf);
+        let _ = s.push_str(core::str::from_utf8(&buf).unwrap_or_default());
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(cipher: CipherKind, client_psk: [u8; 32], server_psk: [u8; 32]) -> Result<(Channel, Channel), ChannelError> {
+        let mut c = Handshake::new(true, cipher, b"p", &client_psk, [1; 32])?;
+        let mut s = Handshake::new(false, cipher, b"p", &server_psk, [2; 32])?;
+        let (mut m, mut p) = ([0u8; 200], [0u8; 200]);
+        let n = c.write(b"hi", &mut m)?;
+        assert_eq!(n, 2 + HANDSHAKE_OVERHEAD);
+        let k = s.read(&m[..n], &mut p)?;
+        assert_eq!(&p[..k], b"hi");
+        let n = s.write(b"ok", &mut m)?;
+        let k = c.read(&m[..n], &mut p)?;
+        assert_eq!(&p[..k], b"ok");
+        Ok((c.finish()?, s.finish()?))
+    }
+
+    #[test]
+    fn both_ciphers_carry_frames_and_refuse_any_change() {
+        for cipher in [CipherKind::ChaChaPoly, CipherKind::AesGcm] {
+            let (mut c, mut s) = pair(cipher, [7; 32], [7; 32]).unwrap();
+            assert_eq!(c.binding(), s.binding());
+            let mut buf = [0u8; 64];
+            buf[..5].copy_from_slice(b"hello");
+            let n = c.seal(&mut buf, 5).unwrap();
+            assert_eq!(n, 5 + TAG_LEN);
+            assert_ne!(&buf[..5], b"hello");
+            let mut bad = buf;
+            bad[3] ^= 1;
+            let mut s2 = pair(cipher, [7; 32], [7; 32]).unwrap().1;
+            assert_eq!(s2.open(&mut bad[..n]), Err(ChannelError::Authentication));
+            assert_eq!(s.open(&mut buf[..n]), Ok(5));
+            assert_eq!(&buf[..5], b"hello");
+            // The same frame again (a replay) no longer opens.
+            let mut again = [0u8; 64];
+            again[..5].copy_from_slice(b"hello");
+            let _ = c.seal(&mut again, 5).unwrap();
+            let mut replay = again;
+            assert_eq!(s.open(&mut again[..n]), Ok(5));
+            assert_eq!(s.open(&mut replay[..n]), Err(ChannelError::Authentication));
+        }
+    }
+
+    #[test]
+    fn a_different_secret_or_prologue_fails_the_handshake() {
+        assert_eq!(pair(CipherKind::ChaChaPoly, [7; 32], [8; 32]).err(), Some(ChannelError::Authentication));
+        let mut c = Handshake::new(true, CipherKind::ChaChaPoly, b"version 5", &[7; 32], [1; 32]).unwrap();
+        let mut s = Handshake::new(false, CipherKind::ChaChaPoly, b"version 4", &[7; 32], [2; 32]).unwrap();
+        let (mut m, mut p) = ([0u8; 200], [0u8; 200]);
+        let n = c.write(&[], &mut m).unwrap();
+        assert_eq!(s.read(&m[..n], &mut p), Err(ChannelError::Authentication));
+    }
+
+    #[test]
+    fn key_strings_round_trip_and_weak_ones_are_refused() {
+        let k = ClientKey { id: [0xab; 8], secret: [0x5c; 32] };
+        let s = k.encode();
+        assert_eq!(&s[..22], "dsk1-abababababababab-");
+        assert_eq!(ClientKey::parse(&s), Ok(k));
+        assert_eq!(ClientKey::parse("dsk1-abababababababab-0011"), Err(KeyError::Weak(16)));
+        let short = "dsk1-abababababababab-00112233445566778899aabbccddeeff";
+        assert_eq!(ClientKey::parse(short), Err(KeyError::Weak(128)));
+        assert_eq!(ClientKey::parse("hunter2"), Err(KeyError::Format));
+        assert_eq!(ClientKey::parse("dsk1-abab-zz"), Err(KeyError::Format));
+    }
+}

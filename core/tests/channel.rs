@@ -1,0 +1,179 @@
+//! The secure channel under attack, in the in-memory harness: any bit of any
+//! frame flipped on the way ends the session as tampered and changes nothing
+//! stored; arbitrary bytes never make a decoder panic; requests outside a
+//! key's permissions are refused.
+
+use deltasync_core::access::Access;
+use deltasync_core::channel::{ClientKey, TAG_LEN};
+use deltasync_core::chunker::ChunkerKind;
+use deltasync_core::conn::server::Event;
+use deltasync_core::conn::{Query, QueryKind, Upload};
+use deltasync_core::driver::{DriveError, Step};
+use deltasync_core::error::{ErrorCode, SessionError};
+use deltasync_core::frame::FrameError;
+use deltasync_core::message::Outcome;
+use deltasync_core::sender::Sender;
+use deltasync_core::sim::*;
+use deltasync_core::tree::Tree;
+use deltasync_core::{Instant, PROTOCOL_VERSION};
+use proptest::prelude::*;
+
+/// The old and new versions of the upload the relay meddles with.
+fn versions() -> (Vec<u8>, Vec<u8>) {
+    let old = random_bytes(7, 200_000);
+    let mut new = old.clone();
+    new[100_000..100_050].fill(1);
+    new.extend_from_slice(&random_bytes(8, 30_000));
+    (old, new)
+}
+
+/// A handshake then an upload of `new` over `old`, with `flip` set on the
+/// link; the run's result, the net (its frames) and the server's events.
+fn meddled_upload(flip: Option<u64>) -> (Result<Outcome, Stop>, Net, Files, Vec<Event>) {
+    let (old, new) = versions();
+    let files = Files::default();
+    files.borrow_mut().insert("f".into(), old);
+    let mut srv = server(&files, keys());
+    let (mut cp, mut sp, mut net) = (pump(), pump(), Net::new());
+    net.piece = 1500;
+    net.flip_bit = flip;
+    let r = run(&mut handshake(KEY), &mut cp, &mut srv, &mut sp, &mut net).and_then(|salt| {
+        let tree = Tree::build(&new, ChunkerKind::Cdc);
+        let sender = Sender::new(&tree, &new[..], tree.summary(), salt, Instant(0));
+        run(&mut Upload::new("f", sender), &mut cp, &mut srv, &mut sp, &mut net)
+    });
+    let events = std::iter::from_fn(|| srv.next_event()).collect();
+    (r, net, files, events)
+}
+
+/// Length of the LEB128 header of a frame `len` bytes long on the wire.
+fn header_len(len: u64) -> u64 {
+    (1..=3).find(|&h| (len - h) < 1 << (7 * h)).unwrap()
+}
+
+#[test]
+fn the_clean_upload_goes_through_sealed() {
+    let (r, net, files, events) = meddled_upload(None);
+    assert_eq!(r.unwrap(), Outcome::Written);
+    assert!(files.borrow()["f"] == versions().1);
+    assert!(events.iter().any(|e| matches!(e, Event::Authenticated { key } if key == "sim")));
+    assert!(net.frames.len() > 6, "{:?}", net.frames);
+    // Every frame after the two handshake messages carries a tag.
+    assert!(net.frames[2..].iter().all(|&(_, len)| len > TAG_LEN as u64 + 1));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Any bit of any sealed frame, header or payload, in either direction.
+    #[test]
+    fn flipping_any_bit_of_any_frame_is_detected(frame_pick in any::<prop::sample::Index>(), bit_pick in any::<prop::sample::Index>()) {
+        let (_, clean, _, _) = meddled_upload(None);
+        // Sealed frames only (from the third on), and not the server's last
+        // (its Done, sent after the new version was published: tampering
+        // with it makes the client fail, but the file is rightly stored).
+        let sealed = &clean.frames[2..clean.frames.len() - 1];
+        let k = 2 + frame_pick.index(sealed.len());
+        let start: u64 = clean.frames[..k].iter().map(|f| f.1).sum();
+        let (to_server, len) = clean.frames[k];
+        let bit = start * 8 + bit_pick.index(len as usize * 8) as u64;
+        let (r, _, files, events) = meddled_upload(Some(bit));
+        let old = versions().0;
+        prop_assert!(files.borrow()["f"] == old, "frame {} bit {}: the stored file changed", k, bit);
+        let finished = events.iter().any(|e| matches!(e, Event::Finished { .. }));
+        prop_assert!(!finished, "a transfer finished");
+        let in_header = bit / 8 < start + header_len(len);
+        let tampered = |e: &DriveError<()>| matches!(e,
+            DriveError::Session(SessionError::Protocol(ErrorCode::Tampered) | SessionError::Peer(ErrorCode::Tampered)));
+        match (&r, to_server) {
+            // A payload bit: the frame does not open, on whichever side.
+            (Err(Stop::Server(e)), true) | (Err(Stop::Client(e)), false) if tampered(e) => {}
+            (Err(Stop::Client(e)), true) if tampered(e) => {}
+            // A length bit: the frame boundary moves, so a frame fails to
+            // open, is over the limit, or never completes.
+            (Err(Stop::Server(e) | Stop::Client(e)), _) if in_header
+                && (tampered(e) || matches!(e, DriveError::Frame(FrameError::TooLong(_)))) => {}
+            (Err(Stop::Stalled), _) if in_header => {}
+            other => prop_assert!(false, "frame {} (to server: {}) bit {}: {:?}", k, to_server, bit, other),
+        }
+    }
+
+    /// Arbitrary bytes into a server's pump, before and after the
+    /// handshake: errors, never a panic, and nothing acted on.
+    #[test]
+    fn arbitrary_bytes_never_panic_a_server(junk in proptest::collection::vec(any::<u8>(), 0..3000), after_handshake in any::<bool>()) {
+        let files = Files::default();
+        files.borrow_mut().insert("f".into(), b"kept".to_vec());
+        let mut srv = server(&files, keys());
+        let mut sp = pump();
+        if after_handshake {
+            let mut cp = pump();
+            let mut net = Net::new();
+            run(&mut handshake(KEY), &mut cp, &mut srv, &mut sp, &mut net).unwrap();
+        }
+        let n = junk.len().min(sp.input().len());
+        sp.input()[..n].copy_from_slice(&junk[..n]);
+        sp.filled(n);
+        for _ in 0..10_000 {
+            match sp.step::<_, ()>(&mut srv, Instant(0)) {
+                Ok(Step::Again | Step::Write(_)) => {}
+                Ok(Step::Read(_) | Step::Done(_)) | Err(_) => break,
+            }
+        }
+        prop_assert!(files.borrow()["f"] == b"kept");
+        prop_assert!(files.borrow().len() == 1);
+    }
+}
+
+#[test]
+fn requests_outside_a_keys_permissions_are_refused_and_change_nothing() {
+    let device7 = ClientKey { id: *b"device-7", secret: [7; 32] };
+    let reader = ClientKey { id: *b"reader!!", secret: [8; 32] };
+    let keyring = vec![
+        (device7.clone(), Access { read: false, delete: false, prefixes: vec!["devices/7".into()], ..Access::full("device-7") }),
+        (reader.clone(), Access { write: false, delete: false, ..Access::full("reader") }),
+    ];
+    let files = Files::default();
+    files.borrow_mut().insert("devices/8/log".into(), b"eight".to_vec());
+    files.borrow_mut().insert("devices/7/log".into(), b"seven".to_vec());
+    let upload = |key: &ClientKey, name: &str, data: &[u8]| {
+        let mut srv = server(&files, keyring.clone());
+        let (mut cp, mut sp, mut net) = (pump(), pump(), Net::new());
+        let salt = run(&mut handshake(key.clone()), &mut cp, &mut srv, &mut sp, &mut net).unwrap();
+        let tree = Tree::build(data, ChunkerKind::Cdc);
+        let sender = Sender::new(&tree, data, tree.summary(), salt, Instant(0));
+        let r = run(&mut Upload::new(name, sender), &mut cp, &mut srv, &mut sp, &mut net);
+        let events: Vec<Event> = std::iter::from_fn(|| srv.next_event()).collect();
+        (r, events)
+    };
+    let query = |key: &ClientKey, kind: QueryKind<'_>| {
+        let mut srv = server(&files, keyring.clone());
+        let (mut cp, mut sp, mut net) = (pump(), pump(), Net::new());
+        run(&mut handshake(key.clone()), &mut cp, &mut srv, &mut sp, &mut net).unwrap();
+        let mut names = Vec::new();
+        let r = run(&mut Query::new(kind, |i| names.push(i.name.to_string()), Instant(0)), &mut cp, &mut srv, &mut sp, &mut net);
+        (r.map(|_| ()), names)
+    };
+    let denied = |r: Result<_, Stop>| {
+        matches!(r, Err(Stop::Client(DriveError::Session(SessionError::Peer(ErrorCode::PermissionDenied)))))
+    };
+    // Device 7 writes its own log, not device 8's, and reads neither.
+    let (r, _) = upload(&device7, "devices/7/log", b"seven, new");
+    assert_eq!(r.unwrap(), Outcome::Written);
+    let (r, events) = upload(&device7, "devices/8/log", b"forged");
+    assert!(denied(r.map(|_| ())));
+    assert!(events.iter().any(|e| matches!(e, Event::Refused { code: ErrorCode::PermissionDenied, .. })));
+    assert!(denied(upload(&device7, "devices/70/log", b"x").0.map(|_| ())));
+    assert!(denied(query(&device7, QueryKind::Delete("devices/7/log")).0));
+    assert!(denied(query(&device7, QueryKind::List).0));
+    // A read-only key lists and stats, and neither uploads nor deletes.
+    let (r, names) = query(&reader, QueryKind::List);
+    r.unwrap();
+    assert_eq!(names, ["devices/7/log", "devices/8/log"]);
+    assert!(denied(upload(&reader, "devices/8/log", b"overwrite").0.map(|_| ())));
+    assert!(denied(query(&reader, QueryKind::Delete("devices/8/log")).0));
+    assert!(files.borrow()["devices/8/log"] == b"eight");
+    assert!(files.borrow()["devices/7/log"] == b"seven, new");
+    assert_eq!(files.borrow().len(), 2);
+    assert_eq!(PROTOCOL_VERSION, 5);
+}
