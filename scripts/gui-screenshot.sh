@@ -22,7 +22,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-target/debug/deltasync-server --listen 127.0.0.1:0 --dashboard off --token shot-token \
+KEY="$(target/debug/deltasync-server --keys "$WORK/keys.toml" key add shot 2>/dev/null)"
+target/debug/deltasync-server --listen 127.0.0.1:0 --dashboard off --keys "$WORK/keys.toml" \
     --root "$WORK/root" >"$WORK/server.out" 2>"$WORK/server.err" &
 PIDS+=($!)
 for _ in $(seq 100); do grep -q "listening on" "$WORK/server.out" 2>/dev/null && break; sleep 0.1; done
@@ -39,7 +40,7 @@ for _ in $(seq 50); do xdpyinfo -display ":$DISP" >/dev/null 2>&1 && break; slee
 head -c 3000000 /dev/urandom >"$WORK/quarterly-report.bin"
 mkdir -p "$WORK/home"
 DISPLAY=":$DISP" HOME="$WORK/home" LIBGL_ALWAYS_SOFTWARE=1 \
-    target/debug/deltasync-gui --server "127.0.0.1:$PORT" --token shot-token "$WORK/quarterly-report.bin" \
+    target/debug/deltasync-gui --server "127.0.0.1:$PORT" --key "$KEY" "$WORK/quarterly-report.bin" \
     >"$WORK/gui.log" 2>&1 &
 PIDS+=($!)
 

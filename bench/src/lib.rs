@@ -5,13 +5,15 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
-/// The token every bench server is started with.
-pub const TOKEN: &str = "bench-token";
+/// The key every bench server grants everything to.
+pub fn key() -> String {
+    deltasync_server::process::test_key(0xbe)
+}
 
 /// The deltasync CLI `cli`, pointed at a bench server on loopback `port`.
 pub fn client(cli: &Path, port: u16) -> Command {
     let mut c = Command::new(cli);
-    c.env("DELTASYNC_SERVER", format!("127.0.0.1:{port}")).env("DELTASYNC_TOKEN", TOKEN);
+    c.env("DELTASYNC_SERVER", format!("127.0.0.1:{port}")).env("DELTASYNC_KEY", key());
     c
 }
 

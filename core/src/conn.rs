@@ -162,6 +162,11 @@ impl Machine for ClientHandshake {
         self.deadline = now.plus_ms(IDLE_TIMEOUT_MS);
         match (core::mem::replace(&mut self.state, ClientState::Failed), msg) {
             (ClientState::AwaitAccept(hs), Message::Accept { noise }) => self.accept(hs, noise),
+            // A server before version 5 cannot parse this hello (its own
+            // had another layout), and says so; a later one never does.
+            (ClientState::AwaitAccept(_), Message::Error(ErrorCode::BadMessage)) => {
+                Err(SessionError::Protocol(ErrorCode::VersionMismatch))
+            }
             (_, Message::Error(c)) => Err(SessionError::Peer(c)),
             _ => Err(SessionError::Protocol(ErrorCode::UnexpectedMessage)),
         }

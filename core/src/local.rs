@@ -11,11 +11,18 @@ fn xdg_dir(var: &str, home_dir: &str) -> Option<PathBuf> {
     Some(base.join("deltasync"))
 }
 
-/// Where a server keeps the token it generated, and where a client on the
-/// same machine looks for it: `$XDG_CONFIG_HOME/deltasync/token`, else
-/// `$HOME/.config/deltasync/token`.
-pub fn default_token_path() -> Option<PathBuf> {
-    Some(xdg_dir("XDG_CONFIG_HOME", ".config")?.join("token"))
+/// Where a client looks for its key when none is given, and where a fresh
+/// server on the same machine writes the key it created:
+/// `$XDG_CONFIG_HOME/deltasync/key`, else `$HOME/.config/deltasync/key`.
+pub fn default_key_path() -> Option<PathBuf> {
+    Some(xdg_dir("XDG_CONFIG_HOME", ".config")?.join("key"))
+}
+
+/// Where a server keeps its key file (every client's key and permissions):
+/// `$XDG_CONFIG_HOME/deltasync/server-keys.toml`, else
+/// `$HOME/.config/deltasync/server-keys.toml`.
+pub fn default_keys_path() -> Option<PathBuf> {
+    Some(xdg_dir("XDG_CONFIG_HOME", ".config")?.join("server-keys.toml"))
 }
 
 /// Where a client keeps chunk hints ([`crate::hints`]):

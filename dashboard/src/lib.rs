@@ -43,7 +43,7 @@ pub struct ClientRow {
     pub id: u64,
     /// Remote address.
     pub addr: String,
-    /// "authenticated" once it proved the token, else "connecting".
+    /// The name of its key once it proved it, else "connecting".
     pub identity: String,
     /// Seconds since the Unix epoch.
     pub since: u64,
@@ -58,6 +58,8 @@ pub struct ClientRow {
 pub struct ActiveRow {
     /// Connection number.
     pub client: u64,
+    /// The client's key.
+    pub key: String,
     /// File name.
     pub name: String,
     /// "upload" or "download".
@@ -85,6 +87,8 @@ pub struct RecentRow {
     pub at: u64,
     /// Connection number.
     pub client: u64,
+    /// The client's key ("" before it proved one).
+    pub key: String,
     /// File name (empty for a failed authentication).
     pub name: String,
     /// "upload", "download", or "error".
@@ -130,12 +134,29 @@ pub struct Totals {
     pub connections: u64,
     /// Sum of transfer durations, seconds.
     pub duration_seconds: f64,
+    /// Counters per key name.
+    pub by_key: BTreeMap<String, KeyTotals>,
+}
+
+/// What one key's clients did since start.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct KeyTotals {
+    /// Sessions that proved the key.
+    pub sessions: u64,
+    /// Finished transfers.
+    pub transfers: u64,
+    /// Wire bytes of finished transfers.
+    pub wire_bytes: u64,
+    /// File bytes of finished transfers.
+    pub file_bytes: u64,
+    /// Refused requests (permission denied included).
+    pub refused: u64,
 }
 
 /// What went wrong on a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Problem<'a> {
-    /// The client did not prove the token.
+    /// The client did not prove a key.
     AuthFailed,
     /// A request was refused (the reason, for people).
     Refused(&'a str),
@@ -175,6 +196,13 @@ struct Live {
     totals: Totals,
     series: VecDeque<Point>,
     last_sample_wire: u64,
+}
+
+impl Live {
+    /// The key name of connection `id`, or "" before it proved one.
+    fn key_of(&self, id: u64) -> String {
+        self.clients.get(&id).map(|c| c.identity.clone()).filter(|k| k != "connecting").unwrap_or_default()
+    }
 }
 
 /// Lists the stored files (the server provides it; called off the async
@@ -231,12 +259,13 @@ impl Hub {
         });
     }
 
-    /// A client proved the token.
-    pub fn authenticated(&self, id: u64) {
+    /// A client proved the key named `key`.
+    pub fn authenticated(&self, id: u64, key: &str) {
         self.update(|l| {
             if let Some(c) = l.clients.get_mut(&id) {
-                c.identity = "authenticated".into();
+                c.identity = key.into();
             }
+            l.totals.by_key.entry(key.into()).or_default().sessions += 1;
         });
     }
 
@@ -263,10 +292,12 @@ impl Hub {
     /// A transfer began.
     pub fn started(&self, id: u64, name: &str, upload: bool, size: u64, delta: bool, wire_now: u64) {
         self.update(|l| {
+            let key = l.key_of(id);
             l.active.insert(
                 id,
                 ActiveRow {
                     client: id,
+                    key,
                     name: name.into(),
                     direction: if upload { "upload" } else { "download" }.into(),
                     mode: if delta { "delta" } else { "full" }.into(),
@@ -299,6 +330,11 @@ impl Hub {
                 (wire_now.saturating_sub(a.wire_at_start), a.started.elapsed().as_millis() as u64)
             });
             let direction = if upload { "upload" } else { "download" };
+            let key = l.key_of(id);
+            let k = l.totals.by_key.entry(key.clone()).or_default();
+            k.transfers += 1;
+            k.wire_bytes += wire;
+            k.file_bytes += size;
             let t = &mut l.totals;
             t.transfer_wire += wire;
             t.full_bytes += size;
@@ -314,6 +350,7 @@ impl Hub {
                 RecentRow {
                     at: unix_now(),
                     client: id,
+                    key,
                     name: name.into(),
                     direction: direction.into(),
                     result: result.into(),
@@ -330,6 +367,7 @@ impl Hub {
     pub fn error(&self, id: u64, name: &str, problem: Problem<'_>) {
         self.update(|l| {
             l.active.remove(&id);
+            let key = l.key_of(id);
             let result = match problem {
                 Problem::AuthFailed => {
                     l.totals.auth_failures += 1;
@@ -337,6 +375,9 @@ impl Hub {
                 }
                 Problem::Refused(why) => {
                     l.totals.refused += 1;
+                    if !key.is_empty() {
+                        l.totals.by_key.entry(key.clone()).or_default().refused += 1;
+                    }
                     format!("refused: {why}")
                 }
                 Problem::Connection(why) => {
@@ -347,6 +388,7 @@ impl Hub {
             let row = RecentRow {
                 at: unix_now(),
                 client: id,
+                key,
                 name: name.into(),
                 direction: "error".into(),
                 result,
@@ -412,17 +454,49 @@ fn push_recent(q: &mut VecDeque<RecentRow>, r: RecentRow) {
     q.push_front(r);
 }
 
+/// Checks a presented dashboard credential (a key string): the name of the
+/// key if it is one with the dashboard permission.
+pub type Login = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
+/// How the dashboard is reached, which decides how it protects itself.
+#[derive(Clone, Debug, Default)]
+pub struct Access {
+    /// Bound to a loopback address: no login, but the `Host` header must
+    /// name a loopback host (no DNS rebinding).
+    pub loopback: bool,
+    /// Served over TLS: the login cookie is `Secure`.
+    pub tls: bool,
+}
+
 #[derive(Clone)]
 struct App {
     hub: Arc<Hub>,
-    token: Option<Arc<str>>,
+    login: Login,
+    access: Access,
 }
 
-/// Builds the dashboard's routes. With `token`, every request must carry it
-/// (`Authorization: Bearer`, a `token` query parameter, which also sets a
-/// cookie, or that cookie).
-pub fn router(hub: Arc<Hub>, token: Option<String>) -> Router {
-    let app = App { hub, token: token.map(Arc::from) };
+/// Cookie that carries the dashboard login.
+const COOKIE: &str = "deltasync_dashboard";
+
+/// Headers on every response: no framing, no sniffing, scripts and styles
+/// from the dashboard itself only.
+const SECURITY_HEADERS: [(&str, &str); 4] = [
+    (
+        "content-security-policy",
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+         connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+    ),
+    ("x-frame-options", "DENY"),
+    ("x-content-type-options", "nosniff"),
+    ("referrer-policy", "no-referrer"),
+];
+
+/// Builds the dashboard's routes. Off loopback every request must carry a
+/// key with the dashboard permission (`Authorization: Bearer KEY`, a `key`
+/// query parameter, which also sets a cookie, or that cookie); on loopback
+/// the `Host` header must be a loopback name.
+pub fn router(hub: Arc<Hub>, login: Login, access: Access) -> Router {
+    let app = App { hub, login, access };
     let timed = Router::new()
         .route("/", get(page::index))
         .route("/app.js", get(page::app_js))
@@ -439,31 +513,62 @@ pub fn router(hub: Arc<Hub>, token: Option<String>) -> Router {
     Router::new()
         .route("/events", get(events))
         .merge(timed)
-        .layer(middleware::from_fn_with_state(app.clone(), check_token))
+        .layer(middleware::from_fn_with_state(app.clone(), guard))
         .with_state(app)
 }
 
-async fn check_token(State(app): State<App>, req: Request, next: Next) -> Response {
-    let Some(token) = app.token.as_deref() else { return next.run(req).await };
+/// Whether `host` (a `Host` header) names this machine's loopback.
+fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(h, port)| if port.chars().all(|c| c.is_ascii_digit()) { h } else { host }),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+async fn guard(State(app): State<App>, req: Request, next: Next) -> Response {
+    let mut resp = authorize(&app, req, next).await;
+    let h = resp.headers_mut();
+    for (name, value) in SECURITY_HEADERS {
+        h.insert(name, header::HeaderValue::from_static(value));
+    }
+    resp
+}
+
+async fn authorize(app: &App, req: Request, next: Next) -> Response {
+    if app.access.loopback {
+        let host = req.headers().get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("");
+        if !is_loopback_host(host) {
+            return (StatusCode::MISDIRECTED_REQUEST, "this dashboard answers to localhost only").into_response();
+        }
+        return next.run(req).await;
+    }
     let headers = req.headers();
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| ct_eq(t, token));
-    let cookie = cookie_token(headers).is_some_and(|t| ct_eq(&t, token));
+        .map(str::to_string);
+    let cookie = cookie_key(headers);
     let query = req
         .uri()
         .query()
-        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("token=")))
-        .is_some_and(|t| ct_eq(t, token));
-    if !(bearer || cookie || query) {
-        return (StatusCode::UNAUTHORIZED, "this dashboard needs the server's token: open /?token=...")
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("key=")))
+        .map(str::to_string);
+    let presented = bearer.as_deref().or(cookie.as_deref()).or(query.as_deref());
+    if presented.and_then(|k| (app.login)(k)).is_none() {
+        return (
+            StatusCode::UNAUTHORIZED,
+            "this dashboard needs a key with the dashboard permission \
+             (deltasync-server key add NAME --dashboard-only): open /?key=...",
+        )
             .into_response();
     }
     let mut resp = next.run(req).await;
-    if query && !cookie {
-        let c = format!("deltasync_token={token}; HttpOnly; SameSite=Strict; Path=/");
+    if let (Some(k), None) = (query, cookie) {
+        let secure = if app.access.tls { "; Secure" } else { "" };
+        let c = format!("{COOKIE}={k}; HttpOnly; SameSite=Strict; Path=/{secure}");
         if let Ok(v) = c.parse() {
             resp.headers_mut().insert(header::SET_COOKIE, v);
         }
@@ -471,17 +576,13 @@ async fn check_token(State(app): State<App>, req: Request, next: Next) -> Respon
     resp
 }
 
-fn cookie_token(h: &HeaderMap) -> Option<String> {
+fn cookie_key(h: &HeaderMap) -> Option<String> {
+    let prefix = format!("{COOKIE}=");
     h.get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
-        .find_map(|kv| kv.trim().strip_prefix("deltasync_token=").map(str::to_string))
-}
-
-/// Constant-time comparison, so the token cannot be guessed byte by byte.
-fn ct_eq(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+        .find_map(|kv| kv.trim().strip_prefix(prefix.as_str()).map(str::to_string))
 }
 
 async fn api_stats(State(app): State<App>) -> impl IntoResponse {
@@ -526,12 +627,23 @@ async fn events(State(app): State<App>) -> Sse<impl futures_util::Stream<Item = 
     Sse::new(stream).keep_alive(KeepAlive::default())
 }
 
-/// Serves the dashboard on `listener` until `shutdown`, and samples the
-/// charts every second. A token is required unless the address is loopback.
+/// A certificate chain and its private key, both PEM files.
+#[derive(Clone, Debug)]
+pub struct Tls {
+    /// The certificate chain.
+    pub cert: std::path::PathBuf,
+    /// Its private key.
+    pub key: std::path::PathBuf,
+}
+
+/// Serves the dashboard on `listener` until `shutdown` (over TLS with
+/// `tls`), and samples the charts every second. A login (see [`Login`]) is
+/// required unless the address is loopback.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     hub: Arc<Hub>,
-    token: String,
+    login: Login,
+    tls: Option<Tls>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let loopback = listener.local_addr()?.ip().is_loopback();
@@ -545,10 +657,51 @@ pub async fn serve(
             }
         })
     };
-    let app = router(hub, (!loopback).then_some(token));
-    let r = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
+    let app = router(hub, login, Access { loopback, tls: tls.is_some() });
+    let r = match tls {
+        None => axum::serve(listener, app).with_graceful_shutdown(shutdown).await,
+        Some(tls) => serve_tls(listener, app, &tls, shutdown).await,
+    };
     sampler.abort();
     r
+}
+
+async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    tls: &Tls,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(std::io::Error::other)?
+        .with_no_client_auth()
+        .with_single_cert(load_certs(&tls.cert)?, load_key(&tls.key)?)
+        .map_err(std::io::Error::other)?;
+    let config = axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(config));
+    let handle = axum_server::Handle::new();
+    let stopper = handle.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        stopper.graceful_shutdown(Some(Duration::from_secs(5)));
+    });
+    let std_listener = listener.into_std()?;
+    axum_server::from_tcp_rustls(std_listener, config).handle(handle).serve(app.into_make_service()).await
+}
+
+fn load_certs(path: &std::path::Path) -> std::io::Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::pem_file_iter(path)
+        .map_err(|e| std::io::Error::other(format!("{}: {e}", path.display())))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| std::io::Error::other(format!("{}: {e}", path.display())))
+}
+
+fn load_key(path: &std::path::Path) -> std::io::Result<rustls::pki_types::PrivateKeyDer<'static>> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::PrivateKeyDer::from_pem_file(path)
+        .map_err(|e| std::io::Error::other(format!("{}: {e}", path.display())))
 }
 
 #[cfg(test)]
@@ -560,7 +713,7 @@ mod tests {
         let hub = Hub::new();
         let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
         hub.connected(1, addr);
-        hub.authenticated(1);
+        hub.authenticated(1, "laptop");
         hub.started(1, "f", true, 1000, true, 0);
         hub.progress(1, 50, 100, Some(500));
         hub.finished(1, "f", true, 1000, "written", 90, 910, 150);
@@ -578,46 +731,81 @@ mod tests {
         assert_eq!(s["recent"].as_array().unwrap().len(), 4);
         assert_eq!(s["recent"][0]["result"], "connection: reset");
         assert_eq!(s["recent"][1]["result"], "auth_failed");
+        assert_eq!(s["recent"][3]["key"], "laptop");
+        let k = &t.by_key["laptop"];
+        assert_eq!((k.sessions, k.transfers, k.wire_bytes, k.file_bytes, k.refused), (1, 1, 150, 1000, 1));
         hub.closed(1);
         assert_eq!(hub.totals().1, 0);
     }
 
-    async fn status(app: Router, uri: &str, auth: Option<&str>) -> (StatusCode, Option<String>) {
+    async fn request(app: Router, uri: &str, auth: Option<&str>, host: &str) -> axum::response::Response {
         use tower::ServiceExt;
-        let mut req = axum::http::Request::builder().uri(uri);
+        let mut req = axum::http::Request::builder().uri(uri).header(header::HOST, host);
         if let Some(a) = auth {
             req = req.header(header::AUTHORIZATION, a);
         }
-        let resp = app.oneshot(req.body(axum::body::Body::empty()).unwrap()).await.unwrap();
+        app.oneshot(req.body(axum::body::Body::empty()).unwrap()).await.unwrap()
+    }
+
+    async fn status(app: Router, uri: &str, auth: Option<&str>) -> (StatusCode, Option<String>) {
+        let resp = request(app, uri, auth, "dash.example:8000").await;
         let cookie = resp.headers().get(header::SET_COOKIE).map(|v| v.to_str().unwrap().to_string());
         (resp.status(), cookie)
     }
 
-    #[tokio::test]
-    async fn a_token_is_required_when_configured() {
-        let app = router(Hub::new(), Some("s3cret".into()));
-        assert_eq!(status(app.clone(), "/api/stats", None).await.0, StatusCode::UNAUTHORIZED);
-        assert_eq!(status(app.clone(), "/metrics", Some("Bearer wrong")).await.0, StatusCode::UNAUTHORIZED);
-        assert_eq!(status(app.clone(), "/?token=wrong", None).await.0, StatusCode::UNAUTHORIZED);
-        assert_eq!(status(app.clone(), "/metrics", Some("Bearer s3cret")).await.0, StatusCode::OK);
-        let (code, cookie) = status(app.clone(), "/?token=s3cret", None).await;
-        assert_eq!(code, StatusCode::OK);
-        assert!(cookie.unwrap().starts_with("deltasync_token=s3cret"));
-        // Only embedded assets exist: no path reaches the file system.
-        assert_eq!(
-            status(app.clone(), "/../Cargo.toml", Some("Bearer s3cret")).await.0,
-            StatusCode::NOT_FOUND
-        );
-        assert_eq!(status(app, "/web/index.html", Some("Bearer s3cret")).await.0, StatusCode::NOT_FOUND);
-        // Without a token configured (loopback), no check.
-        let open = router(Hub::new(), None);
-        assert_eq!(status(open, "/api/stats", None).await.0, StatusCode::OK);
+    fn only(secret: &'static str) -> Login {
+        Arc::new(move |k: &str| (k == secret).then(|| "dash".to_string()))
     }
 
-    #[test]
-    fn token_comparison() {
-        assert!(ct_eq("abc", "abc"));
-        assert!(!ct_eq("abc", "abd"));
-        assert!(!ct_eq("abc", "abcd"));
+    #[tokio::test]
+    async fn a_dashboard_key_is_required_off_loopback() {
+        let app = router(Hub::new(), only("dsk1-good"), Access { loopback: false, tls: false });
+        assert_eq!(status(app.clone(), "/api/stats", None).await.0, StatusCode::UNAUTHORIZED);
+        assert_eq!(status(app.clone(), "/metrics", Some("Bearer wrong")).await.0, StatusCode::UNAUTHORIZED);
+        assert_eq!(status(app.clone(), "/?key=wrong", None).await.0, StatusCode::UNAUTHORIZED);
+        // The old token parameter is no login.
+        assert_eq!(status(app.clone(), "/?token=dsk1-good", None).await.0, StatusCode::UNAUTHORIZED);
+        assert_eq!(status(app.clone(), "/metrics", Some("Bearer dsk1-good")).await.0, StatusCode::OK);
+        let (code, cookie) = status(app.clone(), "/?key=dsk1-good", None).await;
+        assert_eq!(code, StatusCode::OK);
+        let cookie = cookie.unwrap();
+        assert!(cookie.starts_with("deltasync_dashboard=dsk1-good; HttpOnly; SameSite=Strict"), "{cookie}");
+        assert!(!cookie.contains("Secure"), "plain HTTP cannot keep a Secure cookie");
+        // Only embedded assets exist: no path reaches the file system.
+        assert_eq!(
+            status(app.clone(), "/../Cargo.toml", Some("Bearer dsk1-good")).await.0,
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(status(app, "/web/index.html", Some("Bearer dsk1-good")).await.0, StatusCode::NOT_FOUND);
+        // Over TLS the cookie is Secure.
+        let tls = router(Hub::new(), only("dsk1-good"), Access { loopback: false, tls: true });
+        let (_, cookie) = status(tls, "/?key=dsk1-good", None).await;
+        assert!(cookie.unwrap().ends_with("; Secure"));
+    }
+
+    #[tokio::test]
+    async fn on_loopback_only_loopback_host_names_are_answered() {
+        let app = router(Hub::new(), only("unused"), Access { loopback: true, tls: false });
+        for host in ["127.0.0.1:8000", "localhost:8000", "LOCALHOST", "[::1]:8000", "127.0.0.1"] {
+            assert_eq!(request(app.clone(), "/api/stats", None, host).await.status(), StatusCode::OK, "{host}");
+        }
+        // A DNS-rebinding page reaches 127.0.0.1 under its own name.
+        for host in ["evil.example:8000", "evil.example", "127.0.0.1.evil.example", ""] {
+            let code = request(app.clone(), "/api/stats", None, host).await.status();
+            assert_eq!(code, StatusCode::MISDIRECTED_REQUEST, "{host}");
+        }
+    }
+
+    #[tokio::test]
+    async fn every_response_carries_the_security_headers() {
+        let app = router(Hub::new(), only("k"), Access { loopback: true, tls: false });
+        for (uri, host) in [("/", "localhost"), ("/app.js", "localhost"), ("/nope", "localhost"), ("/", "evil")] {
+            let resp = request(app.clone(), uri, None, host).await;
+            let h = resp.headers();
+            assert_eq!(h["x-frame-options"], "DENY", "{uri}");
+            assert_eq!(h["x-content-type-options"], "nosniff");
+            let csp = h["content-security-policy"].to_str().unwrap();
+            assert!(csp.contains("frame-ancestors 'none'") && csp.contains("script-src 'self'"), "{csp}");
+        }
     }
 }

@@ -99,5 +99,49 @@ pub(crate) async fn metrics(State(app): State<App>) -> impl IntoResponse {
         "Time spent in finished transfers.",
         &[(String::new(), t.duration_seconds)],
     );
+    let per_key = |f: fn(&crate::KeyTotals) -> u64| -> Vec<(String, f64)> {
+        t.by_key.iter().map(|(k, v)| (format!("{{key=\"{}\"}}", escape(k)), f(v) as f64)).collect()
+    };
+    family(
+        &mut o,
+        "deltasync_key_sessions_total",
+        "counter",
+        "Sessions that proved a key, by key name.",
+        &per_key(|k| k.sessions),
+    );
+    family(
+        &mut o,
+        "deltasync_key_transfers_total",
+        "counter",
+        "Finished transfers, by key name.",
+        &per_key(|k| k.transfers),
+    );
+    family(
+        &mut o,
+        "deltasync_key_wire_bytes_total",
+        "counter",
+        "Bytes on the wire of finished transfers, by key name.",
+        &per_key(|k| k.wire_bytes),
+    );
+    family(
+        &mut o,
+        "deltasync_key_file_bytes_total",
+        "counter",
+        "File bytes of finished transfers, by key name.",
+        &per_key(|k| k.file_bytes),
+    );
+    family(
+        &mut o,
+        "deltasync_key_refused_requests_total",
+        "counter",
+        "Requests refused (permission denied included), by key name.",
+        &per_key(|k| k.refused),
+    );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], o)
+}
+
+/// A label value as the exposition format wants it (key names are chosen
+/// by the server's admin, but may hold any character).
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }

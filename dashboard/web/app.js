@@ -52,7 +52,7 @@ function render(s) {
   $("authfail").textContent = t.auth_failures;
 
   fill("active", s.active, (a, tr) => {
-    tr.append(cell(a.name), cell(a.direction), cell(a.mode));
+    tr.append(cell(a.name), cell(a.key), cell(a.direction), cell(a.mode));
     const td = document.createElement("td");
     const bar = document.createElement("span");
     bar.className = "bar";
@@ -64,7 +64,7 @@ function render(s) {
   });
   fill("recent", s.recent, (r, tr) => {
     if (r.direction === "error" || r.result === "integrity") tr.className = "error";
-    tr.append(cell(time(r.at)), cell(r.name || "–"), cell(r.direction), cell(r.result),
+    tr.append(cell(time(r.at)), cell(r.name || "–"), cell(r.key || "–"), cell(r.direction), cell(r.result),
       cell(r.direction === "error" ? "–" : bytes(r.wire_bytes) + " / " + bytes(r.file_bytes)),
       cell(r.direction === "error" ? "–" : pct(r.saving)), cell(r.duration_ms + " ms"));
   });

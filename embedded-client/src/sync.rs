@@ -1,8 +1,11 @@
-//! Pushing the log: one authenticated upload through `deltasync-core`'s
-//! client handshake and sender, with every buffer of fixed size.
+//! Pushing the log: one upload over an encrypted, authenticated channel
+//! (Noise, ChaCha20-Poly1305, the device's own key) through
+//! `deltasync-core`'s client handshake and sender, with every buffer of
+//! fixed size.
 
 use deltasync_core::Instant;
 use deltasync_core::chunker::ChunkerKind;
+use deltasync_core::channel::{CipherKind, ClientKey};
 use deltasync_core::conn::{ClientHandshake, Upload};
 use deltasync_core::driver::{DriveError, Pump, run_blocking};
 use deltasync_core::message::Outcome;
@@ -12,7 +15,7 @@ use deltasync_core::tree::FixedTree;
 /// Tree entries (chunks and nodes) kept for one log: a 64 KiB log has at
 /// most 32 chunks of 2 KiB and fewer nodes.
 pub const TREE_ENTRIES: usize = 96;
-/// Largest frame the server sends to a device (handshake, requests).
+/// Largest frame the server sends to a device (handshake, requests), sealed.
 const FRAME: usize = 256;
 /// Received bytes buffered per read.
 const INPUT: usize = 512;
@@ -45,21 +48,22 @@ pub enum SyncError<E> {
     Integrity,
 }
 
-/// Uploads `log` as `name` over the connected stream `io`: handshake with
-/// `token` and a fresh `nonce`, then a delta upload. The caller opens and
-/// closes the stream.
+/// Uploads `log` as `name` over the connected stream `io`: a handshake
+/// with the device's `key` and `ephemeral` (32 fresh random bytes: the
+/// session's X25519 ephemeral key), then a delta upload, every frame
+/// sealed. The caller opens and closes the stream.
 pub fn sync_log<T: embedded_io::Read + embedded_io::Write>(
     io: &mut T,
-    token: &[u8],
+    key: &ClientKey,
     name: &str,
     log: &[u8],
-    nonce: [u8; 32],
+    ephemeral: [u8; 32],
     mut now: impl FnMut() -> Instant,
 ) -> Result<SyncReport, SyncError<T::Error>> {
     let mut tree = FixedTree::<TREE_ENTRIES>::default();
     let summary = tree.index(log, ChunkerKind::Cdc).map_err(|_| SyncError::TreeTooBig)?;
     let mut pump = Pump::new([0u8; INPUT], [0u8; FRAME], [0u8; OUTPUT]);
-    let mut hs = ClientHandshake::new(token, nonce, now());
+    let mut hs = ClientHandshake::new(key.clone(), CipherKind::ChaChaPoly, ephemeral, now());
     let salt = run_blocking(&mut hs, io, &mut pump, &mut now).map_err(SyncError::Drive)?;
     let sender = Sender::new(&tree, log, summary, salt, now());
     let mut up = Upload::new(name, sender);

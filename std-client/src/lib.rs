@@ -6,8 +6,10 @@ use deltasync_core::chunker::ChunkerKind;
 use deltasync_core::conn::{ClientHandshake, Download, Query, QueryKind, Stat, Upload};
 use deltasync_core::driver::{DriveError, Pump, TimeoutAsTimedOut, run_blocking_observed};
 use deltasync_core::error::{ErrorCode, SessionError};
-use deltasync_core::frame::{MAX_ENCODED, MAX_FRAME};
+use deltasync_core::channel::{CipherKind, KeyError};
+use deltasync_core::frame::{MAX_ENCODED, MAX_SEALED};
 use deltasync_core::hints::{ChunkHints, Known, build_tree_hinted};
+pub use deltasync_core::channel::ClientKey;
 pub use deltasync_core::local::default_hints_dir;
 use deltasync_core::local::now;
 use deltasync_core::machine::Machine;
@@ -16,7 +18,7 @@ use deltasync_core::receiver::Base;
 use deltasync_core::sender::Sender;
 use deltasync_core::source::FileSource;
 use deltasync_core::tree::{Summary, Tree};
-use deltasync_core::{Hash, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+use deltasync_core::Hash;
 use embedded_io_adapters::std::FromStd;
 use serde::Serialize;
 use std::fs::{self, File};
@@ -31,10 +33,18 @@ use std::time::{Duration, Instant};
 #[non_exhaustive]
 #[derive(Debug)]
 pub enum ClientError {
-    /// No token was given or found.
-    NoToken,
-    /// The server refused our token, or could not prove its own.
+    /// No key was given or found.
+    NoKey,
+    /// The key given is malformed or too weak.
+    BadKey(KeyError),
+    /// The server refused our key, or could not prove it holds it.
     Auth,
+    /// The server speaks another protocol version (an older server speaks
+    /// plaintext versions this client refuses).
+    Version,
+    /// A frame failed authentication: changed, dropped, repeated or
+    /// reordered on the way. Nothing it carried was acted on.
+    Tampered,
     /// The server could not be reached or the connection broke.
     Network(io::Error),
     /// The server has no such file.
@@ -54,10 +64,20 @@ pub enum ClientError {
 impl std::fmt::Display for ClientError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            ClientError::NoToken => {
-                f.write_str("no token: pass --token, set DELTASYNC_TOKEN, or run the server on this machine")
-            }
-            ClientError::Auth => f.write_str("authentication failed: wrong token"),
+            ClientError::NoKey => f.write_str(
+                "no key: pass --key, set DELTASYNC_KEY, write it to ~/.config/deltasync/key, \
+                 or run the server on this machine",
+            ),
+            ClientError::BadKey(e) => write!(f, "bad key: {e}"),
+            ClientError::Auth => f.write_str("authentication failed: the server does not know this key (or revoked it)"),
+            ClientError::Version => f.write_str(
+                "the server speaks another protocol version (servers before version 5 send everything \
+                 in clear, and this client refuses them): upgrade the server",
+            ),
+            ClientError::Tampered => f.write_str(
+                "the connection was tampered with: a frame failed authentication, \
+                 and nothing it carried was acted on",
+            ),
             ClientError::Network(e) => write!(f, "network error: {e}"),
             ClientError::NotFound(n) => write!(f, "{n}: no such file on the server"),
             ClientError::Integrity(n) => write!(f, "{n}: integrity check failed; nothing was replaced"),
@@ -75,11 +95,11 @@ impl ClientError {
     /// The process exit code the `deltasync` command uses for this error.
     pub fn exit_code(&self) -> i32 {
         match self {
-            ClientError::NoToken | ClientError::Auth => 3,
+            ClientError::NoKey | ClientError::BadKey(_) | ClientError::Auth => 3,
             ClientError::Network(_) => 4,
             ClientError::NotFound(_) => 5,
-            ClientError::Integrity(_) => 6,
-            ClientError::Refused(_) | ClientError::Protocol(_) => 7,
+            ClientError::Integrity(_) | ClientError::Tampered => 6,
+            ClientError::Refused(_) | ClientError::Protocol(_) | ClientError::Version => 7,
             ClientError::Local(..) => 8,
             ClientError::Cancelled => 130,
         }
@@ -91,6 +111,10 @@ impl ClientError {
             DriveError::Closed => ClientError::Network(io::ErrorKind::ConnectionReset.into()),
             DriveError::Session(SessionError::Peer(ErrorCode::AuthFailed))
             | DriveError::Session(SessionError::Protocol(ErrorCode::AuthFailed)) => ClientError::Auth,
+            DriveError::Session(SessionError::Peer(ErrorCode::Tampered))
+            | DriveError::Session(SessionError::Protocol(ErrorCode::Tampered)) => ClientError::Tampered,
+            DriveError::Session(SessionError::Peer(ErrorCode::VersionMismatch))
+            | DriveError::Session(SessionError::Protocol(ErrorCode::VersionMismatch)) => ClientError::Version,
             DriveError::Session(SessionError::Peer(ErrorCode::NotFound)) => {
                 ClientError::NotFound(name.into())
             }
@@ -113,16 +137,21 @@ impl ClientError {
     }
 }
 
-/// Where the token comes from when none is given: the file a server on this
-/// machine created.
-pub fn find_token(given: Option<String>) -> Result<Vec<u8>, ClientError> {
-    if let Some(t) = given.filter(|t| !t.is_empty()) {
-        return Ok(t.into_bytes());
+/// The client's key: `given` (from `--key` or `DELTASYNC_KEY`), else the
+/// key file `key_file`, else the default key file
+/// ([`deltasync_core::local::default_key_path`], which a server on this
+/// machine writes when it creates its first key).
+pub fn find_key(given: Option<String>, key_file: Option<PathBuf>) -> Result<ClientKey, ClientError> {
+    if let Some(k) = given.filter(|k| !k.trim().is_empty()) {
+        return ClientKey::parse(&k).map_err(ClientError::BadKey);
     }
-    let path = deltasync_core::local::default_token_path().ok_or(ClientError::NoToken)?;
-    let t = fs::read_to_string(path).map_err(|_| ClientError::NoToken)?;
-    let t = t.trim();
-    if t.is_empty() { Err(ClientError::NoToken) } else { Ok(t.as_bytes().to_vec()) }
+    let path = key_file.or_else(deltasync_core::local::default_key_path).ok_or(ClientError::NoKey)?;
+    let text = match fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(ClientError::NoKey),
+        Err(e) => return Err(ClientError::Local(path, e)),
+    };
+    ClientKey::parse(&text).map_err(ClientError::BadKey)
 }
 
 /// How a transfer went.
@@ -269,35 +298,16 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// Connects to `server` (HOST:PORT) and authenticates with `token`;
-    /// file bytes are compressed both ways when it pays.
-    pub fn connect(server: &str, token: &[u8]) -> Result<Connection, ClientError> {
-        Self::connect_with(server, token, true)
+    /// Connects to `server` (HOST:PORT) and opens a secure channel with
+    /// `key`; file bytes are compressed both ways when it pays.
+    pub fn connect(server: &str, key: &ClientKey) -> Result<Connection, ClientError> {
+        Self::connect_with(server, key, true)
     }
 
     /// Like [`Self::connect`]; with `compress` false, file bytes cross the
     /// wire as they are in both directions (zstd is neither used nor
     /// announced to the server).
-    pub fn connect_with(server: &str, token: &[u8], compress: bool) -> Result<Connection, ClientError> {
-        match Self::connect_speaking(server, token, compress, PROTOCOL_VERSION) {
-            // A version 3 server refuses any hello but its own version's;
-            // later ones answer with the version both speak.
-            Err(ClientError::Refused(ErrorCode::VersionMismatch)) => {
-                Self::connect_speaking(server, token, compress, MIN_PROTOCOL_VERSION)
-            }
-            r => r,
-        }
-    }
-
-    /// Like [`Self::connect_with`], announcing `version` as the newest
-    /// protocol version this client speaks (see
-    /// [`ClientHandshake::speaking`]), without trying an older one.
-    pub fn connect_speaking(
-        server: &str,
-        token: &[u8],
-        compress: bool,
-        version: u16,
-    ) -> Result<Connection, ClientError> {
+    pub fn connect_with(server: &str, key: &ClientKey, compress: bool) -> Result<Connection, ClientError> {
         let addrs: Vec<_> = server.to_socket_addrs().map_err(ClientError::Network)?.collect();
         let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
         let stream = addrs
@@ -321,17 +331,17 @@ impl Connection {
             ctl,
             rate,
             io: FromStd::new(TimeoutAsTimedOut(paced)),
-            pump: Pump::new(vec![0u8; 256 * 1024], vec![0u8; MAX_FRAME], vec![0u8; MAX_ENCODED]),
+            pump: Pump::new(vec![0u8; 256 * 1024], vec![0u8; MAX_SEALED], vec![0u8; MAX_ENCODED]),
             salt: [0; 8],
             cancel: Arc::new(AtomicBool::new(false)),
             server: server.to_string(),
             hints_dir: None,
             caps: 0,
-            version,
+            version: 0,
         };
         let announce = if compress { CAPS } else { !CAP_ZSTD };
-        let mut hs =
-            ClientHandshake::new(token, rand::random(), now()).announcing(announce).speaking(version);
+        let mut hs = ClientHandshake::new(key.clone(), CipherKind::preferred(), rand::random(), now())
+            .announcing(announce);
         c.salt = c.run(&mut hs, "", |_, _| {})?;
         c.caps = hs.shared_caps();
         c.version = hs.version();

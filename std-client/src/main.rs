@@ -2,7 +2,7 @@
 //! server, sending only what changed.
 
 use clap::{Parser, Subcommand};
-use deltasync_client::{ClientError, Connection, Progress, TransferReport, find_token, human_bytes as human};
+use deltasync_client::{ClientError, Connection, Progress, TransferReport, find_key, human_bytes as human};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -16,9 +16,15 @@ struct Cli {
     /// Server address.
     #[arg(long, env = "DELTASYNC_SERVER", default_value = "127.0.0.1:5001", global = true)]
     server: String,
-    /// Pre-shared token [default: the token file of a server on this machine].
-    #[arg(long, env = "DELTASYNC_TOKEN", hide_env_values = true, global = true)]
-    token: Option<String>,
+    /// This client's key (dsk1-...), as `deltasync-server key add` printed
+    /// it. Prefer DELTASYNC_KEY or --key-file: a command line is visible
+    /// to other users of the machine.
+    #[arg(long, env = "DELTASYNC_KEY", hide_env_values = true, global = true)]
+    key: Option<String>,
+    /// File holding this client's key [default: $XDG_CONFIG_HOME/deltasync/key
+    /// or ~/.config/deltasync/key, which a server on this machine writes].
+    #[arg(long, env = "DELTASYNC_KEY_FILE", global = true, value_name = "PATH")]
+    key_file: Option<PathBuf>,
     /// Print one JSON object per result on stdout, and no progress bars.
     #[arg(long, global = true)]
     json: bool,
@@ -134,8 +140,8 @@ fn tick(b: &Option<ProgressBar>) -> impl FnMut(Progress) + '_ {
 }
 
 fn run(cli: Cli) -> Result<(), ClientError> {
-    let token = find_token(cli.token)?;
-    let mut c = Connection::connect_with(&cli.server, &token, !cli.no_compress)?;
+    let key = find_key(cli.key, cli.key_file)?;
+    let mut c = Connection::connect_with(&cli.server, &key, !cli.no_compress)?;
     if let Some(r) = cli.limit_rate {
         c.limit_rate(r);
     }

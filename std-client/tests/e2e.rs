@@ -3,13 +3,16 @@
 //! test, by its own process id.
 
 use deltasync_core::sim::random_bytes as random;
-use deltasync_server::process::ServerProcess;
+use deltasync_server::process::{ServerProcess, test_key};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-const TOKEN: &str = "e2e-token";
+/// The key the test servers grant everything to.
+fn key() -> String {
+    test_key(1)
+}
 
 fn server_bin() -> PathBuf {
     let cli = PathBuf::from(env!("CARGO_BIN_EXE_deltasync"));
@@ -27,7 +30,7 @@ struct Server {
 impl Server {
     fn start(root: &Path) -> Server {
         let proc =
-            ServerProcess::start(&server_bin(), root, TOKEN, &["--dashboard", "off"]).expect("start server");
+            ServerProcess::start(&server_bin(), root, &key(), &["--dashboard", "off"]).expect("start server");
         Server { port: proc.port, proc, root: root.to_path_buf() }
     }
 
@@ -37,26 +40,26 @@ impl Server {
     }
 
     fn cli(&self, args: &[&str]) -> Output {
-        self.cli_with_token(TOKEN, args)
+        self.cli_with_key(&key(), args)
     }
 
-    /// The CLI pointed at this server with `token`.
-    fn command(&self, token: &str, args: &[&str]) -> Command {
+    /// The CLI pointed at this server with `key`.
+    fn command(&self, key: &str, args: &[&str]) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_deltasync"));
         c.env("DELTASYNC_SERVER", format!("127.0.0.1:{}", self.port))
-            .env("DELTASYNC_TOKEN", token)
+            .env("DELTASYNC_KEY", key)
             .env("DELTASYNC_HINTS", self.hints())
             .args(args);
         c
     }
 
-    fn cli_with_token(&self, token: &str, args: &[&str]) -> Output {
-        self.command(token, args).output().expect("run deltasync")
+    fn cli_with_key(&self, key: &str, args: &[&str]) -> Output {
+        self.command(key, args).output().expect("run deltasync")
     }
 
     /// Starts the CLI in the background, its output discarded.
     fn spawn(&self, args: &[&str]) -> std::process::Child {
-        self.command(TOKEN, args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("run deltasync")
+        self.command(&key(), args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("run deltasync")
     }
 
     /// Runs the CLI with `--json` and returns its one JSON object.
@@ -263,7 +266,7 @@ fn fifty_concurrent_clients_get_byte_exact_results() {
 }
 
 #[test]
-fn escapes_and_wrong_tokens_are_refused() {
+fn escapes_and_wrong_keys_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let outside = dir.path().join("outside");
     std::fs::create_dir_all(&outside).unwrap();
@@ -287,9 +290,13 @@ fn escapes_and_wrong_tokens_are_refused() {
     let out = srv.cli(&["rm", "link/secret"]);
     assert_eq!(out.status.code(), Some(7));
 
-    let out = srv.cli_with_token("not-the-token", &["upload", s(&src), "--as", "x"]);
+    // A key the server does not know, and a password that is no key.
+    let out = srv.cli_with_key(&test_key(2), &["upload", s(&src), "--as", "x"]);
     assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stderr).contains("authentication failed"));
+    let out = srv.cli_with_key("hunter2", &["upload", s(&src), "--as", "x"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a deltasync key"));
 
     // Nothing was written outside the root, and nothing inside either.
     let names: Vec<_> = std::fs::read_dir(&outside).unwrap().map(|e| e.unwrap().file_name()).collect();

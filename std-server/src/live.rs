@@ -42,7 +42,7 @@ impl Observer for LiveObserver {
     fn event(&self, id: u64, event: &Event, wire: u64) {
         let hub = &self.0;
         match event {
-            Event::Authenticated => hub.authenticated(id),
+            Event::Authenticated { key } => hub.authenticated(id, key),
             Event::Started { name, direction, size, base } => {
                 hub.started(id, name, *direction == Direction::Upload, *size, *base, wire)
             }

@@ -1,14 +1,16 @@
 //! `deltasync-server`: stores files under a root and syncs them with deltas.
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, Subcommand};
+use deltasync_core::channel::ClientKey;
 use deltasync_dashboard::Hub;
 use deltasync_server::live::LiveObserver;
+use deltasync_server::keys::{self, KeyEntry, KeyRing};
 use deltasync_server::serve::{LogOnly, Observer, Server, serve};
 use deltasync_server::store::FsStore;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,39 +25,123 @@ struct Args {
     /// Directory where files are stored.
     #[arg(long, env = "DELTASYNC_ROOT", default_value = "files")]
     root: PathBuf,
-    /// Pre-shared token clients must prove. Without it, the token is read
-    /// from the token file, which is created with a random token if missing.
-    #[arg(long, env = "DELTASYNC_TOKEN", hide_env_values = true)]
-    token: Option<String>,
-    /// Token file [default: $XDG_CONFIG_HOME/deltasync/token or ~/.config/deltasync/token].
-    #[arg(long, env = "DELTASYNC_TOKEN_FILE")]
-    token_file: Option<PathBuf>,
+    /// Key file: one entry per client or device, with its secret and
+    /// permissions; re-read when it changes. Created with one full-access
+    /// key if missing [default: $XDG_CONFIG_HOME/deltasync/server-keys.toml
+    /// or ~/.config/deltasync/server-keys.toml].
+    #[arg(long, env = "DELTASYNC_KEYS", global = true)]
+    keys: Option<PathBuf>,
     /// Address of the live web dashboard, or "off". Off loopback it asks
-    /// for the token.
+    /// for a key with the dashboard permission.
     #[arg(long, env = "DELTASYNC_DASHBOARD", default_value = "127.0.0.1:8000")]
     dashboard: String,
+    /// Serve the dashboard over TLS with this certificate chain (PEM).
+    #[arg(long, env = "DELTASYNC_DASHBOARD_TLS_CERT", requires = "dashboard_tls_key")]
+    dashboard_tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --dashboard-tls-cert.
+    #[arg(long, env = "DELTASYNC_DASHBOARD_TLS_KEY", requires = "dashboard_tls_cert")]
+    dashboard_tls_key: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
 }
 
-/// Reads the token file, or creates it (owner-only) with a random token.
-fn token_from_file(path: &Path) -> anyhow::Result<String> {
-    if let Ok(t) = std::fs::read_to_string(path) {
-        let t = t.trim().to_string();
-        anyhow::ensure!(!t.is_empty(), "token file {} is empty", path.display());
-        return Ok(t);
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Manage the clients' keys (changes apply to new connections at once).
+    #[command(subcommand)]
+    Key(KeyCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum KeyCommand {
+    /// Adds a key and prints its secret, once, as one string to give the
+    /// client (`deltasync --key`, `DELTASYNC_KEY`, or its key file).
+    Add {
+        /// A unique name (it appears in logs, the dashboard and metrics).
+        name: String,
+        /// Limits the key to names under this directory (repeatable).
+        #[arg(long = "prefix", value_name = "P")]
+        prefixes: Vec<String>,
+        /// List, stat and download only.
+        #[arg(long, conflicts_with_all = ["write_only", "dashboard_only"])]
+        read_only: bool,
+        /// Upload (and stat) only: for devices that push.
+        #[arg(long, conflicts_with = "dashboard_only")]
+        write_only: bool,
+        /// A login for the web dashboard only (no file access).
+        #[arg(long)]
+        dashboard_only: bool,
+    },
+    /// Lists the keys: name, id, permissions, prefixes (never secrets).
+    List,
+    /// Removes a key; its clients are refused from their next connection.
+    Revoke {
+        /// The key's name.
+        name: String,
+    },
+}
+
+/// The key file to use.
+fn keys_path(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    given
+        .or_else(deltasync_core::local::default_keys_path)
+        .context("no --keys given and no HOME for the default key file")
+}
+
+fn key_command(path: &Path, cmd: KeyCommand) -> anyhow::Result<()> {
+    match cmd {
+        KeyCommand::Add { name, prefixes, read_only, write_only, dashboard_only } => {
+            let mut e = KeyEntry::generate(&name);
+            e.prefixes = prefixes;
+            e.write = !read_only && !dashboard_only;
+            e.delete = !read_only && !write_only && !dashboard_only;
+            e.read = !write_only && !dashboard_only;
+            e.dashboard = dashboard_only;
+            keys::private_dir(path);
+            keys::add(path, e.clone())?;
+            eprintln!("added key {name:?} to {}; its secret (shown once):", path.display());
+            println!("{}", e.client_key()?.encode());
+        }
+        KeyCommand::List => {
+            for k in keys::load(path)? {
+                println!("{}", k.describe());
+            }
+        }
+        KeyCommand::Revoke { name } => {
+            keys::revoke(path, &name)?;
+            eprintln!("revoked key {name:?}: new connections with it are refused");
+        }
     }
-    let dir = path.parent().context("token file has no directory")?;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
-    let token: String = rand::random::<[u8; 32]>().iter().map(|b| format!("{b:02x}")).collect();
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("creating token file {}", path.display()))?;
-    writeln!(f, "{token}")?;
-    println!("created a new token in {}", path.display());
-    Ok(token)
+    Ok(())
+}
+
+/// A fresh server's key file: one full-access key (that may also open the
+/// dashboard), which clients on this machine find in their own key file.
+/// If that client key file exists already, its key is the one adopted, so
+/// a client set up earlier keeps working.
+fn first_keys(path: &Path) -> anyhow::Result<()> {
+    let client_file = deltasync_core::local::default_key_path();
+    let existing = client_file
+        .as_ref()
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .and_then(|s| ClientKey::parse(&s).ok());
+    let key = existing.unwrap_or_else(|| ClientKey { id: rand::random(), secret: rand::random() });
+    let entry = KeyEntry { dashboard: true, ..KeyEntry::with_key("owner", &key) };
+    keys::private_dir(path);
+    keys::add(path, entry)?;
+    println!("created key file {} with one full-access key, \"owner\"", path.display());
+    if let Some(p) = client_file.filter(|p| !p.exists()) {
+        keys::private_dir(&p);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&p)
+            .with_context(|| format!("creating {}", p.display()))?;
+        writeln!(f, "{}", key.encode())?;
+        println!("wrote its client key to {} (clients on this machine use it)", p.display());
+    }
+    Ok(())
 }
 
 /// Keeps the peak memory flat over many transfers. Each upload hashes on
@@ -87,18 +173,15 @@ async fn run() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let token = match args.token {
-        Some(t) if !t.is_empty() => t,
-        _ => {
-            let path = args
-                .token_file
-                .or_else(deltasync_core::local::default_token_path)
-                .context("no token given and no HOME for a token file")?;
-            let t = token_from_file(&path)?;
-            println!("token file: {}", path.display());
-            t
-        }
-    };
+    let keys_file = keys_path(args.keys)?;
+    if let Some(Command::Key(cmd)) = args.command {
+        return key_command(&keys_file, cmd);
+    }
+    if !keys_file.exists() {
+        first_keys(&keys_file)?;
+    }
+    let keyring = Arc::new(KeyRing::open(&keys_file)?);
+    println!("key file: {}", keys_file.display());
     let store = FsStore::open(&args.root).with_context(|| format!("opening {}", args.root.display()))?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -120,13 +203,20 @@ async fn run() -> anyhow::Result<()> {
     } else {
         let addr: SocketAddr = args.dashboard.parse().context("--dashboard takes ADDR:PORT or off")?;
         let dl = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("dashboard on {addr}"))?;
-        println!("dashboard on http://{}/", dl.local_addr()?);
+        let scheme = if args.dashboard_tls_cert.is_some() { "https" } else { "http" };
+        println!("dashboard on {scheme}://{}/", dl.local_addr()?);
         let hub = Hub::new();
-        tokio::spawn(deltasync_dashboard::serve(dl, hub.clone(), token.clone(), stopped()));
+        let ring = keyring.clone();
+        let login: deltasync_dashboard::Login = Arc::new(move |presented: &str| ring.dashboard_login(presented));
+        let tls = match (args.dashboard_tls_cert, args.dashboard_tls_key) {
+            (Some(cert), Some(key)) => Some(deltasync_dashboard::Tls { cert, key }),
+            _ => None,
+        };
+        tokio::spawn(deltasync_dashboard::serve(dl, hub.clone(), login, tls, stopped()));
         Arc::new(LiveObserver::new(hub, store.clone()))
     };
     let indexes = store.clone();
-    let server = Arc::new(Server::new(store, token.into_bytes(), observer));
+    let server = Arc::new(Server::new(store, keyring, observer));
     tokio::spawn(async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("installing a SIGTERM handler");

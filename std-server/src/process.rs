@@ -3,8 +3,10 @@
 //! loopback port, learn its ports from what it prints, and stop it by its
 //! own process id.
 
+use crate::keys::{self, KeyEntry};
+use deltasync_core::channel::ClientKey;
 use std::io::{self, BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -15,16 +17,39 @@ pub struct ServerProcess {
     pub port: u16,
     /// The dashboard's base URL (`http://127.0.0.1:PORT/`), when it has one.
     pub dashboard: Option<String>,
+    /// The key file this helper wrote (removed on drop).
+    written: Option<PathBuf>,
+}
+
+/// A reproducible key string for tests: id and secret filled with `seed`
+/// (never use such a key outside a test).
+pub fn test_key(seed: u8) -> String {
+    ClientKey { id: [seed; 8], secret: [seed; 32] }.encode().to_string()
 }
 
 impl ServerProcess {
-    /// Starts `bin --listen 127.0.0.1:0 --root ROOT --token TOKEN EXTRA...`
+    /// Writes a key file `ROOT.keys.toml` that grants the key string `key`
+    /// everything (the dashboard too), then starts the server with it (see
+    /// [`Self::start_with_keys`]).
+    pub fn start(bin: &Path, root: &Path, key: &str, extra: &[&str]) -> io::Result<ServerProcess> {
+        let mut name = root.file_name().unwrap_or_default().to_os_string();
+        name.push(".keys.toml");
+        let file = root.with_file_name(name);
+        let key = ClientKey::parse(key).map_err(|e| io::Error::other(e.to_string()))?;
+        let entry = KeyEntry { dashboard: true, ..KeyEntry::with_key("test", &key) };
+        keys::save(&file, &[entry]).map_err(io::Error::other)?;
+        let mut s = Self::start_with_keys(bin, root, &file, extra)?;
+        s.written = Some(file);
+        Ok(s)
+    }
+
+    /// Starts `bin --listen 127.0.0.1:0 --root ROOT --keys KEYS EXTRA...`
     /// and waits until it says where it listens (and where its dashboard
     /// is, unless `EXTRA` has `--dashboard off`). Its log goes to this
     /// process's stderr; `RUST_LOG` defaults to `warn`.
-    pub fn start(bin: &Path, root: &Path, token: &str, extra: &[&str]) -> io::Result<ServerProcess> {
+    pub fn start_with_keys(bin: &Path, root: &Path, keys: &Path, extra: &[&str]) -> io::Result<ServerProcess> {
         let mut cmd = Command::new(bin);
-        cmd.args(["--listen", "127.0.0.1:0", "--token", token, "--root"]).arg(root).args(extra);
+        cmd.args(["--listen", "127.0.0.1:0", "--root"]).arg(root).arg("--keys").arg(keys).args(extra);
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "warn");
         }
@@ -46,7 +71,7 @@ impl ServerProcess {
         }
         // Keep reading its stdout so that it never blocks on a full pipe.
         std::thread::spawn(move || lines.for_each(drop));
-        Ok(ServerProcess { child, port: port.expect("loop ends with a port"), dashboard })
+        Ok(ServerProcess { child, port: port.expect("loop ends with a port"), dashboard, written: None })
     }
 
     /// Its process id.
@@ -61,8 +86,8 @@ impl ServerProcess {
     }
 }
 
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
+impl ServerProcess {
+    fn stop(&mut self) {
         if let Ok(Some(_)) = self.child.try_wait() {
             return;
         }
@@ -76,5 +101,14 @@ impl Drop for ServerProcess {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.stop();
+        if let Some(f) = self.written.take() {
+            let _ = std::fs::remove_file(f);
+        }
     }
 }

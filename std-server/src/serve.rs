@@ -2,11 +2,12 @@
 //! never run on the async workers), each driving `deltasync-core`'s
 //! [`ServerConn`] over the socket.
 
+use crate::keys::KeyRing;
 use crate::store::FsStore;
 use deltasync_core::conn::server::{Event, Progress, ServerConn};
 use deltasync_core::driver::{DriveError, Pump, TimeoutAsTimedOut, run_blocking_observed};
 use deltasync_core::error::{ErrorCode, SessionError};
-use deltasync_core::frame::{MAX_ENCODED, MAX_FRAME};
+use deltasync_core::frame::{MAX_ENCODED, MAX_SEALED};
 use deltasync_core::local::now;
 use embedded_io_adapters::std::FromStd;
 use std::io;
@@ -47,8 +48,8 @@ pub struct Counters {
 pub struct Server {
     /// The storage.
     pub store: FsStore,
-    /// The pre-shared token.
-    pub token: Vec<u8>,
+    /// The clients' keys.
+    pub keys: Arc<KeyRing>,
     /// Who hears about connections.
     pub observer: Arc<dyn Observer>,
     /// Live counters.
@@ -57,9 +58,9 @@ pub struct Server {
 }
 
 impl Server {
-    /// A server over `store` checking `token`.
-    pub fn new(store: FsStore, token: Vec<u8>, observer: Arc<dyn Observer>) -> Server {
-        Server { store, token, observer, counters: Counters::default(), next_id: AtomicU64::new(1) }
+    /// A server over `store` checking clients against `keys`.
+    pub fn new(store: FsStore, keys: Arc<KeyRing>, observer: Arc<dyn Observer>) -> Server {
+        Server { store, keys, observer, counters: Counters::default(), next_id: AtomicU64::new(1) }
     }
 
     /// Serves one client until it disconnects. Blocking: call it from a
@@ -70,31 +71,41 @@ impl Server {
         self.counters.open.fetch_add(1, Ordering::SeqCst);
         self.observer.connected(id, peer);
         tracing::info!(id, %peer, "connected");
-        let result = self.drive(id, stream);
+        let (result, key) = self.drive(id, stream);
+        let key = key.as_deref().unwrap_or("-");
         match &result {
-            Ok(()) => tracing::info!(id, %peer, "closed"),
+            Ok(()) => tracing::info!(id, %peer, key, "closed"),
             Err(DriveError::Session(SessionError::Protocol(ErrorCode::AuthFailed))) => {
-                tracing::warn!(id, %peer, "authentication failed: wrong token");
+                tracing::warn!(id, %peer, "authentication failed: unknown key or wrong secret");
             }
-            Err(e) => tracing::warn!(id, %peer, error = %e, "connection ended with an error"),
+            Err(DriveError::Session(SessionError::Protocol(ErrorCode::Tampered))) => {
+                tracing::warn!(id, %peer, key, "a frame failed authentication: changed on the way");
+            }
+            Err(e) => tracing::warn!(id, %peer, key, error = %e, "connection ended with an error"),
         }
         self.observer.closed(id, result.as_ref().err());
         self.counters.open.fetch_sub(1, Ordering::SeqCst);
     }
 
-    fn drive(&self, id: u64, stream: TcpStream) -> Result<(), DriveError<io::Error>> {
-        stream.set_nodelay(true).map_err(DriveError::Io)?;
-        stream.set_read_timeout(Some(READ_TICK)).map_err(DriveError::Io)?;
-        stream.set_write_timeout(Some(Duration::from_secs(30))).map_err(DriveError::Io)?;
+    /// Drives one connection; its result and the name of its key, if its
+    /// hello passed.
+    fn drive(&self, id: u64, stream: TcpStream) -> (Result<(), DriveError<io::Error>>, Option<String>) {
+        let setup = stream
+            .set_nodelay(true)
+            .and_then(|()| stream.set_read_timeout(Some(READ_TICK)))
+            .and_then(|()| stream.set_write_timeout(Some(Duration::from_secs(30))));
+        if let Err(e) = setup {
+            return (Err(DriveError::Io(e)), None);
+        }
         let mut io = FromStd::new(TimeoutAsTimedOut(stream));
-        let nonce: [u8; 32] = rand::random();
-        let mut conn = ServerConn::new(self.store.clone(), &self.token, nonce, now());
-        let mut pump = Pump::new(vec![0u8; 256 * 1024], vec![0u8; MAX_FRAME], vec![0u8; MAX_ENCODED]);
+        let ephemeral: [u8; 32] = rand::random();
+        let mut conn = ServerConn::new(self.store.clone(), self.keys.clone(), ephemeral, now());
+        let mut pump = Pump::new(vec![0u8; 256 * 1024], vec![0u8; MAX_SEALED], vec![0u8; MAX_ENCODED]);
         let mut last_report = now();
         let observer = &self.observer;
         let result = run_blocking_observed(&mut conn, &mut io, &mut pump, now, |conn, pump| {
             while let Some(ev) = conn.next_event() {
-                log_event(id, &ev);
+                log_event(id, conn.key_name().unwrap_or("-"), &ev);
                 observer.event(id, &ev, pump.sent + pump.received);
             }
             let t = now();
@@ -104,28 +115,33 @@ impl Server {
             }
         });
         while let Some(ev) = conn.next_event() {
-            log_event(id, &ev);
+            log_event(id, conn.key_name().unwrap_or("-"), &ev);
             observer.event(id, &ev, pump.sent + pump.received);
         }
         observer.progress(id, None, pump.sent, pump.received);
-        match result {
+        let key = conn.key_name().map(str::to_string);
+        let result = match result {
             // The client hung up between requests: a clean close.
             Err(DriveError::Closed) if conn.is_idle() && !pump.is_mid_frame() => Ok(()),
             Err(e) => Err(e),
             Ok(()) => Ok(()),
-        }
+        };
+        (result, key)
     }
 }
 
-fn log_event(id: u64, ev: &Event) {
+fn log_event(id: u64, key: &str, ev: &Event) {
     match ev {
+        Event::Authenticated { key } => tracing::info!(id, key, "authenticated"),
         // A client asks whether a file exists before its first upload.
         Event::Refused { name, code: code @ ErrorCode::NotFound } => {
-            tracing::debug!(id, name, %code, "request refused")
+            tracing::debug!(id, key, name, %code, "request refused")
         }
-        Event::Refused { name, code } => tracing::warn!(id, name, %code, "request refused"),
+        Event::Refused { name, code } => tracing::warn!(id, key, name, %code, "request refused"),
+        Event::Deleted { name } => tracing::info!(id, key, name, "deleted"),
         Event::Finished { name, direction, size, outcome, literal_bytes, reused_bytes } => tracing::info!(
             id,
+            key,
             name,
             ?direction,
             size,
@@ -134,7 +150,7 @@ fn log_event(id: u64, ev: &Event) {
             reused_bytes,
             "transfer finished"
         ),
-        other => tracing::debug!(id, event = ?other),
+        other => tracing::debug!(id, key, event = ?other),
     }
 }
 

@@ -5,7 +5,7 @@
 //! Every process a test starts is stopped by the test, by its process id.
 
 use deltasync_core::sim::random_bytes as random;
-use deltasync_server::process::ServerProcess;
+use deltasync_server::process::{ServerProcess, test_key};
 use fantoccini::{ClientBuilder, Locator};
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -13,7 +13,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const TOKEN: &str = "dash-token";
+/// The key the test servers grant everything to (its name is "test").
+fn key() -> String {
+    test_key(3)
+}
 
 /// chromedriver, stopped by its pid together with the browsers it started
 /// (its children, by parent pid), even when a failed assertion skipped
@@ -37,7 +40,7 @@ impl Drop for Killed {
 
 fn start_server(root: &Path) -> ServerProcess {
     let bin = Path::new(env!("CARGO_BIN_EXE_deltasync-server"));
-    ServerProcess::start(bin, root, TOKEN, &["--dashboard", "127.0.0.1:0"]).expect("start server")
+    ServerProcess::start(bin, root, &key(), &["--dashboard", "127.0.0.1:0"]).expect("start server")
 }
 
 fn cli_bin() -> PathBuf {
@@ -49,8 +52,8 @@ fn cli_bin() -> PathBuf {
 fn upload(port: u16, path: &Path, name: &str) {
     let out = Command::new(cli_bin())
         .env("DELTASYNC_SERVER", format!("127.0.0.1:{port}"))
-        .env("DELTASYNC_TOKEN", TOKEN)
-        .args(["upload"])
+        .env("DELTASYNC_KEY", key())
+        .args(["--no-hints", "upload"])
         .arg(path)
         .args(["--as", name])
         .output()
@@ -140,6 +143,9 @@ fn metrics_parse_as_prometheus_text_and_move_with_a_transfer() {
     assert!(metric(&after, "deltasync_wire_bytes_total") >= 300_000.0);
     assert_eq!(metric(&after, "deltasync_file_bytes_total"), 300_000.0);
     assert!(metric(&after, "deltasync_connections_total") >= 1.0);
+    // Per key: the upload is counted against the key that made it.
+    assert!(after.contains("deltasync_key_transfers_total{key=\"test\"} 1"), "{after}");
+    assert!(after.contains("deltasync_key_file_bytes_total{key=\"test\"} 300000"), "{after}");
     let (status, body) = http_get(&format!("{}api/files", srv.dashboard.as_deref().unwrap()));
     assert_eq!(status, 200);
     assert!(body.contains("\"name\":\"data\""), "{body}");
@@ -229,6 +235,12 @@ async fn the_dashboard_updates_live_in_headless_chromium() {
     )
     .await;
     wait_for(&client, "return document.getElementById('count').textContent === '2'").await;
+    // Each transfer names the key that made it.
+    wait_for(
+        &client,
+        "return [...document.querySelectorAll('#recent tbody tr')].every(r => r.cells[2].textContent === 'test')",
+    )
+    .await;
     wait_for(&client, "return Chart.getChart('rate-chart').data.datasets[0].data.some(v => v > 0)").await;
     wait_for(
         &client,

@@ -10,6 +10,8 @@ use deltasync_core::driver::TimeoutAsTimedOut;
 use deltasync_core::message::Outcome;
 use deltasync_embedded::log::LogStore;
 use deltasync_embedded::sync::{SyncReport, sync_log};
+use deltasync_core::channel::ClientKey;
+use deltasync_server::keys::{self, KeyEntry};
 use deltasync_server::process::ServerProcess;
 use embedded_io_adapters::std::FromStd;
 use std::io::{Read, Write};
@@ -17,19 +19,29 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::Path;
 use std::time::Duration;
 
-const TOKEN: &[u8] = b"device-token";
+/// Device 7's key: it may only upload (and stat) under `devices/7`.
+const KEY: ClientKey = ClientKey { id: *b"device-7", secret: [0x17; 32] };
 const NAME: &str = "devices/7/log";
 
 fn start(root: &Path) -> ServerProcess {
     let bin = Path::new(env!("CARGO_BIN_EXE_deltasync-server"));
-    ServerProcess::start(bin, root, "device-token", &["--dashboard", "off"]).expect("start server")
+    let keys_file = root.join("keys.toml");
+    let device = KeyEntry {
+        read: false,
+        delete: false,
+        prefixes: vec!["devices/7".into()],
+        ..KeyEntry::with_key("device-7", &KEY)
+    };
+    keys::save(&keys_file, &[device]).unwrap();
+    let root = root.join("files");
+    ServerProcess::start_with_keys(bin, &root, &keys_file, &["--dashboard", "off"]).expect("start server")
 }
 
 fn sync(port: u16, log: &[u8], n: u8) -> SyncReport {
     let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
     let mut io = FromStd::new(TimeoutAsTimedOut(s));
-    sync_log(&mut io, TOKEN, NAME, log, [n; 32], || Instant(0)).unwrap()
+    sync_log(&mut io, &KEY, NAME, log, [n; 32], || Instant(0)).unwrap()
 }
 
 /// Deterministic device records.
@@ -66,7 +78,7 @@ fn device_syncs_cost_the_new_bytes_plus_little() {
     let wire = first.wire_sent + first.wire_received;
     println!("first sync: {} log bytes, {wire} on the wire", log.len());
     assert!(wire as f64 <= 1.05 * log.len() as f64);
-    assert_eq!(std::fs::read(dir.path().join(NAME)).unwrap(), log.as_bytes());
+    assert_eq!(std::fs::read(dir.path().join("files").join(NAME)).unwrap(), log.as_bytes());
 
     for (round, n) in [(2u8, 1u32), (3, 20), (4, 120)] {
         let start = 600 + 1000 * round as u32;
@@ -84,7 +96,7 @@ fn device_syncs_cost_the_new_bytes_plus_little() {
         // overhead beyond the literal bytes is printed above and reported.
         assert!(wire <= appended + CDC_MAX as u64 + 200, "{wire}");
         assert!(r.literal_bytes <= appended + CDC_MAX as u64);
-        assert_eq!(std::fs::read(dir.path().join(NAME)).unwrap(), log.as_bytes());
+        assert_eq!(std::fs::read(dir.path().join("files").join(NAME)).unwrap(), log.as_bytes());
     }
 
     let same = sync(srv.port, log.as_bytes(), 9);
@@ -147,15 +159,15 @@ fn a_sync_cut_midway_leaves_the_old_log_and_the_retry_resends_at_most_a_chunk() 
     let s = TcpStream::connect(("127.0.0.1", proxy)).unwrap();
     s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
     let mut io = FromStd::new(TimeoutAsTimedOut(s));
-    let cut = sync_log(&mut io, TOKEN, NAME, log.as_bytes(), [5; 32], || Instant(0));
+    let cut = sync_log(&mut io, &KEY, NAME, log.as_bytes(), [5; 32], || Instant(0));
     assert!(cut.is_err(), "the cut sync should fail");
     // Let the server notice the broken connection and keep the partial upload.
     std::thread::sleep(Duration::from_millis(1500));
-    assert_eq!(std::fs::read(dir.path().join(NAME)).unwrap(), old, "the server holds a torn log");
+    assert_eq!(std::fs::read(dir.path().join("files").join(NAME)).unwrap(), old, "the server holds a torn log");
 
     let retry = sync(srv.port, log.as_bytes(), 6);
     assert_eq!(retry.outcome, Outcome::Written);
-    assert_eq!(std::fs::read(dir.path().join(NAME)).unwrap(), log.as_bytes());
+    assert_eq!(std::fs::read(dir.path().join("files").join(NAME)).unwrap(), log.as_bytes());
     // At most `limit` bytes (literal or not) reached the server before the
     // cut; everything resent on top of an uninterrupted sync is at most one
     // chunk (plus the few hundred protocol bytes counted in `limit`).

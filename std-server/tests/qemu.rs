@@ -11,7 +11,9 @@
 //! connection share one stream). The server and QEMU are stopped by the
 //! test, by their own process ids, on every path.
 
+use deltasync_core::channel::ClientKey;
 use deltasync_core::hash::Hash;
+use deltasync_server::keys::{self, KeyEntry};
 use deltasync_server::process::ServerProcess;
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read};
@@ -20,8 +22,10 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-/// The token the firmware is built with (scripts/firmware.sh's default).
-const TOKEN: &str = "qemu-test-token";
+/// The key the firmware is built with (its published QEMU test key, the
+/// default of scripts/firmware.sh): device 7's, which may only upload
+/// under `devices/7`.
+const KEY: ClientKey = ClientKey { id: *b"device-7", secret: [0x17; 32] };
 const LOG_NAME: &str = "devices/7/log";
 /// A whole run takes well under a second; this only bounds a hang.
 const QEMU_TIMEOUT: Duration = Duration::from_secs(120);
@@ -108,8 +112,16 @@ fn require_tool(name: &str, version_arg: &str) {
 /// test's stderr, shown when the test fails).
 fn start_server(root: &Path) -> (ServerProcess, u16) {
     let bin = Path::new(env!("CARGO_BIN_EXE_deltasync-server"));
-    let server =
-        ServerProcess::start(bin, root, TOKEN, &["--dashboard", "off"]).expect("starting deltasync-server");
+    let keys_file = root.join("keys.toml");
+    let device = KeyEntry {
+        read: false,
+        delete: false,
+        prefixes: vec!["devices/7".into()],
+        ..KeyEntry::with_key("device-7", &KEY)
+    };
+    keys::save(&keys_file, &[device]).expect("writing the key file");
+    let server = ServerProcess::start_with_keys(bin, &root.join("files"), &keys_file, &["--dashboard", "off"])
+        .expect("starting deltasync-server");
     let port = server.port;
     (server, port)
 }
@@ -302,7 +314,7 @@ fn qemu_firmware_syncs_its_log_three_times() {
     assert!(s3.num("wire") <= 300, "sync 3: wire {} > 300", s3.num("wire"));
 
     // The stored file is, byte for byte, the log the firmware synced last.
-    let stored = std::fs::read(root.path().join(LOG_NAME)).expect("the server stored devices/7/log");
+    let stored = std::fs::read(root.path().join("files").join(LOG_NAME)).expect("the server stored devices/7/log");
     assert_eq!(stored.len() as u64, s3.num("log"), "stored size");
     assert_eq!(
         Hash::of(&stored).to_hex().as_str(),

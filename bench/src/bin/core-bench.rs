@@ -8,16 +8,15 @@
 use deltasync_core::Instant;
 use deltasync_core::build::{build_tree, chunk_ids, file_hash};
 use deltasync_core::chunker::{Chunker, ChunkerKind};
-use deltasync_core::conn::{ClientHandshake, Upload};
+use deltasync_core::conn::Upload;
 use deltasync_core::hints::{ChunkHints, build_tree_hinted};
 use deltasync_core::message::Outcome;
 use deltasync_core::sender::Sender;
-use deltasync_core::sim::{Files, Net, pump, random_bytes, run, server};
+use deltasync_core::sim::{Files, KEY, Net, handshake, keys, pump, random_bytes, run, server};
 use deltasync_core::tree::{Entry, Indexer, NoSink, Tree, TreeBuilder};
 use sha2::{Digest, Sha256};
 use std::time::Instant as Clock;
 
-const TOKEN: &[u8] = b"bench token";
 
 struct Wire {
     handshake: u64,
@@ -32,9 +31,9 @@ fn upload(old: Option<&[u8]>, new: &[u8], new_tree: &Tree) -> Wire {
     if let Some(o) = old {
         files.borrow_mut().insert("f".into(), o.to_vec());
     }
-    let mut srv = server(&files, TOKEN);
+    let mut srv = server(&files, keys());
     let (mut cp, mut sp, mut net) = (pump(), pump(), Net::new());
-    let mut hs = ClientHandshake::new(TOKEN, [7u8; 32], Instant(0));
+    let mut hs = handshake(KEY);
     let salt = run(&mut hs, &mut cp, &mut srv, &mut sp, &mut net).expect("handshake");
     let handshake = cp.sent + cp.received;
     let sender = Sender::new(new_tree, new, new_tree.summary(), salt, Instant(0));

@@ -11,7 +11,7 @@
 //! (`bench/server-rss.sh` does both; files go under `BENCH_DIR`, default
 //! `target/bench-work`, and are deleted at the end).
 
-use deltasync_bench::{TOKEN, client, peak_rss_kib, timed_transfer};
+use deltasync_bench::{client, key, peak_rss_kib, timed_transfer};
 use deltasync_core::chunker::ChunkerKind;
 use deltasync_core::sim::random_bytes;
 use deltasync_server::process::ServerProcess;
@@ -102,7 +102,7 @@ fn main() {
             let _ = std::fs::remove_file(extra);
         }
         std::fs::copy(&old, &copy).unwrap();
-        let server = ServerProcess::start(&server_bin, &root, TOKEN, &["--dashboard", "off"])
+        let server = ServerProcess::start(&server_bin, &root, &key(), &["--dashboard", "off"])
             .expect("start deltasync-server");
         let port = server.port;
         let h = ["--hints".as_ref(), hints.as_os_str()];

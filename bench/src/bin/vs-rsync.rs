@@ -9,7 +9,7 @@
 //! `cargo build --release --workspace && target/release/vs-rsync [RUNS] [BIG_MIB] [LOG_MIB]`
 //! (needs `rsync`; `bench/vs-rsync.sh` installs it and runs this).
 
-use deltasync_bench::{TOKEN, client, peak_rss_kib, timed_transfer};
+use deltasync_bench::{client, key, peak_rss_kib, timed_transfer};
 use deltasync_core::sim::random_bytes;
 use deltasync_server::process::ServerProcess;
 
@@ -120,7 +120,7 @@ fn main() {
     );
 
     // deltasync server on loopback.
-    let server = ServerProcess::start(&server_bin, &work.join("ds-root"), TOKEN, &["--dashboard", "off"])
+    let server = ServerProcess::start(&server_bin, &work.join("ds-root"), &key(), &["--dashboard", "off"])
         .expect("start deltasync-server");
     let (dport, server_pid) = (server.port, server.pid());
     std::thread::sleep(std::time::Duration::from_millis(300));

@@ -16,6 +16,7 @@ use core::sync::atomic::{AtomicU32, Ordering};
 use cortex_m::peripheral::syst::SystClkSource;
 use cortex_m_rt::{ExceptionFrame, entry, exception};
 use cortex_m_semihosting::{debug, hprintln};
+use deltasync_core::channel::ClientKey;
 use deltasync_core::hash::Hash;
 use deltasync_embedded::log::LogStore;
 use deltasync_embedded::net::TcpIo;
@@ -27,11 +28,16 @@ use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, Ipv4Add
 // Critical-section implementation (cortex-m's single-core one) for the crates that need one.
 use cortex_m as _;
 
-/// The token the server is started with (`--token`); fixed at build time.
-const TOKEN: &str = match option_env!("DELTASYNC_FW_TOKEN") {
-    Some(t) => t,
-    None => "qemu-test-token",
+/// The device's own key (`deltasync-server key add NAME --prefix devices/7
+/// --write-only` prints one), fixed at build time from
+/// `DELTASYNC_DEVICE_KEY`.
+const KEY: &str = match option_env!("DELTASYNC_DEVICE_KEY") {
+    Some(k) => k,
+    None => QEMU_TEST_KEY,
 };
+/// The key QEMU test builds use when none is given: published here, so it
+/// protects nothing. A real device is built with a key of its own.
+const QEMU_TEST_KEY: &str = "dsk1-6465766963652d37-1717171717171717171717171717171717171717171717171717171717171717";
 /// The name the log is stored under on the server.
 const LOG_NAME: &str = "devices/7/log";
 /// Bytes the log store holds.
@@ -92,6 +98,7 @@ enum Failure {
     Connect(u32, &'static str),
     Sync(u32, deltasync_embedded::sync::SyncError<deltasync_embedded::net::TcpError>),
     LogFull,
+    Key,
 }
 
 // Display rather than a derived Debug: string Debug would pull core's
@@ -103,6 +110,7 @@ impl core::fmt::Display for Failure {
             Failure::Connect(n, why) => write!(f, "sync {n}: connect to 10.0.2.100:5001: {why}"),
             Failure::Sync(n, e) => write!(f, "sync {n}: {e:?}"),
             Failure::LogFull => f.write_str("a record is larger than the log store"),
+            Failure::Key => f.write_str("DELTASYNC_DEVICE_KEY is not a deltasync key (dsk1-...)"),
         }
     }
 }
@@ -188,8 +196,9 @@ fn run() -> Result<(), Failure> {
     socket.set_nagle_enabled(false);
     let handle = sockets.add(socket);
 
+    let key = ClientKey::parse(KEY).map_err(|_| Failure::Key)?;
     let mut sensor = Sensor::new();
-    let mut link = Link { iface: &mut iface, eth: &mut eth, sockets: &mut sockets, handle };
+    let mut link = Link { iface: &mut iface, eth: &mut eth, sockets: &mut sockets, handle, key };
     let rounds: [u32; 3] = [FIRST_RECORDS, MORE_RECORDS, 0];
     for (i, &records) in rounds.iter().enumerate() {
         let n = i as u32 + 1;
@@ -231,6 +240,8 @@ struct Link<'a, 'b> {
     eth: &'a mut lan9118::Lan9118,
     sockets: &'a mut SocketSet<'b>,
     handle: smoltcp::iface::SocketHandle,
+    /// The device's key.
+    key: ClientKey,
 }
 
 impl<'b> Link<'_, 'b> {
@@ -276,7 +287,7 @@ impl<'b> Link<'_, 'b> {
                 now: net_now,
                 timeout_ms: IO_TIMEOUT_MS,
             };
-            sync_log(&mut io, TOKEN.as_bytes(), LOG_NAME, log, nonce(n), || deltasync_core::Instant(millis()))
+            sync_log(&mut io, &self.key, LOG_NAME, log, ephemeral(&self.key, n), || deltasync_core::Instant(millis()))
         };
         self.close();
         result.map_err(|e| Failure::Sync(n, e))
@@ -297,14 +308,18 @@ impl<'b> Link<'_, 'b> {
     }
 }
 
-/// A nonce unique per session: the sync number, the clock, and SysTick's
-/// sub-millisecond count, hashed. (Freshness, not secrecy, is what the
-/// handshake needs from the device side; the server adds its own nonce.)
-fn nonce(n: u32) -> [u8; 32] {
-    let mut seed = [0u8; 16];
-    seed[..4].copy_from_slice(&n.to_le_bytes());
-    seed[4..12].copy_from_slice(&millis().to_le_bytes());
-    seed[12..].copy_from_slice(&cortex_m::peripheral::SYST::get_current().to_le_bytes());
+/// The session's X25519 ephemeral private key: the device secret, the sync
+/// number, the clock and SysTick's sub-millisecond count, hashed, so that
+/// nobody without the secret can predict it. mps2-an386 has no hardware
+/// random number generator; a board that has one feeds it here instead
+/// (with this derivation, whoever later learns the device secret and
+/// recorded a session could recompute its ephemeral key).
+fn ephemeral(key: &ClientKey, n: u32) -> [u8; 32] {
+    let mut seed = [0u8; 48];
+    seed[..32].copy_from_slice(&key.secret);
+    seed[32..36].copy_from_slice(&n.to_le_bytes());
+    seed[36..44].copy_from_slice(&millis().to_le_bytes());
+    seed[44..].copy_from_slice(&cortex_m::peripheral::SYST::get_current().to_le_bytes());
     Hash::of(&seed).0
 }
 

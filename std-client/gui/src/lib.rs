@@ -16,8 +16,10 @@ use std::time::Instant;
 pub struct Settings {
     /// Server address, HOST:PORT.
     pub server: String,
-    /// Pre-shared token.
-    pub token: String,
+    /// This client's key (`dsk1-...`). Never saved with the settings: it
+    /// comes from `--key`, `DELTASYNC_KEY` or the key file at each start.
+    #[serde(skip)]
+    pub key: String,
     /// Where downloads go.
     pub download_dir: String,
 }
@@ -124,11 +126,14 @@ impl GuiApp {
         cancel: Option<Arc<AtomicBool>>,
         work: impl FnOnce(Result<Connection, ClientError>, &Sender<Msg>) + Send + 'static,
     ) {
-        let (server, token) = (self.settings.server.clone(), self.settings.token.clone());
+        let (server, key) = (self.settings.server.clone(), self.settings.key.clone());
         let (tx, ctx) = (self.tx.clone(), ctx.clone());
         self.busy += 1;
         std::thread::spawn(move || {
-            let conn = Connection::connect(&server, token.as_bytes()).map(|mut c| {
+            let conn = deltasync_client::ClientKey::parse(&key)
+                .map_err(ClientError::BadKey)
+                .and_then(|key| Connection::connect(&server, &key))
+                .map(|mut c| {
                 c.set_hints_dir(deltasync_client::default_hints_dir());
                 if let Some(flag) = cancel {
                     c.set_cancel_flag(flag);
@@ -328,8 +333,8 @@ impl GuiApp {
         ui.horizontal(|ui| {
             let l = ui.label("Server");
             ui.text_edit_singleline(&mut self.settings.server).labelled_by(l.id);
-            let l = ui.label("Token");
-            ui.add(egui::TextEdit::singleline(&mut self.settings.token).password(true)).labelled_by(l.id);
+            let l = ui.label("Key");
+            ui.add(egui::TextEdit::singleline(&mut self.settings.key).password(true)).labelled_by(l.id);
             if ui.button("Connect").clicked() {
                 self.connect(&ctx);
             }

@@ -1,7 +1,7 @@
 //! `deltasync-gui`: the desktop client.
 //!
-//! `deltasync-gui [--server HOST:PORT] [--token TOKEN] [FILE...]`: with a
-//! server and token it connects at start, and uploads the FILEs once
+//! `deltasync-gui [--server HOST:PORT] [--key KEY] [FILE...]`: with a
+//! server and key it connects at start, and uploads the FILEs once
 //! connected. Settings are remembered between runs.
 
 use deltasync_gui::{GuiApp, Settings, Window, load_settings};
@@ -9,13 +9,13 @@ use std::path::PathBuf;
 
 fn main() -> eframe::Result {
     let mut args = std::env::args().skip(1);
-    let (mut server, mut token, mut files) = (None, None, Vec::new());
+    let (mut server, mut key, mut files) = (None, None, Vec::new());
     while let Some(a) = args.next() {
         match a.as_str() {
             "--server" => server = args.next(),
-            "--token" => token = args.next(),
+            "--key" => key = args.next(),
             "-h" | "--help" => {
-                println!("usage: deltasync-gui [--server HOST:PORT] [--token TOKEN] [FILE...]");
+                println!("usage: deltasync-gui [--server HOST:PORT] [--key KEY] [FILE...]");
                 return Ok(());
             }
             _ => files.push(PathBuf::from(a)),
@@ -31,17 +31,18 @@ fn main() -> eframe::Result {
         Box::new(move |cc| {
             let mut settings = load_settings(cc.storage).unwrap_or_else(|| Settings {
                 server: "127.0.0.1:5001".into(),
-                token: deltasync_client::find_token(None)
-                    .map(|t| String::from_utf8_lossy(&t).into_owned())
-                    .unwrap_or_default(),
+                key: String::new(),
                 download_dir: ".".into(),
             });
-            let auto = server.is_some() || token.is_some();
+            settings.key = deltasync_client::find_key(std::env::var("DELTASYNC_KEY").ok(), None)
+                .map(|k| k.encode().to_string())
+                .unwrap_or_default();
+            let auto = server.is_some() || key.is_some();
             if let Some(s) = server {
                 settings.server = s;
             }
-            if let Some(t) = token {
-                settings.token = t;
+            if let Some(k) = key {
+                settings.key = k;
             }
             let mut app = GuiApp::new(settings);
             app.queued_uploads = files;

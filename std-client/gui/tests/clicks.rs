@@ -4,7 +4,7 @@
 
 use deltasync_core::sim::random_bytes;
 use deltasync_gui::{GuiApp, JobState, Settings};
-use deltasync_server::process::ServerProcess;
+use deltasync_server::process::{ServerProcess, test_key};
 use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
 use std::path::PathBuf;
@@ -34,25 +34,26 @@ fn wait(h: &mut Harness<'_, GuiApp>, what: &str, done: impl Fn(&GuiApp) -> bool)
 fn connect_upload_list_download_and_delete_by_clicking() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root");
-    let srv = ServerProcess::start(&server_bin(), &root, "gui-token", &["--dashboard", "off"]).unwrap();
+    let key = test_key(4);
+    let srv = ServerProcess::start(&server_bin(), &root, &key, &["--dashboard", "off"]).unwrap();
     let downloads = dir.path().join("downloads");
     std::fs::create_dir_all(&downloads).unwrap();
     let settings = Settings {
         server: format!("127.0.0.1:{}", srv.port),
-        token: "gui-token".into(),
+        key: key.clone(),
         download_dir: downloads.display().to_string(),
     };
     let mut h = Harness::builder()
         .with_size([1000.0, 800.0])
         .build_ui_state(|ui, app: &mut GuiApp| app.show(ui), GuiApp::new(settings));
 
-    // A wrong token is reported in plain words.
-    h.state_mut().settings.token = "wrong".into();
+    // A key the server does not know is reported in plain words.
+    h.state_mut().settings.key = test_key(5);
     h.get_by_label("Connect").click();
     wait(&mut h, "the refusal", |a| a.log.iter().any(|l| l.contains("authentication failed")));
     assert!(!h.state().connected);
 
-    h.state_mut().settings.token = "gui-token".into();
+    h.state_mut().settings.key = key.clone();
     h.get_by_label("Connect").click();
     wait(&mut h, "connecting", |a| a.connected);
 
