@@ -4,5 +4,6 @@
 pub mod keys;
 pub mod live;
 pub mod process;
+pub mod relay;
 pub mod serve;
 pub mod store;
