@@ -58,6 +58,8 @@ fn the_clean_upload_goes_through_sealed() {
     assert!(files.borrow()["f"] == versions().1);
     assert!(events.iter().any(|e| matches!(e, Event::Authenticated { key } if key == "sim")));
     assert!(net.frames.len() > 6, "{:?}", net.frames);
+    // The handshake on the wire: the hello (62 bytes), the answer (53).
+    assert_eq!(net.frames[..2], [(true, 62), (false, 53)]);
     // Every frame after the two handshake messages carries a tag.
     assert!(net.frames[2..].iter().all(|&(_, len)| len > TAG_LEN as u64 + 1));
 }
