@@ -70,7 +70,8 @@ impl CipherKind {
             return CipherKind::AesGcm;
         }
         #[cfg(all(feature = "aes", target_arch = "aarch64"))]
-        if std::arch::is_aarch64_feature_detected!("aes") && std::arch::is_aarch64_feature_detected!("pmull") {
+        if std::arch::is_aarch64_feature_detected!("aes") && std::arch::is_aarch64_feature_detected!("pmull")
+        {
             return CipherKind::AesGcm;
         }
         CipherKind::ChaChaPoly
@@ -200,7 +201,8 @@ impl Handshake {
         if payload.len() + HANDSHAKE_OVERHEAD > out.len().min(MAX_MESSAGE) {
             return Err(ChannelError::Capacity);
         }
-        each_cipher!(&mut self.0, HsInner, h => h.write_message(payload, out)).map_err(|_| ChannelError::State)
+        each_cipher!(&mut self.0, HsInner, h => h.write_message(payload, out))
+            .map_err(|_| ChannelError::State)
     }
 
     /// Reads the peer's handshake message; writes its payload into `out` and
@@ -212,7 +214,8 @@ impl Handshake {
         if out.len() < msg.len() - HANDSHAKE_OVERHEAD {
             return Err(ChannelError::Capacity);
         }
-        each_cipher!(&mut self.0, HsInner, h => h.read_message(msg, out)).map_err(|_| ChannelError::Authentication)
+        each_cipher!(&mut self.0, HsInner, h => h.read_message(msg, out))
+            .map_err(|_| ChannelError::Authentication)
     }
 
     /// The transport channel, once both messages have passed.
@@ -349,7 +352,11 @@ impl ClientKey {
 mod tests {
     use super::*;
 
-    fn pair(cipher: CipherKind, client_psk: [u8; 32], server_psk: [u8; 32]) -> Result<(Channel, Channel), ChannelError> {
+    fn pair(
+        cipher: CipherKind,
+        client_psk: [u8; 32],
+        server_psk: [u8; 32],
+    ) -> Result<(Channel, Channel), ChannelError> {
         let mut c = Handshake::new(true, cipher, b"p", &client_psk, [1; 32])?;
         let mut s = Handshake::new(false, cipher, b"p", &server_psk, [2; 32])?;
         let (mut m, mut p) = ([0u8; 200], [0u8; 200]);

@@ -76,6 +76,9 @@ const HANDSHAKE_PAYLOAD: usize = 8;
 /// The largest Noise handshake message either side sends.
 const HANDSHAKE_NOISE: usize = crate::channel::HANDSHAKE_OVERHEAD + HANDSHAKE_PAYLOAD;
 
+// The handshake state is large only until the handshake ends, and devices
+// have no allocator to box it.
+#[allow(clippy::large_enum_variant)]
 enum ClientState {
     SendHello([u8; 32]),
     AwaitAccept(Handshake),
@@ -177,10 +180,17 @@ impl Machine for ClientHandshake {
             ClientState::SendHello(ephemeral) => {
                 let ephemeral = *ephemeral;
                 let (version, cipher, id) = (self.version, self.cipher, self.key.id);
-                let mut hs = Handshake::new(true, cipher, &prologue(version, cipher, &id), &self.key.secret, ephemeral)
-                    .map_err(|_| SessionError::Protocol(ErrorCode::Unsupported))?;
+                let mut hs = Handshake::new(
+                    true,
+                    cipher,
+                    &prologue(version, cipher, &id),
+                    &self.key.secret,
+                    ephemeral,
+                )
+                .map_err(|_| SessionError::Protocol(ErrorCode::Unsupported))?;
                 let mut payload = [0u8; HANDSHAKE_PAYLOAD];
-                let p = postcard::to_slice(&self.caps, &mut payload).map_err(|_| SessionError::Capacity)?.len();
+                let p =
+                    postcard::to_slice(&self.caps, &mut payload).map_err(|_| SessionError::Capacity)?.len();
                 let mut noise = [0u8; HANDSHAKE_NOISE];
                 let n = hs.write(&payload[..p], &mut noise).map_err(|_| SessionError::Capacity)?;
                 self.state = ClientState::AwaitAccept(hs);

@@ -179,13 +179,15 @@ where
                             Some(c) => match c.open(p) {
                                 Ok(n) => &p[..n],
                                 Err(_) => {
-                                    return Err(DriveError::Session(SessionError::Protocol(ErrorCode::Tampered)));
+                                    return Err(DriveError::Session(SessionError::Protocol(
+                                        ErrorCode::Tampered,
+                                    )));
                                 }
                             },
                             None => &p[..],
                         };
-                        let msg =
-                            Message::decode(plain).map_err(|c| DriveError::Session(SessionError::Protocol(c)))?;
+                        let msg = Message::decode(plain)
+                            .map_err(|c| DriveError::Session(SessionError::Protocol(c)))?;
                         m.handle(now, msg).map_err(DriveError::Session)?;
                         self.adopt(m);
                     }

@@ -164,7 +164,10 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> FrameDecoder<B> {
     }
 
     /// [`Self::feed`], lending the payload mutably (to open it in place).
-    pub fn feed_mut<'a>(&'a mut self, input: &'a mut [u8]) -> Result<(usize, Option<&'a mut [u8]>), FrameError> {
+    pub fn feed_mut<'a>(
+        &'a mut self,
+        input: &'a mut [u8],
+    ) -> Result<(usize, Option<&'a mut [u8]>), FrameError> {
         let (used, at) = self.take(input)?;
         Ok((
             used,

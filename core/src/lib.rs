@@ -25,9 +25,9 @@ extern crate std;
 
 #[cfg(feature = "alloc")]
 pub mod access;
-pub mod channel;
 #[cfg(feature = "std")]
 pub mod build;
+pub mod channel;
 pub mod chunker;
 pub mod conn;
 pub mod driver;

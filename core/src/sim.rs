@@ -241,9 +241,18 @@ pub fn run<C: Machine, S: Machine>(
         let cut = net.cut();
         let now = net.clock;
         let before = net.carried;
-        let (c_prog, done) =
-            side(client, cp, &mut net.to_client, &mut net.to_server, net.piece, cut, &mut net.carried, net.flip_bit, now)
-                .map_err(Stop::Client)?;
+        let (c_prog, done) = side(
+            client,
+            cp,
+            &mut net.to_client,
+            &mut net.to_server,
+            net.piece,
+            cut,
+            &mut net.carried,
+            net.flip_bit,
+            now,
+        )
+        .map_err(Stop::Client)?;
         if net.carried > before {
             net.frames.push((true, net.carried - before));
         }
@@ -252,9 +261,18 @@ pub fn run<C: Machine, S: Machine>(
         }
         let cut = net.cut();
         let before = net.carried;
-        let (s_prog, _) =
-            side(server, sp, &mut net.to_server, &mut net.to_client, net.piece, cut, &mut net.carried, net.flip_bit, now)
-                .map_err(Stop::Server)?;
+        let (s_prog, _) = side(
+            server,
+            sp,
+            &mut net.to_server,
+            &mut net.to_client,
+            net.piece,
+            cut,
+            &mut net.carried,
+            net.flip_bit,
+            now,
+        )
+        .map_err(Stop::Server)?;
         if net.carried > before {
             net.frames.push((false, net.carried - before));
         }

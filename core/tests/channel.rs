@@ -132,7 +132,15 @@ fn requests_outside_a_keys_permissions_are_refused_and_change_nothing() {
     let device7 = ClientKey { id: *b"device-7", secret: [7; 32] };
     let reader = ClientKey { id: *b"reader!!", secret: [8; 32] };
     let keyring = vec![
-        (device7.clone(), Access { read: false, delete: false, prefixes: vec!["devices/7".into()], ..Access::full("device-7") }),
+        (
+            device7.clone(),
+            Access {
+                read: false,
+                delete: false,
+                prefixes: vec!["devices/7".into()],
+                ..Access::full("device-7")
+            },
+        ),
         (reader.clone(), Access { write: false, delete: false, ..Access::full("reader") }),
     ];
     let files = Files::default();
@@ -153,7 +161,13 @@ fn requests_outside_a_keys_permissions_are_refused_and_change_nothing() {
         let (mut cp, mut sp, mut net) = (pump(), pump(), Net::new());
         run(&mut handshake(key.clone()), &mut cp, &mut srv, &mut sp, &mut net).unwrap();
         let mut names = Vec::new();
-        let r = run(&mut Query::new(kind, |i| names.push(i.name.to_string()), Instant(0)), &mut cp, &mut srv, &mut sp, &mut net);
+        let r = run(
+            &mut Query::new(kind, |i| names.push(i.name.to_string()), Instant(0)),
+            &mut cp,
+            &mut srv,
+            &mut sp,
+            &mut net,
+        );
         (r.map(|_| ()), names)
     };
     let denied = |r: Result<_, Stop>| {

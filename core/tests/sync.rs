@@ -1,10 +1,10 @@
 //! Client <-> server sessions over the in-memory harness: both directions,
 //! every kind of edit, authentication, disconnects and timeouts.
 
-use deltasync_core::chunker::ChunkerKind;
-use deltasync_core::conn::server::Event;
 use deltasync_core::access::Access;
 use deltasync_core::channel::ClientKey;
+use deltasync_core::chunker::ChunkerKind;
+use deltasync_core::conn::server::Event;
 use deltasync_core::conn::{Download, Query, QueryKind, Upload};
 use deltasync_core::driver::DriveError;
 use deltasync_core::error::{ErrorCode, SessionError};
@@ -27,7 +27,8 @@ struct Session {
 }
 
 fn connect(files: &Files, piece: usize) -> Session {
-    let mut s = Session { server: server(files, keys()), sp: pump(), cp: pump(), net: Net::new(), salt: [0; 8] };
+    let mut s =
+        Session { server: server(files, keys()), sp: pump(), cp: pump(), net: Net::new(), salt: [0; 8] };
     s.net.piece = piece;
     let mut hs = handshake(KEY);
     s.salt = run(&mut hs, &mut s.cp, &mut s.server, &mut s.sp, &mut s.net).expect("handshake");

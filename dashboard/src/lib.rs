@@ -521,7 +521,9 @@ pub fn router(hub: Arc<Hub>, login: Login, access: Access) -> Router {
 fn is_loopback_host(host: &str) -> bool {
     let name = match host.strip_prefix('[') {
         Some(v6) => v6.split(']').next().unwrap_or(""),
-        None => host.rsplit_once(':').map_or(host, |(h, port)| if port.chars().all(|c| c.is_ascii_digit()) { h } else { host }),
+        None => host
+            .rsplit_once(':')
+            .map_or(host, |(h, port)| if port.chars().all(|c| c.is_ascii_digit()) { h } else { host }),
     };
     name.eq_ignore_ascii_case("localhost")
         || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
@@ -540,7 +542,8 @@ async fn authorize(app: &App, req: Request, next: Next) -> Response {
     if app.access.loopback {
         let host = req.headers().get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("");
         if !is_loopback_host(host) {
-            return (StatusCode::MISDIRECTED_REQUEST, "this dashboard answers to localhost only").into_response();
+            return (StatusCode::MISDIRECTED_REQUEST, "this dashboard answers to localhost only")
+                .into_response();
         }
         return next.run(req).await;
     }
@@ -787,7 +790,11 @@ mod tests {
     async fn on_loopback_only_loopback_host_names_are_answered() {
         let app = router(Hub::new(), only("unused"), Access { loopback: true, tls: false });
         for host in ["127.0.0.1:8000", "localhost:8000", "LOCALHOST", "[::1]:8000", "127.0.0.1"] {
-            assert_eq!(request(app.clone(), "/api/stats", None, host).await.status(), StatusCode::OK, "{host}");
+            assert_eq!(
+                request(app.clone(), "/api/stats", None, host).await.status(),
+                StatusCode::OK,
+                "{host}"
+            );
         }
         // A DNS-rebinding page reaches 127.0.0.1 under its own name.
         for host in ["evil.example:8000", "evil.example", "127.0.0.1.evil.example", ""] {
@@ -799,7 +806,9 @@ mod tests {
     #[tokio::test]
     async fn every_response_carries_the_security_headers() {
         let app = router(Hub::new(), only("k"), Access { loopback: true, tls: false });
-        for (uri, host) in [("/", "localhost"), ("/app.js", "localhost"), ("/nope", "localhost"), ("/", "evil")] {
+        for (uri, host) in
+            [("/", "localhost"), ("/app.js", "localhost"), ("/nope", "localhost"), ("/", "evil")]
+        {
             let resp = request(app.clone(), uri, None, host).await;
             let h = resp.headers();
             assert_eq!(h["x-frame-options"], "DENY", "{uri}");

@@ -4,8 +4,8 @@
 //! fixed size.
 
 use deltasync_core::Instant;
-use deltasync_core::chunker::ChunkerKind;
 use deltasync_core::channel::{CipherKind, ClientKey};
+use deltasync_core::chunker::ChunkerKind;
 use deltasync_core::conn::{ClientHandshake, Upload};
 use deltasync_core::driver::{DriveError, Pump, run_blocking};
 use deltasync_core::message::Outcome;

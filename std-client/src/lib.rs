@@ -2,14 +2,15 @@
 //! download and delete files, always with delta sync. The `deltasync`
 //! command and the GUI are thin faces over this library.
 
+use deltasync_core::Hash;
+pub use deltasync_core::channel::ClientKey;
+use deltasync_core::channel::{CipherKind, KeyError};
 use deltasync_core::chunker::ChunkerKind;
 use deltasync_core::conn::{ClientHandshake, Download, Query, QueryKind, Stat, Upload};
 use deltasync_core::driver::{DriveError, Pump, TimeoutAsTimedOut, run_blocking_observed};
 use deltasync_core::error::{ErrorCode, SessionError};
-use deltasync_core::channel::{CipherKind, KeyError};
 use deltasync_core::frame::{MAX_ENCODED, MAX_SEALED};
 use deltasync_core::hints::{ChunkHints, Known, build_tree_hinted};
-pub use deltasync_core::channel::ClientKey;
 pub use deltasync_core::local::default_hints_dir;
 use deltasync_core::local::now;
 use deltasync_core::machine::Machine;
@@ -18,7 +19,6 @@ use deltasync_core::receiver::Base;
 use deltasync_core::sender::Sender;
 use deltasync_core::source::FileSource;
 use deltasync_core::tree::{Summary, Tree};
-use deltasync_core::Hash;
 use embedded_io_adapters::std::FromStd;
 use serde::Serialize;
 use std::fs::{self, File};
@@ -69,7 +69,9 @@ impl std::fmt::Display for ClientError {
                  or run the server on this machine",
             ),
             ClientError::BadKey(e) => write!(f, "bad key: {e}"),
-            ClientError::Auth => f.write_str("authentication failed: the server does not know this key (or revoked it)"),
+            ClientError::Auth => {
+                f.write_str("authentication failed: the server does not know this key (or revoked it)")
+            }
             ClientError::Version => f.write_str(
                 "the server speaks another protocol version (servers before version 5 send everything \
                  in clear, and this client refuses them): upgrade the server",

@@ -62,7 +62,8 @@ fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
 /// rewrite of a stream cipher's ciphertext by someone who knows the
 /// plaintext.
 fn rewrite(sealed: &[u8], was: &[u8], wanted: &[u8]) -> Vec<u8> {
-    let mut out: Vec<u8> = sealed[..wanted.len()].iter().zip(was.iter().zip(wanted)).map(|(c, (p, q))| c ^ p ^ q).collect();
+    let mut out: Vec<u8> =
+        sealed[..wanted.len()].iter().zip(was.iter().zip(wanted)).map(|(c, (p, q))| c ^ p ^ q).collect();
     out.extend_from_slice(&sealed[was.len()..]);
     out
 }
@@ -81,9 +82,12 @@ fn a_relay_rewriting_rm_harmless_into_rm_victim_deletes_nothing() {
     // postcard: Delete is variant 8, then the name's length and bytes.
     let delete = |name: &str| [&[8u8, name.len() as u8][..], name.as_bytes()].concat();
     let (was, wanted) = (delete("harmless.txt"), delete("victim.txt"));
-    let meddle: Meddler = Box::new(move |i, f| {
-        if i == 1 { vec![frame(&rewrite(payload(f), &was, &wanted))] } else { vec![f.to_vec()] }
-    });
+    let meddle: Meddler =
+        Box::new(
+            move |i, f| {
+                if i == 1 { vec![frame(&rewrite(payload(f), &was, &wanted))] } else { vec![f.to_vec()] }
+            },
+        );
     let relay = Relay::start(srv.port, Some(meddle)).unwrap();
     let out = cli(relay.port, &key, &["rm", "harmless.txt"]);
     assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));

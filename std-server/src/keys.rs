@@ -117,9 +117,12 @@ impl KeyEntry {
     /// What it may do, in a few words (`key list`).
     pub fn describe(&self) -> String {
         let mut perms: Vec<&str> = Vec::new();
-        for (on, word) in
-            [(self.read, "read"), (self.write, "write"), (self.delete, "delete"), (self.dashboard, "dashboard")]
-        {
+        for (on, word) in [
+            (self.read, "read"),
+            (self.write, "write"),
+            (self.delete, "delete"),
+            (self.dashboard, "dashboard"),
+        ] {
             if on {
                 perms.push(word);
             }
@@ -162,8 +165,10 @@ pub fn save(path: &Path, keys: &[KeyEntry]) -> Result<(), KeyFileError> {
         .map_err(|e| KeyFileError::Parse(path.into(), e.to_string()))?;
     let tmp = dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("keys")));
     let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(io)?;
-    f.write_all(b"# deltasync-server keys: edit with `deltasync-server key add|list|revoke`.\n").map_err(io)?;
+    let mut f =
+        std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(io)?;
+    f.write_all(b"# deltasync-server keys: edit with `deltasync-server key add|list|revoke`.\n")
+        .map_err(io)?;
     f.write_all(text.as_bytes()).map_err(io)?;
     f.sync_all().map_err(io)?;
     std::fs::rename(&tmp, path).map_err(io)?;
@@ -326,7 +331,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("keys.toml");
         let admin = KeyEntry::generate("admin");
-        let dash = KeyEntry { read: false, write: false, delete: false, dashboard: true, ..KeyEntry::generate("dash") };
+        let dash = KeyEntry {
+            read: false,
+            write: false,
+            delete: false,
+            dashboard: true,
+            ..KeyEntry::generate("dash")
+        };
         add(&path, admin.clone()).unwrap();
         add(&path, dash.clone()).unwrap();
         let ring = KeyRing::open(&path).unwrap();

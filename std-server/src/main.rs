@@ -4,8 +4,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use deltasync_core::channel::ClientKey;
 use deltasync_dashboard::Hub;
-use deltasync_server::live::LiveObserver;
 use deltasync_server::keys::{self, KeyEntry, KeyRing};
+use deltasync_server::live::LiveObserver;
 use deltasync_server::serve::{LogOnly, Observer, Server, serve};
 use deltasync_server::store::FsStore;
 use std::io::Write;
@@ -207,7 +207,8 @@ async fn run() -> anyhow::Result<()> {
         println!("dashboard on {scheme}://{}/", dl.local_addr()?);
         let hub = Hub::new();
         let ring = keyring.clone();
-        let login: deltasync_dashboard::Login = Arc::new(move |presented: &str| ring.dashboard_login(presented));
+        let login: deltasync_dashboard::Login =
+            Arc::new(move |presented: &str| ring.dashboard_login(presented));
         let tls = match (args.dashboard_tls_cert, args.dashboard_tls_key) {
             (Some(cert), Some(key)) => Some(deltasync_dashboard::Tls { cert, key }),
             _ => None,

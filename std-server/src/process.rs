@@ -47,7 +47,12 @@ impl ServerProcess {
     /// and waits until it says where it listens (and where its dashboard
     /// is, unless `EXTRA` has `--dashboard off`). Its log goes to this
     /// process's stderr; `RUST_LOG` defaults to `warn`.
-    pub fn start_with_keys(bin: &Path, root: &Path, keys: &Path, extra: &[&str]) -> io::Result<ServerProcess> {
+    pub fn start_with_keys(
+        bin: &Path,
+        root: &Path,
+        keys: &Path,
+        extra: &[&str],
+    ) -> io::Result<ServerProcess> {
         let mut cmd = Command::new(bin);
         cmd.args(["--listen", "127.0.0.1:0", "--root"]).arg(root).arg("--keys").arg(keys).args(extra);
         if std::env::var_os("RUST_LOG").is_none() {

@@ -106,7 +106,8 @@ fn relay_one(
             }
         });
     });
-    let down = std::thread::spawn(move || copy(s_in, c_out, &captured, &stop, |b, out| out.extend_from_slice(b)));
+    let down =
+        std::thread::spawn(move || copy(s_in, c_out, &captured, &stop, |b, out| out.extend_from_slice(b)));
     vec![up, down]
 }
 

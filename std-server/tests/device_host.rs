@@ -5,12 +5,12 @@
 //! QEMU firmware.
 
 use deltasync_core::Instant;
+use deltasync_core::channel::ClientKey;
 use deltasync_core::chunker::CDC_MAX;
 use deltasync_core::driver::TimeoutAsTimedOut;
 use deltasync_core::message::Outcome;
 use deltasync_embedded::log::LogStore;
 use deltasync_embedded::sync::{SyncReport, sync_log};
-use deltasync_core::channel::ClientKey;
 use deltasync_server::keys::{self, KeyEntry};
 use deltasync_server::process::ServerProcess;
 use embedded_io_adapters::std::FromStd;
@@ -163,7 +163,11 @@ fn a_sync_cut_midway_leaves_the_old_log_and_the_retry_resends_at_most_a_chunk() 
     assert!(cut.is_err(), "the cut sync should fail");
     // Let the server notice the broken connection and keep the partial upload.
     std::thread::sleep(Duration::from_millis(1500));
-    assert_eq!(std::fs::read(dir.path().join("files").join(NAME)).unwrap(), old, "the server holds a torn log");
+    assert_eq!(
+        std::fs::read(dir.path().join("files").join(NAME)).unwrap(),
+        old,
+        "the server holds a torn log"
+    );
 
     let retry = sync(srv.port, log.as_bytes(), 6);
     assert_eq!(retry.outcome, Outcome::Written);

@@ -15,6 +15,7 @@ use deltasync_core::channel::ClientKey;
 use deltasync_core::hash::Hash;
 use deltasync_server::keys::{self, KeyEntry};
 use deltasync_server::process::ServerProcess;
+use deltasync_server::relay::Relay;
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -120,8 +121,9 @@ fn start_server(root: &Path) -> (ServerProcess, u16) {
         ..KeyEntry::with_key("device-7", &KEY)
     };
     keys::save(&keys_file, &[device]).expect("writing the key file");
-    let server = ServerProcess::start_with_keys(bin, &root.join("files"), &keys_file, &["--dashboard", "off"])
-        .expect("starting deltasync-server");
+    let server =
+        ServerProcess::start_with_keys(bin, &root.join("files"), &keys_file, &["--dashboard", "off"])
+            .expect("starting deltasync-server");
     let port = server.port;
     (server, port)
 }
@@ -255,8 +257,11 @@ fn qemu_firmware_syncs_its_log_three_times() {
     require_tool("socat", "-V");
     let root = tempfile::tempdir().expect("temp dir");
     let (_server, port) = start_server(root.path());
+    // The device's connections pass a recording relay: what an attacker on
+    // its network would capture.
+    let relay = Relay::start(port, None).expect("starting the relay");
 
-    let run = run_qemu(&elf, port);
+    let run = run_qemu(&elf, relay.port);
     let errors: Vec<&String> = run.lines.iter().filter(|l| l.starts_with("ERROR")).collect();
     assert!(errors.is_empty(), "the firmware failed: {errors:?}");
     assert!(run.status.success(), "QEMU exited with {}; output:\n{}", run.status, run.lines.join("\n"));
@@ -314,7 +319,8 @@ fn qemu_firmware_syncs_its_log_three_times() {
     assert!(s3.num("wire") <= 300, "sync 3: wire {} > 300", s3.num("wire"));
 
     // The stored file is, byte for byte, the log the firmware synced last.
-    let stored = std::fs::read(root.path().join("files").join(LOG_NAME)).expect("the server stored devices/7/log");
+    let stored =
+        std::fs::read(root.path().join("files").join(LOG_NAME)).expect("the server stored devices/7/log");
     assert_eq!(stored.len() as u64, s3.num("log"), "stored size");
     assert_eq!(
         Hash::of(&stored).to_hex().as_str(),
@@ -322,6 +328,15 @@ fn qemu_firmware_syncs_its_log_three_times() {
         "stored SHA-256 against the firmware's"
     );
     assert_ne!(s1.text("sha256"), s2.text("sha256"), "the log changed between syncs 1 and 2");
+    // Over the encrypted channel: no 16-byte run of the log in the capture.
+    let capture = relay.captured();
+    assert!(
+        capture.len() as u64 >= s1.num("wire") + s2.num("wire") + s3.num("wire"),
+        "the relay carried it all"
+    );
+    let windows: std::collections::HashSet<&[u8]> = capture.windows(16).collect();
+    let leaked = stored.windows(16).filter(|w| windows.contains(w)).count();
+    assert_eq!(leaked, 0, "{leaked} 16-byte runs of the log crossed the network in clear");
     let text = String::from_utf8(stored).expect("the log is text");
     check_records(&text);
 }

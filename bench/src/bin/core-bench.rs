@@ -17,7 +17,6 @@ use deltasync_core::tree::{Entry, Indexer, NoSink, Tree, TreeBuilder};
 use sha2::{Digest, Sha256};
 use std::time::Instant as Clock;
 
-
 struct Wire {
     handshake: u64,
     sync: u64,

@@ -20,6 +20,9 @@ use alloc::collections::VecDeque;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
+// Large only while the handshake runs; `ServerConn` boxes the whole
+// handshake, which it drops once done.
+#[allow(clippy::large_enum_variant)]
 enum HsState {
     AwaitHello([u8; 32]),
     SendAccept(Handshake, u16),
@@ -93,8 +96,8 @@ impl<K: Keys> ServerHandshake<K> {
             .map_err(|_| auth_failed)?;
         let mut payload = [0u8; HANDSHAKE_PAYLOAD];
         let n = hs.read(noise, &mut payload).map_err(|_| auth_failed)?;
-        self.peer_caps =
-            postcard::from_bytes::<u32>(&payload[..n]).map_err(|_| SessionError::Protocol(ErrorCode::BadMessage))?;
+        self.peer_caps = postcard::from_bytes::<u32>(&payload[..n])
+            .map_err(|_| SessionError::Protocol(ErrorCode::BadMessage))?;
         self.version = agreed;
         self.access = Some(access);
         self.state = HsState::SendAccept(hs, agreed);
@@ -299,7 +302,7 @@ type ReuseSource<R> = Chain<Option<R>, Option<R>>;
 type UploadReceiver<S> = Receiver<ReuseTree, ReuseSource<<S as Store>::Reader>, <S as Store>::Writer>;
 
 enum State<S: Store, K> {
-    Handshake(ServerHandshake<K>),
+    Handshake(Box<ServerHandshake<K>>),
     Idle,
     Reply(VecDeque<Reply>),
     Receiving { name: String, old: Option<Summary>, rx: Box<UploadReceiver<S>> },
@@ -343,7 +346,7 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
             salt: [0; 8],
             caps: 0,
             version: crate::PROTOCOL_VERSION,
-            state: State::Handshake(ServerHandshake::new(keys, ephemeral, now)),
+            state: State::Handshake(Box::new(ServerHandshake::new(keys, ephemeral, now))),
             events: VecDeque::new(),
             deadline: now.plus_ms(IDLE_TIMEOUT_MS),
         }
@@ -430,7 +433,9 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
         }
         let permitted = match msg {
             // A writer stats a name before it uploads it.
-            Message::Stat { .. } => self.allowed(Operation::Read, name) || self.allowed(Operation::Write, name),
+            Message::Stat { .. } => {
+                self.allowed(Operation::Read, name) || self.allowed(Operation::Write, name)
+            }
             Message::Download { .. } => self.allowed(Operation::Read, name),
             Message::Upload { .. } => self.allowed(Operation::Write, name),
             _ => self.allowed(Operation::Delete, name),

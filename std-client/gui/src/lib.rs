@@ -134,12 +134,12 @@ impl GuiApp {
                 .map_err(ClientError::BadKey)
                 .and_then(|key| Connection::connect(&server, &key))
                 .map(|mut c| {
-                c.set_hints_dir(deltasync_client::default_hints_dir());
-                if let Some(flag) = cancel {
-                    c.set_cancel_flag(flag);
-                }
-                c
-            });
+                    c.set_hints_dir(deltasync_client::default_hints_dir());
+                    if let Some(flag) = cancel {
+                        c.set_cancel_flag(flag);
+                    }
+                    c
+                });
             work(conn, &tx);
             ctx.request_repaint();
         });
