@@ -56,10 +56,15 @@ echo "firmware.sh: $(/usr/bin/rustc --version), $(/usr/bin/cargo --version)"
 # in flash, and no build-machine paths in the ELF.
 CRATES_SRC="${CARGO_HOME:-$HOME/.cargo}/registry/src"
 REMAP="target.$TARGET.rustflags=[\"--remap-path-prefix=$CRATES_SRC=/crates\", \"--remap-path-prefix=/usr/lib/rustlib/src/rust=/rust\", \"--remap-path-prefix=$ROOT=/deltasync\"]"
+FEATURES=()
+if [ -z "${DELTASYNC_DEVICE_KEY:-}" ]; then
+    echo "firmware.sh: DELTASYNC_DEVICE_KEY is not set: building with the published QEMU test key"
+    FEATURES=(--features qemu-test-key)
+fi
 cd "$FW_DIR"
 env -u RUSTFLAGS -u CARGO_ENCODED_RUSTFLAGS -u RUSTC_WRAPPER -u CARGO_BUILD_RUSTC_WRAPPER \
     RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 \
-    /usr/bin/cargo build --release \
+    /usr/bin/cargo build --release "${FEATURES[@]}" \
     -Zbuild-std=core,alloc --target "$TARGET" \
     --config "$REMAP" \
     --target-dir "$TARGET_DIR"

@@ -39,14 +39,22 @@ impl Access {
         Access { key: key.into(), read: true, write: true, delete: true, prefixes: Vec::new() }
     }
 
-    /// Whether `name` lies under one of the key's prefixes.
+    /// Whether `name` lies under one of the key's prefixes. An empty prefix
+    /// (or `/`) covers nothing: only an empty list means every name, so a
+    /// prefix made from an unset variable cannot widen a key.
     pub fn covers(&self, name: &str) -> bool {
         self.prefixes.is_empty()
             || self.prefixes.iter().any(|p| {
                 let p = p.trim_end_matches('/');
-                p.is_empty()
-                    || name.strip_prefix(p).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+                !p.is_empty()
+                    && name.strip_prefix(p).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
             })
+    }
+
+    /// Checks a prefix as a key file may hold it: a valid name (see
+    /// [`crate::message::validate_name`]), with at most a trailing `/`.
+    pub fn check_prefix(prefix: &str) -> Result<(), crate::error::ErrorCode> {
+        crate::message::validate_name(prefix.strip_suffix('/').unwrap_or(prefix))
     }
 
     /// Whether the key may perform `op` on `name`.
@@ -100,6 +108,13 @@ mod tests {
         assert!(!a.allows(Operation::Write, "devices/70/log"));
         assert!(!a.allows(Operation::Write, "devices/8/log"));
         assert!(!a.allows(Operation::Write, "devices"));
+        for empty in ["", "/", "//"] {
+            let e = Access { prefixes: vec![empty.to_string()], ..Access::full("e") };
+            assert!(!e.allows(Operation::Read, "x"), "{empty:?} covers nothing");
+            assert!(Access::check_prefix(empty).is_err());
+        }
+        assert!(Access::check_prefix("devices/7/").is_ok());
+        assert!(Access::check_prefix("../x").is_err());
         let ro = Access { write: false, delete: false, ..Access::full("ro") };
         assert!(ro.allows(Operation::Read, "x"));
         assert!(!ro.allows(Operation::Write, "x"));

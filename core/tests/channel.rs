@@ -193,3 +193,41 @@ fn requests_outside_a_keys_permissions_are_refused_and_change_nothing() {
     assert_eq!(files.borrow().len(), 2);
     assert_eq!(PROTOCOL_VERSION, 5);
 }
+
+#[test]
+fn a_replayed_hello_gets_an_answer_but_never_a_session() {
+    use deltasync_core::machine::{Machine, Poll};
+    // The attacker recorded a real client's hello and its first request.
+    let files = Files::default();
+    files.borrow_mut().insert("f".into(), b"kept".to_vec());
+    let (mut cp, mut sp, mut net) = (pump(), pump(), Net::new());
+    let mut real = server(&files, keys());
+    run(&mut handshake(KEY), &mut cp, &mut real, &mut sp, &mut net).unwrap();
+    let mut hs = handshake(KEY);
+    let mut hello = vec![0u8; 256];
+    let Ok(Poll::Transmit(n)) = hs.poll(Instant(0), &mut hello) else { panic!("no hello") };
+    hello.truncate(n);
+    let mut del = Query::new(QueryKind::Delete("f"), |_| {}, Instant(0));
+    let Ok(Step::Write(n)) = cp.step::<_, ()>(&mut del, Instant(0)) else { panic!("no request") };
+    let recorded_request = cp.output(n).to_vec();
+    // Replayed to a fresh connection: the server answers the hello (it
+    // cannot tell a replay), but the request that follows does not open.
+    // (A real server's ephemeral key is fresh for every connection.)
+    let mut victim =
+        deltasync_core::conn::server::ServerConn::new(MemStore(files.clone()), keys(), [8u8; 32], Instant(0));
+    let mut vp = pump();
+    let replay = [hello, recorded_request.clone()].concat();
+    vp.input()[..replay.len()].copy_from_slice(&replay);
+    vp.filled(replay.len());
+    let err = loop {
+        match vp.step::<_, ()>(&mut victim, Instant(0)) {
+            Ok(Step::Again | Step::Write(_)) => {}
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => break e,
+        }
+    };
+    assert!(matches!(err, DriveError::Session(SessionError::Protocol(ErrorCode::Tampered))), "{err:?}");
+    assert!(std::iter::from_fn(|| victim.next_event()).all(|e| !matches!(e, Event::Authenticated { .. })));
+    assert_eq!(victim.key_name(), None);
+    assert!(files.borrow()["f"] == b"kept");
+}

@@ -559,8 +559,11 @@ async fn authorize(app: &App, req: Request, next: Next) -> Response {
         .query()
         .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("key=")))
         .map(str::to_string);
-    let presented = bearer.as_deref().or(cookie.as_deref()).or(query.as_deref());
-    if presented.and_then(|k| (app.login)(k)).is_none() {
+    let valid = |k: &Option<String>| k.as_deref().and_then(|k| (app.login)(k)).is_some();
+    // A login in the query wins over an old cookie (which may be revoked),
+    // and is the only one that sets the cookie.
+    let from_query = valid(&query);
+    if !(from_query || valid(&bearer) || valid(&cookie)) {
         return (
             StatusCode::UNAUTHORIZED,
             "this dashboard needs a key with the dashboard permission \
@@ -569,7 +572,7 @@ async fn authorize(app: &App, req: Request, next: Next) -> Response {
             .into_response();
     }
     let mut resp = next.run(req).await;
-    if let (Some(k), None) = (query, cookie) {
+    if let (true, Some(k)) = (from_query, query) {
         let secure = if app.access.tls { "; Secure" } else { "" };
         let c = format!("{COOKIE}={k}; HttpOnly; SameSite=Strict; Path=/{secure}");
         if let Ok(v) = c.parse() {
@@ -768,6 +771,9 @@ mod tests {
         assert_eq!(status(app.clone(), "/?key=wrong", None).await.0, StatusCode::UNAUTHORIZED);
         // The old token parameter is no login.
         assert_eq!(status(app.clone(), "/?token=dsk1-good", None).await.0, StatusCode::UNAUTHORIZED);
+        // A bad query value beside a good bearer sets no cookie.
+        let (code, cookie) = status(app.clone(), "/?key=forged", Some("Bearer dsk1-good")).await;
+        assert_eq!((code, cookie), (StatusCode::OK, None));
         assert_eq!(status(app.clone(), "/metrics", Some("Bearer dsk1-good")).await.0, StatusCode::OK);
         let (code, cookie) = status(app.clone(), "/?key=dsk1-good", None).await;
         assert_eq!(code, StatusCode::OK);

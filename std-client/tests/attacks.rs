@@ -235,6 +235,13 @@ fn keys_grant_only_their_permissions_and_revocation_takes_effect_at_once() {
     denied(put(&dev7, "devices/70/log", b"forged"), "device 7 writing device 70's log");
     denied(cli(srv.port, &dev7, &["ls"]), "a write-only key listing");
     assert!(put(&dev7, "devices/7/log", b"seven").status.success());
+    // A symlink inside the root does not carry a key past its prefix.
+    std::fs::create_dir_all(root.join("finance")).unwrap();
+    std::fs::write(root.join("finance/report"), b"q3").unwrap();
+    std::os::unix::fs::symlink("../../finance", root.join("devices/7/shared")).unwrap();
+    let o = put(&dev7, "devices/7/shared/planted", b"forged");
+    assert_eq!(o.status.code(), Some(7), "through an in-root symlink: {}", stderr(&o));
+    assert!(!root.join("finance/planted").exists());
 
     // A wrong key, and a revoked one, from the next connection on.
     let o = cli(srv.port, &test_key(9), &["ls"]);

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 /// One key as the file stores it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeyEntry {
     /// Unique name (logs, dashboard, metrics).
@@ -39,7 +39,14 @@ pub struct KeyEntry {
     pub prefixes: Vec<String>,
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
+/// Everything but the secret.
+impl fmt::Debug for KeyEntry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+#[derive(Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct KeyFile {
     #[serde(default)]
@@ -61,6 +68,10 @@ pub enum KeyFileError {
     NoSuchKey(String),
     /// A key with that name exists already.
     Exists(String),
+    /// A prefix is not a valid name.
+    BadPrefix(String),
+    /// Other users may read or write it.
+    Exposed(PathBuf, u32),
 }
 
 impl fmt::Display for KeyFileError {
@@ -72,6 +83,16 @@ impl fmt::Display for KeyFileError {
             KeyFileError::Duplicate(p, what) => write!(f, "key file {}: {what} appears twice", p.display()),
             KeyFileError::NoSuchKey(n) => write!(f, "no key named {n:?}"),
             KeyFileError::Exists(n) => write!(f, "a key named {n:?} exists already"),
+            KeyFileError::BadPrefix(p) => {
+                write!(f, "prefix {p:?} is not a name (a directory such as devices/7; no '..', not empty)")
+            }
+            KeyFileError::Exposed(p, mode) => write!(
+                f,
+                "key file {} has mode {mode:03o}: other users could read the secrets or add keys; \
+                 `chmod 600 {}`",
+                p.display(),
+                p.display()
+            ),
         }
     }
 }
@@ -137,10 +158,23 @@ fn hex_string(b: &[u8]) -> String {
     b.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Reads and checks every entry of the key file at `path`.
+/// Reads and checks every entry of the key file at `path`, which only its
+/// owner may read or write (as ssh wants of its keys).
 pub fn load(path: &Path) -> Result<Vec<KeyEntry>, KeyFileError> {
-    let text = std::fs::read_to_string(path).map_err(|e| KeyFileError::Io(path.into(), e))?;
-    let file: KeyFile = toml::from_str(&text).map_err(|e| KeyFileError::Parse(path.into(), e.to_string()))?;
+    let io = |e| KeyFileError::Io(path.into(), e);
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    let mode = f.metadata().map_err(io)?.mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(KeyFileError::Exposed(path.into(), mode));
+    }
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut f, &mut text).map_err(io)?;
+    // toml's full error text quotes the offending line, which may hold a
+    // secret: only the message and the place.
+    let file: KeyFile = toml::from_str(&text).map_err(|e| {
+        let line = e.span().map_or(0, |s| text[..s.start.min(text.len())].lines().count().max(1));
+        KeyFileError::Parse(path.into(), format!("line {line}: {}", e.message()))
+    })?;
     let mut names = std::collections::HashSet::new();
     let mut ids = std::collections::HashSet::new();
     for k in &file.key {
@@ -151,8 +185,18 @@ pub fn load(path: &Path) -> Result<Vec<KeyEntry>, KeyFileError> {
         if !ids.insert(k.id.to_ascii_lowercase()) {
             return Err(KeyFileError::Duplicate(path.into(), format!("id {}", k.id)));
         }
+        check_prefixes(&k.prefixes)?;
     }
     Ok(file.key)
+}
+
+/// Refuses prefixes that are not names (an empty one would be easy to
+/// mistake for "everything").
+pub fn check_prefixes(prefixes: &[String]) -> Result<(), KeyFileError> {
+    match prefixes.iter().find(|p| Access::check_prefix(p).is_err()) {
+        Some(p) => Err(KeyFileError::BadPrefix(p.clone())),
+        None => Ok(()),
+    }
 }
 
 /// Writes `keys` to `path` atomically (a temporary file renamed over it),
@@ -163,7 +207,8 @@ pub fn save(path: &Path, keys: &[KeyEntry]) -> Result<(), KeyFileError> {
     std::fs::create_dir_all(dir).map_err(io)?;
     let text = toml::to_string(&KeyFile { key: keys.to_vec() })
         .map_err(|e| KeyFileError::Parse(path.into(), e.to_string()))?;
-    let tmp = dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("keys")));
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("keys");
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
     let mut f =
         std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(io)?;
@@ -175,18 +220,43 @@ pub fn save(path: &Path, keys: &[KeyEntry]) -> Result<(), KeyFileError> {
     Ok(())
 }
 
+/// Holds an exclusive lock beside the key file while it is read, changed
+/// and written, so that two `key add`/`key revoke` at once lose nothing.
+fn locked<T>(path: &Path, f: impl FnOnce() -> Result<T, KeyFileError>) -> Result<T, KeyFileError> {
+    let mut lock_name = path.file_name().unwrap_or_default().to_os_string();
+    lock_name.push(".lock");
+    let lock_path = path.with_file_name(lock_name);
+    let io = |e| KeyFileError::Io(lock_path.clone(), e);
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&lock_path)
+        .map_err(io)?;
+    lock.lock().map_err(io)?;
+    f()
+}
+
 /// Adds `entry` to the file at `path` (created if missing).
 pub fn add(path: &Path, entry: KeyEntry) -> Result<(), KeyFileError> {
-    let mut keys = if path.exists() { load(path)? } else { Vec::new() };
-    if keys.iter().any(|k| k.name == entry.name) {
-        return Err(KeyFileError::Exists(entry.name));
-    }
-    keys.push(entry);
-    save(path, &keys)
+    check_prefixes(&entry.prefixes)?;
+    locked(path, || {
+        let mut keys = if path.exists() { load(path)? } else { Vec::new() };
+        if keys.iter().any(|k| k.name == entry.name) {
+            return Err(KeyFileError::Exists(entry.name));
+        }
+        keys.push(entry);
+        save(path, &keys)
+    })
 }
 
 /// Removes the key named `name`.
 pub fn revoke(path: &Path, name: &str) -> Result<(), KeyFileError> {
+    locked(path, || revoke_unlocked(path, name))
+}
+
+fn revoke_unlocked(path: &Path, name: &str) -> Result<(), KeyFileError> {
     let mut keys = load(path)?;
     let before = keys.len();
     keys.retain(|k| k.name != name);
@@ -196,21 +266,23 @@ pub fn revoke(path: &Path, name: &str) -> Result<(), KeyFileError> {
     save(path, &keys)
 }
 
-/// Makes the directory of a new key file owner-only.
+/// Creates the directory of a new key file owner-only, if it is missing (an
+/// existing directory is left as it is).
 pub fn private_dir(path: &Path) {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
         let _ = std::fs::create_dir_all(dir);
         let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
     }
 }
 
 /// What identifies one version of the file: a rewrite renames a new inode
-/// over it, an edit in place changes its time or size.
-type Stamp = (u64, u64, i64, i64, u64);
+/// over it; an edit in place or a chmod changes its status-change time
+/// (nanoseconds here), size or mode.
+type Stamp = (u64, u64, i64, i64, u64, u32);
 
 fn stamp(path: &Path) -> Option<Stamp> {
     let m = std::fs::metadata(path).ok()?;
-    Some((m.dev(), m.ino(), m.mtime(), m.mtime_nsec(), m.size()))
+    Some((m.dev(), m.ino(), m.ctime(), m.ctime_nsec(), m.size(), m.mode()))
 }
 
 struct Loaded {
@@ -311,9 +383,22 @@ mod tests {
         assert!(ring.find(&admin_key.id).is_some());
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        // A broken file grants nothing.
-        std::fs::write(&path, "this is not toml [").unwrap();
+        // A file others can read grants nothing, nor does a broken one.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         assert!(ring.find(&admin_key.id).is_none());
+        assert!(matches!(load(&path), Err(KeyFileError::Exposed(_, 0o644))));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(ring.find(&admin_key.id).is_some());
+        let secret = admin.secret.clone();
+        std::fs::write(&path, format!("[[key]]\nname = \"x\"\nsecret = \"{secret}\" junk\n")).unwrap();
+        assert!(ring.find(&admin_key.id).is_none());
+        let err = load(&path).unwrap_err().to_string();
+        assert!(!err.contains(&secret), "the error quotes the secret: {err}");
+        // Prefixes must be names.
+        for bad in ["", "/", "../x"] {
+            let e = KeyEntry { prefixes: vec![bad.into()], ..KeyEntry::generate("bad") };
+            assert!(matches!(add(&path, e), Err(KeyFileError::BadPrefix(_))), "{bad:?}");
+        }
     }
 
     #[test]
@@ -322,6 +407,7 @@ mod tests {
         let path = dir.path().join("keys.toml");
         let weak = KeyEntry { secret: "0011223344556677".into(), ..KeyEntry::generate("weak") };
         std::fs::write(&path, toml::to_string(&KeyFile { key: vec![weak] }).unwrap()).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         let err = load(&path).unwrap_err().to_string();
         assert!(err.contains("64 bits") && err.contains("deltasync-server key add"), "{err}");
     }

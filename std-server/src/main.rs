@@ -81,11 +81,14 @@ enum KeyCommand {
     },
 }
 
-/// The key file to use.
-fn keys_path(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
-    given
-        .or_else(deltasync_core::local::default_keys_path)
-        .context("no --keys given and no HOME for the default key file")
+/// The key file to use, and whether it is the default one.
+fn keys_path(given: Option<PathBuf>) -> anyhow::Result<(PathBuf, bool)> {
+    match given {
+        Some(p) => Ok((p, false)),
+        None => deltasync_core::local::default_keys_path()
+            .map(|p| (p, true))
+            .context("no --keys given and no HOME for the default key file"),
+    }
 }
 
 fn key_command(path: &Path, cmd: KeyCommand) -> anyhow::Result<()> {
@@ -115,32 +118,32 @@ fn key_command(path: &Path, cmd: KeyCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A fresh server's key file: one full-access key (that may also open the
-/// dashboard), which clients on this machine find in their own key file.
-/// If that client key file exists already, its key is the one adopted, so
-/// a client set up earlier keeps working.
+/// A fresh server's key file (at the default path only): one new
+/// full-access key, `owner`, written for clients on this machine to the
+/// client key file, or beside the key file if a client key (perhaps from
+/// another server) is there already.
 fn first_keys(path: &Path) -> anyhow::Result<()> {
-    let client_file = deltasync_core::local::default_key_path();
-    let existing = client_file
-        .as_ref()
-        .and_then(|p| std::fs::read_to_string(p).ok())
-        .and_then(|s| ClientKey::parse(&s).ok());
-    let key = existing.unwrap_or_else(|| ClientKey { id: rand::random(), secret: rand::random() });
-    let entry = KeyEntry { dashboard: true, ..KeyEntry::with_key("owner", &key) };
+    let key = ClientKey { id: rand::random(), secret: rand::random() };
     keys::private_dir(path);
-    keys::add(path, entry)?;
+    keys::add(path, KeyEntry::with_key("owner", &key))?;
     println!("created key file {} with one full-access key, \"owner\"", path.display());
-    if let Some(p) = client_file.filter(|p| !p.exists()) {
-        keys::private_dir(&p);
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&p)
-            .with_context(|| format!("creating {}", p.display()))?;
-        writeln!(f, "{}", key.encode())?;
-        println!("wrote its client key to {} (clients on this machine use it)", p.display());
-    }
+    let client_file = deltasync_core::local::default_key_path().filter(|p| !p.exists());
+    let (target, note) = match client_file {
+        Some(p) => (p, "clients on this machine use it"),
+        None => (
+            path.with_file_name("owner.key"),
+            "a client key file exists already: pass --key-file to use this one",
+        ),
+    };
+    keys::private_dir(&target);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&target)
+        .with_context(|| format!("creating {}", target.display()))?;
+    writeln!(f, "{}", key.encode())?;
+    println!("wrote its client key to {} ({note})", target.display());
     Ok(())
 }
 
@@ -173,11 +176,19 @@ async fn run() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let keys_file = keys_path(args.keys)?;
+    let (keys_file, default) = keys_path(args.keys)?;
     if let Some(Command::Key(cmd)) = args.command {
         return key_command(&keys_file, cmd);
     }
     if !keys_file.exists() {
+        // A key file named explicitly and missing is a mistake (a typo, a
+        // volume not mounted), not a fresh server.
+        anyhow::ensure!(
+            default,
+            "key file {} does not exist: create it with `deltasync-server --keys {} key add NAME`",
+            keys_file.display(),
+            keys_file.display()
+        );
         first_keys(&keys_file)?;
     }
     let keyring = Arc::new(KeyRing::open(&keys_file)?);
@@ -204,6 +215,13 @@ async fn run() -> anyhow::Result<()> {
         let addr: SocketAddr = args.dashboard.parse().context("--dashboard takes ADDR:PORT or off")?;
         let dl = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("dashboard on {addr}"))?;
         let scheme = if args.dashboard_tls_cert.is_some() { "https" } else { "http" };
+        if !addr.ip().is_loopback() && args.dashboard_tls_cert.is_none() {
+            tracing::warn!(
+                %addr,
+                "the dashboard is served off loopback without TLS: its logins cross the network in clear \
+                 (--dashboard-tls-cert, --dashboard-tls-key)"
+            );
+        }
         println!("dashboard on {scheme}://{}/", dl.local_addr()?);
         let hub = Hub::new();
         let ring = keyring.clone();

@@ -189,13 +189,24 @@ impl FsStore {
         Ok(())
     }
 
-    /// `root/name`, refusing anything that resolves outside the root (a
-    /// symlink pointing out, for instance). Names were already checked for
-    /// `..`, absolute paths and NUL by the core.
+    /// `root/name`, refusing a name through a symlink (symlinks under the
+    /// root are never followed for clients: one pointing out would escape
+    /// the root, one pointing elsewhere inside it would escape a key's
+    /// prefixes) and anything that resolves outside the root. Names were
+    /// already checked for `..`, absolute paths and NUL by the core.
     fn path_of(&self, name: &str) -> Result<PathBuf, ErrorCode> {
         let path = self.root.join(name);
         if Path::new(name).components().any(|c| !matches!(c, Component::Normal(_))) {
             return Err(ErrorCode::BadName);
+        }
+        let mut walked = self.root.clone();
+        for part in Path::new(name).components() {
+            walked.push(part);
+            match fs::symlink_metadata(&walked) {
+                Ok(m) if m.file_type().is_symlink() => return Err(ErrorCode::BadName),
+                Ok(_) => {}
+                Err(_) => break,
+            }
         }
         let mut probe = path.as_path();
         while fs::symlink_metadata(probe).is_err() {

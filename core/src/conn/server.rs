@@ -352,12 +352,10 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
         }
     }
 
-    /// The name of the client's key, once its hello passed.
+    /// The name of the client's key, once the client proved it (its first
+    /// sealed frame opened: a replayed hello proves nothing).
     pub fn key_name(&self) -> Option<&str> {
-        match &self.state {
-            State::Handshake(h) => h.access().map(|a| a.key.as_str()),
-            _ => self.access.as_ref().map(|a| a.key.as_str()),
-        }
+        self.access.as_ref().filter(|_| self.confirmed).map(|a| a.key.as_str())
     }
 
     fn allowed(&self, op: Operation, name: &str) -> bool {

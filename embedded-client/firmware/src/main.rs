@@ -30,13 +30,18 @@ use cortex_m as _;
 
 /// The device's own key (`deltasync-server key add NAME --prefix devices/7
 /// --write-only` prints one), fixed at build time from
-/// `DELTASYNC_DEVICE_KEY`.
+/// `DELTASYNC_DEVICE_KEY`. Without it the build fails, unless the feature
+/// `qemu-test-key` asks for the published test key.
 const KEY: &str = match option_env!("DELTASYNC_DEVICE_KEY") {
     Some(k) => k,
+    #[cfg(feature = "qemu-test-key")]
     None => QEMU_TEST_KEY,
+    #[cfg(not(feature = "qemu-test-key"))]
+    None => panic!("set DELTASYNC_DEVICE_KEY to the device's key (or enable feature qemu-test-key for QEMU tests)"),
 };
-/// The key QEMU test builds use when none is given: published here, so it
-/// protects nothing. A real device is built with a key of its own.
+/// The key QEMU test builds use (feature `qemu-test-key`): published here,
+/// so it protects nothing.
+#[cfg(feature = "qemu-test-key")]
 const QEMU_TEST_KEY: &str = "dsk1-6465766963652d37-1717171717171717171717171717171717171717171717171717171717171717";
 /// The name the log is stored under on the server.
 const LOG_NAME: &str = "devices/7/log";
