@@ -60,21 +60,21 @@ impl CipherKind {
         }
     }
 
-    /// The faster cipher on this machine: AES-GCM where the CPU has AES and
-    /// carry-less multiplication instructions (and this build has AES-GCM),
-    /// else ChaCha20-Poly1305.
-    #[cfg(feature = "std")]
+    /// The cipher clients use unless told otherwise: ChaCha20-Poly1305. On
+    /// this project's x86-64 machines (AES-NI, PCLMULQDQ, AVX2) it sealed
+    /// and opened frames as fast as AES-GCM or faster (BENCHMARKS.md,
+    /// `cipher-bench`), and it is the only fast one on devices.
     pub fn preferred() -> CipherKind {
-        #[cfg(all(feature = "aes", target_arch = "x86_64"))]
-        if std::arch::is_x86_feature_detected!("aes") && std::arch::is_x86_feature_detected!("pclmulqdq") {
-            return CipherKind::AesGcm;
-        }
-        #[cfg(all(feature = "aes", target_arch = "aarch64"))]
-        if std::arch::is_aarch64_feature_detected!("aes") && std::arch::is_aarch64_feature_detected!("pmull")
-        {
-            return CipherKind::AesGcm;
-        }
         CipherKind::ChaChaPoly
+    }
+
+    /// Parses `chacha20-poly1305` or `aes-256-gcm`.
+    pub fn from_name(name: &str) -> Option<CipherKind> {
+        match name {
+            "chacha20-poly1305" | "chacha" => Some(CipherKind::ChaChaPoly),
+            "aes-256-gcm" | "aes-gcm" | "aes" => Some(CipherKind::AesGcm),
+            _ => None,
+        }
     }
 
     /// The Noise protocol name this cipher gives.

@@ -3,8 +3,8 @@
 //! command and the GUI are thin faces over this library.
 
 use deltasync_core::Hash;
-pub use deltasync_core::channel::ClientKey;
-use deltasync_core::channel::{CipherKind, KeyError};
+pub use deltasync_core::channel::{CipherKind, ClientKey};
+use deltasync_core::channel::KeyError;
 use deltasync_core::chunker::ChunkerKind;
 use deltasync_core::conn::{ClientHandshake, Download, Query, QueryKind, Stat, Upload};
 use deltasync_core::driver::{DriveError, Pump, TimeoutAsTimedOut, run_blocking_observed};
@@ -310,6 +310,16 @@ impl Connection {
     /// wire as they are in both directions (zstd is neither used nor
     /// announced to the server).
     pub fn connect_with(server: &str, key: &ClientKey, compress: bool) -> Result<Connection, ClientError> {
+        Self::connect_using(server, key, compress, CipherKind::preferred())
+    }
+
+    /// Like [`Self::connect_with`], with the session sealed by `cipher`.
+    pub fn connect_using(
+        server: &str,
+        key: &ClientKey,
+        compress: bool,
+        cipher: CipherKind,
+    ) -> Result<Connection, ClientError> {
         let addrs: Vec<_> = server.to_socket_addrs().map_err(ClientError::Network)?.collect();
         let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
         let stream = addrs
@@ -342,7 +352,7 @@ impl Connection {
             version: 0,
         };
         let announce = if compress { CAPS } else { !CAP_ZSTD };
-        let mut hs = ClientHandshake::new(key.clone(), CipherKind::preferred(), rand::random(), now())
+        let mut hs = ClientHandshake::new(key.clone(), cipher, rand::random(), now())
             .announcing(announce);
         c.salt = c.run(&mut hs, "", |_, _| {})?;
         c.caps = hs.shared_caps();

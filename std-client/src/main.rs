@@ -25,6 +25,11 @@ struct Cli {
     /// or ~/.config/deltasync/key, which a server on this machine writes].
     #[arg(long, env = "DELTASYNC_KEY_FILE", global = true, value_name = "PATH")]
     key_file: Option<PathBuf>,
+    /// The session's cipher: chacha20-poly1305 (the default) or aes-256-gcm
+    /// (faster on some CPUs with AES instructions; measure with
+    /// `cipher-bench`).
+    #[arg(long, env = "DELTASYNC_CIPHER", global = true, default_value = "chacha20-poly1305", value_parser = parse_cipher)]
+    cipher: deltasync_client::CipherKind,
     /// Print one JSON object per result on stdout, and no progress bars.
     #[arg(long, global = true)]
     json: bool,
@@ -139,9 +144,13 @@ fn tick(b: &Option<ProgressBar>) -> impl FnMut(Progress) + '_ {
     }
 }
 
+fn parse_cipher(s: &str) -> Result<deltasync_client::CipherKind, String> {
+    deltasync_client::CipherKind::from_name(s).ok_or_else(|| "chacha20-poly1305 or aes-256-gcm".to_string())
+}
+
 fn run(cli: Cli) -> Result<(), ClientError> {
     let key = find_key(cli.key, cli.key_file)?;
-    let mut c = Connection::connect_with(&cli.server, &key, !cli.no_compress)?;
+    let mut c = Connection::connect_using(&cli.server, &key, !cli.no_compress, cli.cipher)?;
     if let Some(r) = cli.limit_rate {
         c.limit_rate(r);
     }

@@ -262,3 +262,21 @@ fn a_weak_secret_is_refused_with_the_way_to_make_one() {
     assert_eq!(o.status.code(), Some(3));
     assert!(stderr(&o).contains("128 bits") && stderr(&o).contains("key add"), "{}", stderr(&o));
 }
+
+#[test]
+fn either_cipher_reaches_the_same_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let key = test_key(8);
+    let srv = ServerProcess::start(&server_bin(), &root, &key, &["--dashboard", "off"]).unwrap();
+    let data = random_bytes(5, 500_000);
+    let f = dir.path().join("f");
+    std::fs::write(&f, &data).unwrap();
+    let out = cli(srv.port, &key, &["--cipher", "aes-256-gcm", "upload", s(&f)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let back = dir.path().join("back");
+    let out = cli(srv.port, &key, &["--cipher", "chacha20-poly1305", "download", "f", "-o", s(&back)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(std::fs::read(&back).unwrap(), data);
+    assert_eq!(cli(srv.port, &key, &["--cipher", "rot13", "ls"]).status.code(), Some(2));
+}
