@@ -3,8 +3,8 @@
 //! command and the GUI are thin faces over this library.
 
 use deltasync_core::Hash;
-pub use deltasync_core::channel::{CipherKind, ClientKey};
 use deltasync_core::channel::KeyError;
+pub use deltasync_core::channel::{CipherKind, ClientKey};
 use deltasync_core::chunker::ChunkerKind;
 use deltasync_core::conn::{ClientHandshake, Download, Query, QueryKind, Stat, Upload};
 use deltasync_core::driver::{DriveError, Pump, TimeoutAsTimedOut, run_blocking_observed};
@@ -352,8 +352,7 @@ impl Connection {
             version: 0,
         };
         let announce = if compress { CAPS } else { !CAP_ZSTD };
-        let mut hs = ClientHandshake::new(key.clone(), cipher, rand::random(), now())
-            .announcing(announce);
+        let mut hs = ClientHandshake::new(key.clone(), cipher, rand::random(), now()).announcing(announce);
         c.salt = c.run(&mut hs, "", |_, _| {})?;
         c.caps = hs.shared_caps();
         c.version = hs.version();

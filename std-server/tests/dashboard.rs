@@ -263,3 +263,57 @@ async fn the_dashboard_updates_live_in_headless_chromium() {
     std::fs::write(target.join("dashboard-phone.png"), client.screenshot().await.unwrap()).unwrap();
     client.close().await.unwrap();
 }
+
+/// The dashboard over TLS: a client that trusts the certificate gets the
+/// API with the security headers; a plain-HTTP request gets nothing useful.
+#[test]
+fn the_dashboard_speaks_tls_when_given_a_certificate() {
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    let (cert_pem, key_pem) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_pem, cert.cert.pem()).unwrap();
+    std::fs::write(&key_pem, cert.signing_key.serialize_pem()).unwrap();
+    let bin = Path::new(env!("CARGO_BIN_EXE_deltasync-server"));
+    let extra = [
+        "--dashboard",
+        "127.0.0.1:0",
+        "--dashboard-tls-cert",
+        cert_pem.to_str().unwrap(),
+        "--dashboard-tls-key",
+        key_pem.to_str().unwrap(),
+    ];
+    let srv = ServerProcess::start(bin, &dir.path().join("root"), &key(), &extra).expect("start server");
+    let base = srv.dashboard.clone().unwrap();
+    let host = base.strip_prefix("https://").expect("an https dashboard").trim_end_matches('/').to_string();
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.cert.der().clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let sock = TcpStream::connect(&host).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, sock);
+    write!(tls, "GET /api/stats HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    let _ = tls.read_to_string(&mut resp);
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let lower = resp.to_ascii_lowercase();
+    assert!(lower.contains("x-frame-options: deny") && lower.contains("content-security-policy"), "{resp}");
+    assert!(resp.contains("connected_clients"), "{resp}");
+
+    // Plain HTTP on the TLS port is no way in.
+    let mut plain = TcpStream::connect(&host).unwrap();
+    plain.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(plain, "GET /api/stats HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut got = Vec::new();
+    let _ = plain.read_to_end(&mut got);
+    assert!(!String::from_utf8_lossy(&got).contains("connected_clients"));
+}
