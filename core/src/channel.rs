@@ -406,6 +406,89 @@ mod tests {
         assert_eq!(s.read(&m[..n], &mut p), Err(ChannelError::Authentication));
     }
 
+    /// The published Noise test vectors ("cacophony", as the snow and
+    /// cacophony implementations carry them) for exactly the two protocols
+    /// in use: the handshake messages, the handshake hash and four
+    /// transport messages, byte for byte.
+    #[test]
+    fn the_published_noise_vectors_of_both_protocols_are_reproduced() {
+        fn hex32(s: &str) -> [u8; 32] {
+            let mut out = [0u8; 32];
+            hex::decode_to_slice(s, &mut out).unwrap();
+            out
+        }
+        fn bytes(s: &str) -> std::vec::Vec<u8> {
+            (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+        }
+        let prologue = bytes("4a6f686e2047616c74");
+        let psk = hex32("54686973206973206d7920417573747269616e20706572737065637469766521");
+        let e_i = hex32("893e28b9dc6ca8d611ab664754b8ceb7bac5117349a4439a6b0569da977c464a");
+        let e_r = hex32("bbdb4cdbd309f1a1f2e1456967fe288cadd6f712d65dc7b7793d5e63da6b375b");
+        let payloads = [
+            "4c756477696720766f6e204d69736573",
+            "4d757272617920526f746862617264",
+            "462e20412e20486179656b",
+            "4361726c204d656e676572",
+            "4a65616e2d426170746973746520536179",
+            "457567656e2042f6686d20766f6e2042617765726b",
+        ];
+        let vectors = [
+            (
+                CipherKind::ChaChaPoly,
+                "f4d03dc34495c95729ea6de9e1b59004b59733102488b3e24bc441e0be208eaf",
+                [
+                    "ca35def5ae56cec33dc2036731ab14896bc4c75dbb07a61f879f8e3afa4c794479b962b8aff8485742ac32f905ba45369e2465fb59e138a93d67a0d1266b6a54",
+                    "95ebc60d2b1fa672c1f46a8aa265ef51bfe38e7ccb39ec5be34069f144808843d6062704d5a9c422a8e834423f8c1feada7e8d0d910a1a2cd030fb584221e3",
+                    "e632c3763d7669067383433197a3baddf146e9e70ad4b4e9e59e0f",
+                    "64c6bee32ea91c8474bb4c21d7a700109ad45af77b29764ba5eb1e",
+                    "e2fa0bed0603b62d3ccac2ecabbf3fe33f3e86514909b323361626266cb2471cc8",
+                    "0c01dc9cec1fe4ddd692e8dd32188aa351088dc91183639a53b57aa4692b5ebdef8b8ca111",
+                ],
+            ),
+            (
+                CipherKind::AesGcm,
+                "9f3b1f9afd7767767b5b9d1069844a6154fdbdcc36dfb3e31c0fffc5c973d530",
+                [
+                    "ca35def5ae56cec33dc2036731ab14896bc4c75dbb07a61f879f8e3afa4c79447c37a89fc17813788d30df2d59501d6066f5f8aecc3406bbd9829f2d24a531b1",
+                    "95ebc60d2b1fa672c1f46a8aa265ef51bfe38e7ccb39ec5be34069f1448088432f29d79368ef9de4e1ae7a362fb05bf0ad668e026bf5714554497b3a720461",
+                    "7c01e898a6201f36aecee532e29cd0b7f8ffa29d3366ad0dce39a6",
+                    "a9ff535aace3db6a1da1a7fb00fe2de2622bb373abad9fb42c00e0",
+                    "6cfc49a3e65472edc2d0152abe5ce950170a8a47c959f30bd48b5f0aacf29adbfd",
+                    "9bc86e6d974ed21ba04604a94aa68de21677eb409ead070c0cd569b069ee19ba142aa4c1a9",
+                ],
+            ),
+        ];
+        for (cipher, hash, ciphertexts) in vectors {
+            assert!(
+                cipher.protocol_name().starts_with("Noise_NNpsk0_25519_")
+                    && cipher.protocol_name().ends_with("_SHA256")
+            );
+            let mut i = Handshake::new(true, cipher, &prologue, &psk, e_i).unwrap();
+            let mut r = Handshake::new(false, cipher, &prologue, &psk, e_r).unwrap();
+            let (mut m, mut p) = ([0u8; 256], [0u8; 256]);
+            let n = i.write(&bytes(payloads[0]), &mut m).unwrap();
+            assert_eq!(m[..n], bytes(ciphertexts[0])[..], "{cipher:?} message 0");
+            let k = r.read(&m[..n], &mut p).unwrap();
+            assert_eq!(p[..k], bytes(payloads[0])[..]);
+            let n = r.write(&bytes(payloads[1]), &mut m).unwrap();
+            assert_eq!(m[..n], bytes(ciphertexts[1])[..], "{cipher:?} message 1");
+            let k = i.read(&m[..n], &mut p).unwrap();
+            assert_eq!(p[..k], bytes(payloads[1])[..]);
+            let (mut i, mut r) = (i.finish().unwrap(), r.finish().unwrap());
+            assert_eq!(i.binding(), hex32(hash), "{cipher:?} handshake hash");
+            assert_eq!(r.binding(), hex32(hash));
+            for k in 2..6 {
+                let (tx, rx) = if k % 2 == 0 { (&mut i, &mut r) } else { (&mut r, &mut i) };
+                let plain = bytes(payloads[k]);
+                m[..plain.len()].copy_from_slice(&plain);
+                let n = tx.seal(&mut m, plain.len()).unwrap();
+                assert_eq!(m[..n], bytes(ciphertexts[k])[..], "{cipher:?} message {k}");
+                assert_eq!(rx.open(&mut m[..n]), Ok(plain.len()));
+                assert_eq!(m[..plain.len()], plain[..]);
+            }
+        }
+    }
+
     #[test]
     fn key_strings_round_trip_and_weak_ones_are_refused() {
         let k = ClientKey { id: [0xab; 8], secret: [0x5c; 32] };
