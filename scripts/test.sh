@@ -2,15 +2,17 @@
 # deltasync's single "run every test" command:   bash scripts/test.sh
 #
 # Steps, in order (any failure fails the script):
-#   1. cargo fmt --check
-#   2. cargo clippy, warnings denied
+#   1. cargo fmt --check (the workspace and the firmware, its own workspace)
+#   2. cargo clippy, warnings denied: the workspace, then every feature
+#      combination that ships (core: none, alloc, std without compress;
+#      embedded-client with smoltcp, which the workspace build leaves out)
 #   3. the QEMU firmware (built and size-checked by scripts/firmware.sh), then
 #      unit/integration/browser/QEMU tests (cargo-nextest, or cargo test without it), then doc tests
 #   4. cross-build deltasync-core (no_std, --no-default-features) for a Cortex-M4F
 #      (thumbv7em-none-eabihf) with Debian's rustc-web toolchain and -Zbuild-std
 #
 # Environment:
-#   DELTASYNC_SKIP_CROSS=1   skip step 4 (fast local iteration; CI runs it)
+#   DELTASYNC_SKIP_CROSS=1   skip step 4 (fast local iteration); refused when CI is set
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -63,11 +65,17 @@ need_pkgs() {
 step_fmt() {
     section "1/4 format: cargo fmt --all --check"
     cargo fmt --all --check
+    cargo fmt --manifest-path embedded-client/firmware/Cargo.toml --check
 }
 
 step_clippy() {
     section "2/4 lint: cargo clippy --workspace --all-targets -D warnings"
     cargo clippy --workspace --all-targets -- -D warnings
+    section "2/4 lint: the feature combinations that ship"
+    cargo clippy -p deltasync-core --no-default-features -- -D warnings
+    cargo clippy -p deltasync-core --no-default-features --features alloc -- -D warnings
+    cargo clippy -p deltasync-core --no-default-features --features std --all-targets -- -D warnings
+    cargo clippy -p deltasync-embedded --features smoltcp --all-targets -- -D warnings
 }
 
 step_firmware() {
@@ -133,6 +141,10 @@ step_gui_window() {
 
 main() {
     local start=$SECONDS
+    if [ "${DELTASYNC_SKIP_CROSS:-0}" = 1 ] && [ -n "${CI:-}" ]; then
+        echo "test.sh: DELTASYNC_SKIP_CROSS is for local runs; CI (CI=$CI) runs every step" >&2
+        exit 2
+    fi
     trap on_exit EXIT
     step_fmt
     step_clippy

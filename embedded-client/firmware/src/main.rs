@@ -37,12 +37,15 @@ const KEY: &str = match option_env!("DELTASYNC_DEVICE_KEY") {
     #[cfg(feature = "qemu-test-key")]
     None => QEMU_TEST_KEY,
     #[cfg(not(feature = "qemu-test-key"))]
-    None => panic!("set DELTASYNC_DEVICE_KEY to the device's key (or enable feature qemu-test-key for QEMU tests)"),
+    None => panic!(
+        "set DELTASYNC_DEVICE_KEY to the device's key (or enable feature qemu-test-key for QEMU tests)"
+    ),
 };
 /// The key QEMU test builds use (feature `qemu-test-key`): published here,
 /// so it protects nothing.
 #[cfg(feature = "qemu-test-key")]
-const QEMU_TEST_KEY: &str = "dsk1-6465766963652d37-1717171717171717171717171717171717171717171717171717171717171717";
+const QEMU_TEST_KEY: &str =
+    "dsk1-6465766963652d37-1717171717171717171717171717171717171717171717171717171717171717";
 /// The name the log is stored under on the server.
 const LOG_NAME: &str = "devices/7/log";
 /// Bytes the log store holds.
@@ -292,7 +295,9 @@ impl<'b> Link<'_, 'b> {
                 now: net_now,
                 timeout_ms: IO_TIMEOUT_MS,
             };
-            sync_log(&mut io, &self.key, LOG_NAME, log, ephemeral(&self.key, n), || deltasync_core::Instant(millis()))
+            sync_log(&mut io, &self.key, LOG_NAME, log, ephemeral(&self.key, n), || {
+                deltasync_core::Instant(millis())
+            })
         };
         self.close();
         result.map_err(|e| Failure::Sync(n, e))
