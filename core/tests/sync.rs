@@ -471,24 +471,24 @@ fn a_cut_connection_keeps_the_old_version() {
 
 #[test]
 fn a_silent_peer_times_out() {
+    use deltasync_core::machine::{Machine, Poll};
+    use deltasync_core::message::Message;
     let files = Files::default();
     files.borrow_mut().insert("f".into(), random_bytes(3, 100_000));
-    let mut s = connect(&files, usize::MAX);
-    // The client asks for a download and then goes silent; the server
-    // (sender) waits for requests until its deadline.
-    let mut op = Download::<&Tree, &[u8], Vec<u8>>::new("f", s.salt, None, Vec::new(), Instant(0));
-    s.net.cut_after = None;
-    // Let the request and offer cross, then stop the client.
-    let _ = deltasync_core::driver::Pump::step::<_, ()>(&mut s.cp, &mut op, Instant(0));
+    let mut server = connect(&files, usize::MAX).server;
     let mut out = vec![0u8; deltasync_core::frame::MAX_ENCODED];
-    use deltasync_core::machine::{Machine, Poll};
-    let mut server = s.server;
-    let hello = Download::<&Tree, &[u8], Vec<u8>>::new("f", s.salt, None, Vec::new(), Instant(0));
-    drop(hello);
-    server.handle(Instant(10), deltasync_core::message::Message::Download { name: "f" }).unwrap();
-    assert!(matches!(server.poll(Instant(20), &mut out), Ok(Poll::Transmit(_))), "offer");
-    assert!(matches!(server.poll(Instant(20), &mut out), Ok(Poll::Wait(_))));
-    assert_eq!(server.poll(Instant(10 + 30_001), &mut out), Err(SessionError::Timeout));
+    // Between requests: the idle timeout counts from the last message.
+    server.handle(Instant(1_000), Message::Stat { name: "f" }).unwrap();
+    assert!(matches!(server.poll(Instant(1_000), &mut out), Ok(Poll::Transmit(_))), "Info");
+    assert_eq!(server.poll(Instant(1_000), &mut out), Ok(Poll::Wait(Instant(31_000))));
+    assert_eq!(server.poll(Instant(30_999), &mut out), Ok(Poll::Wait(Instant(31_000))));
+    // A download asked for, then silence: the sender waits for requests
+    // exactly the idle timeout after the last message, then gives up.
+    server.handle(Instant(5_000), Message::Download { name: "f" }).unwrap();
+    assert!(matches!(server.poll(Instant(5_000), &mut out), Ok(Poll::Transmit(_))), "Offer");
+    assert_eq!(server.poll(Instant(5_000), &mut out), Ok(Poll::Wait(Instant(35_000))));
+    assert_eq!(server.poll(Instant(34_999), &mut out), Ok(Poll::Wait(Instant(35_000))));
+    assert_eq!(server.poll(Instant(35_000), &mut out), Err(SessionError::Timeout));
 }
 
 #[test]
