@@ -337,7 +337,8 @@ fn an_interrupted_first_upload_resumes_where_it_stopped() {
         std::thread::sleep(Duration::from_millis(20));
     }
     srv.kill9();
-    let _ = up.wait();
+    let status = up.wait().unwrap();
+    assert_eq!(status.code(), Some(4), "a client whose server died reports a network error");
     assert!(!root.join("first").exists(), "a partial file became visible");
 
     let srv = Server::start(&root);
@@ -374,7 +375,8 @@ fn a_server_killed_mid_upload_keeps_the_old_version_and_resumes() {
         std::thread::sleep(Duration::from_millis(20));
     }
     srv.kill9();
-    let _ = up.wait();
+    let status = up.wait().unwrap();
+    assert_eq!(status.code(), Some(4), "a client whose server died reports a network error");
     assert!(std::fs::read(root.join("data")).unwrap() == old, "the old version was damaged");
 
     let srv = Server::start(&root);
@@ -389,4 +391,45 @@ fn a_server_killed_mid_upload_keeps_the_old_version_and_resumes() {
         .collect();
     assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
     let _ = std::io::stderr().flush();
+}
+
+#[test]
+fn stat_and_every_exit_code_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Server::start(&dir.path().join("root"));
+    let data = random(9, 123_457);
+    let path = dir.path().join("doc");
+    std::fs::write(&path, &data).unwrap();
+    let up = srv.json(&["upload", s(&path)]);
+    // stat: the size and the SHA-256 of what was stored.
+    let st = srv.json(&["stat", "doc"]);
+    assert_eq!(st["name"], "doc");
+    assert_eq!(st["size"].as_u64(), Some(123_457));
+    assert_eq!(st["sha256"], up["sha256"]);
+    let text = srv.cli(&["stat", "doc"]);
+    assert!(text.status.success());
+    assert!(String::from_utf8_lossy(&text.stdout).starts_with("doc: 123457 bytes"), "{text:?}");
+
+    let code = |o: Output| (o.status.code(), String::from_utf8_lossy(&o.stderr).into_owned());
+    // 2: usage.
+    let (c, e) = code(srv.cli(&["frobnicate"]));
+    assert_eq!(c, Some(2), "{e}");
+    // 4: network (nothing listens on port 1).
+    let mut unreachable = srv.command(&key(), &["ls"]);
+    let (c, e) = code(unreachable.env("DELTASYNC_SERVER", "127.0.0.1:1").output().unwrap());
+    assert_eq!(c, Some(4), "{e}");
+    // 5: not found, for stat, download and rm.
+    for args in
+        [&["stat", "nope"][..], &["download", "nope", "-o", s(&dir.path().join("x"))], &["rm", "nope"]]
+    {
+        let (c, e) = code(srv.cli(args));
+        assert_eq!(c, Some(5), "{args:?}: {e}");
+    }
+    // 8: local file errors (a missing file to upload, a download into a
+    // missing directory).
+    let (c, e) = code(srv.cli(&["upload", s(&dir.path().join("missing"))]));
+    assert_eq!(c, Some(8), "{e}");
+    let (c, e) = code(srv.cli(&["download", "doc", "-o", s(&dir.path().join("no/such/dir/doc"))]));
+    assert_eq!(c, Some(8), "{e}");
+    // (3 and 6 are checked in tests/attacks.rs: wrong keys, tampering.)
 }
