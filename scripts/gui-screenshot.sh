@@ -48,7 +48,21 @@ PIDS+=($!)
 for _ in $(seq 150); do [ -f "$WORK/root/quarterly-report.bin" ] && break; sleep 0.1; done
 [ -f "$WORK/root/quarterly-report.bin" ] || { echo "gui-screenshot: the upload never arrived" >&2; cat "$WORK/gui.log" >&2; exit 1; }
 cmp "$WORK/quarterly-report.bin" "$WORK/root/quarterly-report.bin"
-sleep 2
+# The window's log pane (echoed on the GUI's stderr) must say the upload
+# finished; a failure, or nothing within 15 s, fails the script.
+DONE="upload quarterly-report.bin: full"
+for _ in $(seq 150); do
+    grep -q "$DONE" "$WORK/gui.log" && break
+    if grep -q "quarterly-report.bin: failed" "$WORK/gui.log"; then
+        echo "gui-screenshot: the window reported a failure" >&2
+        cat "$WORK/gui.log" >&2
+        exit 1
+    fi
+    sleep 0.1
+done
+grep -q "$DONE" "$WORK/gui.log" || { echo "gui-screenshot: the window never showed the finished upload" >&2; cat "$WORK/gui.log" >&2; exit 1; }
+# One more frame for the finished job to be painted.
+sleep 1
 mkdir -p target
 import -display ":$DISP" -window root -crop 900x640+0+0 +repage target/gui.png
 COLORS="$(identify -format '%k' target/gui.png)"

@@ -81,6 +81,8 @@ pub struct GuiApp {
     pub queued_uploads: Vec<PathBuf>,
     /// The directory the built-in file picker shows, when open.
     pub picker: Option<PathBuf>,
+    /// Where chunk hints are kept (default: the user's cache directory).
+    pub hints_dir: Option<PathBuf>,
     busy: usize,
     tx: Sender<Msg>,
     rx: Receiver<Msg>,
@@ -104,6 +106,7 @@ impl GuiApp {
             confirm_delete: None,
             queued_uploads: Vec::new(),
             picker: None,
+            hints_dir: deltasync_client::default_hints_dir(),
             busy: 0,
             tx,
             rx,
@@ -115,8 +118,12 @@ impl GuiApp {
         self.busy > 0
     }
 
+    /// Adds a line to the log pane, and to stderr (so that a script can see
+    /// what the window shows).
     fn say(&mut self, line: impl Into<String>) {
-        self.log.push(line.into());
+        let line = line.into();
+        eprintln!("deltasync-gui: {line}");
+        self.log.push(line);
     }
 
     /// Runs `work` with a fresh authenticated connection on a thread.
@@ -127,6 +134,7 @@ impl GuiApp {
         work: impl FnOnce(Result<Connection, ClientError>, &Sender<Msg>) + Send + 'static,
     ) {
         let (server, key) = (self.settings.server.clone(), self.settings.key.clone());
+        let hints = self.hints_dir.clone();
         let (tx, ctx) = (self.tx.clone(), ctx.clone());
         self.busy += 1;
         std::thread::spawn(move || {
@@ -134,7 +142,7 @@ impl GuiApp {
                 .map_err(ClientError::BadKey)
                 .and_then(|key| Connection::connect(&server, &key))
                 .map(|mut c| {
-                    c.set_hints_dir(deltasync_client::default_hints_dir());
+                    c.set_hints_dir(hints);
                     if let Some(flag) = cancel {
                         c.set_cancel_flag(flag);
                     }

@@ -43,9 +43,12 @@ fn connect_upload_list_download_and_delete_by_clicking() {
         key: key.clone(),
         download_dir: downloads.display().to_string(),
     };
+    let mut app = GuiApp::new(settings);
+    // Hints go to the test's directory, never to the real home.
+    app.hints_dir = Some(dir.path().join("hints"));
     let mut h = Harness::builder()
         .with_size([1000.0, 800.0])
-        .build_ui_state(|ui, app: &mut GuiApp| app.show(ui), GuiApp::new(settings));
+        .build_ui_state(|ui, app: &mut GuiApp| app.show(ui), app);
 
     // A key the server does not know is reported in plain words.
     h.state_mut().settings.key = test_key(5);
@@ -68,6 +71,10 @@ fn connect_upload_list_download_and_delete_by_clicking() {
     h.get_by_label("Upload").click();
     wait(&mut h, "the upload", |a| a.jobs.iter().any(|j| matches!(j.state, JobState::Done(_))));
     assert_eq!(std::fs::read(root.join("report.bin")).unwrap(), data);
+    assert!(
+        dir.path().join("hints").read_dir().unwrap().count() > 0,
+        "the upload's hints are in the test's directory"
+    );
 
     // The list shows it (after an explicit refresh too).
     h.get_by_label("Refresh").click();
