@@ -10,6 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// How long a server may take to say where it listens.
+const STARTUP: Duration = Duration::from_secs(30);
+
 /// A running server, stopped (SIGTERM, then SIGKILL) when dropped.
 pub struct ServerProcess {
     child: Child,
@@ -53,6 +56,18 @@ impl ServerProcess {
         keys: &Path,
         extra: &[&str],
     ) -> io::Result<ServerProcess> {
+        Self::start_within(bin, root, keys, extra, STARTUP)
+    }
+
+    /// [`Self::start_with_keys`], giving up (and killing it) if it has not
+    /// said where it listens within `startup`.
+    pub fn start_within(
+        bin: &Path,
+        root: &Path,
+        keys: &Path,
+        extra: &[&str],
+        startup: Duration,
+    ) -> io::Result<ServerProcess> {
         let mut cmd = Command::new(bin);
         cmd.args(["--listen", "127.0.0.1:0", "--root"]).arg(root).arg("--keys").arg(keys).args(extra);
         if std::env::var_os("RUST_LOG").is_none() {
@@ -60,13 +75,36 @@ impl ServerProcess {
         }
         let mut child = cmd.env("NO_COLOR", "1").stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn()?;
         let want_dashboard = !extra.windows(2).any(|w| w == ["--dashboard", "off"]);
-        let mut lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
+        // Its stdout is read on a thread, so that a server that never says
+        // where it listens fails the start after `STARTUP` instead of
+        // hanging the caller; the thread keeps draining it afterwards, so
+        // that the server never blocks on a full pipe.
+        let lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in lines {
+                let Ok(line) = line else { break };
+                // Once the start is over nobody listens: keep draining.
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + startup;
         let (mut port, mut dashboard) = (None, None);
         while port.is_none() || (want_dashboard && dashboard.is_none()) {
-            let Some(line) = lines.next().transpose()? else {
-                let _ = child.kill();
-                let status = child.wait()?;
-                return Err(io::Error::other(format!("deltasync-server exited early ({status})")));
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = match rx.recv_timeout(left) {
+                Ok(line) => line,
+                Err(e) => {
+                    let _ = child.kill();
+                    let status = child.wait()?;
+                    let why = match e {
+                        std::sync::mpsc::RecvTimeoutError::Timeout => {
+                            format!("did not say where it listens within {startup:?}")
+                        }
+                        std::sync::mpsc::RecvTimeoutError::Disconnected => "exited early".to_string(),
+                    };
+                    return Err(io::Error::other(format!("deltasync-server {why} ({status})")));
+                }
             };
             if let Some(url) = line.strip_prefix("dashboard on ") {
                 dashboard = Some(url.trim().to_string());
@@ -74,8 +112,6 @@ impl ServerProcess {
                 port = rest.split(|c: char| !c.is_ascii_digit()).next().and_then(|p| p.parse().ok());
             }
         }
-        // Keep reading its stdout so that it never blocks on a full pipe.
-        std::thread::spawn(move || lines.for_each(drop));
         Ok(ServerProcess { child, port: port.expect("loop ends with a port"), dashboard, written: None })
     }
 
@@ -115,5 +151,30 @@ impl Drop for ServerProcess {
         if let Some(f) = self.written.take() {
             let _ = std::fs::remove_file(f);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_server_that_never_says_where_it_listens_fails_the_start_in_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = dir.path().join("silent-server");
+        std::fs::write(&fake, "#!/bin/sh\nexec sleep 60\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let t = Instant::now();
+        let r = ServerProcess::start_within(
+            &fake,
+            dir.path(),
+            &dir.path().join("k"),
+            &[],
+            Duration::from_secs(1),
+        );
+        let err = r.err().expect("a silent server cannot start");
+        assert!(err.to_string().contains("did not say where it listens"), "{err}");
+        assert!(t.elapsed() < Duration::from_secs(10), "the start gave up after {:?}", t.elapsed());
     }
 }
