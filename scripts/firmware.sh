@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds the QEMU mps2-an386 firmware (embedded-client/firmware) and checks its size:
+# Builds the QEMU mps2-an386 firmware (embedded-client/firmware), lints it with
+# clippy (warnings denied) and checks its size:
 #
 #   bash scripts/firmware.sh
 #
@@ -32,7 +33,7 @@ source "$ROOT/scripts/test.sh"
 # rust-web-llvm provides /usr/bin/rust-lld (-> lld-22) for linking, and pulls in
 # llvm-22 for the size report. qemu-system-arm and socat run the result
 # (std-server/tests/qemu.rs: socat relays each guest connection to the server).
-need_pkgs rustc-web cargo-web rust-web-src lld-22 rust-web-llvm qemu-system-arm socat
+need_pkgs rustc-web cargo-web rust-web-src lld-22 rust-web-llvm rust-web-clippy qemu-system-arm socat
 
 # llvm-size-22 and llvm-nm-22 come from llvm-22, a dependency of rust-web-llvm.
 tool() {
@@ -70,6 +71,17 @@ env -u RUSTFLAGS -u CARGO_ENCODED_RUSTFLAGS -u RUSTC_WRAPPER -u CARGO_BUILD_RUST
     --target-dir "$TARGET_DIR"
 
 [ -f "$ELF" ] || { echo "firmware.sh: $ELF was not built" >&2; exit 1; }
+
+# Lint it with Debian's clippy (warnings denied). Called directly: `cargo
+# clippy` would run the rustup proxy from ~/.cargo/bin, which has no
+# thumbv7em standard library.
+echo "firmware.sh: clippy (rust-web-clippy), warnings denied"
+env -u RUSTFLAGS -u CARGO_ENCODED_RUSTFLAGS -u RUSTC_WRAPPER -u CARGO_BUILD_RUSTC_WRAPPER \
+    PATH="/usr/bin:/bin" CARGO=/usr/bin/cargo RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 \
+    /usr/bin/cargo-clippy clippy --release "${FEATURES[@]}" \
+    -Zbuild-std=core,alloc --target "$TARGET" \
+    --config "$REMAP" \
+    --target-dir "$TARGET_DIR" -- -D warnings
 
 # Section sizes (SysV format: name size addr).
 section() {

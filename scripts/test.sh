@@ -6,7 +6,7 @@
 #   2. cargo clippy, warnings denied: the workspace, then every feature
 #      combination that ships (core: none, alloc, std without compress;
 #      embedded-client with smoltcp, which the workspace build leaves out)
-#   3. the QEMU firmware (built and size-checked by scripts/firmware.sh), then
+#   3. the QEMU firmware (built, linted and size-checked by scripts/firmware.sh), then
 #      unit/integration/browser/QEMU tests (cargo-nextest, or cargo test without it), then doc tests
 #   4. cross-build deltasync-core (no_std, --no-default-features) for a Cortex-M4F
 #      (thumbv7em-none-eabihf) with Debian's rustc-web toolchain and -Zbuild-std
