@@ -105,6 +105,16 @@ impl KeyEntry {
         ClientKey::parse(&format!("{}{}-{}", deltasync_core::channel::KEY_PREFIX, self.id, self.secret))
     }
 
+    /// A device's entry: it may upload (and stat) under `prefix` only.
+    pub fn device(name: &str, key: &ClientKey, prefix: &str) -> KeyEntry {
+        KeyEntry {
+            read: false,
+            delete: false,
+            prefixes: vec![prefix.to_string()],
+            ..KeyEntry::with_key(name, key)
+        }
+    }
+
     /// Its permissions, as the protocol checks them.
     pub fn access(&self) -> Access {
         Access {

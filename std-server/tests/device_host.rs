@@ -26,13 +26,7 @@ const NAME: &str = "devices/7/log";
 fn start(root: &Path) -> ServerProcess {
     let bin = Path::new(env!("CARGO_BIN_EXE_deltasync-server"));
     let keys_file = root.join("keys.toml");
-    let device = KeyEntry {
-        read: false,
-        delete: false,
-        prefixes: vec!["devices/7".into()],
-        ..KeyEntry::with_key("device-7", &KEY)
-    };
-    keys::save(&keys_file, &[device]).unwrap();
+    keys::save(&keys_file, &[KeyEntry::device("device-7", &KEY, "devices/7")]).unwrap();
     let root = root.join("files");
     ServerProcess::start_with_keys(bin, &root, &keys_file, &["--dashboard", "off"]).expect("start server")
 }

@@ -114,13 +114,7 @@ fn require_tool(name: &str, version_arg: &str) {
 fn start_server(root: &Path) -> (ServerProcess, u16) {
     let bin = Path::new(env!("CARGO_BIN_EXE_deltasync-server"));
     let keys_file = root.join("keys.toml");
-    let device = KeyEntry {
-        read: false,
-        delete: false,
-        prefixes: vec!["devices/7".into()],
-        ..KeyEntry::with_key("device-7", &KEY)
-    };
-    keys::save(&keys_file, &[device]).expect("writing the key file");
+    keys::save(&keys_file, &[KeyEntry::device("device-7", &KEY, "devices/7")]).expect("writing the key file");
     let server =
         ServerProcess::start_with_keys(bin, &root.join("files"), &keys_file, &["--dashboard", "off"])
             .expect("starting deltasync-server");
