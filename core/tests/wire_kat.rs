@@ -136,3 +136,21 @@ fn chunk_ids_node_ids_and_roots_are_the_documented_hashes() {
         ("4bdb5586c035f7ca76416664e3bd9904c87e8289215cc800bc6b229bfc2a2276", 1)
     );
 }
+
+#[test]
+fn short_ids_and_packed_listings_are_the_documented_bytes() {
+    use deltasync_core::message::{PackedEntry, pack_entry, unpack_entries};
+    // SHA-256(salt || id), its first 8 bytes as a little-endian u64.
+    let short = h(7).short(&[1, 2, 3, 4, 5, 6, 7, 8]);
+    assert_eq!(short, 0xcb16_4192_f338_44fd);
+    // Each entry: the short id (8 bytes, little-endian), then the length as
+    // a LEB128 varint.
+    let mut buf = [0u8; 40];
+    let mut pos = 0;
+    pack_entry(&mut buf, &mut pos, PackedEntry { short, len: 4096 }).unwrap();
+    pack_entry(&mut buf, &mut pos, PackedEntry { short: 0x0102_0304_0506_0708, len: 1 }).unwrap();
+    assert_eq!(hex(&buf[..pos]), "fd4438f3924116cb8020080706050403020101");
+    let back: Vec<(u64, u64)> =
+        unpack_entries(&buf[..pos]).map(|e| e.unwrap()).map(|e| (e.short, e.len)).collect();
+    assert_eq!(back, [(short, 4096), (0x0102_0304_0506_0708, 1)]);
+}
