@@ -17,4 +17,4 @@ cargo build --release -q --workspace --bins
 echo "earlier: $(git rev-parse --short "$COMMIT"), this: $(git rev-parse --short HEAD)$(git diff --quiet || echo ' (with uncommitted changes)')"
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(free -g | awk '/Mem:/{print $2}') GiB"
 target/release/cipher-bench 256
-exec target/release/vs-previous target/prev-bin "$@"
+target/release/vs-previous target/prev-bin "$@"
