@@ -126,11 +126,14 @@ fn metrics_parse_as_prometheus_text_and_move_with_a_transfer() {
     let f = dir.path().join("data");
     std::fs::write(&f, random(1, 300_000)).unwrap();
     upload(srv.port, &f, "data");
-    // Counters are published as the connection ends; give it a moment.
+    // The transfer is counted when it ends and the wire bytes when the
+    // connection's last report arrives, a moment apart: wait for both.
     let deadline = Instant::now() + Duration::from_secs(10);
     let after = loop {
         let (_, t) = http_get(&url);
-        if metric(&t, "deltasync_transfers_total") >= 1.0 || Instant::now() > deadline {
+        let settled = metric(&t, "deltasync_transfers_total") >= 1.0
+            && metric(&t, "deltasync_wire_bytes_total") >= 300_000.0;
+        if settled || Instant::now() > deadline {
             break t;
         }
         std::thread::sleep(Duration::from_millis(100));
