@@ -136,8 +136,7 @@ impl ClientHandshake {
         self.caps & self.peer_caps
     }
 
-    fn accept(&mut self, hs: Handshake, noise: &[u8]) -> Result<(), SessionError> {
-        let mut hs = hs;
+    fn accept(&mut self, mut hs: Handshake, noise: &[u8]) -> Result<(), SessionError> {
         let mut payload = [0u8; HANDSHAKE_PAYLOAD];
         // Only the holder of the key's secret can answer: anything else is
         // a server with another key, or bytes changed on the way.

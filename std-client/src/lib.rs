@@ -295,8 +295,6 @@ pub struct Connection {
     hints_dir: Option<PathBuf>,
     /// Capabilities this client and the server share.
     caps: u32,
-    /// The protocol version agreed with the server.
-    version: u16,
 }
 
 impl Connection {
@@ -349,13 +347,11 @@ impl Connection {
             server: server.to_string(),
             hints_dir: None,
             caps: 0,
-            version: 0,
         };
         let announce = if compress { CAPS } else { !CAP_ZSTD };
         let mut hs = ClientHandshake::new(key.clone(), cipher, rand::random(), now()).announcing(announce);
         c.salt = c.run(&mut hs, "", |_, _| {})?;
         c.caps = hs.shared_caps();
-        c.version = hs.version();
         Ok(c)
     }
 
@@ -491,9 +487,9 @@ impl Connection {
         let kind = ChunkerKind::keep_or_choose(remote, size);
         let (s0, r0) = self.wire_bytes();
         let mut built = None;
-        if remote.is_none() && size > 0 && self.version >= 4 {
-            // Nothing to reuse on the server: send while hashing (offers
-            // without a root came with protocol version 4).
+        if remote.is_none() && size > 0 {
+            // Nothing to reuse on the server: send while hashing (an offer
+            // without a root).
             match self.upload_streamed(&file, path, name, kind, size, hints_file.as_deref(), &mut progress)? {
                 Streamed::Ended(ended) => {
                     return self.report(name, &file, path, ended, size, (s0, r0), start);

@@ -25,7 +25,7 @@ use alloc::vec::Vec;
 #[allow(clippy::large_enum_variant)]
 enum HsState {
     AwaitHello([u8; 32]),
-    SendAccept(Handshake, u16),
+    SendAccept(Handshake),
     Done,
     Failed,
 }
@@ -100,7 +100,7 @@ impl<K: Keys> ServerHandshake<K> {
             .map_err(|_| SessionError::Protocol(ErrorCode::BadMessage))?;
         self.version = agreed;
         self.access = Some(access);
-        self.state = HsState::SendAccept(hs, agreed);
+        self.state = HsState::SendAccept(hs);
         Ok(())
     }
 }
@@ -121,9 +121,9 @@ impl<K: Keys> Machine for ServerHandshake<K> {
 
     fn poll(&mut self, now: Instant, out: &mut [u8]) -> Result<Poll<[u8; 8]>, SessionError> {
         match core::mem::replace(&mut self.state, HsState::Failed) {
-            HsState::SendAccept(mut hs, version) => {
+            HsState::SendAccept(mut hs) => {
                 let mut payload = [0u8; HANDSHAKE_PAYLOAD];
-                let p = postcard::to_slice(&(version, CAPS), &mut payload)
+                let p = postcard::to_slice(&(self.version, CAPS), &mut payload)
                     .map_err(|_| SessionError::Capacity)?
                     .len();
                 let mut noise = [0u8; HANDSHAKE_NOISE];
@@ -328,8 +328,6 @@ pub struct ServerConn<S: Store, K> {
     salt: [u8; 8],
     /// Capabilities this server and the client share.
     caps: u32,
-    /// The protocol version agreed on in the handshake.
-    version: u16,
     state: State<S, K>,
     events: VecDeque<Event>,
     deadline: Instant,
@@ -345,7 +343,6 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
             confirmed: false,
             salt: [0; 8],
             caps: 0,
-            version: crate::PROTOCOL_VERSION,
             state: State::Handshake(Box::new(ServerHandshake::new(keys, ephemeral, now))),
             events: VecDeque::new(),
             deadline: now.plus_ms(IDLE_TIMEOUT_MS),
@@ -582,7 +579,6 @@ impl<S: Store, K: Keys> Machine for ServerConn<S, K> {
                     Poll::Done(salt) => {
                         self.salt = salt;
                         self.caps = h.shared_caps();
-                        self.version = h.version();
                         self.access = h.access().cloned();
                         self.state = State::Idle;
                     }
