@@ -179,31 +179,33 @@ pub enum Stop {
     Stalled,
 }
 
-/// Advances one side by one step; returns whether it made progress, or its
-/// output when done.
-#[allow(clippy::too_many_arguments)]
+/// Advances one side (the client's when `to_server`) by one step over
+/// `net`, recording each frame it sends; returns whether it made progress,
+/// or its output when done.
 fn side<M: Machine>(
     m: &mut M,
     p: &mut StdPump,
-    inbox: &mut VecDeque<u8>,
-    outbox: &mut VecDeque<u8>,
-    piece: usize,
-    cut: bool,
-    carried: &mut u64,
-    flip_bit: Option<u64>,
-    now: Instant,
+    net: &mut Net,
+    to_server: bool,
 ) -> Result<(bool, Option<M::Output>), DriveError<()>> {
-    match p.step::<M, ()>(m, now)? {
+    let cut = net.cut();
+    let (inbox, outbox) = if to_server {
+        (&mut net.to_client, &mut net.to_server)
+    } else {
+        (&mut net.to_server, &mut net.to_client)
+    };
+    match p.step::<M, ()>(m, net.clock)? {
         Step::Write(n) => {
             if !cut {
                 let start = outbox.len();
                 outbox.extend(p.output(n));
-                if let Some(bit) = flip_bit
-                    && let Some(at) = (bit / 8).checked_sub(*carried).filter(|&at| at < n as u64)
+                if let Some(bit) = net.flip_bit
+                    && let Some(at) = (bit / 8).checked_sub(net.carried).filter(|&at| at < n as u64)
                 {
                     outbox[start + at as usize] ^= 1 << (bit % 8);
                 }
-                *carried += n as u64;
+                net.carried += n as u64;
+                net.frames.push((to_server, n as u64));
             }
             Ok((true, None))
         }
@@ -218,7 +220,7 @@ fn side<M: Machine>(
                 return Ok((false, None));
             }
             let buf = p.input();
-            let n = buf.len().min(inbox.len()).min(piece);
+            let n = buf.len().min(inbox.len()).min(net.piece);
             for (i, b) in inbox.drain(..n).enumerate() {
                 buf[i] = b;
             }
@@ -238,44 +240,11 @@ pub fn run<C: Machine, S: Machine>(
     net: &mut Net,
 ) -> Result<C::Output, Stop> {
     loop {
-        let cut = net.cut();
-        let now = net.clock;
-        let before = net.carried;
-        let (c_prog, done) = side(
-            client,
-            cp,
-            &mut net.to_client,
-            &mut net.to_server,
-            net.piece,
-            cut,
-            &mut net.carried,
-            net.flip_bit,
-            now,
-        )
-        .map_err(Stop::Client)?;
-        if net.carried > before {
-            net.frames.push((true, net.carried - before));
-        }
+        let (c_prog, done) = side(client, cp, net, true).map_err(Stop::Client)?;
         if let Some(o) = done {
             return Ok(o);
         }
-        let cut = net.cut();
-        let before = net.carried;
-        let (s_prog, _) = side(
-            server,
-            sp,
-            &mut net.to_server,
-            &mut net.to_client,
-            net.piece,
-            cut,
-            &mut net.carried,
-            net.flip_bit,
-            now,
-        )
-        .map_err(Stop::Server)?;
-        if net.carried > before {
-            net.frames.push((false, net.carried - before));
-        }
+        let (s_prog, _) = side(server, sp, net, false).map_err(Stop::Server)?;
         if !c_prog && !s_prog {
             return Err(Stop::Stalled);
         }
