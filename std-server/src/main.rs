@@ -2,7 +2,6 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use deltasync_core::channel::ClientKey;
 use deltasync_dashboard::Hub;
 use deltasync_server::keys::{self, KeyEntry, KeyRing};
 use deltasync_server::live::LiveObserver;
@@ -123,9 +122,10 @@ fn key_command(path: &Path, cmd: KeyCommand) -> anyhow::Result<()> {
 /// client key file, or beside the key file if a client key (perhaps from
 /// another server) is there already.
 fn first_keys(path: &Path) -> anyhow::Result<()> {
-    let key = ClientKey { id: rand::random(), secret: rand::random() };
+    let entry = KeyEntry::generate("owner");
+    let key = entry.client_key()?;
     keys::private_dir(path);
-    keys::add(path, KeyEntry::with_key("owner", &key))?;
+    keys::add(path, entry)?;
     println!("created key file {} with one full-access key, \"owner\"", path.display());
     let client_file = deltasync_core::local::default_key_path().filter(|p| !p.exists());
     let (target, note) = match client_file {
