@@ -4,6 +4,7 @@
 //!
 //! `target/release/cipher-bench [MIB]`
 
+use deltasync_bench::median;
 use deltasync_core::channel::{Channel, CipherKind, Handshake, TAG_LEN};
 use deltasync_core::frame::MAX_FRAME;
 use std::time::Instant;
@@ -23,11 +24,6 @@ fn rand_bytes(seed: u8) -> [u8; 32] {
     let mut b = [seed; 32];
     b[31] = 0x40;
     b
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 fn main() {

@@ -5,6 +5,7 @@
 //!
 //! `cargo run --release -p deltasync-bench --bin core-bench [SIZE_MIB] [RUNS]`
 
+use deltasync_bench::median;
 use deltasync_core::Instant;
 use deltasync_core::build::{build_tree, chunk_ids, file_hash};
 use deltasync_core::chunker::{Chunker, ChunkerKind};
@@ -41,11 +42,6 @@ fn upload(old: Option<&[u8]>, new: &[u8], new_tree: &Tree) -> Wire {
     assert!(outcome == Outcome::Unchanged || files.borrow()["f"] == new, "server copy differs");
     let literal = op.sender().literal_bytes();
     Wire { handshake, sync: cp.sent + cp.received - handshake, literal, outcome }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 fn time<T>(runs: usize, mut f: impl FnMut() -> T) -> f64 {

@@ -12,7 +12,7 @@
 //! `target/release/vs-previous EARLIER_BIN_DIR [RUNS] [SIZE_MIB]`
 //! (`bench/vs-previous.sh COMMIT` builds COMMIT and runs this).
 
-use deltasync_bench::timed_transfer;
+use deltasync_bench::{median, settle, timed_transfer};
 use deltasync_core::sim::random_bytes;
 use deltasync_server::keys::{self, KeyEntry};
 use deltasync_server::process::test_key;
@@ -74,15 +74,6 @@ impl Build {
         }
         c
     }
-}
-
-fn settle() {
-    assert!(Command::new("sync").status().is_ok_and(|s| s.success()), "sync failed");
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 fn main() {

@@ -9,7 +9,7 @@
 //! `cargo build --release --workspace && target/release/vs-rsync [RUNS] [BIG_MIB] [LOG_MIB]`
 //! (needs `rsync`; `bench/vs-rsync.sh` installs it and runs this).
 
-use deltasync_bench::{client, key, peak_rss_kib, timed_transfer};
+use deltasync_bench::{client, key, median, peak_rss_kib, settle, timed_transfer};
 use deltasync_core::sim::random_bytes;
 use deltasync_server::process::ServerProcess;
 
@@ -70,17 +70,6 @@ fn deltasync(cli: &Path, port: u16, file: &Path, name: &str, opts: &[&str]) -> R
 fn remove(cli: &Path, port: u16, name: &str) {
     let ok = client(cli, port).args(["rm", name]).stdout(Stdio::null()).status().is_ok_and(|s| s.success());
     assert!(ok, "deltasync rm {name} failed");
-}
-
-/// Flushes every dirty page to disk (untimed).
-fn settle() {
-    let ok = Command::new("sync").status().is_ok_and(|s| s.success());
-    assert!(ok, "sync failed");
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 fn main() {
