@@ -1,7 +1,8 @@
 //! Drivers: run any [`Machine`] over a byte stream. [`Pump`] is the sans-IO
-//! part shared by both; [`run_blocking`] drives it over `embedded_io`, and
-//! [`run_async`] over `embedded_io_async`, so the tokio shells (through
-//! `embedded-io-adapters`) and a smoltcp device run the same code.
+//! part shared by both; [`run_blocking`] drives it over `embedded_io` (the
+//! command-line client, the GUI, the smoltcp device), and [`run_async`] over
+//! `embedded_io_async` (the server's tokio tasks, through
+//! `embedded-io-adapters`), handing each burst of machine work to the shell.
 
 use crate::channel::{Channel, TAG_LEN};
 use crate::error::{ErrorCode, SessionError};
@@ -121,6 +122,13 @@ where
         self.start < self.end || self.decoder.is_mid_frame()
     }
 
+    /// Whether a step would have work for the machine: the buffered input
+    /// finishes a frame (or fails to), or the peer has closed. While it
+    /// would not, a shell can read more before stepping.
+    pub fn has_frame(&self) -> bool {
+        self.eof || self.decoder.would_finish(&self.input.as_ref()[self.start..self.end])
+    }
+
     /// Whether frames are sealed (a handshake has finished).
     pub fn is_secure(&self) -> bool {
         self.channel.is_some()
@@ -218,6 +226,88 @@ where
     }
 }
 
+#[cfg(feature = "alloc")]
+impl Pump<alloc::vec::Vec<u8>, alloc::vec::Vec<u8>, alloc::vec::Vec<u8>> {
+    /// Resizes the buffers (input, largest frame in, largest frame out), as
+    /// a server does to hold a connection small until its peer has
+    /// authenticated, and between requests. Call it only between a read
+    /// and the next step (never with a frame written but not yet sent).
+    /// Returns `false`, changing nothing, if what is buffered would not fit
+    /// (with room to read more).
+    pub fn resize(&mut self, input: usize, frame: usize, output: usize) -> bool {
+        let pending = self.end - self.start;
+        // Keep room to read into: an empty input slice would read as the
+        // end of the stream.
+        if pending >= input || self.decoder.capacity_needed() > frame {
+            return false;
+        }
+        if self.start > 0 {
+            self.input.copy_within(self.start..self.end, 0);
+            self.start = 0;
+            self.end = pending;
+        }
+        for (buf, len) in
+            [(&mut self.input, input), (self.decoder.buffer_mut(), frame), (&mut self.output, output)]
+        {
+            if buf.len() != len {
+                buf.resize(len, 0);
+                buf.shrink_to_fit();
+            }
+        }
+        true
+    }
+
+    /// The buffers' sizes: input, largest frame in, largest frame out.
+    pub fn sizes(&mut self) -> (usize, usize, usize) {
+        (self.input.len(), self.decoder.buffer_mut().len(), self.output.len())
+    }
+}
+
+/// A machine and its pump: what [`run_async`] drives and hands to the
+/// shell's runner for each burst of steps.
+pub struct Session<M, I, F, O> {
+    /// The state machine.
+    pub machine: M,
+    /// Its buffers and channel.
+    pub pump: Pump<I, F, O>,
+}
+
+impl<M, I, F, O> Session<M, I, F, O>
+where
+    M: Machine,
+    I: AsRef<[u8]> + AsMut<[u8]>,
+    F: AsRef<[u8]> + AsMut<[u8]>,
+    O: AsRef<[u8]> + AsMut<[u8]>,
+{
+    /// Steps the machine until the transport is needed (never returns
+    /// [`Step::Again`]), calling `observe` after every step. Sans-IO: this
+    /// is the part a server runs off its async workers, since the machine
+    /// may touch storage.
+    pub fn advance(
+        &mut self,
+        now: Instant,
+        mut observe: impl FnMut(&mut M, &mut Pump<I, F, O>),
+    ) -> Result<Step<M::Output>, DriveError<core::convert::Infallible>> {
+        loop {
+            let step = self.pump.step(&mut self.machine, now);
+            observe(&mut self.machine, &mut self.pump);
+            match step? {
+                Step::Again => {}
+                other => return Ok(other),
+            }
+        }
+    }
+}
+
+fn widen<E>(e: DriveError<core::convert::Infallible>) -> DriveError<E> {
+    match e {
+        DriveError::Session(s) => DriveError::Session(s),
+        DriveError::Frame(f) => DriveError::Frame(f),
+        DriveError::Closed => DriveError::Closed,
+        DriveError::Io(never) => match never {},
+    }
+}
+
 /// Runs `m` to completion over a blocking transport. `now` reads the clock.
 /// A read that fails with `ErrorKind::TimedOut` (a socket read timeout) only
 /// wakes the machine so that it can check its deadline.
@@ -282,51 +372,98 @@ where
     result
 }
 
-/// Runs `m` to completion over an async transport. Deadlines are checked
-/// whenever the transport yields; a transport that should time out idle
-/// peers returns `ErrorKind::TimedOut` from `read`, as with [`run_blocking`].
-pub async fn run_async<M, T, I, F, O>(
-    m: &mut M,
+/// Runs a session to completion over an async transport and hands it back
+/// with the result.
+///
+/// `run` performs each burst of steps ([`Session::advance`]) and returns
+/// the session: inline on a device, on a bounded worker pool in a server
+/// (the machine may read and write storage and hash, which must not stall
+/// the task that moves bytes). The driver calls it only when there is work:
+/// at the start, after each write, when a whole frame has arrived, and at
+/// the machine's deadline; bytes of an unfinished frame are read without
+/// waking the machine. `sleep_until` waits for an instant on the shell's
+/// clock; a read still pending at the machine's deadline is abandoned
+/// there, so a peer that sends nothing, or dribbles a frame, cannot hold the
+/// session past it.
+pub async fn run_async<S, M, I, F, O, T, R, RF, W, WF>(
+    mut session: S,
     io: &mut T,
-    pump: &mut Pump<I, F, O>,
-    mut now: impl FnMut() -> Instant,
-) -> Result<M::Output, DriveError<T::Error>>
+    mut run: R,
+    mut sleep_until: W,
+) -> (S, Result<M::Output, DriveError<T::Error>>)
 where
+    S: core::ops::DerefMut<Target = Session<M, I, F, O>>,
     M: Machine,
-    T: embedded_io_async::Read + embedded_io_async::Write,
     I: AsRef<[u8]> + AsMut<[u8]>,
     F: AsRef<[u8]> + AsMut<[u8]>,
     O: AsRef<[u8]> + AsMut<[u8]>,
+    T: embedded_io_async::Read + embedded_io_async::Write,
+    R: FnMut(S) -> RF,
+    RF: core::future::Future<Output = (S, Result<Step<M::Output>, DriveError<core::convert::Infallible>>)>,
+    W: FnMut(Instant) -> WF,
+    WF: core::future::Future<Output = ()>,
 {
     use embedded_io_async::{Error as _, ErrorKind};
-    let result = async {
-        loop {
-            match pump.step(m, now())? {
-                Step::Write(n) => io.write_all(pump.output(n)).await.map_err(DriveError::Io)?,
-                Step::Read(_) => {
-                    io.flush().await.map_err(DriveError::Io)?;
-                    match io.read(pump.input()).await {
-                        Ok(n) => pump.filled(n),
-                        Err(e) if e.kind() == ErrorKind::TimedOut => {}
-                        Err(e) => return Err(DriveError::Io(e)),
+    let result = loop {
+        let step;
+        (session, step) = run(session).await;
+        let deadline = match step.map_err(widen) {
+            Err(e) => break Err(e),
+            Ok(Step::Done(o)) => break io.flush().await.map(|()| o).map_err(DriveError::Io),
+            Ok(Step::Write(n)) => {
+                if let Err(e) = io.write_all(session.pump.output(n)).await {
+                    break Err(DriveError::Io(e));
+                }
+                continue;
+            }
+            Ok(Step::Again) => continue,
+            Ok(Step::Read(at)) => at,
+        };
+        if let Err(e) = io.flush().await {
+            break Err(DriveError::Io(e));
+        }
+        // Read until a frame is whole, the peer closes, or time is up.
+        let waited = loop {
+            let read = io.read(session.pump.input());
+            let timer = sleep_until(deadline);
+            match first(read, timer).await {
+                Some(Ok(n)) => {
+                    session.pump.filled(n);
+                    if session.pump.has_frame() {
+                        break Ok(());
                     }
                 }
-                Step::Again => {}
-                Step::Done(o) => {
-                    io.flush().await.map_err(DriveError::Io)?;
-                    return Ok(o);
-                }
+                Some(Err(e)) if e.kind() == ErrorKind::TimedOut => break Ok(()),
+                Some(Err(e)) => break Err(DriveError::Io(e)),
+                None => break Ok(()),
             }
+        };
+        if let Err(e) = waited {
+            break Err(e);
         }
-    }
-    .await;
+    };
     if let Err(e) = &result
-        && let Some(bytes) = pump.farewell(e)
+        && let Some(bytes) = session.pump.farewell(e)
     {
         let _ = io.write_all(bytes).await;
         let _ = io.flush().await;
     }
-    result
+    (session, result)
+}
+
+/// The output of `a` if it finishes first, `None` if `b` does.
+async fn first<A: core::future::Future, B: core::future::Future<Output = ()>>(
+    a: A,
+    b: B,
+) -> Option<A::Output> {
+    let (mut a, mut b) = (core::pin::pin!(a), core::pin::pin!(b));
+    core::future::poll_fn(|cx| {
+        if let core::task::Poll::Ready(v) = a.as_mut().poll(cx) {
+            return core::task::Poll::Ready(Some(v));
+        }
+        b.as_mut().poll(cx).map(|()| None)
+    })
+    .await
 }
 
 #[cfg(feature = "std")]

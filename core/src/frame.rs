@@ -178,6 +178,46 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> FrameDecoder<B> {
         ))
     }
 
+    /// Whether feeding `input` would finish a frame or fail, without
+    /// consuming it: while it would not, a shell can read more bytes before
+    /// waking the state machine (a peer dribbling a frame costs no work).
+    pub fn would_finish(&self, input: &[u8]) -> bool {
+        if self.poisoned {
+            return true;
+        }
+        let cap = self.buf.as_ref().len() as u64;
+        let (mut hdr, mut shift, mut used) = (self.hdr, self.shift, 0);
+        let want = loop {
+            if let Some(w) = self.want {
+                break w;
+            }
+            let Some(&b) = input.get(used) else {
+                return false;
+            };
+            used += 1;
+            hdr |= u64::from(b & 0x7f) << shift;
+            shift += 7;
+            if hdr > cap || (b & 0x80 != 0 && shift >= 7 * MAX_HEADER as u32) {
+                return true;
+            }
+            if b & 0x80 == 0 {
+                break hdr as usize;
+            }
+        };
+        self.filled + (input.len() - used) >= want
+    }
+
+    /// The decoder's buffer, to resize it (see [`Self::capacity_needed`]).
+    pub fn buffer_mut(&mut self) -> &mut B {
+        &mut self.buf
+    }
+
+    /// The smallest buffer that still holds what this decoder has taken in
+    /// (the length of the frame it is reading, if its header is complete).
+    pub fn capacity_needed(&self) -> usize {
+        self.want.unwrap_or(self.filled).max(self.filled)
+    }
+
     fn take(&mut self, input: &[u8]) -> Result<(usize, Option<Payload>), FrameError> {
         if self.poisoned {
             return Err(FrameError::BadHeader);
@@ -375,6 +415,27 @@ mod tests {
                     Err(FrameError::TooLong(n)) => { prop_assert!(n > cap as u64); break; }
                     Err(_) => break,
                 }
+            }
+        }
+
+        #[test]
+        fn would_finish_foretells_feed(
+            input in proptest::collection::vec(any::<u8>(), 0..3000),
+            cuts in proptest::collection::vec(1usize..400, 1..40),
+            cap in 0usize..600,
+        ) {
+            let mut dec = FrameDecoder::new(vec![0u8; cap]);
+            let mut rest = &input[..];
+            for cut in cuts {
+                let piece = &rest[..cut.min(rest.len())];
+                let foretold = dec.would_finish(piece);
+                let (used, finished) = match dec.feed(piece) {
+                    Ok((n, f)) => (n, f.is_some()),
+                    Err(_) => { prop_assert!(foretold); break; }
+                };
+                prop_assert_eq!(foretold, finished, "piece of {} bytes", piece.len());
+                prop_assert!(dec.capacity_needed() <= cap);
+                rest = &rest[used..];
             }
         }
 

@@ -13,3 +13,7 @@ impl Instant {
 
 /// How long a peer may stay silent while we wait for it.
 pub const IDLE_TIMEOUT_MS: u64 = 30_000;
+
+/// How long a server gives a new connection to prove its key, from the
+/// moment it was accepted; bytes arriving meanwhile do not extend it.
+pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;

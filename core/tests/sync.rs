@@ -492,6 +492,39 @@ fn a_silent_peer_times_out() {
 }
 
 #[test]
+fn the_handshake_deadline_counts_from_the_accept() {
+    use deltasync_core::frame::FrameDecoder;
+    use deltasync_core::machine::{Machine, Poll};
+    use deltasync_core::message::Message;
+    let files = Files::default();
+    for proves in [false, true] {
+        let mut server = server(&files, keys()).timeouts(Instant(0), 2_000, 60_000);
+        let mut out = vec![0u8; deltasync_core::frame::MAX_ENCODED];
+        assert_eq!(server.poll(Instant(0), &mut out), Ok(Poll::Wait(Instant(2_000))));
+        // A hello arriving late (or replayed by someone without the key)
+        // does not move the deadline.
+        let mut client = handshake(KEY);
+        let Ok(Poll::Transmit(n)) = client.poll(Instant(0), &mut out) else { panic!("hello") };
+        let mut dec = FrameDecoder::new(vec![0u8; 4096]);
+        let hello = dec.feed(&out[..n]).unwrap().1.unwrap().to_vec();
+        server.handle(Instant(1_500), Message::decode(&hello).unwrap()).unwrap();
+        assert!(matches!(server.poll(Instant(1_500), &mut out), Ok(Poll::Transmit(_))), "Accept");
+        assert!(!server.is_authenticated());
+        assert_eq!(server.poll(Instant(1_500), &mut out), Ok(Poll::Wait(Instant(2_000))));
+        if !proves {
+            assert_eq!(server.poll(Instant(2_000), &mut out), Err(SessionError::Timeout));
+            continue;
+        }
+        // A first frame that opened (the pump only passes those): from
+        // now on the idle timeout counts from each message.
+        server.handle(Instant(1_600), Message::List).unwrap();
+        assert!(server.is_authenticated());
+        assert!(matches!(server.poll(Instant(1_600), &mut out), Ok(Poll::Transmit(_))), "ListEnd");
+        assert_eq!(server.poll(Instant(1_600), &mut out), Ok(Poll::Wait(Instant(61_600))));
+    }
+}
+
+#[test]
 fn a_download_offer_without_the_file_hash_is_refused() {
     use deltasync_core::machine::Machine;
     use deltasync_core::message::Message;

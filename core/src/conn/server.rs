@@ -13,7 +13,7 @@ use crate::message::{CAPS, FileInfo, Message, Outcome, validate_name};
 use crate::receiver::{Base, ReceiveStats, Receiver};
 use crate::sender::Sender;
 use crate::source::{Output, Source};
-use crate::time::{IDLE_TIMEOUT_MS, Instant};
+use crate::time::{HANDSHAKE_TIMEOUT_MS, IDLE_TIMEOUT_MS, Instant};
 use crate::tree::{Chain, Summary, Tree};
 use alloc::boxed::Box;
 use alloc::collections::VecDeque;
@@ -46,7 +46,8 @@ pub struct ServerHandshake<K> {
 
 impl<K: Keys> ServerHandshake<K> {
     /// A handshake checking clients against `keys`; `ephemeral` is 32 fresh
-    /// random bytes from the shell.
+    /// random bytes from the shell. It fails with [`SessionError::Timeout`]
+    /// [`HANDSHAKE_TIMEOUT_MS`] after `now` unless finished.
     pub fn new(keys: K, ephemeral: [u8; 32], now: Instant) -> Self {
         ServerHandshake {
             keys,
@@ -54,7 +55,7 @@ impl<K: Keys> ServerHandshake<K> {
             access: None,
             channel: None,
             salt: [0; 8],
-            deadline: now.plus_ms(IDLE_TIMEOUT_MS),
+            deadline: now.plus_ms(HANDSHAKE_TIMEOUT_MS),
             peer_caps: 0,
             version: crate::PROTOCOL_VERSION,
         }
@@ -108,8 +109,7 @@ impl<K: Keys> ServerHandshake<K> {
 impl<K: Keys> Machine for ServerHandshake<K> {
     type Output = [u8; 8];
 
-    fn handle(&mut self, now: Instant, msg: Message<'_>) -> Result<(), SessionError> {
-        self.deadline = now.plus_ms(IDLE_TIMEOUT_MS);
+    fn handle(&mut self, _now: Instant, msg: Message<'_>) -> Result<(), SessionError> {
         match (core::mem::replace(&mut self.state, HsState::Failed), msg) {
             (HsState::AwaitHello(e), Message::Hello { version, cipher, key, noise }) => {
                 self.hello(e, version, cipher, key, noise)
@@ -331,11 +331,17 @@ pub struct ServerConn<S: Store, K> {
     state: State<S, K>,
     events: VecDeque<Event>,
     deadline: Instant,
+    /// How long the client may stay silent between requests, once
+    /// authenticated.
+    idle_ms: u64,
 }
 
 impl<S: Store, K: Keys> ServerConn<S, K> {
     /// A connection checking clients against `keys`; `ephemeral` is 32
-    /// fresh random bytes from the shell.
+    /// fresh random bytes from the shell; `now` is when it was accepted.
+    /// The client has [`HANDSHAKE_TIMEOUT_MS`] from then to prove its key
+    /// (its first sealed frame must have opened), and may then stay silent
+    /// [`IDLE_TIMEOUT_MS`] between requests (see [`Self::timeouts`]).
     pub fn new(store: S, keys: K, ephemeral: [u8; 32], now: Instant) -> Self {
         ServerConn {
             store,
@@ -345,8 +351,32 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
             caps: 0,
             state: State::Handshake(Box::new(ServerHandshake::new(keys, ephemeral, now))),
             events: VecDeque::new(),
-            deadline: now.plus_ms(IDLE_TIMEOUT_MS),
+            deadline: now.plus_ms(HANDSHAKE_TIMEOUT_MS),
+            idle_ms: IDLE_TIMEOUT_MS,
         }
+    }
+
+    /// Sets the time, from `start` (the accept), within which the client
+    /// must prove its key, and how long it may then stay silent between
+    /// requests. Bytes that do not make a whole frame extend neither.
+    pub fn timeouts(mut self, start: Instant, handshake_ms: u64, idle_ms: u64) -> Self {
+        self.deadline = start.plus_ms(handshake_ms);
+        self.idle_ms = idle_ms;
+        if let State::Handshake(h) = &mut self.state {
+            h.deadline = self.deadline;
+        }
+        self
+    }
+
+    /// Whether the client has proved its key (see [`Self::key_name`]).
+    pub fn is_authenticated(&self) -> bool {
+        self.confirmed
+    }
+
+    /// Whether a request is being served (a reply or a transfer): the
+    /// time a server needs its large buffers.
+    pub fn is_busy(&self) -> bool {
+        matches!(self.state, State::Reply(_) | State::Receiving { .. } | State::Sending { .. })
     }
 
     /// The name of the client's key, once the client proved it (its first
@@ -553,12 +583,15 @@ impl<S: Store, K: Keys> Machine for ServerConn<S, K> {
     type Output = ();
 
     fn handle(&mut self, now: Instant, msg: Message<'_>) -> Result<(), SessionError> {
-        self.deadline = now.plus_ms(IDLE_TIMEOUT_MS);
         if !self.confirmed && !matches!(self.state, State::Handshake(_)) {
             // Only the holder of the session's keys could seal this frame.
             self.confirmed = true;
             let key = self.access.as_ref().map(|a| a.key.clone()).unwrap_or_default();
             self.events.push_back(Event::Authenticated { key });
+        }
+        // Until then the deadline counts from the accept.
+        if self.confirmed {
+            self.deadline = now.plus_ms(self.idle_ms);
         }
         match &mut self.state {
             State::Handshake(h) => h.handle(now, msg),
