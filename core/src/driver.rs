@@ -299,6 +299,10 @@ where
     }
 }
 
+/// What a runner of [`run_async`] hands back: the session, and where its
+/// burst of steps stopped.
+pub type Advanced<S, T> = (S, Result<Step<T>, DriveError<core::convert::Infallible>>);
+
 fn widen<E>(e: DriveError<core::convert::Infallible>) -> DriveError<E> {
     match e {
         DriveError::Session(s) => DriveError::Session(s),
@@ -399,7 +403,7 @@ where
     O: AsRef<[u8]> + AsMut<[u8]>,
     T: embedded_io_async::Read + embedded_io_async::Write,
     R: FnMut(S) -> RF,
-    RF: core::future::Future<Output = (S, Result<Step<M::Output>, DriveError<core::convert::Infallible>>)>,
+    RF: core::future::Future<Output = Advanced<S, M::Output>>,
     W: FnMut(Instant) -> WF,
     WF: core::future::Future<Output = ()>,
 {

@@ -6,28 +6,25 @@ use deltasync_core::Instant;
 use deltasync_core::SessionError;
 use deltasync_core::chunker::ChunkerKind;
 use deltasync_core::conn::Upload;
-use deltasync_core::driver::{DriveError, Session, Step, run_async};
+use deltasync_core::driver::{Advanced, DriveError, Session, run_async};
 use deltasync_core::machine::Machine;
 use deltasync_core::message::Outcome;
 use deltasync_core::sender::Sender;
+/// A session over heap buffers, as the simulations' pumps have.
+type VecSession<M> = Session<M, Vec<u8>, Vec<u8>, Vec<u8>>;
+
 use deltasync_core::sim::{Files, KEY, handshake, keys, pump, random_bytes, server};
 use deltasync_core::tree::Tree;
 use embedded_io_adapters::tokio_1::FromTokio;
-use std::convert::Infallible;
 
 /// Runs each burst of steps on the calling task (a server would use a
 /// worker pool). Time never passes here.
-async fn inline<M: Machine>(
-    s: &mut Session<M, Vec<u8>, Vec<u8>, Vec<u8>>,
-) -> (&mut Session<M, Vec<u8>, Vec<u8>, Vec<u8>>, Result<Step<M::Output>, DriveError<Infallible>>) {
+async fn inline<M: Machine>(s: &mut VecSession<M>) -> Advanced<&mut VecSession<M>, M::Output> {
     let r = s.advance(Instant(0), |_, _| {});
     (s, r)
 }
 
-fn step_at<M: Machine>(
-    s: &mut Session<M, Vec<u8>, Vec<u8>, Vec<u8>>,
-    now: Instant,
-) -> (&mut Session<M, Vec<u8>, Vec<u8>, Vec<u8>>, Result<Step<M::Output>, DriveError<Infallible>>) {
+fn step_at<M: Machine>(s: &mut VecSession<M>, now: Instant) -> Advanced<&mut VecSession<M>, M::Output> {
     let r = s.advance(now, |_, _| {});
     (s, r)
 }

@@ -130,8 +130,16 @@ pub struct Totals {
     pub refused: u64,
     /// Connections that ended with an error (other than authentication).
     pub connection_errors: u64,
-    /// Connections accepted.
+    /// Connections that proved a key.
     pub connections: u64,
+    /// Connections refused or dropped before authenticating, by reason
+    /// (`full`, `per_address`, `banned`, `evicted`, `handshake_timeout`,
+    /// `bad_handshake`).
+    pub refused_connections: BTreeMap<String, u64>,
+    /// Connections open now, authenticated or not.
+    pub open_connections: u64,
+    /// Open connections that have not proved a key yet.
+    pub unauthenticated_connections: u64,
     /// Sum of transfer durations, seconds.
     pub duration_seconds: f64,
     /// Counters per key name.
@@ -241,7 +249,7 @@ impl Hub {
         *self.files.lock().unwrap_or_else(|p| p.into_inner()) = Some(f);
     }
 
-    /// A client connected.
+    /// A client connected and proved its key (rows are only for those).
     pub fn connected(&self, id: u64, addr: SocketAddr) {
         self.update(|l| {
             l.totals.connections += 1;
@@ -256,6 +264,19 @@ impl Hub {
                     bytes_out: 0,
                 },
             );
+        });
+    }
+
+    /// A connection was refused or dropped before authenticating.
+    pub fn refused(&self, reason: &str) {
+        self.update(|l| *l.totals.refused_connections.entry(reason.into()).or_default() += 1);
+    }
+
+    /// Connections open now, and how many have not authenticated.
+    pub fn connections(&self, open: usize, unauthenticated: usize) {
+        self.update(|l| {
+            l.totals.open_connections = open as u64;
+            l.totals.unauthenticated_connections = unauthenticated as u64;
         });
     }
 
@@ -459,13 +480,21 @@ fn push_recent(q: &mut VecDeque<RecentRow>, r: RecentRow) {
 pub type Login = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
 
 /// How the dashboard is reached, which decides how it protects itself.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Access {
     /// Bound to a loopback address: no login, but the `Host` header must
     /// name a loopback host (no DNS rebinding).
     pub loopback: bool,
     /// Served over TLS: the login cookie is `Secure`.
     pub tls: bool,
+    /// Live event streams served at once; more are answered 503.
+    pub max_streams: usize,
+}
+
+impl Default for Access {
+    fn default() -> Self {
+        Access { loopback: false, tls: false, max_streams: MAX_STREAMS }
+    }
 }
 
 #[derive(Clone)]
@@ -473,7 +502,12 @@ struct App {
     hub: Arc<Hub>,
     login: Login,
     access: Access,
+    /// Event streams open now.
+    streams: Arc<std::sync::atomic::AtomicUsize>,
 }
+
+/// Event streams served at once unless told otherwise.
+pub const MAX_STREAMS: usize = 64;
 
 /// Cookie that carries the dashboard login.
 const COOKIE: &str = "deltasync_dashboard";
@@ -496,7 +530,7 @@ const SECURITY_HEADERS: [(&str, &str); 4] = [
 /// query parameter, which also sets a cookie, or that cookie); on loopback
 /// the `Host` header must be a loopback name.
 pub fn router(hub: Arc<Hub>, login: Login, access: Access) -> Router {
-    let app = App { hub, login, access };
+    let app = App { hub, login, access, streams: Arc::default() };
     let timed = Router::new()
         .route("/", get(page::index))
         .route("/app.js", get(page::app_js))
@@ -607,11 +641,27 @@ async fn api_files(State(app): State<App>) -> impl IntoResponse {
     axum::Json(app.hub.files().await)
 }
 
-async fn events(State(app): State<App>) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
+/// Counts an open event stream; dropping it closes the count.
+struct StreamSlot(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+async fn events(State(app): State<App>) -> Response {
+    use std::sync::atomic::Ordering;
+    if app.streams.fetch_add(1, Ordering::SeqCst) >= app.access.max_streams {
+        app.streams.fetch_sub(1, Ordering::SeqCst);
+        return (StatusCode::SERVICE_UNAVAILABLE, "too many live dashboards open; try again later")
+            .into_response();
+    }
+    let slot = StreamSlot(app.streams.clone());
     let rx = app.hub.changed.subscribe();
     let stream = futures_util::stream::unfold(
-        (app.hub, rx, true, Instant::now()),
-        |(hub, mut rx, first, mut files_at)| async move {
+        (app.hub, rx, true, Instant::now(), slot),
+        |(hub, mut rx, first, mut files_at, slot)| async move {
             if !first {
                 // Throttle: however fast the hub changes, at most one update per tick.
                 tokio::time::sleep(UPDATE_EVERY).await;
@@ -627,10 +677,10 @@ async fn events(State(app): State<App>) -> Sse<impl futures_util::Stream<Item = 
                 snap["files"] = serde_json::to_value(hub.files().await).unwrap_or_default();
             }
             let ev = Event::default().data(snap.to_string());
-            Some((Ok(ev), (hub, rx, false, files_at)))
+            Some((Ok::<_, Infallible>(ev), (hub, rx, false, files_at, slot)))
         },
     );
-    Sse::new(stream).keep_alive(KeepAlive::default())
+    Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
 }
 
 /// A certificate chain and its private key, both PEM files.
@@ -643,13 +693,15 @@ pub struct Tls {
 }
 
 /// Serves the dashboard on `listener` until `shutdown` (over TLS with
-/// `tls`), and samples the charts every second. A login (see [`Login`]) is
+/// `tls`, at most `max_streams` live event streams at once), and samples
+/// the charts every second. A login (see [`Login`]) is
 /// required unless the address is loopback.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     hub: Arc<Hub>,
     login: Login,
     tls: Option<Tls>,
+    max_streams: usize,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let loopback = listener.local_addr()?.ip().is_loopback();
@@ -663,7 +715,7 @@ pub async fn serve(
             }
         })
     };
-    let app = router(hub, login, Access { loopback, tls: tls.is_some() });
+    let app = router(hub, login, Access { loopback, tls: tls.is_some(), max_streams });
     let r = match tls {
         None => axum::serve(listener, app).with_graceful_shutdown(shutdown).await,
         Some(tls) => serve_tls(listener, app, &tls, shutdown).await,
@@ -765,7 +817,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_dashboard_key_is_required_off_loopback() {
-        let app = router(Hub::new(), only("dsk1-good"), Access { loopback: false, tls: false });
+        let app = router(
+            Hub::new(),
+            only("dsk1-good"),
+            Access { loopback: false, tls: false, ..Access::default() },
+        );
         assert_eq!(status(app.clone(), "/api/stats", None).await.0, StatusCode::UNAUTHORIZED);
         assert_eq!(status(app.clone(), "/metrics", Some("Bearer wrong")).await.0, StatusCode::UNAUTHORIZED);
         assert_eq!(status(app.clone(), "/?key=wrong", None).await.0, StatusCode::UNAUTHORIZED);
@@ -787,14 +843,16 @@ mod tests {
         );
         assert_eq!(status(app, "/web/index.html", Some("Bearer dsk1-good")).await.0, StatusCode::NOT_FOUND);
         // Over TLS the cookie is Secure.
-        let tls = router(Hub::new(), only("dsk1-good"), Access { loopback: false, tls: true });
+        let tls =
+            router(Hub::new(), only("dsk1-good"), Access { loopback: false, tls: true, ..Access::default() });
         let (_, cookie) = status(tls, "/?key=dsk1-good", None).await;
         assert!(cookie.unwrap().ends_with("; Secure"));
     }
 
     #[tokio::test]
     async fn on_loopback_only_loopback_host_names_are_answered() {
-        let app = router(Hub::new(), only("unused"), Access { loopback: true, tls: false });
+        let app =
+            router(Hub::new(), only("unused"), Access { loopback: true, tls: false, ..Access::default() });
         for host in ["127.0.0.1:8000", "localhost:8000", "LOCALHOST", "[::1]:8000", "127.0.0.1"] {
             assert_eq!(
                 request(app.clone(), "/api/stats", None, host).await.status(),
@@ -811,7 +869,7 @@ mod tests {
 
     #[tokio::test]
     async fn every_response_carries_the_security_headers() {
-        let app = router(Hub::new(), only("k"), Access { loopback: true, tls: false });
+        let app = router(Hub::new(), only("k"), Access { loopback: true, tls: false, ..Access::default() });
         for (uri, host) in
             [("/", "localhost"), ("/app.js", "localhost"), ("/nope", "localhost"), ("/", "evil")]
         {

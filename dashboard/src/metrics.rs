@@ -89,7 +89,35 @@ pub(crate) async fn metrics(State(app): State<App>) -> impl IntoResponse {
         "Connections that ended with an error other than authentication.",
         &one(t.connection_errors),
     );
-    family(&mut o, "deltasync_connections_total", "counter", "Connections accepted.", &one(t.connections));
+    family(
+        &mut o,
+        "deltasync_connections_total",
+        "counter",
+        "Connections that proved a key.",
+        &one(t.connections),
+    );
+    let refused: Vec<(String, f64)> =
+        ["full", "per_address", "banned", "evicted", "handshake_timeout", "bad_handshake"]
+            .iter()
+            .map(|r| {
+                (format!("{{reason=\"{r}\"}}"), t.refused_connections.get(*r).copied().unwrap_or(0) as f64)
+            })
+            .collect();
+    family(
+        &mut o,
+        "deltasync_connections_refused_total",
+        "counter",
+        "Connections refused, or dropped before they proved a key, by reason.",
+        &refused,
+    );
+    family(&mut o, "deltasync_open_connections", "gauge", "Connections open now.", &one(t.open_connections));
+    family(
+        &mut o,
+        "deltasync_unauthenticated_connections",
+        "gauge",
+        "Open connections that have not proved a key yet.",
+        &one(t.unauthenticated_connections),
+    );
     family(&mut o, "deltasync_connected_clients", "gauge", "Clients connected now.", &one(clients as u64));
     family(&mut o, "deltasync_active_transfers", "gauge", "Transfers in progress.", &one(active as u64));
     family(

@@ -1,6 +1,8 @@
 //! The deltasync server: a file-system [`store::FsStore`] behind
-//! `deltasync-core`'s server connection, one blocking task per client.
+//! `deltasync-core`'s server connection, one async task per client with its
+//! storage work on a bounded pool, behind admission limits ([`gate`]).
 
+pub mod gate;
 pub mod keys;
 pub mod live;
 pub mod process;

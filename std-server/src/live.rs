@@ -1,5 +1,6 @@
 //! Feeds the dashboard's [`Hub`] from the server's connections.
 
+use crate::gate::Reason;
 use crate::serve::Observer;
 use crate::store::FsStore;
 use deltasync_core::conn::server::{Direction, Event, Progress, Store};
@@ -62,6 +63,14 @@ impl Observer for LiveObserver {
 
     fn progress(&self, id: u64, transfer: Option<Progress>, sent: u64, received: u64) {
         self.0.progress(id, sent, received, transfer.map(|p| p.done));
+    }
+
+    fn refused(&self, reason: Reason) {
+        self.0.refused(reason.label());
+    }
+
+    fn connections(&self, open: usize, unauthenticated: usize) {
+        self.0.connections(open, unauthenticated);
     }
 
     fn closed(&self, id: u64, error: Option<&DriveError<io::Error>>) {

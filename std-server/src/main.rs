@@ -5,7 +5,7 @@ use clap::{Parser, Subcommand};
 use deltasync_dashboard::Hub;
 use deltasync_server::keys::{self, KeyEntry, KeyRing};
 use deltasync_server::live::LiveObserver;
-use deltasync_server::serve::{LogOnly, Observer, Server, serve};
+use deltasync_server::serve::{Limits, LogOnly, Observer, Server, serve};
 use deltasync_server::store::FsStore;
 use std::io::Write;
 use std::net::SocketAddr;
@@ -40,6 +40,51 @@ struct Args {
     /// The private key (PEM) of --dashboard-tls-cert.
     #[arg(long, env = "DELTASYNC_DASHBOARD_TLS_KEY", requires = "dashboard_tls_cert")]
     dashboard_tls_key: Option<PathBuf>,
+    /// Live event streams the dashboard serves at once (more are answered
+    /// 503).
+    #[arg(long, env = "DELTASYNC_DASHBOARD_MAX_STREAMS", default_value_t = 64, value_name = "N")]
+    dashboard_max_streams: usize,
+    /// Connections open at once. When full, the oldest connection that has
+    /// not proved a key yet is dropped to make room; if all have, new ones
+    /// are refused. The server raises its open-file limit to fit.
+    #[arg(long, env = "DELTASYNC_MAX_CONNECTIONS", default_value_t = 10_000, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
+    /// Connections open at once from one IPv4 address or IPv6 /64.
+    #[arg(long, env = "DELTASYNC_MAX_PER_ADDRESS", default_value_t = 64, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_per_address: u32,
+    /// Seconds from the accept within which a client must prove its key
+    /// (bytes trickling in do not extend it).
+    #[arg(long, env = "DELTASYNC_HANDSHAKE_TIMEOUT", default_value_t = 10, value_name = "SECS",
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    handshake_timeout: u64,
+    /// Seconds an authenticated client may stay silent between requests
+    /// (and the longest a write to a client that stops reading may wait).
+    #[arg(long, env = "DELTASYNC_IDLE_TIMEOUT", default_value_t = 300, value_name = "SECS",
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    idle_timeout: u64,
+    /// Connection steps (storage work, hashing) running at once, on
+    /// their own threads.
+    #[arg(long, env = "DELTASYNC_WORKERS", default_value_t = 32, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=1024))]
+    workers: u32,
+    /// Failed handshakes (wrong key, garbage, no key in time) from one
+    /// address within a minute after which its new connections wait
+    /// --slow-delay before being served (0: never).
+    #[arg(long, env = "DELTASYNC_SLOW_AFTER", default_value_t = 5, value_name = "N")]
+    slow_after: u32,
+    /// Seconds such a connection waits.
+    #[arg(long, env = "DELTASYNC_SLOW_DELAY", default_value_t = 2, value_name = "SECS",
+          value_parser = clap::value_parser!(u64).range(0..=60))]
+    slow_delay: u64,
+    /// Failed handshakes from one address within a minute after which it
+    /// is refused for --ban-time (0: never).
+    #[arg(long, env = "DELTASYNC_BAN_AFTER", default_value_t = 20, value_name = "N")]
+    ban_after: u32,
+    /// Seconds a banned address is refused.
+    #[arg(long, env = "DELTASYNC_BAN_TIME", default_value_t = 300, value_name = "SECS")]
+    ban_time: u64,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -163,9 +208,62 @@ fn tune_allocator() {
     }
 }
 
+/// File descriptors the server needs besides its connections (storage,
+/// key file, dashboard, logs).
+const SPARE_FILES: u64 = 256;
+
+/// Raises the open-file limit to fit `connections`, as far as the hard
+/// limit allows, and says so when that is not enough.
+fn raise_file_limit(connections: u64) {
+    let want = connections + SPARE_FILES;
+    match rlimit::increase_nofile_limit(want) {
+        Ok(got) if got >= want => tracing::debug!(limit = got, "open-file limit"),
+        Ok(got) => tracing::warn!(
+            limit = got,
+            "the open-file limit (hard limit {got}) holds about {} connections, fewer than --max-connections              {connections}: raise it (systemd LimitNOFILE=, ulimit -Hn)",
+            got.saturating_sub(SPARE_FILES)
+        ),
+        Err(e) => tracing::warn!(error = %e, "could not read or raise the open-file limit"),
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     tune_allocator();
+    // Connection steps run on their own pool (--workers).
     tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run())
+}
+
+/// Runs the dashboard on its own thread and runtime: it never waits behind
+/// the connections' work, however many there are.
+fn spawn_dashboard(
+    listener: std::net::TcpListener,
+    hub: Arc<Hub>,
+    login: deltasync_dashboard::Login,
+    tls: Option<deltasync_dashboard::Tls>,
+    max_streams: usize,
+    stopped: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    listener.set_nonblocking(true)?;
+    std::thread::Builder::new().name("dashboard".into()).spawn(move || {
+        let rt = match tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .max_blocking_threads(4)
+            .thread_name("dashboard")
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => return tracing::error!(error = %e, "dashboard runtime failed to start"),
+        };
+        let served = rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            deltasync_dashboard::serve(listener, hub, login, tls, max_streams, stopped).await
+        });
+        if let Err(e) = served {
+            tracing::error!(error = %e, "dashboard stopped");
+        }
+    })?;
+    Ok(())
 }
 
 async fn run() -> anyhow::Result<()> {
@@ -191,6 +289,19 @@ async fn run() -> anyhow::Result<()> {
         );
         first_keys(&keys_file)?;
     }
+    raise_file_limit(u64::from(args.max_connections));
+    let limits = Limits {
+        max_connections: args.max_connections as usize,
+        max_per_address: args.max_per_address as usize,
+        handshake_timeout: Duration::from_secs(args.handshake_timeout),
+        idle_timeout: Duration::from_secs(args.idle_timeout),
+        workers: args.workers as usize,
+        slow_after: args.slow_after,
+        slow_delay: Duration::from_secs(args.slow_delay),
+        ban_after: args.ban_after,
+        ban_time: Duration::from_secs(args.ban_time),
+        ..Limits::default()
+    };
     let keyring = Arc::new(KeyRing::open(&keys_file)?);
     println!("key file: {}", keys_file.display());
     let store = FsStore::open(&args.root).with_context(|| format!("opening {}", args.root.display()))?;
@@ -213,7 +324,7 @@ async fn run() -> anyhow::Result<()> {
         Arc::new(LogOnly)
     } else {
         let addr: SocketAddr = args.dashboard.parse().context("--dashboard takes ADDR:PORT or off")?;
-        let dl = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("dashboard on {addr}"))?;
+        let dl = std::net::TcpListener::bind(addr).with_context(|| format!("dashboard on {addr}"))?;
         let scheme = if args.dashboard_tls_cert.is_some() { "https" } else { "http" };
         if !addr.ip().is_loopback() && args.dashboard_tls_cert.is_none() {
             tracing::warn!(
@@ -231,11 +342,11 @@ async fn run() -> anyhow::Result<()> {
             (Some(cert), Some(key)) => Some(deltasync_dashboard::Tls { cert, key }),
             _ => None,
         };
-        tokio::spawn(deltasync_dashboard::serve(dl, hub.clone(), login, tls, stopped()));
+        spawn_dashboard(dl, hub.clone(), login, tls, args.dashboard_max_streams, stopped())?;
         Arc::new(LiveObserver::new(hub, store.clone()))
     };
     let indexes = store.clone();
-    let server = Arc::new(Server::new(store, keyring, observer));
+    let server = Arc::new(Server::new(store, keyring, observer, limits)?);
     tokio::spawn(async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("installing a SIGTERM handler");

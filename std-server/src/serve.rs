@@ -1,27 +1,62 @@
-//! Accepting clients: one blocking task per connection (disk and hashing
-//! never run on the async workers), each driving `deltasync-core`'s
-//! [`ServerConn`] over the socket.
+//! Accepting clients. Each connection is a tokio task driven by
+//! `deltasync-core`'s async driver; an idle connection holds no thread.
+//! The machine's steps (which read and write storage and hash) run on a
+//! bounded pool of blocking workers, never on the async workers. Admission
+//! ([`Gate`]) caps connections overall and per address, drops the oldest
+//! unauthenticated connection when full, and slows then bans addresses
+//! whose handshakes keep failing.
 
-use crate::keys::KeyRing;
 use crate::store::FsStore;
+use crate::{gate::Gate, gate::Reason, keys::KeyRing};
 use deltasync_core::conn::server::{Event, Progress, ServerConn};
-use deltasync_core::driver::{DriveError, Pump, TimeoutAsTimedOut, run_blocking_observed};
+use deltasync_core::driver::{DriveError, Pump, Session, Step, run_async};
 use deltasync_core::error::{ErrorCode, SessionError};
 use deltasync_core::frame::{MAX_ENCODED, MAX_SEALED};
 use deltasync_core::local::now;
-use embedded_io_adapters::std::FromStd;
+use deltasync_core::message::{MAX_NAME, Message};
+use embedded_io_adapters::tokio_1::FromTokio;
+use std::convert::Infallible;
 use std::io;
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
+use std::ops::{Deref, DerefMut};
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-/// How often a blocked read wakes up to let the connection check deadlines.
-const READ_TICK: Duration = Duration::from_millis(500);
+pub use crate::gate::Limits;
+
+/// Buffers (input, largest frame in, largest frame out) of a connection
+/// until its client's hello passed: enough for a hello and the accept.
+const HELLO: (usize, usize, usize) = (512, 256, 256);
+/// Buffers between requests: enough for any request or reply that is not
+/// a transfer.
+const SMALL: (usize, usize, usize) = (1024, MAX_NAME + 512, MAX_NAME + 512);
+/// Buffers while a request is served: full `Data` frames both ways.
+const LARGE: (usize, usize, usize) = (64 * 1024, MAX_SEALED, MAX_ENCODED);
+
+/// Which buffers a connection holds now.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Buffers {
+    Hello,
+    Small,
+    Large,
+}
+
+impl Buffers {
+    fn sizes(self) -> (usize, usize, usize) {
+        match self {
+            Buffers::Hello => HELLO,
+            Buffers::Small => SMALL,
+            Buffers::Large => LARGE,
+        }
+    }
+}
 
 /// What the server reports about its connections (the dashboard listens).
 pub trait Observer: Send + Sync {
-    /// A client connected.
+    /// A client proved its key (connections that never do are only
+    /// counted: a flood of them must not fill the dashboard).
     fn connected(&self, _id: u64, _peer: SocketAddr) {}
     /// Something happened on a connection; `wire` is the bytes it has moved
     /// so far, both ways.
@@ -30,19 +65,15 @@ pub trait Observer: Send + Sync {
     fn progress(&self, _id: u64, _transfer: Option<Progress>, _sent: u64, _received: u64) {}
     /// The connection ended; `error` says why if it was not a clean close.
     fn closed(&self, _id: u64, _error: Option<&DriveError<io::Error>>) {}
+    /// A connection was refused, or dropped before it authenticated.
+    fn refused(&self, _reason: Reason) {}
+    /// Connections open now, and how many of them have not authenticated.
+    fn connections(&self, _open: usize, _unauthenticated: usize) {}
 }
 
 /// An observer that only logs.
 pub struct LogOnly;
 impl Observer for LogOnly {}
-
-/// Counters kept whatever the observer (totals are the observer's job: the
-/// dashboard counts connections and failed authentications).
-#[derive(Debug, Default)]
-pub struct Counters {
-    /// Connections open now (graceful shutdown waits for them).
-    pub open: AtomicUsize,
-}
 
 /// Everything a connection needs.
 pub struct Server {
@@ -52,82 +83,279 @@ pub struct Server {
     pub keys: Arc<KeyRing>,
     /// Who hears about connections.
     pub observer: Arc<dyn Observer>,
-    /// Live counters.
-    pub counters: Counters,
-    next_id: AtomicU64,
+    /// Admission: caps, eviction, throttling.
+    pub gate: Arc<Gate>,
+    /// The threads that run connection steps.
+    workers: Workers,
 }
 
-impl Server {
-    /// A server over `store` checking clients against `keys`.
-    pub fn new(store: FsStore, keys: Arc<KeyRing>, observer: Arc<dyn Observer>) -> Server {
-        Server { store, keys, observer, counters: Counters::default(), next_id: AtomicU64::new(1) }
+/// A fixed-size pool of threads for connection steps (a runtime of its own
+/// used only for its blocking pool: at most `n` threads, steps beyond that
+/// wait in its queue).
+struct Workers(Option<tokio::runtime::Runtime>);
+
+impl Workers {
+    fn new(n: usize) -> io::Result<Workers> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .max_blocking_threads(n.max(1))
+            .thread_name("deltasync-worker")
+            .build()?;
+        Ok(Workers(Some(rt)))
     }
 
-    /// Serves one client until it disconnects. Blocking: call it from a
-    /// blocking task.
-    pub fn handle(&self, stream: TcpStream) {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let peer = stream.peer_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-        self.counters.open.fetch_add(1, Ordering::SeqCst);
-        self.observer.connected(id, peer);
-        tracing::info!(id, %peer, "connected");
-        let (result, key) = self.drive(id, stream);
-        let key = key.as_deref().unwrap_or("-");
-        match &result {
-            Ok(()) => tracing::info!(id, %peer, key, "closed"),
-            Err(DriveError::Session(SessionError::Protocol(ErrorCode::AuthFailed))) => {
-                tracing::warn!(id, %peer, "authentication failed: unknown key or wrong secret");
+    fn handle(&self) -> &tokio::runtime::Handle {
+        self.0.as_ref().expect("present until dropped").handle()
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        // Dropped from async code: do not wait for the threads here.
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// A connection's state machine and buffers.
+type ConnSession = Session<ServerConn<FsStore, Arc<KeyRing>>, Vec<u8>, Vec<u8>, Vec<u8>>;
+
+/// One connection's state, moved between its task and the workers.
+struct Conn {
+    session: ConnSession,
+    id: u64,
+    peer: SocketAddr,
+    authenticated: bool,
+    buffers: Buffers,
+    last_report: deltasync_core::Instant,
+}
+
+/// The boxed state, as the driver sees it: the session.
+struct Boxed(Box<Conn>);
+
+impl Deref for Boxed {
+    type Target = ConnSession;
+    fn deref(&self) -> &Self::Target {
+        &self.0.session
+    }
+}
+
+impl DerefMut for Boxed {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0.session
+    }
+}
+
+type Socket = FromTokio<Pin<Box<tokio_io_timeout::TimeoutStream<tokio::net::TcpStream>>>>;
+
+impl Server {
+    /// A server over `store` checking clients against `keys`, within
+    /// `limits`.
+    pub fn new(
+        store: FsStore,
+        keys: Arc<KeyRing>,
+        observer: Arc<dyn Observer>,
+        limits: Limits,
+    ) -> io::Result<Server> {
+        let workers = Workers::new(limits.workers)?;
+        Ok(Server { store, keys, observer, gate: Gate::new(limits), workers })
+    }
+
+    /// Serves one admitted client until it disconnects, times out or is
+    /// evicted.
+    async fn connection(
+        self: Arc<Self>,
+        stream: tokio::net::TcpStream,
+        peer: SocketAddr,
+        ticket: crate::gate::Ticket,
+    ) {
+        let accepted = now();
+        let id = ticket.id;
+        tracing::debug!(id, %peer, "connected");
+        if let Some(delay) = ticket.delay {
+            // Its address failed many handshakes lately: it waits, holding
+            // no thread and counting against its address's cap.
+            tracing::debug!(id, %peer, ?delay, "delayed: repeated failed handshakes from this address");
+            tokio::time::sleep(delay).await;
+        }
+        let limits = &self.gate.limits;
+        let _ = stream.set_nodelay(true);
+        let mut timed = tokio_io_timeout::TimeoutStream::new(stream);
+        // A peer that stops reading cannot hold a write forever.
+        timed.set_write_timeout(Some(limits.idle_timeout));
+        let mut io: Socket = FromTokio::new(Box::pin(timed));
+        let machine = ServerConn::new(self.store.clone(), self.keys.clone(), rand::random(), accepted)
+            .timeouts(
+                accepted,
+                limits.handshake_timeout.as_millis() as u64,
+                limits.idle_timeout.as_millis() as u64,
+            );
+        let (i, f, o) = HELLO;
+        let pump = Pump::new(vec![0u8; i], vec![0u8; f], vec![0u8; o]);
+        let conn = Boxed(Box::new(Conn {
+            session: Session { machine, pump },
+            id,
+            peer,
+            authenticated: false,
+            buffers: Buffers::Hello,
+            last_report: accepted,
+        }));
+        let server = self.clone();
+        let run = move |mut c: Boxed| {
+            let server = server.clone();
+            async move {
+                let worker = server.clone();
+                let joined = server
+                    .workers
+                    .handle()
+                    .spawn_blocking(move || {
+                        let r = worker.advance(&mut c.0);
+                        (c, r)
+                    })
+                    .await;
+                match joined {
+                    Ok(v) => v,
+                    // A panic in a step ends this connection's task only.
+                    Err(e) => std::panic::resume_unwind(e.into_panic()),
+                }
             }
+        };
+        let drive = run_async(conn, &mut io, run, sleep_until);
+        let ended = tokio::select! {
+            r = drive => Some(r),
+            () = ticket.evict.notified() => None,
+        };
+        let Some((mut conn, result)) = ended else {
+            tracing::debug!(id, %peer, "evicted: the server was full and this connection had not authenticated");
+            self.refused(Reason::Evicted);
+            self.observer.closed(id, None);
+            return;
+        };
+        let c = &mut *conn.0;
+        let conn_state = &mut c.session.machine;
+        while let Some(ev) = conn_state.next_event() {
+            log_event(id, conn_state.key_name().unwrap_or("-"), &ev);
+            self.observer.event(id, &ev, c.session.pump.sent + c.session.pump.received);
+        }
+        self.observer.progress(id, None, c.session.pump.sent, c.session.pump.received);
+        let key = c.session.machine.key_name().unwrap_or("-").to_string();
+        let result = match result {
+            // The client hung up between requests: a clean close.
+            Err(DriveError::Closed) if c.session.machine.is_idle() && !c.session.pump.is_mid_frame() => {
+                Ok(())
+            }
+            Err(e) => Err(e),
+            Ok(()) => Ok(()),
+        };
+        match &result {
+            Ok(()) if c.authenticated => tracing::info!(id, %peer, key, "closed"),
+            Ok(()) => tracing::debug!(id, %peer, "closed before authenticating"),
             Err(DriveError::Session(SessionError::Protocol(ErrorCode::Tampered))) => {
+                // Before or after the client's first request: either way
+                // a relay changed a frame (or replayed a hello).
                 tracing::warn!(id, %peer, key, "a frame failed authentication: changed on the way");
+            }
+            Err(e) if !c.authenticated => {
+                // Counted against the address: enough of these and it is
+                // slowed, then banned for a while.
+                let why = match e {
+                    DriveError::Session(SessionError::Protocol(ErrorCode::AuthFailed)) => {
+                        "unknown key or wrong secret"
+                    }
+                    DriveError::Session(SessionError::Timeout) => "no key proved in time",
+                    _ => "not a valid handshake",
+                };
+                tracing::debug!(id, %peer, error = %e, "handshake failed: {why}");
+                if let Some(until) = self.gate.failed(peer.ip()) {
+                    tracing::warn!(
+                        %peer,
+                        secs = until.as_secs(),
+                        "banning address: too many failed handshakes (see --ban-after)"
+                    );
+                }
+                match e {
+                    // Counted as an authentication failure, and shown.
+                    DriveError::Session(SessionError::Protocol(ErrorCode::AuthFailed)) => {}
+                    DriveError::Session(SessionError::Timeout) => self.refused(Reason::HandshakeTimeout),
+                    _ => self.refused(Reason::BadHandshake),
+                }
             }
             Err(e) => tracing::warn!(id, %peer, key, error = %e, "connection ended with an error"),
         }
-        self.observer.closed(id, result.as_ref().err());
-        self.counters.open.fetch_sub(1, Ordering::SeqCst);
+        // Only authentication failures and authenticated connections'
+        // errors reach the dashboard's list: a flood must not fill it.
+        let shown = result.as_ref().err().filter(|e| {
+            c.authenticated
+                || matches!(
+                    e,
+                    DriveError::Session(SessionError::Protocol(ErrorCode::AuthFailed | ErrorCode::Tampered))
+                )
+        });
+        self.observer.closed(id, shown);
     }
 
-    /// Drives one connection; its result and the name of its key, if its
-    /// hello passed.
-    fn drive(&self, id: u64, stream: TcpStream) -> (Result<(), DriveError<io::Error>>, Option<String>) {
-        let setup = stream
-            .set_nodelay(true)
-            .and_then(|()| stream.set_read_timeout(Some(READ_TICK)))
-            .and_then(|()| stream.set_write_timeout(Some(Duration::from_secs(30))));
-        if let Err(e) = setup {
-            return (Err(DriveError::Io(e)), None);
-        }
-        let mut io = FromStd::new(TimeoutAsTimedOut(stream));
-        let ephemeral: [u8; 32] = rand::random();
-        let mut conn = ServerConn::new(self.store.clone(), self.keys.clone(), ephemeral, now());
-        let mut pump = Pump::new(vec![0u8; 256 * 1024], vec![0u8; MAX_SEALED], vec![0u8; MAX_ENCODED]);
-        let mut last_report = now();
+    /// Counts a refused or dropped connection (metrics, log summary).
+    fn refused(&self, reason: Reason) {
+        self.gate.note(reason);
+        self.observer.refused(reason);
+    }
+
+    /// One burst of machine work, on a worker thread: steps until the
+    /// socket is needed, reporting events and sizing the buffers.
+    fn advance(&self, c: &mut Conn) -> Result<Step<()>, DriveError<Infallible>> {
+        let Conn { session, id, peer, authenticated, buffers, last_report } = c;
+        let (id, peer) = (*id, *peer);
         let observer = &self.observer;
-        let result = run_blocking_observed(&mut conn, &mut io, &mut pump, now, |conn, pump| {
+        let r = session.advance(now(), |conn, pump| {
+            if !*authenticated && conn.is_authenticated() {
+                *authenticated = true;
+                self.gate.authenticated(id);
+                observer.connected(id, peer);
+            }
             while let Some(ev) = conn.next_event() {
                 log_event(id, conn.key_name().unwrap_or("-"), &ev);
                 observer.event(id, &ev, pump.sent + pump.received);
             }
+            // Room for a request once the hello passed (the channel is
+            // up), and full-size buffers only while a request is served,
+            // grown before the reply is produced. Growing keeps what the
+            // buffers hold.
+            let wanted = if conn.is_busy() {
+                Buffers::Large
+            } else if pump.is_secure() && *buffers == Buffers::Hello {
+                Buffers::Small
+            } else {
+                *buffers
+            };
+            if wanted != *buffers {
+                let (i, f, o) = wanted.sizes();
+                if pump.resize(i, f, o) {
+                    *buffers = wanted;
+                }
+            }
             let t = now();
             if t.0 >= last_report.0 + 100 {
-                last_report = t;
+                *last_report = t;
                 observer.progress(id, conn.progress(), pump.sent, pump.received);
             }
         });
-        while let Some(ev) = conn.next_event() {
-            log_event(id, conn.key_name().unwrap_or("-"), &ev);
-            observer.event(id, &ev, pump.sent + pump.received);
+        // Waiting for the next request: back to small buffers, unless the
+        // client already sent part of a large frame.
+        if matches!(r, Ok(Step::Read(_))) && *buffers == Buffers::Large && !session.machine.is_busy() {
+            let (i, f, o) = SMALL;
+            if session.pump.resize(i, f, o) {
+                *buffers = Buffers::Small;
+            }
         }
-        observer.progress(id, None, pump.sent, pump.received);
-        let key = conn.key_name().map(str::to_string);
-        let result = match result {
-            // The client hung up between requests: a clean close.
-            Err(DriveError::Closed) if conn.is_idle() && !pump.is_mid_frame() => Ok(()),
-            Err(e) => Err(e),
-            Ok(()) => Ok(()),
-        };
-        (result, key)
+        r
     }
+}
+
+/// Sleeps until `deadline` on the machines' clock ([`now`]).
+fn sleep_until(deadline: deltasync_core::Instant) -> tokio::time::Sleep {
+    let wait = Duration::from_millis(deadline.0.saturating_sub(now().0)).min(Duration::from_secs(86_400));
+    tokio::time::sleep(wait)
 }
 
 fn log_event(id: u64, key: &str, ev: &Event) {
@@ -154,6 +382,15 @@ fn log_event(id: u64, key: &str, ev: &Event) {
     }
 }
 
+/// Tells a refused peer why, if its socket takes the bytes at once (a
+/// client reports it; nothing waits on a peer that does not read).
+fn refuse(stream: &tokio::net::TcpStream) {
+    let mut buf = [0u8; 8];
+    if let Ok(n) = deltasync_core::frame::encode(&Message::Error(ErrorCode::TooManyRequests), &mut buf) {
+        let _ = stream.try_write(&buf[..n]);
+    }
+}
+
 /// Accepts clients until `shutdown` completes, then waits (at most
 /// `grace`) for open connections to finish.
 pub async fn serve(
@@ -163,28 +400,47 @@ pub async fn serve(
     grace: Duration,
 ) -> io::Result<()> {
     tokio::pin!(shutdown);
+    let mut report = tokio::time::interval(Duration::from_secs(1));
+    let mut summary = tokio::time::interval(Duration::from_secs(10));
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let (stream, _) = match accepted {
+                let (stream, peer) = match accepted {
                     Ok(a) => a,
                     Err(e) => {
+                        // Out of file descriptors, most likely: the open
+                        // connections go on; accept again shortly.
                         tracing::warn!(error = %e, "accept failed");
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
                 };
-                let stream = stream.into_std()?;
-                stream.set_nonblocking(false)?;
-                let server = server.clone();
-                tokio::task::spawn_blocking(move || server.handle(stream));
+                match server.gate.admit(peer.ip()) {
+                    Ok(ticket) => {
+                        tokio::spawn(server.clone().connection(stream, peer, ticket));
+                    }
+                    Err(reason) => {
+                        tracing::debug!(%peer, reason = reason.label(), "connection refused");
+                        refuse(&stream);
+                        server.refused(reason);
+                    }
+                }
+            }
+            _ = report.tick() => {
+                let (open, pending) = server.gate.counts();
+                server.observer.connections(open, pending);
+            }
+            _ = summary.tick() => {
+                for (reason, n) in server.gate.take_tally() {
+                    tracing::warn!(reason = reason.label(), count = n, "connections refused or dropped in the last 10 s: {}", reason.describe());
+                }
             }
             () = &mut shutdown => break,
         }
     }
     tracing::info!("shutting down: no new connections");
     let deadline = tokio::time::Instant::now() + grace;
-    while server.counters.open.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
+    while server.gate.open.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Ok(())
