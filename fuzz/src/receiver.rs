@@ -26,7 +26,10 @@
 //! Properties: no panic; the receiver writes only messages that decode;
 //! `Written` only with exactly the bytes the offer describes (its size, its
 //! whole-file hash when known, its root: and the sender's exact bytes when
-//! the offer carries the sender's root); `Unchanged` only over a base whose
+//! the offer carries the sender's root). When the output indexed the
+//! version itself, the receiver leaves the whole-file hash to the output's
+//! owner (documented in `Receiver::verify`): then the claim must be passed
+//! on in the new tree instead; `Unchanged` only over a base whose
 //! root and size are the offer's.
 
 use crate::{Input, frame_payload};
@@ -336,7 +339,8 @@ pub fn run(data: &[u8]) -> Report {
             r.report.outcome = Some(o);
             let offer = *r.rx.offer();
             let (out, tree) = r.rx.into_parts();
-            check(o, &offer, out.data, tree, &honest, &new, flags & 1 != 0, &old_tree);
+            let indexed_by_output = out.background && out.index.is_some();
+            check(o, &offer, out.data, indexed_by_output, tree, &honest, &new, flags & 1 != 0, &old_tree);
         }
     }
     r.report
@@ -348,6 +352,7 @@ fn check(
     o: Outcome,
     offer: &Summary,
     data: Vec<u8>,
+    indexed_by_output: bool,
     tree: Option<Tree>,
     honest: &Summary,
     new: &[u8],
@@ -360,7 +365,14 @@ fn check(
             assert_eq!(data.len() as u64, offer.size, "Written with another size than offered");
             assert_eq!(tree.summary().root, offer.root, "Written with a tree whose root is not the offer's");
             if offer.file_hash.is_known() {
-                assert_eq!(Hash::of(&data), offer.file_hash, "Written with bytes whose hash is not the offer's");
+                if indexed_by_output {
+                    // By contract the receiver does not hash what the output
+                    // indexed: it passes the offer's claim on with the tree,
+                    // and the output's owner (a store) refuses a mismatch.
+                    assert_eq!(tree.summary().file_hash, offer.file_hash, "the offer's hash is not passed on");
+                } else {
+                    assert_eq!(Hash::of(&data), offer.file_hash, "Written with bytes whose hash is not the offer's");
+                }
             }
             if offer.root == honest.root {
                 assert!(data == new, "Written with the sender's root but other bytes");

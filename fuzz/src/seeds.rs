@@ -8,7 +8,7 @@
 
 use crate::server_session::{self, Client, Reply};
 use crate::{frame_payload, frame_decoder, message_decode, receiver};
-use deltasync_core::channel::{CipherKind, TAG_LEN};
+use deltasync_core::channel::CipherKind;
 use deltasync_core::chunker::ChunkerKind;
 use deltasync_core::conn::server::{Direction, Event};
 use deltasync_core::conn::{ClientHandshake, Download, Query, QueryKind, Upload};
@@ -70,8 +70,9 @@ fn payload_of(m: &Message<'_>) -> Vec<u8> {
 /// Runs a client machine against the session, recording its frames into
 /// `script`; stops after `limit` frames, when it finishes, fails or stalls.
 fn drive<M: Machine>(s: &mut dyn Client, script: &mut Script, m: &mut M, limit: usize) -> Option<M::Output> {
-    // As the pump: room for the tag and a longer header once sealed.
-    let mut buf = vec![0u8; MAX_ENCODED - TAG_LEN - 1];
+    // Smaller than a pump's (which is MAX_ENCODED less room for the tag):
+    // the client then sends small `Data` frames, and seeds stay small.
+    let mut buf = vec![0u8; 8 * 1024];
     let mut sent = 0;
     loop {
         loop {
@@ -209,7 +210,7 @@ fn server_seeds() -> Vec<(&'static str, Vec<u8>)> {
     ));
     seeds.push((
         "upload-new",
-        session(AUTH | P1, |c, s| upload(c, s, "new/file", &sim::random_bytes(5, 20_000), |o| o)),
+        session(AUTH | P1, |c, s| upload(c, s, "new/file", &sim::random_bytes(5, 12_000), |o| o)),
     ));
     seeds.push((
         "upload-delta",
@@ -236,8 +237,8 @@ fn server_seeds() -> Vec<(&'static str, Vec<u8>)> {
     seeds.push((
         "partial-resume",
         session(AUTH | P2 | PARTIAL, |c, s| {
-            let data = sim::random_bytes(7, 150_000);
-            upload_limited(c, s, "big", &data, |o| o, 2);
+            let data = sim::random_bytes(7, 30_000);
+            upload_limited(c, s, "big", &data, |o| o, 3);
             // The server gives up on the quiet client and keeps a partial;
             // the client connects again and resumes.
             s.time(31_000);
@@ -494,3 +495,4 @@ fn replay(target: &str, file: &Path) {
         std::panic::resume_unwind(e);
     }
 }
+

@@ -577,6 +577,7 @@ impl<S: Store> Client for Session<S> {
         self.sp = sim::pump();
         self.channel = None;
         self.wire.clear();
+        self.inbox.clear();
         self.seen = FrameDecoder::new(vec![0u8; MAX_SEALED]);
         self.offers.clear();
         self.last_upload = None;

@@ -241,8 +241,12 @@ impl Server {
         self.observer.progress(id, None, c.session.pump.sent, c.session.pump.received);
         let key = c.session.machine.key_name().unwrap_or("-").to_string();
         let result = match result {
-            // The client hung up between requests: a clean close.
-            Err(DriveError::Closed) if c.session.machine.is_idle() && !c.session.pump.is_mid_frame() => {
+            // The client hung up between requests, or before sending
+            // anything (a port check): a clean close.
+            Err(DriveError::Closed)
+                if (c.session.machine.is_idle() && !c.session.pump.is_mid_frame())
+                    || c.session.pump.received == 0 =>
+            {
                 Ok(())
             }
             Err(e) => Err(e),

@@ -31,7 +31,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::UNIX_EPOCH;
 
@@ -547,20 +547,66 @@ impl Follow for FileTree {
     }
 }
 
+/// Read-back threads running at once, all uploads together; past this,
+/// the work waits for the end of the upload (see [`ReadBack`]).
+fn readback_limit() -> usize {
+    static LIMIT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *LIMIT.get_or_init(|| std::thread::available_parallelism().map_or(2, |n| n.get()).max(2) * 2)
+}
+
+/// Read-back threads running now.
+static READBACK_THREADS: AtomicUsize = AtomicUsize::new(0);
+
+/// Frees a read-back thread's place when the thread ends.
+struct ReadBackSlot;
+
+impl Drop for ReadBackSlot {
+    fn drop(&mut self) {
+        READBACK_THREADS.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Work over a file being written, on its own thread: it reads back (from
 /// the page cache) what the writer has flushed, so that the connection's
-/// thread only receives and writes, and every core works.
+/// thread only receives and writes, and every core works. At most
+/// [`readback_limit`] such threads run; beyond that the work is deferred,
+/// and done by whoever calls [`ReadBack::finish`] (a connection's worker),
+/// so that a thousand uploads at once do not mean a thousand threads.
 struct ReadBack<F: Follow> {
     shared: Arc<(Mutex<Progress>, Condvar)>,
     thread: Option<std::thread::JoinHandle<io::Result<F::Out>>>,
+    deferred: Option<(File, F, u64)>,
+}
+
+/// Feeds `work` with `file` from `pos` up to `end`.
+fn read_into<F: Follow>(
+    file: &File,
+    work: &mut F,
+    buf: &mut [u8],
+    mut pos: u64,
+    end: u64,
+) -> io::Result<u64> {
+    while pos < end {
+        let n = (end - pos).min(buf.len() as u64) as usize;
+        std::os::unix::fs::FileExt::read_exact_at(file, &mut buf[..n], pos)?;
+        work.feed(&buf[..n]);
+        pos += n as u64;
+    }
+    Ok(pos)
 }
 
 impl<F: Follow> ReadBack<F> {
     /// Starts the work at byte `from` of `file`.
     fn start(file: File, mut work: F, from: u64, name: &str) -> io::Result<ReadBack<F>> {
         let shared = Arc::new((Mutex::new(Progress::default()), Condvar::new()));
+        if READBACK_THREADS.fetch_add(1, Ordering::SeqCst) >= readback_limit() {
+            READBACK_THREADS.fetch_sub(1, Ordering::SeqCst);
+            return Ok(ReadBack { shared, thread: None, deferred: Some((file, work, from)) });
+        }
+        let slot = ReadBackSlot;
         let progress = shared.clone();
         let thread = std::thread::Builder::new().name(name.into()).spawn(move || {
+            let _slot = slot;
             let (lock, wake) = &*progress;
             let mut buf = vec![0u8; 1 << 20];
             let mut pos = from;
@@ -575,18 +621,13 @@ impl<F: Follow> ReadBack<F> {
                     }
                     (p.ready, p.closed)
                 };
-                while pos < ready {
-                    let n = (ready - pos).min(buf.len() as u64) as usize;
-                    std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf[..n], pos)?;
-                    work.feed(&buf[..n]);
-                    pos += n as u64;
-                }
+                pos = read_into(&file, &mut work, &mut buf, pos, ready)?;
                 if closed {
                     return Ok(work.done());
                 }
             }
         })?;
-        Ok(ReadBack { shared, thread: Some(thread) })
+        Ok(ReadBack { shared, thread: Some(thread), deferred: None })
     }
 
     fn update(&self, f: impl FnOnce(&mut Progress)) {
@@ -595,8 +636,13 @@ impl<F: Follow> ReadBack<F> {
         wake.notify_one();
     }
 
-    /// The result over the first `len` bytes, once the thread has read them.
+    /// The result over the first `len` bytes, once the thread has read them
+    /// (or, deferred, once this call has).
     fn finish(mut self, len: u64) -> io::Result<F::Out> {
+        if let Some((file, mut work, from)) = self.deferred.take() {
+            read_into(&file, &mut work, &mut vec![0u8; 1 << 20], from, len)?;
+            return Ok(work.done());
+        }
         self.update(|p| {
             p.ready = len;
             p.closed = true;
@@ -1016,6 +1062,26 @@ mod tests {
         }
         store.wait_indexing();
         assert!(store.indexing.0.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn with_every_read_back_thread_busy_the_work_is_done_at_the_end() {
+        // As if a thousand uploads held every place.
+        READBACK_THREADS.fetch_add(readback_limit(), Ordering::SeqCst);
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = FsStore::open(dir.path()).unwrap();
+        let step = MIDSTATE_STEP as usize;
+        let old = deltasync_core::sim::random_bytes(1, 3 * step + 1000);
+        assert_eq!(publish(&mut store, "f", &[Err(&old)]), (Some(Hash::of(&old)), 0));
+        let mut new = old.clone();
+        new[2 * step + 10..2 * step + 5000].fill(3);
+        assert_eq!(publish(&mut store, "f", &[Err(&new)]).0, Some(Hash::of(&new)));
+        let meta = fs::metadata(dir.path().join("f")).unwrap();
+        assert_eq!(store.load_midstates("f", &meta), midstates_of(&new));
+        store.wait_indexing();
+        let tree = store.load_index("f", &meta).expect("the index");
+        assert_eq!(tree.summary().root, Tree::build(&new, ChunkerKind::Cdc).summary().root);
+        assert_eq!(READBACK_THREADS.fetch_sub(readback_limit(), Ordering::SeqCst), readback_limit());
     }
 
     #[test]
