@@ -289,6 +289,10 @@ async fn run() -> anyhow::Result<()> {
         );
         first_keys(&keys_file)?;
     }
+    // Before anything is announced: a SIGTERM from then on (systemd's
+    // stop) is a graceful shutdown, never the default kill.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing a SIGTERM handler")?;
     raise_file_limit(u64::from(args.max_connections));
     let limits = Limits {
         max_connections: args.max_connections as usize,
@@ -348,8 +352,6 @@ async fn run() -> anyhow::Result<()> {
     let indexes = store.clone();
     let server = Arc::new(Server::new(store, keyring, observer, limits)?);
     tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing a SIGTERM handler");
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
