@@ -47,6 +47,9 @@ pub enum ClientError {
     Tampered,
     /// The server could not be reached or the connection broke.
     Network(io::Error),
+    /// The server turned the connection away (too many connections, from
+    /// this address or overall, or too many failed handshakes from it).
+    Busy,
     /// The server has no such file.
     NotFound(String),
     /// The transferred file did not verify; nothing was replaced.
@@ -81,6 +84,10 @@ impl std::fmt::Display for ClientError {
                  and nothing it carried was acted on",
             ),
             ClientError::Network(e) => write!(f, "network error: {e}"),
+            ClientError::Busy => f.write_str(
+                "the server turned the connection away: too many connections (from this address or \
+                 overall) or too many failed handshakes from this address; try again later",
+            ),
             ClientError::NotFound(n) => write!(f, "{n}: no such file on the server"),
             ClientError::Integrity(n) => write!(f, "{n}: integrity check failed; nothing was replaced"),
             ClientError::Refused(c) => write!(f, "server refused the request: {c}"),
@@ -98,7 +105,7 @@ impl ClientError {
     pub fn exit_code(&self) -> i32 {
         match self {
             ClientError::NoKey | ClientError::BadKey(_) | ClientError::Auth => 3,
-            ClientError::Network(_) => 4,
+            ClientError::Network(_) | ClientError::Busy => 4,
             ClientError::NotFound(_) => 5,
             ClientError::Integrity(_) | ClientError::Tampered => 6,
             ClientError::Refused(_) | ClientError::Protocol(_) | ClientError::Version => 7,
@@ -120,6 +127,9 @@ impl ClientError {
             DriveError::Session(SessionError::Peer(ErrorCode::NotFound)) => {
                 ClientError::NotFound(name.into())
             }
+            // Only a server refusing the connection says this to a client
+            // that keeps to its request limit.
+            DriveError::Session(SessionError::Peer(ErrorCode::TooManyRequests)) => ClientError::Busy,
             DriveError::Session(SessionError::Peer(ErrorCode::Integrity)) => {
                 ClientError::Integrity(name.into())
             }

@@ -327,3 +327,24 @@ fn when_full_the_oldest_unauthenticated_connection_makes_room() {
         metric(&base, "deltasync_connections_refused_total{reason=\"evicted\"}") >= 1.0
     });
 }
+
+#[test]
+fn a_client_turned_away_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let key = test_key(4);
+    let srv = ServerProcess::start(
+        &server_bin(),
+        &root,
+        &key,
+        &["--dashboard", "off", "--max-per-address", "2", "--handshake-timeout", "60"],
+    )
+    .unwrap();
+    let held: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(("127.0.0.1", srv.port)).unwrap()).collect();
+    let out = cli(srv.port, &key, &["ls"]);
+    assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("turned the connection away"));
+    drop(held);
+    // Once they are gone, it gets in.
+    wait_for("the held connections to close", 10, || cli(srv.port, &key, &["ls"]).status.success());
+}
