@@ -7,7 +7,9 @@
 #      combination that ships (core: none, alloc, std without compress;
 #      embedded-client with smoltcp, which the workspace build leaves out)
 #   3. the QEMU firmware (built, linted and size-checked by scripts/firmware.sh), then
-#      unit/integration/browser/QEMU tests (cargo-nextest, or cargo test without it), then doc tests
+#      unit/integration/browser/QEMU/flood tests (cargo-nextest, or cargo test without it),
+#      then doc tests, the GUI's real window, and the fuzz targets: their regressions
+#      replayed and each target fuzzed for 30 s (scripts/fuzz.sh; FUZZ_SECONDS changes it)
 #   4. cross-build deltasync-core (no_std, --no-default-features) for a Cortex-M4F
 #      (thumbv7em-none-eabihf) with Debian's rustc-web toolchain and -Zbuild-std
 #
@@ -66,6 +68,7 @@ step_fmt() {
     section "1/4 format: cargo fmt --all --check"
     cargo fmt --all --check
     cargo fmt --manifest-path embedded-client/firmware/Cargo.toml --check
+    cargo fmt --manifest-path fuzz/Cargo.toml --check
 }
 
 step_clippy() {
@@ -93,8 +96,9 @@ step_firmware() {
 step_tests() {
     # The dashboard tests drive headless Chromium through chromedriver and
     # check /metrics with promtool.
-    section "3/4 tests: system packages for the dashboard tests"
-    need_pkgs chromium chromium-driver prometheus
+    section "3/4 tests: system packages for the dashboard and deployment tests"
+    # systemd: `systemd-analyze verify` checks deploy/deltasync-server.service.
+    need_pkgs chromium chromium-driver prometheus systemd
     if cargo nextest --version >/dev/null 2>&1; then
         section "3/4 tests: cargo nextest run --workspace"
         cargo nextest run --workspace --no-fail-fast
@@ -133,6 +137,13 @@ step_cross() {
         -p deltasync-core --no-default-features
 }
 
+step_fuzz() {
+    # Coverage-guided fuzzing of the frame decoder, message decoding, the
+    # server session and the receiver (cargo-fuzz; installs it if missing).
+    section "3/4 fuzz: scripts/fuzz.sh ${FUZZ_SECONDS:-30}"
+    bash scripts/fuzz.sh "${FUZZ_SECONDS:-30}"
+}
+
 step_gui_window() {
     # The real GUI window under Xvfb, after an upload (also the README's picture).
     section "3/4 tests: the GUI's real window under Xvfb"
@@ -151,6 +162,7 @@ main() {
     step_firmware
     step_tests
     step_gui_window
+    step_fuzz
     if [ "${DELTASYNC_SKIP_CROSS:-0}" = 1 ]; then
         section "4/4 cross-build: SKIPPED (DELTASYNC_SKIP_CROSS=1)"
     else

@@ -170,7 +170,6 @@ impl Server {
         peer: SocketAddr,
         ticket: crate::gate::Ticket,
     ) {
-        let accepted = now();
         let id = ticket.id;
         tracing::debug!(id, %peer, "connected");
         if let Some(delay) = ticket.delay {
@@ -179,6 +178,8 @@ impl Server {
             tracing::debug!(id, %peer, ?delay, "delayed: repeated failed handshakes from this address");
             tokio::time::sleep(delay).await;
         }
+        // The handshake's time counts from here (a delay does not eat it).
+        let accepted = now();
         let limits = &self.gate.limits;
         let _ = stream.set_nodelay(true);
         let mut timed = tokio_io_timeout::TimeoutStream::new(stream);
