@@ -122,11 +122,14 @@ where
         self.start < self.end || self.decoder.is_mid_frame()
     }
 
-    /// Whether a step would have work for the machine: the buffered input
-    /// finishes a frame (or fails to), or the peer has closed. While it
-    /// would not, a shell can read more before stepping.
+    /// Whether a step would have work: the buffered input finishes a frame
+    /// (or fails to), the input buffer is full (a step moves it into the
+    /// frame being assembled), or the peer has closed. While none holds, a
+    /// shell can read more before stepping.
     pub fn has_frame(&self) -> bool {
-        self.eof || self.decoder.would_finish(&self.input.as_ref()[self.start..self.end])
+        self.eof
+            || self.end == self.input.as_ref().len()
+            || self.decoder.would_finish(&self.input.as_ref()[self.start..self.end])
     }
 
     /// Whether frames are sealed (a handshake has finished).

@@ -6,7 +6,8 @@ use deltasync_core::Instant;
 use deltasync_core::SessionError;
 use deltasync_core::chunker::ChunkerKind;
 use deltasync_core::conn::Upload;
-use deltasync_core::driver::{Advanced, DriveError, Session, run_async};
+use deltasync_core::driver::{Advanced, DriveError, Pump, Session, run_async};
+use deltasync_core::frame::{MAX_ENCODED, MAX_SEALED};
 use deltasync_core::machine::Machine;
 use deltasync_core::message::Outcome;
 use deltasync_core::sender::Sender;
@@ -40,7 +41,10 @@ async fn a_client_and_server_sync_over_the_async_driver() {
     // A small pipe buffer forces many partial reads and writes.
     let (a, b) = tokio::io::duplex(4096);
     let (mut cio, mut sio) = (FromTokio::new(a), FromTokio::new(b));
-    let mut srv = Session { machine: server(&files, keys()), pump: pump() };
+    // The server's input buffer is smaller than most frames: whole frames
+    // never fit in it, and are assembled in the frame buffer.
+    let small = Pump::new(vec![0u8; 64], vec![0u8; MAX_SEALED], vec![0u8; MAX_ENCODED]);
+    let mut srv = Session { machine: server(&files, keys()), pump: small };
     let never = |_| std::future::pending::<()>();
 
     let client = async move {

@@ -54,6 +54,14 @@ const STEP_LIMIT: usize = 100_000;
 
 /// The files a store starts with, by `preset` (0..4).
 pub fn preset_files(preset: u8) -> Files {
+    thread_local! {
+        // Generated once: a run only clones them.
+        static PRESETS: [BTreeMap<String, Vec<u8>>; 4] = std::array::from_fn(|p| make_preset(p as u8));
+    }
+    Rc::new(RefCell::new(PRESETS.with(|p| p[usize::from(preset & 3)].clone())))
+}
+
+fn make_preset(preset: u8) -> BTreeMap<String, Vec<u8>> {
     let mut m = BTreeMap::new();
     match preset & 3 {
         0 => {}
@@ -70,7 +78,7 @@ pub fn preset_files(preset: u8) -> Files {
             m.insert("a".to_string(), sim::random_bytes(1, 10_000));
         }
     }
-    Rc::new(RefCell::new(m))
+    m
 }
 
 /// The server's keys: sim's `KEY`, with every permission or read-only

@@ -348,3 +348,25 @@ fn a_client_turned_away_says_so() {
     // Once they are gone, it gets in.
     wait_for("the held connections to close", 10, || cli(srv.port, &key, &["ls"]).status.success());
 }
+
+#[test]
+fn requests_with_the_longest_names_fit_the_small_buffers() {
+    // Between requests a connection holds small buffers; a request naming
+    // a file of nearly MAX_NAME (1024) bytes must still fit.
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let key = test_key(5);
+    let srv = ServerProcess::start(&server_bin(), &root, &key, &["--dashboard", "off"]).unwrap();
+    let name = ["a".repeat(250), "b".repeat(250), "c".repeat(250), "d".repeat(250), "e".repeat(15)].join("/");
+    assert_eq!(name.len(), 1019);
+    let f = dir.path().join("f.bin");
+    std::fs::write(&f, random_bytes(7, 200_000)).unwrap();
+    ok(&cli(srv.port, &key, &["upload", s(&f), "--as", &name]));
+    ok(&cli(srv.port, &key, &["stat", &name]));
+    let ls = cli(srv.port, &key, &["ls"]);
+    ok(&ls);
+    assert!(String::from_utf8_lossy(&ls.stdout).contains(&name));
+    let back = dir.path().join("back.bin");
+    ok(&cli(srv.port, &key, &["download", &name, "-o", s(&back)]));
+    assert!(std::fs::read(&back).unwrap() == std::fs::read(&f).unwrap());
+}

@@ -259,12 +259,14 @@ impl Gate {
             since: Instant::now(),
             banned_until: None,
         });
-        if r.since.elapsed() > l.failure_window {
+        // A new window once the last one is over, unless a ban is running
+        // (it runs its full time).
+        if r.since.elapsed() > l.failure_window && r.banned_until.is_none_or(|t| t <= Instant::now()) {
             *r = Failures { count: 0, since: Instant::now(), banned_until: None };
         }
-        r.count += 1;
+        r.count = r.count.saturating_add(1);
         if l.ban_after > 0 && r.count == l.ban_after {
-            r.banned_until = Some(Instant::now() + l.ban_time);
+            r.banned_until = Instant::now().checked_add(l.ban_time);
             return Some(l.ban_time);
         }
         None
@@ -342,6 +344,20 @@ mod tests {
         assert_eq!(g.failed(A), Some(Duration::from_secs(300)));
         assert_eq!(g.admit(A).err(), Some(Reason::Banned));
         assert!(g.admit(B).is_ok());
+    }
+
+    #[test]
+    fn a_ban_outlives_the_window_that_caused_it() {
+        let g = Gate::new(Limits { failure_window: Duration::from_millis(50), ..limits() });
+        for _ in 0..4 {
+            g.failed(A);
+        }
+        assert_eq!(g.admit(A).err(), Some(Reason::Banned));
+        std::thread::sleep(Duration::from_millis(80));
+        // A connection of the banned address that was already open fails
+        // after the window: the ban holds.
+        assert_eq!(g.failed(A), None);
+        assert_eq!(g.admit(A).err(), Some(Reason::Banned));
     }
 
     #[test]

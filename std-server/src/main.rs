@@ -54,13 +54,13 @@ struct Args {
     #[arg(long, env = "DELTASYNC_MAX_PER_ADDRESS", default_value_t = 64, value_name = "N",
           value_parser = clap::value_parser!(u32).range(1..))]
     max_per_address: u32,
-    /// Seconds from the accept within which a client must prove its key
-    /// (bytes trickling in do not extend it).
+    /// Seconds from the accept (after any --slow-delay) within which a
+    /// client must prove its key (bytes trickling in do not extend it).
     #[arg(long, env = "DELTASYNC_HANDSHAKE_TIMEOUT", default_value_t = 10, value_name = "SECS",
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     handshake_timeout: u64,
     /// Seconds an authenticated client may stay silent between requests
-    /// (and the longest a write to a client that stops reading may wait).
+    /// (and the longest a write to a client may go without progress).
     #[arg(long, env = "DELTASYNC_IDLE_TIMEOUT", default_value_t = 300, value_name = "SECS",
           value_parser = clap::value_parser!(u64).range(1..=86_400))]
     idle_timeout: u64,
@@ -69,21 +69,23 @@ struct Args {
     #[arg(long, env = "DELTASYNC_WORKERS", default_value_t = 32, value_name = "N",
           value_parser = clap::value_parser!(u32).range(1..=1024))]
     workers: u32,
-    /// Failed handshakes (wrong key, garbage, no key in time) from one
-    /// address within a minute after which its new connections wait
-    /// --slow-delay before being served (0: never).
+    /// Failed handshakes (wrong key, garbage, no key in time, evicted
+    /// before proving one) from one address, within a minute of the first,
+    /// after which its new connections wait --slow-delay before being
+    /// served (0: never).
     #[arg(long, env = "DELTASYNC_SLOW_AFTER", default_value_t = 5, value_name = "N")]
     slow_after: u32,
     /// Seconds such a connection waits.
     #[arg(long, env = "DELTASYNC_SLOW_DELAY", default_value_t = 2, value_name = "SECS",
           value_parser = clap::value_parser!(u64).range(0..=60))]
     slow_delay: u64,
-    /// Failed handshakes from one address within a minute after which it
-    /// is refused for --ban-time (0: never).
+    /// Failed handshakes from one address, within a minute of the first,
+    /// after which it is refused for --ban-time (0: never).
     #[arg(long, env = "DELTASYNC_BAN_AFTER", default_value_t = 20, value_name = "N")]
     ban_after: u32,
     /// Seconds a banned address is refused.
-    #[arg(long, env = "DELTASYNC_BAN_TIME", default_value_t = 300, value_name = "SECS")]
+    #[arg(long, env = "DELTASYNC_BAN_TIME", default_value_t = 300, value_name = "SECS",
+          value_parser = clap::value_parser!(u64).range(1..=604_800))]
     ban_time: u64,
     #[command(subcommand)]
     command: Option<Command>,

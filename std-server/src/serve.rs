@@ -20,8 +20,8 @@ use std::io;
 use std::net::SocketAddr;
 use std::ops::{Deref, DerefMut};
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub use crate::gate::Limits;
@@ -30,10 +30,13 @@ pub use crate::gate::Limits;
 /// until its client's hello passed: enough for a hello and the accept.
 const HELLO: (usize, usize, usize) = (512, 256, 256);
 /// Buffers between requests: enough for any request or reply that is not
-/// a transfer.
-const SMALL: (usize, usize, usize) = (1024, MAX_NAME + 512, MAX_NAME + 512);
+/// a transfer (a whole request fits in the input, so it takes one read).
+const SMALL: (usize, usize, usize) = (MAX_NAME + 1024, MAX_NAME + 512, MAX_NAME + 512);
 /// Buffers while a request is served: full `Data` frames both ways.
 const LARGE: (usize, usize, usize) = (64 * 1024, MAX_SEALED, MAX_ENCODED);
+
+/// Threads for handshake steps (an X25519 exchange and a key lookup each).
+const HANDSHAKE_THREADS: usize = 2;
 
 /// Which buffers a connection holds now.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -85,8 +88,10 @@ pub struct Server {
     pub observer: Arc<dyn Observer>,
     /// Admission: caps, eviction, throttling.
     pub gate: Arc<Gate>,
-    /// The threads that run connection steps.
+    /// The threads that run authenticated connections' steps.
     workers: Workers,
+    /// The threads that run handshake steps.
+    handshakes: Workers,
 }
 
 /// A fixed-size pool of threads for connection steps (a runtime of its own
@@ -95,11 +100,11 @@ pub struct Server {
 struct Workers(Option<tokio::runtime::Runtime>);
 
 impl Workers {
-    fn new(n: usize) -> io::Result<Workers> {
+    fn new(n: usize, name: &str) -> io::Result<Workers> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .max_blocking_threads(n.max(1))
-            .thread_name("deltasync-worker")
+            .thread_name(name)
             .build()?;
         Ok(Workers(Some(rt)))
     }
@@ -127,8 +132,19 @@ struct Conn {
     id: u64,
     peer: SocketAddr,
     authenticated: bool,
+    /// Shared with the task, which may evict the connection.
+    flags: Arc<Mutex<Flags>>,
     buffers: Buffers,
     last_report: deltasync_core::Instant,
+}
+
+/// What a connection's task and its steps agree on under a lock: a step
+/// marks it authenticated only if it has not been evicted, and the task
+/// evicts it only if it has not authenticated.
+#[derive(Default)]
+struct Flags {
+    authenticated: bool,
+    evicted: bool,
 }
 
 /// The boxed state, as the driver sees it: the session.
@@ -158,8 +174,9 @@ impl Server {
         observer: Arc<dyn Observer>,
         limits: Limits,
     ) -> io::Result<Server> {
-        let workers = Workers::new(limits.workers)?;
-        Ok(Server { store, keys, observer, gate: Gate::new(limits), workers })
+        let workers = Workers::new(limits.workers, "deltasync-worker")?;
+        let handshakes = Workers::new(HANDSHAKE_THREADS, "deltasync-handshake")?;
+        Ok(Server { store, keys, observer, gate: Gate::new(limits), workers, handshakes })
     }
 
     /// Serves one admitted client until it disconnects, times out or is
@@ -172,7 +189,44 @@ impl Server {
     ) {
         let id = ticket.id;
         tracing::debug!(id, %peer, "connected");
-        if let Some(delay) = ticket.delay {
+        let flags = Arc::new(Mutex::new(Flags::default()));
+        let work = self.clone().serve_one(stream, peer, id, ticket.delay, flags.clone());
+        tokio::pin!(work);
+        let evicted = loop {
+            tokio::select! {
+                () = &mut work => break false,
+                () = ticket.evict.notified() => {
+                    // Its step may have proved the key meanwhile: then it
+                    // stays (the server is one over its cap for a moment).
+                    let mut f = flags.lock().unwrap_or_else(|p| p.into_inner());
+                    if !f.authenticated {
+                        f.evicted = true;
+                        break true;
+                    }
+                }
+            }
+        };
+        if evicted {
+            // Dropping `work` drops the connection (a step in flight ends
+            // on its own and reports nothing). Counted against the address:
+            // a flood that keeps the server full is slowed and banned too.
+            tracing::debug!(id, %peer, "evicted: the server was full and this connection had not authenticated");
+            self.refused(Reason::Evicted);
+            self.handshake_failed(peer);
+        }
+    }
+
+    /// The connection after admission: the slow-down delay, the session,
+    /// then its accounting.
+    async fn serve_one(
+        self: Arc<Self>,
+        stream: tokio::net::TcpStream,
+        peer: SocketAddr,
+        id: u64,
+        delay: Option<Duration>,
+        flags: Arc<Mutex<Flags>>,
+    ) {
+        if let Some(delay) = delay {
             // Its address failed many handshakes lately: it waits, holding
             // no thread and counting against its address's cap.
             tracing::debug!(id, %peer, ?delay, "delayed: repeated failed handshakes from this address");
@@ -199,6 +253,7 @@ impl Server {
             id,
             peer,
             authenticated: false,
+            flags,
             buffers: Buffers::Hello,
             last_report: accepted,
         }));
@@ -206,9 +261,12 @@ impl Server {
         let run = move |mut c: Boxed| {
             let server = server.clone();
             async move {
+                // Hellos have threads of their own: storage work cannot
+                // hold a client's handshake past its deadline. From the
+                // first sealed frame on (a request), the workers.
+                let pool = if c.pump.is_secure() { &server.workers } else { &server.handshakes };
                 let worker = server.clone();
-                let joined = server
-                    .workers
+                let joined = pool
                     .handle()
                     .spawn_blocking(move || {
                         let r = worker.advance(&mut c.0);
@@ -222,17 +280,7 @@ impl Server {
                 }
             }
         };
-        let drive = run_async(conn, &mut io, run, sleep_until);
-        let ended = tokio::select! {
-            r = drive => Some(r),
-            () = ticket.evict.notified() => None,
-        };
-        let Some((mut conn, result)) = ended else {
-            tracing::debug!(id, %peer, "evicted: the server was full and this connection had not authenticated");
-            self.refused(Reason::Evicted);
-            self.observer.closed(id, None);
-            return;
-        };
+        let (mut conn, result) = run_async(conn, &mut io, run, sleep_until).await;
         let c = &mut *conn.0;
         let conn_state = &mut c.session.machine;
         while let Some(ev) = conn_state.next_event() {
@@ -255,10 +303,14 @@ impl Server {
         };
         match &result {
             Ok(()) if c.authenticated => tracing::info!(id, %peer, key, "closed"),
-            Ok(()) => tracing::debug!(id, %peer, "closed before authenticating"),
-            Err(DriveError::Session(SessionError::Protocol(ErrorCode::Tampered))) => {
-                // Before or after the client's first request: either way
-                // a relay changed a frame (or replayed a hello).
+            Ok(()) if c.session.pump.received == 0 => tracing::debug!(id, %peer, "closed without a word"),
+            Ok(()) => {
+                // Hung up after a hello that passed but before proving the
+                // key: a replayed hello, as far as anyone can tell.
+                tracing::debug!(id, %peer, "closed after its hello, before proving its key");
+                self.handshake_failed(peer);
+            }
+            Err(DriveError::Session(SessionError::Protocol(ErrorCode::Tampered))) if c.authenticated => {
                 tracing::warn!(id, %peer, key, "a frame failed authentication: changed on the way");
             }
             Err(e) if !c.authenticated => {
@@ -268,20 +320,19 @@ impl Server {
                     DriveError::Session(SessionError::Protocol(ErrorCode::AuthFailed)) => {
                         "unknown key or wrong secret"
                     }
+                    DriveError::Session(SessionError::Protocol(ErrorCode::Tampered)) => {
+                        "its first sealed frame failed authentication (changed on the way, or a replayed hello)"
+                    }
                     DriveError::Session(SessionError::Timeout) => "no key proved in time",
                     _ => "not a valid handshake",
                 };
                 tracing::debug!(id, %peer, error = %e, "handshake failed: {why}");
-                if let Some(until) = self.gate.failed(peer.ip()) {
-                    tracing::warn!(
-                        %peer,
-                        secs = until.as_secs(),
-                        "banning address: too many failed handshakes (see --ban-after)"
-                    );
-                }
+                self.handshake_failed(peer);
                 match e {
-                    // Counted as an authentication failure, and shown.
-                    DriveError::Session(SessionError::Protocol(ErrorCode::AuthFailed)) => {}
+                    // Counted as authentication failures, and shown.
+                    DriveError::Session(SessionError::Protocol(
+                        ErrorCode::AuthFailed | ErrorCode::Tampered,
+                    )) => {}
                     DriveError::Session(SessionError::Timeout) => self.refused(Reason::HandshakeTimeout),
                     _ => self.refused(Reason::BadHandshake),
                 }
@@ -300,6 +351,13 @@ impl Server {
         self.observer.closed(id, shown);
     }
 
+    /// Counts a failed handshake against `peer`'s address.
+    fn handshake_failed(&self, peer: SocketAddr) {
+        if let Some(until) = self.gate.failed(peer.ip()) {
+            tracing::warn!(%peer, secs = until.as_secs(), "banning address: too many failed handshakes (see --ban-after)");
+        }
+    }
+
     /// Counts a refused or dropped connection (metrics, log summary).
     fn refused(&self, reason: Reason) {
         self.gate.note(reason);
@@ -309,14 +367,18 @@ impl Server {
     /// One burst of machine work, on a worker thread: steps until the
     /// socket is needed, reporting events and sizing the buffers.
     fn advance(&self, c: &mut Conn) -> Result<Step<()>, DriveError<Infallible>> {
-        let Conn { session, id, peer, authenticated, buffers, last_report } = c;
+        let Conn { session, id, peer, authenticated, flags, buffers, last_report } = c;
         let (id, peer) = (*id, *peer);
         let observer = &self.observer;
         let r = session.advance(now(), |conn, pump| {
             if !*authenticated && conn.is_authenticated() {
-                *authenticated = true;
-                self.gate.authenticated(id);
-                observer.connected(id, peer);
+                let mut f = flags.lock().unwrap_or_else(|p| p.into_inner());
+                if !f.evicted {
+                    f.authenticated = true;
+                    *authenticated = true;
+                    self.gate.authenticated(id);
+                    observer.connected(id, peer);
+                }
             }
             while let Some(ev) = conn.next_event() {
                 log_event(id, conn.key_name().unwrap_or("-"), &ev);

@@ -368,7 +368,14 @@ impl FsStore {
             return Err(storage(e));
         }
         if let Some(old) = old {
-            std::thread::spawn(move || fs::remove_file(old));
+            // In the background; here if no thread can be had.
+            let unlink = std::thread::Builder::new().name("trash".into()).spawn({
+                let old = old.clone();
+                move || fs::remove_file(old)
+            });
+            if unlink.is_err() {
+                let _ = fs::remove_file(old);
+            }
         }
         if let Some(dir) = dest.parent() {
             File::open(dir).and_then(|d| d.sync_all()).map_err(storage)?;
