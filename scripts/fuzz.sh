@@ -74,10 +74,14 @@ for t in "${targets[@]}"; do
     fi
     if [ "${#regressions[@]}" -gt 0 ]; then
         echo "== $t: ${#regressions[@]} regression input(s)"
-        if ! "${fuzz[@]}" run "${flags[@]}" "$t" "${regressions[@]}" -- -timeout="$timeout" >"$work/$t.reg.log" 2>&1; then
-            grep -E 'panicked|Running:|ERROR' "$work/$t.reg.log" | tail -n 20 || true
-            failed+=("$t (regressions)")
-        fi
+        # One run per file: libFuzzer stops at the first input that crashes.
+        for f in "${regressions[@]}"; do
+            if ! "${fuzz[@]}" run "${flags[@]}" "$t" "$f" -- -timeout="$timeout" >"$work/$t.reg.log" 2>&1; then
+                echo "$f:"
+                grep -E -A 1 'panicked' "$work/$t.reg.log" | head -n 2 || true
+                failed+=("$f")
+            fi
+        done
     fi
 
     if [ "$seconds" -eq 0 ]; then
@@ -114,6 +118,7 @@ for s in "${summary[@]}"; do
     echo "$s"
 done
 if [ "${#failed[@]}" -gt 0 ]; then
-    echo "FAILED: ${failed[*]} (inputs under fuzz/artifacts/)" >&2
+    echo "FAILED: ${failed[*]}" >&2
+    echo "(crashes found by fuzzing are saved under fuzz/artifacts/<target>/)" >&2
     exit 1
 fi

@@ -250,7 +250,10 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
             self.segs.push(Seg::Fetch { at, len });
         } else {
             match self.expand.back_mut() {
-                Some(e) if e.level == level && e.index + e.count == index && e.count < 1024 => {
+                // `index` comes from the peer's `start`: any u32.
+                Some(e)
+                    if e.level == level && e.index.checked_add(e.count) == Some(index) && e.count < 1024 =>
+                {
                     e.count += 1;
                     e.bytes += len;
                 }
@@ -341,7 +344,9 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
             let e = e.map_err(SessionError::Protocol)?;
             let index = u32::try_from(k).ok().and_then(|k| start.checked_add(k)).ok_or(bad)?;
             let end = at.checked_add(e.len).filter(|&end| end <= self.offer.size).ok_or(bad)?;
-            covered += e.len;
+            // Summed over the frames of one answer: a peer's lengths can
+            // add up past u64 (each alone is checked against the size).
+            covered = covered.checked_add(e.len).ok_or(bad)?;
             if e.len == 0 || covered > bytes {
                 return Err(bad);
             }

@@ -51,7 +51,11 @@ pub fn decode(stream: &[u8], cap: usize, pieces: &[usize]) -> Decoded {
                     assert!(n > 0 || f.is_some(), "feed made no progress on {} bytes", rest.len());
                     assert!(n <= rest.len(), "feed used {n} of {} bytes", rest.len());
                     if let Some(f) = f {
-                        assert!(f.len() <= cap, "frame of {} bytes from a decoder of capacity {cap}", f.len());
+                        assert!(
+                            f.len() <= cap,
+                            "frame of {} bytes from a decoder of capacity {cap}",
+                            f.len()
+                        );
                         out.frames.push(f);
                     }
                     out.consumed += n;

@@ -65,7 +65,8 @@ fn fields(m: &Message<'_>) {
             for e in &ok {
                 message::pack_entry(&mut out, &mut pos, *e).expect("room for every entry");
             }
-            let back: Vec<_> = message::unpack_entries(&out[..pos]).collect::<Result<_, _>>().expect("re-packed");
+            let back: Vec<_> =
+                message::unpack_entries(&out[..pos]).collect::<Result<_, _>>().expect("re-packed");
             assert_eq!(back, ok, "packed entries do not round trip");
         }
         _ => {}

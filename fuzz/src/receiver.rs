@@ -49,7 +49,7 @@ use std::collections::VecDeque;
 /// The session salt (fixed: runs are deterministic).
 pub const SALT: [u8; 8] = *b"fuzzsalt";
 
-/// Polls one side may take in a row before it is deemed stuck.
+/// Polls the receiver may take in a row before it is deemed stuck.
 const LOOP_LIMIT: usize = 100_000;
 
 /// What a run did (for tests; the fuzzer ignores it).
@@ -198,24 +198,17 @@ impl Run<'_> {
         panic!("the receiver sent {LOOP_LIMIT} frames in a row");
     }
 
-    /// The sender's next frame, polling it if none is queued.
+    /// The sender's next frame, polling it (once: the fuzzer's operations
+    /// stay aligned with the sender's frames) if none is queued.
     fn next_from_tx(&mut self) -> Option<Vec<u8>> {
         if self.queue.is_empty() && self.tx_alive {
-            for _ in 0..LOOP_LIMIT {
-                match self.tx.poll(self.now, &mut self.buf) {
-                    Ok(Poll::Transmit(n)) => {
-                        let p = frame_payload(&self.buf[..n]).expect("the sender writes whole frames");
-                        self.queue.push_back(p.to_vec());
-                        // One at a time keeps the fuzzer's ops aligned with
-                        // the sender's frames.
-                        break;
-                    }
-                    Ok(Poll::Wait(_) | Poll::Done(_)) => break,
-                    Err(_) => {
-                        self.tx_alive = false;
-                        break;
-                    }
+            match self.tx.poll(self.now, &mut self.buf) {
+                Ok(Poll::Transmit(n)) => {
+                    let p = frame_payload(&self.buf[..n]).expect("the sender writes whole frames");
+                    self.queue.push_back(p.to_vec());
                 }
+                Ok(Poll::Wait(_) | Poll::Done(_)) => {}
+                Err(_) => self.tx_alive = false,
             }
         }
         self.queue.pop_front()
@@ -286,7 +279,8 @@ pub fn run(data: &[u8]) -> Report {
         }
     };
     let tx = Sender::new(&new_tree, &new[..], sent, SALT, now).compress(flags & 0x10 != 0);
-    let mut r = Run { rx, tx, tx_alive: true, queue: VecDeque::new(), now, buf: vec![0u8; MAX_ENCODED], report };
+    let mut r =
+        Run { rx, tx, tx_alive: true, queue: VecDeque::new(), now, buf: vec![0u8; MAX_ENCODED], report };
 
     let mut status = r.poll_rx();
     while matches!(status, Status::Running) {
@@ -369,9 +363,17 @@ fn check(
                     // By contract the receiver does not hash what the output
                     // indexed: it passes the offer's claim on with the tree,
                     // and the output's owner (a store) refuses a mismatch.
-                    assert_eq!(tree.summary().file_hash, offer.file_hash, "the offer's hash is not passed on");
+                    assert_eq!(
+                        tree.summary().file_hash,
+                        offer.file_hash,
+                        "the offer's hash is not passed on"
+                    );
                 } else {
-                    assert_eq!(Hash::of(&data), offer.file_hash, "Written with bytes whose hash is not the offer's");
+                    assert_eq!(
+                        Hash::of(&data),
+                        offer.file_hash,
+                        "Written with bytes whose hash is not the offer's"
+                    );
                 }
             }
             if offer.root == honest.root {
@@ -381,7 +383,11 @@ fn check(
                 // offered tree's (as `Tree::build` cuts them; see the
                 // server_session harness for why that suffices here).
                 let t = Tree::build(&data, offer.chunking).summary();
-                assert_eq!((t.root, t.height), (offer.root, offer.height), "Written bytes are not the offered tree");
+                assert_eq!(
+                    (t.root, t.height),
+                    (offer.root, offer.height),
+                    "Written bytes are not the offered tree"
+                );
             }
         }
         Outcome::Unchanged => {

@@ -7,7 +7,8 @@
 //! --lib` (in fuzz/) writes them to `corpus/<target>/seed-<name>`.
 
 use crate::server_session::{self, Client, Reply};
-use crate::{frame_payload, frame_decoder, message_decode, receiver};
+use crate::{frame_decoder, frame_payload, message_decode, receiver};
+use deltasync_core::Instant;
 use deltasync_core::channel::CipherKind;
 use deltasync_core::chunker::ChunkerKind;
 use deltasync_core::conn::server::{Direction, Event};
@@ -21,7 +22,6 @@ use deltasync_core::receiver::Base;
 use deltasync_core::sender::Sender;
 use deltasync_core::sim::{self, KEY};
 use deltasync_core::tree::{Summary, Tree};
-use deltasync_core::Instant;
 use std::path::{Path, PathBuf};
 
 const AUTH: u8 = 1;
@@ -111,7 +111,13 @@ fn query(s: &mut dyn Client, script: &mut Script, kind: QueryKind<'_>) {
     drive(s, script, &mut q, usize::MAX);
 }
 
-fn upload(s: &mut dyn Client, script: &mut Script, name: &str, data: &[u8], offer: impl Fn(Summary) -> Summary) {
+fn upload(
+    s: &mut dyn Client,
+    script: &mut Script,
+    name: &str,
+    data: &[u8],
+    offer: impl Fn(Summary) -> Summary,
+) {
     upload_limited(s, script, name, data, offer, usize::MAX);
 }
 
@@ -301,7 +307,8 @@ fn receiver_seeds() -> Vec<(&'static str, Vec<u8>)> {
     seeds.push(("base-cdc", head(0x41, 2, 7, 16_000, &[(1, 0, 700)])));
     seeds.push(("empty", head(0, 0, 8, 0, &[])));
     let mut v = head(1, 0, 9, 20_000, &[(0, 20_000, 64)]);
-    let entries = payload_of(&Message::Entries { level: 0, start: 0, offset: 0, last: true, packed: &[1; 9] });
+    let entries =
+        payload_of(&Message::Entries { level: 0, start: 0, offset: 0, last: true, packed: &[1; 9] });
     v.push(1);
     v.extend_from_slice(&(entries.len() as u16).to_le_bytes());
     v.extend_from_slice(&entries);
@@ -331,7 +338,13 @@ fn every_message() -> Vec<Vec<u8>> {
         Message::Error(ErrorCode::Tampered),
         Message::Offer(s),
         Message::GetChildren { level: 2, index: 1, count: 3 },
-        Message::Entries { level: 1, start: 2, offset: 4096, last: true, packed: &[9, 9, 9, 9, 9, 9, 9, 9, 0x80, 0x20] },
+        Message::Entries {
+            level: 1,
+            start: 2,
+            offset: 4096,
+            last: true,
+            packed: &[9, 9, 9, 9, 9, 9, 9, 9, 0x80, 0x20],
+        },
         Message::GetData { offset: 10, len: 300 },
         Message::Data { offset: 10, bytes: &[5; 40] },
         Message::Done { outcome: Outcome::Written, file_hash: Some(h) },
@@ -380,9 +393,13 @@ fn frame_seeds() -> Vec<(&'static str, Vec<u8>)> {
     seeds
 }
 
-fn all_seeds() -> Vec<(&'static str, Vec<(String, Vec<u8>)>)> {
+/// Named inputs of one target.
+type Seeds = Vec<(String, Vec<u8>)>;
+
+fn all_seeds() -> Vec<(&'static str, Seeds)> {
     let named = |v: Vec<(&'static str, Vec<u8>)>| v.into_iter().map(|(n, d)| (n.to_string(), d)).collect();
-    let messages = every_message().into_iter().enumerate().map(|(i, d)| (format!("variant-{i:02}"), d)).collect();
+    let messages =
+        every_message().into_iter().enumerate().map(|(i, d)| (format!("variant-{i:02}"), d)).collect();
     vec![
         ("frame_decoder", named(frame_seeds())),
         ("message_decode", messages),
@@ -438,7 +455,10 @@ fn seeds_reach_what_they_were_made_for() {
         let r = server_session::run(&get(name));
         assert!(r.replies.contains(&Reply::Offer) && r.replies.contains(&Reply::Data), "{name}: {r:?}");
         assert!(
-            r.events.iter().any(|e| matches!(e, Event::Finished { direction: Direction::Download, outcome: Outcome::Written, .. })),
+            r.events.iter().any(|e| matches!(
+                e,
+                Event::Finished { direction: Direction::Download, outcome: Outcome::Written, .. }
+            )),
             "{name}: {r:?}"
         );
     }
@@ -472,9 +492,10 @@ fn seeds_reach_what_they_were_made_for() {
 }
 
 /// Every file under `corpus/<target>/` and `regressions/<target>/` runs
-/// through its harness without a panic.
+/// through its harness without a panic (all are run; the failures listed).
 #[test]
 fn corpus_and_regressions_replay() {
+    let mut failed = Vec::new();
     for sub in ["corpus", "regressions"] {
         for (target, _) in all_seeds() {
             let dir = fuzz_dir().join(sub).join(target);
@@ -482,17 +503,16 @@ fn corpus_and_regressions_replay() {
             let mut files: Vec<PathBuf> = entries.map(|e| e.unwrap().path()).collect();
             files.sort();
             for f in files.iter().filter(|f| f.is_file()) {
-                replay(target, f);
+                if !replay(target, f) {
+                    failed.push(f.display().to_string());
+                }
             }
         }
     }
+    assert!(failed.is_empty(), "inputs that panicked:\n{}", failed.join("\n"));
 }
 
-fn replay(target: &str, file: &Path) {
+fn replay(target: &str, file: &Path) -> bool {
     let data = std::fs::read(file).unwrap();
-    if let Err(e) = std::panic::catch_unwind(|| run_target(target, &data)) {
-        eprintln!("{target}: {} panicked", file.display());
-        std::panic::resume_unwind(e);
-    }
+    std::panic::catch_unwind(|| run_target(target, &data)).is_ok()
 }
-

@@ -209,7 +209,11 @@ impl Store for PartialStore {
     type Reader = Vec<u8>;
     type Writer = PartialWriter;
 
-    fn open(&mut self, name: &str, chunking: Option<ChunkerKind>) -> Result<Option<(Tree, Vec<u8>)>, ErrorCode> {
+    fn open(
+        &mut self,
+        name: &str,
+        chunking: Option<ChunkerKind>,
+    ) -> Result<Option<(Tree, Vec<u8>)>, ErrorCode> {
         self.files.open(name, chunking)
     }
     fn partial(&mut self, name: &str, chunking: ChunkerKind) -> Result<Option<(Tree, Vec<u8>)>, ErrorCode> {
@@ -229,7 +233,12 @@ impl Store for PartialStore {
             partials: self.partials.clone(),
         })
     }
-    fn finish(&mut self, name: &str, mut w: PartialWriter, tree: Option<Tree>) -> Result<Option<Hash>, ErrorCode> {
+    fn finish(
+        &mut self,
+        name: &str,
+        mut w: PartialWriter,
+        tree: Option<Tree>,
+    ) -> Result<Option<Hash>, ErrorCode> {
         w.done = true;
         self.partials.borrow_mut().remove(name);
         let Some(t) = tree else { return Ok(None) };
@@ -434,7 +443,8 @@ impl<S: Store> Session<S> {
         // Exercised for coverage; their values are the dashboard's.
         let _ = (self.server.progress(), self.server.key_name(), self.server.is_idle());
         while let Some(ev) = self.server.next_event() {
-            if let Event::Finished { name, direction: Direction::Upload, outcome: Outcome::Written, .. } = &ev {
+            if let Event::Finished { name, direction: Direction::Upload, outcome: Outcome::Written, .. } = &ev
+            {
                 self.check_written(name);
             }
             self.report.events.push(ev);
@@ -448,7 +458,11 @@ impl<S: Store> Session<S> {
         let data = files.get(name).unwrap_or_else(|| panic!("{name:?} was written but is not stored"));
         assert_eq!(data.len() as u64, offer.size, "{name:?}: stored size differs from the offer");
         if offer.file_hash.is_known() {
-            assert_eq!(Hash::of(data), offer.file_hash, "{name:?}: stored bytes differ from the offer's hash");
+            assert_eq!(
+                Hash::of(data),
+                offer.file_hash,
+                "{name:?}: stored bytes differ from the offer's hash"
+            );
         } else {
             // Only the root vouches for the bytes. (A client could offer a
             // tree cut where `Tree::build` would not; the fuzzer cannot
