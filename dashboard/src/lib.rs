@@ -816,6 +816,22 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn live_streams_are_capped_and_a_closed_one_frees_its_place() {
+        let access = Access { loopback: true, tls: false, max_streams: 2 };
+        let app = router(Hub::new(), only("unused"), access);
+        let first = request(app.clone(), "/events", None, "127.0.0.1").await;
+        let second = request(app.clone(), "/events", None, "127.0.0.1").await;
+        assert_eq!((first.status(), second.status()), (StatusCode::OK, StatusCode::OK));
+        let third = request(app.clone(), "/events", None, "127.0.0.1").await;
+        assert_eq!(third.status(), StatusCode::SERVICE_UNAVAILABLE);
+        // The API still answers.
+        assert_eq!(request(app.clone(), "/api/stats", None, "127.0.0.1").await.status(), StatusCode::OK);
+        drop(first);
+        assert_eq!(request(app.clone(), "/events", None, "127.0.0.1").await.status(), StatusCode::OK);
+        drop(second);
+    }
+
+    #[tokio::test]
     async fn a_dashboard_key_is_required_off_loopback() {
         let app = router(
             Hub::new(),

@@ -2,6 +2,7 @@
 //! with exactly its command lines (the key created by `ExecStartPre`, then
 //! `ExecStart`), its paths moved into a temporary directory and its
 //! addresses onto free loopback ports. The server is stopped by its pid.
+//! Also: a server that cannot raise its open-file limit to its cap says so.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -90,4 +91,43 @@ fn the_units_command_lines_start_a_server() {
     assert!(port.parse::<u16>().is_ok(), "{port}");
     assert!(status.success(), "the server ended with {status} after SIGTERM");
     assert!(state.join("files").is_dir(), "the storage root was not created");
+}
+
+#[test]
+fn a_server_that_cannot_raise_its_file_limit_says_so() {
+    // Under a hard limit of 512 open files, --max-connections 10000 cannot
+    // be held: the server starts anyway and says what to raise.
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path();
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_deltasync-server"));
+    let keys = state.join("keys.toml");
+    let added = Command::new(&bin).arg("--keys").arg(&keys).args(["key", "add", "k"]).output().unwrap();
+    assert!(added.status.success());
+    let mut child = Command::new("prlimit")
+        .arg("--nofile=512:512")
+        .arg(&bin)
+        .arg("--keys")
+        .arg(&keys)
+        .arg("--root")
+        .arg(state.join("files"))
+        .args(["--listen", "127.0.0.1:0", "--dashboard", "off"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("prlimit (util-linux)");
+    let pid = child.id();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        match lines.next() {
+            Some(Ok(l)) if l.contains("listening on") => break,
+            Some(Ok(_)) => {}
+            _ => break,
+        }
+    }
+    let stopped = Command::new("kill").arg("-TERM").arg(pid.to_string()).status().unwrap();
+    assert!(stopped.success());
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("open-file limit") && log.contains("LimitNOFILE"), "{log}");
 }
