@@ -370,3 +370,58 @@ fn requests_with_the_longest_names_fit_the_small_buffers() {
     ok(&cli(srv.port, &key, &["download", &name, "-o", s(&back)]));
     assert!(std::fs::read(&back).unwrap() == std::fs::read(&f).unwrap());
 }
+
+/// A hello for `key` (as a client would send it first).
+fn hello(key: &str) -> Vec<u8> {
+    let key = ClientKey::parse(key).unwrap();
+    let mut hs = ClientHandshake::new(key, CipherKind::ChaChaPoly, [7; 32], deltasync_core::Instant(0));
+    let mut out = vec![0u8; 512];
+    let Ok(Poll::Transmit(n)) = hs.poll(deltasync_core::Instant(0), &mut out) else { panic!("hello") };
+    out.truncate(n);
+    out
+}
+
+#[test]
+fn evictions_and_hellos_without_a_proof_count_against_their_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let key = test_key(6);
+    let srv = ServerProcess::start(
+        &server_bin(),
+        &root,
+        &key,
+        &["--dashboard", "off", "--max-connections", "2", "--handshake-timeout", "60", "--ban-after", "2"],
+    )
+    .unwrap();
+    let banned = |from: Ipv4Addr| {
+        let mut c = connect_from(from, srv.port).unwrap();
+        read_to_close(&mut c, 3) == (vec![2, 12, 8], true)
+    };
+    // Two idle connections from one address fill the server; each client
+    // connection evicts one: two failures, and the address is banned.
+    let flooder = Ipv4Addr::new(127, 0, 5, 1);
+    let mut idle = vec![connect_from(flooder, srv.port).unwrap(), connect_from(flooder, srv.port).unwrap()];
+    ok(&cli(srv.port, &key, &["ls"]));
+    idle.push(connect_from(flooder, srv.port).unwrap());
+    ok(&cli(srv.port, &key, &["ls"]));
+    wait_for("the flooding address to be banned", 10, || banned(flooder));
+    drop(idle);
+
+    // A hello that passes (replayed, or the key's own) and then a hang-up
+    // or a frame that does not open: failures too.
+    let replayer = Ipv4Addr::new(127, 0, 5, 2);
+    let hello = hello(&key);
+    for garbage_after in [false, true] {
+        let mut c = connect_from(replayer, srv.port).unwrap();
+        c.write_all(&hello).unwrap();
+        let mut accept = [0u8; 64];
+        let _ = c.read(&mut accept).unwrap();
+        if garbage_after {
+            c.write_all(&[20, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20])
+                .unwrap();
+            assert!(read_to_close(&mut c, 3).1);
+        }
+    }
+    wait_for("the replaying address to be banned", 10, || banned(replayer));
+    ok(&cli(srv.port, &key, &["ls"]));
+}
