@@ -425,3 +425,34 @@ fn evictions_and_hellos_without_a_proof_count_against_their_address() {
     wait_for("the replaying address to be banned", 10, || banned(replayer));
     ok(&cli(srv.port, &key, &["ls"]));
 }
+
+#[test]
+fn only_connections_still_proving_their_key_count_against_their_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let key = test_key(7);
+    let srv = ServerProcess::start(
+        &server_bin(),
+        &root,
+        &key,
+        &["--dashboard", "off", "--max-per-address", "2", "--handshake-timeout", "60"],
+    )
+    .unwrap();
+    let server = format!("127.0.0.1:{}", srv.port);
+    let k = ClientKey::parse(&key).unwrap();
+    // Five sessions from one address, each past its first request: none
+    // counts against the address.
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        let mut c = deltasync_client::Connection::connect(&server, &k).unwrap();
+        c.list().unwrap();
+        held.push(c);
+    }
+    ok(&cli(srv.port, &key, &["ls"]));
+    // Two that say nothing do; a third is turned away.
+    let quiet: Vec<TcpStream> =
+        (0..2).map(|_| TcpStream::connect(("127.0.0.1", srv.port)).unwrap()).collect();
+    let mut third = TcpStream::connect(("127.0.0.1", srv.port)).unwrap();
+    assert_eq!(read_to_close(&mut third, 3), (vec![2, 12, 8], true));
+    drop((held, quiet));
+}

@@ -5,8 +5,11 @@
 //!   new connection evicts the oldest one that has not authenticated yet (a
 //!   flood of idle or half-open connections cannot lock clients out); if
 //!   every open connection has authenticated, it is refused.
-//! - At most [`Limits::max_per_address`] from one IPv4 address or one IPv6
-//!   /64 network (one host's share of addresses).
+//! - At most [`Limits::max_per_address`] connections that have not proved a
+//!   key yet from one IPv4 address or one IPv6 /64 network (one host's
+//!   share of addresses). Authenticated connections count only against the
+//!   overall cap: a fleet behind one address is not limited by it, and a
+//!   client's closing connection cannot make its next one look greedy.
 //! - Failed handshakes (a wrong key, garbage, no key proved in time) are
 //!   counted per address over [`Limits::failure_window`]: from
 //!   [`Limits::slow_after`] failures on, each new connection from it waits
@@ -26,7 +29,8 @@ use tokio::sync::Notify;
 pub struct Limits {
     /// Connections open at once, all addresses together.
     pub max_connections: usize,
-    /// Connections open at once from one IPv4 address or IPv6 /64.
+    /// Connections not yet authenticated, open at once from one IPv4
+    /// address or IPv6 /64.
     pub max_per_address: usize,
     /// Time from the accept within which a client must prove its key.
     pub handshake_timeout: Duration,
@@ -71,7 +75,8 @@ impl Default for Limits {
 pub enum Reason {
     /// The server was full of authenticated connections.
     Full,
-    /// Its address had too many connections open.
+    /// Its address had too many connections open that had not proved a
+    /// key.
     Address,
     /// Its address is banned for failed handshakes.
     Banned,
@@ -100,7 +105,7 @@ impl Reason {
     pub fn describe(self) -> &'static str {
         match self {
             Reason::Full => "the server is full of authenticated connections (--max-connections)",
-            Reason::Address => "too many connections from one address (--max-per-address)",
+            Reason::Address => "too many unauthenticated connections from one address (--max-per-address)",
             Reason::Banned => "address banned after failed handshakes (--ban-after, --ban-time)",
             Reason::Evicted => "unauthenticated connections dropped to make room (--max-connections)",
             Reason::HandshakeTimeout => "no key proved within --handshake-timeout",
@@ -144,8 +149,9 @@ pub struct Gate {
     next_id: AtomicU64,
     per_address: Mutex<HashMap<IpAddr, usize>>,
     failures: Mutex<HashMap<IpAddr, Failures>>,
-    /// Connections that have not authenticated, oldest first.
-    pending: Mutex<BTreeMap<u64, Arc<Notify>>>,
+    /// Connections that have not authenticated, oldest first, with their
+    /// address (whose count they hold).
+    pending: Mutex<BTreeMap<u64, (Arc<Notify>, IpAddr)>>,
     tally: Mutex<BTreeMap<Reason, u64>>,
 }
 
@@ -168,13 +174,9 @@ pub struct Ticket {
 impl Drop for Ticket {
     fn drop(&mut self) {
         let g = &self.gate;
-        lock(&g.pending).remove(&self.id);
-        let mut per = lock(&g.per_address);
-        if let Some(n) = per.get_mut(&self.address) {
-            *n -= 1;
-            if *n == 0 {
-                per.remove(&self.address);
-            }
+        // Still unauthenticated: its address's count goes too.
+        if lock(&g.pending).remove(&self.id).is_some() {
+            g.release_address(self.address);
         }
         g.open.fetch_sub(1, Ordering::SeqCst);
     }
@@ -221,24 +223,44 @@ impl Gate {
             }
             *n += 1;
         }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let evict = Arc::new(Notify::new());
-        // From here on the ticket owns the place (and frees it if refused).
-        let ticket = Ticket { gate: self.clone(), id, address, evict: evict.clone(), delay };
         if self.open.fetch_add(1, Ordering::SeqCst) >= l.max_connections {
             let oldest = lock(&self.pending).pop_first();
             match oldest {
-                Some((_, victim)) => victim.notify_one(),
-                None => return Err(Reason::Full),
+                Some((_, (victim, victim_address))) => {
+                    self.release_address(victim_address);
+                    victim.notify_one();
+                }
+                None => {
+                    self.open.fetch_sub(1, Ordering::SeqCst);
+                    self.release_address(address);
+                    return Err(Reason::Full);
+                }
             }
         }
-        lock(&self.pending).insert(id, evict);
-        Ok(ticket)
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let evict = Arc::new(Notify::new());
+        lock(&self.pending).insert(id, (evict.clone(), address));
+        Ok(Ticket { gate: self.clone(), id, address, evict, delay })
+    }
+
+    /// One fewer unauthenticated connection from `address`.
+    fn release_address(&self, address: IpAddr) {
+        let mut per = lock(&self.per_address);
+        if let Some(n) = per.get_mut(&address) {
+            *n -= 1;
+            if *n == 0 {
+                per.remove(&address);
+            }
+        }
     }
 
     /// Connection `id` proved its key: it can no longer be evicted.
+    /// Its address no longer counts it either.
     pub fn authenticated(&self, id: u64) {
-        lock(&self.pending).remove(&id);
+        let removed = lock(&self.pending).remove(&id);
+        if let Some((_, address)) = removed {
+            self.release_address(address);
+        }
     }
 
     /// Records a failed handshake from `ip`; returns the ban's length if
@@ -318,10 +340,22 @@ mod tests {
         g.authenticated(b2.id);
         g.authenticated(_a2.id);
         assert_eq!(g.admit(A).err(), Some(Reason::Full));
-        // Places come back when connections close.
+        // Places come back when connections close; an authenticated
+        // connection does not count against its address.
         drop(b2);
-        let _a3 = g.admit(A).unwrap();
+        let a3 = g.admit(A).unwrap();
+        drop(b1);
+        let a4 = g.admit(A).unwrap();
+        // a2 (authenticated), a3 and a4: A counts two.
         assert_eq!(g.admit(A).err(), Some(Reason::Address));
+        g.authenticated(a3.id);
+        // Now one: a new one from A is admitted (evicting a4, the oldest
+        // unauthenticated, as the server is full).
+        let evicted = a4.evict.clone();
+        let _a5 = g.admit(A).unwrap();
+        assert!(futures_ready(&evicted));
+        drop(a4);
+        assert_eq!(g.counts(), (3, 1));
     }
 
     fn futures_ready(n: &Arc<Notify>) -> bool {

@@ -50,7 +50,9 @@ struct Args {
     #[arg(long, env = "DELTASYNC_MAX_CONNECTIONS", default_value_t = 10_000, value_name = "N",
           value_parser = clap::value_parser!(u32).range(1..))]
     max_connections: u32,
-    /// Connections open at once from one IPv4 address or IPv6 /64.
+    /// Connections that have not proved a key yet, open at once from one
+    /// IPv4 address or IPv6 /64 (authenticated ones count only against
+    /// --max-connections).
     #[arg(long, env = "DELTASYNC_MAX_PER_ADDRESS", default_value_t = 64, value_name = "N",
           value_parser = clap::value_parser!(u32).range(1..))]
     max_per_address: u32,
