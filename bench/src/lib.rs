@@ -34,12 +34,7 @@ pub fn timed_transfer(cmd: &mut Command) -> (f64, u64) {
 
 /// Peak resident memory (VmHWM) of process `pid`, in KiB (0 if unknown).
 pub fn peak_rss_kib(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+    deltasync_server::process::proc_status(pid, "VmHWM:")
 }
 
 /// The median (the upper one of an even count) of `v`, which is not empty.

@@ -195,13 +195,10 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> FrameDecoder<B> {
                 return false;
             };
             used += 1;
-            hdr |= u64::from(b & 0x7f) << shift;
-            shift += 7;
-            if hdr > cap || (b & 0x80 != 0 && shift >= 7 * MAX_HEADER as u32) {
-                return true;
-            }
-            if b & 0x80 == 0 {
-                break hdr as usize;
+            match header_byte(hdr, shift, b, cap) {
+                Err(_) => return true,
+                Ok((_, _, Some(w))) => break w,
+                Ok((h, s, None)) => (hdr, shift) = (h, s),
             }
         };
         self.filled + (input.len() - used) >= want
@@ -222,7 +219,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> FrameDecoder<B> {
         if self.poisoned {
             return Err(FrameError::BadHeader);
         }
-        let cap = self.buf.as_ref().len();
+        let cap = self.buf.as_ref().len() as u64;
         let mut used = 0;
         let want = loop {
             if let Some(w) = self.want {
@@ -232,18 +229,9 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> FrameDecoder<B> {
                 return Ok((used, None));
             };
             used += 1;
-            self.hdr |= u64::from(b & 0x7f) << self.shift;
-            self.shift += 7;
-            if self.hdr > cap as u64 {
-                self.poisoned = true;
-                return Err(FrameError::TooLong(self.hdr));
-            }
-            if b & 0x80 == 0 {
-                self.want = Some(self.hdr as usize);
-            } else if self.shift >= 7 * MAX_HEADER as u32 {
-                self.poisoned = true;
-                return Err(FrameError::BadHeader);
-            }
+            let (hdr, shift, want) =
+                header_byte(self.hdr, self.shift, b, cap).inspect_err(|_| self.poisoned = true)?;
+            (self.hdr, self.shift, self.want) = (hdr, shift, want);
         };
         let rest = &input[used..];
         if self.filled == 0 && rest.len() >= want {
@@ -267,6 +255,25 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> FrameDecoder<B> {
         self.hdr = 0;
         self.shift = 0;
     }
+}
+
+/// One more byte of a frame header over the value `hdr` read so far (its
+/// next bits at `shift`): the new value and shift, and the frame's length
+/// once the header is complete; too long a frame for a `cap`-byte buffer,
+/// or a header longer than [`MAX_HEADER`] bytes, is an error.
+fn header_byte(hdr: u64, shift: u32, b: u8, cap: u64) -> Result<(u64, u32, Option<usize>), FrameError> {
+    let hdr = hdr | u64::from(b & 0x7f) << shift;
+    let shift = shift + 7;
+    if hdr > cap {
+        return Err(FrameError::TooLong(hdr));
+    }
+    if b & 0x80 == 0 {
+        return Ok((hdr, shift, Some(hdr as usize)));
+    }
+    if shift >= 7 * MAX_HEADER as u32 {
+        return Err(FrameError::BadHeader);
+    }
+    Ok((hdr, shift, None))
 }
 
 #[cfg(test)]

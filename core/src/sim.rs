@@ -10,7 +10,7 @@ use crate::conn::server::{ServerConn, Store, StoredFile};
 use crate::driver::{DriveError, Pump, Step};
 use crate::error::ErrorCode;
 use crate::frame::{MAX_ENCODED, MAX_SEALED};
-use crate::machine::Machine;
+use crate::machine::{Machine, Poll};
 use crate::source::{IoFailed, Output};
 use crate::tree::{Tree, TreeIndexer};
 use crate::{Hash, Instant};
@@ -267,6 +267,17 @@ pub fn server<K: Keys>(files: &Files, keys: K) -> ServerConn<MemStore, K> {
 /// A client handshake with `key` (ChaCha20-Poly1305, as devices use).
 pub fn handshake(key: ClientKey) -> ClientHandshake {
     ClientHandshake::new(key, CipherKind::ChaChaPoly, [1u8; 32], Instant(0))
+}
+
+/// The framed hello a client with `key` opens its session with (for tests
+/// that play a client by hand: a replayed hello, a wrong key).
+pub fn hello_frame(key: ClientKey) -> Vec<u8> {
+    let mut out = vec![0u8; 512];
+    match handshake(key).poll(Instant(0), &mut out) {
+        Ok(Poll::Transmit(n)) => out.truncate(n),
+        other => panic!("a handshake starts with its hello, not {other:?}"),
+    }
+    out
 }
 
 /// `len` reproducible pseudo-random bytes (xorshift).

@@ -5,7 +5,7 @@
 //! Every server and relay a test starts is stopped by the test.
 
 use deltasync_core::sim::{log_lines, random_bytes};
-use deltasync_server::process::{ServerProcess, test_key};
+use deltasync_server::process::{ServerProcess, http_get, test_key};
 use deltasync_server::relay::{Meddler, Relay, frame, payload};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -40,13 +40,7 @@ fn s(p: &Path) -> &str {
 
 /// The recent rows of the dashboard at `base`, as text.
 fn recent(base: &str) -> String {
-    let rest = base.strip_prefix("http://").unwrap().trim_end_matches('/');
-    let mut c = std::net::TcpStream::connect(rest).unwrap();
-    use std::io::{Read, Write};
-    write!(c, "GET /api/transfers HTTP/1.1\r\nHost: {rest}\r\nConnection: close\r\n\r\n").unwrap();
-    let mut out = String::new();
-    c.read_to_string(&mut out).unwrap();
-    out
+    http_get(&format!("{base}api/transfers")).1
 }
 
 fn wait_for(what: &str, mut done: impl FnMut() -> bool) {

@@ -3,13 +3,11 @@
 //! addresses come at it from loopback addresses of their own. Every load
 //! loop is bounded in count and time; the server is stopped by its pid.
 
-use deltasync_core::channel::{CipherKind, ClientKey};
-use deltasync_core::conn::ClientHandshake;
-use deltasync_core::machine::{Machine, Poll};
-use deltasync_core::sim::random_bytes;
-use deltasync_server::process::{ServerProcess, test_key};
+use deltasync_core::channel::ClientKey;
+use deltasync_core::sim::{hello_frame, random_bytes};
+use deltasync_server::process::{ServerProcess, connect_from, http_get, proc_status, test_key};
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Arc;
@@ -20,6 +18,16 @@ fn server_bin() -> PathBuf {
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_deltasync")).with_file_name("deltasync-server");
     assert!(bin.exists(), "{} is missing: build the workspace binaries first", bin.display());
     bin
+}
+
+/// A fresh server (its root in a new temporary directory, its one key
+/// `test_key(seed)`) started with `args`: the directory (removed when
+/// dropped), the key, and the server (stopped when dropped).
+fn server(seed: u8, args: &[&str]) -> (tempfile::TempDir, String, ServerProcess) {
+    let dir = tempfile::tempdir().unwrap();
+    let key = test_key(seed);
+    let srv = ServerProcess::start(&server_bin(), &dir.path().join("root"), &key, args).unwrap();
+    (dir, key, srv)
 }
 
 fn cli(port: u16, key: &str, args: &[&str]) -> Output {
@@ -40,29 +48,9 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-/// A TCP connection to the server from loopback address `from`.
-fn connect_from(from: Ipv4Addr, port: u16) -> std::io::Result<TcpStream> {
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-    sock.bind(&SocketAddr::from((from, 0)).into())?;
-    sock.connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)).into(), Duration::from_secs(5))?;
-    Ok(sock.into())
-}
-
-/// GET `path` from the dashboard at `base`; the status line and body.
-fn get(base: &str, path: &str) -> (String, String) {
-    let rest = base.strip_prefix("http://").unwrap().trim_end_matches('/');
-    let mut c = TcpStream::connect(rest).unwrap();
-    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(c, "GET {path} HTTP/1.1\r\nHost: {rest}\r\nConnection: close\r\n\r\n").unwrap();
-    let mut out = String::new();
-    c.read_to_string(&mut out).expect("the dashboard answers within 5 s");
-    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
-    (head.lines().next().unwrap_or("").to_string(), body.to_string())
-}
-
 /// The value of one sample of `/metrics` (`name{labels}`), 0 if absent.
 fn metric(base: &str, sample: &str) -> f64 {
-    let (_, body) = get(base, "/metrics");
+    let (_, body) = http_get(&format!("{base}metrics"));
     body.lines()
         .find_map(|l| l.strip_prefix(sample).and_then(|v| v.strip_prefix(' ')))
         .map(|v| v.trim().parse().unwrap())
@@ -77,26 +65,6 @@ fn wait_for(what: &str, secs: u64, mut done: impl FnMut() -> bool) {
     }
 }
 
-fn status_field(pid: u32, field: &str) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    s.lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.split_whitespace().next())
-        .unwrap()
-        .parse()
-        .unwrap()
-}
-
-/// A well-formed hello with a key the server does not know.
-fn wrong_key_hello(seed: u8) -> Vec<u8> {
-    let key = ClientKey { id: [seed; 8], secret: [seed ^ 0x5a; 32] };
-    let mut hs = ClientHandshake::new(key, CipherKind::ChaChaPoly, [seed; 32], deltasync_core::Instant(0));
-    let mut out = vec![0u8; 512];
-    let Ok(Poll::Transmit(n)) = hs.poll(deltasync_core::Instant(0), &mut out) else { panic!("hello") };
-    out.truncate(n);
-    out
-}
-
 /// Opens garbage and wrong-key handshakes from 127.0.2.x until `stop` (or
 /// 4,000 connections, or 60 s); returns how many it opened.
 fn garbage(port: u16, stop: Arc<AtomicBool>, opened: Arc<AtomicU64>) {
@@ -108,7 +76,8 @@ fn garbage(port: u16, stop: Arc<AtomicBool>, opened: Arc<AtomicU64>) {
         let Ok(mut c) = connect_from(from, port) else { continue };
         opened.fetch_add(1, Ordering::Relaxed);
         let bytes = if i.is_multiple_of(2) {
-            wrong_key_hello(i as u8)
+            // A well-formed hello with a key the server does not know.
+            hello_frame(ClientKey { id: [i as u8; 8], secret: [i as u8 ^ 0x5a; 32] })
         } else {
             random_bytes(i, 64 + (i as usize % 300))
         };
@@ -123,21 +92,12 @@ fn garbage(port: u16, stop: Arc<AtomicBool>, opened: Arc<AtomicU64>) {
 #[test]
 fn clients_are_served_through_a_flood_of_idle_connections_and_garbage_handshakes() {
     rlimit::increase_nofile_limit(16_384).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("root");
-    let key = test_key(1);
     // The idle connections must still be open while the clients work: a
     // handshake timeout longer than the test.
-    let srv = ServerProcess::start(
-        &server_bin(),
-        &root,
-        &key,
-        &["--dashboard", "127.0.0.1:0", "--handshake-timeout", "120"],
-    )
-    .unwrap();
+    let (dir, key, srv) = server(1, &["--dashboard", "127.0.0.1:0", "--handshake-timeout", "120"]);
     let base = srv.dashboard.clone().unwrap();
-    let (rss_before, threads_before) =
-        (status_field(srv.pid(), "VmRSS:"), status_field(srv.pid(), "Threads:"));
+    let (rss_before, threads_before) = (proc_status(srv.pid(), "VmRSS:"), proc_status(srv.pid(), "Threads:"));
+    assert!(rss_before > 0 && threads_before > 0, "the server's /proc/PID/status is unreadable");
 
     // 2,000 connections that never say anything, 50 from each of 40
     // addresses (under the per-address cap).
@@ -147,8 +107,8 @@ fn clients_are_served_through_a_flood_of_idle_connections_and_garbage_handshakes
     wait_for("2,000 unauthenticated connections", 30, || {
         metric(&base, "deltasync_unauthenticated_connections") >= 2_000.0
     });
-    let rss_idle = status_field(srv.pid(), "VmRSS:");
-    let threads_idle = status_field(srv.pid(), "Threads:");
+    let rss_idle = proc_status(srv.pid(), "VmRSS:");
+    let threads_idle = proc_status(srv.pid(), "Threads:");
     let per_conn = (rss_idle.saturating_sub(rss_before)) * 1024 / 2_000;
     eprintln!(
         "2,000 idle connections: {per_conn} bytes of RSS each, threads {threads_before} -> {threads_idle}"
@@ -187,8 +147,8 @@ fn clients_are_served_through_a_flood_of_idle_connections_and_garbage_handshakes
         ok(&ls);
         assert!(String::from_utf8_lossy(&ls.stdout).contains(&format!("f{round}.bin")));
         let t = Instant::now();
-        let (status, body) = get(&base, "/api/stats");
-        assert!(status.contains("200"), "{status}");
+        let (status, body) = http_get(&format!("{base}api/stats"));
+        assert_eq!(status, 200);
         assert!(body.contains("\"totals\""), "{body}");
         eprintln!("round {round}: /api/stats answered in {:?}", t.elapsed());
     }
@@ -227,13 +187,8 @@ fn read_to_close(c: &mut TcpStream, secs: u64) -> (Vec<u8>, bool) {
 #[test]
 fn silent_dribbling_greedy_and_failing_peers_are_cut_off() {
     rlimit::increase_nofile_limit(4_096).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("root");
-    let key = test_key(2);
-    let srv = ServerProcess::start(
-        &server_bin(),
-        &root,
-        &key,
+    let (_dir, key, srv) = server(
+        2,
         &[
             "--dashboard",
             "127.0.0.1:0",
@@ -246,8 +201,7 @@ fn silent_dribbling_greedy_and_failing_peers_are_cut_off() {
             "--ban-after",
             "3",
         ],
-    )
-    .unwrap();
+    );
     let base = srv.dashboard.clone().unwrap();
 
     // Silent, and dribbling a long frame header a byte at a time: both are
@@ -300,16 +254,8 @@ fn silent_dribbling_greedy_and_failing_peers_are_cut_off() {
 
 #[test]
 fn when_full_the_oldest_unauthenticated_connection_makes_room() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("root");
-    let key = test_key(3);
-    let srv = ServerProcess::start(
-        &server_bin(),
-        &root,
-        &key,
-        &["--dashboard", "127.0.0.1:0", "--max-connections", "20", "--handshake-timeout", "60"],
-    )
-    .unwrap();
+    let (dir, key, srv) =
+        server(3, &["--dashboard", "127.0.0.1:0", "--max-connections", "20", "--handshake-timeout", "60"]);
     let base = srv.dashboard.clone().unwrap();
     let mut idle: Vec<TcpStream> =
         (0..20).map(|i| connect_from(Ipv4Addr::new(127, 0, 4, i / 4 + 1), srv.port).unwrap()).collect();
@@ -330,16 +276,8 @@ fn when_full_the_oldest_unauthenticated_connection_makes_room() {
 
 #[test]
 fn a_client_turned_away_says_so() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("root");
-    let key = test_key(4);
-    let srv = ServerProcess::start(
-        &server_bin(),
-        &root,
-        &key,
-        &["--dashboard", "off", "--max-per-address", "2", "--handshake-timeout", "60"],
-    )
-    .unwrap();
+    let (_dir, key, srv) =
+        server(4, &["--dashboard", "off", "--max-per-address", "2", "--handshake-timeout", "60"]);
     let held: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(("127.0.0.1", srv.port)).unwrap()).collect();
     let out = cli(srv.port, &key, &["ls"]);
     assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
@@ -353,10 +291,7 @@ fn a_client_turned_away_says_so() {
 fn requests_with_the_longest_names_fit_the_small_buffers() {
     // Between requests a connection holds small buffers; a request naming
     // a file of nearly MAX_NAME (1024) bytes must still fit.
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("root");
-    let key = test_key(5);
-    let srv = ServerProcess::start(&server_bin(), &root, &key, &["--dashboard", "off"]).unwrap();
+    let (dir, key, srv) = server(5, &["--dashboard", "off"]);
     let name = ["a".repeat(250), "b".repeat(250), "c".repeat(250), "d".repeat(250), "e".repeat(15)].join("/");
     assert_eq!(name.len(), 1019);
     let f = dir.path().join("f.bin");
@@ -371,28 +306,12 @@ fn requests_with_the_longest_names_fit_the_small_buffers() {
     assert!(std::fs::read(&back).unwrap() == std::fs::read(&f).unwrap());
 }
 
-/// A hello for `key` (as a client would send it first).
-fn hello(key: &str) -> Vec<u8> {
-    let key = ClientKey::parse(key).unwrap();
-    let mut hs = ClientHandshake::new(key, CipherKind::ChaChaPoly, [7; 32], deltasync_core::Instant(0));
-    let mut out = vec![0u8; 512];
-    let Ok(Poll::Transmit(n)) = hs.poll(deltasync_core::Instant(0), &mut out) else { panic!("hello") };
-    out.truncate(n);
-    out
-}
-
 #[test]
 fn evictions_and_hellos_without_a_proof_count_against_their_address() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("root");
-    let key = test_key(6);
-    let srv = ServerProcess::start(
-        &server_bin(),
-        &root,
-        &key,
+    let (_dir, key, srv) = server(
+        6,
         &["--dashboard", "off", "--max-connections", "2", "--handshake-timeout", "60", "--ban-after", "2"],
-    )
-    .unwrap();
+    );
     let banned = |from: Ipv4Addr| {
         let mut c = connect_from(from, srv.port).unwrap();
         read_to_close(&mut c, 3) == (vec![2, 12, 8], true)
@@ -410,7 +329,7 @@ fn evictions_and_hellos_without_a_proof_count_against_their_address() {
     // A hello that passes (replayed, or the key's own) and then a hang-up
     // or a frame that does not open: failures too.
     let replayer = Ipv4Addr::new(127, 0, 5, 2);
-    let hello = hello(&key);
+    let hello = hello_frame(ClientKey::parse(&key).unwrap());
     for garbage_after in [false, true] {
         let mut c = connect_from(replayer, srv.port).unwrap();
         c.write_all(&hello).unwrap();
@@ -428,16 +347,8 @@ fn evictions_and_hellos_without_a_proof_count_against_their_address() {
 
 #[test]
 fn only_connections_still_proving_their_key_count_against_their_address() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("root");
-    let key = test_key(7);
-    let srv = ServerProcess::start(
-        &server_bin(),
-        &root,
-        &key,
-        &["--dashboard", "off", "--max-per-address", "2", "--handshake-timeout", "60"],
-    )
-    .unwrap();
+    let (_dir, key, srv) =
+        server(7, &["--dashboard", "off", "--max-per-address", "2", "--handshake-timeout", "60"]);
     let server = format!("127.0.0.1:{}", srv.port);
     let k = ClientKey::parse(&key).unwrap();
     // Five sessions from one address, each past its first request: none

@@ -136,6 +136,23 @@ struct Failures {
     banned_until: Option<Instant>,
 }
 
+impl Failures {
+    fn new() -> Failures {
+        Failures { count: 0, since: Instant::now(), banned_until: None }
+    }
+
+    /// Whether a ban is running.
+    fn banned(&self) -> bool {
+        self.banned_until.is_some_and(|t| t > Instant::now())
+    }
+
+    /// Whether the record is over: its window has passed and no ban runs
+    /// (a ban runs its full time).
+    fn stale(&self, window: Duration) -> bool {
+        self.since.elapsed() > window && !self.banned()
+    }
+}
+
 /// Addresses with failures remembered at most (each costs a few dozen
 /// bytes); past it, expired records are dropped, then the oldest.
 const MAX_REMEMBERED: usize = 65_536;
@@ -203,11 +220,8 @@ impl Gate {
         let delay = {
             let mut f = lock(&self.failures);
             match f.get_mut(&address) {
-                Some(r) if r.banned_until.is_some_and(|t| t > Instant::now()) => return Err(Reason::Banned),
-                Some(r)
-                    if r.since.elapsed() > l.failure_window
-                        && r.banned_until.is_none_or(|t| t <= Instant::now()) =>
-                {
+                Some(r) if r.banned() => return Err(Reason::Banned),
+                Some(r) if r.stale(l.failure_window) => {
                     f.remove(&address);
                     None
                 }
@@ -269,22 +283,16 @@ impl Gate {
         let l = &self.limits;
         let mut f = lock(&self.failures);
         if f.len() >= MAX_REMEMBERED {
-            let now = Instant::now();
-            f.retain(|_, r| r.banned_until.is_some_and(|t| t > now) || r.since.elapsed() <= l.failure_window);
+            f.retain(|_, r| !r.stale(l.failure_window));
             if f.len() >= MAX_REMEMBERED {
                 // Still full (a wide flood): keep the bans only.
-                f.retain(|_, r| r.banned_until.is_some_and(|t| t > now));
+                f.retain(|_, r| r.banned());
             }
         }
-        let r = f.entry(address_key(ip)).or_insert(Failures {
-            count: 0,
-            since: Instant::now(),
-            banned_until: None,
-        });
-        // A new window once the last one is over, unless a ban is running
-        // (it runs its full time).
-        if r.since.elapsed() > l.failure_window && r.banned_until.is_none_or(|t| t <= Instant::now()) {
-            *r = Failures { count: 0, since: Instant::now(), banned_until: None };
+        let r = f.entry(address_key(ip)).or_insert_with(Failures::new);
+        // A new window once the last one is over.
+        if r.stale(l.failure_window) {
+            *r = Failures::new();
         }
         r.count = r.count.saturating_add(1);
         if l.ban_after > 0 && r.count == l.ban_after {

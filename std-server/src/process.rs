@@ -5,7 +5,8 @@
 
 use crate::keys::{self, KeyEntry};
 use deltasync_core::channel::ClientKey;
-use std::io::{self, BufRead, BufReader};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -22,6 +23,58 @@ pub struct ServerProcess {
     pub dashboard: Option<String>,
     /// The key file this helper wrote (removed on drop).
     written: Option<PathBuf>,
+}
+
+/// A TCP connection to 127.0.0.1:`port` from the loopback address `from`
+/// (so that a test or benchmark can play many hosts).
+pub fn connect_from(from: Ipv4Addr, port: u16) -> io::Result<TcpStream> {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    sock.bind(&SocketAddr::from((from, 0)).into())?;
+    sock.connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)).into(), Duration::from_secs(5))?;
+    Ok(sock.into())
+}
+
+/// A plain-HTTP GET of `url` (`http://HOST:PORT/PATH`, as the dashboard's
+/// base URL and a path make): the status and the body (chunks joined).
+/// Panics on any failure, or if no answer comes within 10 s.
+pub fn http_get(url: &str) -> (u16, String) {
+    let rest = url.strip_prefix("http://").expect("an http:// URL");
+    let (host, path) = rest.split_once('/').map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
+    let mut s = TcpStream::connect(host).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).expect("an answer within 10 s");
+    let status = resp.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = resp.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    // Bodies here are sent with a length or chunked; undo chunking.
+    let body = if resp.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        let mut out = String::new();
+        let mut rest = body;
+        while let Some((size, tail)) = rest.split_once("\r\n") {
+            let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            out.push_str(&tail[..n]);
+            rest = &tail[n + 2..];
+        }
+        out
+    } else {
+        body.to_string()
+    };
+    (status, body)
+}
+
+/// A number from `/proc/PID/status` (`field` with its colon, e.g.
+/// `"VmHWM:"` in KiB, `"Threads:"`); 0 if the process or field is gone.
+pub fn proc_status(pid: u32, field: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 /// A reproducible key string for tests: id and secret filled with `seed`

@@ -283,10 +283,7 @@ impl Server {
         let (mut conn, result) = run_async(conn, &mut io, run, sleep_until).await;
         let c = &mut *conn.0;
         let conn_state = &mut c.session.machine;
-        while let Some(ev) = conn_state.next_event() {
-            log_event(id, conn_state.key_name().unwrap_or("-"), &ev);
-            self.observer.event(id, &ev, c.session.pump.sent + c.session.pump.received);
-        }
+        self.report_events(id, conn_state, c.session.pump.sent + c.session.pump.received);
         self.observer.progress(id, None, c.session.pump.sent, c.session.pump.received);
         let key = c.session.machine.key_name().unwrap_or("-").to_string();
         let result = match result {
@@ -358,6 +355,14 @@ impl Server {
         }
     }
 
+    /// Logs and reports the connection's events; `wire` is its bytes so far.
+    fn report_events(&self, id: u64, conn: &mut ServerConn<FsStore, Arc<KeyRing>>, wire: u64) {
+        while let Some(ev) = conn.next_event() {
+            log_event(id, conn.key_name().unwrap_or("-"), &ev);
+            self.observer.event(id, &ev, wire);
+        }
+    }
+
     /// Counts a refused or dropped connection (metrics, log summary).
     fn refused(&self, reason: Reason) {
         self.gate.note(reason);
@@ -380,10 +385,7 @@ impl Server {
                     observer.connected(id, peer);
                 }
             }
-            while let Some(ev) = conn.next_event() {
-                log_event(id, conn.key_name().unwrap_or("-"), &ev);
-                observer.event(id, &ev, pump.sent + pump.received);
-            }
+            self.report_events(id, conn, pump.sent + pump.received);
             // Room for a request once the hello passed (the channel is
             // up), and full-size buffers only while a request is served,
             // grown before the reply is produced. Growing keeps what the

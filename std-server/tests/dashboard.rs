@@ -5,7 +5,7 @@
 //! Every process a test starts is stopped by the test, by its process id.
 
 use deltasync_core::sim::random_bytes as random;
-use deltasync_server::process::{ServerProcess, test_key};
+use deltasync_server::process::{ServerProcess, http_get, test_key};
 use fantoccini::{ClientBuilder, Locator};
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -59,35 +59,6 @@ fn upload(port: u16, path: &Path, name: &str) {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-}
-
-fn http_get(url: &str) -> (u16, String) {
-    let rest = url.strip_prefix("http://").unwrap();
-    let (host, path) = rest.split_once('/').map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
-    let mut s = TcpStream::connect(host).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    let status = resp.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = resp.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    // Bodies here are small and sent with a length or chunked; undo chunking.
-    let body = if resp.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-        let mut out = String::new();
-        let mut rest = body;
-        while let Some((size, tail)) = rest.split_once("\r\n") {
-            let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-            if n == 0 {
-                break;
-            }
-            out.push_str(&tail[..n]);
-            rest = &tail[n + 2..];
-        }
-        out
-    } else {
-        body.to_string()
-    };
-    (status, body)
 }
 
 fn metric(text: &str, name: &str) -> f64 {

@@ -22,14 +22,13 @@
 //! `target/release/load [flood|many|both] [ROUNDS]` (ROUNDS of (1), each a
 //! quiet and a flooded run; default 2).
 
+use deltasync_bench::peak_rss_kib;
 use deltasync_client::Connection;
-use deltasync_core::channel::{CipherKind, ClientKey};
-use deltasync_core::conn::ClientHandshake;
-use deltasync_core::machine::{Machine, Poll};
-use deltasync_core::sim::random_bytes;
-use deltasync_server::process::ServerProcess;
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use deltasync_core::channel::ClientKey;
+use deltasync_core::sim::{hello_frame, random_bytes};
+use deltasync_server::process::{ServerProcess, connect_from, http_get, proc_status};
+use std::io::Write;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -37,15 +36,6 @@ use std::time::{Duration, Instant};
 
 fn server_bin() -> PathBuf {
     std::env::current_exe().unwrap().with_file_name("deltasync-server")
-}
-
-fn status_field(pid: u32, field: &str) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }
 
 /// Samples the server's RSS and thread count every 50 ms until stopped.
@@ -62,7 +52,7 @@ impl Sampler {
         let (s, p) = (stop.clone(), peak_threads.clone());
         let handle = std::thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
-                p.fetch_max(status_field(pid, "Threads:"), Ordering::Relaxed);
+                p.fetch_max(proc_status(pid, "Threads:"), Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(50));
             }
         });
@@ -76,34 +66,6 @@ impl Sampler {
         }
         self.peak_threads.load(Ordering::Relaxed)
     }
-}
-
-fn connect_from(from: Ipv4Addr, port: u16) -> std::io::Result<TcpStream> {
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-    sock.bind(&SocketAddr::from((from, 0)).into())?;
-    sock.connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)).into(), Duration::from_secs(2))?;
-    Ok(sock.into())
-}
-
-/// GET `path` from the dashboard at `base` (its body).
-fn get(base: &str, path: &str) -> String {
-    let rest = base.strip_prefix("http://").unwrap().trim_end_matches('/');
-    let mut c = TcpStream::connect(rest).unwrap();
-    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(c, "GET {path} HTTP/1.1\r\nHost: {rest}\r\nConnection: close\r\n\r\n").unwrap();
-    let mut out = String::new();
-    let _ = c.read_to_string(&mut out);
-    out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
-}
-
-fn wrong_key_hello(seed: u64) -> Vec<u8> {
-    let b = seed as u8;
-    let key = ClientKey { id: [b; 8], secret: [b ^ 0x5a; 32] };
-    let mut hs = ClientHandshake::new(key, CipherKind::ChaChaPoly, [b; 32], deltasync_core::Instant(0));
-    let mut out = vec![0u8; 512];
-    let Ok(Poll::Transmit(n)) = hs.poll(deltasync_core::Instant(0), &mut out) else { panic!("hello") };
-    out.truncate(n);
-    out
 }
 
 /// Garbage and wrong-key handshakes at `rate` a second from 200 addresses
@@ -120,7 +82,8 @@ fn garbage(port: u16, rate: u64, net: u8, stop: Arc<AtomicBool>) -> u64 {
         if let Ok(mut c) = connect_from(from, port) {
             made += 1;
             let bytes = if i.is_multiple_of(2) {
-                wrong_key_hello(i)
+                // A well-formed hello with a key the server does not know.
+                hello_frame(ClientKey { id: [i as u8; 8], secret: [i as u8 ^ 0x5a; 32] })
             } else {
                 random_bytes(i, 64 + (i as usize % 300))
             };
@@ -203,7 +166,8 @@ fn start_server(root: &Path, key: &str, extra: &[&str]) -> ServerProcess {
 }
 
 fn refusals(base: &str) -> String {
-    get(base, "/metrics")
+    http_get(&format!("{base}metrics"))
+        .1
         .lines()
         .filter(|l| {
             l.starts_with("deltasync_connections_refused_total{")
@@ -235,26 +199,27 @@ fn flood(work: &Path, rounds: u64) {
             let sampler = Sampler::start(pid);
             let (mut idle, mut stop, mut flooder) = (Vec::new(), None, None);
             if flooded {
-                let before = status_field(pid, "VmRSS:");
+                let before = proc_status(pid, "VmRSS:");
                 for i in 0..IDLE {
                     let from = Ipv4Addr::new(127, 0, 1 + (i / 12_000) as u8, (i / 50 % 200 + 1) as u8);
                     idle.push(connect_from(from, srv.port).expect("an idle connection"));
                 }
                 // Wait until the server holds them all.
                 let t = Instant::now();
-                while !get(&base, "/metrics")
+                while !http_get(&format!("{base}metrics"))
+                    .1
                     .contains(&format!("deltasync_unauthenticated_connections {IDLE}"))
                     && t.elapsed() < Duration::from_secs(60)
                 {
                     std::thread::sleep(Duration::from_millis(200));
                 }
-                let after = status_field(pid, "VmRSS:");
+                let after = proc_status(pid, "VmRSS:");
                 println!(
                     "round {round}: {IDLE} idle connections held; server RSS {} -> {} MiB, {} bytes per connection; threads {}",
                     before / 1024,
                     after / 1024,
                     (after.saturating_sub(before)) * 1024 / IDLE as u64,
-                    status_field(pid, "Threads:")
+                    proc_status(pid, "Threads:")
                 );
                 // Two senders of 250 a second each (one thread cannot keep
                 // up with 500 connects a second here).
@@ -280,8 +245,9 @@ fn flood(work: &Path, rounds: u64) {
                 garbage_made = f.into_iter().map(|t| t.join().unwrap()).sum();
             }
             let threads = sampler.peak_threads();
-            let hwm = status_field(pid, "VmHWM:");
-            let still_idle = get(&base, "/metrics")
+            let hwm = peak_rss_kib(pid);
+            let still_idle = http_get(&format!("{base}metrics"))
+                .1
                 .lines()
                 .find_map(|l| l.strip_prefix("deltasync_unauthenticated_connections ").map(str::to_string))
                 .unwrap_or_default();
@@ -356,7 +322,7 @@ fn many(work: &Path) {
         percentile(times.iter().map(|t| t.0).collect(), 0.99),
         percentile(times.iter().map(|t| t.1).collect(), 0.5),
         percentile(times.iter().map(|t| t.1).collect(), 0.99),
-        status_field(pid, "VmHWM:") / 1024,
+        peak_rss_kib(pid) / 1024,
     );
     drop(srv);
     let _ = std::fs::remove_dir_all(&dir);
