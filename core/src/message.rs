@@ -14,6 +14,9 @@ use serde::{Deserialize, Serialize};
 
 /// Longest file name accepted, in bytes.
 pub const MAX_NAME: usize = 1024;
+/// The longest component of a name (between `/`), in bytes: what file
+/// systems store.
+pub const MAX_COMPONENT: usize = 255;
 
 /// Most requests a receiver may have in flight; a sender queues this many.
 pub const MAX_INFLIGHT: usize = 4;
@@ -263,7 +266,9 @@ pub fn validate_name(name: &str) -> Result<(), ErrorCode> {
     let ok = !name.is_empty()
         && name.len() <= MAX_NAME
         && !name.contains(['\0', '\\'])
-        && name.split('/').all(|c| !c.is_empty() && c != "." && c != ".." && !c.starts_with(".deltasync"));
+        && name.split('/').all(|c| {
+            !c.is_empty() && c.len() <= MAX_COMPONENT && c != "." && c != ".." && !c.starts_with(".deltasync")
+        });
     if ok { Ok(()) } else { Err(ErrorCode::BadName) }
 }
 
@@ -450,6 +455,8 @@ mod tests {
             assert_eq!(validate_name(bad), Err(ErrorCode::BadName), "{bad:?}");
         }
         assert_eq!(validate_name(&"a".repeat(MAX_NAME + 1)), Err(ErrorCode::BadName));
+        assert_eq!(validate_name(&format!("d/{}", "a".repeat(MAX_COMPONENT))), Ok(()));
+        assert_eq!(validate_name(&format!("d/{}/e", "a".repeat(MAX_COMPONENT + 1))), Err(ErrorCode::BadName));
         for good in ["a", "dir/file.txt", "devices/42/log", ".hidden", "..x"] {
             assert_eq!(validate_name(good), Ok(()), "{good:?}");
         }

@@ -2,6 +2,7 @@
 //! `deltasync-core`'s server connection, one async task per client with its
 //! storage work on a bounded pool, behind admission limits ([`gate`]).
 
+pub mod beneath;
 pub mod gate;
 pub mod keys;
 pub mod live;

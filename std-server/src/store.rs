@@ -1,22 +1,32 @@
 //! Files under a root directory, with per-file hash-tree indexes in a hidden
-//! metadata directory.
+//! metadata directory. Everything under the root is reached through
+//! [`Root`]: resolved beneath the root's descriptor by the kernel, never
+//! through a symlink, and never by a path checked earlier.
 //!
-//! Layout under the root:
+//! Layout under the root (`HASH` is the hex SHA-256 of a file's name, so
+//! that every name the server accepts has files of bounded name length
+//! here, and a name that is a file in one place and a directory in another
+//! cannot collide):
 //! - `NAME`: the stored files (subdirectories allowed);
-//! - `.deltasync/index/NAME.idx`: the tree of `NAME`, stamped with the file's
-//!   size, modification time and inode, rebuilt when they no longer match,
-//!   followed by the SHA-256 state after every 16 MiB of the file (so that a
-//!   new version that starts like the old one is hashed from where it
-//!   differs, not from its first byte);
-//! - `.deltasync/partial/NAME`: the prefix an interrupted upload assembled,
+//! - `.deltasync/lock`: locked by the server using the root (a second one
+//!   refuses to start);
+//! - `.deltasync/index/HASH.idx`: the tree of `NAME`, stamped with the
+//!   file's size, modification time and inode, rebuilt when they no longer
+//!   match, followed by the SHA-256 state after every 16 MiB of the file
+//!   (so that a new version that starts like the old one is hashed from
+//!   where it differs, not from its first byte);
+//! - `.deltasync/upload/HASH-PID-N`: an upload in progress, renamed onto
+//!   `NAME` when verified;
+//! - `.deltasync/partial/HASH`: the prefix an interrupted upload assembled,
 //!   reused by the next upload of `NAME`;
 //! - `.deltasync/trash/N`: a replaced version, unlinked in the background
 //!   after the new one is published (emptied at start);
-//! - `DIR/.deltasync-part-PID-N-BASE`: an upload in progress, written beside
-//!   its destination so that publishing it is a rename.
+//! - `.deltasync/quarantine/`: leftovers that start-up could not recover,
+//!   moved aside (and logged) so that the server starts anyway.
 //!
 //! Listings skip every name starting with `.deltasync`.
 
+use crate::beneath::{Root, join};
 use deltasync_core::Hash;
 use deltasync_core::build::{build_tree, build_tree_unhashed};
 use deltasync_core::chunker::ChunkerKind;
@@ -24,13 +34,14 @@ use deltasync_core::conn::server::{Store, StoredFile};
 use deltasync_core::error::ErrorCode;
 use deltasync_core::source::{FileSource, IoFailed, Output};
 use deltasync_core::tree::{Summary, Tree, TreeIndexer};
+use rustix::fs::FileType;
 use sha2::digest::common::hazmat::{SerializableState, SerializedState};
 use sha2::{Digest, Sha256};
 use std::collections::HashSet;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::fs::MetadataExt;
-use std::path::{Component, Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::UNIX_EPOCH;
@@ -38,7 +49,9 @@ use std::time::UNIX_EPOCH;
 const META: &str = ".deltasync";
 /// The whole-file SHA-256 state is kept after every this many bytes.
 const MIDSTATE_STEP: u64 = 16 << 20;
-const PART_PREFIX: &str = ".deltasync-part-";
+/// Temporary files of uploads before this layout, written beside their
+/// destination (recovered at start like the newer ones).
+const OLD_PART_PREFIX: &str = ".deltasync-part-";
 const INDEX_MAGIC: &[u8; 8] = b"DSIDX001";
 
 /// Whether an index header describes the file with this metadata.
@@ -53,7 +66,9 @@ fn index_is_fresh(head: &[u8], meta: &fs::Metadata) -> bool {
 /// The server's storage: cheap to clone, one per connection.
 #[derive(Clone, Debug)]
 pub struct FsStore {
-    root: PathBuf,
+    root: Arc<Root>,
+    /// The lock on the root, held while any clone lives.
+    _lock: Arc<File>,
     /// Serializes the rename-and-index step of commits.
     commit: Arc<Mutex<()>>,
     /// Threads used to hash a file whose index is missing.
@@ -87,42 +102,194 @@ fn storage(e: io::Error) -> ErrorCode {
     ErrorCode::Storage
 }
 
+/// What an error reaching a client's name means: a symlink on the way, or
+/// something else than a file where a directory is needed, is a name this
+/// server will not serve; a missing one is missing.
+fn reach(e: io::Error) -> ErrorCode {
+    match e.raw_os_error() {
+        Some(libc::ENOENT) => ErrorCode::NotFound,
+        Some(libc::ELOOP | libc::EXDEV | libc::ENOTDIR | libc::EISDIR) => ErrorCode::BadName,
+        _ if e.kind() == io::ErrorKind::InvalidInput => ErrorCode::BadName,
+        _ => storage(e),
+    }
+}
+
+/// The hex SHA-256 of a name: its files' names in the metadata directory.
+fn name_hash(name: &str) -> String {
+    Hash(Sha256::digest(name.as_bytes()).into()).to_string()
+}
+
+/// Whether `s` is a name hash.
+fn is_name_hash(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+fn stat_is_file(s: &rustix::fs::Stat) -> bool {
+    FileType::from_raw_mode(s.st_mode) == FileType::RegularFile
+}
+
 fn mtime_ns(m: &fs::Metadata) -> i128 {
     i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec())
 }
 
 impl FsStore {
-    /// Opens (creating if needed) the store at `root`, and recovers what
-    /// interrupted uploads left: each becomes its name's partial upload.
+    /// Opens (creating if needed) the store at `root`, locks it (failing if
+    /// another server holds it), and recovers what an earlier run left:
+    /// each leftover on its own; what cannot be recovered is moved to the
+    /// quarantine and logged.
     pub fn open(root: &Path) -> io::Result<FsStore> {
-        fs::create_dir_all(root)?;
-        let root = root.canonicalize()?;
+        let root = Arc::new(Root::open(root)?);
+        root.create_dirs(META)?;
+        let lock = root.create_or_open(&format!("{META}/lock"))?;
+        if let Err(e) = rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            return Err(io::Error::other(format!(
+                "{} is in use by another deltasync-server (it holds {META}/lock): {}",
+                root.path().display(),
+                io::Error::from_raw_os_error(e.raw_os_error())
+            )));
+        }
         let threads = deltasync_core::build::default_threads();
         let indexing = Arc::new((Mutex::new(HashSet::new()), Condvar::new()));
-        let store = FsStore { root, commit: Arc::new(Mutex::new(())), threads, indexing };
-        fs::create_dir_all(store.meta().join("index"))?;
-        // Indexes whose writing a crash or an exit interrupted.
-        remove_temp_indexes(&store.meta().join("index"))?;
-        fs::create_dir_all(store.meta().join("partial"))?;
-        // Old versions whose removal a crash interrupted.
-        let trash = store.meta().join("trash");
-        let _ = fs::remove_dir_all(&trash);
-        fs::create_dir_all(&trash)?;
-        store.recover(&store.root.clone())?;
+        let store =
+            FsStore { root, _lock: Arc::new(lock), commit: Arc::new(Mutex::new(())), threads, indexing };
+        store.recover();
+        for dir in ["index", "partial", "upload", "trash"] {
+            store.root.create_dirs(&format!("{META}/{dir}"))?;
+        }
         Ok(store)
     }
 
     /// The root directory.
     pub fn root(&self) -> &Path {
-        &self.root
+        self.root.path()
     }
 
-    fn meta(&self) -> PathBuf {
-        self.root.join(META)
+    fn index_path(&self, name: &str) -> String {
+        format!("{META}/index/{}.idx", name_hash(name))
     }
 
-    fn index_path(&self, name: &str) -> PathBuf {
-        self.meta().join("index").join(format!("{name}.idx"))
+    fn partial_path(&self, name: &str) -> String {
+        format!("{META}/partial/{}", name_hash(name))
+    }
+
+    /// Moves `rel` aside into the quarantine, logging why.
+    fn quarantine(&self, rel: &str, why: &io::Error) {
+        let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let secs = std::time::SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let leaf: String = rel.rsplit('/').next().unwrap_or("x").chars().take(64).collect();
+        let to = format!("{META}/quarantine/{secs}-{n}-{leaf}");
+        let moved =
+            self.root.create_dirs(&format!("{META}/quarantine")).and_then(|()| self.root.rename(rel, &to));
+        match moved {
+            Ok(()) => {
+                tracing::warn!(leftover = rel, to, error = %why, "could not recover a leftover: quarantined")
+            }
+            Err(e) => {
+                tracing::error!(leftover = rel, error = %why, move_error = %e, "could not recover or quarantine a leftover")
+            }
+        }
+    }
+
+    /// Recovers what an earlier run left, each leftover on its own.
+    fn recover(&self) {
+        let meta_dir = |d: &str| format!("{META}/{d}");
+        // Indexes: kept if they are indexes of this layout; temporaries of
+        // interrupted writes and indexes of the old layout go (indexes are
+        // rebuilt when needed).
+        for (name, kind) in self.root.entries(&meta_dir("index")).unwrap_or_default() {
+            let rel = join(&meta_dir("index"), &name);
+            let keep = kind == FileType::RegularFile && name.strip_suffix(".idx").is_some_and(is_name_hash);
+            if !keep {
+                let gone = if kind == FileType::Directory {
+                    self.root.remove_all(&rel)
+                } else {
+                    self.root.remove_file(&rel)
+                };
+                if let Err(e) = gone {
+                    self.quarantine(&rel, &e);
+                }
+            }
+        }
+        // Old versions whose removal a crash interrupted.
+        if let Err(e) = self.root.remove_all(&meta_dir("trash"))
+            && e.raw_os_error() != Some(libc::ENOENT)
+        {
+            self.quarantine(&meta_dir("trash"), &e);
+        }
+        // Uploads in progress become their names' partials.
+        for (name, kind) in self.root.entries(&meta_dir("upload")).unwrap_or_default() {
+            let rel = join(&meta_dir("upload"), &name);
+            let hash = name.split('-').next().unwrap_or("");
+            let r = if kind == FileType::RegularFile && is_name_hash(hash) {
+                self.keep_partial(&rel, &format!("{META}/partial/{hash}"))
+            } else {
+                Err(io::Error::other("not an upload of this server"))
+            };
+            if let Err(e) = r {
+                self.quarantine(&rel, &e);
+            }
+        }
+        // Partials of the old layout (`partial/NAME`): moved to their hash.
+        for (name, kind) in self.root.entries(&meta_dir("partial")).unwrap_or_default() {
+            if kind == FileType::RegularFile && is_name_hash(&name) {
+                continue;
+            }
+            self.migrate_partials(&meta_dir("partial"), &name, &name, kind);
+        }
+        // Uploads of the old layout, beside their destinations.
+        self.recover_old_uploads("");
+    }
+
+    /// Renames the leftover upload `rel` to the partial `to`, or removes it
+    /// if it holds nothing.
+    fn keep_partial(&self, rel: &str, to: &str) -> io::Result<()> {
+        let len = self.root.stat(rel)?.st_size;
+        if len == 0 {
+            return self.root.remove_file(rel);
+        }
+        self.root.create_dirs(&format!("{META}/partial"))?;
+        self.root.rename(rel, to)?;
+        tracing::info!(partial = to, bytes = len, "kept an interrupted upload for resuming");
+        Ok(())
+    }
+
+    fn migrate_partials(&self, base: &str, name: &str, rel_name: &str, kind: FileType) {
+        let rel = join(base, rel_name);
+        let r = match kind {
+            FileType::RegularFile => self.keep_partial(&rel, &self.partial_path(name)),
+            FileType::Directory => {
+                for (child, k) in self.root.entries(&rel).unwrap_or_default() {
+                    self.migrate_partials(base, &join(name, &child), &join(rel_name, &child), k);
+                }
+                self.root.remove_dir(&rel)
+            }
+            _ => Err(io::Error::other("not a file")),
+        };
+        if let Err(e) = r {
+            self.quarantine(&rel, &e);
+        }
+    }
+
+    fn recover_old_uploads(&self, dir: &str) {
+        for (name, kind) in self.root.entries(dir).unwrap_or_default() {
+            let rel = join(dir, &name);
+            if kind == FileType::Directory && !name.starts_with(META) {
+                self.recover_old_uploads(&rel);
+            } else if kind == FileType::RegularFile
+                && let Some(rest) = name.strip_prefix(OLD_PART_PREFIX)
+            {
+                // PID-N-BASE
+                let base = rest.splitn(3, '-').nth(2).unwrap_or("");
+                let r = if base.is_empty() {
+                    self.root.remove_file(&rel)
+                } else {
+                    self.keep_partial(&rel, &self.partial_path(&join(dir, base)))
+                };
+                if let Err(e) = r {
+                    self.quarantine(&rel, &e);
+                }
+            }
+        }
     }
 
     /// The set of names being indexed, once `busy` no longer holds for it.
@@ -153,75 +320,20 @@ impl FsStore {
         Indexing { set: self.indexing.clone(), name: name.to_string() }
     }
 
-    fn partial_path(&self, name: &str) -> PathBuf {
-        self.meta().join("partial").join(name)
-    }
-
-    /// Moves leftover in-progress uploads to the partial area.
-    fn recover(&self, dir: &Path) -> io::Result<()> {
-        for entry in fs::read_dir(dir)? {
-            let entry = entry?;
-            let fname = entry.file_name();
-            let Some(fname) = fname.to_str() else { continue };
-            let ft = entry.file_type()?;
-            if ft.is_dir() && !fname.starts_with(META) {
-                self.recover(&entry.path())?;
-            } else if ft.is_file()
-                && let Some(rest) = fname.strip_prefix(PART_PREFIX)
-            {
-                // PID-N-BASE
-                let base = rest.splitn(3, '-').nth(2).unwrap_or("");
-                let rel = dir.strip_prefix(&self.root).unwrap_or(Path::new("")).join(base);
-                let keep = entry.metadata()?.len() > 0 && !base.is_empty();
-                match rel.to_str() {
-                    Some(name) if keep => {
-                        let dst = self.partial_path(name);
-                        if let Some(p) = dst.parent() {
-                            fs::create_dir_all(p)?;
-                        }
-                        fs::rename(entry.path(), &dst)?;
-                        tracing::info!(name, "kept an interrupted upload for resuming");
-                    }
-                    _ => fs::remove_file(entry.path())?,
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// `root/name`, refusing a name through a symlink (symlinks under the
-    /// root are never followed for clients: one pointing out would escape
-    /// the root, one pointing elsewhere inside it would escape a key's
-    /// prefixes) and anything that resolves outside the root. Names were
-    /// already checked for `..`, absolute paths and NUL by the core.
-    fn path_of(&self, name: &str) -> Result<PathBuf, ErrorCode> {
-        let path = self.root.join(name);
-        if Path::new(name).components().any(|c| !matches!(c, Component::Normal(_))) {
-            return Err(ErrorCode::BadName);
-        }
-        let mut walked = self.root.clone();
-        for part in Path::new(name).components() {
-            walked.push(part);
-            match fs::symlink_metadata(&walked) {
-                Ok(m) if m.file_type().is_symlink() => return Err(ErrorCode::BadName),
-                Ok(_) => {}
-                Err(_) => break,
-            }
-        }
-        let mut probe = path.as_path();
-        while fs::symlink_metadata(probe).is_err() {
-            probe = probe.parent().ok_or(ErrorCode::BadName)?;
-        }
-        let canon = probe.canonicalize().map_err(storage)?;
-        if !canon.starts_with(&self.root) || canon.starts_with(self.meta()) {
-            return Err(ErrorCode::BadName);
-        }
-        Ok(path)
+    /// The place of `name` under the root. Names were checked by the core
+    /// (no `..`, `.`, empty or `.deltasync` components, no NUL); every
+    /// access then goes through [`Root`], which refuses symlinks on the way
+    /// (one pointing out would escape the root, one pointing elsewhere
+    /// inside it would escape a key's prefixes).
+    fn path_of(&self, name: &str) -> Result<String, ErrorCode> {
+        deltasync_core::message::validate_name(name)?;
+        Ok(name.to_string())
     }
 
     fn load_index(&self, name: &str, meta: &fs::Metadata) -> Option<Tree> {
         self.wait_indexed(name);
-        let bytes = fs::read(self.index_path(name)).ok()?;
+        let mut bytes = Vec::new();
+        self.root.open_file(&self.index_path(name)).ok()?.read_to_end(&mut bytes).ok()?;
         let (head, body) = bytes.split_at_checked(40)?;
         let (tree, _midstates) = Tree::take_from_bytes(body)?;
         (index_is_fresh(head, meta) && tree.summary().size == meta.len()).then_some(tree)
@@ -232,7 +344,7 @@ impl FsStore {
     fn load_midstates(&self, name: &str, meta: &fs::Metadata) -> Vec<Vec<u8>> {
         self.wait_indexed(name);
         let read = || -> io::Result<Vec<Vec<u8>>> {
-            let f = File::open(self.index_path(name))?;
+            let f = self.root.open_file(&self.index_path(name))?;
             let len = f.metadata()?.len();
             let mut head = [0u8; 48];
             std::os::unix::fs::FileExt::read_exact_at(&f, &mut head[..40], 0)?;
@@ -255,7 +367,7 @@ impl FsStore {
     /// need the hash, not the tree).
     fn load_summary(&self, name: &str, meta: &fs::Metadata) -> Option<Summary> {
         self.wait_indexed(name);
-        let mut f = File::open(self.index_path(name)).ok()?;
+        let mut f = self.root.open_file(&self.index_path(name)).ok()?;
         let mut buf = [0u8; 40 + 160];
         let mut n = 0;
         while n < buf.len() {
@@ -278,7 +390,7 @@ impl FsStore {
         midstates: &[Vec<u8>],
     ) -> io::Result<()> {
         let _writing = self.start_indexing(name);
-        write_index(&self.index_path(name), meta, tree, midstates)
+        write_index(&self.root, &self.index_path(name), meta, tree, midstates)
     }
 
     /// The tree of the stored file chunked with `chunking` (see
@@ -302,22 +414,20 @@ impl FsStore {
         // version stored under `name` (a newer one's index stays).
         if !matches!(kind, ChunkerKind::Fixed(_))
             && file.metadata()?.len() == tree.summary().size
-            && fs::metadata(self.root.join(name)).is_ok_and(|m| m.ino() == meta.ino())
+            && self.root.stat(name).is_ok_and(|m| m.st_ino == meta.ino())
         {
             self.save_index(name, &meta, &tree, &[])?;
         }
         Ok(Some(tree))
     }
 
-    fn describe(&self, name: String, path: &Path) -> Result<StoredFile, ErrorCode> {
-        let file = File::open(path).map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => ErrorCode::NotFound,
-            _ => storage(e),
+    fn describe(&self, name: String, rel: &str) -> Result<StoredFile, ErrorCode> {
+        let file = self.root.open_file(rel).map_err(|e| match reach(e) {
+            // Not a regular file, or behind a symlink: nothing stored.
+            ErrorCode::BadName => ErrorCode::NotFound,
+            c => c,
         })?;
         let meta = file.metadata().map_err(storage)?;
-        if !meta.is_file() {
-            return Err(ErrorCode::NotFound);
-        }
         let summary = match self.load_summary(&name, &meta) {
             Some(s) => s,
             None => self.tree_of(&name, &file, None).map_err(storage)?.ok_or(ErrorCode::Storage)?.summary(),
@@ -359,38 +469,39 @@ impl FsStore {
         let _guard = self.commit.lock().unwrap_or_else(|p| p.into_inner());
         // Keep the old version alive under another name while renaming, so
         // that the rename does not have to free it; it goes in the background.
-        let trash = self.meta().join("trash").join(TEMP_COUNTER.fetch_add(1, Ordering::Relaxed).to_string());
-        let old = fs::hard_link(&dest, &trash).is_ok().then_some(trash);
-        if let Err(e) = fs::rename(&w.path, &dest) {
+        let trash = format!("{META}/trash/{}", TEMP_COUNTER.fetch_add(1, Ordering::Relaxed));
+        let old = self.root.hard_link(&dest, &trash).is_ok().then_some(trash);
+        if let Err(e) = self.root.rename(&w.path, &dest) {
             if let Some(old) = old {
-                let _ = fs::remove_file(old);
+                let _ = self.root.remove_file(&old);
             }
-            return Err(storage(e));
+            return Err(reach(e));
         }
         if let Some(old) = old {
             // In the background; here if no thread can be had.
+            let root = self.root.clone();
             let unlink = std::thread::Builder::new().name("trash".into()).spawn({
                 let old = old.clone();
-                move || fs::remove_file(old)
+                move || root.remove_file(&old)
             });
             if unlink.is_err() {
-                let _ = fs::remove_file(old);
+                let _ = self.root.remove_file(&old);
             }
         }
-        if let Some(dir) = dest.parent() {
-            File::open(dir).and_then(|d| d.sync_all()).map_err(storage)?;
-        }
+        let parent = dest.rsplit_once('/').map_or("", |(d, _)| d);
+        self.root.sync_dir(parent).map_err(storage)?;
         let meta = file.metadata().map_err(storage)?;
-        let _ = fs::remove_file(self.partial_path(name));
+        let _ = self.root.remove_file(&self.partial_path(name));
         // The index is written while the client gets its answer; until then
         // whoever reads it waits (`wait_indexed`). One never written (no
         // thread to write it, or a crash) is rebuilt when next needed.
         let path = self.index_path(name);
+        let root = self.root.clone();
         let job = move || {
             let _done = indexing;
-            match write_index(&path, &meta, &tree, &midstates) {
-                Ok(()) => tracing::debug!(index = %path.display(), "indexed"),
-                Err(e) => tracing::warn!(error = %e, index = %path.display(), "could not write index"),
+            match write_index(&root, &path, &meta, &tree, &midstates) {
+                Ok(()) => tracing::debug!(index = path, "indexed"),
+                Err(e) => tracing::warn!(error = %e, index = path, "could not write index"),
             }
         };
         if let Err(e) = std::thread::Builder::new().name("index".into()).spawn(job) {
@@ -400,27 +511,20 @@ impl FsStore {
         Ok(hash)
     }
 
-    fn walk(&self, dir: &Path, out: &mut Vec<StoredFile>) -> Result<(), ErrorCode> {
-        let mut entries: Vec<_> = fs::read_dir(dir).map_err(storage)?.filter_map(Result::ok).collect();
-        entries.sort_by_key(|e| e.file_name());
-        for e in entries {
-            let fname = e.file_name();
-            if fname.to_str().is_none_or(|n| n.starts_with(META)) {
+    fn walk(&self, dir: &str, out: &mut Vec<StoredFile>) -> Result<(), ErrorCode> {
+        for (fname, kind) in self.root.entries(dir).map_err(storage)? {
+            if fname.starts_with(META) {
                 continue;
             }
-            let ft = e.file_type().map_err(storage)?;
-            let path = e.path();
-            if ft.is_dir() {
-                self.walk(&path, out)?;
-            } else if ft.is_file() {
-                let rel = path.strip_prefix(&self.root).map_err(|_| ErrorCode::Storage)?;
-                if let Some(name) = rel.to_str() {
-                    match self.describe(name.to_string(), &path) {
-                        Ok(f) => out.push(f),
-                        // Deleted while we listed: not an error.
-                        Err(ErrorCode::NotFound) => {}
-                        Err(e) => return Err(e),
-                    }
+            let rel = join(dir, &fname);
+            if kind == FileType::Directory {
+                self.walk(&rel, out)?;
+            } else if kind == FileType::RegularFile {
+                match self.describe(rel.clone(), &rel) {
+                    Ok(f) => out.push(f),
+                    // Deleted while we listed: not an error.
+                    Err(ErrorCode::NotFound) => {}
+                    Err(e) => return Err(e),
                 }
             }
         }
@@ -428,29 +532,17 @@ impl FsStore {
     }
 }
 
-/// Removes what is not an index (`*.idx`) under `dir`: temporary files of
-/// index writes that never finished.
-fn remove_temp_indexes(dir: &Path) -> io::Result<()> {
-    for entry in fs::read_dir(dir)? {
-        let entry = entry?;
-        let ft = entry.file_type()?;
-        if ft.is_dir() {
-            remove_temp_indexes(&entry.path())?;
-        } else if !entry.file_name().as_encoded_bytes().ends_with(b".idx") {
-            fs::remove_file(entry.path())?;
-        }
-    }
-    Ok(())
-}
-
-/// Writes an index of the file with metadata `meta` to `path` (replacing it
+/// Writes an index of the file with metadata `meta` to `rel` (replacing it
 /// atomically, synced: a torn index could pair ids with the wrong bytes).
-fn write_index(path: &Path, meta: &fs::Metadata, tree: &Tree, midstates: &[Vec<u8>]) -> io::Result<()> {
-    if let Some(p) = path.parent() {
-        fs::create_dir_all(p)?;
-    }
-    let tmp = path.with_extension(format!("tmp{}", TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)));
-    let mut f = BufWriter::new(File::create(&tmp)?);
+fn write_index(
+    root: &Root,
+    rel: &str,
+    meta: &fs::Metadata,
+    tree: &Tree,
+    midstates: &[Vec<u8>],
+) -> io::Result<()> {
+    let tmp = format!("{rel}.tmp{}", TEMP_COUNTER.fetch_add(1, Ordering::Relaxed));
+    let mut f = BufWriter::new(root.create(&tmp)?);
     f.write_all(INDEX_MAGIC)?;
     f.write_all(&meta.len().to_le_bytes())?;
     f.write_all(&mtime_ns(meta).to_le_bytes())?;
@@ -462,13 +554,14 @@ fn write_index(path: &Path, meta: &fs::Metadata, tree: &Tree, midstates: &[Vec<u
     f.write_all(&states)?;
     f.write_all(&(states.len() as u64).to_le_bytes())?;
     f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-    fs::rename(tmp, path)
+    root.rename(&tmp, rel)
 }
 
-/// A new version being written beside its destination. Dropped without
-/// being published (the connection broke), it is kept as the name's partial
-/// upload so that the next upload resumes from it.
+/// A new version being written (under `.deltasync/upload/`). Dropped
+/// without being published (the connection broke), it is kept as the name's
+/// partial upload so that the next upload resumes from it.
 pub struct TempFile {
+    root: Arc<Root>,
     file: Option<BufWriter<File>>,
     /// Started once the new version stops matching the old one's first
     /// bytes (see `start_hasher`).
@@ -479,8 +572,8 @@ pub struct TempFile {
     kept_midstates: Vec<Vec<u8>>,
     /// Set when the receiver lets us index a whole new version.
     indexer: Option<ReadBack<FileTree>>,
-    path: PathBuf,
-    partial: PathBuf,
+    path: String,
+    partial: String,
     written: u64,
     /// Bytes already handed to the kernel's writeback (and to the hasher).
     kicked: u64,
@@ -675,7 +768,7 @@ impl Output for TempFile {
         }
         let f = self.file.as_mut().ok_or(IoFailed)?;
         f.write_all(data).map_err(|e| {
-            tracing::warn!(error = %e, path = %self.path.display(), "write failed");
+            tracing::warn!(error = %e, path = self.path, "write failed");
             IoFailed
         })?;
         self.written += data.len() as u64;
@@ -714,7 +807,7 @@ impl Output for TempFile {
         }
         let f = self.file.as_mut().ok_or(IoFailed)?;
         f.flush().map_err(|e| {
-            tracing::warn!(error = %e, path = %self.path.display(), "write failed");
+            tracing::warn!(error = %e, path = self.path, "write failed");
             IoFailed
         })?;
         let (mut from, end) = (offset, offset + len);
@@ -725,7 +818,7 @@ impl Output for TempFile {
             // the file position, where the next plain write continues.
             match rustix::fs::copy_file_range(src, Some(&mut from), dst, None, step) {
                 Ok(0) => {
-                    tracing::warn!(path = %self.path.display(), "the old version ended early");
+                    tracing::warn!(path = self.path, "the old version ended early");
                     return Err(IoFailed);
                 }
                 Ok(n) => self.written += n as u64,
@@ -744,7 +837,7 @@ impl Output for TempFile {
                     return Ok(false);
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, path = %self.path.display(), "copy failed");
+                    tracing::warn!(error = %e, path = self.path, "copy failed");
                     return Err(IoFailed);
                 }
             }
@@ -829,7 +922,7 @@ impl TempFile {
         self.file = None;
         self.hasher = None;
         self.indexer = None;
-        let _ = fs::remove_file(&self.path);
+        let _ = self.root.remove_file(&self.path);
     }
 }
 
@@ -838,14 +931,12 @@ impl Drop for TempFile {
         self.hasher = None;
         self.indexer = None;
         let Some(f) = self.file.take() else { return };
-        let kept = self.written > 0
-            && f.into_inner().is_ok()
-            && self.partial.parent().is_some_and(|p| fs::create_dir_all(p).is_ok())
-            && fs::rename(&self.path, &self.partial).is_ok();
+        let kept =
+            self.written > 0 && f.into_inner().is_ok() && self.root.rename(&self.path, &self.partial).is_ok();
         if kept {
-            tracing::info!(partial = %self.partial.display(), bytes = self.written, "kept interrupted upload");
+            tracing::info!(partial = self.partial, bytes = self.written, "kept interrupted upload");
         } else {
-            let _ = fs::remove_file(&self.path);
+            let _ = self.root.remove_file(&self.path);
         }
     }
 }
@@ -859,22 +950,18 @@ impl Store for FsStore {
         name: &str,
         chunking: Option<ChunkerKind>,
     ) -> Result<Option<(Tree, FileSource)>, ErrorCode> {
-        let path = self.path_of(name)?;
-        let file = match File::open(&path) {
+        let rel = self.path_of(name)?;
+        let file = match self.root.open_file(&rel).map_err(reach) {
             Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(storage(e)),
+            Err(ErrorCode::NotFound) => return Ok(None),
+            Err(e) => return Err(e),
         };
-        if !file.metadata().map_err(storage)?.is_file() {
-            return Err(ErrorCode::BadName);
-        }
         let tree = self.tree_of(name, &file, chunking).map_err(storage)?;
         Ok(tree.map(|t| (t, FileSource(file))))
     }
 
     fn holds(&mut self, name: &str) -> Result<bool, ErrorCode> {
-        let is_file = |p: &Path| fs::metadata(p).is_ok_and(|m| m.is_file());
-        Ok(is_file(&self.path_of(name)?) || is_file(&self.partial_path(name)))
+        Ok(self.root.is_file(&self.path_of(name)?) || self.root.is_file(&self.partial_path(name)))
     }
 
     fn partial(
@@ -882,7 +969,7 @@ impl Store for FsStore {
         name: &str,
         chunking: ChunkerKind,
     ) -> Result<Option<(Tree, FileSource)>, ErrorCode> {
-        let Ok(file) = File::open(self.partial_path(name)) else { return Ok(None) };
+        let Ok(file) = self.root.open_file(&self.partial_path(name)) else { return Ok(None) };
         if !chunking.suits(file.metadata().map_err(storage)?.len()) {
             return Ok(None);
         }
@@ -891,23 +978,35 @@ impl Store for FsStore {
     }
 
     fn create(&mut self, name: &str, _size: u64) -> Result<TempFile, ErrorCode> {
-        let path = self.path_of(name)?;
-        let dir = path.parent().ok_or(ErrorCode::BadName)?;
-        fs::create_dir_all(dir).map_err(storage)?;
-        // Re-check now that the directories exist (a symlinked directory).
-        self.path_of(name)?;
-        let base = path.file_name().and_then(|b| b.to_str()).ok_or(ErrorCode::BadName)?;
+        let rel = self.path_of(name)?;
+        if let Some((dir, _)) = rel.rsplit_once('/') {
+            self.root.create_dirs(dir).map_err(reach)?;
+        }
+        // Something other than a file where the name is (a directory):
+        // never replaced by an upload.
+        let old = match self.root.stat(&rel) {
+            Ok(m) if stat_is_file(&m) => Some(m),
+            Ok(_) => return Err(ErrorCode::BadName),
+            Err(e) => match reach(e) {
+                ErrorCode::NotFound => None,
+                c => return Err(c),
+            },
+        };
         let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let tmp = dir.join(format!("{PART_PREFIX}{}-{n}-{base}", std::process::id()));
-        let file = OpenOptions::new().read(true).write(true).create_new(true).open(&tmp).map_err(storage)?;
+        let tmp = format!("{META}/upload/{}-{}-{n}", name_hash(name), std::process::id());
+        let file = self.root.create_new(&tmp).map_err(storage)?;
         // The version being replaced and its midstates: hashing the new one
         // waits until it differs from it (see `TempFile::start_hasher`).
-        let base = fs::metadata(&path).ok().filter(|m| m.is_file()).map(|m| HashBase {
-            dev: m.dev(),
-            ino: m.ino(),
-            midstates: self.load_midstates(name, &m),
+        let base = old.and_then(|m| {
+            let meta = self.root.open_file(&rel).ok()?.metadata().ok()?;
+            (meta.ino() == m.st_ino).then(|| HashBase {
+                dev: meta.dev(),
+                ino: meta.ino(),
+                midstates: self.load_midstates(name, &meta),
+            })
         });
         Ok(TempFile {
+            root: self.root.clone(),
             file: Some(BufWriter::with_capacity(1 << 20, file)),
             hasher: None,
             base: base.filter(|b| !b.midstates.is_empty()),
@@ -931,34 +1030,34 @@ impl Store for FsStore {
             // Whatever step failed, no half-published leftover stays behind
             // (after a successful rename this finds nothing to remove).
             w.file = None;
-            let _ = fs::remove_file(temp);
+            let _ = self.root.remove_file(&temp);
         }
         result.map(Some)
     }
 
     fn list(&mut self) -> Result<Vec<StoredFile>, ErrorCode> {
         let mut out = Vec::new();
-        self.walk(&self.root.clone(), &mut out)?;
+        self.walk("", &mut out)?;
         Ok(out)
     }
 
     fn stat(&mut self, name: &str) -> Result<StoredFile, ErrorCode> {
-        let path = self.path_of(name)?;
-        self.describe(name.to_string(), &path)
+        let rel = self.path_of(name)?;
+        self.describe(name.to_string(), &rel)
     }
 
     fn delete(&mut self, name: &str) -> Result<(), ErrorCode> {
-        let path = self.path_of(name)?;
-        match fs::symlink_metadata(&path) {
-            Ok(m) if m.is_file() => {}
+        let rel = self.path_of(name)?;
+        match self.root.stat(&rel) {
+            Ok(m) if stat_is_file(&m) => {}
             Ok(_) => return Err(ErrorCode::BadName),
-            Err(_) => return Err(ErrorCode::NotFound),
+            Err(e) => return Err(reach(e)),
         }
         // Marked, so that no new index of the name is written meanwhile.
         let _indexing = self.start_indexing(name);
         let _guard = self.commit.lock().unwrap_or_else(|p| p.into_inner());
-        fs::remove_file(&path).map_err(storage)?;
-        let _ = fs::remove_file(self.index_path(name));
+        self.root.remove_file(&rel).map_err(reach)?;
+        let _ = self.root.remove_file(&self.index_path(name));
         Ok(())
     }
 }
@@ -975,7 +1074,7 @@ mod tests {
         let path = dir.path().join("f");
         fs::write(&path, vec![1u8; 100_000]).unwrap();
         assert_eq!(store.stat("f").unwrap().sha256, Hash::of(&vec![1u8; 100_000]));
-        assert!(store.index_path("f").exists(), "stat builds and keeps the index");
+        assert!(dir.path().join(store.index_path("f")).exists(), "stat builds and keeps the index");
 
         // Same size, new contents and a different mtime: the index is stale.
         fs::write(&path, vec![2u8; 100_000]).unwrap();
@@ -1021,7 +1120,7 @@ mod tests {
         name: &str,
         parts: &[Result<(u64, u64), &[u8]>],
     ) -> (Option<Hash>, usize) {
-        let old = File::open(store.path_of(name).unwrap()).ok();
+        let old = File::open(store.root().join(name)).ok();
         let mut w = store.create(name, 0).unwrap();
         let mut data = Vec::new();
         for p in parts {
@@ -1162,30 +1261,145 @@ mod tests {
     }
 
     #[test]
-    fn leftover_uploads_become_partials_at_start() {
+    fn every_leftover_is_recovered_or_quarantined_and_the_store_opens() {
         let dir = tempfile::tempdir().unwrap();
-        fs::create_dir_all(dir.path().join("d")).unwrap();
-        fs::write(dir.path().join("d/.deltasync-part-123-4-log"), b"prefix").unwrap();
-        fs::write(dir.path().join("d/.deltasync-part-123-5-empty"), b"").unwrap();
-        let mut store = FsStore::open(dir.path()).unwrap();
-        assert_eq!(fs::read(store.partial_path("d/log")).unwrap(), b"prefix");
-        assert!(!dir.path().join("d/.deltasync-part-123-4-log").exists());
-        assert!(!dir.path().join("d/.deltasync-part-123-5-empty").exists());
-        assert!(store.partial("d/log", ChunkerKind::Cdc).unwrap().is_some());
+        let d = dir.path();
+        let meta = d.join(META);
+        for sub in ["index/d", "partial/x", "upload", "trash/t"] {
+            fs::create_dir_all(meta.join(sub)).unwrap();
+        }
+        let h = |n: &str| name_hash(n);
+        // This layout: an upload in progress of `a` (kept), an empty one
+        // (dropped), something that is no upload (quarantined).
+        fs::write(meta.join(format!("upload/{}-77-1", h("a"))), b"prefix of a").unwrap();
+        fs::write(meta.join(format!("upload/{}-77-2", h("e"))), b"").unwrap();
+        fs::write(meta.join("upload/stray"), b"?").unwrap();
+        // The old layout: a partial of `x/y` (under a directory `x`) and an
+        // upload of `x` in flight beside it (a file `x` and a directory
+        // `x` at once: this stopped the old server from starting).
+        fs::write(meta.join("partial/x/y"), b"prefix of x/y").unwrap();
+        fs::create_dir_all(d.join("z")).unwrap();
+        fs::write(d.join("z/.deltasync-part-123-4-log"), b"prefix of z/log").unwrap();
+        fs::write(d.join("z/.deltasync-part-123-5-empty"), b"").unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", meta.join("partial/evil")).unwrap();
+        // Indexes: one of this layout kept; temporaries and old ones go.
+        fs::write(meta.join(format!("index/{}.idx", h("k"))), b"kept").unwrap();
+        fs::write(meta.join(format!("index/{}.idx.tmp3", h("k"))), b"t").unwrap();
+        fs::write(meta.join("index/d/old.idx"), b"o").unwrap();
+        fs::write(meta.join("trash/t/old"), b"o").unwrap();
+
+        let mut store = FsStore::open(d).unwrap();
+        let partial = |n: &str| fs::read(d.join(store.partial_path(n))).unwrap();
+        assert_eq!(partial("a"), b"prefix of a");
+        assert_eq!(partial("x/y"), b"prefix of x/y");
+        assert_eq!(partial("z/log"), b"prefix of z/log");
+        assert!(store.partial("z/log", ChunkerKind::Cdc).unwrap().is_some());
+        assert!(!d.join(store.partial_path("e")).exists() && !d.join(store.partial_path("z/empty")).exists());
+        assert!(
+            !d.join("z/.deltasync-part-123-4-log").exists()
+                && !d.join("z/.deltasync-part-123-5-empty").exists()
+        );
+        assert_eq!(fs::read(meta.join(format!("index/{}.idx", h("k")))).unwrap(), b"kept");
+        assert!(!meta.join(format!("index/{}.idx.tmp3", h("k"))).exists() && !meta.join("index/d").exists());
+        assert_eq!(fs::read_dir(meta.join("trash")).unwrap().count(), 0);
+        let quarantined: Vec<String> = fs::read_dir(meta.join("quarantine"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(quarantined.len(), 2, "{quarantined:?}");
+        assert!(
+            quarantined.iter().any(|q| q.ends_with("-stray"))
+                && quarantined.iter().any(|q| q.ends_with("-evil"))
+        );
         assert!(store.list().unwrap().is_empty());
     }
 
     #[test]
-    fn unfinished_index_writes_are_removed_at_start_and_indexes_kept() {
+    fn a_second_store_on_the_same_root_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let index = dir.path().join(META).join("index");
-        fs::create_dir_all(index.join("d")).unwrap();
-        for (f, body) in [("a.tmp7", "x"), ("d/b.tmp3", "y"), ("c.idx", "z"), ("d/e.tmp9.idx", "w")] {
-            fs::write(index.join(f), body).unwrap();
-        }
+        let first = FsStore::open(dir.path()).unwrap();
+        let second = FsStore::open(dir.path()).unwrap_err().to_string();
+        assert!(second.contains("in use by another deltasync-server"), "{second}");
+        drop(first);
         FsStore::open(dir.path()).unwrap();
-        assert!(!index.join("a.tmp7").exists() && !index.join("d/b.tmp3").exists());
-        assert_eq!(fs::read(index.join("c.idx")).unwrap(), b"z");
-        assert_eq!(fs::read(index.join("d/e.tmp9.idx")).unwrap(), b"w");
+    }
+
+    #[test]
+    fn a_name_with_a_255_byte_component_is_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = FsStore::open(dir.path()).unwrap();
+        let name = format!("{}/{}", "d".repeat(255), "f".repeat(255));
+        assert_eq!(publish(&mut store, &name, &[Err(b"data")]).0, Some(Hash::of(b"data")));
+        assert_eq!(store.stat(&name).unwrap().size, 4);
+        assert_eq!(store.list().unwrap()[0].name, name);
+        let longer = format!("{}/{}", "d".repeat(255), "f".repeat(256));
+        assert_eq!(store.stat(&longer).unwrap_err(), ErrorCode::BadName);
+        assert_eq!(store.create(&longer, 1).err(), Some(ErrorCode::BadName));
+    }
+
+    #[test]
+    fn a_directory_swapped_for_a_symlink_never_leads_outside() {
+        // A local process that can write under the root keeps swapping
+        // `d` (a directory) and a symlink to a directory outside, atomically
+        // (renameat2 RENAME_EXCHANGE), while stats, reads and uploads of
+        // names under `d` run. Nothing outside is ever read or written.
+        let outside = tempfile::tempdir().unwrap();
+        fs::write(outside.path().join("f"), b"OUTSIDE, SECRET").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir(dir.path().join("d")).unwrap();
+        fs::write(dir.path().join("d/f"), b"inside").unwrap();
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("swap")).unwrap();
+        let mut store = FsStore::open(dir.path()).unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let swapper = {
+            let (stop, root) = (stop.clone(), dir.path().to_path_buf());
+            std::thread::spawn(move || {
+                let mut swaps = 0u64;
+                while !stop.load(Ordering::Relaxed) && swaps < 5_000_000 {
+                    rustix::fs::renameat_with(
+                        rustix::fs::CWD,
+                        root.join("d"),
+                        rustix::fs::CWD,
+                        root.join("swap"),
+                        rustix::fs::RenameFlags::EXCHANGE,
+                    )
+                    .unwrap();
+                    swaps += 1;
+                }
+                swaps
+            })
+        };
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        let (mut served, mut uploads) = (0, 0);
+        while std::time::Instant::now() < until {
+            if let Ok(f) = store.stat("d/f") {
+                assert_eq!(f.size, 6, "a stat read the file outside");
+                served += 1;
+            }
+            if let Ok(Some((_, src))) = store.open("d/f", None) {
+                let mut buf = Vec::new();
+                let mut file = src.0;
+                file.read_to_end(&mut buf).unwrap();
+                assert_eq!(buf, b"inside", "a download read the file outside");
+                served += 1;
+            }
+            if let Ok(mut w) = store.create("d/up", 2) {
+                w.write(b"up").unwrap();
+                if store.finish("d/up", w, Some(Tree::build(b"up", ChunkerKind::Cdc))).is_ok() {
+                    uploads += 1;
+                }
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        let swaps = swapper.join().unwrap();
+        let outside_now: Vec<_> =
+            fs::read_dir(outside.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(outside_now, vec![std::ffi::OsString::from("f")], "something was written outside");
+        assert_eq!(fs::read(outside.path().join("f")).unwrap(), b"OUTSIDE, SECRET");
+        eprintln!("{swaps} swaps; {served} reads and {uploads} uploads got through, all inside");
+        assert!(
+            swaps > 1000 && served > 0 && uploads > 0,
+            "the race did not run: {swaps} {served} {uploads}"
+        );
     }
 }
