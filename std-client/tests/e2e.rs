@@ -308,14 +308,10 @@ fn escapes_and_wrong_keys_are_refused() {
     assert!(files.is_empty(), "{files:?}");
 }
 
-/// The largest upload in progress in `root`'s top directory, in bytes.
+/// The largest upload in progress under `root`, in bytes.
 fn part_size(root: &Path) -> u64 {
-    std::fs::read_dir(root)
-        .unwrap()
-        .filter_map(Result::ok)
-        .filter(|e| e.file_name().to_string_lossy().starts_with(".deltasync-part-"))
-        .map(|e| e.metadata().map_or(0, |m| m.len()))
-        .max()
+    std::fs::read_dir(root.join(".deltasync/upload"))
+        .map(|d| d.filter_map(Result::ok).map(|e| e.metadata().map_or(0, |m| m.len())).max().unwrap_or(0))
         .unwrap_or(0)
 }
 
@@ -384,11 +380,8 @@ fn a_server_killed_mid_upload_keeps_the_old_version_and_resumes() {
     assert_eq!(retry["mode"], "delta");
     assert!(wire(&retry) < size as u64 / 10, "retry moved {} bytes", wire(&retry));
     assert!(std::fs::read(root.join("data")).unwrap() == new);
-    let leftovers: Vec<_> = std::fs::read_dir(&root)
-        .unwrap()
-        .filter_map(Result::ok)
-        .filter(|e| e.file_name().to_string_lossy().starts_with(".deltasync-part-"))
-        .collect();
+    let leftovers: Vec<_> =
+        std::fs::read_dir(root.join(".deltasync/upload")).unwrap().filter_map(Result::ok).collect();
     assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
     let _ = std::io::stderr().flush();
 }
