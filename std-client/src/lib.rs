@@ -88,11 +88,13 @@ impl std::fmt::Display for ClientError {
                 "the server turned the connection away: too many connections (from this address or \
                  overall) or too many failed handshakes from this address; try again later",
             ),
-            ClientError::NotFound(n) => write!(f, "{n}: no such file on the server"),
-            ClientError::Integrity(n) => write!(f, "{n}: integrity check failed; nothing was replaced"),
+            ClientError::NotFound(n) => write!(f, "{}: no such file on the server", printable(n)),
+            ClientError::Integrity(n) => {
+                write!(f, "{}: integrity check failed; nothing was replaced", printable(n))
+            }
             ClientError::Refused(c) => write!(f, "server refused the request: {c}"),
             ClientError::Protocol(e) => write!(f, "protocol error: {e}"),
-            ClientError::Local(p, e) => write!(f, "{}: {e}", p.display()),
+            ClientError::Local(p, e) => write!(f, "{}: {e}", printable(&p.to_string_lossy())),
             ClientError::Cancelled => f.write_str("cancelled"),
         }
     }
@@ -217,6 +219,37 @@ impl TransferReport {
         let wire = (self.wire_bytes_sent + self.wire_bytes_received) as f64;
         if self.file_bytes == 0 { 0.0 } else { (1.0 - wire / self.file_bytes as f64).max(0.0) }
     }
+}
+
+/// A name as a terminal may show it: control characters (C0, DEL, C1),
+/// the characters that reorder text (bidirectional overrides and
+/// isolates), and the backslash are escaped (`\n`, `\t`, `\e`,
+/// `\x7f`, `\u{202e}`, `\\`), so that a name can neither drive the
+/// terminal nor forge lines or hide its own letters. Names come from the
+/// server, which may hold anything a writer chose.
+pub fn printable(name: &str) -> std::borrow::Cow<'_, str> {
+    let risky = |c: char| {
+        c.is_control()
+            || c == '\\'
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !name.chars().any(risky) {
+        return std::borrow::Cow::Borrowed(name);
+    }
+    let mut out = String::with_capacity(name.len() + 8);
+    for c in name.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            '\u{1b}' => out.push_str("\\e"),
+            c if (c as u32) < 0x100 && risky(c) => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c if risky(c) => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// A byte count for people: `812 B`, `4.8 MiB`.
@@ -823,5 +856,22 @@ mod tests {
         assert_eq!(human_bytes(1024), "1.0 KiB");
         assert_eq!(human_bytes(5_000_000), "4.8 MiB");
         assert_eq!(human_bytes(3 << 30), "3.0 GiB");
+    }
+}
+
+#[cfg(test)]
+mod printable_tests {
+    use super::printable;
+
+    #[test]
+    fn names_cannot_drive_the_terminal_or_forge_lines() {
+        assert_eq!(printable("plain/name.txt"), "plain/name.txt");
+        assert_eq!(printable("x\u{1b}]0;owned\u{7}y"), "x\\e]0;owned\\x07y");
+        assert_eq!(printable("a\nfake line"), "a\\nfake line");
+        assert_eq!(printable("tab\there\r"), "tab\\there\\r");
+        assert_eq!(printable("del\u{7f} c1\u{9b}"), "del\\x7f c1\\x9b");
+        assert_eq!(printable("evil\u{202e}txt.exe"), "evil\\u{202e}txt.exe");
+        assert_eq!(printable("back\\slash"), "back\\\\slash");
+        assert_eq!(printable("ünïcödé 名前"), "ünïcödé 名前");
     }
 }

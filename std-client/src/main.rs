@@ -2,7 +2,9 @@
 //! server, sending only what changed.
 
 use clap::{Parser, Subcommand};
-use deltasync_client::{ClientError, Connection, Progress, TransferReport, find_key, human_bytes as human};
+use deltasync_client::{
+    ClientError, Connection, Progress, TransferReport, find_key, human_bytes as human, printable,
+};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -105,7 +107,7 @@ fn summary(r: &TransferReport, verb: &str) -> String {
     let rate = if secs > 0.0 { r.file_bytes as f64 / secs } else { 0.0 };
     format!(
         "{verb} {} ({}): {} file, sent {}, received {}, saved {:.1}%, {:.2}s, {}/s",
-        r.name,
+        printable(&r.name),
         r.mode,
         human(r.file_bytes),
         human(r.wire_bytes_sent),
@@ -130,7 +132,7 @@ fn bar(show: bool, label: &str) -> Option<ProgressBar> {
                 .unwrap_or_else(|_| ProgressStyle::default_bar())
                 .progress_chars("=> "),
         );
-        b.set_message(label.to_string());
+        b.set_message(printable(label).into_owned());
         b
     })
 }
@@ -164,7 +166,13 @@ fn run(cli: Cli) -> Result<(), ClientError> {
                 json(&files);
             } else {
                 for f in files {
-                    out(&format!("{:>12}  {}  {}  {}", f.size, f.modified, &f.sha256[..16], f.name));
+                    out(&format!(
+                        "{:>12}  {}  {}  {}",
+                        f.size,
+                        f.modified,
+                        &f.sha256[..16],
+                        printable(&f.name)
+                    ));
                 }
             }
         }
@@ -173,7 +181,13 @@ fn run(cli: Cli) -> Result<(), ClientError> {
             if cli.json {
                 json(&f);
             } else {
-                out(&format!("{}: {} bytes, modified {}, sha256 {}", f.name, f.size, f.modified, f.sha256));
+                out(&format!(
+                    "{}: {} bytes, modified {}, sha256 {}",
+                    printable(&f.name),
+                    f.size,
+                    f.modified,
+                    f.sha256
+                ));
             }
         }
         Command::Rm { name } => {
@@ -181,7 +195,7 @@ fn run(cli: Cli) -> Result<(), ClientError> {
             if cli.json {
                 json(&serde_json::json!({ "name": name, "deleted": true }));
             } else {
-                out(&format!("deleted {name}"));
+                out(&format!("deleted {}", printable(&name)));
             }
         }
         Command::Upload { path, name } => {

@@ -426,3 +426,28 @@ fn stat_and_every_exit_code_end_to_end() {
     assert_eq!(c, Some(8), "{e}");
     // (3 and 6 are checked in tests/attacks.rs: wrong keys, tampering.)
 }
+
+#[test]
+fn names_with_escape_sequences_are_printed_escaped() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Server::start(&dir.path().join("root"));
+    let path = dir.path().join("f");
+    std::fs::write(&path, b"x").unwrap();
+    // A title-setting escape, then a line that would look like a listing.
+    let name = "evil\u{1b}]0;pwned\u{7}\n           1  0  0000000000000000  forged";
+    let up = srv.cli(&["upload", s(&path), "--as", name]);
+    assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
+    for args in [&["ls"][..], &["stat", name][..]] {
+        let out = String::from_utf8(srv.cli(args).stdout).unwrap();
+        assert!(!out.contains('\u{1b}') && !out.contains('\u{7}'), "{args:?} printed an escape: {out:?}");
+        assert_eq!(out.lines().count(), 1, "{args:?} printed a forged line: {out:?}");
+        assert!(out.contains("evil\\e]0;pwned\\x07\\n"), "{out:?}");
+    }
+    assert!(!String::from_utf8(up.stdout).unwrap().contains('\u{1b}'));
+    // JSON carries the name exactly, as JSON escapes.
+    let ls = srv.cli(&["--json", "ls"]);
+    let text = String::from_utf8(ls.stdout).unwrap();
+    assert!(!text.contains('\u{1b}') && text.contains("\\u001b"), "{text:?}");
+    let files: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+    assert_eq!(files[0]["name"], name);
+}
