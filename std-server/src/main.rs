@@ -6,7 +6,7 @@ use deltasync_dashboard::Hub;
 use deltasync_server::keys::{self, KeyEntry, KeyRing};
 use deltasync_server::live::LiveObserver;
 use deltasync_server::serve::{Limits, LogOnly, Observer, Server, serve};
-use deltasync_server::store::FsStore;
+use deltasync_server::store::{FsStore, PartialLimits};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::os::unix::fs::OpenOptionsExt;
@@ -85,6 +85,14 @@ struct Args {
     /// after which it is refused for --ban-time (0: never).
     #[arg(long, env = "DELTASYNC_BAN_AFTER", default_value_t = 20, value_name = "N")]
     ban_after: u32,
+    /// Seconds an interrupted upload is kept for resuming (since its last
+    /// byte arrived).
+    #[arg(long, env = "DELTASYNC_PARTIAL_MAX_AGE", default_value_t = 86_400, value_name = "SECS")]
+    partial_max_age: u64,
+    /// Bytes of interrupted uploads kept at most, all together; the oldest
+    /// go first.
+    #[arg(long, env = "DELTASYNC_MAX_PARTIAL_BYTES", default_value_t = 8 << 30, value_name = "BYTES")]
+    max_partial_bytes: u64,
     /// Seconds a banned address is refused.
     #[arg(long, env = "DELTASYNC_BAN_TIME", default_value_t = 300, value_name = "SECS",
           value_parser = clap::value_parser!(u64).range(1..=604_800))]
@@ -312,7 +320,25 @@ async fn run() -> anyhow::Result<()> {
     };
     let keyring = Arc::new(KeyRing::open(&keys_file)?);
     println!("key file: {}", keys_file.display());
-    let store = FsStore::open(&args.root).with_context(|| format!("opening {}", args.root.display()))?;
+    let partials = PartialLimits {
+        max_age: Duration::from_secs(args.partial_max_age),
+        max_bytes: args.max_partial_bytes,
+    };
+    let store = FsStore::open_with(&args.root, partials)
+        .with_context(|| format!("opening {}", args.root.display()))?;
+    {
+        // Partials also expire while nothing else happens.
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut hourly = tokio::time::interval(Duration::from_secs(3600));
+            hourly.tick().await;
+            loop {
+                hourly.tick().await;
+                let s = store.clone();
+                let _ = tokio::task::spawn_blocking(move || s.sweep_partials()).await;
+            }
+        });
+    }
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;

@@ -76,6 +76,24 @@ pub struct FsStore {
     /// Names whose new index a background thread is writing (see
     /// `publish`): whoever reads or replaces one of them waits for it.
     indexing: IndexingSet,
+    /// How long, and how much, interrupted uploads are kept.
+    partials: PartialLimits,
+}
+
+/// How long interrupted uploads are kept for resuming, and how many bytes
+/// of them at most (the oldest go first).
+#[derive(Clone, Copy, Debug)]
+pub struct PartialLimits {
+    /// Age (since its last write) after which a partial is dropped.
+    pub max_age: std::time::Duration,
+    /// Total size of all partials.
+    pub max_bytes: u64,
+}
+
+impl Default for PartialLimits {
+    fn default() -> Self {
+        PartialLimits { max_age: std::time::Duration::from_secs(24 * 3600), max_bytes: 8 << 30 }
+    }
 }
 
 /// Names whose index is being written, and a condvar woken as each is done.
@@ -138,6 +156,11 @@ impl FsStore {
     /// each leftover on its own; what cannot be recovered is moved to the
     /// quarantine and logged.
     pub fn open(root: &Path) -> io::Result<FsStore> {
+        Self::open_with(root, PartialLimits::default())
+    }
+
+    /// [`Self::open`] keeping interrupted uploads within `partials`.
+    pub fn open_with(root: &Path, partials: PartialLimits) -> io::Result<FsStore> {
         let root = Arc::new(Root::open(root)?);
         root.create_dirs(META)?;
         let lock = root.create_or_open(&format!("{META}/lock"))?;
@@ -150,13 +173,27 @@ impl FsStore {
         }
         let threads = deltasync_core::build::default_threads();
         let indexing = Arc::new((Mutex::new(HashSet::new()), Condvar::new()));
-        let store =
-            FsStore { root, _lock: Arc::new(lock), commit: Arc::new(Mutex::new(())), threads, indexing };
+        let store = FsStore {
+            root,
+            _lock: Arc::new(lock),
+            commit: Arc::new(Mutex::new(())),
+            threads,
+            indexing,
+            partials,
+        };
         store.recover();
         for dir in ["index", "partial", "upload", "trash"] {
             store.root.create_dirs(&format!("{META}/{dir}"))?;
         }
+        store.sweep_partials();
         Ok(store)
+    }
+
+    /// Drops the partials past their age, then the oldest ones while all
+    /// of them together are over the limit. Runs at start, whenever an
+    /// upload is interrupted, and when the server asks (hourly).
+    pub fn sweep_partials(&self) {
+        sweep_partials(&self.root, self.partials);
     }
 
     /// The root directory.
@@ -532,6 +569,48 @@ impl FsStore {
     }
 }
 
+/// See [`FsStore::sweep_partials`].
+fn sweep_partials(root: &Root, limits: PartialLimits) {
+    let dir = format!("{META}/partial");
+    let now = std::time::SystemTime::now();
+    let mut kept: Vec<(i64, u64, String)> = Vec::new();
+    for (name, kind) in root.entries(&dir).unwrap_or_default() {
+        let rel = join(&dir, &name);
+        let Ok(st) = root.stat(&rel) else { continue };
+        if kind != FileType::RegularFile {
+            continue;
+        }
+        let modified = UNIX_EPOCH + std::time::Duration::from_secs(st.st_mtime.max(0) as u64);
+        let age = now.duration_since(modified).unwrap_or_default();
+        if age > limits.max_age {
+            if root.remove_file(&rel).is_ok() {
+                tracing::info!(
+                    partial = rel,
+                    age_secs = age.as_secs(),
+                    "dropped an interrupted upload: too old"
+                );
+            }
+            continue;
+        }
+        kept.push((st.st_mtime, st.st_size as u64, rel));
+    }
+    kept.sort();
+    let mut total: u64 = kept.iter().map(|k| k.1).sum();
+    for (_, size, rel) in kept {
+        if total <= limits.max_bytes {
+            break;
+        }
+        if root.remove_file(&rel).is_ok() {
+            total -= size;
+            tracing::info!(
+                partial = rel,
+                bytes = size,
+                "dropped an interrupted upload: partials over --max-partial-bytes"
+            );
+        }
+    }
+}
+
 /// Writes an index of the file with metadata `meta` to `rel` (replacing it
 /// atomically, synced: a torn index could pair ids with the wrong bytes).
 fn write_index(
@@ -562,6 +641,7 @@ fn write_index(
 /// partial upload so that the next upload resumes from it.
 pub struct TempFile {
     root: Arc<Root>,
+    partials: PartialLimits,
     file: Option<BufWriter<File>>,
     /// Started once the new version stops matching the old one's first
     /// bytes (see `start_hasher`).
@@ -935,6 +1015,7 @@ impl Drop for TempFile {
             self.written > 0 && f.into_inner().is_ok() && self.root.rename(&self.path, &self.partial).is_ok();
         if kept {
             tracing::info!(partial = self.partial, bytes = self.written, "kept interrupted upload");
+            sweep_partials(&self.root, self.partials);
         } else {
             let _ = self.root.remove_file(&self.path);
         }
@@ -1007,6 +1088,7 @@ impl Store for FsStore {
         });
         Ok(TempFile {
             root: self.root.clone(),
+            partials: self.partials,
             file: Some(BufWriter::with_capacity(1 << 20, file)),
             hasher: None,
             base: base.filter(|b| !b.midstates.is_empty()),
@@ -1048,9 +1130,13 @@ impl Store for FsStore {
 
     fn delete(&mut self, name: &str) -> Result<(), ErrorCode> {
         let rel = self.path_of(name)?;
+        // What an interrupted upload of the name left goes too: `rm` is how
+        // a client gives up on it.
+        let partial = self.root.remove_file(&self.partial_path(name)).is_ok();
         match self.root.stat(&rel) {
             Ok(m) if stat_is_file(&m) => {}
             Ok(_) => return Err(ErrorCode::BadName),
+            Err(_) if partial => return Ok(()),
             Err(e) => return Err(reach(e)),
         }
         // Marked, so that no new index of the name is written meanwhile.
@@ -1401,5 +1487,30 @@ mod tests {
             swaps > 1000 && served > 0 && uploads > 0,
             "the race did not run: {swaps} {served} {uploads}"
         );
+    }
+
+    #[test]
+    fn partials_expire_and_the_oldest_go_over_the_quota_and_rm_removes_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = PartialLimits { max_age: std::time::Duration::from_secs(3600), max_bytes: 250 };
+        let mut store = FsStore::open_with(dir.path(), limits).unwrap();
+        let at = |secs_ago: u64| std::time::SystemTime::now() - std::time::Duration::from_secs(secs_ago);
+        // Leave partials as interrupted uploads do, then age them.
+        for (name, ago) in [("old", 7200), ("a", 300), ("b", 200), ("c", 100)] {
+            let mut w = store.create(name, 100).unwrap();
+            w.write(&[1u8; 100]).unwrap();
+            drop(w);
+            let f = File::options().write(true).open(dir.path().join(store.partial_path(name))).unwrap();
+            f.set_modified(at(ago)).unwrap();
+        }
+        store.sweep_partials();
+        let has = |store: &FsStore, n: &str| dir.path().join(store.partial_path(n)).exists();
+        assert!(!has(&store, "old"), "a partial past its age was kept");
+        assert!(!has(&store, "a"), "the oldest partial over the quota was kept");
+        assert!(has(&store, "b") && has(&store, "c"));
+        // rm gives up on an interrupted upload.
+        assert_eq!(store.delete("b"), Ok(()));
+        assert!(!has(&store, "b"));
+        assert_eq!(store.delete("b"), Err(ErrorCode::NotFound));
     }
 }
