@@ -212,12 +212,37 @@ where
         }
     }
 
+    /// After a failed write: reads what the peer sent before it closed
+    /// (a few reads at most) and feeds it to `m`, returning the error the
+    /// peer reported, if it reported one.
+    fn last_word<M: Machine, T: embedded_io::Read>(
+        &mut self,
+        m: &mut M,
+        io: &mut T,
+        now: &mut impl FnMut() -> Instant,
+    ) -> Option<DriveError<T::Error>> {
+        for _ in 0..64 {
+            match self.step::<M, T::Error>(m, now()) {
+                Err(e @ DriveError::Session(SessionError::Peer(_))) => return Some(e),
+                Err(_) | Ok(Step::Done(_)) => return None,
+                // What it would send now cannot go out; read on.
+                Ok(Step::Write(_) | Step::Again) => {}
+                Ok(Step::Read(_)) => match io.read(self.input()) {
+                    Ok(n) if n > 0 => self.filled(n),
+                    _ => return None,
+                },
+            }
+        }
+        None
+    }
+
     /// The `Error` frame to send the peer after `err`, if it should be told.
     pub fn farewell<E>(&mut self, err: &DriveError<E>) -> Option<&[u8]> {
         let code = match err {
             DriveError::Session(SessionError::Protocol(c)) => *c,
             DriveError::Session(SessionError::Timeout) => ErrorCode::Timeout,
             DriveError::Session(SessionError::Read | SessionError::Write) => ErrorCode::Storage,
+            DriveError::Session(SessionError::NoSpace) => ErrorCode::NoSpace,
             DriveError::Frame(FrameError::TooLong(_)) => ErrorCode::FrameTooLong,
             DriveError::Frame(_) => ErrorCode::BadMessage,
             _ => return None,
@@ -355,7 +380,14 @@ where
         let step = pump.step(m, now())?;
         observe(m, pump);
         match step {
-            Step::Write(n) => io.write_all(pump.output(n)).map_err(DriveError::Io)?,
+            Step::Write(n) => {
+                if let Err(e) = io.write_all(pump.output(n)) {
+                    // The peer may have said why it stopped before it
+                    // closed (a full disk, a refusal): that beats "broken
+                    // pipe".
+                    return Err(pump.last_word(m, io, &mut now).unwrap_or(DriveError::Io(e)));
+                }
+            }
             Step::Read(_) => {
                 io.flush().map_err(DriveError::Io)?;
                 match io.read(pump.input()) {

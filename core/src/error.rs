@@ -44,6 +44,9 @@ pub enum ErrorCode {
     /// A frame failed authentication: it was changed, dropped, repeated or
     /// reordered on the way. Nothing it carried was acted on.
     Tampered,
+    /// The server's storage is full (or the quota of its user reached):
+    /// nothing was replaced.
+    NoSpace,
 }
 
 impl core::fmt::Display for ErrorCode {
@@ -66,6 +69,7 @@ impl core::fmt::Display for ErrorCode {
             ErrorCode::NeedTree => "the server holds a version to reuse: offer the tree",
             ErrorCode::PermissionDenied => "permission denied for this key",
             ErrorCode::Tampered => "a frame failed authentication (changed on the way)",
+            ErrorCode::NoSpace => "the server's storage is full",
         };
         f.write_str(s)
     }
@@ -85,6 +89,8 @@ pub enum SessionError {
     Read,
     /// Writing the new version failed.
     Write,
+    /// Writing the new version failed: no space left on its disk.
+    NoSpace,
     /// A fixed-size buffer or tree store was too small.
     Capacity,
 }
@@ -97,6 +103,7 @@ impl core::fmt::Display for SessionError {
             SessionError::Timeout => f.write_str("timed out waiting for the peer"),
             SessionError::Read => f.write_str("reading the local file failed"),
             SessionError::Write => f.write_str("writing the new file failed"),
+            SessionError::NoSpace => f.write_str("writing the new file failed: no space left"),
             SessionError::Capacity => f.write_str("a fixed buffer was too small"),
         }
     }

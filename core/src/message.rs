@@ -298,7 +298,7 @@ mod tests {
     }
 
     /// Every error code, in wire order.
-    const ALL_CODES: [ErrorCode; 17] = [
+    const ALL_CODES: [ErrorCode; 18] = [
         ErrorCode::BadMessage,
         ErrorCode::UnexpectedMessage,
         ErrorCode::FrameTooLong,
@@ -316,6 +316,7 @@ mod tests {
         ErrorCode::NeedTree,
         ErrorCode::PermissionDenied,
         ErrorCode::Tampered,
+        ErrorCode::NoSpace,
     ];
 
     #[test]

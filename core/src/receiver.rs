@@ -381,7 +381,7 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
         if self.written != offset {
             return Err(bad);
         }
-        self.out.write(bytes).map_err(|_| SessionError::Write)?;
+        self.out.write(bytes).map_err(|_| write_failed(&self.out))?;
         self.written += n;
         if let Some(ix) = self.indexer.as_mut() {
             ix.feed(bytes).map_err(|_| SessionError::Capacity)?;
@@ -420,7 +420,7 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
             let mut done = match base.source.file_range(old.offset, len) {
                 Some((f, at))
                     if !ix.hashes_file()
-                        && self.out.copy_from_file(f, at, len).map_err(|_| SessionError::Write)? =>
+                        && self.out.copy_from_file(f, at, len).map_err(|_| write_failed(&self.out))? =>
                 {
                     ix.skip_known(len);
                     self.written += len;
@@ -434,7 +434,7 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
                 let n = (len - done).min(COPY_BUF as u64) as usize;
                 let piece = &mut self.buf[..n];
                 base.source.read_at(old.offset + done, piece).map_err(|_| SessionError::Read)?;
-                self.out.write(piece).map_err(|_| SessionError::Write)?;
+                self.out.write(piece).map_err(|_| write_failed(&self.out))?;
                 ix.feed_known(piece);
                 self.written += n as u64;
                 done += n as u64;
@@ -461,7 +461,7 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
                 Tree::from_parts(summary, levels)
             }
             // The output indexed the version itself.
-            None => self.out.finish_tree().map_err(|_| SessionError::Write)?,
+            None => self.out.finish_tree().map_err(|_| write_failed(&self.out))?,
         };
         if !tree.summary().file_hash.is_known() {
             // The output hashes the bytes itself: it gets the offer's claim
@@ -556,4 +556,8 @@ impl<T: TreeView, R: Source, W: Output> Machine for Receiver<T, R, W> {
             }
         }
     }
+}
+/// Why writing the new version failed, as the output tells.
+fn write_failed<W: Output>(out: &W) -> SessionError {
+    if out.out_of_space() { SessionError::NoSpace } else { SessionError::Write }
 }

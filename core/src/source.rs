@@ -25,6 +25,12 @@ pub trait Output {
     /// Appends `data`.
     fn write(&mut self, data: &[u8]) -> Result<(), IoFailed>;
 
+    /// Whether the last failure was for want of space (the disk or a quota
+    /// is full), which the receiver reports as such.
+    fn out_of_space(&self) -> bool {
+        false
+    }
+
     /// Offers to compute the tree of everything written, chunked as `kind`,
     /// by itself (on another thread, say, while the receiver keeps reading
     /// the network). A receiver fetching a whole version asks first; on

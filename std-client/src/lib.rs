@@ -54,6 +54,8 @@ pub enum ClientError {
     NotFound(String),
     /// The transferred file did not verify; nothing was replaced.
     Integrity(String),
+    /// The server's storage is full: nothing was replaced there.
+    NoSpace(String),
     /// The server refused the request.
     Refused(ErrorCode),
     /// The peer broke the protocol.
@@ -89,6 +91,11 @@ impl std::fmt::Display for ClientError {
                  overall) or too many failed handshakes from this address; try again later",
             ),
             ClientError::NotFound(n) => write!(f, "{}: no such file on the server", printable(n)),
+            ClientError::NoSpace(n) => write!(
+                f,
+                "{}: the server's storage is full; nothing was replaced (free space there, then retry)",
+                printable(n)
+            ),
             ClientError::Integrity(n) => {
                 write!(f, "{}: integrity check failed; nothing was replaced", printable(n))
             }
@@ -112,6 +119,7 @@ impl ClientError {
             ClientError::Integrity(_) | ClientError::Tampered => 6,
             ClientError::Refused(_) | ClientError::Protocol(_) | ClientError::Version => 7,
             ClientError::Local(..) => 8,
+            ClientError::NoSpace(_) => 9,
             ClientError::Cancelled => 130,
         }
     }
@@ -132,6 +140,10 @@ impl ClientError {
             // Only a server refusing the connection says this to a client
             // that keeps to its request limit.
             DriveError::Session(SessionError::Peer(ErrorCode::TooManyRequests)) => ClientError::Busy,
+            DriveError::Session(SessionError::Peer(ErrorCode::NoSpace)) => ClientError::NoSpace(name.into()),
+            DriveError::Session(SessionError::NoSpace) => {
+                ClientError::Local(name.into(), io::Error::other("no space left on this disk"))
+            }
             DriveError::Session(SessionError::Peer(ErrorCode::Integrity)) => {
                 ClientError::Integrity(name.into())
             }

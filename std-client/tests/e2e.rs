@@ -451,3 +451,72 @@ fn names_with_escape_sequences_are_printed_escaped() {
     let files: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
     assert_eq!(files[0]["name"], name);
 }
+
+/// A small tmpfs mounted for one test, unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// `None` (with a message) where this process may not mount.
+    fn mount(at: &Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!("SKIPPED: cannot mount a tmpfs here (needs root): the disk-full test did not run");
+            return None;
+        }
+        Some(Tmpfs(at.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_is_reported_as_such_and_keeps_the_old_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(disk) = Tmpfs::mount(&dir.path().join("disk"), "32m") else { return };
+    let root = disk.0.join("root");
+    let srv = Server::start(&root);
+    let kept = random(3, 6 << 20);
+    let path = dir.path().join("keep");
+    std::fs::write(&path, &kept).unwrap();
+    assert!(srv.cli(&["--no-compress", "upload", s(&path)]).status.success());
+    let nothing_in_progress = || std::fs::read_dir(root.join(".deltasync/upload")).unwrap().count() == 0;
+
+    // A first upload larger than the free space.
+    let big = dir.path().join("big");
+    std::fs::write(&big, random(4, 40 << 20)).unwrap();
+    let out = srv.cli(&["--no-compress", "upload", s(&big)]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(9), "{said}");
+    assert!(said.contains("storage is full"), "{said}");
+    assert!(!root.join("big").exists() && nothing_in_progress());
+
+    // A delta whose new version does not fit: the disk filled by others.
+    let filler = disk.0.join("filler");
+    let df = Command::new("df").args(["--output=avail", "-B1"]).arg(&disk.0).output().unwrap();
+    let free: u64 = String::from_utf8_lossy(&df.stdout).lines().nth(1).unwrap().trim().parse().unwrap();
+    std::fs::write(&filler, vec![1u8; (free - (2 << 20)) as usize]).unwrap();
+    let mut edited = kept.clone();
+    edited[3 << 20..(3 << 20) + 4096].fill(9);
+    std::fs::write(&path, &edited).unwrap();
+    let out = srv.cli(&["--no-compress", "upload", s(&path)]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(9), "{said}");
+    assert!(said.contains("storage is full"), "{said}");
+    assert!(std::fs::read(root.join("keep")).unwrap() == kept, "the old version was damaged");
+    assert!(nothing_in_progress());
+
+    // Space again: the same delta goes through.
+    std::fs::remove_file(&filler).unwrap();
+    assert!(srv.cli(&["--no-compress", "upload", s(&path)]).status.success());
+    assert!(std::fs::read(root.join("keep")).unwrap() == edited);
+    drop(srv);
+}

@@ -281,6 +281,13 @@ impl Server {
             }
         };
         let (mut conn, result) = run_async(conn, &mut io, run, sleep_until).await;
+        if conn.0.authenticated && matches!(result, Err(DriveError::Session(_) | DriveError::Frame(_))) {
+            // The client was told why (a farewell `Error`); it may still be
+            // sending. Closing with its bytes unread would reset the
+            // connection, and the reset can destroy the answer before the
+            // client reads it: read (and drop) what it sends, a little while.
+            linger(io.inner_mut()).await;
+        }
         let c = &mut *conn.0;
         let conn_state = &mut c.session.machine;
         self.report_events(id, conn_state, c.session.pump.sent + c.session.pump.received);
@@ -419,6 +426,27 @@ impl Server {
         }
         r
     }
+}
+
+/// Half-closes `stream` and reads (dropping) what the peer still sends,
+/// for at most 2 s and 64 MiB, so that the last frame it was sent arrives
+/// instead of a reset.
+async fn linger(stream: &mut Pin<Box<tokio_io_timeout::TimeoutStream<tokio::net::TcpStream>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if stream.shutdown().await.is_err() {
+        return;
+    }
+    let mut buf = [0u8; 16 * 1024];
+    let mut left = 64usize << 20;
+    let drain = async {
+        while left > 0 {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
 }
 
 /// Sleeps until `deadline` on the machines' clock ([`now`]).

@@ -117,7 +117,12 @@ static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 fn storage(e: io::Error) -> ErrorCode {
     tracing::warn!(error = %e, "storage error");
-    ErrorCode::Storage
+    if is_out_of_space(&e) { ErrorCode::NoSpace } else { ErrorCode::Storage }
+}
+
+/// Whether `e` says the disk (or the user's quota) is full.
+fn is_out_of_space(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) || e.kind() == io::ErrorKind::StorageFull
 }
 
 /// What an error reaching a client's name means: a symlink on the way, or
@@ -657,6 +662,8 @@ pub struct TempFile {
     written: u64,
     /// Bytes already handed to the kernel's writeback (and to the hasher).
     kicked: u64,
+    /// The last write failed for want of space.
+    out_of_space: bool,
 }
 
 /// Bytes written between two writeback requests (and read-back updates).
@@ -847,15 +854,20 @@ impl Output for TempFile {
             self.start_hasher().map_err(|_| IoFailed)?;
         }
         let f = self.file.as_mut().ok_or(IoFailed)?;
-        f.write_all(data).map_err(|e| {
+        if let Err(e) = f.write_all(data) {
             tracing::warn!(error = %e, path = self.path, "write failed");
-            IoFailed
-        })?;
+            self.out_of_space = is_out_of_space(&e);
+            return Err(IoFailed);
+        }
         self.written += data.len() as u64;
         if self.written - self.kicked >= WRITEBACK_STEP {
             self.start_writeback();
         }
         Ok(())
+    }
+
+    fn out_of_space(&self) -> bool {
+        self.out_of_space
     }
 
     fn index_in_background(&mut self, kind: ChunkerKind) -> bool {
@@ -886,10 +898,11 @@ impl Output for TempFile {
             self.start_hasher().map_err(|_| IoFailed)?;
         }
         let f = self.file.as_mut().ok_or(IoFailed)?;
-        f.flush().map_err(|e| {
+        if let Err(e) = f.flush() {
             tracing::warn!(error = %e, path = self.path, "write failed");
-            IoFailed
-        })?;
+            self.out_of_space = is_out_of_space(&e);
+            return Err(IoFailed);
+        }
         let (mut from, end) = (offset, offset + len);
         while from < end {
             let step = (end - from).min(WRITEBACK_STEP) as usize;
@@ -918,6 +931,7 @@ impl Output for TempFile {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, path = self.path, "copy failed");
+                    self.out_of_space = matches!(e, rustix::io::Errno::NOSPC | rustix::io::Errno::DQUOT);
                     return Err(IoFailed);
                 }
             }
@@ -1098,6 +1112,7 @@ impl Store for FsStore {
             partial: self.partial_path(name),
             written: 0,
             kicked: 0,
+            out_of_space: false,
         })
     }
 

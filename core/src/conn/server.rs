@@ -541,6 +541,20 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
         Ok(())
     }
 
+    /// Ends an upload that failed with `e`. The old version stays. After a
+    /// protocol or storage error (a full disk) what was written is
+    /// discarded; after a timeout (a client gone quiet) the writer is only
+    /// dropped, so a store may keep it for the client's next attempt, as
+    /// when the connection breaks.
+    fn abandon_upload(&mut self, e: SessionError) {
+        if let State::Receiving { name, rx, .. } = core::mem::replace(&mut self.state, State::Idle) {
+            let (writer, _) = rx.into_parts();
+            if e != SessionError::Timeout {
+                let _ = self.store.finish(&name, writer, None);
+            }
+        }
+    }
+
     /// Publishes or discards a finished upload and queues the answer.
     fn end_upload(&mut self, outcome: Outcome) {
         let State::Receiving { name, old, rx } = core::mem::replace(&mut self.state, State::Idle) else {
@@ -599,7 +613,13 @@ impl<S: Store, K: Keys> Machine for ServerConn<S, K> {
             // may have been sent before the refusal arrived: dropped.
             State::Idle | State::Reply(_) if matches!(msg, Message::Root { .. }) => Ok(()),
             State::Idle => self.request(now, msg),
-            State::Receiving { rx, .. } => rx.handle(now, msg),
+            State::Receiving { rx, .. } => {
+                let r = rx.handle(now, msg);
+                if let Err(e) = r {
+                    self.abandon_upload(e);
+                }
+                r
+            }
             State::Sending { tx, .. } => tx.handle(now, msg),
             State::Reply(_) => Err(SessionError::Protocol(ErrorCode::UnexpectedMessage)),
         }
@@ -642,19 +662,7 @@ impl<S: Store, K: Keys> Machine for ServerConn<S, K> {
                     Ok(Poll::Done(o)) => self.end_upload(o),
                     Ok(p) => return Ok(p.map_done()),
                     Err(e) => {
-                        // The old version stays. After a protocol error what
-                        // was written is discarded; after a timeout (a client
-                        // gone quiet) the writer is only dropped, so a store
-                        // may keep it for the client's next attempt, as when
-                        // the connection breaks.
-                        if let State::Receiving { name, rx, .. } =
-                            core::mem::replace(&mut self.state, State::Idle)
-                        {
-                            let (writer, _) = rx.into_parts();
-                            if e != SessionError::Timeout {
-                                let _ = self.store.finish(&name, writer, None);
-                            }
-                        }
+                        self.abandon_upload(e);
                         return Err(e);
                     }
                 },
