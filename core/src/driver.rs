@@ -174,34 +174,7 @@ where
             }
             Poll::Wait(deadline) => {
                 if self.start < self.end {
-                    let (used, payload) = self
-                        .decoder
-                        .feed_mut(&mut self.input.as_mut()[self.start..self.end])
-                        .map_err(DriveError::Frame)?;
-                    // Consumed even if handling it fails: a connection that
-                    // goes on after a refused request must not see it again.
-                    self.start += used;
-                    if self.start == self.end {
-                        self.start = 0;
-                        self.end = 0;
-                    }
-                    if let Some(p) = payload {
-                        let plain = match self.channel.as_mut() {
-                            Some(c) => match c.open(p) {
-                                Ok(n) => &p[..n],
-                                Err(_) => {
-                                    return Err(DriveError::Session(SessionError::Protocol(
-                                        ErrorCode::Tampered,
-                                    )));
-                                }
-                            },
-                            None => &p[..],
-                        };
-                        let msg = Message::decode(plain)
-                            .map_err(|c| DriveError::Session(SessionError::Protocol(c)))?;
-                        m.handle(now, msg).map_err(DriveError::Session)?;
-                        self.adopt(m);
-                    }
+                    self.take_frame(m, now)?;
                     return Ok(Step::Again);
                 }
                 if self.eof {
@@ -210,6 +183,35 @@ where
                 Ok(Step::Read(deadline))
             }
         }
+    }
+
+    /// Decodes what buffered input holds of the next frame and, once one is
+    /// whole, opens it and hands it to `m`.
+    fn take_frame<M: Machine, E>(&mut self, m: &mut M, now: Instant) -> Result<(), DriveError<E>> {
+        let (used, payload) = self
+            .decoder
+            .feed_mut(&mut self.input.as_mut()[self.start..self.end])
+            .map_err(DriveError::Frame)?;
+        // Consumed even if handling it fails: a connection that goes on
+        // after a refused request must not see it again.
+        self.start += used;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+        if let Some(p) = payload {
+            let plain = match self.channel.as_mut() {
+                Some(c) => match c.open(p) {
+                    Ok(n) => &p[..n],
+                    Err(_) => return Err(DriveError::Session(SessionError::Protocol(ErrorCode::Tampered))),
+                },
+                None => &p[..],
+            };
+            let msg = Message::decode(plain).map_err(|c| DriveError::Session(SessionError::Protocol(c)))?;
+            m.handle(now, msg).map_err(DriveError::Session)?;
+            self.adopt(m);
+        }
+        Ok(())
     }
 
     /// After a failed write: reads what the peer sent before it closed
@@ -221,16 +223,19 @@ where
         io: &mut T,
         now: &mut impl FnMut() -> Instant,
     ) -> Option<DriveError<T::Error>> {
+        // Only what the peer sent is looked at: nothing more is produced
+        // (it could not go out), and at most 64 reads are made.
         for _ in 0..64 {
-            match self.step::<M, T::Error>(m, now()) {
-                Err(e @ DriveError::Session(SessionError::Peer(_))) => return Some(e),
-                Err(_) | Ok(Step::Done(_)) => return None,
-                // What it would send now cannot go out; read on.
-                Ok(Step::Write(_) | Step::Again) => {}
-                Ok(Step::Read(_)) => match io.read(self.input()) {
-                    Ok(n) if n > 0 => self.filled(n),
-                    _ => return None,
-                },
+            while self.start < self.end {
+                match self.take_frame::<M, T::Error>(m, now()) {
+                    Err(e @ DriveError::Session(SessionError::Peer(_))) => return Some(e),
+                    Err(_) => return None,
+                    Ok(()) => {}
+                }
+            }
+            match io.read(self.input()) {
+                Ok(n) if n > 0 => self.filled(n),
+                _ => return None,
             }
         }
         None

@@ -704,3 +704,53 @@ fn a_missing_root_is_waited_for_as_long_as_hashing_the_file_may_take() {
     assert!(matches!(rx.poll(Instant(30_061), &mut out), Ok(Poll::Wait(_))));
     assert_eq!(rx.poll(Instant(30_062), &mut out), Err(SessionError::Timeout));
 }
+
+#[test]
+fn after_a_failed_write_the_peers_last_word_is_read() {
+    // A machine that always has something to send, and a peer that closed
+    // after saying why (its write side shut): the driver reports what the
+    // peer said, not the broken pipe.
+    use deltasync_core::driver::run_blocking;
+    use deltasync_core::machine::{Machine, Poll};
+    use deltasync_core::message::Message;
+    struct Chatty;
+    impl Machine for Chatty {
+        type Output = ();
+        fn handle(&mut self, _: Instant, msg: Message<'_>) -> Result<(), SessionError> {
+            match msg {
+                Message::Error(c) => Err(SessionError::Peer(c)),
+                _ => Ok(()),
+            }
+        }
+        fn poll(&mut self, _: Instant, out: &mut [u8]) -> Result<Poll<()>, SessionError> {
+            Ok(Poll::Transmit(deltasync_core::frame::encode(&Message::List, out).unwrap()))
+        }
+    }
+    struct Closed(Vec<u8>);
+    impl embedded_io::ErrorType for Closed {
+        type Error = embedded_io::ErrorKind;
+    }
+    impl embedded_io::Read for Closed {
+        fn read(&mut self, buf: &mut [u8]) -> Result<usize, embedded_io::ErrorKind> {
+            let n = self.0.len().min(buf.len());
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0.drain(..n);
+            Ok(n)
+        }
+    }
+    impl embedded_io::Write for Closed {
+        fn write(&mut self, _: &[u8]) -> Result<usize, embedded_io::ErrorKind> {
+            Err(embedded_io::ErrorKind::BrokenPipe)
+        }
+        fn flush(&mut self) -> Result<(), embedded_io::ErrorKind> {
+            Ok(())
+        }
+    }
+    let mut io = Closed(vec![2, 12, 17]);
+    let r = run_blocking(&mut Chatty, &mut io, &mut deltasync_core::sim::pump(), || Instant(0));
+    assert!(matches!(r, Err(DriveError::Session(SessionError::Peer(ErrorCode::NoSpace)))), "{r:?}");
+    // Nothing said: the broken pipe it is.
+    let r =
+        run_blocking(&mut Chatty, &mut Closed(Vec::new()), &mut deltasync_core::sim::pump(), || Instant(0));
+    assert!(matches!(r, Err(DriveError::Io(embedded_io::ErrorKind::BrokenPipe))), "{r:?}");
+}

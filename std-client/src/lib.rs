@@ -240,10 +240,15 @@ impl TransferReport {
 /// terminal nor forge lines or hide its own letters. Names come from the
 /// server, which may hold anything a writer chose.
 pub fn printable(name: &str) -> std::borrow::Cow<'_, str> {
+    // Controls, the backslash, and the invisible format characters (zero
+    // widths, joiners, bidi marks, overrides and isolates, line and
+    // paragraph separators, the soft hyphen, tags): two names that print
+    // alike must not be two names.
     let risky = |c: char| {
         c.is_control()
             || c == '\\'
-            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+            || matches!(c, '\u{ad}' | '\u{61c}' | '\u{180e}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}'
+                | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{206f}' | '\u{feff}' | '\u{e0000}'..='\u{e007f}')
     };
     if !name.chars().any(risky) {
         return std::borrow::Cow::Borrowed(name);
@@ -883,6 +888,7 @@ mod printable_tests {
         assert_eq!(printable("tab\there\r"), "tab\\there\\r");
         assert_eq!(printable("del\u{7f} c1\u{9b}"), "del\\x7f c1\\x9b");
         assert_eq!(printable("evil\u{202e}txt.exe"), "evil\\u{202e}txt.exe");
+        assert_eq!(printable("a\u{200b}b\u{feff}"), "a\\u{200b}b\\u{feff}");
         assert_eq!(printable("back\\slash"), "back\\\\slash");
         assert_eq!(printable("ünïcödé 名前"), "ünïcödé 名前");
     }

@@ -10,8 +10,9 @@
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags};
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 /// How every path under the root is resolved.
 fn resolve() -> ResolveFlags {
@@ -27,6 +28,8 @@ fn err(e: rustix::io::Errno) -> io::Error {
 pub struct Root {
     fd: OwnedFd,
     path: PathBuf,
+    /// A directory under the root held by descriptor (see [`Root::pin`]).
+    pinned: OnceLock<(String, OwnedFd)>,
 }
 
 /// `rel` split into its parent directory (`""` for the root) and its last
@@ -45,7 +48,7 @@ impl Root {
         let path = path.canonicalize()?;
         let fd = rustix::fs::open(&path, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
             .map_err(err)?;
-        Ok(Root { fd, path })
+        Ok(Root { fd, path, pinned: OnceLock::new() })
     }
 
     /// Where the root is (for messages; never used to reach a file).
@@ -53,12 +56,64 @@ impl Root {
         &self.path
     }
 
+    /// From now on, paths under the top-level directory `name` are
+    /// resolved through the descriptor opened here, not by name: renaming
+    /// that directory away and putting another in its place changes
+    /// nothing. It must belong to this process's user and be writable by
+    /// nobody else (else someone else could swap what is inside).
+    pub fn pin(&self, name: &str) -> io::Result<()> {
+        let fd = self.dir(name)?;
+        let st = rustix::fs::fstat(&fd).map_err(err)?;
+        let me = rustix::process::geteuid().as_raw();
+        if st.st_uid != me || st.st_mode & 0o022 != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "{} belongs to uid {} with mode {:o}: it must belong to this user (uid {me}) and be \
+                     writable by nobody else",
+                    self.path.join(name).display(),
+                    st.st_uid,
+                    st.st_mode & 0o7777
+                ),
+            ));
+        }
+        self.pinned.set((name.to_string(), fd)).map_err(|_| io::Error::other("already pinned"))
+    }
+
+    /// Takes an exclusive lock on the root directory itself (released when
+    /// the process ends); fails at once if another process holds it.
+    pub fn lock(&self) -> io::Result<()> {
+        rustix::fs::flock(&self.fd, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(err)
+    }
+
+    /// Whether others than the owner may rename entries of the root (it is
+    /// group- or world-writable without the sticky bit).
+    pub fn others_may_rename(&self) -> bool {
+        rustix::fs::fstat(&self.fd).is_ok_and(|s| s.st_mode & 0o022 != 0 && s.st_mode & 0o1000 == 0)
+    }
+
+    /// The descriptor `rel` is resolved from, and what is left of it.
+    fn base<'a>(&'a self, rel: &'a str) -> (BorrowedFd<'a>, &'a str) {
+        if let Some((name, fd)) = self.pinned.get() {
+            if rel == name {
+                return (fd.as_fd(), "");
+            }
+            if let Some(rest) = rel.strip_prefix(name.as_str()).and_then(|r| r.strip_prefix('/')) {
+                return (fd.as_fd(), rest);
+            }
+        }
+        (self.fd.as_fd(), rel)
+    }
+
     /// Opens `rel` (components separated by `/`, none empty, `.` or `..`)
     /// with `flags`, creating it with `mode` if `flags` say so.
     fn open_raw(&self, rel: &str, flags: OFlags, mode: Mode) -> io::Result<OwnedFd> {
+        let (base, rel) = self.base(rel);
         let rel = if rel.is_empty() { "." } else { rel };
-        rustix::fs::openat2(&self.fd, rel, flags | OFlags::CLOEXEC | OFlags::NOFOLLOW, mode, resolve())
-            .map_err(err)
+        // NONBLOCK: opening a FIFO must not wait for a writer (it is then
+        // refused as no regular file); no effect on files and directories.
+        let flags = flags | OFlags::CLOEXEC | OFlags::NOFOLLOW | OFlags::NONBLOCK;
+        rustix::fs::openat2(base, rel, flags, mode, resolve()).map_err(err)
     }
 
     /// A directory under the root.
@@ -68,28 +123,19 @@ impl Root {
 
     /// Opens a regular file for reading.
     pub fn open_file(&self, rel: &str) -> io::Result<File> {
-        let f = File::from(self.open_raw(rel, OFlags::RDONLY, Mode::empty())?);
-        if !f.metadata()?.is_file() {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"));
-        }
-        Ok(f)
+        regular(self.open_raw(rel, OFlags::RDONLY, Mode::empty())?)
     }
 
-    /// Creates a new file (failing if `rel` exists), read-write, mode 0600.
-    pub fn create_new(&self, rel: &str) -> io::Result<File> {
+    /// Creates a new file (failing if `rel` exists, whatever it is),
+    /// read-write, with `mode` less the umask.
+    pub fn create_new(&self, rel: &str, mode: u32) -> io::Result<File> {
         let flags = OFlags::RDWR | OFlags::CREATE | OFlags::EXCL;
-        Ok(File::from(self.open_raw(rel, flags, Mode::from_raw_mode(0o600))?))
+        regular(self.open_raw(rel, flags, Mode::from_raw_mode(mode))?)
     }
 
-    /// Opens a file read-write, creating it (mode 0600) if missing.
+    /// Opens a regular file read-write, creating it (mode 0600) if missing.
     pub fn create_or_open(&self, rel: &str) -> io::Result<File> {
-        Ok(File::from(self.open_raw(rel, OFlags::RDWR | OFlags::CREATE, Mode::from_raw_mode(0o600))?))
-    }
-
-    /// Creates or truncates a file, write-only, mode 0600.
-    pub fn create(&self, rel: &str) -> io::Result<File> {
-        let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC;
-        Ok(File::from(self.open_raw(rel, flags, Mode::from_raw_mode(0o600))?))
+        regular(self.open_raw(rel, OFlags::RDWR | OFlags::CREATE, Mode::from_raw_mode(0o600))?)
     }
 
     /// Metadata of `rel` itself (a symlink is reported as one, not
@@ -105,12 +151,13 @@ impl Root {
         self.stat(rel).is_ok_and(|s| FileType::from_raw_mode(s.st_mode) == FileType::RegularFile)
     }
 
-    /// Creates `rel` and the directories above it (mode 0700).
-    pub fn create_dirs(&self, rel: &str) -> io::Result<()> {
+    /// Creates `rel` and the directories above it with `mode` (less the
+    /// umask).
+    pub fn create_dirs_mode(&self, rel: &str, mode: u32) -> io::Result<()> {
         let mut done = String::new();
         for part in rel.split('/').filter(|p| !p.is_empty()) {
             let d = self.dir(&done)?;
-            match rustix::fs::mkdirat(&d, part, Mode::from_raw_mode(0o700)) {
+            match rustix::fs::mkdirat(&d, part, Mode::from_raw_mode(mode)) {
                 Ok(()) | Err(rustix::io::Errno::EXIST) => {}
                 Err(e) => return Err(err(e)),
             }
@@ -121,6 +168,11 @@ impl Root {
         }
         // What exists must be a directory reached without symlinks.
         self.dir(rel).map(drop)
+    }
+
+    /// Creates `rel` and the directories above it (mode 0700).
+    pub fn create_dirs(&self, rel: &str) -> io::Result<()> {
+        self.create_dirs_mode(rel, 0o700)
     }
 
     /// Renames `from` to `to` (replacing a file there).
@@ -190,6 +242,15 @@ impl Root {
     }
 }
 
+/// The file behind `fd` if it is a regular file.
+fn regular(fd: OwnedFd) -> io::Result<File> {
+    let f = File::from(fd);
+    if !f.metadata()?.is_file() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"));
+    }
+    Ok(f)
+}
+
 /// `dir/name`, or `name` at the root.
 pub fn join(dir: &str, name: &str) -> String {
     if dir.is_empty() { name.to_string() } else { format!("{dir}/{name}") }
@@ -214,7 +275,7 @@ mod tests {
         for rel in ["out/secret", "in/f", "link", "../x", "/etc/passwd"] {
             assert!(root.open_file(rel).is_err(), "{rel} was opened");
         }
-        assert!(root.create_new("out/new").is_err());
+        assert!(root.create_new("out/new", 0o600).is_err());
         assert!(root.create_dirs("out/sub").is_err());
         assert!(!outside.path().join("new").exists() && !outside.path().join("sub").exists());
         assert!(root.rename("d/f", "out/stolen").is_err());

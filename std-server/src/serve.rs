@@ -353,6 +353,9 @@ impl Server {
                 )
         });
         self.observer.closed(id, shown);
+        // Dropping the session may touch storage (an interrupted upload is
+        // kept as a partial): not on this thread.
+        let _ = self.workers.handle().spawn_blocking(move || drop(conn)).await;
     }
 
     /// Counts a failed handshake against `peer`'s address.

@@ -66,9 +66,8 @@ fn index_is_fresh(head: &[u8], meta: &fs::Metadata) -> bool {
 /// The server's storage: cheap to clone, one per connection.
 #[derive(Clone, Debug)]
 pub struct FsStore {
+    /// The root, locked for this process, with `.deltasync` pinned.
     root: Arc<Root>,
-    /// The lock on the root, held while any clone lives.
-    _lock: Arc<File>,
     /// Serializes the rename-and-index step of commits.
     commit: Arc<Mutex<()>>,
     /// Threads used to hash a file whose index is missing.
@@ -167,25 +166,26 @@ impl FsStore {
     /// [`Self::open`] keeping interrupted uploads within `partials`.
     pub fn open_with(root: &Path, partials: PartialLimits) -> io::Result<FsStore> {
         let root = Arc::new(Root::open(root)?);
-        root.create_dirs(META)?;
-        let lock = root.create_or_open(&format!("{META}/lock"))?;
-        if let Err(e) = rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        if let Err(e) = root.lock() {
             return Err(io::Error::other(format!(
-                "{} is in use by another deltasync-server (it holds {META}/lock): {}",
+                "{} is in use by another deltasync-server (it holds a lock on the directory): {e}",
                 root.path().display(),
-                io::Error::from_raw_os_error(e.raw_os_error())
             )));
+        }
+        root.create_dirs(META)?;
+        // The metadata directory is reached through its descriptor from now
+        // on, and must be this user's alone.
+        root.pin(META)?;
+        if root.others_may_rename() {
+            tracing::warn!(
+                root = %root.path().display(),
+                "other users may rename entries of the storage root (group- or world-writable, no sticky bit): \
+                 they could move stored files around; chmod o-w,g-w (or +t) it"
+            );
         }
         let threads = deltasync_core::build::default_threads();
         let indexing = Arc::new((Mutex::new(HashSet::new()), Condvar::new()));
-        let store = FsStore {
-            root,
-            _lock: Arc::new(lock),
-            commit: Arc::new(Mutex::new(())),
-            threads,
-            indexing,
-            partials,
-        };
+        let store = FsStore { root, commit: Arc::new(Mutex::new(())), threads, indexing, partials };
         store.recover();
         for dir in ["index", "partial", "upload", "trash"] {
             store.root.create_dirs(&format!("{META}/{dir}"))?;
@@ -530,10 +530,20 @@ impl FsStore {
                 let _ = self.root.remove_file(&old);
             }
         }
+        // Published: from here on a failure is logged, not reported (the
+        // client's version is in place, and it must not be told otherwise).
         let parent = dest.rsplit_once('/').map_or("", |(d, _)| d);
-        self.root.sync_dir(parent).map_err(storage)?;
-        let meta = file.metadata().map_err(storage)?;
+        if let Err(e) = self.root.sync_dir(parent) {
+            tracing::warn!(error = %e, name, "could not sync the directory of a published version");
+        }
         let _ = self.root.remove_file(&self.partial_path(name));
+        let meta = match file.metadata() {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, name, "published, but not indexed");
+                return Ok(hash);
+            }
+        };
         // The index is written while the client gets its answer; until then
         // whoever reads it waits (`wait_indexed`). One never written (no
         // thread to write it, or a crash) is rebuilt when next needed.
@@ -553,8 +563,19 @@ impl FsStore {
         Ok(hash)
     }
 
+    /// Lists the files under `dir`. A directory or file that cannot be
+    /// read (permissions, a rename during the walk) is left out and logged:
+    /// one bad entry must not break every listing.
     fn walk(&self, dir: &str, out: &mut Vec<StoredFile>) -> Result<(), ErrorCode> {
-        for (fname, kind) in self.root.entries(dir).map_err(storage)? {
+        let entries = match self.root.entries(dir) {
+            Ok(e) => e,
+            Err(e) if dir.is_empty() => return Err(storage(e)),
+            Err(e) => {
+                tracing::warn!(error = %e, dir, "left out of the listing: unreadable directory");
+                return Ok(());
+            }
+        };
+        for (fname, kind) in entries {
             if fname.starts_with(META) {
                 continue;
             }
@@ -566,7 +587,7 @@ impl FsStore {
                     Ok(f) => out.push(f),
                     // Deleted while we listed: not an error.
                     Err(ErrorCode::NotFound) => {}
-                    Err(e) => return Err(e),
+                    Err(e) => tracing::warn!(name = rel, error = %e, "left out of the listing"),
                 }
             }
         }
@@ -600,7 +621,7 @@ fn sweep_partials(root: &Root, limits: PartialLimits) {
         kept.push((st.st_mtime, st.st_size as u64, rel));
     }
     kept.sort();
-    let mut total: u64 = kept.iter().map(|k| k.1).sum();
+    let mut total = kept.iter().fold(0u64, |t, k| t.saturating_add(k.1));
     for (_, size, rel) in kept {
         if total <= limits.max_bytes {
             break;
@@ -626,7 +647,7 @@ fn write_index(
     midstates: &[Vec<u8>],
 ) -> io::Result<()> {
     let tmp = format!("{rel}.tmp{}", TEMP_COUNTER.fetch_add(1, Ordering::Relaxed));
-    let mut f = BufWriter::new(root.create(&tmp)?);
+    let mut f = BufWriter::new(root.create_new(&tmp, 0o600)?);
     f.write_all(INDEX_MAGIC)?;
     f.write_all(&meta.len().to_le_bytes())?;
     f.write_all(&mtime_ns(meta).to_le_bytes())?;
@@ -1075,7 +1096,7 @@ impl Store for FsStore {
     fn create(&mut self, name: &str, _size: u64) -> Result<TempFile, ErrorCode> {
         let rel = self.path_of(name)?;
         if let Some((dir, _)) = rel.rsplit_once('/') {
-            self.root.create_dirs(dir).map_err(reach)?;
+            self.root.create_dirs_mode(dir, 0o777).map_err(reach)?;
         }
         // Something other than a file where the name is (a directory):
         // never replaced by an upload.
@@ -1089,7 +1110,8 @@ impl Store for FsStore {
         };
         let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
         let tmp = format!("{META}/upload/{}-{}-{n}", name_hash(name), std::process::id());
-        let file = self.root.create_new(&tmp).map_err(storage)?;
+        // 0666 less the umask: the file others see once it is published.
+        let file = self.root.create_new(&tmp, 0o666).map_err(storage)?;
         // The version being replaced and its midstates: hashing the new one
         // waits until it differs from it (see `TempFile::start_hasher`).
         let base = old.and_then(|m| {
@@ -1527,5 +1549,60 @@ mod tests {
         assert_eq!(store.delete("b"), Ok(()));
         assert!(!has(&store, "b"));
         assert_eq!(store.delete("b"), Err(ErrorCode::NotFound));
+    }
+
+    #[test]
+    fn a_fifo_is_no_file_and_blocks_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::open(dir.path()).unwrap();
+        rustix::fs::mkfifoat(
+            rustix::fs::CWD,
+            dir.path().join("pipe"),
+            rustix::fs::Mode::from_raw_mode(0o666),
+        )
+        .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut s = store.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send((s.stat("pipe"), s.open("pipe", None).map(|o| o.is_some())));
+        });
+        let (stat, open) =
+            rx.recv_timeout(std::time::Duration::from_secs(5)).expect("a FIFO blocked the store");
+        assert_eq!(stat.unwrap_err(), ErrorCode::NotFound);
+        assert_eq!(open.unwrap_err(), ErrorCode::BadName);
+    }
+
+    #[test]
+    fn the_metadata_directory_must_be_ours_and_is_held_by_descriptor() {
+        // Writable by others, or someone else's: refused.
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir(dir.path().join(META)).unwrap();
+        fs::set_permissions(dir.path().join(META), std::os::unix::fs::PermissionsExt::from_mode(0o777))
+            .unwrap();
+        let e = FsStore::open(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("writable by nobody else"), "{e}");
+        if rustix::process::geteuid().is_root() {
+            fs::set_permissions(dir.path().join(META), std::os::unix::fs::PermissionsExt::from_mode(0o700))
+                .unwrap();
+            rustix::fs::chown(dir.path().join(META), Some(rustix::process::Uid::from_raw(65534)), None)
+                .unwrap();
+            let e = FsStore::open(dir.path()).unwrap_err().to_string();
+            assert!(e.contains("must belong to this user"), "{e}");
+        }
+        // Renamed away while the server runs, with another put in its
+        // place: the server keeps using its own.
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = FsStore::open(dir.path()).unwrap();
+        fs::rename(dir.path().join(META), dir.path().join("moved")).unwrap();
+        fs::create_dir_all(dir.path().join(META).join("upload")).unwrap();
+        let mut w = store.create("f", 2).unwrap();
+        w.write(b"ok").unwrap();
+        assert!(store.finish("f", w, Some(Tree::build(b"ok", ChunkerKind::Cdc))).is_ok());
+        assert_eq!(fs::read(dir.path().join("f")).unwrap(), b"ok");
+        assert_eq!(fs::read_dir(dir.path().join(META).join("upload")).unwrap().count(), 0);
+        store.wait_indexing();
+        assert!(
+            dir.path().join("moved").join(store.index_path("f").trim_start_matches(".deltasync/")).exists()
+        );
     }
 }

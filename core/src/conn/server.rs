@@ -543,13 +543,13 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
 
     /// Ends an upload that failed with `e`. The old version stays. After a
     /// protocol or storage error (a full disk) what was written is
-    /// discarded; after a timeout (a client gone quiet) the writer is only
-    /// dropped, so a store may keep it for the client's next attempt, as
-    /// when the connection breaks.
+    /// discarded; after a timeout (a client gone quiet) or an error the
+    /// client reports, the writer is only dropped, so a store may keep it
+    /// for the client's next attempt, as when the connection breaks.
     fn abandon_upload(&mut self, e: SessionError) {
         if let State::Receiving { name, rx, .. } = core::mem::replace(&mut self.state, State::Idle) {
             let (writer, _) = rx.into_parts();
-            if e != SessionError::Timeout {
+            if !matches!(e, SessionError::Timeout | SessionError::Peer(_)) {
                 let _ = self.store.finish(&name, writer, None);
             }
         }

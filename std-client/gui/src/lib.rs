@@ -189,7 +189,7 @@ impl GuiApp {
             self.say(format!("{}: not a file name", path.display()));
             return;
         };
-        let (id, cancel) = self.start_job(format!("upload {name}"));
+        let (id, cancel) = self.start_job(format!("upload {}", deltasync_client::printable(&name)));
         let repaint = ctx.clone();
         self.background(ctx, Some(cancel), move |conn, tx| {
             let r = conn.and_then(|mut c| {
@@ -216,7 +216,7 @@ impl GuiApp {
             &self.settings.download_dir
         });
         let dest = dir.join(name.rsplit('/').next().unwrap_or(&name));
-        let (id, cancel) = self.start_job(format!("download {name}"));
+        let (id, cancel) = self.start_job(format!("download {}", deltasync_client::printable(&name)));
         let repaint = ctx.clone();
         self.background(ctx, Some(cancel), move |conn, tx| {
             let r = conn.and_then(|mut c| {
@@ -231,7 +231,7 @@ impl GuiApp {
 
     /// Deletes `name` on the server (after the user confirmed).
     pub fn delete(&mut self, ctx: &egui::Context, name: String) {
-        self.say(format!("deleting {name}"));
+        self.say(format!("deleting {}", deltasync_client::printable(&name)));
         self.background(ctx, None, move |conn, tx| {
             let r = conn.and_then(|mut c| {
                 c.delete(&name)?;
@@ -306,8 +306,10 @@ impl GuiApp {
                 Msg::Deleted(name, r) => {
                     self.busy -= 1;
                     match r {
-                        Ok(()) => self.say(format!("deleted {name}")),
-                        Err(e) => self.say(format!("could not delete {name}: {e}")),
+                        Ok(()) => self.say(format!("deleted {}", deltasync_client::printable(&name))),
+                        Err(e) => {
+                            self.say(format!("could not delete {}: {e}", deltasync_client::printable(&name)))
+                        }
                     }
                 }
             }
@@ -381,7 +383,7 @@ impl GuiApp {
             ui.strong("");
             ui.end_row();
             for f in &self.files {
-                ui.label(&f.name);
+                ui.label(deltasync_client::printable(&f.name));
                 ui.label(human(f.size));
                 ui.label(f.modified.to_string());
                 ui.horizontal(|ui| {
@@ -441,7 +443,7 @@ impl GuiApp {
 
         if let Some(name) = self.confirm_delete.clone() {
             egui::Window::new("Confirm delete").collapsible(false).resizable(false).show(&ctx, |ui| {
-                ui.label(format!("Delete {name} on the server?"));
+                ui.label(format!("Delete {} on the server?", deltasync_client::printable(&name)));
                 ui.horizontal(|ui| {
                     if ui.button("Yes, delete").clicked() {
                         self.confirm_delete = None;
