@@ -188,7 +188,13 @@ impl FsStore {
         let store = FsStore { root, commit: Arc::new(Mutex::new(())), threads, indexing, partials };
         store.recover();
         for dir in ["index", "partial", "upload", "trash"] {
-            store.root.create_dirs(&format!("{META}/{dir}"))?;
+            let rel = format!("{META}/{dir}");
+            if let Err(e) = store.root.create_dirs(&rel) {
+                // Something else than a directory there (a file, a
+                // symlink): set aside, and a directory made in its place.
+                store.quarantine(&rel, &e);
+                store.root.create_dirs(&rel)?;
+            }
         }
         store.sweep_partials();
         Ok(store)
@@ -1435,6 +1441,19 @@ mod tests {
                 && quarantined.iter().any(|q| q.ends_with("-evil"))
         );
         assert!(store.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_metadata_directory_that_is_no_directory_is_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = dir.path().join(META);
+        fs::create_dir_all(&meta).unwrap();
+        fs::write(meta.join("index"), b"a file").unwrap();
+        std::os::unix::fs::symlink("/tmp", meta.join("upload")).unwrap();
+        let mut store = FsStore::open(dir.path()).unwrap();
+        assert!(meta.join("index").is_dir() && fs::symlink_metadata(meta.join("upload")).unwrap().is_dir());
+        assert_eq!(fs::read_dir(meta.join("quarantine")).unwrap().count(), 2);
+        assert_eq!(publish(&mut store, "f", &[Err(b"x")]).0, Some(Hash::of(b"x")));
     }
 
     #[test]
