@@ -53,6 +53,8 @@ const MIDSTATE_STEP: u64 = 16 << 20;
 /// destination (recovered at start like the newer ones).
 const OLD_PART_PREFIX: &str = ".deltasync-part-";
 const INDEX_MAGIC: &[u8; 8] = b"DSIDX001";
+/// Present once the layout before hashed names has been migrated.
+const LAYOUT_MARK: &str = "layout-2";
 
 /// Whether an index header describes the file with this metadata.
 fn index_is_fresh(head: &[u8], meta: &fs::Metadata) -> bool {
@@ -277,6 +279,12 @@ impl FsStore {
                 self.quarantine(&rel, &e);
             }
         }
+        // The layout before this one: once migrated, never looked for again
+        // (finding its uploads means walking every directory).
+        let migrated = format!("{META}/{LAYOUT_MARK}");
+        if self.root.is_file(&migrated) {
+            return;
+        }
         // Partials of the old layout (`partial/NAME`): moved to their hash.
         for (name, kind) in self.root.entries(&meta_dir("partial")).unwrap_or_default() {
             if kind == FileType::RegularFile && is_name_hash(&name) {
@@ -286,6 +294,9 @@ impl FsStore {
         }
         // Uploads of the old layout, beside their destinations.
         self.recover_old_uploads("");
+        if let Err(e) = self.root.create_new(&migrated, 0o600) {
+            tracing::warn!(error = %e, "could not mark the storage layout as migrated");
+        }
     }
 
     /// Renames the leftover upload `rel` to the partial `to`, or removes it
@@ -1454,6 +1465,17 @@ mod tests {
         assert!(meta.join("index").is_dir() && fs::symlink_metadata(meta.join("upload")).unwrap().is_dir());
         assert_eq!(fs::read_dir(meta.join("quarantine")).unwrap().count(), 2);
         assert_eq!(publish(&mut store, "f", &[Err(b"x")]).0, Some(Hash::of(b"x")));
+    }
+
+    #[test]
+    fn the_old_layout_is_migrated_once() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(FsStore::open(dir.path()).unwrap());
+        // Written after the migration: not the old server's, left alone.
+        fs::write(dir.path().join(".deltasync-part-1-2-later"), b"p").unwrap();
+        let store = FsStore::open(dir.path()).unwrap();
+        assert!(dir.path().join(".deltasync-part-1-2-later").exists());
+        assert!(!dir.path().join(store.partial_path("later")).exists());
     }
 
     #[test]
