@@ -8,11 +8,17 @@
 //! every later frame is sealed (see `crate::channel`); then any number of
 //! requests, each checked against the key's permissions:
 //! C: List                     S: Info* ListEnd
-//! C: Stat{name}               S: Info | Error
+//! C: ListAll                  S: Info* Partial* ListEnd            (6)
+//! C: Stat{name}               S: Info | Error                      (5)
+//!                             S: Info? Partial? ListEnd | Error    (6)
 //! C: Delete{name}             S: Deleted | Error
 //! C: Upload{name, offer}      C is the sender, S the receiver:
 //!                             S: GetChildren/GetData*  C: Entries/Data*
-//!                             S: Done(outcome, hash?) | Error
+//!                             S: Replaced? Done(outcome, hash?) | Error
+//! C: UploadIf{name, offer, expect}                                 (6)
+//!                             as Upload, or Error(Conflict) at once or
+//!                             instead of Done if the stored version is
+//!                             not (or no longer) the one expected
 //! C: Download{name}           S: Offer | Error; then S is the sender,
 //!                             C the receiver, and C ends with Done(outcome)
 //! ```
@@ -30,13 +36,17 @@
 //! A server holding a version or an interrupted upload of that name answers
 //! such an offer with `Error(NeedTree)` instead, and the client offers again
 //! with its tree (a delta).
+//!
+//! Requests marked (6) exist from protocol 6 on; in a session of version 5
+//! the client operations here refuse them with `Peer(Unsupported)` before
+//! sending anything, as the server would.
 
 use crate::channel::{Channel, CipherKind, ClientKey, Handshake, KEY_ID_LEN};
 use crate::chunker::ChunkerKind;
 use crate::error::{ErrorCode, SessionError};
 use crate::hash::Hash;
 use crate::machine::{self, Machine, Poll};
-use crate::message::{CAPS, FileInfo, Message, Outcome};
+use crate::message::{CAPS, Expect, FileInfo, Message, Outcome, PartialInfo};
 use crate::sender::Sender;
 use crate::source::Source;
 use crate::time::{IDLE_TIMEOUT_MS, Instant};
@@ -120,6 +130,13 @@ impl ClientHandshake {
     /// server accepted, then the one both sides use.
     pub fn version(&self) -> u16 {
         self.version
+    }
+
+    /// Announces `version` rather than this build's newest, if older: the
+    /// session then speaks at most that version (as an older peer would).
+    pub fn at_most(mut self, version: u16) -> Self {
+        self.version = self.version.min(version);
+        self
     }
 
     /// Announces only those of this build's capabilities that are in `caps`
@@ -211,12 +228,30 @@ pub struct Upload<'n, T, S> {
     name: &'n str,
     requested: bool,
     sender: Sender<T, S>,
+    /// A conditional upload's expectation, and the session's version.
+    expect: Option<(Expect, u16)>,
+    replaced: bool,
 }
 
 impl<'n, T: TreeView, S: Source> Upload<'n, T, S> {
     /// Uploads the version `sender` holds as `name`.
     pub fn new(name: &'n str, sender: Sender<T, S>) -> Self {
-        Upload { name, requested: false, sender }
+        Upload { name, requested: false, sender, expect: None, replaced: false }
+    }
+
+    /// Makes the upload conditional: published only if the stored version
+    /// is as `expect` says, else it fails with `Peer(Conflict)`. `version`
+    /// is the session's (conditional uploads need protocol 6).
+    pub fn expecting(mut self, expect: Expect, version: u16) -> Self {
+        self.expect = Some((expect, version));
+        self
+    }
+
+    /// Whether the server said that the version stored when the upload
+    /// began was replaced by someone else's meanwhile (see
+    /// [`Message::Replaced`]).
+    pub fn replaced(&self) -> bool {
+        self.replaced
     }
 
     /// The underlying sender (for progress).
@@ -235,13 +270,25 @@ impl<T: TreeView, S: Source> Machine for Upload<'_, T, S> {
     type Output = Outcome;
 
     fn handle(&mut self, now: Instant, msg: Message<'_>) -> Result<(), SessionError> {
-        self.sender.handle(now, msg)
+        match msg {
+            Message::Replaced if self.requested && !self.replaced => {
+                self.replaced = true;
+                Ok(())
+            }
+            m => self.sender.handle(now, m),
+        }
     }
 
     fn poll(&mut self, now: Instant, out: &mut [u8]) -> Result<Poll<Outcome>, SessionError> {
         if !self.requested {
             self.requested = true;
-            return machine::emit(&Message::Upload { name: self.name, offer: self.sender.offer() }, out);
+            let (name, offer) = (self.name, self.sender.offer());
+            let m = match self.expect {
+                None => Message::Upload { name, offer },
+                Some((_, version)) if version < 6 => return Err(SessionError::Peer(ErrorCode::Unsupported)),
+                Some((expect, _)) => Message::UploadIf { name, offer, expect },
+            };
+            return machine::emit(&m, out);
         }
         self.sender.poll(now, out)
     }
@@ -260,36 +307,74 @@ pub struct Stat {
     pub chunking: ChunkerKind,
 }
 
+/// An entry of a listing or a description, as a [`Query`] passes it on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Listed<'a> {
+    /// A stored file.
+    File(FileInfo<'a>),
+    /// What an interrupted upload left (protocol 6).
+    Partial(PartialInfo<'a>),
+}
+
+impl Listed<'_> {
+    /// The name listed.
+    pub fn name(&self) -> &str {
+        match self {
+            Listed::File(f) => f.name,
+            Listed::Partial(p) => p.name,
+        }
+    }
+}
+
 /// Which small request a [`Query`] makes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum QueryKind<'n> {
     /// List all files.
     List,
+    /// List all files, then what interrupted uploads left (protocol 6).
+    ListAll,
     /// Describe one file.
     Stat(&'n str),
     /// Delete one file.
     Delete(&'n str),
 }
 
-/// Client operation for the small requests: `List`, `Stat`, `Delete`.
-/// Listed or described files are passed to `on_info` as they arrive.
+/// Client operation for the small requests: `List`, `ListAll`, `Stat`,
+/// `Delete`. Listed or described entries are passed to `on_entry` as they
+/// arrive.
 pub struct Query<'n, F> {
     kind: QueryKind<'n>,
+    version: u16,
     requested: bool,
-    on_info: F,
+    on_entry: F,
+    /// A `Stat`'s file and whether a partial came, while its answer goes
+    /// on (protocol 6).
+    file: Option<Stat>,
+    partial: bool,
     done: Option<Option<Stat>>,
     deadline: Instant,
 }
 
-impl<'n, F: FnMut(FileInfo<'_>)> Query<'n, F> {
-    /// A query; `on_info` sees each file described.
-    pub fn new(kind: QueryKind<'n>, on_info: F, now: Instant) -> Self {
-        Query { kind, requested: false, on_info, done: None, deadline: now.plus_ms(IDLE_TIMEOUT_MS) }
+impl<'n, F: FnMut(Listed<'_>)> Query<'n, F> {
+    /// A query in a session of protocol `version`; `on_entry` sees each
+    /// entry listed or described.
+    pub fn new(kind: QueryKind<'n>, version: u16, on_entry: F, now: Instant) -> Self {
+        Query {
+            kind,
+            version,
+            requested: false,
+            on_entry,
+            file: None,
+            partial: false,
+            done: None,
+            deadline: now.plus_ms(IDLE_TIMEOUT_MS),
+        }
     }
 }
 
-impl<F: FnMut(FileInfo<'_>)> Machine for Query<'_, F> {
-    /// For `Stat`, the file's description.
+impl<F: FnMut(Listed<'_>)> Machine for Query<'_, F> {
+    /// For `Stat`, the file's description (`None` if only an interrupted
+    /// upload of the name is stored).
     type Output = Option<Stat>;
 
     fn handle(&mut self, now: Instant, msg: Message<'_>) -> Result<(), SessionError> {
@@ -297,18 +382,32 @@ impl<F: FnMut(FileInfo<'_>)> Machine for Query<'_, F> {
         if self.done.is_some() || !self.requested {
             return Err(SessionError::Protocol(ErrorCode::UnexpectedMessage));
         }
+        let stat = |i: FileInfo<'_>| Stat {
+            size: i.size,
+            modified: i.modified,
+            sha256: i.sha256,
+            chunking: i.chunking,
+        };
+        let v6 = self.version >= 6;
         match (self.kind, msg) {
-            (QueryKind::List, Message::Info(i)) => (self.on_info)(i),
-            (QueryKind::List, Message::ListEnd) => self.done = Some(None),
-            (QueryKind::Stat(_), Message::Info(i)) => {
-                (self.on_info)(i);
-                self.done = Some(Some(Stat {
-                    size: i.size,
-                    modified: i.modified,
-                    sha256: i.sha256,
-                    chunking: i.chunking,
-                }));
+            (QueryKind::List | QueryKind::ListAll, Message::Info(i)) => (self.on_entry)(Listed::File(i)),
+            (QueryKind::ListAll, Message::Partial(p)) => (self.on_entry)(Listed::Partial(p)),
+            (QueryKind::List | QueryKind::ListAll, Message::ListEnd) => self.done = Some(None),
+            // Version 5: the file's `Info` is the whole answer.
+            (QueryKind::Stat(_), Message::Info(i)) if !v6 => {
+                (self.on_entry)(Listed::File(i));
+                self.done = Some(Some(stat(i)));
             }
+            // Version 6: at most one of each, about the name asked for.
+            (QueryKind::Stat(n), Message::Info(i)) if self.file.is_none() && i.name == n => {
+                (self.on_entry)(Listed::File(i));
+                self.file = Some(stat(i));
+            }
+            (QueryKind::Stat(n), Message::Partial(p)) if v6 && !self.partial && p.name == n => {
+                (self.on_entry)(Listed::Partial(p));
+                self.partial = true;
+            }
+            (QueryKind::Stat(_), Message::ListEnd) if v6 => self.done = Some(self.file),
             (QueryKind::Delete(_), Message::Deleted) => self.done = Some(None),
             (_, Message::Error(c)) => return Err(SessionError::Peer(c)),
             _ => return Err(SessionError::Protocol(ErrorCode::UnexpectedMessage)),
@@ -324,6 +423,10 @@ impl<F: FnMut(FileInfo<'_>)> Machine for Query<'_, F> {
             self.requested = true;
             let m = match self.kind {
                 QueryKind::List => Message::List,
+                QueryKind::ListAll if self.version < 6 => {
+                    return Err(SessionError::Peer(ErrorCode::Unsupported));
+                }
+                QueryKind::ListAll => Message::ListAll,
                 QueryKind::Stat(name) => Message::Stat { name },
                 QueryKind::Delete(name) => Message::Delete { name },
             };

@@ -47,6 +47,9 @@ pub enum ErrorCode {
     /// The server's storage is full (or the quota of its user reached):
     /// nothing was replaced.
     NoSpace,
+    /// A conditional upload found another version stored than the one it
+    /// expected (or one where it expected none): nothing was replaced.
+    Conflict,
 }
 
 impl core::fmt::Display for ErrorCode {
@@ -70,6 +73,7 @@ impl core::fmt::Display for ErrorCode {
             ErrorCode::PermissionDenied => "permission denied for this key",
             ErrorCode::Tampered => "a frame failed authentication (changed on the way)",
             ErrorCode::NoSpace => "the server's storage is full",
+            ErrorCode::Conflict => "the stored version is not the one expected (changed by someone else)",
         };
         f.write_str(s)
     }

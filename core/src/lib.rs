@@ -65,8 +65,11 @@ pub use time::Instant;
 /// a first upload may be offered without its root, which follows in `Root`
 /// (the sender hashes while its bytes go out). Version 5: every session is a
 /// Noise channel keyed by a per-client key ([`channel`]); requests are
-/// checked against the key's permissions.
-pub const PROTOCOL_VERSION: u16 = 5;
+/// checked against the key's permissions. Version 6: conditional uploads
+/// (`UploadIf`, `Error(Conflict)`), an upload is told when it replaced a
+/// version stored after it began (`Replaced`), and listings and `Stat`
+/// describe interrupted uploads (`ListAll`, `Partial`).
+pub const PROTOCOL_VERSION: u16 = 6;
 
 /// The oldest protocol version this crate still speaks. Each side of a
 /// handshake announces the newest version it speaks and both then use the

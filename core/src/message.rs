@@ -56,7 +56,31 @@ pub struct FileInfo<'a> {
     pub chunking: ChunkerKind,
 }
 
-/// Every message of the protocol.
+/// What an interrupted upload left on the server (a prefix of the version
+/// it was sending, kept for the next upload of the name to resume from), as
+/// listings and `Stat` describe it (protocol 6).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartialInfo<'a> {
+    /// Name the upload was for.
+    pub name: &'a str,
+    /// Bytes kept.
+    pub size: u64,
+    /// When it was last written to, seconds since the Unix epoch.
+    pub modified: u64,
+}
+
+/// What a conditional upload requires of the version stored when the
+/// server publishes it (protocol 6).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Expect {
+    /// No version of the name is stored.
+    Absent,
+    /// The stored version has this SHA-256.
+    Match(Hash),
+}
+
+/// Every message of the protocol. Variants are only ever appended (their
+/// numbers are on the wire); those after `Root` exist from protocol 6 on.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Message<'a> {
     /// Client to server, first: the clear part of the handshake (what the
@@ -190,6 +214,31 @@ pub enum Message<'a> {
         /// Level of the root.
         height: u8,
     },
+    /// Like [`Message::Upload`], published only if the stored version is
+    /// still as `expect` says when the upload ends; otherwise the server
+    /// answers `Error(Conflict)` and keeps the version it holds.
+    UploadIf {
+        /// File name.
+        name: &'a str,
+        /// The version offered.
+        offer: Summary,
+        /// What the stored version must be.
+        expect: Expect,
+    },
+    /// List every stored file, then every interrupted upload: `Info*`,
+    /// `Partial*`, `ListEnd`.
+    ListAll,
+    /// An interrupted upload, in a listing (`ListAll`) or a description
+    /// (`Stat`, which from protocol 6 on is answered like a listing of one
+    /// name: `Info?`, `Partial?`, `ListEnd`, or `Error(NotFound)` if there is
+    /// neither).
+    Partial(PartialInfo<'a>),
+    /// Server to uploader, just before its `Done`: the version stored when
+    /// the upload began was replaced or deleted by someone else meanwhile.
+    /// With `Done(Written)` this upload's version went over that one (last
+    /// writer wins); with `Done(Unchanged)` the version stored is no longer
+    /// the uploader's. A conditional upload gets `Error(Conflict)` instead.
+    Replaced,
 }
 
 impl<'a> Message<'a> {
@@ -298,7 +347,7 @@ mod tests {
     }
 
     /// Every error code, in wire order.
-    const ALL_CODES: [ErrorCode; 18] = [
+    const ALL_CODES: [ErrorCode; 19] = [
         ErrorCode::BadMessage,
         ErrorCode::UnexpectedMessage,
         ErrorCode::FrameTooLong,
@@ -317,6 +366,7 @@ mod tests {
         ErrorCode::PermissionDenied,
         ErrorCode::Tampered,
         ErrorCode::NoSpace,
+        ErrorCode::Conflict,
     ];
 
     #[test]
@@ -362,7 +412,7 @@ mod tests {
     fn with_message<R>(v: &Fields, f: impl FnOnce(Message<'_>) -> R) -> R {
         let (k, a, b, c, n, s, name, bytes, code, outcome, last) = v;
         let (a, b, c) = (*a, *b, *c);
-        let m = match k % 22 {
+        let m = match k % 26 {
             0 => Message::Hello {
                 version: a as u16,
                 cipher: if *last { CipherKind::AesGcm } else { CipherKind::ChaChaPoly },
@@ -389,6 +439,14 @@ mod tests {
             18 => Message::Done { outcome: *outcome, file_hash: Some(s.root) },
             19 => Message::DataZ { offset: a, raw: c, bytes },
             20 => Message::Root { root: s.root, height: a as u8 },
+            21 => Message::UploadIf {
+                name,
+                offer: *s,
+                expect: if *last { Expect::Absent } else { Expect::Match(Hash(*n)) },
+            },
+            22 => Message::ListAll,
+            23 => Message::Partial(PartialInfo { name, size: a, modified: b }),
+            24 => Message::Replaced,
             _ => Message::Done { outcome: *outcome, file_hash: None },
         };
         f(m)
@@ -436,6 +494,14 @@ mod tests {
         assert_eq!(&buf[..n], &[3, 18, 1, 0]);
         let n = frame::encode(&Message::Stat { name: "ab" }, &mut buf).unwrap();
         assert_eq!(&buf[..n], &[4, 5, 2, b'a', b'b']);
+        // Protocol 6's messages come after version 5's last one (Root, 20).
+        let n = frame::encode(&Message::ListAll, &mut buf).unwrap();
+        assert_eq!(&buf[..n], &[1, 22]);
+        let n = frame::encode(&Message::Replaced, &mut buf).unwrap();
+        assert_eq!(&buf[..n], &[1, 24]);
+        let n = frame::encode(&Message::Partial(PartialInfo { name: "a", size: 3, modified: 4 }), &mut buf)
+            .unwrap();
+        assert_eq!(&buf[..n], &[5, 23, 1, b'a', 3, 4]);
     }
 
     #[test]

@@ -6,11 +6,12 @@ use crate::access::{Access, Keys};
 use crate::channel::{CipherKind, ClientKey};
 use crate::chunker::ChunkerKind;
 use crate::conn::ClientHandshake;
-use crate::conn::server::{ServerConn, Store, StoredFile};
+use crate::conn::server::{Published, ServerConn, Store, StoredFile};
 use crate::driver::{DriveError, Pump, Step};
 use crate::error::ErrorCode;
 use crate::frame::{MAX_ENCODED, MAX_SEALED};
 use crate::machine::{Machine, Poll};
+use crate::message::Expect;
 use crate::source::{IoFailed, Output};
 use crate::tree::{Tree, TreeIndexer};
 use crate::{Hash, Instant};
@@ -33,6 +34,17 @@ pub struct MemStore(pub Files);
 pub struct MemWriter {
     data: Vec<u8>,
     index: Option<ChunkerKind>,
+    /// The hash of the version stored when the writer was created.
+    base: Option<Hash>,
+    /// Whether the upload is conditional (on `base`).
+    conditional: bool,
+}
+
+impl MemWriter {
+    /// The bytes written so far.
+    pub fn data(&self) -> &[u8] {
+        &self.data
+    }
 }
 
 impl Output for MemWriter {
@@ -66,18 +78,31 @@ impl Store for MemStore {
         let kind = chunking.unwrap_or(ChunkerKind::for_size(size));
         Ok(kind.suits(size).then(|| (Tree::build(d, kind), d.clone())))
     }
-    fn create(&mut self, _name: &str, _size: u64) -> Result<MemWriter, ErrorCode> {
-        Ok(MemWriter::default())
+    fn create(&mut self, name: &str, _size: u64, expect: Option<Expect>) -> Result<MemWriter, ErrorCode> {
+        let base = self.0.borrow().get(name).map(|d| Hash::of(d));
+        let holds = match expect {
+            None => true,
+            Some(Expect::Absent) => base.is_none(),
+            Some(Expect::Match(h)) => base == Some(h),
+        };
+        if !holds {
+            return Err(ErrorCode::Conflict);
+        }
+        Ok(MemWriter { base, conditional: expect.is_some(), ..MemWriter::default() })
     }
-    fn finish(&mut self, name: &str, w: MemWriter, tree: Option<Tree>) -> Result<Option<Hash>, ErrorCode> {
-        let Some(t) = tree else { return Ok(None) };
+    fn finish(&mut self, name: &str, w: MemWriter, tree: Option<Tree>) -> Result<Published, ErrorCode> {
+        let replaced = self.0.borrow().get(name).map(|d| Hash::of(d)) != w.base;
+        let Some(t) = tree else { return Ok(Published { file_hash: None, replaced }) };
         let hash = Hash::of(&w.data);
         let claimed = t.summary().file_hash;
         if claimed.is_known() && claimed != hash {
             return Err(ErrorCode::Integrity);
         }
+        if replaced && w.conditional {
+            return Err(ErrorCode::Conflict);
+        }
         self.0.borrow_mut().insert(name.to_string(), w.data);
-        Ok(Some(hash))
+        Ok(Published { file_hash: Some(hash), replaced })
     }
     fn list(&mut self) -> Result<Vec<StoredFile>, ErrorCode> {
         Ok(self

@@ -5,7 +5,7 @@ use deltasync_core::access::Access;
 use deltasync_core::channel::ClientKey;
 use deltasync_core::chunker::ChunkerKind;
 use deltasync_core::conn::server::Event;
-use deltasync_core::conn::{Download, Query, QueryKind, Upload};
+use deltasync_core::conn::{Download, Listed, Query, QueryKind, Upload};
 use deltasync_core::driver::DriveError;
 use deltasync_core::error::{ErrorCode, SessionError};
 use deltasync_core::message::Outcome;
@@ -13,7 +13,7 @@ use deltasync_core::receiver::Base;
 use deltasync_core::sender::Sender;
 use deltasync_core::sim::*;
 use deltasync_core::tree::{FixedTree, Summary, Tree};
-use deltasync_core::{Hash, Instant};
+use deltasync_core::{Hash, Instant, PROTOCOL_VERSION};
 use proptest::prelude::*;
 
 type Keys = Vec<(ClientKey, Access)>;
@@ -359,19 +359,27 @@ fn list_stat_delete() {
     files.borrow_mut().insert("d/b".into(), vec![1; 10]);
     let mut s = connect(&files, usize::MAX);
     let mut names = Vec::new();
-    let mut q = Query::new(QueryKind::List, |i| names.push((i.name.to_string(), i.size)), Instant(0));
+    let mut q = Query::new(
+        QueryKind::List,
+        PROTOCOL_VERSION,
+        |i| match i {
+            Listed::File(f) => names.push((f.name.to_string(), f.size)),
+            Listed::Partial(_) => panic!("a plain listing has no partials"),
+        },
+        Instant(0),
+    );
     run(&mut q, &mut s.cp, &mut s.server, &mut s.sp, &mut s.net).unwrap();
     assert_eq!(names, vec![("a".to_string(), 5), ("d/b".to_string(), 10)]);
 
-    let mut q = Query::new(QueryKind::Stat("a"), |_| {}, Instant(0));
+    let mut q = Query::new(QueryKind::Stat("a"), PROTOCOL_VERSION, |_| {}, Instant(0));
     let st = run(&mut q, &mut s.cp, &mut s.server, &mut s.sp, &mut s.net).unwrap().unwrap();
     assert_eq!(st.sha256, Hash::of(b"hello"));
 
-    let mut q = Query::new(QueryKind::Delete("a"), |_| {}, Instant(0));
+    let mut q = Query::new(QueryKind::Delete("a"), PROTOCOL_VERSION, |_| {}, Instant(0));
     run(&mut q, &mut s.cp, &mut s.server, &mut s.sp, &mut s.net).unwrap();
     assert!(!files.borrow().contains_key("a"));
 
-    let mut q = Query::new(QueryKind::Stat("a"), |_| {}, Instant(0));
+    let mut q = Query::new(QueryKind::Stat("a"), PROTOCOL_VERSION, |_| {}, Instant(0));
     match run(&mut q, &mut s.cp, &mut s.server, &mut s.sp, &mut s.net) {
         Err(Stop::Client(DriveError::Session(SessionError::Peer(ErrorCode::NotFound)))) => {}
         other => panic!("expected NotFound, got {other:?}"),
@@ -480,6 +488,7 @@ fn a_silent_peer_times_out() {
     // Between requests: the idle timeout counts from the last message.
     server.handle(Instant(1_000), Message::Stat { name: "f" }).unwrap();
     assert!(matches!(server.poll(Instant(1_000), &mut out), Ok(Poll::Transmit(_))), "Info");
+    assert!(matches!(server.poll(Instant(1_000), &mut out), Ok(Poll::Transmit(_))), "ListEnd");
     assert_eq!(server.poll(Instant(1_000), &mut out), Ok(Poll::Wait(Instant(31_000))));
     assert_eq!(server.poll(Instant(30_999), &mut out), Ok(Poll::Wait(Instant(31_000))));
     // A download asked for, then silence: the sender waits for requests

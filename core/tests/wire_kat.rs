@@ -13,7 +13,7 @@ use deltasync_core::chunker::ChunkerKind;
 use deltasync_core::error::ErrorCode;
 use deltasync_core::frame;
 use deltasync_core::hash::Hash;
-use deltasync_core::message::{FileInfo, Message, Outcome};
+use deltasync_core::message::{Expect, FileInfo, Message, Outcome, PartialInfo};
 use deltasync_core::tree::{Summary, Tree};
 
 fn hex(b: &[u8]) -> String {
@@ -95,8 +95,28 @@ fn a_frame_of_every_message_variant_is_byte_exact() {
             Message::Root { root: h(7), height: 3 },
             "2214070707070707070707070707070707070707070707070707070707070707070703",
         ),
+        (
+            Message::UploadIf {
+                name: "f",
+                offer: Summary {
+                    size: 300,
+                    root: h(1),
+                    height: 2,
+                    file_hash: h(2),
+                    chunking: ChunkerKind::Fixed(4096),
+                },
+                expect: Expect::Match(h(8)),
+            },
+            "6a150166ac020101010101010101010101010101010101010101010101010101010101010101020202020202020202020202020202020202020202020202020202020202020202018020010808080808080808080808080808080808080808080808080808080808080808",
+        ),
+        (Message::ListAll, "0116"),
+        (
+            Message::Partial(PartialInfo { name: "f", size: 5, modified: 1_700_000_000 }),
+            "091701660580e2cfaa06",
+        ),
+        (Message::Replaced, "0118"),
     ];
-    assert_eq!(cases.len(), 21, "one case per variant");
+    assert_eq!(cases.len(), 25, "one case per variant");
     for (m, want) in cases {
         let mut buf = [0u8; 256];
         let n = frame::encode(&m, &mut buf).unwrap();

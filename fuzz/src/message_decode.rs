@@ -48,11 +48,15 @@ fn fields(m: &Message<'_>) {
         Message::Stat { name }
         | Message::Download { name }
         | Message::Delete { name }
-        | Message::Upload { name, .. } => {
+        | Message::Upload { name, .. }
+        | Message::UploadIf { name, .. } => {
             let _ = message::validate_name(name);
         }
         Message::Info(i) => {
             let _ = message::validate_name(i.name);
+        }
+        Message::Partial(p) => {
+            let _ = message::validate_name(p.name);
         }
         Message::Entries { packed, .. } => {
             let entries: Vec<_> = message::unpack_entries(packed).collect();

@@ -8,7 +8,6 @@
 
 use crate::server_session::{self, Client, Reply};
 use crate::{frame_decoder, frame_payload, message_decode, receiver};
-use deltasync_core::Instant;
 use deltasync_core::channel::CipherKind;
 use deltasync_core::chunker::ChunkerKind;
 use deltasync_core::conn::server::{Direction, Event};
@@ -17,11 +16,12 @@ use deltasync_core::error::ErrorCode;
 use deltasync_core::frame::{self, MAX_ENCODED, MAX_SEALED};
 use deltasync_core::hash::Hash;
 use deltasync_core::machine::{Machine, Poll};
-use deltasync_core::message::{FileInfo, Message, Outcome};
+use deltasync_core::message::{Expect, FileInfo, Message, Outcome, PartialInfo};
 use deltasync_core::receiver::Base;
 use deltasync_core::sender::Sender;
 use deltasync_core::sim::{self, KEY};
 use deltasync_core::tree::{Summary, Tree};
+use deltasync_core::{Instant, PROTOCOL_VERSION};
 use std::path::{Path, PathBuf};
 
 const AUTH: u8 = 1;
@@ -107,7 +107,7 @@ fn drive<M: Machine>(s: &mut dyn Client, script: &mut Script, m: &mut M, limit: 
 }
 
 fn query(s: &mut dyn Client, script: &mut Script, kind: QueryKind<'_>) {
-    let mut q = Query::new(kind, |_: FileInfo<'_>| {}, s.now());
+    let mut q = Query::new(kind, PROTOCOL_VERSION, |_| {}, s.now());
     drive(s, script, &mut q, usize::MAX);
 }
 
@@ -118,7 +118,7 @@ fn upload(
     data: &[u8],
     offer: impl Fn(Summary) -> Summary,
 ) {
-    upload_limited(s, script, name, data, offer, usize::MAX);
+    upload_limited(s, script, name, data, offer, None, usize::MAX);
 }
 
 fn upload_limited(
@@ -127,6 +127,7 @@ fn upload_limited(
     name: &str,
     data: &[u8],
     offer: impl Fn(Summary) -> Summary,
+    expect: Option<Expect>,
     limit: usize,
 ) -> Option<Outcome> {
     let kind = ChunkerKind::for_size(data.len() as u64);
@@ -134,6 +135,9 @@ fn upload_limited(
     let summary = offer(tree.summary());
     let sender = Sender::new(&tree, data, summary, s.salt(), s.now()).compress(true);
     let mut op = Upload::new(name, sender);
+    if let Some(e) = expect {
+        op = op.expecting(e, PROTOCOL_VERSION);
+    }
     let o = drive(s, script, &mut op, limit);
     if o.is_none() && op.sender().awaiting_root() && limit == usize::MAX {
         // A rootless upload stalls once its bytes are out: give the root.
@@ -189,6 +193,7 @@ fn server_seeds() -> Vec<(&'static str, Vec<u8>)> {
         "queries",
         session(AUTH | P2, |c, s| {
             query(c, s, QueryKind::List);
+            query(c, s, QueryKind::ListAll);
             query(c, s, QueryKind::Stat("a"));
             query(c, s, QueryKind::Delete("empty"));
             query(c, s, QueryKind::Stat("nope/x"));
@@ -234,6 +239,17 @@ fn server_seeds() -> Vec<(&'static str, Vec<u8>)> {
         }),
     ));
     seeds.push((
+        "upload-if",
+        session(AUTH | P2, |c, s| {
+            let data = edited(sim::random_bytes(1, 10_000), 100, 50);
+            let stored = Hash::of(&sim::random_bytes(1, 10_000));
+            // Expecting another version, then none: refused; then the one stored.
+            upload_limited(c, s, "a", &data, |o| o, Some(Expect::Match(Hash::of(&data))), usize::MAX);
+            upload_limited(c, s, "a", &data, |o| o, Some(Expect::Absent), usize::MAX);
+            upload_limited(c, s, "a", &data, |o| o, Some(Expect::Match(stored)), usize::MAX);
+        }),
+    ));
+    seeds.push((
         "upload-hashless",
         session(AUTH | P2, |c, s| {
             let data = edited(sim::random_bytes(1, 10_000), 100, 50);
@@ -244,13 +260,16 @@ fn server_seeds() -> Vec<(&'static str, Vec<u8>)> {
         "partial-resume",
         session(AUTH | P2 | PARTIAL, |c, s| {
             let data = sim::random_bytes(7, 30_000);
-            upload_limited(c, s, "big", &data, |o| o, 3);
+            upload_limited(c, s, "big", &data, |o| o, None, 3);
             // The server gives up on the quiet client and keeps a partial;
             // the client connects again and resumes.
             s.time(31_000);
             c.advance(31_000);
             assert!(!c.settle(false), "the server times out");
             c.reconnect();
+            // Listed and described as an interrupted upload.
+            query(c, s, QueryKind::ListAll);
+            query(c, s, QueryKind::Stat("big"));
             upload(c, s, "big", &data, |o| o);
         }),
     ));
@@ -350,6 +369,10 @@ fn every_message() -> Vec<Vec<u8>> {
         Message::Done { outcome: Outcome::Written, file_hash: Some(h) },
         Message::DataZ { offset: 0, raw: 5, bytes: &[0x28, 0xb5, 0x2f, 0xfd] },
         Message::Root { root: h, height: 3 },
+        Message::UploadIf { name: "f", offer: s, expect: Expect::Match(h) },
+        Message::ListAll,
+        Message::Partial(PartialInfo { name: "a/b", size: 3, modified: 4 }),
+        Message::Replaced,
     ]
     .iter()
     .map(payload_of)
@@ -467,6 +490,7 @@ fn seeds_reach_what_they_were_made_for() {
         ("upload-delta", "dir/b"),
         ("upload-rootless", "fresh"),
         ("upload-hashless", "a"),
+        ("upload-if", "a"),
         ("partial-resume", "big"),
         ("pieces-eof", "small"),
     ] {
@@ -478,6 +502,9 @@ fn seeds_reach_what_they_were_made_for() {
         r.events.iter().any(|e| matches!(e, Event::Started { name, base: true, .. } if name == "big")),
         "the resumed upload reuses the partial: {r:?}"
     );
+    assert!(r.replies.contains(&Reply::Partial), "listed and described: {r:?}");
+    let r = server_session::run(&get("upload-if"));
+    assert_eq!(r.replies.iter().filter(|r| **r == Reply::Error(ErrorCode::Conflict)).count(), 2, "{r:?}");
     let r = server_session::run(&get("timeout"));
     assert!(r.replies.contains(&Reply::Info), "a second connection after the timeout: {r:?}");
 

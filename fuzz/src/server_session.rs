@@ -33,15 +33,15 @@ use deltasync_core::access::Access;
 use deltasync_core::channel::{Channel, CipherKind, ClientKey, TAG_LEN};
 use deltasync_core::chunker::ChunkerKind;
 use deltasync_core::conn::ClientHandshake;
-use deltasync_core::conn::server::{Direction, Event, ServerConn, Store, StoredFile};
+use deltasync_core::conn::server::{Direction, Event, PartialFile, Published, ServerConn, Store, StoredFile};
 use deltasync_core::driver::Step;
 use deltasync_core::error::{ErrorCode, SessionError};
 use deltasync_core::frame::{self, FrameDecoder, MAX_SEALED};
 use deltasync_core::machine::{Machine, Poll};
-use deltasync_core::message::{Message, Outcome};
-use deltasync_core::sim::{self, Files, KEY, MemStore, StdPump};
+use deltasync_core::message::{Expect, Message, Outcome};
+use deltasync_core::sim::{self, Files, KEY, MemStore, MemWriter, StdPump};
 use deltasync_core::source::{IoFailed, Output};
-use deltasync_core::tree::{Summary, Tree, TreeIndexer};
+use deltasync_core::tree::{Summary, Tree};
 use deltasync_core::{Hash, Instant};
 use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};
@@ -133,6 +133,8 @@ pub enum Reply {
     Accept,
     /// `Info`.
     Info,
+    /// `Partial`.
+    Partial,
     /// `ListEnd`.
     ListEnd,
     /// `Deleted`.
@@ -175,32 +177,29 @@ pub struct PartialStore {
 /// becomes the name's partial.
 pub struct PartialWriter {
     name: String,
-    data: Vec<u8>,
-    index: Option<ChunkerKind>,
-    done: bool,
+    /// `None` once finished.
+    inner: Option<MemWriter>,
     partials: Rc<RefCell<BTreeMap<String, Vec<u8>>>>,
 }
 
 impl Output for PartialWriter {
     fn write(&mut self, data: &[u8]) -> Result<(), IoFailed> {
-        self.data.extend_from_slice(data);
-        Ok(())
+        self.inner.as_mut().ok_or(IoFailed)?.write(data)
     }
     fn index_in_background(&mut self, kind: ChunkerKind) -> bool {
-        self.index = Some(kind);
-        true
+        self.inner.as_mut().is_some_and(|w| w.index_in_background(kind))
     }
     fn finish_tree(&mut self) -> Result<Tree, IoFailed> {
-        let mut ix = TreeIndexer::without_file_hash(self.index.ok_or(IoFailed)?);
-        ix.feed(&self.data);
-        Ok(ix.finish())
+        self.inner.as_mut().ok_or(IoFailed)?.finish_tree()
     }
 }
 
 impl Drop for PartialWriter {
     fn drop(&mut self) {
-        if !self.done && !self.data.is_empty() {
-            self.partials.borrow_mut().insert(self.name.clone(), std::mem::take(&mut self.data));
+        if let Some(w) = self.inner.take()
+            && !w.data().is_empty()
+        {
+            self.partials.borrow_mut().insert(self.name.clone(), w.data().to_vec());
         }
     }
 }
@@ -224,12 +223,10 @@ impl Store for PartialStore {
     fn holds(&mut self, name: &str) -> Result<bool, ErrorCode> {
         Ok(self.files.0.borrow().contains_key(name) || self.partials.borrow().contains_key(name))
     }
-    fn create(&mut self, name: &str, _size: u64) -> Result<PartialWriter, ErrorCode> {
+    fn create(&mut self, name: &str, size: u64, expect: Option<Expect>) -> Result<PartialWriter, ErrorCode> {
         Ok(PartialWriter {
             name: name.to_string(),
-            data: Vec::new(),
-            index: None,
-            done: false,
+            inner: Some(self.files.create(name, size, expect)?),
             partials: self.partials.clone(),
         })
     }
@@ -238,17 +235,20 @@ impl Store for PartialStore {
         name: &str,
         mut w: PartialWriter,
         tree: Option<Tree>,
-    ) -> Result<Option<Hash>, ErrorCode> {
-        w.done = true;
+    ) -> Result<Published, ErrorCode> {
         self.partials.borrow_mut().remove(name);
-        let Some(t) = tree else { return Ok(None) };
-        let hash = Hash::of(&w.data);
-        let claimed = t.summary().file_hash;
-        if claimed.is_known() && claimed != hash {
-            return Err(ErrorCode::Integrity);
-        }
-        self.files.0.borrow_mut().insert(name.to_string(), std::mem::take(&mut w.data));
-        Ok(Some(hash))
+        let inner = w.inner.take().ok_or(ErrorCode::Storage)?;
+        self.files.finish(name, inner, tree)
+    }
+    fn partials(&mut self) -> Result<Vec<PartialFile>, ErrorCode> {
+        let p = self.partials.borrow();
+        Ok(p.iter()
+            .map(|(n, d)| PartialFile { name: n.clone(), size: d.len() as u64, modified: 0 })
+            .collect())
+    }
+    fn partial_info(&mut self, name: &str) -> Result<Option<PartialFile>, ErrorCode> {
+        let p = self.partials.borrow();
+        Ok(p.get(name).map(|d| PartialFile { name: name.to_string(), size: d.len() as u64, modified: 0 }))
     }
     fn list(&mut self) -> Result<Vec<StoredFile>, ErrorCode> {
         self.files.list()
@@ -392,7 +392,7 @@ impl<S: Store> Session<S> {
             return;
         }
         match Message::decode(payload) {
-            Ok(Message::Upload { name, offer }) => {
+            Ok(Message::Upload { name, offer } | Message::UploadIf { name, offer, .. }) => {
                 self.offers.insert(name.to_string(), offer);
                 self.last_upload = Some(name.to_string());
             }
@@ -426,6 +426,7 @@ impl<S: Store> Session<S> {
         let r = match m {
             Message::Accept { .. } => Reply::Accept,
             Message::Info(_) => Reply::Info,
+            Message::Partial(_) => Reply::Partial,
             Message::ListEnd => Reply::ListEnd,
             Message::Deleted => Reply::Deleted,
             Message::Offer(_) => Reply::Offer,

@@ -9,7 +9,7 @@ use crate::chunker::ChunkerKind;
 use crate::error::{ErrorCode, SessionError};
 use crate::hash::Hash;
 use crate::machine::{self, Machine, Poll};
-use crate::message::{CAPS, FileInfo, Message, Outcome, validate_name};
+use crate::message::{CAPS, Expect, FileInfo, Message, Outcome, PartialInfo, validate_name};
 use crate::receiver::{Base, ReceiveStats, Receiver};
 use crate::sender::Sender;
 use crate::source::{Output, Source};
@@ -166,6 +166,28 @@ pub struct StoredFile {
     pub chunking: ChunkerKind,
 }
 
+/// What an interrupted upload left behind, as the store describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartialFile {
+    /// Name the upload was for.
+    pub name: String,
+    /// Bytes kept.
+    pub size: u64,
+    /// When it was last written to, seconds since the Unix epoch.
+    pub modified: u64,
+}
+
+/// How [`Store::finish`] ended a version it published or discarded.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Published {
+    /// The whole-file SHA-256 of the version published, if one was.
+    pub file_hash: Option<Hash>,
+    /// The version stored when the writer was created is no longer the one
+    /// stored: another was published, or it was deleted, meanwhile (and,
+    /// if this version was published, it replaced that one).
+    pub replaced: bool,
+}
+
 /// The server's storage, as the connection needs it. Names reaching these
 /// methods have passed [`validate_name`]; the store still owns the checks
 /// that need the file system (symlinks).
@@ -203,10 +225,18 @@ pub trait Store {
     fn holds(&mut self, name: &str) -> Result<bool, ErrorCode> {
         Ok(self.open(name, None)?.is_some())
     }
-    /// Starts a new version of `name`, expected to be `size` bytes.
-    fn create(&mut self, name: &str, size: u64) -> Result<Self::Writer, ErrorCode>;
-    /// Publishes a verified version (`tree` is `Some`) and returns its
-    /// whole-file SHA-256, or discards it (`None`). If the tree's file hash
+    /// Starts a new version of `name`, expected to be `size` bytes. The
+    /// writer remembers which version of `name` is stored now (or that none
+    /// is), for [`Store::finish`] to tell whether it was replaced meanwhile.
+    /// With `expect`, fails with [`ErrorCode::Conflict`] unless the stored
+    /// version is as expected; `finish` then publishes only if it still is.
+    fn create(&mut self, name: &str, size: u64, expect: Option<Expect>) -> Result<Self::Writer, ErrorCode>;
+    /// Publishes a verified version (`tree` is `Some`), or discards it
+    /// (`None`), and says how (see [`Published`]). If the writer was
+    /// created with an expectation and the version stored is no longer the
+    /// one it found, nothing is published and this fails with
+    /// [`ErrorCode::Conflict`]; the check and the publication are one
+    /// step for every writer of the store. If the tree's file hash
     /// is [`Hash::UNKNOWN`] (the client left it to the server) the store
     /// computes it over the bytes it wrote; if it is known and the bytes do
     /// not match, the store keeps the old version and fails with
@@ -217,11 +247,20 @@ pub trait Store {
         name: &str,
         writer: Self::Writer,
         tree: Option<Tree>,
-    ) -> Result<Option<Hash>, ErrorCode>;
+    ) -> Result<Published, ErrorCode>;
     /// Every stored file.
     fn list(&mut self) -> Result<Vec<StoredFile>, ErrorCode>;
     /// One stored file.
     fn stat(&mut self, name: &str) -> Result<StoredFile, ErrorCode>;
+    /// What interrupted uploads left behind (see [`Store::partial`]).
+    fn partials(&mut self) -> Result<Vec<PartialFile>, ErrorCode> {
+        Ok(Vec::new())
+    }
+    /// What an interrupted upload of `name` left behind, if anything.
+    fn partial_info(&mut self, name: &str) -> Result<Option<PartialFile>, ErrorCode> {
+        let _ = name;
+        Ok(None)
+    }
     /// Removes a file.
     fn delete(&mut self, name: &str) -> Result<(), ErrorCode>;
 }
@@ -305,13 +344,15 @@ enum State<S: Store, K> {
     Handshake(Box<ServerHandshake<K>>),
     Idle,
     Reply(VecDeque<Reply>),
-    Receiving { name: String, old: Option<Summary>, rx: Box<UploadReceiver<S>> },
+    Receiving { name: String, old: Option<Summary>, conditional: bool, rx: Box<UploadReceiver<S>> },
     Sending { name: String, offered: bool, tx: Box<Sender<Tree, S::Reader>> },
 }
 
 enum Reply {
     Info(StoredFile),
+    Partial(PartialFile),
     ListEnd,
+    Replaced,
     Deleted,
     Done(Outcome, Option<Hash>),
     Error(ErrorCode),
@@ -328,6 +369,8 @@ pub struct ServerConn<S: Store, K> {
     salt: [u8; 8],
     /// Capabilities this server and the client share.
     caps: u32,
+    /// The protocol version of the session, once agreed.
+    version: u16,
     state: State<S, K>,
     events: VecDeque<Event>,
     deadline: Instant,
@@ -349,6 +392,7 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
             confirmed: false,
             salt: [0; 8],
             caps: 0,
+            version: crate::PROTOCOL_VERSION,
             state: State::Handshake(Box::new(ServerHandshake::new(keys, ephemeral, now))),
             events: VecDeque::new(),
             deadline: now.plus_ms(HANDSHAKE_TIMEOUT_MS),
@@ -427,28 +471,72 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
         self.state = State::Reply([Reply::Error(code)].into());
     }
 
+    /// Whether the session's protocol version has `msg` (a client must
+    /// not send what the version agreed on lacks).
+    fn speaks(&self, msg: &Message<'_>) -> bool {
+        let since_6 = matches!(msg, Message::UploadIf { .. } | Message::ListAll);
+        !since_6 || self.version >= 6
+    }
+
+    /// Answers `List` (`all`: `ListAll`, with interrupted uploads too).
+    fn list(&mut self, all: bool) {
+        let Some(access) = self.access.as_ref().filter(|a| a.read) else {
+            self.refuse("", ErrorCode::PermissionDenied);
+            return;
+        };
+        let listed = self.store.list().and_then(|files| {
+            let partials = if all { self.store.partials()? } else { Vec::new() };
+            Ok((files, partials))
+        });
+        match listed {
+            Ok((files, partials)) => {
+                let files = files.into_iter().filter(|f| access.covers(&f.name)).map(Reply::Info);
+                let partials = partials.into_iter().filter(|p| access.covers(&p.name)).map(Reply::Partial);
+                let mut q: VecDeque<Reply> = files.chain(partials).collect();
+                q.push_back(Reply::ListEnd);
+                self.state = State::Reply(q);
+            }
+            Err(code) => self.refuse("", code),
+        }
+    }
+
+    /// Answers `Stat`: from protocol 6 on like a listing of one name, with
+    /// what an interrupted upload of it left.
+    fn stat(&mut self, name: &str) -> Result<(), ErrorCode> {
+        if self.version < 6 {
+            let f = self.store.stat(name)?;
+            self.state = State::Reply([Reply::Info(f)].into());
+            return Ok(());
+        }
+        let file = match self.store.stat(name) {
+            Ok(f) => Some(f),
+            Err(ErrorCode::NotFound) => None,
+            Err(e) => return Err(e),
+        };
+        let partial = self.store.partial_info(name)?;
+        if file.is_none() && partial.is_none() {
+            return Err(ErrorCode::NotFound);
+        }
+        let q = file.map(Reply::Info).into_iter().chain(partial.map(Reply::Partial)).chain([Reply::ListEnd]);
+        self.state = State::Reply(q.collect());
+        Ok(())
+    }
+
     fn request(&mut self, now: Instant, msg: Message<'_>) -> Result<(), SessionError> {
+        if !self.speaks(&msg) {
+            self.refuse("", ErrorCode::Unsupported);
+            return Ok(());
+        }
         let name = match msg {
-            Message::List => {
-                let Some(access) = self.access.as_ref().filter(|a| a.read) else {
-                    self.refuse("", ErrorCode::PermissionDenied);
-                    return Ok(());
-                };
-                match self.store.list() {
-                    Ok(files) => {
-                        let mut q: VecDeque<Reply> =
-                            files.into_iter().filter(|f| access.covers(&f.name)).map(Reply::Info).collect();
-                        q.push_back(Reply::ListEnd);
-                        self.state = State::Reply(q);
-                    }
-                    Err(code) => self.refuse("", code),
-                }
+            Message::List | Message::ListAll => {
+                self.list(matches!(msg, Message::ListAll));
                 return Ok(());
             }
             Message::Stat { name }
             | Message::Download { name }
             | Message::Delete { name }
-            | Message::Upload { name, .. } => name,
+            | Message::Upload { name, .. }
+            | Message::UploadIf { name, .. } => name,
             Message::Error(c) => return Err(SessionError::Peer(c)),
             _ => return Err(SessionError::Protocol(ErrorCode::UnexpectedMessage)),
         };
@@ -462,7 +550,7 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
                 self.allowed(Operation::Read, name) || self.allowed(Operation::Write, name)
             }
             Message::Download { .. } => self.allowed(Operation::Read, name),
-            Message::Upload { .. } => self.allowed(Operation::Write, name),
+            Message::Upload { .. } | Message::UploadIf { .. } => self.allowed(Operation::Write, name),
             _ => self.allowed(Operation::Delete, name),
         };
         if !permitted {
@@ -470,14 +558,13 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
             return Ok(());
         }
         let result = match msg {
-            Message::Stat { name } => {
-                self.store.stat(name).map(|f| self.state = State::Reply([Reply::Info(f)].into()))
-            }
+            Message::Stat { name } => self.stat(name),
             Message::Delete { name } => self.store.delete(name).map(|()| {
                 self.events.push_back(Event::Deleted { name: name.to_string() });
                 self.state = State::Reply([Reply::Deleted].into());
             }),
-            Message::Upload { name, offer } => self.start_upload(now, name, offer),
+            Message::Upload { name, offer } => self.start_upload(now, name, offer, None),
+            Message::UploadIf { name, offer, expect } => self.start_upload(now, name, offer, Some(expect)),
             Message::Download { name } => self.start_download(now, name),
             _ => Ok(()),
         };
@@ -487,11 +574,33 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
         Ok(())
     }
 
-    fn start_upload(&mut self, now: Instant, name: &str, offer: Summary) -> Result<(), ErrorCode> {
+    fn start_upload(
+        &mut self,
+        now: Instant,
+        name: &str,
+        offer: Summary,
+        expect: Option<Expect>,
+    ) -> Result<(), ErrorCode> {
         // A kind too fine for the size would make this server hold a tree
         // without bound: refused (clients pick with `ChunkerKind::for_size`).
         if !offer.chunking.suits(offer.size) {
             return Err(ErrorCode::Unsupported);
+        }
+        if let Some(expect) = expect {
+            // Told before any transfer (and before `NeedTree`); the store
+            // checks again, for good, when it publishes.
+            let stored = match self.store.stat(name) {
+                Ok(f) => Some(f.sha256),
+                Err(ErrorCode::NotFound) => None,
+                Err(e) => return Err(e),
+            };
+            let holds = match expect {
+                Expect::Absent => stored.is_none(),
+                Expect::Match(h) => stored == Some(h),
+            };
+            if !holds {
+                return Err(ErrorCode::Conflict);
+            }
         }
         if !offer.root.is_known() {
             // Without the offer's tree nothing held could be reused: the
@@ -514,7 +623,7 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
             let a_size = ta.summary().size;
             Base { tree: Chain { a: ta, b: tb, a_size }, source: Chain { a: ra, b: rb, a_size } }
         });
-        let writer = self.store.create(name, offer.size)?;
+        let writer = self.store.create(name, offer.size, expect)?;
         let rx = Receiver::new(offer, self.salt, base, writer, now).map_err(|_| ErrorCode::Unsupported)?;
         self.events.push_back(Event::Started {
             name: name.to_string(),
@@ -522,7 +631,12 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
             size: offer.size,
             base: has_base,
         });
-        self.state = State::Receiving { name: name.to_string(), old: old_summary, rx: Box::new(rx) };
+        self.state = State::Receiving {
+            name: name.to_string(),
+            old: old_summary,
+            conditional: expect.is_some(),
+            rx: Box::new(rx),
+        };
         Ok(())
     }
 
@@ -557,7 +671,9 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
 
     /// Publishes or discards a finished upload and queues the answer.
     fn end_upload(&mut self, outcome: Outcome) {
-        let State::Receiving { name, old, rx } = core::mem::replace(&mut self.state, State::Idle) else {
+        let State::Receiving { name, old, conditional, rx } =
+            core::mem::replace(&mut self.state, State::Idle)
+        else {
             return;
         };
         let stats: ReceiveStats = rx.stats();
@@ -568,10 +684,17 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
         let unchanged = (outcome == Outcome::Unchanged)
             .then(|| old.filter(|s| s.root == offer.root && s.size == offer.size).map(|s| s.file_hash))
             .flatten();
-        let reply = match self.store.finish(&name, writer, tree) {
-            Ok(written) => {
+        let mut replies = VecDeque::new();
+        let finished = match self.store.finish(&name, writer, tree) {
+            // Nothing published, but the version this upload was
+            // unchanged from is no longer the one stored.
+            Ok(p) if p.replaced && conditional && outcome == Outcome::Unchanged => Err(ErrorCode::Conflict),
+            r => r,
+        };
+        match finished {
+            Ok(published) => {
                 // The client left the whole-file hash to us: tell it.
-                let file_hash = written.or(unchanged).filter(|_| !offer.file_hash.is_known());
+                let file_hash = published.file_hash.or(unchanged).filter(|_| !offer.file_hash.is_known());
                 self.events.push_back(Event::Finished {
                     name,
                     direction: Direction::Upload,
@@ -580,14 +703,17 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
                     literal_bytes: stats.literal_bytes,
                     reused_bytes: stats.reused_bytes,
                 });
-                Reply::Done(outcome, file_hash)
+                if published.replaced && outcome != Outcome::Integrity && self.version >= 6 {
+                    replies.push_back(Reply::Replaced);
+                }
+                replies.push_back(Reply::Done(outcome, file_hash));
             }
             Err(code) => {
                 self.events.push_back(Event::Refused { name, code });
-                Reply::Error(code)
+                replies.push_back(Reply::Error(code));
             }
-        };
-        self.state = State::Reply([reply].into());
+        }
+        self.state = State::Reply(replies);
     }
 }
 
@@ -632,6 +758,7 @@ impl<S: Store, K: Keys> Machine for ServerConn<S, K> {
                     Poll::Done(salt) => {
                         self.salt = salt;
                         self.caps = h.shared_caps();
+                        self.version = h.version();
                         self.access = h.access().cloned();
                         self.state = State::Idle;
                     }
@@ -651,7 +778,13 @@ impl<S: Store, K: Keys> Machine for ServerConn<S, K> {
                             sha256: f.sha256,
                             chunking: f.chunking,
                         }),
+                        Reply::Partial(p) => Message::Partial(PartialInfo {
+                            name: &p.name,
+                            size: p.size,
+                            modified: p.modified,
+                        }),
                         Reply::ListEnd => Message::ListEnd,
+                        Reply::Replaced => Message::Replaced,
                         Reply::Deleted => Message::Deleted,
                         Reply::Done(o, h) => Message::Done { outcome: *o, file_hash: *h },
                         Reply::Error(c) => Message::Error(*c),
