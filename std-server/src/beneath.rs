@@ -182,6 +182,14 @@ impl Root {
         rustix::fs::renameat(&f, fl, &t, tl).map_err(err)
     }
 
+    /// Renames `from` to `to` unless `to` exists (then `AlreadyExists`,
+    /// and nothing moved): one step, whoever else writes the directory.
+    pub fn rename_noreplace(&self, from: &str, to: &str) -> io::Result<()> {
+        let ((fd, fl), (td, tl)) = (split(from), split(to));
+        let (f, t) = (self.dir(fd)?, self.dir(td)?);
+        rustix::fs::renameat_with(&f, fl, &t, tl, rustix::fs::RenameFlags::NOREPLACE).map_err(err)
+    }
+
     /// Makes `to` a second name of the file `from` (a symlink is never
     /// followed).
     pub fn hard_link(&self, from: &str, to: &str) -> io::Result<()> {

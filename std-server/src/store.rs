@@ -17,8 +17,10 @@
 //!   where it differs, not from its first byte);
 //! - `.deltasync/upload/HASH-PID-N`: an upload in progress, renamed onto
 //!   `NAME` when verified;
+//! - `.deltasync/upload/HASH-PID-N.name`: the name it is for;
 //! - `.deltasync/partial/HASH`: the prefix an interrupted upload assembled,
-//!   reused by the next upload of `NAME`;
+//!   reused by the next upload of `NAME`; `HASH.name` holds `NAME` (for
+//!   listings);
 //! - `.deltasync/trash/N`: a replaced version, unlinked in the background
 //!   after the new one is published (emptied at start);
 //! - `.deltasync/quarantine/`: leftovers that start-up could not recover,
@@ -30,8 +32,9 @@ use crate::beneath::{Root, join};
 use deltasync_core::Hash;
 use deltasync_core::build::{build_tree, build_tree_unhashed};
 use deltasync_core::chunker::ChunkerKind;
-use deltasync_core::conn::server::{Store, StoredFile};
+use deltasync_core::conn::server::{PartialFile, Published, Store, StoredFile};
 use deltasync_core::error::ErrorCode;
+use deltasync_core::message::{Expect, MAX_NAME};
 use deltasync_core::source::{FileSource, IoFailed, Output};
 use deltasync_core::tree::{Summary, Tree, TreeIndexer};
 use rustix::fs::FileType;
@@ -55,6 +58,8 @@ const OLD_PART_PREFIX: &str = ".deltasync-part-";
 const INDEX_MAGIC: &[u8; 8] = b"DSIDX001";
 /// Present once the layout before hashed names has been migrated.
 const LAYOUT_MARK: &str = "layout-2";
+/// Suffix of the file beside an upload or a partial that holds its name.
+const LABEL: &str = ".name";
 
 /// Whether an index header describes the file with this metadata.
 fn index_is_fresh(head: &[u8], meta: &fs::Metadata) -> bool {
@@ -154,6 +159,51 @@ fn stat_is_file(s: &rustix::fs::Stat) -> bool {
 
 fn mtime_ns(m: &fs::Metadata) -> i128 {
     i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec())
+}
+
+/// Which version of a name is stored. Every version the server publishes
+/// is a new file (inode); one changed in place behind its back has another
+/// size or modification time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct VersionId {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+}
+
+impl VersionId {
+    fn of_stat(s: &rustix::fs::Stat) -> VersionId {
+        VersionId {
+            dev: s.st_dev,
+            ino: s.st_ino,
+            size: s.st_size as u64,
+            mtime_ns: i128::from(s.st_mtime) * 1_000_000_000 + i128::from(s.st_mtime_nsec),
+        }
+    }
+
+    fn of_meta(m: &fs::Metadata) -> VersionId {
+        VersionId { dev: m.dev(), ino: m.ino(), size: m.len(), mtime_ns: mtime_ns(m) }
+    }
+}
+
+/// Writes `name` into the new label file `rel` (see [`LABEL`]).
+fn write_label(root: &Root, rel: &str, name: &str) -> io::Result<()> {
+    let _ = root.remove_file(rel);
+    root.create_new(rel, 0o600)?.write_all(name.as_bytes())
+}
+
+/// The name a label file holds, if it is one whose hash is `hash`.
+fn read_label(root: &Root, rel: &str, hash: &str) -> Option<String> {
+    let mut buf = Vec::with_capacity(64);
+    root.open_file(rel).ok()?.take(MAX_NAME as u64 + 1).read_to_end(&mut buf).ok()?;
+    let name = String::from_utf8(buf).ok()?;
+    (deltasync_core::message::validate_name(&name).is_ok() && name_hash(&name) == hash).then_some(name)
+}
+
+/// The time of a stat, in seconds since the Unix epoch.
+fn stat_mtime(s: &rustix::fs::Stat) -> u64 {
+    s.st_mtime.max(0) as u64
 }
 
 impl FsStore {
@@ -266,17 +316,26 @@ impl FsStore {
         {
             self.quarantine(&meta_dir("trash"), &e);
         }
-        // Uploads in progress become their names' partials.
+        // Uploads in progress become their names' partials (with their
+        // labels); labels left without an upload go.
         for (name, kind) in self.root.entries(&meta_dir("upload")).unwrap_or_default() {
+            if name.ends_with(LABEL) {
+                continue;
+            }
             let rel = join(&meta_dir("upload"), &name);
             let hash = name.split('-').next().unwrap_or("");
             let r = if kind == FileType::RegularFile && is_name_hash(hash) {
-                self.keep_partial(&rel, &format!("{META}/partial/{hash}"))
+                self.keep_partial(&rel, &format!("{META}/partial/{hash}"), None)
             } else {
                 Err(io::Error::other("not an upload of this server"))
             };
             if let Err(e) = r {
                 self.quarantine(&rel, &e);
+            }
+        }
+        for (name, _) in self.root.entries(&meta_dir("upload")).unwrap_or_default() {
+            if name.ends_with(LABEL) {
+                let _ = self.root.remove_file(&join(&meta_dir("upload"), &name));
             }
         }
         // The layout before this one: once migrated, never looked for again
@@ -287,7 +346,8 @@ impl FsStore {
         }
         // Partials of the old layout (`partial/NAME`): moved to their hash.
         for (name, kind) in self.root.entries(&meta_dir("partial")).unwrap_or_default() {
-            if kind == FileType::RegularFile && is_name_hash(&name) {
+            let label = name.strip_suffix(LABEL).is_some_and(is_name_hash);
+            if kind == FileType::RegularFile && (is_name_hash(&name) || label) {
                 continue;
             }
             self.migrate_partials(&meta_dir("partial"), &name, &name, kind);
@@ -300,14 +360,22 @@ impl FsStore {
     }
 
     /// Renames the leftover upload `rel` to the partial `to`, or removes it
-    /// if it holds nothing.
-    fn keep_partial(&self, rel: &str, to: &str) -> io::Result<()> {
+    /// if it holds nothing. Its label is `name`'s, or the one beside `rel`.
+    fn keep_partial(&self, rel: &str, to: &str, name: Option<&str>) -> io::Result<()> {
         let len = self.root.stat(rel)?.st_size;
         if len == 0 {
             return self.root.remove_file(rel);
         }
         self.root.create_dirs(&format!("{META}/partial"))?;
         self.root.rename(rel, to)?;
+        let label = format!("{to}{LABEL}");
+        let labelled = match name {
+            Some(name) => write_label(&self.root, &label, name),
+            None => self.root.rename(&format!("{rel}{LABEL}"), &label),
+        };
+        if let Err(e) = labelled {
+            tracing::warn!(error = %e, partial = to, "an interrupted upload's name is unknown: listings leave it out");
+        }
         tracing::info!(partial = to, bytes = len, "kept an interrupted upload for resuming");
         Ok(())
     }
@@ -315,7 +383,7 @@ impl FsStore {
     fn migrate_partials(&self, base: &str, name: &str, rel_name: &str, kind: FileType) {
         let rel = join(base, rel_name);
         let r = match kind {
-            FileType::RegularFile => self.keep_partial(&rel, &self.partial_path(name)),
+            FileType::RegularFile => self.keep_partial(&rel, &self.partial_path(name), Some(name)),
             FileType::Directory => {
                 for (child, k) in self.root.entries(&rel).unwrap_or_default() {
                     self.migrate_partials(base, &join(name, &child), &join(rel_name, &child), k);
@@ -342,7 +410,8 @@ impl FsStore {
                 let r = if base.is_empty() {
                     self.root.remove_file(&rel)
                 } else {
-                    self.keep_partial(&rel, &self.partial_path(&join(dir, base)))
+                    let name = join(dir, base);
+                    self.keep_partial(&rel, &self.partial_path(&name), Some(&name))
                 };
                 if let Err(e) = r {
                     self.quarantine(&rel, &e);
@@ -480,6 +549,54 @@ impl FsStore {
         Ok(Some(tree))
     }
 
+    /// The summary of the stored version of `name` open as `file`, from
+    /// its index, or by hashing it.
+    fn summary_of(&self, name: &str, file: &File, meta: &fs::Metadata) -> Result<Summary, ErrorCode> {
+        match self.load_summary(name, meta) {
+            Some(s) => Ok(s),
+            None => Ok(self.tree_of(name, file, None).map_err(storage)?.ok_or(ErrorCode::Storage)?.summary()),
+        }
+    }
+
+    /// Which version is stored at `rel`, if any (`BadName` if something
+    /// other than a file is there).
+    fn current(&self, rel: &str) -> Result<Option<VersionId>, ErrorCode> {
+        match self.root.stat(rel) {
+            Ok(m) if stat_is_file(&m) => Ok(Some(VersionId::of_stat(&m))),
+            Ok(_) => Err(ErrorCode::BadName),
+            Err(e) => match reach(e) {
+                ErrorCode::NotFound => Ok(None),
+                c => Err(c),
+            },
+        }
+    }
+
+    /// Whether `found`, the version just found at `rel`, is what `expect`
+    /// asks for (`Conflict` if not).
+    fn check_expect(
+        &self,
+        name: &str,
+        rel: &str,
+        found: Option<VersionId>,
+        expect: Expect,
+    ) -> Result<(), ErrorCode> {
+        let holds = match (expect, found) {
+            (Expect::Absent, found) => found.is_none(),
+            (Expect::Match(_), None) => false,
+            (Expect::Match(want), Some(id)) => {
+                let file = match self.root.open_file(rel).map_err(reach) {
+                    Ok(f) => f,
+                    Err(ErrorCode::NotFound) => return Err(ErrorCode::Conflict),
+                    Err(c) => return Err(c),
+                };
+                let meta = file.metadata().map_err(storage)?;
+                // Hashed only if it is still the version found.
+                VersionId::of_meta(&meta) == id && self.summary_of(name, &file, &meta)?.file_hash == want
+            }
+        };
+        if holds { Ok(()) } else { Err(ErrorCode::Conflict) }
+    }
+
     fn describe(&self, name: String, rel: &str) -> Result<StoredFile, ErrorCode> {
         let file = self.root.open_file(rel).map_err(|e| match reach(e) {
             // Not a regular file, or behind a symlink: nothing stored.
@@ -487,10 +604,7 @@ impl FsStore {
             c => c,
         })?;
         let meta = file.metadata().map_err(storage)?;
-        let summary = match self.load_summary(&name, &meta) {
-            Some(s) => s,
-            None => self.tree_of(&name, &file, None).map_err(storage)?.ok_or(ErrorCode::Storage)?.summary(),
-        };
+        let summary = self.summary_of(&name, &file, &meta)?;
         let modified =
             meta.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map_or(0, |d| d.as_secs());
         Ok(StoredFile {
@@ -503,8 +617,11 @@ impl FsStore {
     }
 
     /// Verifies the written bytes' hash, syncs and renames the new version
-    /// into place, then writes its index; the caller cleans up on error.
-    fn publish(&mut self, name: &str, w: &mut TempFile, mut tree: Tree) -> Result<Hash, ErrorCode> {
+    /// into place (if the version stored is still the one the upload
+    /// expects), then writes its index; the caller cleans up on error.
+    /// Returns the version's hash, and whether the version stored when the
+    /// upload began had been replaced meanwhile.
+    fn publish(&mut self, name: &str, w: &mut TempFile, mut tree: Tree) -> Result<(Hash, bool), ErrorCode> {
         let dest = self.path_of(name)?;
         w.start_hasher().map_err(storage)?;
         let file = w.file.take().ok_or(ErrorCode::Storage)?;
@@ -526,15 +643,35 @@ impl FsStore {
         // new index is written (below, in the background).
         let indexing = self.start_indexing(name);
         let _guard = self.commit.lock().unwrap_or_else(|p| p.into_inner());
+        // Every publication and deletion holds the lock: what is stored now
+        // stays until this one is done.
+        let replaced = self.current(&dest)? != w.found;
+        if replaced && w.conditional {
+            tracing::info!(name, "a conditional upload found another version stored: not published");
+            return Err(ErrorCode::Conflict);
+        }
         // Keep the old version alive under another name while renaming, so
         // that the rename does not have to free it; it goes in the background.
         let trash = format!("{META}/trash/{}", TEMP_COUNTER.fetch_add(1, Ordering::Relaxed));
         let old = self.root.hard_link(&dest, &trash).is_ok().then_some(trash);
-        if let Err(e) = self.root.rename(&w.path, &dest) {
+        // An upload expecting no version never replaces one, even one made
+        // behind the server's back since the check.
+        let renamed = if w.conditional && w.found.is_none() {
+            self.root.rename_noreplace(&w.path, &dest)
+        } else {
+            self.root.rename(&w.path, &dest)
+        };
+        if let Err(e) = renamed {
             if let Some(old) = old {
                 let _ = self.root.remove_file(&old);
             }
+            if e.kind() == io::ErrorKind::AlreadyExists {
+                return Err(ErrorCode::Conflict);
+            }
             return Err(reach(e));
+        }
+        if replaced {
+            tracing::info!(name, "published over a version stored after this upload began");
         }
         if let Some(old) = old {
             // In the background; here if no thread can be had.
@@ -553,12 +690,12 @@ impl FsStore {
         if let Err(e) = self.root.sync_dir(parent) {
             tracing::warn!(error = %e, name, "could not sync the directory of a published version");
         }
-        let _ = self.root.remove_file(&self.partial_path(name));
+        drop_partial(&self.root, &self.partial_path(name));
         let meta = match file.metadata() {
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!(error = %e, name, "published, but not indexed");
-                return Ok(hash);
+                return Ok((hash, replaced));
             }
         };
         // The index is written while the client gets its answer; until then
@@ -577,7 +714,7 @@ impl FsStore {
             tracing::warn!(error = %e, name, "could not start writing the index");
         }
         tracing::debug!(name, ms = t.elapsed().as_millis() as u64, "published");
-        Ok(hash)
+        Ok((hash, replaced))
     }
 
     /// Lists the files under `dir`. A directory or file that cannot be
@@ -612,21 +749,37 @@ impl FsStore {
     }
 }
 
+/// Removes the partial `rel` and its label; whether the partial was there.
+fn drop_partial(root: &Root, rel: &str) -> bool {
+    let gone = root.remove_file(rel).is_ok();
+    let _ = root.remove_file(&format!("{rel}{LABEL}"));
+    gone
+}
+
 /// See [`FsStore::sweep_partials`].
 fn sweep_partials(root: &Root, limits: PartialLimits) {
     let dir = format!("{META}/partial");
     let now = std::time::SystemTime::now();
     let mut kept: Vec<(i64, u64, String)> = Vec::new();
-    for (name, kind) in root.entries(&dir).unwrap_or_default() {
-        let rel = join(&dir, &name);
-        let Ok(st) = root.stat(&rel) else { continue };
-        if kind != FileType::RegularFile {
+    let entries = root.entries(&dir).unwrap_or_default();
+    let names: HashSet<&str> = entries.iter().map(|(n, _)| n.as_str()).collect();
+    for (name, kind) in &entries {
+        let rel = join(&dir, name);
+        if let Some(of) = name.strip_suffix(LABEL) {
+            // The label of a partial that is gone.
+            if !names.contains(of) {
+                let _ = root.remove_file(&rel);
+            }
             continue;
         }
-        let modified = UNIX_EPOCH + std::time::Duration::from_secs(st.st_mtime.max(0) as u64);
+        let Ok(st) = root.stat(&rel) else { continue };
+        if *kind != FileType::RegularFile {
+            continue;
+        }
+        let modified = UNIX_EPOCH + std::time::Duration::from_secs(stat_mtime(&st));
         let age = now.duration_since(modified).unwrap_or_default();
         if age > limits.max_age {
-            if root.remove_file(&rel).is_ok() {
+            if drop_partial(root, &rel) {
                 tracing::info!(
                     partial = rel,
                     age_secs = age.as_secs(),
@@ -643,7 +796,7 @@ fn sweep_partials(root: &Root, limits: PartialLimits) {
         if total <= limits.max_bytes {
             break;
         }
-        if root.remove_file(&rel).is_ok() {
+        if drop_partial(root, &rel) {
             total -= size;
             tracing::info!(
                 partial = rel,
@@ -696,7 +849,13 @@ pub struct TempFile {
     /// Set when the receiver lets us index a whole new version.
     indexer: Option<ReadBack<FileTree>>,
     path: String,
+    /// The file holding the name beside `path` (see [`LABEL`]).
+    label: String,
     partial: String,
+    /// The version stored when the upload began.
+    found: Option<VersionId>,
+    /// Published only if `found` is still the version stored.
+    conditional: bool,
     written: u64,
     /// Bytes already handed to the kernel's writeback (and to the hasher).
     kicked: u64,
@@ -1055,6 +1214,7 @@ impl TempFile {
         self.hasher = None;
         self.indexer = None;
         let _ = self.root.remove_file(&self.path);
+        let _ = self.root.remove_file(&self.label);
     }
 }
 
@@ -1066,10 +1226,14 @@ impl Drop for TempFile {
         let kept =
             self.written > 0 && f.into_inner().is_ok() && self.root.rename(&self.path, &self.partial).is_ok();
         if kept {
+            if self.root.rename(&self.label, &format!("{}{LABEL}", self.partial)).is_err() {
+                let _ = self.root.remove_file(&self.label);
+            }
             tracing::info!(partial = self.partial, bytes = self.written, "kept interrupted upload");
             sweep_partials(&self.root, self.partials);
         } else {
             let _ = self.root.remove_file(&self.path);
+            let _ = self.root.remove_file(&self.label);
         }
     }
 }
@@ -1110,7 +1274,7 @@ impl Store for FsStore {
         Ok(Some((tree, FileSource(file))))
     }
 
-    fn create(&mut self, name: &str, _size: u64) -> Result<TempFile, ErrorCode> {
+    fn create(&mut self, name: &str, _size: u64, expect: Option<Expect>) -> Result<TempFile, ErrorCode> {
         let rel = self.path_of(name)?;
         if let Some((dir, _)) = rel.rsplit_once('/') {
             self.root.create_dirs_mode(dir, 0o777).map_err(reach)?;
@@ -1125,13 +1289,21 @@ impl Store for FsStore {
                 c => return Err(c),
             },
         };
+        let base = old.as_ref().map(VersionId::of_stat);
+        if let Some(expect) = expect {
+            self.check_expect(name, &rel, base, expect)?;
+        }
         let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
         let tmp = format!("{META}/upload/{}-{}-{n}", name_hash(name), std::process::id());
         // 0666 less the umask: the file others see once it is published.
         let file = self.root.create_new(&tmp, 0o666).map_err(storage)?;
+        let label = format!("{tmp}{LABEL}");
+        if let Err(e) = write_label(&self.root, &label, name) {
+            tracing::warn!(error = %e, name, "could not label an upload: if interrupted, listings leave it out");
+        }
         // The version being replaced and its midstates: hashing the new one
         // waits until it differs from it (see `TempFile::start_hasher`).
-        let base = old.and_then(|m| {
+        let hash_base = old.and_then(|m| {
             let meta = self.root.open_file(&rel).ok()?.metadata().ok()?;
             (meta.ino() == m.st_ino).then(|| HashBase {
                 dev: meta.dev(),
@@ -1144,31 +1316,36 @@ impl Store for FsStore {
             partials: self.partials,
             file: Some(BufWriter::with_capacity(1 << 20, file)),
             hasher: None,
-            base: base.filter(|b| !b.midstates.is_empty()),
+            base: hash_base.filter(|b| !b.midstates.is_empty()),
             kept_midstates: Vec::new(),
             indexer: None,
             path: tmp,
+            label,
             partial: self.partial_path(name),
+            found: base,
+            conditional: expect.is_some(),
             written: 0,
             kicked: 0,
             out_of_space: false,
         })
     }
 
-    fn finish(&mut self, name: &str, mut w: TempFile, tree: Option<Tree>) -> Result<Option<Hash>, ErrorCode> {
+    fn finish(&mut self, name: &str, mut w: TempFile, tree: Option<Tree>) -> Result<Published, ErrorCode> {
         let Some(tree) = tree else {
+            let replaced = self.current(&self.path_of(name)?).map_or(true, |now| now != w.found);
             w.discard();
-            return Ok(None);
+            return Ok(Published { file_hash: None, replaced });
         };
         let temp = w.path.clone();
         let result = self.publish(name, &mut w, tree);
+        let _ = self.root.remove_file(&w.label);
         if result.is_err() {
             // Whatever step failed, no half-published leftover stays behind
             // (after a successful rename this finds nothing to remove).
             w.file = None;
             let _ = self.root.remove_file(&temp);
         }
-        result.map(Some)
+        result.map(|(hash, replaced)| Published { file_hash: Some(hash), replaced })
     }
 
     fn list(&mut self) -> Result<Vec<StoredFile>, ErrorCode> {
@@ -1182,11 +1359,47 @@ impl Store for FsStore {
         self.describe(name.to_string(), &rel)
     }
 
+    fn partials(&mut self) -> Result<Vec<PartialFile>, ErrorCode> {
+        let dir = format!("{META}/partial");
+        let mut out = Vec::new();
+        for (hash, kind) in self.root.entries(&dir).map_err(storage)? {
+            if kind != FileType::RegularFile || !is_name_hash(&hash) {
+                continue;
+            }
+            let rel = join(&dir, &hash);
+            let Ok(st) = self.root.stat(&rel) else { continue };
+            match read_label(&self.root, &format!("{rel}{LABEL}"), &hash) {
+                Some(name) => {
+                    out.push(PartialFile { name, size: st.st_size as u64, modified: stat_mtime(&st) })
+                }
+                None => tracing::debug!(partial = rel, "an interrupted upload without its name: not listed"),
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    fn partial_info(&mut self, name: &str) -> Result<Option<PartialFile>, ErrorCode> {
+        self.path_of(name)?;
+        match self.root.stat(&self.partial_path(name)) {
+            Ok(st) if stat_is_file(&st) => Ok(Some(PartialFile {
+                name: name.to_string(),
+                size: st.st_size as u64,
+                modified: stat_mtime(&st),
+            })),
+            Ok(_) => Ok(None),
+            Err(e) => match reach(e) {
+                ErrorCode::NotFound => Ok(None),
+                c => Err(c),
+            },
+        }
+    }
+
     fn delete(&mut self, name: &str) -> Result<(), ErrorCode> {
         let rel = self.path_of(name)?;
         // What an interrupted upload of the name left goes too: `rm` is how
         // a client gives up on it.
-        let partial = self.root.remove_file(&self.partial_path(name)).is_ok();
+        let partial = drop_partial(&self.root, &self.partial_path(name));
         match self.root.stat(&rel) {
             Ok(m) if stat_is_file(&m) => {}
             Ok(_) => return Err(ErrorCode::BadName),
@@ -1231,7 +1444,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut store = FsStore::open(dir.path()).unwrap();
         fs::write(dir.path().join("f"), b"old").unwrap();
-        let mut w = store.create("f", 3).unwrap();
+        let mut w = store.create("f", 3, None).unwrap();
         w.write(b"new").unwrap();
         let mut tree = Tree::build(b"new", ChunkerKind::Cdc);
         tree.set_file_hash(Hash::of(b"something else"));
@@ -1242,11 +1455,11 @@ mod tests {
         assert!(store.partial("f", ChunkerKind::Cdc).unwrap().is_none());
 
         // Left to the store, the hash is that of the bytes written.
-        let mut w = store.create("f", 3).unwrap();
+        let mut w = store.create("f", 3, None).unwrap();
         w.write(b"new").unwrap();
         let mut tree = Tree::build(b"new", ChunkerKind::Cdc);
         tree.set_file_hash(Hash::UNKNOWN);
-        assert_eq!(store.finish("f", w, Some(tree)), Ok(Some(Hash::of(b"new"))));
+        assert_eq!(store.finish("f", w, Some(tree)).map(|p| p.file_hash), Ok(Some(Hash::of(b"new"))));
         assert_eq!(store.stat("f").unwrap().sha256, Hash::of(b"new"));
         assert_eq!(fs::read(dir.path().join("f")).unwrap(), b"new");
     }
@@ -1261,7 +1474,7 @@ mod tests {
         parts: &[Result<(u64, u64), &[u8]>],
     ) -> (Option<Hash>, usize) {
         let old = File::open(store.root().join(name)).ok();
-        let mut w = store.create(name, 0).unwrap();
+        let mut w = store.create(name, 0, None).unwrap();
         let mut data = Vec::new();
         for p in parts {
             match *p {
@@ -1282,7 +1495,7 @@ mod tests {
         let kept = w.kept_midstates.len();
         let mut tree = Tree::build(&data, ChunkerKind::Cdc);
         tree.set_file_hash(Hash::UNKNOWN);
-        (store.finish(name, w, Some(tree)).unwrap(), kept)
+        (store.finish(name, w, Some(tree)).unwrap().file_hash, kept)
     }
 
     /// The midstates of `data` computed from its first byte.
@@ -1384,7 +1597,7 @@ mod tests {
         fs::write(&old_path, b"0123456789").unwrap();
         let old = File::open(&old_path).unwrap();
         let mut store = FsStore::open(dir.path()).unwrap();
-        let mut w = store.create("f", 10).unwrap();
+        let mut w = store.create("f", 10, None).unwrap();
         w.write(b"ab").unwrap();
         let fs_kind = |p: &Path| rustix::fs::statfs(p).unwrap().f_type;
         let refused = fs_kind(dir.path()) != fs_kind(shm.path());
@@ -1396,7 +1609,7 @@ mod tests {
         w.write(b"z").unwrap();
         let mut tree = Tree::build(b"ab23456z", ChunkerKind::Cdc);
         tree.set_file_hash(Hash::UNKNOWN);
-        assert_eq!(store.finish("f", w, Some(tree)), Ok(Some(Hash::of(b"ab23456z"))));
+        assert_eq!(store.finish("f", w, Some(tree)).map(|p| p.file_hash), Ok(Some(Hash::of(b"ab23456z"))));
         assert_eq!(fs::read(dir.path().join("f")).unwrap(), b"ab23456z");
     }
 
@@ -1412,6 +1625,10 @@ mod tests {
         // This layout: an upload in progress of `a` (kept), an empty one
         // (dropped), something that is no upload (quarantined).
         fs::write(meta.join(format!("upload/{}-77-1", h("a"))), b"prefix of a").unwrap();
+        fs::write(meta.join(format!("upload/{}-77-1.name", h("a"))), b"a").unwrap();
+        // A label whose upload is gone, and one of an empty upload.
+        fs::write(meta.join(format!("upload/{}-77-9.name", h("q"))), b"q").unwrap();
+        fs::write(meta.join(format!("upload/{}-77-2.name", h("e"))), b"e").unwrap();
         fs::write(meta.join(format!("upload/{}-77-2", h("e"))), b"").unwrap();
         fs::write(meta.join("upload/stray"), b"?").unwrap();
         // The old layout: a partial of `x/y` (under a directory `x`) and an
@@ -1452,6 +1669,12 @@ mod tests {
                 && quarantined.iter().any(|q| q.ends_with("-evil"))
         );
         assert!(store.list().unwrap().is_empty());
+        // Every partial is listed under its name (labels moved with this
+        // layout's uploads, written for the old layout's).
+        let listed: Vec<(String, u64)> =
+            store.partials().unwrap().into_iter().map(|p| (p.name, p.size)).collect();
+        assert_eq!(listed, [("a".into(), 11), ("x/y".into(), 13), ("z/log".into(), 15)]);
+        assert_eq!(fs::read_dir(meta.join("upload")).unwrap().count(), 0, "labels without uploads go");
     }
 
     #[test]
@@ -1498,7 +1721,7 @@ mod tests {
         assert_eq!(store.list().unwrap()[0].name, name);
         let longer = format!("{}/{}", "d".repeat(255), "f".repeat(256));
         assert_eq!(store.stat(&longer).unwrap_err(), ErrorCode::BadName);
-        assert_eq!(store.create(&longer, 1).err(), Some(ErrorCode::BadName));
+        assert_eq!(store.create(&longer, 1, None).err(), Some(ErrorCode::BadName));
     }
 
     #[test]
@@ -1547,7 +1770,7 @@ mod tests {
                 assert_eq!(buf, b"inside", "a download read the file outside");
                 served += 1;
             }
-            if let Ok(mut w) = store.create("d/up", 2) {
+            if let Ok(mut w) = store.create("d/up", 2, None) {
                 w.write(b"up").unwrap();
                 if store.finish("d/up", w, Some(Tree::build(b"up", ChunkerKind::Cdc))).is_ok() {
                     uploads += 1;
@@ -1575,7 +1798,7 @@ mod tests {
         let at = |secs_ago: u64| std::time::SystemTime::now() - std::time::Duration::from_secs(secs_ago);
         // Leave partials as interrupted uploads do, then age them.
         for (name, ago) in [("old", 7200), ("a", 300), ("b", 200), ("c", 100)] {
-            let mut w = store.create(name, 100).unwrap();
+            let mut w = store.create(name, 100, None).unwrap();
             w.write(&[1u8; 100]).unwrap();
             drop(w);
             let f = File::options().write(true).open(dir.path().join(store.partial_path(name))).unwrap();
@@ -1586,10 +1809,80 @@ mod tests {
         assert!(!has(&store, "old"), "a partial past its age was kept");
         assert!(!has(&store, "a"), "the oldest partial over the quota was kept");
         assert!(has(&store, "b") && has(&store, "c"));
+        let names =
+            |store: &mut FsStore| store.partials().unwrap().into_iter().map(|p| p.name).collect::<Vec<_>>();
+        assert_eq!(names(&mut store), ["b", "c"]);
+        let b = store.partial_info("b").unwrap().unwrap();
+        assert_eq!(
+            (b.size, b.modified),
+            (100, stat_mtime(&store.root.stat(&store.partial_path("b")).unwrap()))
+        );
         // rm gives up on an interrupted upload.
         assert_eq!(store.delete("b"), Ok(()));
         assert!(!has(&store, "b"));
+        assert_eq!(store.partial_info("b"), Ok(None));
         assert_eq!(store.delete("b"), Err(ErrorCode::NotFound));
+        assert_eq!(names(&mut store), ["c"]);
+        // Nothing but `c` and its label is left.
+        assert_eq!(fs::read_dir(dir.path().join(META).join("partial")).unwrap().count(), 2);
+    }
+
+    /// Writes `data` as a new version of `name` through `w` and publishes it.
+    fn write_and_finish(
+        store: &mut FsStore,
+        name: &str,
+        mut w: TempFile,
+        data: &[u8],
+    ) -> Result<Published, ErrorCode> {
+        w.write(data).unwrap();
+        let tree = Tree::build(data, ChunkerKind::Cdc);
+        store.finish(name, w, Some(tree))
+    }
+
+    #[test]
+    fn a_conditional_upload_publishes_only_over_the_version_it_expects() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = FsStore::open(dir.path()).unwrap();
+        let w = store.create("f", 2, None).unwrap();
+        write_and_finish(&mut store, "f", w, b"v1").unwrap();
+        let v1 = Expect::Match(Hash::of(b"v1"));
+        assert_eq!(
+            store.create("f", 2, Some(Expect::Match(Hash::of(b"v0")))).err(),
+            Some(ErrorCode::Conflict)
+        );
+        assert_eq!(store.create("f", 2, Some(Expect::Absent)).err(), Some(ErrorCode::Conflict));
+        assert_eq!(store.create("g", 2, Some(v1)).err(), Some(ErrorCode::Conflict));
+        // Two writers expect v1; the first to finish wins, the other is
+        // refused and its version goes.
+        let slow = store.create("f", 2, Some(v1)).unwrap();
+        let fast = store.create("f", 2, Some(v1)).unwrap();
+        let won = write_and_finish(&mut store, "f", fast, b"v2").unwrap();
+        assert_eq!(won, Published { file_hash: Some(Hash::of(b"v2")), replaced: false });
+        assert_eq!(write_and_finish(&mut store, "f", slow, b"v3"), Err(ErrorCode::Conflict));
+        assert_eq!(fs::read(dir.path().join("f")).unwrap(), b"v2");
+        // A plain upload over a version stored meanwhile wins, and says so.
+        let plain = store.create("f", 2, None).unwrap();
+        let other = store.create("f", 2, None).unwrap();
+        write_and_finish(&mut store, "f", other, b"v4").unwrap();
+        let r = write_and_finish(&mut store, "f", plain, b"v5").unwrap();
+        assert_eq!(r, Published { file_hash: Some(Hash::of(b"v5")), replaced: true });
+        assert_eq!(fs::read(dir.path().join("f")).unwrap(), b"v5");
+        // A file changed in place behind the server's back is another version.
+        let expecting = store.create("f", 2, Some(Expect::Match(Hash::of(b"v5")))).unwrap();
+        fs::write(dir.path().join("f"), b"hand-edited").unwrap();
+        assert_eq!(write_and_finish(&mut store, "f", expecting, b"v6"), Err(ErrorCode::Conflict));
+        // Expecting none: a file made meanwhile (even behind the server's
+        // back) is never replaced.
+        let absent = store.create("g", 2, Some(Expect::Absent)).unwrap();
+        fs::write(dir.path().join("g"), b"theirs").unwrap();
+        assert_eq!(write_and_finish(&mut store, "g", absent, b"mine"), Err(ErrorCode::Conflict));
+        assert_eq!(fs::read(dir.path().join("g")).unwrap(), b"theirs");
+        let absent = store.create("h", 2, Some(Expect::Absent)).unwrap();
+        assert!(write_and_finish(&mut store, "h", absent, b"hh").is_ok());
+        // Nothing is left of the refused uploads: no temporary, no label, no partial.
+        for sub in ["upload", "partial"] {
+            assert_eq!(fs::read_dir(dir.path().join(META).join(sub)).unwrap().count(), 0, "{sub}");
+        }
     }
 
     #[test]
@@ -1636,7 +1929,7 @@ mod tests {
         let mut store = FsStore::open(dir.path()).unwrap();
         fs::rename(dir.path().join(META), dir.path().join("moved")).unwrap();
         fs::create_dir_all(dir.path().join(META).join("upload")).unwrap();
-        let mut w = store.create("f", 2).unwrap();
+        let mut w = store.create("f", 2, None).unwrap();
         w.write(b"ok").unwrap();
         assert!(store.finish("f", w, Some(Tree::build(b"ok", ChunkerKind::Cdc))).is_ok());
         assert_eq!(fs::read(dir.path().join("f")).unwrap(), b"ok");
