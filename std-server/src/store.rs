@@ -1332,7 +1332,7 @@ impl Store for FsStore {
 
     fn finish(&mut self, name: &str, mut w: TempFile, tree: Option<Tree>) -> Result<Published, ErrorCode> {
         let Some(tree) = tree else {
-            let replaced = self.current(&self.path_of(name)?).map_or(true, |now| now != w.found);
+            let replaced = self.current(&self.path_of(name)?) != Ok(w.found);
             w.discard();
             return Ok(Published { file_hash: None, replaced });
         };
