@@ -2,11 +2,11 @@
 //! download and delete files, always with delta sync. The `deltasync`
 //! command and the GUI are thin faces over this library.
 
-use deltasync_core::Hash;
+pub use deltasync_core::Hash;
 use deltasync_core::channel::KeyError;
 pub use deltasync_core::channel::{CipherKind, ClientKey};
 use deltasync_core::chunker::ChunkerKind;
-use deltasync_core::conn::{ClientHandshake, Download, Query, QueryKind, Stat, Upload};
+use deltasync_core::conn::{ClientHandshake, Download, Listed, Query, QueryKind, Stat, Upload};
 use deltasync_core::driver::{DriveError, Pump, TimeoutAsTimedOut, run_blocking_observed};
 use deltasync_core::error::{ErrorCode, SessionError};
 use deltasync_core::frame::{MAX_ENCODED, MAX_SEALED};
@@ -14,11 +14,12 @@ use deltasync_core::hints::{ChunkHints, Known, build_tree_hinted};
 pub use deltasync_core::local::default_hints_dir;
 use deltasync_core::local::now;
 use deltasync_core::machine::Machine;
+pub use deltasync_core::message::Expect;
 use deltasync_core::message::{CAP_ZSTD, CAPS, Outcome};
 use deltasync_core::receiver::Base;
 use deltasync_core::sender::Sender;
-use deltasync_core::source::FileSource;
-use deltasync_core::tree::{Summary, Tree};
+use deltasync_core::source::{FileSource, Source};
+use deltasync_core::tree::{Summary, Tree, TreeView};
 use embedded_io_adapters::std::FromStd;
 use serde::Serialize;
 use std::fs::{self, File};
@@ -56,6 +57,9 @@ pub enum ClientError {
     Integrity(String),
     /// The server's storage is full: nothing was replaced there.
     NoSpace(String),
+    /// A conditional upload found another version on the server than the
+    /// one it expected (or one where it expected none): nothing replaced.
+    Conflict(String),
     /// The server refused the request.
     Refused(ErrorCode),
     /// The peer broke the protocol.
@@ -99,6 +103,12 @@ impl std::fmt::Display for ClientError {
             ClientError::Integrity(n) => {
                 write!(f, "{}: integrity check failed; nothing was replaced", printable(n))
             }
+            ClientError::Conflict(n) => write!(
+                f,
+                "{}: the server's version is not the one expected (someone else changed it); nothing was \
+                 replaced (stat or download it, then upload again)",
+                printable(n)
+            ),
             ClientError::Refused(c) => write!(f, "server refused the request: {c}"),
             ClientError::Protocol(e) => write!(f, "protocol error: {e}"),
             ClientError::Local(p, e) => write!(f, "{}: {e}", printable(&p.to_string_lossy())),
@@ -120,6 +130,7 @@ impl ClientError {
             ClientError::Refused(_) | ClientError::Protocol(_) | ClientError::Version => 7,
             ClientError::Local(..) => 8,
             ClientError::NoSpace(_) => 9,
+            ClientError::Conflict(_) => 10,
             ClientError::Cancelled => 130,
         }
     }
@@ -141,6 +152,9 @@ impl ClientError {
             // that keeps to its request limit.
             DriveError::Session(SessionError::Peer(ErrorCode::TooManyRequests)) => ClientError::Busy,
             DriveError::Session(SessionError::Peer(ErrorCode::NoSpace)) => ClientError::NoSpace(name.into()),
+            DriveError::Session(SessionError::Peer(ErrorCode::Conflict)) => {
+                ClientError::Conflict(name.into())
+            }
             DriveError::Session(SessionError::NoSpace) => {
                 ClientError::Local(name.into(), io::Error::other("no space left on this disk"))
             }
@@ -223,6 +237,10 @@ pub struct TransferReport {
     pub duration_ms: u64,
     /// SHA-256 of the file, hex.
     pub sha256: String,
+    /// Uploads: the server's version changed while this upload ran (another
+    /// client stored or deleted one): with `Written`, this version replaced
+    /// that one; unchanged, the server no longer holds this version.
+    pub replaced: bool,
 }
 
 impl TransferReport {
@@ -294,6 +312,29 @@ pub struct RemoteFile {
     pub sha256: String,
 }
 
+/// What an interrupted upload left on the server (the next upload of the
+/// name resumes from it; `rm` drops it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RemotePartial {
+    /// The name it was an upload of.
+    pub name: String,
+    /// Bytes kept.
+    pub size: u64,
+    /// When it was last written to, seconds since the Unix epoch.
+    pub modified: u64,
+}
+
+/// What the server holds under a name: a file, an interrupted upload, or
+/// both.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Described {
+    /// The stored file.
+    #[serde(flatten)]
+    pub file: Option<RemoteFile>,
+    /// The interrupted upload.
+    pub partial: Option<RemotePartial>,
+}
+
 /// Progress of a transfer: bytes done of total, for bars.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Progress {
@@ -355,6 +396,8 @@ pub struct Connection {
     hints_dir: Option<PathBuf>,
     /// Capabilities this client and the server share.
     caps: u32,
+    /// The protocol version of the session.
+    version: u16,
 }
 
 impl Connection {
@@ -407,11 +450,13 @@ impl Connection {
             server: server.to_string(),
             hints_dir: None,
             caps: 0,
+            version: 0,
         };
         let announce = if compress { CAPS } else { !CAP_ZSTD };
         let mut hs = ClientHandshake::new(key.clone(), cipher, rand::random(), now()).announcing(announce);
         c.salt = c.run(&mut hs, "", |_, _| {})?;
         c.caps = hs.shared_caps();
+        c.version = hs.version();
         Ok(c)
     }
 
@@ -478,34 +523,60 @@ impl Connection {
         r.map_err(|e| ClientError::from_drive(e, name))
     }
 
+    /// The protocol version of this session.
+    pub fn version(&self) -> u16 {
+        self.version
+    }
+
+    /// Runs a query, collecting the files and interrupted uploads it lists.
+    fn query(
+        &mut self,
+        kind: QueryKind<'_>,
+        name: &str,
+    ) -> Result<(Vec<RemoteFile>, Vec<RemotePartial>), ClientError> {
+        let (mut files, mut partials) = (Vec::new(), Vec::new());
+        let on_entry = |e: Listed<'_>| match e {
+            Listed::File(i) => files.push(RemoteFile {
+                name: i.name.to_string(),
+                size: i.size,
+                modified: i.modified,
+                sha256: i.sha256.to_string(),
+            }),
+            Listed::Partial(p) => {
+                partials.push(RemotePartial { name: p.name.to_string(), size: p.size, modified: p.modified })
+            }
+        };
+        let mut q = Query::new(kind, self.version, on_entry, now());
+        self.run(&mut q, name, |_, _| {})?;
+        Ok((files, partials))
+    }
+
     /// Every file on the server.
     pub fn list(&mut self) -> Result<Vec<RemoteFile>, ClientError> {
-        let mut out = Vec::new();
-        let mut q = Query::new(
-            QueryKind::List,
-            |i| {
-                out.push(RemoteFile {
-                    name: i.name.to_string(),
-                    size: i.size,
-                    modified: i.modified,
-                    sha256: i.sha256.to_string(),
-                })
-            },
-            now(),
-        );
-        self.run(&mut q, "", |_, _| {})?;
-        Ok(out)
+        Ok(self.query(QueryKind::List, "")?.0)
+    }
+
+    /// Every file on the server, and every interrupted upload it keeps
+    /// (servers of protocol 6 and later).
+    pub fn list_all(&mut self) -> Result<(Vec<RemoteFile>, Vec<RemotePartial>), ClientError> {
+        self.query(QueryKind::ListAll, "")
     }
 
     /// One file on the server.
     pub fn stat(&mut self, name: &str) -> Result<RemoteFile, ClientError> {
-        let s = self.query_stat(name)?.ok_or_else(|| ClientError::NotFound(name.into()))?;
-        Ok(RemoteFile { name: name.into(), size: s.size, modified: s.modified, sha256: s.sha256.to_string() })
+        self.describe(name)?.file.ok_or_else(|| ClientError::NotFound(name.into()))
+    }
+
+    /// What the server holds under `name`: the file, and what an
+    /// interrupted upload of it left (`NotFound` if neither).
+    pub fn describe(&mut self, name: &str) -> Result<Described, ClientError> {
+        let (mut files, mut partials) = self.query(QueryKind::Stat(name), name)?;
+        Ok(Described { file: files.pop(), partial: partials.pop() })
     }
 
     /// The server's description of `name`, `None` if there is no such file.
     fn query_stat(&mut self, name: &str) -> Result<Option<Stat>, ClientError> {
-        let mut q = Query::new(QueryKind::Stat(name), |_| {}, now());
+        let mut q = Query::new(QueryKind::Stat(name), self.version, |_| {}, now());
         match self.run(&mut q, name, |_, _| {}) {
             Err(ClientError::NotFound(_)) => Ok(None),
             r => r,
@@ -521,7 +592,7 @@ impl Connection {
 
     /// Deletes a file on the server.
     pub fn delete(&mut self, name: &str) -> Result<(), ClientError> {
-        let mut q = Query::new(QueryKind::Delete(name), |_| {}, now());
+        let mut q = Query::new(QueryKind::Delete(name), self.version, |_| {}, now());
         self.run(&mut q, name, |_, _| {})?;
         Ok(())
     }
@@ -531,6 +602,19 @@ impl Connection {
         &mut self,
         path: &Path,
         name: &str,
+        progress: impl FnMut(Progress),
+    ) -> Result<TransferReport, ClientError> {
+        self.upload_if(path, name, None, progress)
+    }
+
+    /// Like [`Self::upload`]; with `expect`, published only if the server's
+    /// version is (still, when the upload ends) as expected, else
+    /// [`ClientError::Conflict`] and the server's version stays.
+    pub fn upload_if(
+        &mut self,
+        path: &Path,
+        name: &str,
+        expect: Option<Expect>,
         mut progress: impl FnMut(Progress),
     ) -> Result<TransferReport, ClientError> {
         let start = Instant::now();
@@ -550,7 +634,8 @@ impl Connection {
         if remote.is_none() && size > 0 {
             // Nothing to reuse on the server: send while hashing (an offer
             // without a root).
-            match self.upload_streamed(&file, path, name, kind, size, hints_file.as_deref(), &mut progress)? {
+            let hints = hints_file.as_deref();
+            match self.upload_streamed(&file, path, name, expect, (kind, size), hints, &mut progress)? {
                 Streamed::Ended(ended) => {
                     return self.report(name, &file, path, ended, size, (s0, r0), start);
                 }
@@ -574,7 +659,7 @@ impl Connection {
         let sender =
             Sender::new(&tree, FileSource(file.try_clone().map_err(local)?), summary, self.salt, now())
                 .compress(self.caps & CAP_ZSTD != 0);
-        let mut op = Upload::new(name, sender);
+        let mut op = self.upload_op(name, sender, expect);
         let total = summary.size;
         // The next version's hints are collected while the upload runs.
         let (outcome, hints) = std::thread::scope(|s| {
@@ -587,7 +672,12 @@ impl Connection {
         if let (Some(path), Some(Ok(hints))) = (&hints_file, hints) {
             store_hints(path, &hints);
         }
-        let ended = (outcome, op.sender().literal_bytes(), op.sender().reported_hash());
+        let ended = Ended {
+            outcome,
+            literal: op.sender().literal_bytes(),
+            reported: op.sender().reported_hash(),
+            replaced: op.replaced(),
+        };
         self.report(name, &file, path, ended, total, (s0, r0), start)
     }
 
@@ -601,8 +691,8 @@ impl Connection {
         file: &File,
         path: &Path,
         name: &str,
-        kind: ChunkerKind,
-        size: u64,
+        expect: Option<Expect>,
+        (kind, size): (ChunkerKind, u64),
         hints_file: Option<&Path>,
         progress: &mut impl FnMut(Progress),
     ) -> Result<Streamed, ClientError> {
@@ -615,7 +705,7 @@ impl Connection {
         let sender =
             Sender::new(&empty, FileSource(file.try_clone().map_err(local)?), offer, self.salt, now())
                 .compress(self.caps & CAP_ZSTD != 0);
-        let mut op = Upload::new(name, sender);
+        let mut op = self.upload_op(name, sender, expect);
         let ctl = self.ctl.try_clone().map_err(ClientError::Network)?;
         let (root_tx, root_rx) = std::sync::mpsc::channel();
         let (outcome, built) = std::thread::scope(|s| {
@@ -676,24 +766,42 @@ impl Connection {
         {
             store_hints(path, &hints);
         }
-        Ok(Streamed::Ended((outcome, op.sender().literal_bytes(), op.sender().reported_hash())))
+        Ok(Streamed::Ended(Ended {
+            outcome,
+            literal: op.sender().literal_bytes(),
+            reported: op.sender().reported_hash(),
+            replaced: op.replaced(),
+        }))
     }
 
-    /// The report of an upload of `file` that ended with `ended` (outcome,
-    /// literal bytes, the hash the server reported) after the connection's
-    /// byte counts were `before`.
+    /// The upload of `sender`'s version as `name`, conditional on `expect`.
+    fn upload_op<'n, T: TreeView, S: Source>(
+        &self,
+        name: &'n str,
+        sender: Sender<T, S>,
+        expect: Option<Expect>,
+    ) -> Upload<'n, T, S> {
+        let op = Upload::new(name, sender);
+        match expect {
+            Some(e) => op.expecting(e, self.version),
+            None => op,
+        }
+    }
+
+    /// The report of an upload of `file` that ended as `ended` after the
+    /// connection's byte counts were `before`.
     #[allow(clippy::too_many_arguments)]
     fn report(
         &self,
         name: &str,
         file: &File,
         path: &Path,
-        ended: (Outcome, u64, Option<Hash>),
+        ended: Ended,
         total: u64,
         before: (u64, u64),
         start: Instant,
     ) -> Result<TransferReport, ClientError> {
-        let (outcome, literal, reported) = ended;
+        let Ended { outcome, literal, reported, replaced } = ended;
         if outcome == Outcome::Integrity {
             return Err(ClientError::Integrity(name.into()));
         }
@@ -714,6 +822,7 @@ impl Connection {
             reused_bytes: if outcome == Outcome::Unchanged { total } else { total - literal },
             duration_ms: start.elapsed().as_millis() as u64,
             sha256: sha256.to_string(),
+            replaced,
         })
     }
 
@@ -782,14 +891,26 @@ impl Connection {
             reused_bytes: if outcome == Outcome::Unchanged { offer.size } else { stats.reused_bytes },
             duration_ms: start.elapsed().as_millis() as u64,
             sha256: offer.file_hash.to_string(),
+            replaced: false,
         })
     }
 }
 
+/// How an upload ended, as the server told.
+struct Ended {
+    outcome: Outcome,
+    /// File bytes sent.
+    literal: u64,
+    /// The SHA-256 the server reported (when the offer left it unknown).
+    reported: Option<Hash>,
+    /// The server's version changed while the upload ran.
+    replaced: bool,
+}
+
 /// How a first upload offered without its root ended.
 enum Streamed {
-    /// The server answered: (outcome, literal bytes sent, reported hash).
-    Ended((Outcome, u64, Option<Hash>)),
+    /// The server answered.
+    Ended(Ended),
     /// The server holds something to reuse: the tree (and the groups the
     /// build hashed) to offer instead.
     NeedTree(Tree, Known),

@@ -3,7 +3,8 @@
 
 use clap::{Parser, Subcommand};
 use deltasync_client::{
-    ClientError, Connection, Progress, TransferReport, find_key, human_bytes as human, printable,
+    ClientError, Connection, Expect, Progress, RemotePartial, TransferReport, find_key, human_bytes as human,
+    printable,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::{IsTerminal, Write};
@@ -56,14 +57,22 @@ struct Cli {
     command: Command,
 }
 
-const EXIT_CODES: &str = "Exit codes: 0 ok, 2 usage, 3 authentication, 4 network, 5 not found, \
-6 integrity, 7 refused by the server, 8 local file error.";
+const EXIT_CODES: &str = "Exit codes: 0 ok, 2 usage, 3 authentication, 4 network (or turned away), \
+5 not found, 6 integrity, 7 refused by the server, 8 local file error, 9 the server's storage is full, \
+10 conflict (upload --if-match/--if-absent found another version), 130 cancelled.";
 
 #[derive(Subcommand, Debug)]
 enum Command {
     /// List the files on the server.
-    Ls,
-    /// Describe one file on the server.
+    Ls {
+        /// Also list interrupted uploads the server keeps (the next upload
+        /// of the name resumes from one; `rm` drops it), with their size and
+        /// age.
+        #[arg(short, long)]
+        all: bool,
+    },
+    /// Describe one file on the server, and what an interrupted upload of
+    /// it left.
     Stat {
         /// Remote name.
         name: String,
@@ -75,6 +84,15 @@ enum Command {
         /// Remote name [default: the file's name].
         #[arg(long = "as")]
         name: Option<String>,
+        /// Publish only if the server's version is still this one (its
+        /// SHA-256, as `stat` shows it); otherwise exit 10 and leave the
+        /// server's version as it is. Without it the last writer wins.
+        #[arg(long, value_name = "SHA256", value_parser = parse_sha256, conflicts_with = "if_absent")]
+        if_match: Option<deltasync_client::Hash>,
+        /// Publish only if the server holds no version of the name (else
+        /// exit 10).
+        #[arg(long)]
+        if_absent: bool,
     },
     /// Download a file (a delta against an existing local copy).
     Download {
@@ -89,6 +107,35 @@ enum Command {
         /// Remote name.
         name: String,
     },
+}
+
+fn parse_sha256(s: &str) -> Result<deltasync_client::Hash, String> {
+    deltasync_client::Hash::from_hex(s.trim()).ok_or_else(|| "a SHA-256: 64 hex digits".to_string())
+}
+
+/// How long ago `secs` (since the Unix epoch) was, for people: `40s`,
+/// `12m`, `5h`, `3d`.
+fn age(secs: u64) -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let a = now.saturating_sub(secs);
+    match a {
+        0..60 => format!("{a}s"),
+        60..3600 => format!("{}m", a / 60),
+        3600..86400 => format!("{}h", a / 3600),
+        _ => format!("{}d", a / 86400),
+    }
+}
+
+/// A line of `ls --all` for an interrupted upload (columns as a file's:
+/// size, time, then what it is in place of the hash).
+fn partial_line(p: &RemotePartial) -> String {
+    format!(
+        "{:>12}  {}  {:<16}  {}",
+        p.size,
+        p.modified,
+        format!("partial, {}", age(p.modified)),
+        printable(&p.name)
+    )
 }
 
 fn parse_rate(s: &str) -> Result<u64, String> {
@@ -160,9 +207,11 @@ fn run(cli: Cli) -> Result<(), ClientError> {
     let bars = !cli.json && std::io::stderr().is_terminal();
     let json = |v: &dyn erased::Json| out(&v.to_json());
     match cli.command {
-        Command::Ls => {
-            let files = c.list()?;
-            if cli.json {
+        Command::Ls { all } => {
+            let (files, partials) = if all { c.list_all()? } else { (c.list()?, Vec::new()) };
+            if cli.json && all {
+                json(&serde_json::json!({ "files": files, "partials": partials }));
+            } else if cli.json {
                 json(&files);
             } else {
                 for f in files {
@@ -174,20 +223,35 @@ fn run(cli: Cli) -> Result<(), ClientError> {
                         printable(&f.name)
                     ));
                 }
+                for p in &partials {
+                    out(&partial_line(p));
+                }
             }
         }
         Command::Stat { name } => {
-            let f = c.stat(&name)?;
+            let d = c.describe(&name)?;
             if cli.json {
-                json(&f);
+                json(&d);
             } else {
-                out(&format!(
-                    "{}: {} bytes, modified {}, sha256 {}",
-                    printable(&f.name),
-                    f.size,
-                    f.modified,
-                    f.sha256
-                ));
+                if let Some(f) = &d.file {
+                    out(&format!(
+                        "{}: {} bytes, modified {}, sha256 {}",
+                        printable(&f.name),
+                        f.size,
+                        f.modified,
+                        f.sha256
+                    ));
+                }
+                if let Some(p) = &d.partial {
+                    out(&format!(
+                        "{}: interrupted upload, {} bytes kept, last written {} ({} ago); the next upload \
+                         resumes from it, rm drops it",
+                        printable(&p.name),
+                        p.size,
+                        p.modified,
+                        age(p.modified)
+                    ));
+                }
             }
         }
         Command::Rm { name } => {
@@ -198,7 +262,7 @@ fn run(cli: Cli) -> Result<(), ClientError> {
                 out(&format!("deleted {}", printable(&name)));
             }
         }
-        Command::Upload { path, name } => {
+        Command::Upload { path, name, if_match, if_absent } => {
             let name = match name {
                 Some(n) => n,
                 None => {
@@ -208,11 +272,27 @@ fn run(cli: Cli) -> Result<(), ClientError> {
                 }
             };
             let b = bar(bars, &name);
-            let r = c.upload(&path, &name, tick(&b))?;
+            let expect = if if_absent { Some(Expect::Absent) } else { if_match.map(Expect::Match) };
+            let r = c.upload_if(&path, &name, expect, tick(&b))?;
             if let Some(b) = b {
                 b.finish_and_clear();
             }
-            if cli.json { json(&r) } else { out(&summary(&r, "uploaded")) }
+            if cli.json {
+                json(&r)
+            } else {
+                out(&summary(&r, "uploaded"));
+            }
+            if r.replaced && !cli.json {
+                let what = if r.mode == deltasync_client::Mode::Unchanged {
+                    "the server now holds another version than this file"
+                } else {
+                    "this version replaced that one (use --if-match to refuse instead)"
+                };
+                eprintln!(
+                    "deltasync: warning: {} was changed on the server by someone else while this upload ran; {what}",
+                    printable(&name)
+                );
+            }
         }
         Command::Download { name, output } => {
             let dest = output.unwrap_or_else(|| PathBuf::from(name.rsplit('/').next().unwrap_or(&name)));

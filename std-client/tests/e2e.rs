@@ -376,6 +376,11 @@ fn a_server_killed_mid_upload_keeps_the_old_version_and_resumes() {
     assert!(std::fs::read(root.join("data")).unwrap() == old, "the old version was damaged");
 
     let srv = Server::start(&root);
+    // Recovered as the name's interrupted upload, listed beside its file.
+    let all = srv.json(&["ls", "--all"]);
+    assert_eq!(all["files"][0]["name"], "data", "{all}");
+    assert_eq!(all["partials"][0]["name"], "data", "{all}");
+    assert!(all["partials"][0]["size"].as_u64().unwrap() >= (85 << 20) + (7 << 20), "{all}");
     let retry = srv.json(&["upload", s(&path)]);
     assert_eq!(retry["mode"], "delta");
     assert!(wire(&retry) < size as u64 / 10, "retry moved {} bytes", wire(&retry));
@@ -384,6 +389,115 @@ fn a_server_killed_mid_upload_keeps_the_old_version_and_resumes() {
         std::fs::read_dir(root.join(".deltasync/upload")).unwrap().filter_map(Result::ok).collect();
     assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
     let _ = std::io::stderr().flush();
+}
+
+/// Waits until an upload in progress under `root` holds `bytes`.
+fn wait_for_part(root: &Path, bytes: u64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while part_size(root) < bytes {
+        assert!(Instant::now() < deadline, "the upload never got to {bytes} bytes");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn an_interrupted_upload_is_listed_described_and_dropped_by_rm() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let srv = Server::start(&root);
+    let path = dir.path().join("big");
+    std::fs::write(&path, random(3, 8 << 20)).unwrap();
+    let mut up = srv.spawn(&["--no-compress", "--limit-rate", "2M", "upload", s(&path)]);
+    wait_for_part(&root, 1 << 20);
+    // The client goes away mid-upload: the server keeps what it received.
+    up.kill().unwrap();
+    up.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let partials = loop {
+        let all = srv.json(&["ls", "--all"]);
+        let p = all["partials"].as_array().unwrap().clone();
+        if !p.is_empty() {
+            assert_eq!(all["files"].as_array().unwrap().len(), 0, "{all}");
+            break p;
+        }
+        assert!(Instant::now() < deadline, "the interrupted upload never showed in ls --all");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(partials.len(), 1, "{partials:?}");
+    assert_eq!(partials[0]["name"], "big");
+    let size = partials[0]["size"].as_u64().unwrap();
+    assert!(size >= 1 << 20 && size < 8 << 20, "{size}");
+    // Plain `ls` lists files only; `ls --all` shows the partial's size and age.
+    assert!(srv.cli(&["ls"]).stdout.is_empty());
+    let text = String::from_utf8(srv.cli(&["ls", "--all"]).stdout).unwrap();
+    assert!(
+        text.contains(&format!("{size:>12}")) && text.contains("partial, ") && text.ends_with("big\n"),
+        "{text:?}"
+    );
+    // `stat` describes it (no file, the partial).
+    let st = srv.json(&["stat", "big"]);
+    assert_eq!(st["partial"]["size"].as_u64(), Some(size), "{st}");
+    assert!(st.get("sha256").is_none(), "no stored file: {st}");
+    let text = String::from_utf8(srv.cli(&["stat", "big"]).stdout).unwrap();
+    assert!(text.starts_with(&format!("big: interrupted upload, {size} bytes kept")), "{text:?}");
+    // `rm` drops it; then there is nothing of that name.
+    assert!(srv.cli(&["rm", "big"]).status.success());
+    assert_eq!(srv.cli(&["stat", "big"]).status.code(), Some(5));
+    assert_eq!(srv.json(&["ls", "--all"])["partials"].as_array().unwrap().len(), 0);
+    assert_eq!(std::fs::read_dir(root.join(".deltasync/partial")).unwrap().count(), 0, "label left");
+}
+
+#[test]
+fn upload_if_match_wins_when_nothing_changed_and_loses_a_race() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let srv = Server::start(&root);
+    let version = |i: u64| {
+        let p = dir.path().join(format!("v{i}"));
+        std::fs::write(&p, random(i, 8 << 20)).unwrap();
+        p
+    };
+    let sha = |v: &serde_json::Value| v["sha256"].as_str().unwrap().to_string();
+    let code = |o: &Output| o.status.code();
+    let v1 = srv.json(&["upload", s(&version(1)), "--as", "doc"]);
+    // Wins: the server still holds the version named.
+    let v2 = srv.json(&["upload", s(&version(2)), "--as", "doc", "--if-match", &sha(&v1)]);
+    assert_eq!(srv.json(&["stat", "doc"])["sha256"], v2["sha256"]);
+    // Loses at once: a stale version named, or one expected absent.
+    let stale = srv.cli(&["upload", s(&version(3)), "--as", "doc", "--if-match", &sha(&v1)]);
+    assert_eq!(code(&stale), Some(10), "{}", String::from_utf8_lossy(&stale.stderr));
+    assert!(String::from_utf8_lossy(&stale.stderr).contains("not the one expected"));
+    assert_eq!(code(&srv.cli(&["upload", s(&version(3)), "--as", "doc", "--if-absent"])), Some(10));
+    assert_eq!(srv.json(&["stat", "doc"])["sha256"], v2["sha256"], "the stored version stays");
+    assert!(srv.cli(&["upload", s(&version(3)), "--as", "new", "--if-absent"]).status.success());
+    // Loses a race: a slow conditional upload is overtaken by a fast one.
+    let slow = srv
+        .command(&key(), &["--no-compress", "--limit-rate", "2M", "upload", s(&version(4)), "--as", "doc"])
+        .args(["--if-match", &sha(&v2)])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_part(&root, 1 << 20);
+    let fast = srv.json(&["upload", s(&version(5)), "--as", "doc"]);
+    assert_eq!(fast["replaced"], false);
+    let slow = slow.wait_with_output().unwrap();
+    assert_eq!(code(&slow), Some(10), "{}", String::from_utf8_lossy(&slow.stderr));
+    assert_eq!(srv.json(&["stat", "doc"])["sha256"], fast["sha256"], "the other writer's version stays");
+    assert!(std::fs::read(root.join("doc")).unwrap() == std::fs::read(version(5)).unwrap());
+    // Without --if-match the slow one wins the same race, and is told.
+    let slow = srv
+        .command(&key(), &["--no-compress", "--limit-rate", "2M", "upload", s(&version(6)), "--as", "doc"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_part(&root, 1 << 20);
+    srv.json(&["upload", s(&version(7)), "--as", "doc"]);
+    let slow = slow.wait_with_output().unwrap();
+    assert!(slow.status.success(), "{}", String::from_utf8_lossy(&slow.stderr));
+    let warning = String::from_utf8_lossy(&slow.stderr);
+    assert!(warning.contains("changed on the server by someone else while this upload ran"), "{warning}");
+    assert!(std::fs::read(root.join("doc")).unwrap() == std::fs::read(version(6)).unwrap());
+    assert_eq!(part_size(&root), 0, "temporary files left");
 }
 
 #[test]
