@@ -258,16 +258,7 @@ impl TransferReport {
 /// terminal nor forge lines or hide its own letters. Names come from the
 /// server, which may hold anything a writer chose.
 pub fn printable(name: &str) -> std::borrow::Cow<'_, str> {
-    // Controls, the backslash, and the invisible format characters (zero
-    // widths, joiners, bidi marks, overrides and isolates, line and
-    // paragraph separators, the soft hyphen, tags): two names that print
-    // alike must not be two names.
-    let risky = |c: char| {
-        c.is_control()
-            || c == '\\'
-            || matches!(c, '\u{ad}' | '\u{61c}' | '\u{180e}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}'
-                | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{206f}' | '\u{feff}' | '\u{e0000}'..='\u{e007f}')
-    };
+    let risky = |c: char| c == '\\' || unsafe_to_show(c);
     if !name.chars().any(risky) {
         return std::borrow::Cow::Borrowed(name);
     }
@@ -285,6 +276,44 @@ pub fn printable(name: &str) -> std::borrow::Cow<'_, str> {
         }
     }
     std::borrow::Cow::Owned(out)
+}
+
+/// Whether `c` must not reach a terminal as it is: controls (C0, DEL, C1)
+/// and the invisible format characters (zero widths, joiners, bidi marks,
+/// overrides and isolates, line and paragraph separators, the soft hyphen,
+/// tags): two names that print alike must not be two names.
+fn unsafe_to_show(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{ad}' | '\u{61c}' | '\u{180e}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}'
+            | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{206f}' | '\u{feff}' | '\u{e0000}'..='\u{e007f}')
+}
+
+/// `v` as one line of JSON in which every character a terminal must not
+/// see as it is (see [`printable`]) is a `\uXXXX` escape, DEL and C1 and
+/// bidi controls too (serde_json escapes only C0): the text stays exact
+/// for a JSON reader and inert on a terminal.
+pub fn json_line<T: Serialize + ?Sized>(v: &T) -> serde_json::Result<String> {
+    struct Inert;
+    impl serde_json::ser::Formatter for Inert {
+        fn write_string_fragment<W: ?Sized + io::Write>(
+            &mut self,
+            w: &mut W,
+            fragment: &str,
+        ) -> io::Result<()> {
+            let mut rest = fragment;
+            while let Some((i, c)) = rest.char_indices().find(|&(_, c)| unsafe_to_show(c)) {
+                w.write_all(&rest.as_bytes()[..i])?;
+                for unit in c.encode_utf16(&mut [0; 2]) {
+                    write!(w, "\\u{unit:04x}")?;
+                }
+                rest = &rest[i + c.len_utf8()..];
+            }
+            w.write_all(rest.as_bytes())
+        }
+    }
+    let mut out = Vec::new();
+    v.serialize(&mut serde_json::Serializer::with_formatter(&mut out, Inert))?;
+    Ok(String::from_utf8(out).unwrap_or_default())
 }
 
 /// A byte count for people: `812 B`, `4.8 MiB`.
@@ -1012,5 +1041,15 @@ mod printable_tests {
         assert_eq!(printable("a\u{200b}b\u{feff}"), "a\\u{200b}b\\u{feff}");
         assert_eq!(printable("back\\slash"), "back\\\\slash");
         assert_eq!(printable("ünïcödé 名前"), "ünïcödé 名前");
+    }
+
+    #[test]
+    fn json_escapes_what_a_terminal_must_not_see_and_stays_exact() {
+        let name = "a\u{1b}b\u{7f}c\u{9b}d\u{202e}e\u{e0041}f\\g\"h ünï";
+        let line = super::json_line(&serde_json::json!({ "name": name })).unwrap();
+        assert_eq!(line, r#"{"name":"a\u001bb\u007fc\u009bd\u202ee\udb40\udc41f\\g\"h ünï"}"#);
+        assert!(!line.chars().any(super::unsafe_to_show));
+        let back: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(back["name"], name);
     }
 }

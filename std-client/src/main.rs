@@ -314,7 +314,7 @@ mod erased {
     }
     impl<T: serde::Serialize> Json for T {
         fn to_json(&self) -> String {
-            serde_json::to_string(self).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+            deltasync_client::json_line(self).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
         }
     }
 }
@@ -326,7 +326,8 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             if json {
-                eprintln!("{}", serde_json::json!({ "error": e.to_string(), "exit_code": e.exit_code() }));
+                let err = serde_json::json!({ "error": e.to_string(), "exit_code": e.exit_code() });
+                eprintln!("{}", deltasync_client::json_line(&err).unwrap_or_default());
             } else {
                 eprintln!("deltasync: {e}");
             }

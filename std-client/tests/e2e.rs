@@ -548,7 +548,8 @@ fn names_with_escape_sequences_are_printed_escaped() {
     let path = dir.path().join("f");
     std::fs::write(&path, b"x").unwrap();
     // A title-setting escape, then a line that would look like a listing.
-    let name = "evil\u{1b}]0;pwned\u{7}\n           1  0  0000000000000000  forged";
+    // (and a C1 CSI and a right-to-left override, which JSON must escape too).
+    let name = "evil\u{1b}]0;pwned\u{7}\n           1  0  0000000000000000  forged\u{9b}2J\u{202e}";
     let up = srv.cli(&["upload", s(&path), "--as", name]);
     assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
     for args in [&["ls"][..], &["stat", name][..]] {
@@ -562,6 +563,7 @@ fn names_with_escape_sequences_are_printed_escaped() {
     let ls = srv.cli(&["--json", "ls"]);
     let text = String::from_utf8(ls.stdout).unwrap();
     assert!(!text.contains('\u{1b}') && text.contains("\\u001b"), "{text:?}");
+    assert!(!text.contains(['\u{9b}', '\u{202e}']) && text.contains("\\u009b2J\\u202e"), "{text:?}");
     let files: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
     assert_eq!(files[0]["name"], name);
 }

@@ -288,12 +288,17 @@ impl GuiApp {
                     let Some(j) = self.jobs.get_mut(id) else { continue };
                     let line = match &r {
                         Ok(rep) => format!(
-                            "{}: {} — {} on the wire for a {} file, saved {:.1}%",
+                            "{}: {} — {} on the wire for a {} file, saved {:.1}%{}",
                             j.label,
                             rep.mode,
                             human(rep.wire_bytes_sent + rep.wire_bytes_received),
                             human(rep.file_bytes),
-                            rep.saving() * 100.0
+                            rep.saving() * 100.0,
+                            if rep.replaced {
+                                " (warning: someone else changed this file on the server during the upload)"
+                            } else {
+                                ""
+                            }
                         ),
                         Err(e) => format!("{}: failed: {e}", j.label),
                     };
