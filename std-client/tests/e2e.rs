@@ -426,7 +426,7 @@ fn an_interrupted_upload_is_listed_described_and_dropped_by_rm() {
     assert_eq!(partials.len(), 1, "{partials:?}");
     assert_eq!(partials[0]["name"], "big");
     let size = partials[0]["size"].as_u64().unwrap();
-    assert!(size >= 1 << 20 && size < 8 << 20, "{size}");
+    assert!((1 << 20..8 << 20).contains(&size), "{size}");
     // Plain `ls` lists files only; `ls --all` shows the partial's size and age.
     assert!(srv.cli(&["ls"]).stdout.is_empty());
     let text = String::from_utf8(srv.cli(&["ls", "--all"]).stdout).unwrap();
