@@ -112,6 +112,8 @@ pub struct Receiver<T, R, W> {
     root_deadline: Option<Instant>,
     salt: [u8; 8],
     base: Option<Base<T, R>>,
+    /// The version held now (root, size): an offer of it is unchanged.
+    current: Option<(crate::Hash, u64)>,
     /// Every old entry: (short id, level, index, len), sorted by short id.
     held: Vec<(ShortId, u8, u32, u64)>,
     phase: Phase,
@@ -160,12 +162,14 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
             }
             held.sort_unstable_by_key(|h| h.0);
         }
+        let current = base.as_ref().and_then(|b| b.tree.entry(b.tree.height(), 0)).map(|r| (r.id, r.len));
         Ok(Receiver {
             offer,
             rootless: !offer.root.is_known(),
             root_deadline: None,
             salt,
             base,
+            current,
             held,
             phase: Phase::Start,
             expand: VecDeque::new(),
@@ -189,6 +193,16 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
             #[cfg(feature = "compress")]
             unzstd: None,
         })
+    }
+
+    /// Sets the version the receiver holds now (root and size), when that is
+    /// not its whole base: a server's base chains the stored version with
+    /// what an interrupted upload left, and only the first is stored. An
+    /// offer of exactly this version ends [`Outcome::Unchanged`] at once;
+    /// any other is assembled (from the base wherever it can).
+    pub fn holding(mut self, current: Option<(crate::Hash, u64)>) -> Self {
+        self.current = current;
+        self
     }
 
     /// A `DataZ` frame: decompressed (to exactly `raw` bytes, at most a
@@ -263,8 +277,7 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
     }
 
     fn start(&mut self) {
-        let base_root = self.base.as_ref().and_then(|b| b.tree.entry(b.tree.height(), 0));
-        if base_root.is_some_and(|r| r.id == self.offer.root && r.len == self.offer.size) {
+        if self.current.is_some_and(|(root, size)| root == self.offer.root && size == self.offer.size) {
             self.phase = Phase::Finished(Outcome::Unchanged);
             return;
         }

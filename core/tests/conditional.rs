@@ -1,11 +1,14 @@
 //! Conditional uploads (`UploadIf`), the notice an upload gets when the
-//! version it started from was replaced meanwhile (`Replaced`), and a client
-//! of protocol 5 served by this server: over the in-memory harness, with a
-//! store that lets another writer publish while an upload runs.
+//! version it started from was replaced meanwhile (`Replaced`), interrupted
+//! uploads in listings (`ListAll`, `Stat`), and a client of protocol 5
+//! served by this server: over the in-memory harness, with a store that
+//! keeps partials and lets another writer publish while an upload runs.
 
+use deltasync_core::access::Access;
+use deltasync_core::channel::ClientKey;
 use deltasync_core::chunker::ChunkerKind;
-use deltasync_core::conn::server::{Published, ServerConn, Store, StoredFile};
-use deltasync_core::conn::{Query, QueryKind, Upload};
+use deltasync_core::conn::server::{PartialFile, Published, ServerConn, Store, StoredFile};
+use deltasync_core::conn::{Listed, Query, QueryKind, Upload};
 use deltasync_core::driver::DriveError;
 use deltasync_core::error::{ErrorCode, SessionError};
 use deltasync_core::message::{Expect, Outcome};
@@ -16,10 +19,13 @@ use deltasync_core::{Hash, Instant, PROTOCOL_VERSION};
 
 /// A [`MemStore`] where another writer publishes `other` as `name` just
 /// before this connection's upload is published (between the store's
-/// `create` and its `finish`: the race a conditional upload guards).
+/// `create` and its `finish`: the race a conditional upload guards), or
+/// deletes `name` if `other` is empty; and which holds `partials` (what
+/// interrupted uploads of those names left).
 struct Racing {
     inner: MemStore,
     other: Option<(&'static str, Vec<u8>)>,
+    partials: Vec<(&'static str, Vec<u8>)>,
 }
 
 impl Store for Racing {
@@ -37,10 +43,24 @@ impl Store for Racing {
         self.inner.create(name, size, expect)
     }
     fn finish(&mut self, name: &str, w: MemWriter, tree: Option<Tree>) -> Result<Published, ErrorCode> {
-        if let Some((n, data)) = self.other.take() {
-            self.inner.0.borrow_mut().insert(n.to_string(), data);
+        match self.other.take() {
+            Some((n, data)) if data.is_empty() => drop(self.inner.0.borrow_mut().remove(n)),
+            Some((n, data)) => drop(self.inner.0.borrow_mut().insert(n.to_string(), data)),
+            None => {}
         }
         self.inner.finish(name, w, tree)
+    }
+    fn partial(&mut self, name: &str, chunking: ChunkerKind) -> Result<Option<(Tree, Vec<u8>)>, ErrorCode> {
+        let p = self.partials.iter().find(|p| p.0 == name);
+        Ok(p.map(|(_, d)| (Tree::build(&d[..], chunking), d.clone())))
+    }
+    fn partials(&mut self) -> Result<Vec<PartialFile>, ErrorCode> {
+        let describe =
+            |(n, d): &(&str, Vec<u8>)| PartialFile { name: n.to_string(), size: d.len() as u64, modified: 7 };
+        Ok(self.partials.iter().map(describe).collect())
+    }
+    fn partial_info(&mut self, name: &str) -> Result<Option<PartialFile>, ErrorCode> {
+        Ok(self.partials()?.into_iter().find(|p| p.name == name))
     }
     fn list(&mut self) -> Result<Vec<StoredFile>, ErrorCode> {
         self.inner.list()
@@ -53,7 +73,7 @@ impl Store for Racing {
     }
 }
 
-type Keys = Vec<(deltasync_core::channel::ClientKey, deltasync_core::access::Access)>;
+type Keys = Vec<(ClientKey, Access)>;
 
 struct Session {
     server: ServerConn<Racing, Keys>,
@@ -67,9 +87,12 @@ struct Session {
 /// A session over `files` (protocol `version` at most) in which another
 /// writer publishes `other` during the first upload, if given.
 fn connect(files: &Files, other: Option<(&'static str, Vec<u8>)>, version: u16) -> Session {
-    let store = Racing { inner: MemStore(files.clone()), other };
+    connect_to(Racing { inner: MemStore(files.clone()), other, partials: Vec::new() }, keys(), version)
+}
+
+fn connect_to(store: Racing, keys: Keys, version: u16) -> Session {
     let mut s = Session {
-        server: ServerConn::new(store, keys(), [9u8; 32], Instant(0)),
+        server: ServerConn::new(store, keys, [9u8; 32], Instant(0)),
         cp: pump(),
         sp: pump(),
         net: Net::new(),
@@ -183,12 +206,124 @@ fn an_upload_over_a_version_replaced_meanwhile_is_told_so() {
     let (r, replaced, _) = upload(&mut s, "f", &v1, None);
     assert_eq!(r.unwrap(), Outcome::Written);
     assert!(!replaced);
-    // Deleted meanwhile counts too (the other writer's `rm` is undone).
+    // Another name's change is not this one's.
     let files = files_with("f", &v1);
     let mut s = connect(&files, Some(("other", v1.clone())), PROTOCOL_VERSION);
     let (r, replaced, _) = upload(&mut s, "f", &v2, None);
     assert_eq!(r.unwrap(), Outcome::Written);
-    assert!(!replaced, "another name's change is not this one's");
+    assert!(!replaced);
+    // Deleted meanwhile counts too (the other writer's `rm` is undone, and
+    // it is said).
+    let files = files_with("f", &v1);
+    let mut s = connect(&files, Some(("f", Vec::new())), PROTOCOL_VERSION);
+    let (r, replaced, _) = upload(&mut s, "f", &v2, None);
+    assert_eq!(r.unwrap(), Outcome::Written);
+    assert!(replaced);
+    assert!(files.borrow()["f"] == v2);
+    // A conditional upload refuses to undo it.
+    let files = files_with("f", &v1);
+    let mut s = connect(&files, Some(("f", Vec::new())), PROTOCOL_VERSION);
+    let (r, _, _) = upload(&mut s, "f", &v2, Some(Expect::Match(Hash::of(&v1))));
+    assert!(conflict(&r), "{r:?}");
+    assert!(!files.borrow().contains_key("f"));
+}
+
+#[test]
+fn a_partial_holding_all_of_the_offer_is_published_not_called_unchanged() {
+    // A server that died after the last byte but before publishing kept the
+    // whole version as a partial: a retry publishes it (copying every byte
+    // from the partial), it does not end `Unchanged` with nothing stored.
+    let (v0, v1) = (random_bytes(1, 60_000), random_bytes(2, 60_000));
+    for stored in [None, Some(v0.clone())] {
+        let files = Files::default();
+        if let Some(v) = &stored {
+            files.borrow_mut().insert("f".into(), v.clone());
+        }
+        let store = Racing { inner: MemStore(files.clone()), other: None, partials: vec![("f", v1.clone())] };
+        let mut s = connect_to(store, keys(), PROTOCOL_VERSION);
+        let expect = if stored.is_some() { Expect::Match(Hash::of(&v0)) } else { Expect::Absent };
+        let (r, _, sent) = upload(&mut s, "f", &v1, Some(expect));
+        assert_eq!(r.unwrap(), Outcome::Written, "stored: {}", stored.is_some());
+        assert_eq!(sent, 0, "every byte came from the partial");
+        assert!(files.borrow()["f"] == v1);
+    }
+    // The stored version itself is still unchanged, partial or not.
+    let files = files_with("f", &v1);
+    let store = Racing { inner: MemStore(files.clone()), other: None, partials: vec![("f", v0.clone())] };
+    let mut s = connect_to(store, keys(), PROTOCOL_VERSION);
+    assert_eq!(upload(&mut s, "f", &v1, None).0.unwrap(), Outcome::Unchanged);
+}
+
+#[test]
+fn interrupted_uploads_are_listed_and_described_within_the_keys_prefixes() {
+    let files = files_with("dir/a", b"a");
+    files.borrow_mut().insert("other/b".into(), b"b".to_vec());
+    let partials = vec![("dir/a", vec![1; 10]), ("dir/new", vec![2; 20]), ("other/c", vec![3; 30])];
+    let reader = ClientKey { id: *b"readerky", secret: [0x43; 32] };
+    let access = Access {
+        key: "reader".into(),
+        read: true,
+        write: false,
+        delete: false,
+        prefixes: vec!["dir/".into()],
+    };
+    let keyring = vec![(KEY, Access::full("sim")), (reader.clone(), access)];
+    let listed = |key: ClientKey, kind: QueryKind<'_>| {
+        let store = Racing { inner: MemStore(files.clone()), other: None, partials: partials.clone() };
+        let mut s = Session {
+            server: ServerConn::new(store, keyring.clone(), [9u8; 32], Instant(0)),
+            cp: pump(),
+            sp: pump(),
+            net: Net::new(),
+            salt: [0; 8],
+            version: 0,
+        };
+        run(&mut handshake(key), &mut s.cp, &mut s.server, &mut s.sp, &mut s.net).unwrap();
+        let mut seen = Vec::new();
+        let on_entry = |e: Listed<'_>| {
+            seen.push(match e {
+                Listed::File(f) => format!("file {} {}", f.name, f.size),
+                Listed::Partial(p) => format!("partial {} {} {}", p.name, p.size, p.modified),
+            })
+        };
+        let mut q = Query::new(kind, PROTOCOL_VERSION, on_entry, Instant(0));
+        let r = run(&mut q, &mut s.cp, &mut s.server, &mut s.sp, &mut s.net);
+        (r.map(|st| st.map(|st| st.size)), seen)
+    };
+    let (r, seen) = listed(KEY, QueryKind::ListAll);
+    r.unwrap();
+    assert_eq!(
+        seen,
+        [
+            "file dir/a 1",
+            "file other/b 1",
+            "partial dir/a 10 7",
+            "partial dir/new 20 7",
+            "partial other/c 30 7"
+        ]
+    );
+    // A key limited to `dir/` sees nothing of `other/`.
+    let (r, seen) = listed(reader.clone(), QueryKind::ListAll);
+    r.unwrap();
+    assert_eq!(seen, ["file dir/a 1", "partial dir/a 10 7", "partial dir/new 20 7"]);
+    // Stat: the file and its partial; a partial alone; neither.
+    let (r, seen) = listed(reader.clone(), QueryKind::Stat("dir/a"));
+    assert_eq!(r.unwrap(), Some(1));
+    assert_eq!(seen, ["file dir/a 1", "partial dir/a 10 7"]);
+    let (r, seen) = listed(reader.clone(), QueryKind::Stat("dir/new"));
+    assert_eq!(r.unwrap(), None, "no file");
+    assert_eq!(seen, ["partial dir/new 20 7"]);
+    let (r, _) = listed(reader.clone(), QueryKind::Stat("dir/none"));
+    assert!(
+        matches!(r, Err(Stop::Client(DriveError::Session(SessionError::Peer(ErrorCode::NotFound))))),
+        "{r:?}"
+    );
+    let (r, seen) = listed(reader, QueryKind::Stat("other/c"));
+    assert!(
+        matches!(r, Err(Stop::Client(DriveError::Session(SessionError::Peer(ErrorCode::PermissionDenied))))),
+        "{r:?}"
+    );
+    assert!(seen.is_empty());
 }
 
 #[test]

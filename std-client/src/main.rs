@@ -72,7 +72,7 @@ enum Command {
         all: bool,
     },
     /// Describe one file on the server, and what an interrupted upload of
-    /// it left.
+    /// it left (exit 5 if there is no file, even when that is shown).
     Stat {
         /// Remote name.
         name: String,
@@ -252,6 +252,10 @@ fn run(cli: Cli) -> Result<(), ClientError> {
                         age(p.modified)
                     ));
                 }
+            }
+            // Only an interrupted upload: shown, but there is no such file.
+            if d.file.is_none() {
+                return Err(ClientError::NotFound(name));
             }
         }
         Command::Rm { name } => {

@@ -434,15 +434,19 @@ fn an_interrupted_upload_is_listed_described_and_dropped_by_rm() {
         text.contains(&format!("{size:>12}")) && text.contains("partial, ") && text.ends_with("big\n"),
         "{text:?}"
     );
-    // `stat` describes it (no file, the partial).
-    let st = srv.json(&["stat", "big"]);
+    // `stat` describes it, and exits 5: there is no such file.
+    let st = srv.cli(&["--json", "stat", "big"]);
+    assert_eq!(st.status.code(), Some(5));
+    let st: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
     assert_eq!(st["partial"]["size"].as_u64(), Some(size), "{st}");
     assert!(st.get("sha256").is_none(), "no stored file: {st}");
     let text = String::from_utf8(srv.cli(&["stat", "big"]).stdout).unwrap();
     assert!(text.starts_with(&format!("big: interrupted upload, {size} bytes kept")), "{text:?}");
     // `rm` drops it; then there is nothing of that name.
     assert!(srv.cli(&["rm", "big"]).status.success());
-    assert_eq!(srv.cli(&["stat", "big"]).status.code(), Some(5));
+    let gone = srv.cli(&["stat", "big"]);
+    assert_eq!(gone.status.code(), Some(5));
+    assert!(gone.stdout.is_empty());
     assert_eq!(srv.json(&["ls", "--all"])["partials"].as_array().unwrap().len(), 0);
     assert_eq!(std::fs::read_dir(root.join(".deltasync/partial")).unwrap().count(), 0, "label left");
 }

@@ -163,27 +163,32 @@ fn mtime_ns(m: &fs::Metadata) -> i128 {
 
 /// Which version of a name is stored. Every version the server publishes
 /// is a new file (inode); one changed in place behind its back has another
-/// size or modification time.
+/// size or modification time; and an inode number reused after the old
+/// version was unlinked comes with the change time of its new file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct VersionId {
     dev: u64,
     ino: u64,
     size: u64,
     mtime_ns: i128,
+    ctime_ns: i128,
 }
 
 impl VersionId {
     fn of_stat(s: &rustix::fs::Stat) -> VersionId {
+        let ns = |secs: i64, nsec: i64| i128::from(secs) * 1_000_000_000 + i128::from(nsec);
         VersionId {
             dev: s.st_dev,
             ino: s.st_ino,
             size: s.st_size as u64,
-            mtime_ns: i128::from(s.st_mtime) * 1_000_000_000 + i128::from(s.st_mtime_nsec),
+            mtime_ns: ns(s.st_mtime, s.st_mtime_nsec as i64),
+            ctime_ns: ns(s.st_ctime, s.st_ctime_nsec as i64),
         }
     }
 
     fn of_meta(m: &fs::Metadata) -> VersionId {
-        VersionId { dev: m.dev(), ino: m.ino(), size: m.len(), mtime_ns: mtime_ns(m) }
+        let ctime_ns = i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec());
+        VersionId { dev: m.dev(), ino: m.ino(), size: m.len(), mtime_ns: mtime_ns(m), ctime_ns }
     }
 }
 
@@ -657,7 +662,14 @@ impl FsStore {
         // An upload expecting no version never replaces one, even one made
         // behind the server's back since the check.
         let renamed = if w.conditional && w.found.is_none() {
-            self.root.rename_noreplace(&w.path, &dest)
+            match self.root.rename_noreplace(&w.path, &dest) {
+                // Not on this file system: a hard link fails as atomically
+                // if the name exists.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    self.root.hard_link(&w.path, &dest).map(|()| drop(self.root.remove_file(&w.path)))
+                }
+                r => r,
+            }
         } else {
             self.root.rename(&w.path, &dest)
         };
@@ -766,8 +778,9 @@ fn sweep_partials(root: &Root, limits: PartialLimits) {
     for (name, kind) in &entries {
         let rel = join(&dir, name);
         if let Some(of) = name.strip_suffix(LABEL) {
-            // The label of a partial that is gone.
-            if !names.contains(of) {
+            // The label of a partial that is gone (looked for again: one
+            // may have been renamed in while the directory was read).
+            if !names.contains(of) && !root.is_file(&join(&dir, of)) {
                 let _ = root.remove_file(&rel);
             }
             continue;
@@ -1629,6 +1642,10 @@ mod tests {
         // A label whose upload is gone, and one of an empty upload.
         fs::write(meta.join(format!("upload/{}-77-9.name", h("q"))), b"q").unwrap();
         fs::write(meta.join(format!("upload/{}-77-2.name", h("e"))), b"e").unwrap();
+        // A partial whose label names another name (forged or damaged):
+        // kept, but never listed under a name it is not.
+        fs::write(meta.join(format!("partial/{}", h("w"))), b"w's bytes").unwrap();
+        fs::write(meta.join(format!("partial/{}.name", h("w"))), b"a").unwrap();
         fs::write(meta.join(format!("upload/{}-77-2", h("e"))), b"").unwrap();
         fs::write(meta.join("upload/stray"), b"?").unwrap();
         // The old layout: a partial of `x/y` (under a directory `x`) and an

@@ -236,7 +236,8 @@ pub trait Store {
     /// created with an expectation and the version stored is no longer the
     /// one it found, nothing is published and this fails with
     /// [`ErrorCode::Conflict`]; the check and the publication are one
-    /// step for every writer of the store. If the tree's file hash
+    /// step for every writer of the store. (A discard never fails so: it
+    /// reports `replaced`, and the connection decides.) If the tree's file hash
     /// is [`Hash::UNKNOWN`] (the client left it to the server) the store
     /// computes it over the bytes it wrote; if it is known and the bytes do
     /// not match, the store keeps the old version and fails with
@@ -610,6 +611,9 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
                 return Err(ErrorCode::NeedTree);
             }
         }
+        // The writer first: it records which version is stored, so that one
+        // published while the base is loaded counts as replacing it.
+        let writer = self.store.create(name, offer.size, expect)?;
         let old = self.store.open(name, Some(offer.chunking))?;
         let old_summary = old.as_ref().map(|(t, _)| t.summary());
         let partial = self.store.partial(name, offer.chunking)?;
@@ -623,8 +627,11 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
             let a_size = ta.summary().size;
             Base { tree: Chain { a: ta, b: tb, a_size }, source: Chain { a: ra, b: rb, a_size } }
         });
-        let writer = self.store.create(name, offer.size, expect)?;
-        let rx = Receiver::new(offer, self.salt, base, writer, now).map_err(|_| ErrorCode::Unsupported)?;
+        // Unchanged only against the stored version: a partial that holds
+        // all of the offer is copied from, and the version published.
+        let rx = Receiver::new(offer, self.salt, base, writer, now)
+            .map_err(|_| ErrorCode::Unsupported)?
+            .holding(old_summary.map(|s| (s.root, s.size)));
         self.events.push_back(Event::Started {
             name: name.to_string(),
             direction: Direction::Upload,
