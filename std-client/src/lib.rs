@@ -18,7 +18,7 @@ pub use deltasync_core::message::Expect;
 use deltasync_core::message::{CAP_ZSTD, CAPS, Outcome};
 use deltasync_core::receiver::Base;
 use deltasync_core::sender::Sender;
-use deltasync_core::source::{FileSource, Source};
+use deltasync_core::source::{FileSource, IoFailed, Output, Source};
 use deltasync_core::tree::{Summary, Tree, TreeView};
 use embedded_io_adapters::std::FromStd;
 use serde::Serialize;
@@ -57,6 +57,9 @@ pub enum ClientError {
     Integrity(String),
     /// The server's storage is full: nothing was replaced there.
     NoSpace(String),
+    /// This machine's disk (or quota) is full: a download could not be
+    /// written, and the local file was left as it was.
+    LocalNoSpace(PathBuf),
     /// A conditional upload found another version on the server than the
     /// one it expected (or one where it expected none): nothing replaced.
     Conflict(String),
@@ -103,6 +106,11 @@ impl std::fmt::Display for ClientError {
             ClientError::Integrity(n) => {
                 write!(f, "{}: integrity check failed; nothing was replaced", printable(n))
             }
+            ClientError::LocalNoSpace(p) => write!(
+                f,
+                "{}: no space left on this disk; the local file was left as it was (free space, then retry)",
+                printable(&p.to_string_lossy())
+            ),
             ClientError::Conflict(n) => write!(
                 f,
                 "{}: the server's version is not the one expected (someone else changed it); nothing was \
@@ -129,7 +137,7 @@ impl ClientError {
             ClientError::Integrity(_) | ClientError::Tampered => 6,
             ClientError::Refused(_) | ClientError::Protocol(_) | ClientError::Version => 7,
             ClientError::Local(..) => 8,
-            ClientError::NoSpace(_) => 9,
+            ClientError::NoSpace(_) | ClientError::LocalNoSpace(_) => 9,
             ClientError::Conflict(_) => 10,
             ClientError::Cancelled => 130,
         }
@@ -155,9 +163,7 @@ impl ClientError {
             DriveError::Session(SessionError::Peer(ErrorCode::Conflict)) => {
                 ClientError::Conflict(name.into())
             }
-            DriveError::Session(SessionError::NoSpace) => {
-                ClientError::Local(name.into(), io::Error::other("no space left on this disk"))
-            }
+            DriveError::Session(SessionError::NoSpace) => ClientError::LocalNoSpace(name.into()),
             DriveError::Session(SessionError::Peer(ErrorCode::Integrity)) => {
                 ClientError::Integrity(name.into())
             }
@@ -864,7 +870,13 @@ impl Connection {
         mut progress: impl FnMut(Progress),
     ) -> Result<TransferReport, ClientError> {
         let start = Instant::now();
-        let local = |e| ClientError::Local(dest.to_path_buf(), e);
+        let local = |e: io::Error| {
+            if is_out_of_space(&e) {
+                ClientError::LocalNoSpace(dest.to_path_buf())
+            } else {
+                ClientError::Local(dest.to_path_buf(), e)
+            }
+        };
         let base = match File::open(dest) {
             Ok(f) if f.metadata().map_err(local)?.is_file() => {
                 // Reuse needs chunk ids only, not the local file's SHA-256,
@@ -888,14 +900,20 @@ impl Connection {
         };
         let base_name = dest.file_name().and_then(|n| n.to_str()).unwrap_or("download");
         let tmp = dir.join(format!(".deltasync-dl-{}-{base_name}", std::process::id()));
-        let out = BufWriter::with_capacity(1 << 20, File::create(&tmp).map_err(local)?);
+        let file = BufWriter::with_capacity(1 << 20, File::create(&tmp).map_err(local)?);
         let guard = RemoveOnDrop(Some(tmp.clone()));
         let (s0, r0) = self.wire_bytes();
-        let mut op: Download<'_, Tree, FileSource, BufWriter<File>> =
+        let out = LocalOut { file, out_of_space: false };
+        let mut op: Download<'_, Tree, FileSource, LocalOut> =
             Download::new(name, self.salt, base, out, now());
-        let outcome = self.run(&mut op, name, |op, _| {
-            progress(Progress { done: op.progress(), total: op.offer().map_or(0, |o| o.size) })
-        })?;
+        let outcome = self
+            .run(&mut op, name, |op, _| {
+                progress(Progress { done: op.progress(), total: op.offer().map_or(0, |o| o.size) })
+            })
+            .map_err(|e| match e {
+                ClientError::LocalNoSpace(_) => ClientError::LocalNoSpace(dest.to_path_buf()),
+                e => e,
+            })?;
         let offer = *op.offer().ok_or_else(|| ClientError::Protocol("no offer".into()))?;
         let stats = op.stats();
         let (out, _tree) = op.take_result().ok_or_else(|| ClientError::Protocol("no result".into()))?;
@@ -903,7 +921,7 @@ impl Connection {
             Outcome::Integrity => return Err(ClientError::Integrity(name.into())),
             Outcome::Unchanged => drop(out),
             Outcome::Written => {
-                let f = out.into_inner().map_err(|e| local(e.into_error()))?;
+                let f = out.file.into_inner().map_err(|e| local(e.into_error()))?;
                 f.sync_all().map_err(local)?;
                 fs::rename(&tmp, dest).map_err(local)?;
             }
@@ -943,6 +961,31 @@ enum Streamed {
     /// The server holds something to reuse: the tree (and the groups the
     /// build hashed) to offer instead.
     NeedTree(Tree, Known),
+}
+
+/// Whether a failed write was for want of space (a full disk or quota).
+fn is_out_of_space(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded)
+}
+
+/// A download's file being written: tells the receiver when a write failed
+/// for want of space.
+struct LocalOut {
+    file: BufWriter<File>,
+    out_of_space: bool,
+}
+
+impl Output for LocalOut {
+    fn write(&mut self, data: &[u8]) -> Result<(), IoFailed> {
+        io::Write::write_all(&mut self.file, data).map_err(|e| {
+            self.out_of_space = is_out_of_space(&e);
+            IoFailed
+        })
+    }
+
+    fn out_of_space(&self) -> bool {
+        self.out_of_space
+    }
 }
 
 /// How long a read waits before the driver checks deadlines and cancels.

@@ -638,5 +638,21 @@ fn a_full_disk_is_reported_as_such_and_keeps_the_old_version() {
     std::fs::remove_file(&filler).unwrap();
     assert!(srv.cli(&["--no-compress", "upload", s(&path)]).status.success());
     assert!(std::fs::read(root.join("keep")).unwrap() == edited);
+
+    // A download onto a full local disk, over an older local copy: typed,
+    // exit 9, the copy as it was, no temporary left.
+    let local = disk.0.join("local");
+    std::fs::create_dir(&local).unwrap();
+    let copy = local.join("keep");
+    std::fs::write(&copy, &kept).unwrap();
+    let df = Command::new("df").args(["--output=avail", "-B1"]).arg(&disk.0).output().unwrap();
+    let free: u64 = String::from_utf8_lossy(&df.stdout).lines().nth(1).unwrap().trim().parse().unwrap();
+    std::fs::write(&filler, vec![1u8; (free - (1 << 20)) as usize]).unwrap();
+    let out = srv.cli(&["--no-compress", "download", "keep", "-o", s(&copy)]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(9), "{said}");
+    assert!(said.contains("no space left on this disk"), "{said}");
+    assert!(std::fs::read(&copy).unwrap() == kept, "the local copy was damaged");
+    assert_eq!(std::fs::read_dir(&local).unwrap().count(), 1, "a temporary was left");
     drop(srv);
 }
