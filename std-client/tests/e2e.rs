@@ -505,6 +505,46 @@ fn upload_if_match_wins_when_nothing_changed_and_loses_a_race() {
 }
 
 #[test]
+fn a_second_server_on_the_same_root_exits_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let srv = Server::start(&root);
+    let path = dir.path().join("f");
+    std::fs::write(&path, b"first").unwrap();
+    assert!(srv.cli(&["upload", s(&path)]).status.success());
+    // The same directory by another path.
+    let alias = dir.path().join("alias");
+    std::os::unix::fs::symlink(&root, &alias).unwrap();
+    let keys = dir.path().join("root.keys.toml");
+    let second = Command::new(server_bin())
+        .args(["--listen", "127.0.0.1:0", "--dashboard", "off", "--root", s(&alias), "--keys", s(&keys)])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // It exits by itself; waited for with a bound, killed by its id if not.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut second = second;
+    let status = loop {
+        if let Some(status) = second.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            second.kill().unwrap();
+            panic!("the second server did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let said = String::from_utf8(second.wait_with_output().unwrap().stderr).unwrap();
+    assert!(!status.success());
+    assert!(said.contains("in use by another deltasync-server"), "{said}");
+    // The first goes on, its files and uploads untouched.
+    assert_eq!(srv.json(&["stat", "f"])["size"], 5);
+    assert_eq!(std::fs::read(root.join("f")).unwrap(), b"first");
+}
+
+#[test]
 fn stat_and_every_exit_code_end_to_end() {
     let dir = tempfile::tempdir().unwrap();
     let srv = Server::start(&dir.path().join("root"));
