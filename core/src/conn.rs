@@ -264,6 +264,11 @@ impl<'n, T: TreeView, S: Source> Upload<'n, T, S> {
     pub fn sender_mut(&mut self) -> &mut Sender<T, S> {
         &mut self.sender
     }
+
+    /// The underlying sender, taken back (to offer its bytes again).
+    pub fn into_sender(self) -> Sender<T, S> {
+        self.sender
+    }
 }
 
 impl<T: TreeView, S: Source> Machine for Upload<'_, T, S> {
@@ -572,3 +577,4 @@ mod download {
 
 #[cfg(feature = "alloc")]
 pub mod server;
+pub mod session;

@@ -135,6 +135,11 @@ impl<T: TreeView, S: Source> Sender<T, S> {
         self
     }
 
+    /// The source of the version's bytes, taken back.
+    pub fn into_source(self) -> S {
+        self.source
+    }
+
     /// The version being sent.
     pub fn summary(&self) -> &Summary {
         &self.summary

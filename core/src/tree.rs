@@ -113,6 +113,23 @@ pub trait TreeView {
     }
 }
 
+/// No tree (yet): lists nothing. A sender of a version offered without its
+/// root holds this until the tree is built.
+impl<T: TreeView> TreeView for Option<T> {
+    fn height(&self) -> u8 {
+        self.as_ref().map_or(0, T::height)
+    }
+    fn level_len(&self, level: u8) -> u32 {
+        self.as_ref().map_or(0, |t| t.level_len(level))
+    }
+    fn entry(&self, level: u8, index: u32) -> Option<NodeRef> {
+        self.as_ref()?.entry(level, index)
+    }
+    fn first_child(&self, level: u8, index: u32) -> Option<u32> {
+        self.as_ref()?.first_child(level, index)
+    }
+}
+
 impl<T: TreeView + ?Sized> TreeView for &T {
     fn height(&self) -> u8 {
         (**self).height()

@@ -1,4 +1,5 @@
-//! Conditional uploads (`UploadIf`), the notice an upload gets when the
+//! The client's upload session (its policy: `Stat`, then a streamed or a
+//! tree offer, `NeedTree` fallback), conditional uploads (`UploadIf`), the notice an upload gets when the
 //! version it started from was replaced meanwhile (`Replaced`), interrupted
 //! uploads in listings (`ListAll`, `Stat`), and a client of protocol 5
 //! served by this server: over the in-memory harness, with a store that
@@ -8,12 +9,16 @@ use deltasync_core::access::Access;
 use deltasync_core::channel::ClientKey;
 use deltasync_core::chunker::ChunkerKind;
 use deltasync_core::conn::server::{PartialFile, Published, ServerConn, Store, StoredFile};
+use deltasync_core::conn::session::{Need, UploadSession};
 use deltasync_core::conn::{Listed, Query, QueryKind, Upload};
 use deltasync_core::driver::DriveError;
 use deltasync_core::error::{ErrorCode, SessionError};
+use deltasync_core::machine::{Machine, Poll};
+use deltasync_core::message::Message;
 use deltasync_core::message::{Expect, Outcome};
 use deltasync_core::sender::Sender;
 use deltasync_core::sim::*;
+use deltasync_core::tree::Summary;
 use deltasync_core::tree::Tree;
 use deltasync_core::{Hash, Instant, PROTOCOL_VERSION};
 
@@ -53,6 +58,9 @@ impl Store for Racing {
     fn partial(&mut self, name: &str, chunking: ChunkerKind) -> Result<Option<(Tree, Vec<u8>)>, ErrorCode> {
         let p = self.partials.iter().find(|p| p.0 == name);
         Ok(p.map(|(_, d)| (Tree::build(&d[..], chunking), d.clone())))
+    }
+    fn holds(&mut self, name: &str) -> Result<bool, ErrorCode> {
+        Ok(self.inner.0.borrow().contains_key(name) || self.partials.iter().any(|p| p.0 == name))
     }
     fn partials(&mut self) -> Result<Vec<PartialFile>, ErrorCode> {
         let describe =
@@ -359,4 +367,142 @@ fn a_client_of_protocol_5_is_served_as_before() {
     assert_eq!(r.unwrap(), Outcome::Written);
     assert!(!replaced);
     assert!(files.borrow()["f"] == v2);
+}
+
+/// Drives an [`UploadSession`] as a shell would: whenever it asks for the
+/// tree, builds it (chunked as asked) and gives it at once, or for a
+/// streamed offer `delay` polls later (its bytes go out meanwhile).
+struct Shell<'n> {
+    session: UploadSession<'n, Tree, Vec<u8>>,
+    data: Vec<u8>,
+    asked: Vec<Need>,
+    building: Option<(Tree, u32)>,
+    delay: u32,
+}
+
+impl Machine for Shell<'_> {
+    type Output = Outcome;
+    fn handle(&mut self, now: Instant, msg: Message<'_>) -> Result<(), SessionError> {
+        self.session.handle(now, msg)
+    }
+    fn poll(&mut self, now: Instant, out: &mut [u8]) -> Result<Poll<Outcome>, SessionError> {
+        loop {
+            self.take_need();
+            match self.building.take() {
+                Some((tree, 0)) => self.give(tree, now),
+                Some((tree, n)) => self.building = Some((tree, n - 1)),
+                None => {}
+            }
+            let p = self.session.poll(now, out)?;
+            self.take_need();
+            match p {
+                // Nothing else to do meanwhile: the build finishes.
+                Poll::Wait(_) if self.building.is_some() => {
+                    let (tree, _) = self.building.take().unwrap();
+                    self.give(tree, now);
+                }
+                p => return Ok(p),
+            }
+        }
+    }
+}
+
+impl Shell<'_> {
+    fn take_need(&mut self) {
+        if let Some(need) = self.session.need() {
+            let Need::Tree { kind, streaming } = need;
+            self.asked.push(need);
+            let delay = if streaming { self.delay } else { 0 };
+            self.building = Some((Tree::build(&self.data[..], kind), delay));
+        }
+    }
+
+    fn give(&mut self, tree: Tree, now: Instant) {
+        let summary = Summary { file_hash: Hash::UNKNOWN, ..tree.summary() };
+        self.session.tree_ready(tree, summary, now);
+    }
+}
+
+/// Uploads `data` as `name` through an [`UploadSession`] (streaming if
+/// `stream`): the outcome, what the shell was asked, file bytes sent.
+fn session_upload(
+    s: &mut Session,
+    name: &str,
+    data: &[u8],
+    stream: bool,
+    expect: Option<Expect>,
+) -> (Result<Outcome, Stop>, Vec<Need>, u64) {
+    let session = UploadSession::new(name, data.len() as u64, data.to_vec(), s.salt, s.version, s.net.clock)
+        .streaming(stream)
+        .expecting(expect);
+    let mut shell = Shell { session, data: data.to_vec(), asked: Vec::new(), building: None, delay: 3 };
+    let r = run(&mut shell, &mut s.cp, &mut s.server, &mut s.sp, &mut s.net);
+    (r, shell.asked, shell.session.literal_bytes())
+}
+
+#[test]
+fn the_upload_session_streams_a_first_upload_and_sends_a_delta_otherwise() {
+    let v1 = random_bytes(1, 300_000);
+    let mut v2 = v1.clone();
+    v2[150_000..150_100].fill(7);
+    let kind = ChunkerKind::for_size(300_000);
+    let files = Files::default();
+    let mut s = connect(&files, None, PROTOCOL_VERSION);
+    // Nothing stored: the bytes go out while the tree is built.
+    let (r, asked, sent) = session_upload(&mut s, "f", &v1, true, None);
+    assert_eq!(r.unwrap(), Outcome::Written);
+    assert_eq!(asked, [Need::Tree { kind, streaming: true }]);
+    assert_eq!(sent, 300_000);
+    assert!(files.borrow()["f"] == v1);
+    // Stored: a delta, chunked as the stored version is.
+    let (r, asked, sent) = session_upload(&mut s, "f", &v2, true, None);
+    assert_eq!(r.unwrap(), Outcome::Written);
+    assert_eq!(asked, [Need::Tree { kind, streaming: false }]);
+    assert!(sent < 30_000, "a delta sent {sent}");
+    assert!(files.borrow()["f"] == v2);
+    // The same version again: unchanged, nothing sent.
+    let (r, _, sent) = session_upload(&mut s, "f", &v2, true, None);
+    assert_eq!((r.unwrap(), sent), (Outcome::Unchanged, 0));
+    // A shell that cannot stream waits for its tree; an empty file never streams.
+    let (r, asked, _) = session_upload(&mut s, "g", &v1, false, None);
+    assert_eq!(r.unwrap(), Outcome::Written);
+    assert_eq!(asked, [Need::Tree { kind, streaming: false }]);
+    let (r, asked, _) = session_upload(&mut s, "empty", &[], true, Some(Expect::Absent));
+    assert_eq!(r.unwrap(), Outcome::Written);
+    assert!(matches!(asked[..], [Need::Tree { streaming: false, .. }]));
+    assert!(files.borrow()["empty"].is_empty());
+}
+
+#[test]
+fn a_streamed_upload_the_server_wants_as_a_delta_falls_back_to_the_tree() {
+    // An interrupted upload of the name is held: the rootless offer gets
+    // `NeedTree`, and the session offers the tree once the shell gives it.
+    let v1 = random_bytes(4, 300_000);
+    let files = Files::default();
+    let store =
+        Racing { inner: MemStore(files.clone()), other: None, partials: vec![("f", v1[..200_000].to_vec())] };
+    let mut s = connect_to(store, keys(), PROTOCOL_VERSION);
+    let (r, asked, sent) = session_upload(&mut s, "f", &v1, true, Some(Expect::Absent));
+    assert_eq!(r.unwrap(), Outcome::Written);
+    assert!(matches!(asked[..], [Need::Tree { streaming: true, .. }]), "{asked:?}");
+    assert!(sent < 150_000, "the partial was reused: {sent} bytes sent");
+    assert!(files.borrow()["f"] == v1);
+}
+
+#[test]
+fn the_upload_session_works_with_a_server_of_protocol_5_terms() {
+    let (v1, v2) = (random_bytes(5, 80_000), random_bytes(6, 80_000));
+    let files = files_with("f", &v1);
+    let mut s = connect(&files, None, 5);
+    let (r, asked, _) = session_upload(&mut s, "f", &v2, true, None);
+    assert_eq!(r.unwrap(), Outcome::Written);
+    assert!(matches!(asked[..], [Need::Tree { streaming: false, .. }]));
+    let (r, _, _) = session_upload(&mut s, "new", &v2, true, None);
+    assert_eq!(r.unwrap(), Outcome::Written, "NotFound from a version 5 Stat");
+    assert!(files.borrow()["new"] == v2);
+    let (r, _, _) = session_upload(&mut s, "f", &v1, true, Some(Expect::Absent));
+    assert!(
+        matches!(r, Err(Stop::Client(DriveError::Session(SessionError::Peer(ErrorCode::Unsupported))))),
+        "{r:?}"
+    );
 }

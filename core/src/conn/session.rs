@@ -1,0 +1,298 @@
+//! The policy of a client's upload, as one state machine that takes
+//! commands from its shell beside the server's messages: which offer to
+//! make, when to stream, how to fall back. Shells (the CLI, the GUI, a
+//! device) move bytes and build trees when asked, nothing more.
+//!
+//! ```text
+//! C: Stat{name}                      S: Info? Partial? ListEnd | Error(NotFound)
+//! the shell is asked for the tree, chunked as the server's version is (if
+//! that suits the size) or as `ChunkerKind::for_size` picks;
+//! nothing stored, a shell that can stream, a file not empty:
+//!   C: Upload{offer without root}    bytes go out while the shell builds
+//!                                    the tree; its root follows in `Root`
+//!   S: Error(NeedTree)               (the server holds an interrupted
+//!                                    upload of the name to reuse)
+//!   C: Upload{offer with the tree}   once the shell gave it
+//! otherwise, once the shell gave the tree:
+//!   C: Upload{offer with the tree}   a delta
+//! ```
+//! A conditional upload sends `UploadIf` in place of each `Upload`.
+
+use super::{Listed, Query, QueryKind, Upload};
+use crate::chunker::ChunkerKind;
+use crate::error::{ErrorCode, SessionError};
+use crate::hash::Hash;
+use crate::machine::{Machine, Poll};
+use crate::message::{Expect, Message, Outcome};
+use crate::sender::Sender;
+use crate::source::Source;
+use crate::time::Instant;
+use crate::tree::{Summary, TreeView};
+
+/// What an [`UploadSession`] asks of its shell.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Need {
+    /// Build the file's tree chunked as `kind` and give it with
+    /// [`UploadSession::tree_ready`]. With `streaming`, the file's bytes go
+    /// out meanwhile: give its root with [`UploadSession::root_ready`] as
+    /// soon as it is known, then the tree (the server may still ask for a
+    /// delta).
+    Tree {
+        /// How to chunk the file.
+        kind: ChunkerKind,
+        /// Whether the upload streams while the tree is built.
+        streaming: bool,
+    },
+}
+
+type StatQuery<'n> = Query<'n, fn(Listed<'_>)>;
+
+enum State<'n, T, S> {
+    /// Asking how the server's version is chunked.
+    Stat(StatQuery<'n>),
+    /// Waiting for the shell's tree: nothing to send or to wait for on the
+    /// wire meanwhile.
+    AwaitTree,
+    /// Offering the file; `streamed` while it goes out without its tree.
+    Sending {
+        op: Upload<'n, Option<T>, S>,
+        streamed: bool,
+    },
+    Done(Outcome),
+    Poisoned,
+}
+
+/// A client's upload of one file, from the `Stat` that chooses its offer to
+/// the server's `Done`. Drive it like any [`Machine`]; after each step,
+/// answer [`UploadSession::need`] (build the tree it names), and give what
+/// it asked for with [`UploadSession::root_ready`] and
+/// [`UploadSession::tree_ready`] when it is done.
+pub struct UploadSession<'n, T, S> {
+    name: &'n str,
+    size: u64,
+    salt: [u8; 8],
+    version: u16,
+    expect: Option<Expect>,
+    stream: bool,
+    compress: bool,
+    kind: ChunkerKind,
+    state: State<'n, T, S>,
+    /// The file's bytes, until a sender holds them.
+    source: Option<S>,
+    need: Option<Need>,
+    /// A tree the shell gave, until an offer needs it.
+    tree: Option<(T, Summary)>,
+    /// A root the shell gave before the streamed offer could take it.
+    root: Option<(Hash, u8)>,
+    literal: u64,
+    reported: Option<Hash>,
+    replaced: bool,
+}
+
+fn ignore(_: Listed<'_>) {}
+
+impl<'n, T: TreeView, S: Source> UploadSession<'n, T, S> {
+    /// Uploads the `size` bytes `source` reads as `name`, in a session of
+    /// protocol `version` whose salt is `salt`.
+    pub fn new(name: &'n str, size: u64, source: S, salt: [u8; 8], version: u16, now: Instant) -> Self {
+        UploadSession {
+            name,
+            size,
+            salt,
+            version,
+            expect: None,
+            stream: false,
+            compress: false,
+            kind: ChunkerKind::for_size(size),
+            state: State::Stat(Query::new(QueryKind::Stat(name), version, ignore as fn(Listed<'_>), now)),
+            source: Some(source),
+            need: None,
+            tree: None,
+            root: None,
+            literal: 0,
+            reported: None,
+            replaced: false,
+        }
+    }
+
+    /// Publishes only if the stored version is as `expect` says (see
+    /// [`Upload::expecting`]).
+    pub fn expecting(mut self, expect: Option<Expect>) -> Self {
+        self.expect = expect;
+        self
+    }
+
+    /// Lets a first upload stream while the shell builds its tree in the
+    /// background (a shell with threads), rather than wait for the tree.
+    pub fn streaming(mut self, on: bool) -> Self {
+        self.stream = on;
+        self
+    }
+
+    /// Compresses the bytes sent (only if the server announced it can read
+    /// them so).
+    pub fn compress(mut self, on: bool) -> Self {
+        self.compress = on;
+        self
+    }
+
+    /// What the shell is asked to do, once (see [`Need`]).
+    pub fn need(&mut self) -> Option<Need> {
+        self.need.take()
+    }
+
+    /// How the file is to be chunked (known once the server answered the
+    /// `Stat`; until then the kind its size suggests).
+    pub fn kind(&self) -> ChunkerKind {
+        self.kind
+    }
+
+    /// Gives the root of the tree being built for a streamed offer.
+    pub fn root_ready(&mut self, root: Hash, height: u8) {
+        match &mut self.state {
+            State::Sending { op, streamed: true } => op.sender_mut().set_root(root, height),
+            _ => self.root = Some((root, height)),
+        }
+    }
+
+    /// Gives the tree asked for (chunked as [`Need::Tree`] said; `summary`
+    /// its summary, the whole-file hash possibly unknown).
+    pub fn tree_ready(&mut self, tree: T, summary: Summary, now: Instant) {
+        self.root_ready(summary.root, summary.height);
+        self.tree = Some((tree, summary));
+        if matches!(self.state, State::AwaitTree) {
+            self.offer_tree(now);
+        }
+    }
+
+    /// File bytes sent so far.
+    pub fn literal_bytes(&self) -> u64 {
+        match &self.state {
+            State::Sending { op, .. } => self.literal + op.sender().literal_bytes(),
+            _ => self.literal,
+        }
+    }
+
+    /// The whole-file SHA-256 the server reported, once done.
+    pub fn reported_hash(&self) -> Option<Hash> {
+        self.reported
+    }
+
+    /// Whether the server said its version changed while this upload ran
+    /// (see [`Message::Replaced`]).
+    pub fn replaced(&self) -> bool {
+        self.replaced
+    }
+
+    /// Whether the offer is a streamed one still waiting for its root.
+    pub fn awaiting_root(&self) -> bool {
+        matches!(&self.state, State::Sending { op, streamed: true } if op.sender().awaiting_root())
+    }
+
+    fn upload(&self, sender: Sender<Option<T>, S>) -> Upload<'n, Option<T>, S> {
+        let op = Upload::new(self.name, sender.compress(self.compress));
+        match self.expect {
+            Some(e) => op.expecting(e, self.version),
+            None => op,
+        }
+    }
+
+    /// The server's chunking is known (`remote`): ask for the tree, and
+    /// stream meanwhile if nothing is there to reuse.
+    fn chose(&mut self, remote: Option<ChunkerKind>, now: Instant) {
+        self.kind = ChunkerKind::keep_or_choose(remote, self.size);
+        let streaming = self.stream && remote.is_none() && self.size > 0;
+        self.need = Some(Need::Tree { kind: self.kind, streaming });
+        if !streaming {
+            self.state = State::AwaitTree;
+            return;
+        }
+        let Some(source) = self.source.take() else {
+            self.state = State::Poisoned;
+            return;
+        };
+        let offer = Summary {
+            size: self.size,
+            root: Hash::UNKNOWN,
+            height: 0,
+            file_hash: Hash::UNKNOWN,
+            chunking: self.kind,
+        };
+        let mut sender = Sender::new(None, source, offer, self.salt, now);
+        if let Some((root, height)) = self.root.take() {
+            sender.set_root(root, height);
+        }
+        self.state = State::Sending { op: self.upload(sender), streamed: true };
+    }
+
+    /// Offers the file with its tree.
+    fn offer_tree(&mut self, now: Instant) {
+        let (Some((tree, summary)), Some(source)) = (self.tree.take(), self.source.take()) else {
+            self.state = State::Poisoned;
+            return;
+        };
+        let sender = Sender::new(Some(tree), source, summary, self.salt, now);
+        self.state = State::Sending { op: self.upload(sender), streamed: false };
+    }
+
+    /// The server wants the tree of a streamed offer: offer it when given.
+    fn fall_back(&mut self, now: Instant) {
+        let State::Sending { op, .. } = core::mem::replace(&mut self.state, State::AwaitTree) else {
+            return;
+        };
+        let sender = op.into_sender();
+        self.literal += sender.literal_bytes();
+        self.source = Some(sender.into_source());
+        if self.tree.is_some() {
+            self.offer_tree(now);
+        }
+    }
+}
+
+impl<T: TreeView, S: Source> Machine for UploadSession<'_, T, S> {
+    type Output = Outcome;
+
+    fn handle(&mut self, now: Instant, msg: Message<'_>) -> Result<(), SessionError> {
+        match &mut self.state {
+            State::Stat(q) => match q.handle(now, msg) {
+                Err(SessionError::Peer(ErrorCode::NotFound)) => {
+                    self.chose(None, now);
+                    Ok(())
+                }
+                r => r,
+            },
+            State::Sending { streamed: true, .. } if msg == Message::Error(ErrorCode::NeedTree) => {
+                self.fall_back(now);
+                Ok(())
+            }
+            State::Sending { op, .. } => op.handle(now, msg),
+            _ => Err(SessionError::Protocol(ErrorCode::UnexpectedMessage)),
+        }
+    }
+
+    fn poll(&mut self, now: Instant, out: &mut [u8]) -> Result<Poll<Outcome>, SessionError> {
+        loop {
+            match &mut self.state {
+                State::Stat(q) => match q.poll(now, out)? {
+                    Poll::Done(stat) => self.chose(stat.map(|s| s.chunking), now),
+                    Poll::Transmit(n) => return Ok(Poll::Transmit(n)),
+                    Poll::Wait(t) => return Ok(Poll::Wait(t)),
+                },
+                // Local work: no deadline on the wire (the shell's tree may
+                // take long on a large file, as it always did).
+                State::AwaitTree => return Ok(Poll::Wait(Instant(u64::MAX))),
+                State::Sending { op, .. } => match op.poll(now, out)? {
+                    Poll::Done(outcome) => {
+                        self.literal += op.sender().literal_bytes();
+                        self.reported = op.sender().reported_hash();
+                        self.replaced = op.replaced();
+                        self.state = State::Done(outcome);
+                    }
+                    p => return Ok(p),
+                },
+                State::Done(o) => return Ok(Poll::Done(*o)),
+                State::Poisoned => return Err(SessionError::Capacity),
+            }
+        }
+    }
+}
