@@ -130,6 +130,24 @@ impl<T: TreeView> TreeView for Option<T> {
     }
 }
 
+/// A tree shared with another thread (a shell collecting hints from the
+/// tree a session offers).
+#[cfg(feature = "std")]
+impl<T: TreeView + ?Sized> TreeView for std::sync::Arc<T> {
+    fn height(&self) -> u8 {
+        (**self).height()
+    }
+    fn level_len(&self, level: u8) -> u32 {
+        (**self).level_len(level)
+    }
+    fn entry(&self, level: u8, index: u32) -> Option<NodeRef> {
+        (**self).entry(level, index)
+    }
+    fn first_child(&self, level: u8, index: u32) -> Option<u32> {
+        (**self).first_child(level, index)
+    }
+}
+
 impl<T: TreeView + ?Sized> TreeView for &T {
     fn height(&self) -> u8 {
         (**self).height()

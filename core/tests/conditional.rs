@@ -389,7 +389,7 @@ impl Machine for Shell<'_> {
         loop {
             self.take_need();
             match self.building.take() {
-                Some((tree, 0)) => self.give(tree, now),
+                Some((tree, 0)) => self.give(tree),
                 Some((tree, n)) => self.building = Some((tree, n - 1)),
                 None => {}
             }
@@ -399,7 +399,7 @@ impl Machine for Shell<'_> {
                 // Nothing else to do meanwhile: the build finishes.
                 Poll::Wait(_) if self.building.is_some() => {
                     let (tree, _) = self.building.take().unwrap();
-                    self.give(tree, now);
+                    self.give(tree);
                 }
                 p => return Ok(p),
             }
@@ -417,9 +417,9 @@ impl Shell<'_> {
         }
     }
 
-    fn give(&mut self, tree: Tree, now: Instant) {
+    fn give(&mut self, tree: Tree) {
         let summary = Summary { file_hash: Hash::UNKNOWN, ..tree.summary() };
-        self.session.tree_ready(tree, summary, now);
+        self.session.tree_ready(tree, summary);
     }
 }
 

@@ -1,15 +1,15 @@
 //! Pushing the log: one upload over an encrypted, authenticated channel
 //! (Noise, ChaCha20-Poly1305, the device's own key) through
-//! `deltasync-core`'s client handshake and sender, with every buffer of
-//! fixed size.
+//! `deltasync-core`'s client handshake and upload session (the same policy
+//! as the desktop client's), with every buffer of fixed size.
 
 use deltasync_core::Instant;
 use deltasync_core::channel::{CipherKind, ClientKey};
 use deltasync_core::chunker::ChunkerKind;
-use deltasync_core::conn::{ClientHandshake, Upload};
+use deltasync_core::conn::ClientHandshake;
+use deltasync_core::conn::session::{Need, UploadSession};
 use deltasync_core::driver::{DriveError, Pump, run_blocking};
 use deltasync_core::message::Outcome;
-use deltasync_core::sender::Sender;
 use deltasync_core::tree::FixedTree;
 
 /// Tree entries (chunks and nodes) kept for one log: a 64 KiB log has at
@@ -60,13 +60,18 @@ pub fn sync_log<T: embedded_io::Read + embedded_io::Write>(
     ephemeral: [u8; 32],
     mut now: impl FnMut() -> Instant,
 ) -> Result<SyncReport, SyncError<T::Error>> {
-    let mut tree = FixedTree::<TREE_ENTRIES>::default();
-    let summary = tree.index(log, ChunkerKind::Cdc).map_err(|_| SyncError::TreeTooBig)?;
     let mut pump = Pump::new([0u8; INPUT], [0u8; FRAME], [0u8; OUTPUT]);
     let mut hs = ClientHandshake::new(key.clone(), CipherKind::ChaChaPoly, ephemeral, now());
     let salt = run_blocking(&mut hs, io, &mut pump, &mut now).map_err(SyncError::Drive)?;
-    let sender = Sender::new(&tree, log, summary, salt, now());
-    let mut up = Upload::new(name, sender);
+    // The device alone writes its log, always chunked so: no `Stat` first.
+    // The tree the session asks for is built here, before it runs.
+    let mut up = UploadSession::new(name, log.len() as u64, log, salt, hs.version(), now())
+        .chunked_as(ChunkerKind::Cdc);
+    let mut tree = FixedTree::<TREE_ENTRIES>::default();
+    if let Some(Need::Tree { kind, .. }) = up.need() {
+        let summary = tree.index(log, kind).map_err(|_| SyncError::TreeTooBig)?;
+        up.tree_ready(&tree, summary);
+    }
     let outcome = run_blocking(&mut up, io, &mut pump, &mut now).map_err(SyncError::Drive)?;
     if outcome == Outcome::Integrity {
         return Err(SyncError::Integrity);
@@ -75,7 +80,7 @@ pub fn sync_log<T: embedded_io::Read + embedded_io::Write>(
         outcome,
         wire_sent: pump.sent,
         wire_received: pump.received,
-        literal_bytes: up.sender().literal_bytes(),
+        literal_bytes: up.literal_bytes(),
         log_bytes: log.len() as u64,
     })
 }

@@ -6,7 +6,8 @@ pub use deltasync_core::Hash;
 use deltasync_core::channel::KeyError;
 pub use deltasync_core::channel::{CipherKind, ClientKey};
 use deltasync_core::chunker::ChunkerKind;
-use deltasync_core::conn::{ClientHandshake, Download, Listed, Query, QueryKind, Stat, Upload};
+use deltasync_core::conn::session::{Need, UploadSession};
+use deltasync_core::conn::{ClientHandshake, Download, Listed, Query, QueryKind, Stat};
 use deltasync_core::driver::{DriveError, Pump, TimeoutAsTimedOut, run_blocking_observed};
 use deltasync_core::error::{ErrorCode, SessionError};
 use deltasync_core::frame::{MAX_ENCODED, MAX_SEALED};
@@ -17,14 +18,14 @@ use deltasync_core::machine::Machine;
 pub use deltasync_core::message::Expect;
 use deltasync_core::message::{CAP_ZSTD, CAPS, Outcome};
 use deltasync_core::receiver::Base;
-use deltasync_core::sender::Sender;
-use deltasync_core::source::{FileSource, IoFailed, Output, Source};
-use deltasync_core::tree::{Summary, Tree, TreeView};
+use deltasync_core::source::{FileSource, IoFailed, Output};
+use deltasync_core::tree::Tree;
 use embedded_io_adapters::std::FromStd;
 use serde::Serialize;
 use std::fs::{self, File};
 use std::io::{self, BufWriter};
 use std::net::{TcpStream, ToSocketAddrs};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -380,8 +381,13 @@ pub struct Progress {
 }
 
 /// A socket whose writes are paced to at most `limit` bytes per second.
+/// Its reads wait for the socket or for a [`Waker`], whichever comes
+/// first (a wake is a read that timed out: the driver steps its machine
+/// again, and the shell feeds it what happened).
 struct Paced {
     stream: TcpStream,
+    /// The other end of the [`Waker`]'s socket pair.
+    wake: UnixStream,
     limit: Arc<std::sync::atomic::AtomicU64>,
     start: Instant,
     written: u64,
@@ -389,7 +395,37 @@ struct Paced {
 
 impl io::Read for Paced {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use rustix::event::{PollFd, PollFlags, Timespec, poll};
+        let (data, woken) = {
+            let mut fds = [PollFd::new(&self.stream, PollFlags::IN), PollFd::new(&self.wake, PollFlags::IN)];
+            let timeout = Timespec { tv_sec: 0, tv_nsec: READ_TIMEOUT.as_nanos() as _ };
+            match poll(&mut fds, Some(&timeout)) {
+                Ok(_) => {}
+                Err(rustix::io::Errno::INTR) => return Err(io::ErrorKind::TimedOut.into()),
+                Err(e) => return Err(e.into()),
+            }
+            (!fds[0].revents().is_empty(), !fds[1].revents().is_empty())
+        };
+        if woken {
+            let mut drain = [0u8; 64];
+            while matches!(io::Read::read(&mut self.wake, &mut drain), Ok(n) if n > 0) {}
+        }
+        if !data {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
         io::Read::read(&mut self.stream, buf)
+    }
+}
+
+/// Wakes a connection's driver blocked in a read, so that it steps its
+/// machine again at once: a tree built on another thread, a command.
+#[derive(Clone)]
+struct Waker(Arc<UnixStream>);
+
+impl Waker {
+    fn wake(&self) {
+        // Non-blocking: a full socket means a wake is already pending.
+        let _ = io::Write::write(&mut &*self.0, &[1]);
     }
 }
 
@@ -433,6 +469,8 @@ pub struct Connection {
     caps: u32,
     /// The protocol version of the session.
     version: u16,
+    /// Wakes the driver from its read (see [`Paced`]).
+    waker: Waker,
 }
 
 impl Connection {
@@ -474,7 +512,10 @@ impl Connection {
         stream.set_write_timeout(Some(Duration::from_secs(30))).map_err(ClientError::Network)?;
         let ctl = stream.try_clone().map_err(ClientError::Network)?;
         let rate = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let paced = Paced { stream, limit: rate.clone(), start: Instant::now(), written: 0 };
+        let (wake_tx, wake) = UnixStream::pair().map_err(ClientError::Network)?;
+        wake_tx.set_nonblocking(true).map_err(ClientError::Network)?;
+        wake.set_nonblocking(true).map_err(ClientError::Network)?;
+        let paced = Paced { stream, wake, limit: rate.clone(), start: Instant::now(), written: 0 };
         let mut c = Connection {
             ctl,
             rate,
@@ -486,6 +527,7 @@ impl Connection {
             hints_dir: None,
             caps: 0,
             version: 0,
+            waker: Waker(Arc::new(wake_tx)),
         };
         let announce = if compress { CAPS } else { !CAP_ZSTD };
         let mut hs = ClientHandshake::new(key.clone(), cipher, rand::random(), now()).announcing(announce);
@@ -645,6 +687,10 @@ impl Connection {
     /// Like [`Self::upload`]; with `expect`, published only if the server's
     /// version is (still, when the upload ends) as expected, else
     /// [`ClientError::Conflict`] and the server's version stays.
+    ///
+    /// The policy (which offer, streaming, falling back) is core's
+    /// [`UploadSession`]; this shell builds the tree it asks for on another
+    /// thread, which wakes the driver when it is done.
     pub fn upload_if(
         &mut self,
         path: &Path,
@@ -659,168 +705,72 @@ impl Connection {
         if !meta.is_file() {
             return Err(local(io::Error::other("not a regular file")));
         }
-        let hints_file = self.hints_file(name);
-        // Chunked as the server's version is, if that suits the new size.
         let size = meta.len();
-        let remote = self.remote_chunking(name)?;
-        let kind = ChunkerKind::keep_or_choose(remote, size);
+        let hints_file = self.hints_file(name);
         let (s0, r0) = self.wire_bytes();
-        let mut built = None;
-        if remote.is_none() && size > 0 {
-            // Nothing to reuse on the server: send while hashing (an offer
-            // without a root).
-            let hints = hints_file.as_deref();
-            match self.upload_streamed(&file, path, name, expect, (kind, size), hints, &mut progress)? {
-                Streamed::Ended(ended) => {
-                    return self.report(name, &file, path, ended, size, (s0, r0), start);
+        let source = FileSource(file.try_clone().map_err(local)?);
+        let mut session: UploadSession<'_, Arc<Tree>, FileSource> =
+            UploadSession::new(name, size, source, self.salt, self.version, now())
+                .streaming(true)
+                .compress(self.caps & CAP_ZSTD != 0)
+                .expecting(expect);
+        let waker = self.waker.clone();
+        let ctl = self.ctl.try_clone().map_err(ClientError::Network)?;
+        let (tx, rx) = std::sync::mpsc::channel::<io::Result<(Arc<Tree>, Known)>>();
+        let file = &file;
+        let (outcome, failed, hints) = std::thread::scope(|s| {
+            let (mut failed, mut hints) = (None, None);
+            let outcome = self.run(&mut session, name, |m, _| {
+                progress(Progress { done: m.literal_bytes(), total: size });
+                if let Some(Need::Tree { kind, streaming }) = m.need() {
+                    // A file the server holds is most likely what was last
+                    // sent: its hints spare re-chunking what did not change.
+                    let old = if streaming { None } else { hints_file.as_deref().and_then(load_hints) };
+                    let grouped = hints_file.is_some();
+                    let (tx, waker) = (tx.clone(), waker.clone());
+                    s.spawn(move || {
+                        let built =
+                            chunk_tree(file, kind, old.as_ref(), grouped).map(|(t, k)| (Arc::new(t), k));
+                        let _ = tx.send(built);
+                        waker.wake();
+                    });
                 }
-                // It holds an interrupted upload of `name` (or a version
-                // appeared meanwhile): offered again with the tree, a delta.
-                Streamed::NeedTree(tree, known) => built = Some((tree, known)),
-            }
-        }
-        // Chunk ids only: the server hashes the whole file as it writes it and
-        // reports that SHA-256 back (the tree root already pins every byte).
-        // The hints of the version last sent as `name` spare re-chunking what
-        // did not change.
-        let (tree, known) = match built {
-            Some(built) => built,
-            None => {
-                let old = hints_file.as_deref().and_then(load_hints);
-                chunk_tree(&file, kind, old.as_ref(), hints_file.is_some()).map_err(local)?
-            }
-        };
-        let summary = tree.summary();
-        let sender =
-            Sender::new(&tree, FileSource(file.try_clone().map_err(local)?), summary, self.salt, now())
-                .compress(self.caps & CAP_ZSTD != 0);
-        let mut op = self.upload_op(name, sender, expect);
-        let total = summary.size;
-        // The next version's hints are collected while the upload runs.
-        let (outcome, hints) = std::thread::scope(|s| {
-            let hints = hints_file.is_some().then(|| s.spawn(|| ChunkHints::collect(&file, &tree, &known)));
-            let outcome = self
-                .run(&mut op, name, |op, _| progress(Progress { done: op.sender().literal_bytes(), total }));
-            (outcome, hints.and_then(|h| h.join().ok()))
+                match rx.try_recv() {
+                    Ok(Ok((tree, known))) => {
+                        m.tree_ready(tree.clone(), tree.summary());
+                        // The next version's hints, while the upload runs.
+                        if hints_file.is_some() {
+                            hints = Some(s.spawn(move || ChunkHints::collect(file, &tree, &known)));
+                        }
+                        // Step again at once: the session has work.
+                        waker.wake();
+                    }
+                    Ok(Err(e)) => {
+                        // Without a tree the upload cannot go on: hang up.
+                        failed = Some(e);
+                        let _ = ctl.shutdown(std::net::Shutdown::Both);
+                    }
+                    Err(_) => {}
+                }
+            });
+            (outcome, failed, hints.and_then(|h| h.join().ok()))
         });
+        if let Some(e) = failed {
+            return Err(local(e));
+        }
         let outcome = outcome?;
-        if let (Some(path), Some(Ok(hints))) = (&hints_file, hints) {
+        if outcome != Outcome::Integrity
+            && let (Some(path), Some(Ok(hints))) = (&hints_file, hints)
+        {
             store_hints(path, &hints);
         }
         let ended = Ended {
             outcome,
-            literal: op.sender().literal_bytes(),
-            reported: op.sender().reported_hash(),
-            replaced: op.replaced(),
+            literal: session.literal_bytes(),
+            reported: session.reported_hash(),
+            replaced: session.replaced(),
         };
-        self.report(name, &file, path, ended, total, (s0, r0), start)
-    }
-
-    /// A first upload: offered without its root, its bytes go out while
-    /// another thread builds the tree, whose root follows (see
-    /// [`deltasync_core::conn`]). If the server holds something to reuse
-    /// after all (`NeedTree`), returns the tree it built for a delta offer.
-    #[allow(clippy::too_many_arguments)]
-    fn upload_streamed(
-        &mut self,
-        file: &File,
-        path: &Path,
-        name: &str,
-        expect: Option<Expect>,
-        (kind, size): (ChunkerKind, u64),
-        hints_file: Option<&Path>,
-        progress: &mut impl FnMut(Progress),
-    ) -> Result<Streamed, ClientError> {
-        use std::sync::mpsc::TryRecvError;
-        let local = |e| ClientError::Local(path.to_path_buf(), e);
-        let offer =
-            Summary { size, root: Hash::UNKNOWN, height: 0, file_hash: Hash::UNKNOWN, chunking: kind };
-        // Lists nothing: the server fetches every byte of a rootless offer.
-        let empty = Tree::build(&[], kind);
-        let sender =
-            Sender::new(&empty, FileSource(file.try_clone().map_err(local)?), offer, self.salt, now())
-                .compress(self.caps & CAP_ZSTD != 0);
-        let mut op = self.upload_op(name, sender, expect);
-        let ctl = self.ctl.try_clone().map_err(ClientError::Network)?;
-        let (root_tx, root_rx) = std::sync::mpsc::channel();
-        let (outcome, built) = std::thread::scope(|s| {
-            let builder = s.spawn(move || -> io::Result<(Tree, Known)> {
-                let built = chunk_tree(file, kind, None, hints_file.is_some())?;
-                let _ = root_tx.send((built.0.summary().root, built.0.summary().height));
-                Ok(built)
-            });
-            let (mut waiting, mut polling) = (true, false);
-            let outcome = self.run(&mut op, name, |op, _| {
-                let done = op.sender().literal_bytes();
-                progress(Progress { done, total: size });
-                if !waiting {
-                    return;
-                }
-                match root_rx.try_recv() {
-                    Ok((root, height)) => {
-                        waiting = false;
-                        op.sender_mut().set_root(root, height);
-                    }
-                    Err(TryRecvError::Disconnected) => {
-                        // The tree could not be built (the builder says why):
-                        // without a root the server would wait, so hang up.
-                        waiting = false;
-                        let _ = ctl.shutdown(std::net::Shutdown::Both);
-                    }
-                    // Every byte went out and the server waits for the root:
-                    // look for it every few milliseconds rather than at each
-                    // read timeout (the driver is blocked in reads).
-                    Err(TryRecvError::Empty) if done >= size && !polling => {
-                        polling = true;
-                        let _ = ctl.set_read_timeout(Some(ROOT_POLL));
-                    }
-                    Err(TryRecvError::Empty) => {}
-                }
-            });
-            if polling {
-                let _ = ctl.set_read_timeout(Some(READ_TIMEOUT));
-            }
-            (outcome, builder.join())
-        });
-        let built = match built {
-            Ok(b) => b,
-            Err(_) => Err(io::Error::other("hashing the file failed")),
-        };
-        let (outcome, (tree, known)) = match (outcome, built) {
-            (Err(ClientError::Refused(ErrorCode::NeedTree)), Ok(built)) => {
-                return Ok(Streamed::NeedTree(built.0, built.1));
-            }
-            (_, Err(e)) => return Err(local(e)),
-            (Err(e), _) => return Err(e),
-            (Ok(outcome), Ok(built)) => (outcome, built),
-        };
-        // The build hashed every group: collecting reads nothing again.
-        if outcome != Outcome::Integrity
-            && let Some(path) = hints_file
-            && let Ok(hints) = ChunkHints::collect(file, &tree, &known)
-        {
-            store_hints(path, &hints);
-        }
-        Ok(Streamed::Ended(Ended {
-            outcome,
-            literal: op.sender().literal_bytes(),
-            reported: op.sender().reported_hash(),
-            replaced: op.replaced(),
-        }))
-    }
-
-    /// The upload of `sender`'s version as `name`, conditional on `expect`.
-    fn upload_op<'n, T: TreeView, S: Source>(
-        &self,
-        name: &'n str,
-        sender: Sender<T, S>,
-        expect: Option<Expect>,
-    ) -> Upload<'n, T, S> {
-        let op = Upload::new(name, sender);
-        match expect {
-            Some(e) => op.expecting(e, self.version),
-            None => op,
-        }
+        self.report(name, file, path, ended, size, (s0, r0), start)
     }
 
     /// The report of an upload of `file` that ended as `ended` after the
@@ -954,15 +904,6 @@ struct Ended {
     replaced: bool,
 }
 
-/// How a first upload offered without its root ended.
-enum Streamed {
-    /// The server answered.
-    Ended(Ended),
-    /// The server holds something to reuse: the tree (and the groups the
-    /// build hashed) to offer instead.
-    NeedTree(Tree, Known),
-}
-
 /// Whether a failed write was for want of space (a full disk or quota).
 fn is_out_of_space(e: &io::Error) -> bool {
     matches!(e.kind(), io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded)
@@ -988,11 +929,9 @@ impl Output for LocalOut {
     }
 }
 
-/// How long a read waits before the driver checks deadlines and cancels.
+/// How long a read waits before the driver checks the machine's deadlines
+/// (local events wake it at once: see [`Waker`]).
 const READ_TIMEOUT: Duration = Duration::from_millis(500);
-/// The same while a first upload's bytes all went out and its root is
-/// still being computed: the root goes out within this of being known.
-const ROOT_POLL: Duration = Duration::from_millis(5);
 
 /// The tree of `file` in chunk ids only, helped by `old` hints if any;
 /// with `grouped`, the build also hashes the groups new hints are made of

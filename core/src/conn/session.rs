@@ -87,6 +87,8 @@ pub struct UploadSession<'n, T, S> {
     literal: u64,
     reported: Option<Hash>,
     replaced: bool,
+    /// The time of the latest step (commands from the shell take it).
+    clock: Instant,
 }
 
 fn ignore(_: Listed<'_>) {}
@@ -112,7 +114,18 @@ impl<'n, T: TreeView, S: Source> UploadSession<'n, T, S> {
             literal: 0,
             reported: None,
             replaced: false,
+            clock: now,
         }
+    }
+
+    /// Offers the file chunked as `kind` without asking the server first:
+    /// for a shell that alone writes this name and always chunks it so (a
+    /// device's log), it saves the `Stat` round trip. Never streams.
+    pub fn chunked_as(mut self, kind: ChunkerKind) -> Self {
+        self.kind = kind;
+        self.need = Some(Need::Tree { kind, streaming: false });
+        self.state = State::AwaitTree;
+        self
     }
 
     /// Publishes only if the stored version is as `expect` says (see
@@ -157,11 +170,11 @@ impl<'n, T: TreeView, S: Source> UploadSession<'n, T, S> {
 
     /// Gives the tree asked for (chunked as [`Need::Tree`] said; `summary`
     /// its summary, the whole-file hash possibly unknown).
-    pub fn tree_ready(&mut self, tree: T, summary: Summary, now: Instant) {
+    pub fn tree_ready(&mut self, tree: T, summary: Summary) {
         self.root_ready(summary.root, summary.height);
         self.tree = Some((tree, summary));
         if matches!(self.state, State::AwaitTree) {
-            self.offer_tree(now);
+            self.offer_tree(self.clock);
         }
     }
 
@@ -253,6 +266,7 @@ impl<T: TreeView, S: Source> Machine for UploadSession<'_, T, S> {
     type Output = Outcome;
 
     fn handle(&mut self, now: Instant, msg: Message<'_>) -> Result<(), SessionError> {
+        self.clock = now;
         match &mut self.state {
             State::Stat(q) => match q.handle(now, msg) {
                 Err(SessionError::Peer(ErrorCode::NotFound)) => {
@@ -271,6 +285,7 @@ impl<T: TreeView, S: Source> Machine for UploadSession<'_, T, S> {
     }
 
     fn poll(&mut self, now: Instant, out: &mut [u8]) -> Result<Poll<Outcome>, SessionError> {
+        self.clock = now;
         loop {
             match &mut self.state {
                 State::Stat(q) => match q.poll(now, out)? {
