@@ -9,7 +9,7 @@ use deltasync_core::access::Access;
 use deltasync_core::channel::ClientKey;
 use deltasync_core::chunker::ChunkerKind;
 use deltasync_core::conn::server::{PartialFile, Published, ServerConn, Store, StoredFile};
-use deltasync_core::conn::session::{Need, UploadSession};
+use deltasync_core::conn::session::{DownloadSession, Need, UploadSession};
 use deltasync_core::conn::{Listed, Query, QueryKind, Upload};
 use deltasync_core::driver::DriveError;
 use deltasync_core::error::{ErrorCode, SessionError};
@@ -31,6 +31,8 @@ struct Racing {
     inner: MemStore,
     other: Option<(&'static str, Vec<u8>)>,
     partials: Vec<(&'static str, Vec<u8>)>,
+    /// How the store chunks its files' trees (else as their size picks).
+    kind: Option<ChunkerKind>,
 }
 
 impl Store for Racing {
@@ -42,7 +44,7 @@ impl Store for Racing {
         name: &str,
         chunking: Option<ChunkerKind>,
     ) -> Result<Option<(Tree, Vec<u8>)>, ErrorCode> {
-        self.inner.open(name, chunking)
+        self.inner.open(name, chunking.or(self.kind))
     }
     fn create(&mut self, name: &str, size: u64, expect: Option<Expect>) -> Result<MemWriter, ErrorCode> {
         self.inner.create(name, size, expect)
@@ -74,7 +76,8 @@ impl Store for Racing {
         self.inner.list()
     }
     fn stat(&mut self, name: &str) -> Result<StoredFile, ErrorCode> {
-        self.inner.stat(name)
+        let f = self.inner.stat(name)?;
+        Ok(StoredFile { chunking: self.kind.unwrap_or(f.chunking), ..f })
     }
     fn delete(&mut self, name: &str) -> Result<(), ErrorCode> {
         self.inner.delete(name)
@@ -95,7 +98,11 @@ struct Session {
 /// A session over `files` (protocol `version` at most) in which another
 /// writer publishes `other` during the first upload, if given.
 fn connect(files: &Files, other: Option<(&'static str, Vec<u8>)>, version: u16) -> Session {
-    connect_to(Racing { inner: MemStore(files.clone()), other, partials: Vec::new() }, keys(), version)
+    connect_to(
+        Racing { inner: MemStore(files.clone()), other, partials: Vec::new(), kind: None },
+        keys(),
+        version,
+    )
 }
 
 fn connect_to(store: Racing, keys: Keys, version: u16) -> Session {
@@ -247,7 +254,12 @@ fn a_partial_holding_all_of_the_offer_is_published_not_called_unchanged() {
         if let Some(v) = &stored {
             files.borrow_mut().insert("f".into(), v.clone());
         }
-        let store = Racing { inner: MemStore(files.clone()), other: None, partials: vec![("f", v1.clone())] };
+        let store = Racing {
+            inner: MemStore(files.clone()),
+            other: None,
+            partials: vec![("f", v1.clone())],
+            kind: None,
+        };
         let mut s = connect_to(store, keys(), PROTOCOL_VERSION);
         let expect = if stored.is_some() { Expect::Match(Hash::of(&v0)) } else { Expect::Absent };
         let (r, _, sent) = upload(&mut s, "f", &v1, Some(expect));
@@ -257,7 +269,8 @@ fn a_partial_holding_all_of_the_offer_is_published_not_called_unchanged() {
     }
     // The stored version itself is still unchanged, partial or not.
     let files = files_with("f", &v1);
-    let store = Racing { inner: MemStore(files.clone()), other: None, partials: vec![("f", v0.clone())] };
+    let store =
+        Racing { inner: MemStore(files.clone()), other: None, partials: vec![("f", v0.clone())], kind: None };
     let mut s = connect_to(store, keys(), PROTOCOL_VERSION);
     assert_eq!(upload(&mut s, "f", &v1, None).0.unwrap(), Outcome::Unchanged);
 }
@@ -277,7 +290,8 @@ fn interrupted_uploads_are_listed_and_described_within_the_keys_prefixes() {
     };
     let keyring = vec![(KEY, Access::full("sim")), (reader.clone(), access)];
     let listed = |key: ClientKey, kind: QueryKind<'_>| {
-        let store = Racing { inner: MemStore(files.clone()), other: None, partials: partials.clone() };
+        let store =
+            Racing { inner: MemStore(files.clone()), other: None, partials: partials.clone(), kind: None };
         let mut s = Session {
             server: ServerConn::new(store, keyring.clone(), [9u8; 32], Instant(0)),
             cp: pump(),
@@ -479,8 +493,12 @@ fn a_streamed_upload_the_server_wants_as_a_delta_falls_back_to_the_tree() {
     // `NeedTree`, and the session offers the tree once the shell gives it.
     let v1 = random_bytes(4, 300_000);
     let files = Files::default();
-    let store =
-        Racing { inner: MemStore(files.clone()), other: None, partials: vec![("f", v1[..200_000].to_vec())] };
+    let store = Racing {
+        inner: MemStore(files.clone()),
+        other: None,
+        partials: vec![("f", v1[..200_000].to_vec())],
+        kind: None,
+    };
     let mut s = connect_to(store, keys(), PROTOCOL_VERSION);
     let (r, asked, sent) = session_upload(&mut s, "f", &v1, true, Some(Expect::Absent));
     assert_eq!(r.unwrap(), Outcome::Written);
@@ -505,4 +523,88 @@ fn the_upload_session_works_with_a_server_of_protocol_5_terms() {
         matches!(r, Err(Stop::Client(DriveError::Session(SessionError::Peer(ErrorCode::Unsupported))))),
         "{r:?}"
     );
+}
+
+/// Downloads `name` through a [`DownloadSession`], with `local` as the
+/// shell's current copy: the outcome, what was asked, the bytes received
+/// and the file bytes that crossed.
+fn session_download(
+    s: &mut Session,
+    name: &str,
+    local: Option<&[u8]>,
+) -> (Result<Outcome, Stop>, Vec<Need>, Vec<u8>, u64) {
+    struct DShell<'n> {
+        session: DownloadSession<'n, Tree, Vec<u8>, Vec<u8>>,
+        local: Option<Vec<u8>>,
+        asked: Vec<Need>,
+    }
+    impl Machine for DShell<'_> {
+        type Output = Outcome;
+        fn handle(&mut self, now: Instant, msg: Message<'_>) -> Result<(), SessionError> {
+            self.session.handle(now, msg)
+        }
+        fn poll(&mut self, now: Instant, out: &mut [u8]) -> Result<Poll<Outcome>, SessionError> {
+            loop {
+                let p = self.session.poll(now, out)?;
+                match self.session.need() {
+                    Some(need @ Need::Tree { kind, .. }) => {
+                        self.asked.push(need);
+                        let local =
+                            self.local.as_deref().expect("asked for the tree of a copy it does not have");
+                        self.session.tree_ready(Tree::build(local, kind));
+                    }
+                    None => return Ok(p),
+                }
+            }
+        }
+    }
+    let session =
+        DownloadSession::new(name, Vec::new(), local.map(<[u8]>::to_vec), s.salt, s.version, s.net.clock);
+    let mut shell = DShell { session, local: local.map(<[u8]>::to_vec), asked: Vec::new() };
+    let r = run(&mut shell, &mut s.cp, &mut s.server, &mut s.sp, &mut s.net);
+    let literal = shell.session.stats().literal_bytes;
+    let got = shell.session.take_result().map(|(w, _)| w).unwrap_or_default();
+    (r, shell.asked, got, literal)
+}
+
+#[test]
+fn the_download_session_reuses_the_local_copy_chunked_as_the_server_chunks() {
+    let v1 = random_bytes(7, 400_000);
+    let mut v2 = v1.clone();
+    v2[200_000..200_050].fill(1);
+    // Stored chunked unlike what its size would pick: the local copy's tree
+    // must be chunked the same way to share anything.
+    let files = Files::default();
+    let store = Racing {
+        inner: MemStore(files.clone()),
+        other: None,
+        partials: vec![("p", vec![1; 10])],
+        kind: Some(ChunkerKind::Fixed(4096)),
+    };
+    let mut s = connect_to(store, keys(), PROTOCOL_VERSION);
+    let tree = Tree::build(&v2[..], ChunkerKind::Fixed(4096));
+    let sender = Sender::new(&tree, &v2[..], tree.summary(), s.salt, s.net.clock);
+    assert_eq!(
+        run(&mut Upload::new("f", sender), &mut s.cp, &mut s.server, &mut s.sp, &mut s.net).unwrap(),
+        Outcome::Written
+    );
+    let (r, _, _, literal) = session_download(&mut s, "f", Some(&v2));
+    assert_eq!((r.unwrap(), literal), (Outcome::Unchanged, 0), "the same copy");
+    let (r, asked, got, literal) = session_download(&mut s, "f", Some(&v1));
+    assert_eq!(r.unwrap(), Outcome::Written);
+    assert_eq!(asked, [Need::Tree { kind: ChunkerKind::Fixed(4096), streaming: false }]);
+    assert!(got == v2);
+    assert!(literal <= 8192, "a delta: {literal} bytes");
+    // Without a copy: no Stat, no tree asked for, the whole file.
+    let (r, asked, got, literal) = session_download(&mut s, "f", None);
+    assert_eq!(r.unwrap(), Outcome::Written);
+    assert!(asked.is_empty() && got == v2 && literal == 400_000);
+    // Nothing stored (only an interrupted upload): no such file.
+    for name in ["p", "none"] {
+        let (r, _, _, _) = session_download(&mut s, name, Some(&v1));
+        assert!(
+            matches!(r, Err(Stop::Client(DriveError::Session(SessionError::Peer(ErrorCode::NotFound))))),
+            "{name}: {r:?}"
+        );
+    }
 }

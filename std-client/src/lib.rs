@@ -6,8 +6,8 @@ pub use deltasync_core::Hash;
 use deltasync_core::channel::KeyError;
 pub use deltasync_core::channel::{CipherKind, ClientKey};
 use deltasync_core::chunker::ChunkerKind;
-use deltasync_core::conn::session::{Need, UploadSession};
-use deltasync_core::conn::{ClientHandshake, Download, Listed, Query, QueryKind, Stat};
+use deltasync_core::conn::session::{DownloadSession, Need, UploadSession};
+use deltasync_core::conn::{ClientHandshake, Listed, Query, QueryKind};
 use deltasync_core::driver::{DriveError, Pump, TimeoutAsTimedOut, run_blocking_observed};
 use deltasync_core::error::{ErrorCode, SessionError};
 use deltasync_core::frame::{MAX_ENCODED, MAX_SEALED};
@@ -17,7 +17,6 @@ use deltasync_core::local::now;
 use deltasync_core::machine::Machine;
 pub use deltasync_core::message::Expect;
 use deltasync_core::message::{CAP_ZSTD, CAPS, Outcome};
-use deltasync_core::receiver::Base;
 use deltasync_core::source::{FileSource, IoFailed, Output};
 use deltasync_core::tree::Tree;
 use embedded_io_adapters::std::FromStd;
@@ -651,22 +650,6 @@ impl Connection {
         Ok(Described { file: files.pop(), partial: partials.pop() })
     }
 
-    /// The server's description of `name`, `None` if there is no such file.
-    fn query_stat(&mut self, name: &str) -> Result<Option<Stat>, ClientError> {
-        let mut q = Query::new(QueryKind::Stat(name), self.version, |_| {}, now());
-        match self.run(&mut q, name, |_, _| {}) {
-            Err(ClientError::NotFound(_)) => Ok(None),
-            r => r,
-        }
-    }
-
-    /// How the server's tree of `name` is chunked, `None` if there is no
-    /// such file: a new version or a download's base chunked the same way
-    /// shares its chunks.
-    fn remote_chunking(&mut self, name: &str) -> Result<Option<ChunkerKind>, ClientError> {
-        Ok(self.query_stat(name)?.map(|s| s.chunking))
-    }
-
     /// Deletes a file on the server.
     pub fn delete(&mut self, name: &str) -> Result<(), ClientError> {
         let mut q = Query::new(QueryKind::Delete(name), self.version, |_| {}, now());
@@ -820,6 +803,9 @@ impl Connection {
         mut progress: impl FnMut(Progress),
     ) -> Result<TransferReport, ClientError> {
         let start = Instant::now();
+        // Into a directory: under the name's last component, as `cp` does.
+        let into = dest.is_dir().then(|| dest.join(name.rsplit('/').next().unwrap_or(name)));
+        let dest = into.as_deref().unwrap_or(dest);
         let local = |e: io::Error| {
             if is_out_of_space(&e) {
                 ClientError::LocalNoSpace(dest.to_path_buf())
@@ -827,19 +813,10 @@ impl Connection {
                 ClientError::Local(dest.to_path_buf(), e)
             }
         };
-        let base = match File::open(dest) {
-            Ok(f) if f.metadata().map_err(local)?.is_file() => {
-                // Reuse needs chunk ids only, not the local file's SHA-256,
-                // chunked as the server's tree is; hints of `name` help if
-                // this copy is what was last sent.
-                let kind = match self.remote_chunking(name)? {
-                    Some(k) => k,
-                    None => return Err(ClientError::NotFound(name.into())),
-                };
-                let old = self.hints_file(name).as_deref().and_then(load_hints);
-                let tree = chunk_tree(&f, kind, old.as_ref(), old.is_some()).map_err(local)?.0;
-                Some(Base { tree, source: FileSource(f) })
-            }
+        // The local copy, if any, is the base: its tree is built when the
+        // session asks (chunked as the server's is).
+        let current = match File::open(dest) {
+            Ok(f) if f.metadata().map_err(local)?.is_file() => Some(f),
             Ok(_) => return Err(local(io::Error::other("not a regular file"))),
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
             Err(e) => return Err(local(e)),
@@ -854,16 +831,46 @@ impl Connection {
         let guard = RemoveOnDrop(Some(tmp.clone()));
         let (s0, r0) = self.wire_bytes();
         let out = LocalOut { file, out_of_space: false };
-        let mut op: Download<'_, Tree, FileSource, LocalOut> =
-            Download::new(name, self.salt, base, out, now());
-        let outcome = self
-            .run(&mut op, name, |op, _| {
-                progress(Progress { done: op.progress(), total: op.offer().map_or(0, |o| o.size) })
+        let base = current.as_ref().map(|f| f.try_clone().map(FileSource)).transpose().map_err(local)?;
+        let mut op: DownloadSession<'_, Tree, FileSource, LocalOut> =
+            DownloadSession::new(name, out, base, self.salt, self.version, now());
+        let old_hints = self.hints_file(name).as_deref().and_then(load_hints);
+        let waker = self.waker.clone();
+        let (tx, rx) = std::sync::mpsc::channel::<io::Result<Tree>>();
+        let mut failed = None;
+        let ctl = self.ctl.try_clone().map_err(ClientError::Network)?;
+        let outcome = std::thread::scope(|s| {
+            self.run(&mut op, name, |op, _| {
+                progress(Progress { done: op.progress(), total: op.offer().map_or(0, |o| o.size) });
+                if let (Some(Need::Tree { kind, .. }), Some(f)) = (op.need(), current.as_ref()) {
+                    // Chunk ids only; the hints of `name` help if this copy
+                    // is what was last sent.
+                    let (tx, waker, old) = (tx.clone(), waker.clone(), old_hints.as_ref());
+                    s.spawn(move || {
+                        let _ = tx.send(chunk_tree(f, kind, old, old.is_some()).map(|(t, _)| t));
+                        waker.wake();
+                    });
+                }
+                match rx.try_recv() {
+                    Ok(Ok(tree)) => {
+                        op.tree_ready(tree);
+                        waker.wake();
+                    }
+                    Ok(Err(e)) => {
+                        failed = Some(e);
+                        let _ = ctl.shutdown(std::net::Shutdown::Both);
+                    }
+                    Err(_) => {}
+                }
             })
-            .map_err(|e| match e {
-                ClientError::LocalNoSpace(_) => ClientError::LocalNoSpace(dest.to_path_buf()),
-                e => e,
-            })?;
+        });
+        if let Some(e) = failed {
+            return Err(local(e));
+        }
+        let outcome = outcome.map_err(|e| match e {
+            ClientError::LocalNoSpace(_) => ClientError::LocalNoSpace(dest.to_path_buf()),
+            e => e,
+        })?;
         let offer = *op.offer().ok_or_else(|| ClientError::Protocol("no offer".into()))?;
         let stats = op.stats();
         let (out, _tree) = op.take_result().ok_or_else(|| ClientError::Protocol("no result".into()))?;

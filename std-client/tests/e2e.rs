@@ -582,6 +582,12 @@ fn stat_and_every_exit_code_end_to_end() {
     assert_eq!(c, Some(8), "{e}");
     let (c, e) = code(srv.cli(&["download", "doc", "-o", s(&dir.path().join("no/such/dir/doc"))]));
     assert_eq!(c, Some(8), "{e}");
+    // Into a directory: under the name, as `cp` does.
+    let into = dir.path().join("into");
+    std::fs::create_dir(&into).unwrap();
+    let got = srv.json(&["download", "doc", "-o", s(&into)]);
+    assert_eq!(got["sha256"], up["sha256"]);
+    assert!(std::fs::read(into.join("doc")).unwrap() == data);
     // (3 and 6 are checked in tests/attacks.rs: wrong keys, tampering.)
 }
 

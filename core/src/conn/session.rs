@@ -311,3 +311,147 @@ impl<T: TreeView, S: Source> Machine for UploadSession<'_, T, S> {
         }
     }
 }
+
+#[cfg(feature = "alloc")]
+pub use download::DownloadSession;
+
+#[cfg(feature = "alloc")]
+mod download {
+    use super::*;
+    use crate::conn::Download;
+    use crate::receiver::{Base, ReceiveStats};
+    use crate::source::Output;
+    use crate::tree::Tree;
+
+    enum DState<'n, T, R, W> {
+        /// Asking how the server's tree is chunked, to chunk the local
+        /// copy the same way.
+        Stat(StatQuery<'n>, W, R),
+        /// Waiting for the local copy's tree.
+        AwaitTree(W, R),
+        Receiving(Download<'n, T, R, W>),
+        Poisoned,
+    }
+
+    /// A client's download of one file, reusing the shell's local copy if
+    /// it has one: `Stat` (how the server chunks the file), the copy's tree
+    /// from the shell ([`Need::Tree`]), then the download as a delta against
+    /// it. Without a local copy the download starts at once.
+    pub struct DownloadSession<'n, T, R, W> {
+        name: &'n str,
+        salt: [u8; 8],
+        state: DState<'n, T, R, W>,
+        need: Option<Need>,
+        clock: Instant,
+    }
+
+    impl<'n, T: TreeView, R: Source, W: Output> DownloadSession<'n, T, R, W> {
+        /// Downloads `name` into `out` in a session of protocol `version`
+        /// whose salt is `salt`; `local` reads the shell's current copy, if
+        /// any (its tree is asked for once the server's chunking is known).
+        pub fn new(
+            name: &'n str,
+            out: W,
+            local: Option<R>,
+            salt: [u8; 8],
+            version: u16,
+            now: Instant,
+        ) -> Self {
+            let state = match local {
+                Some(local) => {
+                    let stat = Query::new(QueryKind::Stat(name), version, ignore as fn(Listed<'_>), now);
+                    DState::Stat(stat, out, local)
+                }
+                None => DState::Receiving(Download::new(name, salt, None, out, now)),
+            };
+            DownloadSession { name, salt, state, need: None, clock: now }
+        }
+
+        /// What the shell is asked to do, once (see [`Need`]).
+        pub fn need(&mut self) -> Option<Need> {
+            self.need.take()
+        }
+
+        /// Gives the local copy's tree, chunked as asked.
+        pub fn tree_ready(&mut self, tree: T) {
+            if let DState::AwaitTree(..) = self.state {
+                let DState::AwaitTree(out, local) = core::mem::replace(&mut self.state, DState::Poisoned)
+                else {
+                    return;
+                };
+                let base = Base { tree, source: local };
+                self.state =
+                    DState::Receiving(Download::new(self.name, self.salt, Some(base), out, self.clock));
+            }
+        }
+
+        fn download(&self) -> Option<&Download<'n, T, R, W>> {
+            match &self.state {
+                DState::Receiving(d) => Some(d),
+                _ => None,
+            }
+        }
+
+        /// The server's offer, once received.
+        pub fn offer(&self) -> Option<&Summary> {
+            self.download()?.offer()
+        }
+
+        /// Counters of the receiving side.
+        pub fn stats(&self) -> ReceiveStats {
+            self.download().map(|d| d.stats()).unwrap_or_default()
+        }
+
+        /// Bytes of the new version assembled so far.
+        pub fn progress(&self) -> u64 {
+            self.download().map_or(0, |d| d.progress())
+        }
+
+        /// After completion: the output and, if written, the new tree.
+        pub fn take_result(&mut self) -> Option<(W, Option<Tree>)> {
+            match &mut self.state {
+                DState::Receiving(d) => d.take_result(),
+                _ => None,
+            }
+        }
+    }
+
+    impl<T: TreeView, R: Source, W: Output> Machine for DownloadSession<'_, T, R, W> {
+        type Output = Outcome;
+
+        fn handle(&mut self, now: Instant, msg: Message<'_>) -> Result<(), SessionError> {
+            self.clock = now;
+            match &mut self.state {
+                DState::Stat(q, ..) => q.handle(now, msg),
+                DState::Receiving(d) => d.handle(now, msg),
+                _ => Err(SessionError::Protocol(ErrorCode::UnexpectedMessage)),
+            }
+        }
+
+        fn poll(&mut self, now: Instant, out: &mut [u8]) -> Result<Poll<Outcome>, SessionError> {
+            self.clock = now;
+            loop {
+                match &mut self.state {
+                    DState::Stat(q, ..) => match q.poll(now, out)? {
+                        // Only an interrupted upload of it: no such file.
+                        Poll::Done(None) => return Err(SessionError::Peer(ErrorCode::NotFound)),
+                        Poll::Done(Some(stat)) => {
+                            let DState::Stat(_, w, r) = core::mem::replace(&mut self.state, DState::Poisoned)
+                            else {
+                                continue;
+                            };
+                            self.need = Some(Need::Tree { kind: stat.chunking, streaming: false });
+                            self.state = DState::AwaitTree(w, r);
+                        }
+                        Poll::Transmit(n) => return Ok(Poll::Transmit(n)),
+                        Poll::Wait(t) => return Ok(Poll::Wait(t)),
+                    },
+                    // Local work: no deadline on the wire.
+                    DState::AwaitTree(..) => return Ok(Poll::Wait(Instant(u64::MAX))),
+                    DState::Receiving(d) => return d.poll(now, out),
+                    DState::Poisoned => return Err(SessionError::Capacity),
+                }
+            }
+        }
+    }
+}
