@@ -48,6 +48,8 @@ pub enum ClientError {
     Tampered,
     /// The server could not be reached or the connection broke.
     Network(io::Error),
+    /// Nothing listens at this address (the connection was refused).
+    NoServer(String),
     /// The server turned the connection away (too many connections, from
     /// this address or overall, or too many failed handshakes from it).
     Busy,
@@ -93,6 +95,12 @@ impl std::fmt::Display for ClientError {
                  and nothing it carried was acted on",
             ),
             ClientError::Network(e) => write!(f, "network error: {e}"),
+            ClientError::NoServer(a) => write!(
+                f,
+                "no deltasync server listens at {}: start one with `deltasync-server` (it listens on \
+                 127.0.0.1:5001 by default), or point --server / DELTASYNC_SERVER at one",
+                printable(a)
+            ),
             ClientError::Busy => f.write_str(
                 "the server turned the connection away: too many connections (from this address or \
                  overall) or too many failed handshakes from this address; try again later",
@@ -132,7 +140,7 @@ impl ClientError {
     pub fn exit_code(&self) -> i32 {
         match self {
             ClientError::NoKey | ClientError::BadKey(_) | ClientError::Auth => 3,
-            ClientError::Network(_) | ClientError::Busy => 4,
+            ClientError::Network(_) | ClientError::NoServer(_) | ClientError::Busy => 4,
             ClientError::NotFound(_) => 5,
             ClientError::Integrity(_) | ClientError::Tampered => 6,
             ClientError::Refused(_) | ClientError::Protocol(_) | ClientError::Version => 7,
@@ -495,16 +503,21 @@ impl Connection {
     ) -> Result<Connection, ClientError> {
         let addrs: Vec<_> = server.to_socket_addrs().map_err(ClientError::Network)?.collect();
         let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
-        let stream = addrs
-            .iter()
-            .find_map(|a| match TcpStream::connect_timeout(a, Duration::from_secs(10)) {
+        let stream =
+            addrs.iter().find_map(|a| match TcpStream::connect_timeout(a, Duration::from_secs(10)) {
                 Ok(s) => Some(s),
                 Err(e) => {
                     last = e;
                     None
                 }
-            })
-            .ok_or(ClientError::Network(last))?;
+            });
+        let stream = match stream {
+            Some(s) => s,
+            None if last.kind() == io::ErrorKind::ConnectionRefused => {
+                return Err(ClientError::NoServer(server.to_string()));
+            }
+            None => return Err(ClientError::Network(last)),
+        };
         let net = ClientError::Network;
         stream.set_nodelay(true).map_err(net)?;
         stream.set_read_timeout(Some(READ_TIMEOUT)).map_err(ClientError::Network)?;

@@ -14,7 +14,7 @@ use std::process::ExitCode;
 /// deltasync client: transfers files to and from a deltasync server with
 /// delta sync.
 #[derive(Parser, Debug)]
-#[command(version, about, after_help = EXIT_CODES)]
+#[command(name = "deltasync", version, after_help = EXIT_CODES)]
 struct Cli {
     /// Server address.
     #[arg(long, env = "DELTASYNC_SERVER", default_value = "127.0.0.1:5001", global = true)]
@@ -63,7 +63,8 @@ const EXIT_CODES: &str = "Exit codes: 0 ok, 2 usage, 3 authentication, 4 network
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// List the files on the server.
+    /// List the files on the server (size, modification time, the start of
+    /// the SHA-256, name).
     Ls {
         /// Also list interrupted uploads the server keeps (the next upload
         /// of the name resumes from one; `rm` drops it), with their size and
@@ -107,6 +108,15 @@ enum Command {
         /// Remote name.
         name: String,
     },
+    /// Print the shell completion script for SHELL (bash, zsh, fish,
+    /// elvish, powershell); e.g. `deltasync completions bash >
+    /// ~/.local/share/bash-completion/completions/deltasync`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff); e.g. `deltasync man | man -l -`.
+    Man,
 }
 
 fn parse_sha256(s: &str) -> Result<deltasync_client::Hash, String> {
@@ -129,13 +139,8 @@ fn age(secs: u64) -> String {
 /// A line of `ls --all` for an interrupted upload (columns as a file's:
 /// size, time, then what it is in place of the hash).
 fn partial_line(p: &RemotePartial) -> String {
-    format!(
-        "{:>12}  {}  {:<16}  {}",
-        p.size,
-        p.modified,
-        format!("partial, {}", age(p.modified)),
-        printable(&p.name)
-    )
+    let what = format!("partial, {}", age(p.modified));
+    format!("{:>12}  {}  {what:<16}  {}", p.size, when(p.modified), printable(&p.name))
 }
 
 fn parse_rate(s: &str) -> Result<u64, String> {
@@ -197,7 +202,41 @@ fn parse_cipher(s: &str) -> Result<deltasync_client::CipherKind, String> {
     deltasync_client::CipherKind::from_name(s).ok_or_else(|| "chacha20-poly1305 or aes-256-gcm".to_string())
 }
 
+/// `secs` since the Unix epoch as local time, for people (JSON keeps the
+/// number).
+fn when(secs: u64) -> String {
+    use chrono::{Local, TimeZone};
+    match i64::try_from(secs).ok().and_then(|s| Local.timestamp_opt(s, 0).single()) {
+        Some(t) => t.format("%Y-%m-%d %H:%M:%S").to_string(),
+        None => secs.to_string(),
+    }
+}
+
+/// Commands that need no server: completions and the manual page, both
+/// from the same definitions as the parser.
+fn local_command(command: &Command) -> Option<std::io::Result<()>> {
+    use clap::CommandFactory;
+    let mut out = std::io::stdout().lock();
+    match command {
+        Command::Completions { shell } => {
+            clap_complete::generate(*shell, &mut Cli::command(), "deltasync", &mut out);
+            Some(Ok(()))
+        }
+        Command::Man => Some(clap_mangen::Man::new(Cli::command()).render(&mut out)),
+        _ => None,
+    }
+}
+
 fn run(cli: Cli) -> Result<(), ClientError> {
+    if let Some(r) = local_command(&cli.command) {
+        // A closed pipe (`| head`) is not an error.
+        return match r {
+            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                Err(ClientError::Local("stdout".into(), e))
+            }
+            _ => Ok(()),
+        };
+    }
     let key = find_key(cli.key, cli.key_file)?;
     let mut c = Connection::connect_using(&cli.server, &key, !cli.no_compress, cli.cipher)?;
     if let Some(r) = cli.limit_rate {
@@ -214,11 +253,14 @@ fn run(cli: Cli) -> Result<(), ClientError> {
             } else if cli.json {
                 json(&files);
             } else {
+                if !files.is_empty() || !partials.is_empty() {
+                    out(&format!("{:>12}  {:<19}  {:<16}  NAME", "SIZE", "MODIFIED", "SHA256"));
+                }
                 for f in files {
                     out(&format!(
                         "{:>12}  {}  {}  {}",
                         f.size,
-                        f.modified,
+                        when(f.modified),
                         &f.sha256[..16],
                         printable(&f.name)
                     ));
@@ -238,7 +280,7 @@ fn run(cli: Cli) -> Result<(), ClientError> {
                         "{}: {} bytes, modified {}, sha256 {}",
                         printable(&f.name),
                         f.size,
-                        f.modified,
+                        when(f.modified),
                         f.sha256
                     ));
                 }
@@ -248,7 +290,7 @@ fn run(cli: Cli) -> Result<(), ClientError> {
                          resumes from it, rm drops it",
                         printable(&p.name),
                         p.size,
-                        p.modified,
+                        when(p.modified),
                         age(p.modified)
                     ));
                 }
@@ -307,6 +349,8 @@ fn run(cli: Cli) -> Result<(), ClientError> {
             }
             if cli.json { json(&r) } else { out(&summary(&r, "downloaded")) }
         }
+        // Served above, before connecting.
+        Command::Completions { .. } | Command::Man => {}
     }
     Ok(())
 }

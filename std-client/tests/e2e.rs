@@ -559,16 +559,41 @@ fn stat_and_every_exit_code_end_to_end() {
     assert_eq!(st["sha256"], up["sha256"]);
     let text = srv.cli(&["stat", "doc"]);
     assert!(text.status.success());
-    assert!(String::from_utf8_lossy(&text.stdout).starts_with("doc: 123457 bytes"), "{text:?}");
+    assert!(String::from_utf8_lossy(&text.stdout).starts_with("doc: 123457 bytes, modified 2"), "{text:?}");
+    // ls: a header, then the time for people (JSON keeps the number).
+    let ls = String::from_utf8(srv.cli(&["ls"]).stdout).unwrap();
+    let lines: Vec<&str> = ls.lines().collect();
+    assert_eq!(lines.len(), 2, "{ls:?}");
+    assert!(
+        lines[0].contains("SIZE") && lines[0].contains("MODIFIED") && lines[0].ends_with("NAME"),
+        "{ls:?}"
+    );
+    let date = lines[1].split_whitespace().nth(1).unwrap();
+    assert!(date.len() == 10 && date.as_bytes()[4] == b'-' && date.as_bytes()[7] == b'-', "{ls:?}");
+    assert!(st["modified"].as_u64().unwrap() > 1_700_000_000);
+    // Completions and the manual page, without a server.
+    for (args, want) in [(&["completions", "bash"][..], "_deltasync()"), (&["man"][..], ".TH deltasync 1")] {
+        let out = Command::new(env!("CARGO_BIN_EXE_deltasync"))
+            .args(args)
+            .env("DELTASYNC_SERVER", "127.0.0.1:1")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}");
+        assert!(String::from_utf8_lossy(&out.stdout).contains(want), "{args:?}");
+    }
 
     let code = |o: Output| (o.status.code(), String::from_utf8_lossy(&o.stderr).into_owned());
     // 2: usage.
     let (c, e) = code(srv.cli(&["frobnicate"]));
     assert_eq!(c, Some(2), "{e}");
-    // 4: network (nothing listens on port 1).
+    // 4: network (nothing listens on port 1: said so, with how to start one).
     let mut unreachable = srv.command(&key(), &["ls"]);
     let (c, e) = code(unreachable.env("DELTASYNC_SERVER", "127.0.0.1:1").output().unwrap());
     assert_eq!(c, Some(4), "{e}");
+    assert!(
+        e.contains("no deltasync server listens at 127.0.0.1:1") && e.contains("deltasync-server"),
+        "{e}"
+    );
     // 5: not found, for stat, download and rm.
     for args in
         [&["stat", "nope"][..], &["download", "nope", "-o", s(&dir.path().join("x"))], &["rm", "nope"]]
@@ -602,10 +627,10 @@ fn names_with_escape_sequences_are_printed_escaped() {
     let name = "evil\u{1b}]0;pwned\u{7}\n           1  0  0000000000000000  forged\u{9b}2J\u{202e}";
     let up = srv.cli(&["upload", s(&path), "--as", name]);
     assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
-    for args in [&["ls"][..], &["stat", name][..]] {
+    for (args, lines) in [(&["ls"][..], 2), (&["stat", name][..], 1)] {
         let out = String::from_utf8(srv.cli(args).stdout).unwrap();
         assert!(!out.contains('\u{1b}') && !out.contains('\u{7}'), "{args:?} printed an escape: {out:?}");
-        assert_eq!(out.lines().count(), 1, "{args:?} printed a forged line: {out:?}");
+        assert_eq!(out.lines().count(), lines, "{args:?} printed a forged line: {out:?}");
         assert!(out.contains("evil\\e]0;pwned\\x07\\n"), "{out:?}");
     }
     assert!(!String::from_utf8(up.stdout).unwrap().contains('\u{1b}'));
