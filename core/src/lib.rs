@@ -25,8 +25,6 @@ extern crate std;
 
 #[cfg(feature = "alloc")]
 pub mod access;
-#[cfg(feature = "std")]
-pub mod build;
 pub mod channel;
 pub mod chunker;
 pub mod conn;
@@ -34,10 +32,6 @@ pub mod driver;
 pub mod error;
 pub mod frame;
 pub mod hash;
-#[cfg(feature = "std")]
-pub mod hints;
-#[cfg(feature = "std")]
-pub mod local;
 pub mod machine;
 pub mod message;
 pub mod sender;

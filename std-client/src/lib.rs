@@ -11,14 +11,14 @@ use deltasync_core::conn::{ClientHandshake, Listed, Query, QueryKind};
 use deltasync_core::driver::{DriveError, Pump, TimeoutAsTimedOut, run_blocking_observed};
 use deltasync_core::error::{ErrorCode, SessionError};
 use deltasync_core::frame::{MAX_ENCODED, MAX_SEALED};
-use deltasync_core::hints::{ChunkHints, Known, build_tree_hinted};
-pub use deltasync_core::local::default_hints_dir;
-use deltasync_core::local::now;
 use deltasync_core::machine::Machine;
 pub use deltasync_core::message::Expect;
 use deltasync_core::message::{CAP_ZSTD, CAPS, Outcome};
 use deltasync_core::source::{FileSource, IoFailed, Output};
 use deltasync_core::tree::Tree;
+use deltasync_host::hints::{ChunkHints, Known, build_tree_hinted};
+pub use deltasync_host::local::default_hints_dir;
+use deltasync_host::local::now;
 use embedded_io_adapters::std::FromStd;
 use serde::Serialize;
 use std::fs::{self, File};
@@ -193,13 +193,13 @@ impl ClientError {
 
 /// The client's key: `given` (from `--key` or `DELTASYNC_KEY`), else the
 /// key file `key_file`, else the default key file
-/// ([`deltasync_core::local::default_key_path`], which a server on this
+/// ([`deltasync_host::local::default_key_path`], which a server on this
 /// machine writes when it creates its first key).
 pub fn find_key(given: Option<String>, key_file: Option<PathBuf>) -> Result<ClientKey, ClientError> {
     if let Some(k) = given.filter(|k| !k.trim().is_empty()) {
         return ClientKey::parse(&k).map_err(ClientError::BadKey);
     }
-    let path = key_file.or_else(deltasync_core::local::default_key_path).ok_or(ClientError::NoKey)?;
+    let path = key_file.or_else(deltasync_host::local::default_key_path).ok_or(ClientError::NoKey)?;
     let text = match fs::read_to_string(&path) {
         Ok(t) => t,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(ClientError::NoKey),
@@ -555,7 +555,7 @@ impl Connection {
         self.cancel.clone()
     }
 
-    /// Keeps chunk hints in `dir` (see [`deltasync_core::hints`]): after an
+    /// Keeps chunk hints in `dir` (see [`deltasync_host::hints`]): after an
     /// upload of a file, what its chunks were, so that chunking its next
     /// version (to upload, or as the base of a download) skips the unchanged
     /// parts. Keyed by server address and file name; `None` (the default)
@@ -791,7 +791,7 @@ impl Connection {
             Some(h) => h,
             // A server that could not tell (it kept no hash of an unchanged
             // version): hash the local file after all.
-            None => deltasync_core::build::file_hash(file).map_err(|e| ClientError::Local(path.into(), e))?,
+            None => deltasync_host::build::file_hash(file).map_err(|e| ClientError::Local(path.into(), e))?,
         };
         Ok(TransferReport {
             name: name.into(),
@@ -962,11 +962,11 @@ fn chunk_tree(
     old: Option<&ChunkHints>,
     grouped: bool,
 ) -> io::Result<(Tree, Known)> {
-    let threads = deltasync_core::build::default_threads();
+    let threads = deltasync_host::build::default_threads();
     if grouped || old.is_some() {
         build_tree_hinted(file, kind, threads, old)
     } else {
-        Ok((deltasync_core::build::build_tree_unhashed(file, kind, threads)?, Known::default()))
+        Ok((deltasync_host::build::build_tree_unhashed(file, kind, threads)?, Known::default()))
     }
 }
 

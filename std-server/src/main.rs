@@ -141,7 +141,7 @@ enum KeyCommand {
 fn keys_path(given: Option<PathBuf>) -> anyhow::Result<(PathBuf, bool)> {
     match given {
         Some(p) => Ok((p, false)),
-        None => deltasync_core::local::default_keys_path()
+        None => deltasync_host::local::default_keys_path()
             .map(|p| (p, true))
             .context("no --keys given and no HOME for the default key file"),
     }
@@ -184,7 +184,7 @@ fn first_keys(path: &Path) -> anyhow::Result<()> {
     keys::private_dir(path);
     keys::add(path, entry)?;
     println!("created key file {} with one full-access key, \"owner\"", path.display());
-    let client_file = deltasync_core::local::default_key_path().filter(|p| !p.exists());
+    let client_file = deltasync_host::local::default_key_path().filter(|p| !p.exists());
     let (target, note) = match client_file {
         Some(p) => (p, "clients on this machine use it"),
         None => (

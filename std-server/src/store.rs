@@ -30,13 +30,13 @@
 
 use crate::beneath::{Root, join};
 use deltasync_core::Hash;
-use deltasync_core::build::{build_tree, build_tree_unhashed};
 use deltasync_core::chunker::ChunkerKind;
 use deltasync_core::conn::server::{PartialFile, Published, Store, StoredFile};
 use deltasync_core::error::ErrorCode;
 use deltasync_core::message::{Expect, MAX_NAME};
 use deltasync_core::source::{FileSource, IoFailed, Output};
 use deltasync_core::tree::{Summary, Tree, TreeIndexer};
+use deltasync_host::build::{build_tree, build_tree_unhashed};
 use rustix::fs::FileType;
 use sha2::digest::common::hazmat::{SerializableState, SerializedState};
 use sha2::{Digest, Sha256};
@@ -240,7 +240,7 @@ impl FsStore {
                  they could move stored files around; chmod o-w,g-w (or +t) it"
             );
         }
-        let threads = deltasync_core::build::default_threads();
+        let threads = deltasync_host::build::default_threads();
         let indexing = Arc::new((Mutex::new(HashSet::new()), Condvar::new()));
         let store = FsStore { root, commit: Arc::new(Mutex::new(())), threads, indexing, partials };
         store.recover();

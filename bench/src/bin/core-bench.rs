@@ -7,14 +7,14 @@
 
 use deltasync_bench::median;
 use deltasync_core::Instant;
-use deltasync_core::build::{build_tree, chunk_ids, file_hash};
 use deltasync_core::chunker::{Chunker, ChunkerKind};
 use deltasync_core::conn::Upload;
-use deltasync_core::hints::{ChunkHints, build_tree_hinted};
 use deltasync_core::message::Outcome;
 use deltasync_core::sender::Sender;
 use deltasync_core::sim::{Files, KEY, Net, handshake, keys, pump, random_bytes, run, server};
 use deltasync_core::tree::{Entry, Indexer, NoSink, Tree, TreeBuilder};
+use deltasync_host::build::{build_tree, chunk_ids, file_hash};
+use deltasync_host::hints::{ChunkHints, build_tree_hinted};
 use sha2::{Digest, Sha256};
 use std::time::Instant as Clock;
 

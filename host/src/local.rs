@@ -32,9 +32,9 @@ pub fn default_hints_dir() -> Option<PathBuf> {
 }
 
 /// Milliseconds on a monotonic clock, as the state machines take time.
-pub fn now() -> crate::Instant {
+pub fn now() -> deltasync_core::Instant {
     use std::sync::OnceLock;
     static START: OnceLock<std::time::Instant> = OnceLock::new();
     let start = START.get_or_init(std::time::Instant::now);
-    crate::Instant(start.elapsed().as_millis() as u64)
+    deltasync_core::Instant(start.elapsed().as_millis() as u64)
 }

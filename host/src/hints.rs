@@ -31,13 +31,12 @@
 //! time, never correctness.
 
 use crate::build::{Group, ReadAt, chunk_ids_from, first_chunk, tree_of_chunks};
-use crate::chunker::ChunkerKind;
-use crate::hash::Hash;
-use crate::tree::{Tree, TreeView};
+use deltasync_core::Hash;
+use deltasync_core::chunker::ChunkerKind;
+use deltasync_core::tree::{Tree, TreeView};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::io;
-use std::vec::Vec;
 
 /// Fewest chunks in a group.
 const GROUP_MIN: u32 = 8;
@@ -394,7 +393,7 @@ fn walk<R: ReadAt + ?Sized>(
 mod tests {
     use super::*;
     use crate::build::build_tree_unhashed;
-    use crate::testutil::random_bytes;
+    use deltasync_core::sim::random_bytes;
     use proptest::prelude::*;
 
     fn hints_of(data: &[u8]) -> ChunkHints {

@@ -11,13 +11,11 @@
 //! 3. The whole-file SHA-256 runs beside, on its own thread.
 //! 4. The tree is built from the chunk ids (cheap: about 0.3% of the bytes).
 
-use crate::chunker::{Chunker, ChunkerKind};
-use crate::hash::Hash;
-use crate::tree::{Entry, Levels, Summary, Tree, TreeBuilder};
+use deltasync_core::Hash;
+use deltasync_core::chunker::{Chunker, ChunkerKind};
+use deltasync_core::tree::Tree;
 use sha2::{Digest, Sha256};
 use std::io;
-use std::vec;
-use std::vec::Vec;
 
 /// Size of each thread's read buffer.
 const PIECE: usize = 1 << 20;
@@ -239,21 +237,14 @@ fn build<R: ReadAt + ?Sized>(src: &R, kind: ChunkerKind, threads: usize, hashed:
 
 /// The tree over chunks given as (SHA-256, end offset).
 pub(crate) fn tree_of_chunks(size: u64, kind: ChunkerKind, chunks: &[(Hash, u64)], file_hash: Hash) -> Tree {
-    let mut tb = TreeBuilder::new(Levels::default());
-    let mut prev = 0u64;
-    for &(id, end) in chunks {
-        tb.push_chunk(Entry { id, len: end - prev }).expect("owned tree sink never fills");
-        prev = end;
-    }
-    let (root, height, levels) = tb.finish().expect("owned tree sink never fills");
-    let summary = Summary { size, root: root.id, height, file_hash, chunking: kind };
-    Tree::from_parts(summary, levels)
+    Tree::from_chunks(size, kind, chunks, file_hash)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::random_bytes;
+    use deltasync_core::sim::random_bytes;
+    use deltasync_core::tree::Summary;
     use proptest::prelude::*;
 
     #[test]
