@@ -265,6 +265,11 @@ impl<'n, T: TreeView, S: Source> Upload<'n, T, S> {
         &mut self.sender
     }
 
+    /// Whether the request (the offer) went out.
+    pub fn requested(&self) -> bool {
+        self.requested
+    }
+
     /// The underlying sender, taken back (to offer its bytes again).
     pub fn into_sender(self) -> Sender<T, S> {
         self.sender

@@ -548,21 +548,23 @@ mod owned {
             ix.finish()
         }
 
-        /// Assembles a tree from a finished indexer's parts.
         /// The tree over chunks given as (chunk id, end offset), in file
         /// order (a shell that chunked and hashed the file itself, on
-        /// several threads say); `file_hash` may be unknown.
+        /// several threads say); `file_hash` may be unknown. An end before
+        /// the previous one counts as an empty chunk.
         pub fn from_chunks(size: u64, kind: ChunkerKind, chunks: &[(Hash, u64)], file_hash: Hash) -> Tree {
             let mut tb = TreeBuilder::new(Levels::default());
             let mut prev = 0u64;
             for &(id, end) in chunks {
-                tb.push_chunk(Entry { id, len: end - prev }).expect("owned tree sink never fills");
-                prev = end;
+                tb.push_chunk(Entry { id, len: end.saturating_sub(prev) })
+                    .expect("owned tree sink never fills");
+                prev = prev.max(end);
             }
             let (root, height, levels) = tb.finish().expect("owned tree sink never fills");
             Tree::from_parts(Summary { size, root: root.id, height, file_hash, chunking: kind }, levels)
         }
 
+        /// Assembles a tree from a finished indexer's parts.
         pub(crate) fn from_parts(summary: Summary, levels: Levels) -> Tree {
             Tree { summary, levels: levels.0 }
         }

@@ -392,12 +392,22 @@ struct Shell<'n> {
     asked: Vec<Need>,
     building: Option<(Tree, u32)>,
     delay: u32,
+    /// Gives the tree the moment it is asked for, even between a message
+    /// and the next poll (a shell with the tree at hand).
+    eager: bool,
 }
 
 impl Machine for Shell<'_> {
     type Output = Outcome;
     fn handle(&mut self, now: Instant, msg: Message<'_>) -> Result<(), SessionError> {
-        self.session.handle(now, msg)
+        self.session.handle(now, msg)?;
+        if self.eager {
+            self.take_need();
+            if let Some((tree, _)) = self.building.take() {
+                self.give(tree);
+            }
+        }
+        Ok(())
     }
     fn poll(&mut self, now: Instant, out: &mut [u8]) -> Result<Poll<Outcome>, SessionError> {
         loop {
@@ -449,7 +459,8 @@ fn session_upload(
     let session = UploadSession::new(name, data.len() as u64, data.to_vec(), s.salt, s.version, s.net.clock)
         .streaming(stream)
         .expecting(expect);
-    let mut shell = Shell { session, data: data.to_vec(), asked: Vec::new(), building: None, delay: 3 };
+    let mut shell =
+        Shell { session, data: data.to_vec(), asked: Vec::new(), building: None, delay: 3, eager: false };
     let r = run(&mut shell, &mut s.cp, &mut s.server, &mut s.sp, &mut s.net);
     (r, shell.asked, shell.session.literal_bytes())
 }
@@ -607,4 +618,63 @@ fn the_download_session_reuses_the_local_copy_chunked_as_the_server_chunks() {
             "{name}: {r:?}"
         );
     }
+}
+
+#[test]
+fn a_tree_given_before_the_streamed_offer_went_out_is_offered_instead() {
+    // Protocol 5: the `NotFound` of the Stat decides in `handle`, and this
+    // shell gives the tree at once, before the streamed offer is polled
+    // out. The server holds an interrupted upload (a streamed offer would
+    // get `NeedTree`): the offer must carry the tree, never a root alone.
+    let v1 = random_bytes(9, 300_000);
+    let files = Files::default();
+    let store = Racing {
+        inner: MemStore(files.clone()),
+        other: None,
+        partials: vec![("f", v1[..150_000].to_vec())],
+        kind: None,
+    };
+    let mut s = connect_to(store, keys(), 5);
+    let session =
+        UploadSession::new("f", 300_000, v1.clone(), s.salt, s.version, s.net.clock).streaming(true);
+    let mut shell =
+        Shell { session, data: v1.clone(), asked: Vec::new(), building: None, delay: 0, eager: true };
+    let r = run(&mut shell, &mut s.cp, &mut s.server, &mut s.sp, &mut s.net);
+    assert_eq!(r.unwrap(), Outcome::Written);
+    assert!(shell.session.literal_bytes() < 200_000, "a delta against the partial");
+    assert!(files.borrow()["f"] == v1);
+}
+
+#[test]
+fn a_server_error_while_the_tree_is_built_is_the_servers() {
+    // Waiting for the shell's tree, the server gives up (its idle timeout):
+    // that is its error, not a protocol violation.
+    let mut up: UploadSession<'_, Tree, Vec<u8>> =
+        UploadSession::new("f", 10, vec![0; 10], [0; 8], 5, Instant(0));
+    let mut out = vec![0u8; 256];
+    assert!(matches!(up.poll(Instant(0), &mut out), Ok(Poll::Transmit(_))), "the Stat");
+    up.handle(Instant(1), Message::Error(ErrorCode::NotFound)).unwrap();
+    assert!(up.need().is_some());
+    assert_eq!(up.poll(Instant(1), &mut out), Ok(Poll::Wait(Instant(u64::MAX))));
+    assert_eq!(
+        up.handle(Instant(2), Message::Error(ErrorCode::Timeout)),
+        Err(SessionError::Peer(ErrorCode::Timeout))
+    );
+    let mut down: DownloadSession<'_, Tree, Vec<u8>, Vec<u8>> =
+        DownloadSession::new("f", Vec::new(), Some(vec![1; 10]), [0; 8], 6, Instant(0));
+    assert!(matches!(down.poll(Instant(0), &mut out), Ok(Poll::Transmit(_))));
+    let info = deltasync_core::message::FileInfo {
+        name: "f",
+        size: 10,
+        modified: 0,
+        sha256: Hash::of(&[1; 10]),
+        chunking: ChunkerKind::Cdc,
+    };
+    down.handle(Instant(1), Message::Info(info)).unwrap();
+    down.handle(Instant(1), Message::ListEnd).unwrap();
+    assert_eq!(down.poll(Instant(1), &mut out), Ok(Poll::Wait(Instant(u64::MAX))));
+    assert_eq!(
+        down.handle(Instant(2), Message::Error(ErrorCode::Timeout)),
+        Err(SessionError::Peer(ErrorCode::Timeout))
+    );
 }

@@ -60,18 +60,20 @@ pub fn sync_log<T: embedded_io::Read + embedded_io::Write>(
     ephemeral: [u8; 32],
     mut now: impl FnMut() -> Instant,
 ) -> Result<SyncReport, SyncError<T::Error>> {
+    // The device alone writes its log, always chunked so: no `Stat` first,
+    // and the tree is built before anything goes on the wire (a log too
+    // large for it costs no connection).
+    const KIND: ChunkerKind = ChunkerKind::Cdc;
+    let mut tree = FixedTree::<TREE_ENTRIES>::default();
+    let summary = tree.index(log, KIND).map_err(|_| SyncError::TreeTooBig)?;
     let mut pump = Pump::new([0u8; INPUT], [0u8; FRAME], [0u8; OUTPUT]);
     let mut hs = ClientHandshake::new(key.clone(), CipherKind::ChaChaPoly, ephemeral, now());
     let salt = run_blocking(&mut hs, io, &mut pump, &mut now).map_err(SyncError::Drive)?;
-    // The device alone writes its log, always chunked so: no `Stat` first.
-    // The tree the session asks for is built here, before it runs.
-    let mut up = UploadSession::new(name, log.len() as u64, log, salt, hs.version(), now())
-        .chunked_as(ChunkerKind::Cdc);
-    let mut tree = FixedTree::<TREE_ENTRIES>::default();
-    if let Some(Need::Tree { kind, .. }) = up.need() {
-        let summary = tree.index(log, kind).map_err(|_| SyncError::TreeTooBig)?;
-        up.tree_ready(&tree, summary);
-    }
+    let mut up = UploadSession::new(name, log.len() as u64, log, salt, hs.version(), now()).chunked_as(KIND);
+    // It asks for the tree chunked as told: the one built above.
+    let asked = up.need();
+    debug_assert_eq!(asked, Some(Need::Tree { kind: KIND, streaming: false }));
+    up.tree_ready(&tree, summary);
     let outcome = run_blocking(&mut up, io, &mut pump, &mut now).map_err(SyncError::Drive)?;
     if outcome == Outcome::Integrity {
         return Err(SyncError::Integrity);

@@ -424,6 +424,70 @@ impl io::Read for Paced {
     }
 }
 
+/// A tree built on a scoped thread for a session: handed over once, and a
+/// failure (an error, a panic, no thread to be had) is an error, never a
+/// wait without end.
+struct Build<'scope, T> {
+    rx: std::sync::mpsc::Receiver<io::Result<T>>,
+    thread: Option<std::thread::ScopedJoinHandle<'scope, ()>>,
+    taken: bool,
+}
+
+impl<'scope, T: Send + 'scope> Build<'scope, T> {
+    /// Runs `job` on a thread of `scope`; `waker` wakes the driver when it
+    /// ends, however it ends.
+    fn spawn<'env>(
+        scope: &'scope std::thread::Scope<'scope, 'env>,
+        waker: Waker,
+        job: impl FnOnce() -> io::Result<T> + Send + 'scope,
+    ) -> Self {
+        struct WakeOnDrop(Waker);
+        impl Drop for WakeOnDrop {
+            fn drop(&mut self) {
+                self.0.wake();
+            }
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new().name("tree".into()).spawn_scoped(scope, move || {
+            let _wake = WakeOnDrop(waker);
+            let _ = tx.send(job());
+        });
+        let thread = match thread {
+            Ok(t) => Some(t),
+            Err(e) => {
+                // No thread: the failure is the result (the sender is gone).
+                let (tx, failed) = std::sync::mpsc::channel();
+                let _ = tx.send(Err(e));
+                return Build { rx: failed, thread: None, taken: false };
+            }
+        };
+        Build { rx, thread, taken: false }
+    }
+
+    /// The result, once the thread is done (once; then `None`).
+    fn ready(&mut self) -> Option<io::Result<T>> {
+        if self.taken {
+            return None;
+        }
+        let r = match self.rx.try_recv() {
+            Ok(r) => r,
+            Err(std::sync::mpsc::TryRecvError::Empty) => return None,
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                Err(io::Error::other("building the tree failed"))
+            }
+        };
+        self.taken = true;
+        Some(r)
+    }
+
+    /// Waits for the thread (a panic in it stays there).
+    fn join(mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Wakes a connection's driver blocked in a read, so that it steps its
 /// machine again at once: a tree built on another thread, a command.
 #[derive(Clone)]
@@ -712,10 +776,9 @@ impl Connection {
                 .expecting(expect);
         let waker = self.waker.clone();
         let ctl = self.ctl.try_clone().map_err(ClientError::Network)?;
-        let (tx, rx) = std::sync::mpsc::channel::<io::Result<(Arc<Tree>, Known)>>();
         let file = &file;
         let (outcome, failed, hints) = std::thread::scope(|s| {
-            let (mut failed, mut hints) = (None, None);
+            let (mut failed, mut hints, mut build) = (None, None, None);
             let outcome = self.run(&mut session, name, |m, _| {
                 progress(Progress { done: m.literal_bytes(), total: size });
                 if let Some(Need::Tree { kind, streaming }) = m.need() {
@@ -723,16 +786,12 @@ impl Connection {
                     // sent: its hints spare re-chunking what did not change.
                     let old = if streaming { None } else { hints_file.as_deref().and_then(load_hints) };
                     let grouped = hints_file.is_some();
-                    let (tx, waker) = (tx.clone(), waker.clone());
-                    s.spawn(move || {
-                        let built =
-                            chunk_tree(file, kind, old.as_ref(), grouped).map(|(t, k)| (Arc::new(t), k));
-                        let _ = tx.send(built);
-                        waker.wake();
-                    });
+                    build = Some(Build::spawn(s, waker.clone(), move || {
+                        chunk_tree(file, kind, old.as_ref(), grouped).map(|(t, k)| (Arc::new(t), k))
+                    }));
                 }
-                match rx.try_recv() {
-                    Ok(Ok((tree, known))) => {
+                match build.as_mut().and_then(Build::ready) {
+                    Some(Ok((tree, known))) => {
                         m.tree_ready(tree.clone(), tree.summary());
                         // The next version's hints, while the upload runs.
                         if hints_file.is_some() {
@@ -741,15 +800,18 @@ impl Connection {
                         // Step again at once: the session has work.
                         waker.wake();
                     }
-                    Ok(Err(e)) => {
+                    Some(Err(e)) => {
                         // Without a tree the upload cannot go on: hang up.
                         failed = Some(e);
                         let _ = ctl.shutdown(std::net::Shutdown::Both);
                     }
-                    Err(_) => {}
+                    None => {}
                 }
             });
-            (outcome, failed, hints.and_then(|h| h.join().ok()))
+            if let Some(b) = build {
+                b.join();
+            }
+            (outcome, failed, hints.and_then(|h: std::thread::ScopedJoinHandle<'_, _>| h.join().ok()))
         });
         if let Some(e) = failed {
             return Err(local(e));
@@ -816,7 +878,12 @@ impl Connection {
         mut progress: impl FnMut(Progress),
     ) -> Result<TransferReport, ClientError> {
         let start = Instant::now();
-        // Into a directory: under the name's last component, as `cp` does.
+        // Into a directory: under the name's last component, as `cp` does
+        // (a name the server would refuse is refused here, before it
+        // could point anywhere).
+        if dest.is_dir() {
+            deltasync_core::message::validate_name(name).map_err(ClientError::Refused)?;
+        }
         let into = dest.is_dir().then(|| dest.join(name.rsplit('/').next().unwrap_or(name)));
         let dest = into.as_deref().unwrap_or(dest);
         let local = |e: io::Error| {
@@ -849,33 +916,36 @@ impl Connection {
             DownloadSession::new(name, out, base, self.salt, self.version, now());
         let old_hints = self.hints_file(name).as_deref().and_then(load_hints);
         let waker = self.waker.clone();
-        let (tx, rx) = std::sync::mpsc::channel::<io::Result<Tree>>();
         let mut failed = None;
         let ctl = self.ctl.try_clone().map_err(ClientError::Network)?;
         let outcome = std::thread::scope(|s| {
-            self.run(&mut op, name, |op, _| {
+            let mut build = None;
+            let outcome = self.run(&mut op, name, |op, _| {
                 progress(Progress { done: op.progress(), total: op.offer().map_or(0, |o| o.size) });
                 if let (Some(Need::Tree { kind, .. }), Some(f)) = (op.need(), current.as_ref()) {
                     // Chunk ids only; the hints of `name` help if this copy
                     // is what was last sent.
-                    let (tx, waker, old) = (tx.clone(), waker.clone(), old_hints.as_ref());
-                    s.spawn(move || {
-                        let _ = tx.send(chunk_tree(f, kind, old, old.is_some()).map(|(t, _)| t));
-                        waker.wake();
-                    });
+                    let old = old_hints.as_ref();
+                    build = Some(Build::spawn(s, waker.clone(), move || {
+                        chunk_tree(f, kind, old, old.is_some()).map(|(t, _)| t)
+                    }));
                 }
-                match rx.try_recv() {
-                    Ok(Ok(tree)) => {
+                match build.as_mut().and_then(Build::ready) {
+                    Some(Ok(tree)) => {
                         op.tree_ready(tree);
                         waker.wake();
                     }
-                    Ok(Err(e)) => {
+                    Some(Err(e)) => {
                         failed = Some(e);
                         let _ = ctl.shutdown(std::net::Shutdown::Both);
                     }
-                    Err(_) => {}
+                    None => {}
                 }
-            })
+            });
+            if let Some(b) = build {
+                b.join();
+            }
+            outcome
         });
         if let Some(e) = failed {
             return Err(local(e));

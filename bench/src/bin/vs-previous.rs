@@ -43,6 +43,15 @@ struct Build {
 
 const TOKEN: &str = "bench-token";
 
+/// Whether the server in `dir` takes `--keys` (protocol 5 and later) rather
+/// than `--token` (the plaintext versions).
+fn speaks_keys(dir: &Path) -> bool {
+    Command::new(dir.join("deltasync-server"))
+        .arg("--help")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("--keys"))
+}
+
 impl Build {
     fn start(&self, root: &Path, keys_file: &Path) -> Server {
         let mut cmd = Command::new(self.dir.join("deltasync-server"));
@@ -100,7 +109,7 @@ fn main() {
     drop(data);
 
     let builds = [
-        Build { label: "earlier", dir: earlier.clone(), keyed: false },
+        Build { label: "earlier", dir: earlier.clone(), keyed: speaks_keys(&earlier) },
         Build { label: "this", dir: here, keyed: true },
     ];
     // [build][scenario] -> seconds, and the last wire bytes.

@@ -160,10 +160,12 @@ impl<'n, T: TreeView, S: Source> UploadSession<'n, T, S> {
         self.kind
     }
 
-    /// Gives the root of the tree being built for a streamed offer.
+    /// Gives the root of the tree being built for a streamed offer. It
+    /// follows the offer in `Root` (never inside it: an offer with a root
+    /// must have its tree behind it).
     pub fn root_ready(&mut self, root: Hash, height: u8) {
         match &mut self.state {
-            State::Sending { op, streamed: true } => op.sender_mut().set_root(root, height),
+            State::Sending { op, streamed: true } if op.requested() => op.sender_mut().set_root(root, height),
             _ => self.root = Some((root, height)),
         }
     }
@@ -173,8 +175,17 @@ impl<'n, T: TreeView, S: Source> UploadSession<'n, T, S> {
     pub fn tree_ready(&mut self, tree: T, summary: Summary) {
         self.root_ready(summary.root, summary.height);
         self.tree = Some((tree, summary));
-        if matches!(self.state, State::AwaitTree) {
-            self.offer_tree(self.clock);
+        match &self.state {
+            State::AwaitTree => self.offer_tree(self.clock),
+            // Before the streamed offer went out: the tree is offered instead.
+            State::Sending { op, streamed: true } if !op.requested() => {
+                let State::Sending { op, .. } = core::mem::replace(&mut self.state, State::AwaitTree) else {
+                    return;
+                };
+                self.source = Some(op.into_sender().into_source());
+                self.offer_tree(self.clock);
+            }
+            _ => {}
         }
     }
 
@@ -231,10 +242,7 @@ impl<'n, T: TreeView, S: Source> UploadSession<'n, T, S> {
             file_hash: Hash::UNKNOWN,
             chunking: self.kind,
         };
-        let mut sender = Sender::new(None, source, offer, self.salt, now);
-        if let Some((root, height)) = self.root.take() {
-            sender.set_root(root, height);
-        }
+        let sender = Sender::new(None, source, offer, self.salt, now);
         self.state = State::Sending { op: self.upload(sender), streamed: true };
     }
 
@@ -280,7 +288,11 @@ impl<T: TreeView, S: Source> Machine for UploadSession<'_, T, S> {
                 Ok(())
             }
             State::Sending { op, .. } => op.handle(now, msg),
-            _ => Err(SessionError::Protocol(ErrorCode::UnexpectedMessage)),
+            // The server gave up meanwhile (its idle timeout, say).
+            _ => match msg {
+                Message::Error(c) => Err(SessionError::Peer(c)),
+                _ => Err(SessionError::Protocol(ErrorCode::UnexpectedMessage)),
+            },
         }
     }
 
@@ -296,7 +308,14 @@ impl<T: TreeView, S: Source> Machine for UploadSession<'_, T, S> {
                 // Local work: no deadline on the wire (the shell's tree may
                 // take long on a large file, as it always did).
                 State::AwaitTree => return Ok(Poll::Wait(Instant(u64::MAX))),
-                State::Sending { op, .. } => match op.poll(now, out)? {
+                State::Sending { op, streamed } => match op.poll(now, out)? {
+                    // A root given before the offer went out follows it.
+                    Poll::Transmit(n) if *streamed && self.root.is_some() => {
+                        if let Some((root, height)) = self.root.take() {
+                            op.sender_mut().set_root(root, height);
+                        }
+                        return Ok(Poll::Transmit(n));
+                    }
                     Poll::Done(outcome) => {
                         self.literal += op.sender().literal_bytes();
                         self.reported = op.sender().reported_hash();
@@ -342,6 +361,8 @@ mod download {
         salt: [u8; 8],
         state: DState<'n, T, R, W>,
         need: Option<Need>,
+        /// A tree given before it was asked for.
+        tree: Option<T>,
         clock: Instant,
     }
 
@@ -364,7 +385,7 @@ mod download {
                 }
                 None => DState::Receiving(Download::new(name, salt, None, out, now)),
             };
-            DownloadSession { name, salt, state, need: None, clock: now }
+            DownloadSession { name, salt, state, need: None, tree: None, clock: now }
         }
 
         /// What the shell is asked to do, once (see [`Need`]).
@@ -374,11 +395,16 @@ mod download {
 
         /// Gives the local copy's tree, chunked as asked.
         pub fn tree_ready(&mut self, tree: T) {
-            if let DState::AwaitTree(..) = self.state {
-                let DState::AwaitTree(out, local) = core::mem::replace(&mut self.state, DState::Poisoned)
-                else {
-                    return;
-                };
+            self.tree = Some(tree);
+            self.start();
+        }
+
+        /// Starts the download once the copy's tree is there.
+        fn start(&mut self) {
+            if matches!(self.state, DState::AwaitTree(..))
+                && let Some(tree) = self.tree.take()
+                && let DState::AwaitTree(out, local) = core::mem::replace(&mut self.state, DState::Poisoned)
+            {
                 let base = Base { tree, source: local };
                 self.state =
                     DState::Receiving(Download::new(self.name, self.salt, Some(base), out, self.clock));
@@ -424,7 +450,11 @@ mod download {
             match &mut self.state {
                 DState::Stat(q, ..) => q.handle(now, msg),
                 DState::Receiving(d) => d.handle(now, msg),
-                _ => Err(SessionError::Protocol(ErrorCode::UnexpectedMessage)),
+                // The server gave up meanwhile (its idle timeout, say).
+                _ => match msg {
+                    Message::Error(c) => Err(SessionError::Peer(c)),
+                    _ => Err(SessionError::Protocol(ErrorCode::UnexpectedMessage)),
+                },
             }
         }
 
@@ -442,6 +472,7 @@ mod download {
                             };
                             self.need = Some(Need::Tree { kind: stat.chunking, streaming: false });
                             self.state = DState::AwaitTree(w, r);
+                            self.start();
                         }
                         Poll::Transmit(n) => return Ok(Poll::Transmit(n)),
                         Poll::Wait(t) => return Ok(Poll::Wait(t)),
