@@ -79,8 +79,8 @@ pub struct GuiApp {
     pub confirm_delete: Option<String>,
     /// Uploads to start once connected.
     pub queued_uploads: Vec<PathBuf>,
-    /// The directory the built-in file picker shows, when open.
-    pub picker: Option<PathBuf>,
+    /// The file dialog, when open (`egui_file`).
+    pub picker: Option<egui_file::FileDialog>,
     /// Where chunk hints are kept (default: the user's cache directory).
     pub hints_dir: Option<PathBuf>,
     busy: usize,
@@ -360,7 +360,13 @@ impl GuiApp {
             let l = ui.label("Local file");
             ui.text_edit_singleline(&mut self.upload_path).labelled_by(l.id);
             if ui.button("Browse…").clicked() {
-                self.picker = Some(std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/")));
+                let start = PathBuf::from(&self.upload_path);
+                let start = start.parent().filter(|p| p.is_dir()).map(PathBuf::from);
+                let mut dialog = egui_file::FileDialog::open_file().initial_path(
+                    start.or_else(|| std::env::current_dir().ok()).unwrap_or_else(|| "/".into()),
+                );
+                dialog.open();
+                self.picker = Some(dialog);
             }
             let can = self.connected && !self.upload_path.is_empty();
             if ui.add_enabled(can, egui::Button::new("Upload")).clicked() {
@@ -463,41 +469,16 @@ impl GuiApp {
         self.file_picker(&ctx);
     }
 
-    /// A small built-in file dialog: browse directories, pick a file.
+    /// The file dialog, if open: a file picked becomes the file to upload.
     fn file_picker(&mut self, ctx: &egui::Context) {
-        let Some(dir) = self.picker.clone() else { return };
-        let mut open = true;
-        let mut next: Option<Option<PathBuf>> = None;
-        egui::Window::new("Choose a file").open(&mut open).show(ctx, |ui| {
-            ui.label(dir.display().to_string());
-            egui::ScrollArea::vertical().max_height(300.0).show(ui, |ui| {
-                if let Some(parent) = dir.parent()
-                    && ui.button("..").clicked()
-                {
-                    next = Some(Some(parent.to_path_buf()));
-                }
-                let mut entries: Vec<_> = std::fs::read_dir(&dir).into_iter().flatten().flatten().collect();
-                entries.sort_by_key(|e| e.file_name());
-                for e in entries {
-                    let p = e.path();
-                    let is_dir = p.is_dir();
-                    let label =
-                        format!("{}{}", e.file_name().to_string_lossy(), if is_dir { "/" } else { "" });
-                    if ui.selectable_label(false, label).clicked() {
-                        if is_dir {
-                            next = Some(Some(p));
-                        } else {
-                            self.upload_path = p.display().to_string();
-                            next = Some(None);
-                        }
-                    }
-                }
-            });
-        });
-        if !open {
+        let Some(dialog) = self.picker.as_mut() else { return };
+        if dialog.show(ctx).selected() {
+            if let Some(p) = dialog.path() {
+                self.upload_path = p.display().to_string();
+            }
             self.picker = None;
-        } else if let Some(n) = next {
-            self.picker = n;
+        } else if matches!(dialog.state(), egui_file::State::Closed | egui_file::State::Cancelled) {
+            self.picker = None;
         }
     }
 }

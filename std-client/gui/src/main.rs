@@ -1,26 +1,31 @@
 //! `deltasync-gui`: the desktop client.
 //!
 //! `deltasync-gui [--server HOST:PORT] [--key KEY] [FILE...]`: with a
-//! server and key it connects at start, and uploads the FILEs once
+//! server or a key given it connects at start, and uploads the FILEs once
 //! connected. Settings are remembered between runs.
 
+use clap::Parser;
 use deltasync_gui::{GuiApp, Settings, Window, load_settings};
 use std::path::PathBuf;
 
+/// deltasync desktop client: upload, download, list and delete files on a
+/// deltasync server, sending only what changed.
+#[derive(Parser, Debug)]
+#[command(name = "deltasync-gui", version)]
+struct Args {
+    /// Server address (connects at start when given).
+    #[arg(long)]
+    server: Option<String>,
+    /// This client's key (dsk1-...); prefer DELTASYNC_KEY (a command line
+    /// is visible to other users). Connects at start when given.
+    #[arg(long)]
+    key: Option<String>,
+    /// Files to upload once connected.
+    files: Vec<PathBuf>,
+}
+
 fn main() -> eframe::Result {
-    let mut args = std::env::args().skip(1);
-    let (mut server, mut key, mut files) = (None, None, Vec::new());
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--server" => server = args.next(),
-            "--key" => key = args.next(),
-            "-h" | "--help" => {
-                println!("usage: deltasync-gui [--server HOST:PORT] [--key KEY] [FILE...]");
-                return Ok(());
-            }
-            _ => files.push(PathBuf::from(a)),
-        }
-    }
+    let Args { server, key, files } = Args::parse();
     let options = eframe::NativeOptions {
         viewport: egui::ViewportBuilder::default().with_inner_size([900.0, 640.0]).with_drag_and_drop(true),
         ..Default::default()

@@ -117,3 +117,35 @@ fn connect_upload_list_download_and_delete_by_clicking() {
     h.get_by_label("Refresh").click();
     wait(&mut h, "all background work to end", |a| !a.is_busy());
 }
+
+#[test]
+fn browse_opens_the_file_dialog_which_picks_the_file_to_upload() {
+    let settings = Settings { server: "127.0.0.1:1".into(), key: String::new(), download_dir: ".".into() };
+    // (egui_file's path and file name inputs carry no accessible name:
+    // the harness's check of every widget is off for this test only.)
+    let mut h = Harness::builder()
+        .with_size([1000.0, 800.0])
+        .with_accessibility_check(false)
+        .build_ui_state(|ui, app: &mut GuiApp| app.show(ui), GuiApp::new(settings));
+    h.get_by_label("Browse…").click();
+    h.run();
+    assert!(h.state().picker.is_some(), "the dialog is open");
+    // The maintained dialog (egui_file), with its own buttons.
+    h.get_by_label("Cancel").click();
+    h.run();
+    assert!(h.state().picker.is_none(), "cancel closes it");
+    assert!(h.state().upload_path.is_empty());
+    // It opens where the file to upload is, and a file picked there
+    // becomes the one to upload.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("pick.txt"), b"x").unwrap();
+    h.state_mut().upload_path = dir.path().join("nothing-yet").display().to_string();
+    h.get_by_label("Browse…").click();
+    h.run();
+    h.get_by_label_contains("pick.txt").click();
+    h.run();
+    h.get_by_label("Open").click();
+    h.run();
+    assert!(h.state().picker.is_none(), "a pick closes it");
+    assert_eq!(PathBuf::from(&h.state().upload_path), dir.path().join("pick.txt"));
+}
