@@ -11,8 +11,8 @@
 //! - `.deltasync/lock`: locked by the server using the root (a second one
 //!   refuses to start);
 //! - `.deltasync/index/HASH.idx`: the tree of `NAME`, stamped with the
-//!   file's size, modification time and inode, rebuilt when they no longer
-//!   match, followed by the SHA-256 state after every 16 MiB of the file
+//!   file's size, modification time, inode and change time, rebuilt when
+//!   they no longer match, followed by the SHA-256 state after every 16 MiB of the file
 //!   (so that a new version that starts like the old one is hashed from
 //!   where it differs, not from its first byte);
 //! - `.deltasync/upload/HASH-PID-N`: an upload in progress, renamed onto
@@ -55,7 +55,12 @@ const MIDSTATE_STEP: u64 = 16 << 20;
 /// Temporary files of uploads before this layout, written beside their
 /// destination (recovered at start like the newer ones).
 const OLD_PART_PREFIX: &str = ".deltasync-part-";
-const INDEX_MAGIC: &[u8; 8] = b"DSIDX001";
+const INDEX_MAGIC: &[u8; 8] = b"DSIDX002";
+/// An index's header: the magic, then the file's size, modification time,
+/// inode and change time (an index of any other file, or of this one
+/// changed since, is stale; a change in place with the old size and
+/// modification time put back still moves the change time).
+const INDEX_HEAD: usize = 8 + 8 + 16 + 8 + 16;
 /// Present once the layout before hashed names has been migrated.
 const LAYOUT_MARK: &str = "layout-2";
 /// Suffix of the file beside an upload or a partial that holds its name.
@@ -63,11 +68,12 @@ const LABEL: &str = ".name";
 
 /// Whether an index header describes the file with this metadata.
 fn index_is_fresh(head: &[u8], meta: &fs::Metadata) -> bool {
-    head.len() == 40
+    head.len() == INDEX_HEAD
         && &head[..8] == INDEX_MAGIC
         && head[8..16] == meta.len().to_le_bytes()
         && head[16..32] == mtime_ns(meta).to_le_bytes()
         && head[32..40] == meta.ino().to_le_bytes()
+        && head[40..56] == ctime_ns(meta).to_le_bytes()
 }
 
 /// The server's storage: cheap to clone, one per connection.
@@ -159,6 +165,10 @@ fn stat_is_file(s: &rustix::fs::Stat) -> bool {
 
 fn mtime_ns(m: &fs::Metadata) -> i128 {
     i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec())
+}
+
+fn ctime_ns(m: &fs::Metadata) -> i128 {
+    i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec())
 }
 
 /// Which version of a name is stored. Every version the server publishes
@@ -467,7 +477,7 @@ impl FsStore {
         self.wait_indexed(name);
         let mut bytes = Vec::new();
         self.root.open_file(&self.index_path(name)).ok()?.read_to_end(&mut bytes).ok()?;
-        let (head, body) = bytes.split_at_checked(40)?;
+        let (head, body) = bytes.split_at_checked(INDEX_HEAD)?;
         let (tree, _midstates) = Tree::take_from_bytes(body)?;
         (index_is_fresh(head, meta) && tree.summary().size == meta.len()).then_some(tree)
     }
@@ -479,14 +489,14 @@ impl FsStore {
         let read = || -> io::Result<Vec<Vec<u8>>> {
             let f = self.root.open_file(&self.index_path(name))?;
             let len = f.metadata()?.len();
-            let mut head = [0u8; 48];
-            std::os::unix::fs::FileExt::read_exact_at(&f, &mut head[..40], 0)?;
-            if !index_is_fresh(&head[..40], meta) || len < 48 {
+            let mut head = [0u8; INDEX_HEAD + 8];
+            std::os::unix::fs::FileExt::read_exact_at(&f, &mut head[..INDEX_HEAD], 0)?;
+            if !index_is_fresh(&head[..INDEX_HEAD], meta) || len < INDEX_HEAD as u64 + 8 {
                 return Ok(Vec::new());
             }
-            std::os::unix::fs::FileExt::read_exact_at(&f, &mut head[40..], len - 8)?;
-            let n = u64::from_le_bytes(head[40..].try_into().unwrap_or_default());
-            if n > len - 48 {
+            std::os::unix::fs::FileExt::read_exact_at(&f, &mut head[INDEX_HEAD..], len - 8)?;
+            let n = u64::from_le_bytes(head[INDEX_HEAD..].try_into().unwrap_or_default());
+            if n > len - INDEX_HEAD as u64 - 8 {
                 return Ok(Vec::new());
             }
             let mut body = vec![0u8; n as usize];
@@ -501,7 +511,7 @@ impl FsStore {
     fn load_summary(&self, name: &str, meta: &fs::Metadata) -> Option<Summary> {
         self.wait_indexed(name);
         let mut f = self.root.open_file(&self.index_path(name)).ok()?;
-        let mut buf = [0u8; 40 + 160];
+        let mut buf = [0u8; INDEX_HEAD + 160];
         let mut n = 0;
         while n < buf.len() {
             match f.read(&mut buf[n..]) {
@@ -510,7 +520,7 @@ impl FsStore {
                 Err(_) => return None,
             }
         }
-        let (head, body) = buf[..n].split_at_checked(40)?;
+        let (head, body) = buf[..n].split_at_checked(INDEX_HEAD)?;
         let s = Tree::summary_from_prefix(body)?;
         (index_is_fresh(head, meta) && s.size == meta.len()).then_some(s)
     }
@@ -835,6 +845,7 @@ fn write_index(
     f.write_all(&meta.len().to_le_bytes())?;
     f.write_all(&mtime_ns(meta).to_le_bytes())?;
     f.write_all(&meta.ino().to_le_bytes())?;
+    f.write_all(&ctime_ns(meta).to_le_bytes())?;
     f.write_all(&tree.to_bytes())?;
     // The midstates and their length last: `load_midstates` reads them
     // from the end, `load_summary` and `load_index` ignore them.
@@ -1450,6 +1461,14 @@ mod tests {
         let (tree, _) = store.open("f", Some(ChunkerKind::Cdc)).unwrap().unwrap();
         assert_eq!(tree.summary().file_hash, Hash::of(&vec![2u8; 100_000]));
         assert_eq!(store.list().unwrap().len(), 1, "the metadata directory is not listed");
+
+        // Rewritten in place with the same size and its old mtime put
+        // back: only the change time moved, and the index is stale still.
+        let old = fs::metadata(&path).unwrap().modified().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        fs::write(&path, vec![3u8; 100_000]).unwrap();
+        File::options().write(true).open(&path).unwrap().set_modified(old).unwrap();
+        assert_eq!(store.stat("f").unwrap().sha256, Hash::of(&vec![3u8; 100_000]));
     }
 
     #[test]
