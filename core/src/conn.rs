@@ -186,8 +186,7 @@ impl Machine for ClientHandshake {
             (ClientState::AwaitAccept(_), Message::Error(ErrorCode::BadMessage)) => {
                 Err(SessionError::Protocol(ErrorCode::VersionMismatch))
             }
-            (_, Message::Error(c)) => Err(SessionError::Peer(c)),
-            _ => Err(SessionError::Protocol(ErrorCode::UnexpectedMessage)),
+            (_, m) => Err(machine::unexpected(&m)),
         }
     }
 
@@ -419,8 +418,7 @@ impl<F: FnMut(Listed<'_>)> Machine for Query<'_, F> {
             }
             (QueryKind::Stat(_), Message::ListEnd) if v6 => self.done = Some(self.file),
             (QueryKind::Delete(_), Message::Deleted) => self.done = Some(None),
-            (_, Message::Error(c)) => return Err(SessionError::Peer(c)),
-            _ => return Err(SessionError::Protocol(ErrorCode::UnexpectedMessage)),
+            (_, m) => return Err(machine::unexpected(&m)),
         }
         Ok(())
     }
@@ -541,8 +539,7 @@ mod download {
                     Ok(())
                 }
                 (State::Receiving(r), m) => r.handle(now, m),
-                (_, Message::Error(c)) => Err(SessionError::Peer(c)),
-                _ => Err(SessionError::Protocol(ErrorCode::UnexpectedMessage)),
+                (_, m) => Err(machine::unexpected(&m)),
             }
         }
 

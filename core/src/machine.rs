@@ -45,6 +45,15 @@ pub(crate) fn emit<T>(msg: &Message<'_>, out: &mut [u8]) -> Result<Poll<T>, Sess
     crate::frame::encode(msg, out).map(Poll::Transmit).map_err(|_| SessionError::Capacity)
 }
 
+/// What a machine answers a message it has no use for: the peer's own
+/// error if it is one, else a protocol violation.
+pub(crate) fn unexpected(msg: &Message<'_>) -> SessionError {
+    match msg {
+        Message::Error(c) => SessionError::Peer(*c),
+        _ => SessionError::Protocol(crate::error::ErrorCode::UnexpectedMessage),
+    }
+}
+
 /// Fails with [`SessionError::Timeout`] past `deadline`, else waits for it.
 pub(crate) fn wait_until<T>(now: Instant, deadline: Instant) -> Result<Poll<T>, SessionError> {
     if now >= deadline { Err(SessionError::Timeout) } else { Ok(Poll::Wait(deadline)) }

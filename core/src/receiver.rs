@@ -514,8 +514,7 @@ impl<T: TreeView, R: Source, W: Output> Machine for Receiver<T, R, W> {
                 self.offer.height = height;
                 Ok(())
             }
-            Message::Error(c) => Err(SessionError::Peer(c)),
-            _ => Err(SessionError::Protocol(ErrorCode::UnexpectedMessage)),
+            m => Err(machine::unexpected(&m)),
         }
     }
 

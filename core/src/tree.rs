@@ -130,38 +130,30 @@ impl<T: TreeView> TreeView for Option<T> {
     }
 }
 
-/// A tree shared with another thread (a shell collecting hints from the
-/// tree a session offers).
-#[cfg(feature = "std")]
-impl<T: TreeView + ?Sized> TreeView for std::sync::Arc<T> {
-    fn height(&self) -> u8 {
-        (**self).height()
-    }
-    fn level_len(&self, level: u8) -> u32 {
-        (**self).level_len(level)
-    }
-    fn entry(&self, level: u8, index: u32) -> Option<NodeRef> {
-        (**self).entry(level, index)
-    }
-    fn first_child(&self, level: u8, index: u32) -> Option<u32> {
-        (**self).first_child(level, index)
-    }
+/// A tree reached through a pointer is that tree.
+macro_rules! tree_view_through {
+    ($($(#[$attr:meta])* $ptr:ty),*) => {$(
+        $(#[$attr])*
+        impl<T: TreeView + ?Sized> TreeView for $ptr {
+            fn height(&self) -> u8 {
+                (**self).height()
+            }
+            fn level_len(&self, level: u8) -> u32 {
+                (**self).level_len(level)
+            }
+            fn entry(&self, level: u8, index: u32) -> Option<NodeRef> {
+                (**self).entry(level, index)
+            }
+            fn first_child(&self, level: u8, index: u32) -> Option<u32> {
+                (**self).first_child(level, index)
+            }
+        }
+    )*};
 }
 
-impl<T: TreeView + ?Sized> TreeView for &T {
-    fn height(&self) -> u8 {
-        (**self).height()
-    }
-    fn level_len(&self, level: u8) -> u32 {
-        (**self).level_len(level)
-    }
-    fn entry(&self, level: u8, index: u32) -> Option<NodeRef> {
-        (**self).entry(level, index)
-    }
-    fn first_child(&self, level: u8, index: u32) -> Option<u32> {
-        (**self).first_child(level, index)
-    }
-}
+// `Arc`: a tree shared with another thread (a shell collecting hints from
+// the tree a session offers).
+tree_view_through!(&T, #[cfg(feature = "std")] std::sync::Arc<T>);
 
 #[derive(Clone)]
 struct Pending {

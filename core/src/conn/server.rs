@@ -114,8 +114,7 @@ impl<K: Keys> Machine for ServerHandshake<K> {
             (HsState::AwaitHello(e), Message::Hello { version, cipher, key, noise }) => {
                 self.hello(e, version, cipher, key, noise)
             }
-            (_, Message::Error(c)) => Err(SessionError::Peer(c)),
-            _ => Err(SessionError::Protocol(ErrorCode::UnexpectedMessage)),
+            (_, m) => Err(machine::unexpected(&m)),
         }
     }
 

@@ -22,7 +22,7 @@ use super::{Listed, Query, QueryKind, Upload};
 use crate::chunker::ChunkerKind;
 use crate::error::{ErrorCode, SessionError};
 use crate::hash::Hash;
-use crate::machine::{Machine, Poll};
+use crate::machine::{self, Machine, Poll};
 use crate::message::{Expect, Message, Outcome};
 use crate::sender::Sender;
 use crate::source::Source;
@@ -288,11 +288,8 @@ impl<T: TreeView, S: Source> Machine for UploadSession<'_, T, S> {
                 Ok(())
             }
             State::Sending { op, .. } => op.handle(now, msg),
-            // The server gave up meanwhile (its idle timeout, say).
-            _ => match msg {
-                Message::Error(c) => Err(SessionError::Peer(c)),
-                _ => Err(SessionError::Protocol(ErrorCode::UnexpectedMessage)),
-            },
+            // The server may have given up meanwhile (its idle timeout).
+            _ => Err(machine::unexpected(&msg)),
         }
     }
 
@@ -450,11 +447,8 @@ mod download {
             match &mut self.state {
                 DState::Stat(q, ..) => q.handle(now, msg),
                 DState::Receiving(d) => d.handle(now, msg),
-                // The server gave up meanwhile (its idle timeout, say).
-                _ => match msg {
-                    Message::Error(c) => Err(SessionError::Peer(c)),
-                    _ => Err(SessionError::Protocol(ErrorCode::UnexpectedMessage)),
-                },
+                // The server may have given up meanwhile (its idle timeout).
+                _ => Err(machine::unexpected(&msg)),
             }
         }
 
