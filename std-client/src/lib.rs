@@ -424,13 +424,18 @@ impl io::Read for Paced {
     }
 }
 
-/// A tree built on a scoped thread for a session: handed over once, and a
-/// failure (an error, a panic, no thread to be had) is an error, never a
-/// wait without end.
+/// A tree built on a scoped thread for a session: handed over once, the
+/// driver woken to go on with it; a failure (an error, a panic, no thread
+/// to be had) hangs up the connection (a transfer cannot go on without its
+/// tree) and is an error, never a wait without end.
 struct Build<'scope, T> {
     rx: std::sync::mpsc::Receiver<io::Result<T>>,
     thread: Option<std::thread::ScopedJoinHandle<'scope, ()>>,
-    taken: bool,
+    waker: Waker,
+    /// The connection's socket, shut down on failure.
+    hang_up: &'scope TcpStream,
+    delivered: bool,
+    failed: Option<io::Error>,
 }
 
 impl<'scope, T: Send + 'scope> Build<'scope, T> {
@@ -439,6 +444,7 @@ impl<'scope, T: Send + 'scope> Build<'scope, T> {
     fn spawn<'env>(
         scope: &'scope std::thread::Scope<'scope, 'env>,
         waker: Waker,
+        hang_up: &'scope TcpStream,
         job: impl FnOnce() -> io::Result<T> + Send + 'scope,
     ) -> Self {
         struct WakeOnDrop(Waker);
@@ -448,43 +454,52 @@ impl<'scope, T: Send + 'scope> Build<'scope, T> {
             }
         }
         let (tx, rx) = std::sync::mpsc::channel();
+        let wake = waker.clone();
         let thread = std::thread::Builder::new().name("tree".into()).spawn_scoped(scope, move || {
-            let _wake = WakeOnDrop(waker);
+            let _wake = WakeOnDrop(wake);
             let _ = tx.send(job());
         });
-        let thread = match thread {
-            Ok(t) => Some(t),
-            Err(e) => {
-                // No thread: the failure is the result (the sender is gone).
-                let (tx, failed) = std::sync::mpsc::channel();
-                let _ = tx.send(Err(e));
-                return Build { rx: failed, thread: None, taken: false };
-            }
-        };
-        Build { rx, thread, taken: false }
-    }
-
-    /// The result, once the thread is done (once; then `None`).
-    fn ready(&mut self) -> Option<io::Result<T>> {
-        if self.taken {
-            return None;
+        let mut build = Build { rx, thread: None, waker, hang_up, delivered: false, failed: None };
+        match thread {
+            Ok(t) => build.thread = Some(t),
+            // No thread: that is the failure.
+            Err(e) => build.fail(e),
         }
-        let r = match self.rx.try_recv() {
-            Ok(r) => r,
-            Err(std::sync::mpsc::TryRecvError::Empty) => return None,
-            Err(std::sync::mpsc::TryRecvError::Disconnected) => {
-                Err(io::Error::other("building the tree failed"))
-            }
-        };
-        self.taken = true;
-        Some(r)
+        build
     }
 
-    /// Waits for the thread (a panic in it stays there).
-    fn join(mut self) {
+    fn fail(&mut self, e: io::Error) {
+        self.failed = Some(e);
+        let _ = self.hang_up.shutdown(std::net::Shutdown::Both);
+    }
+
+    /// Once the thread is done: gives its tree to `give` and wakes the
+    /// driver (the session has work at once), or fails.
+    fn deliver(&mut self, give: impl FnOnce(T)) {
+        if self.delivered || self.failed.is_some() {
+            return;
+        }
+        match self.rx.try_recv() {
+            Ok(Ok(tree)) => {
+                self.delivered = true;
+                give(tree);
+                self.waker.wake();
+            }
+            Ok(Err(e)) => self.fail(e),
+            Err(std::sync::mpsc::TryRecvError::Empty) => {}
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                self.fail(io::Error::other("building the tree failed"))
+            }
+        }
+    }
+
+    /// Waits for the thread (a panic in it stays there); the failure, if
+    /// the build failed.
+    fn join(mut self) -> Option<io::Error> {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+        self.failed
     }
 }
 
@@ -778,7 +793,7 @@ impl Connection {
         let ctl = self.ctl.try_clone().map_err(ClientError::Network)?;
         let file = &file;
         let (outcome, failed, hints) = std::thread::scope(|s| {
-            let (mut failed, mut hints, mut build) = (None, None, None);
+            let (mut hints, mut build) = (None, None);
             let outcome = self.run(&mut session, name, |m, _| {
                 progress(Progress { done: m.literal_bytes(), total: size });
                 if let Some(Need::Tree { kind, streaming }) = m.need() {
@@ -786,31 +801,21 @@ impl Connection {
                     // sent: its hints spare re-chunking what did not change.
                     let old = if streaming { None } else { hints_file.as_deref().and_then(load_hints) };
                     let grouped = hints_file.is_some();
-                    build = Some(Build::spawn(s, waker.clone(), move || {
+                    build = Some(Build::spawn(s, waker.clone(), &ctl, move || {
                         chunk_tree(file, kind, old.as_ref(), grouped).map(|(t, k)| (Arc::new(t), k))
                     }));
                 }
-                match build.as_mut().and_then(Build::ready) {
-                    Some(Ok((tree, known))) => {
+                if let Some(b) = build.as_mut() {
+                    b.deliver(|(tree, known)| {
                         m.tree_ready(tree.clone(), tree.summary());
                         // The next version's hints, while the upload runs.
                         if hints_file.is_some() {
                             hints = Some(s.spawn(move || ChunkHints::collect(file, &tree, &known)));
                         }
-                        // Step again at once: the session has work.
-                        waker.wake();
-                    }
-                    Some(Err(e)) => {
-                        // Without a tree the upload cannot go on: hang up.
-                        failed = Some(e);
-                        let _ = ctl.shutdown(std::net::Shutdown::Both);
-                    }
-                    None => {}
+                    });
                 }
             });
-            if let Some(b) = build {
-                b.join();
-            }
+            let failed = build.and_then(Build::join);
             (outcome, failed, hints.and_then(|h: std::thread::ScopedJoinHandle<'_, _>| h.join().ok()))
         });
         if let Some(e) = failed {
@@ -916,9 +921,8 @@ impl Connection {
             DownloadSession::new(name, out, base, self.salt, self.version, now());
         let old_hints = self.hints_file(name).as_deref().and_then(load_hints);
         let waker = self.waker.clone();
-        let mut failed = None;
         let ctl = self.ctl.try_clone().map_err(ClientError::Network)?;
-        let outcome = std::thread::scope(|s| {
+        let (outcome, failed) = std::thread::scope(|s| {
             let mut build = None;
             let outcome = self.run(&mut op, name, |op, _| {
                 progress(Progress { done: op.progress(), total: op.offer().map_or(0, |o| o.size) });
@@ -926,26 +930,15 @@ impl Connection {
                     // Chunk ids only; the hints of `name` help if this copy
                     // is what was last sent.
                     let old = old_hints.as_ref();
-                    build = Some(Build::spawn(s, waker.clone(), move || {
+                    build = Some(Build::spawn(s, waker.clone(), &ctl, move || {
                         chunk_tree(f, kind, old, old.is_some()).map(|(t, _)| t)
                     }));
                 }
-                match build.as_mut().and_then(Build::ready) {
-                    Some(Ok(tree)) => {
-                        op.tree_ready(tree);
-                        waker.wake();
-                    }
-                    Some(Err(e)) => {
-                        failed = Some(e);
-                        let _ = ctl.shutdown(std::net::Shutdown::Both);
-                    }
-                    None => {}
+                if let Some(b) = build.as_mut() {
+                    b.deliver(|tree| op.tree_ready(tree));
                 }
             });
-            if let Some(b) = build {
-                b.join();
-            }
-            outcome
+            (outcome, build.and_then(Build::join))
         });
         if let Some(e) = failed {
             return Err(local(e));
