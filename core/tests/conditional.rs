@@ -35,6 +35,13 @@ struct Racing {
     kind: Option<ChunkerKind>,
 }
 
+impl Racing {
+    /// Over `files`, with no other writer, no partials, chunked as sizes pick.
+    fn new(files: &Files) -> Racing {
+        Racing { inner: MemStore(files.clone()), other: None, partials: Vec::new(), kind: None }
+    }
+}
+
 impl Store for Racing {
     type Reader = Vec<u8>;
     type Writer = MemWriter;
@@ -98,14 +105,15 @@ struct Session {
 /// A session over `files` (protocol `version` at most) in which another
 /// writer publishes `other` during the first upload, if given.
 fn connect(files: &Files, other: Option<(&'static str, Vec<u8>)>, version: u16) -> Session {
-    connect_to(
-        Racing { inner: MemStore(files.clone()), other, partials: Vec::new(), kind: None },
-        keys(),
-        version,
-    )
+    connect_to(Racing { other, ..Racing::new(files) }, keys(), version)
 }
 
 fn connect_to(store: Racing, keys: Keys, version: u16) -> Session {
+    connect_as(KEY, store, keys, version)
+}
+
+/// A session with the client's key `key`, to a server that knows `keys`.
+fn connect_as(key: ClientKey, store: Racing, keys: Keys, version: u16) -> Session {
     let mut s = Session {
         server: ServerConn::new(store, keys, [9u8; 32], Instant(0)),
         cp: pump(),
@@ -114,7 +122,7 @@ fn connect_to(store: Racing, keys: Keys, version: u16) -> Session {
         salt: [0; 8],
         version: 0,
     };
-    let mut hs = handshake(KEY).at_most(version);
+    let mut hs = handshake(key).at_most(version);
     s.salt = run(&mut hs, &mut s.cp, &mut s.server, &mut s.sp, &mut s.net).expect("handshake");
     s.version = hs.version();
     s
@@ -254,12 +262,7 @@ fn a_partial_holding_all_of_the_offer_is_published_not_called_unchanged() {
         if let Some(v) = &stored {
             files.borrow_mut().insert("f".into(), v.clone());
         }
-        let store = Racing {
-            inner: MemStore(files.clone()),
-            other: None,
-            partials: vec![("f", v1.clone())],
-            kind: None,
-        };
+        let store = Racing { partials: vec![("f", v1.clone())], ..Racing::new(&files) };
         let mut s = connect_to(store, keys(), PROTOCOL_VERSION);
         let expect = if stored.is_some() { Expect::Match(Hash::of(&v0)) } else { Expect::Absent };
         let (r, _, sent) = upload(&mut s, "f", &v1, Some(expect));
@@ -269,8 +272,7 @@ fn a_partial_holding_all_of_the_offer_is_published_not_called_unchanged() {
     }
     // The stored version itself is still unchanged, partial or not.
     let files = files_with("f", &v1);
-    let store =
-        Racing { inner: MemStore(files.clone()), other: None, partials: vec![("f", v0.clone())], kind: None };
+    let store = Racing { partials: vec![("f", v0.clone())], ..Racing::new(&files) };
     let mut s = connect_to(store, keys(), PROTOCOL_VERSION);
     assert_eq!(upload(&mut s, "f", &v1, None).0.unwrap(), Outcome::Unchanged);
 }
@@ -290,17 +292,8 @@ fn interrupted_uploads_are_listed_and_described_within_the_keys_prefixes() {
     };
     let keyring = vec![(KEY, Access::full("sim")), (reader.clone(), access)];
     let listed = |key: ClientKey, kind: QueryKind<'_>| {
-        let store =
-            Racing { inner: MemStore(files.clone()), other: None, partials: partials.clone(), kind: None };
-        let mut s = Session {
-            server: ServerConn::new(store, keyring.clone(), [9u8; 32], Instant(0)),
-            cp: pump(),
-            sp: pump(),
-            net: Net::new(),
-            salt: [0; 8],
-            version: 0,
-        };
-        run(&mut handshake(key), &mut s.cp, &mut s.server, &mut s.sp, &mut s.net).unwrap();
+        let store = Racing { partials: partials.clone(), ..Racing::new(&files) };
+        let mut s = connect_as(key, store, keyring.clone(), PROTOCOL_VERSION);
         let mut seen = Vec::new();
         let on_entry = |e: Listed<'_>| {
             seen.push(match e {
@@ -504,12 +497,7 @@ fn a_streamed_upload_the_server_wants_as_a_delta_falls_back_to_the_tree() {
     // `NeedTree`, and the session offers the tree once the shell gives it.
     let v1 = random_bytes(4, 300_000);
     let files = Files::default();
-    let store = Racing {
-        inner: MemStore(files.clone()),
-        other: None,
-        partials: vec![("f", v1[..200_000].to_vec())],
-        kind: None,
-    };
+    let store = Racing { partials: vec![("f", v1[..200_000].to_vec())], ..Racing::new(&files) };
     let mut s = connect_to(store, keys(), PROTOCOL_VERSION);
     let (r, asked, sent) = session_upload(&mut s, "f", &v1, true, Some(Expect::Absent));
     assert_eq!(r.unwrap(), Outcome::Written);
@@ -587,10 +575,9 @@ fn the_download_session_reuses_the_local_copy_chunked_as_the_server_chunks() {
     // must be chunked the same way to share anything.
     let files = Files::default();
     let store = Racing {
-        inner: MemStore(files.clone()),
-        other: None,
         partials: vec![("p", vec![1; 10])],
         kind: Some(ChunkerKind::Fixed(4096)),
+        ..Racing::new(&files)
     };
     let mut s = connect_to(store, keys(), PROTOCOL_VERSION);
     let tree = Tree::build(&v2[..], ChunkerKind::Fixed(4096));
@@ -628,12 +615,7 @@ fn a_tree_given_before_the_streamed_offer_went_out_is_offered_instead() {
     // get `NeedTree`): the offer must carry the tree, never a root alone.
     let v1 = random_bytes(9, 300_000);
     let files = Files::default();
-    let store = Racing {
-        inner: MemStore(files.clone()),
-        other: None,
-        partials: vec![("f", v1[..150_000].to_vec())],
-        kind: None,
-    };
+    let store = Racing { partials: vec![("f", v1[..150_000].to_vec())], ..Racing::new(&files) };
     let mut s = connect_to(store, keys(), 5);
     let session =
         UploadSession::new("f", 300_000, v1.clone(), s.salt, s.version, s.net.clock).streaming(true);

@@ -26,6 +26,9 @@ fn h(x: u8) -> Hash {
 
 #[test]
 fn a_frame_of_every_message_variant_is_byte_exact() {
+    // The offer of both upload requests.
+    let offer =
+        Summary { size: 300, root: h(1), height: 2, file_hash: h(2), chunking: ChunkerKind::Fixed(4096) };
     let cases: Vec<(Message<'_>, &str)> = vec![
         (
             Message::Hello {
@@ -42,16 +45,7 @@ fn a_frame_of_every_message_variant_is_byte_exact() {
         (Message::List, "0104"),
         (Message::Stat { name: "a/b" }, "050503612f62"),
         (
-            Message::Upload {
-                name: "f",
-                offer: Summary {
-                    size: 300,
-                    root: h(1),
-                    height: 2,
-                    file_hash: h(2),
-                    chunking: ChunkerKind::Fixed(4096),
-                },
-            },
+            Message::Upload { name: "f", offer },
             "49060166ac020101010101010101010101010101010101010101010101010101010101010101020202020202020202020202020202020202020202020202020202020202020202018020",
         ),
         (Message::Download { name: "f" }, "03070166"),
@@ -96,17 +90,7 @@ fn a_frame_of_every_message_variant_is_byte_exact() {
             "2214070707070707070707070707070707070707070707070707070707070707070703",
         ),
         (
-            Message::UploadIf {
-                name: "f",
-                offer: Summary {
-                    size: 300,
-                    root: h(1),
-                    height: 2,
-                    file_hash: h(2),
-                    chunking: ChunkerKind::Fixed(4096),
-                },
-                expect: Expect::Match(h(8)),
-            },
+            Message::UploadIf { name: "f", offer, expect: Expect::Match(h(8)) },
             "6a150166ac020101010101010101010101010101010101010101010101010101010101010101020202020202020202020202020202020202020202020202020202020202020202018020010808080808080808080808080808080808080808080808080808080808080808",
         ),
         (Message::ListAll, "0116"),
