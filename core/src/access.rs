@@ -51,6 +51,16 @@ impl Access {
             })
     }
 
+    /// Whether directory `dir` lies on the way to one of the key's prefixes
+    /// (`devices` leads to `devices/7`): listings show it, though the key
+    /// covers only part of what it holds.
+    pub fn leads_to(&self, dir: &str) -> bool {
+        self.prefixes.iter().any(|p| {
+            let p = p.trim_end_matches('/');
+            p.strip_prefix(dir).is_some_and(|rest| rest.starts_with('/'))
+        })
+    }
+
     /// Checks a prefix as a key file may hold it: a valid name (see
     /// [`crate::message::validate_name`]), with at most a trailing `/`.
     pub fn check_prefix(prefix: &str) -> Result<(), crate::error::ErrorCode> {

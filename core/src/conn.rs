@@ -46,7 +46,7 @@ use crate::chunker::ChunkerKind;
 use crate::error::{ErrorCode, SessionError};
 use crate::hash::Hash;
 use crate::machine::{self, Machine, Poll};
-use crate::message::{CAPS, Expect, FileInfo, Message, Outcome, PartialInfo};
+use crate::message::{CAPS, Entry, Expect, FileInfo, Message, Meta, Outcome, PartialInfo};
 use crate::sender::Sender;
 use crate::source::Source;
 use crate::time::{IDLE_TIMEOUT_MS, Instant};
@@ -229,13 +229,22 @@ pub struct Upload<'n, T, S> {
     sender: Sender<T, S>,
     /// A conditional upload's expectation, and the session's version.
     expect: Option<(Expect, u16)>,
+    /// The time and mode to publish with, and the session's version.
+    meta: Option<(Meta, u16)>,
     replaced: bool,
 }
 
 impl<'n, T: TreeView, S: Source> Upload<'n, T, S> {
     /// Uploads the version `sender` holds as `name`.
     pub fn new(name: &'n str, sender: Sender<T, S>) -> Self {
-        Upload { name, requested: false, sender, expect: None, replaced: false }
+        Upload { name, requested: false, sender, expect: None, meta: None, replaced: false }
+    }
+
+    /// Publishes the version with `meta`'s time and mode (protocol 7;
+    /// `version` is the session's).
+    pub fn with_meta(mut self, meta: Meta, version: u16) -> Self {
+        self.meta = Some((meta, version));
+        self
     }
 
     /// Makes the upload conditional: published only if the stored version
@@ -292,10 +301,14 @@ impl<T: TreeView, S: Source> Machine for Upload<'_, T, S> {
         if !self.requested {
             self.requested = true;
             let (name, offer) = (self.name, self.sender.offer());
-            let m = match self.expect {
-                None => Message::Upload { name, offer },
-                Some((_, version)) if version < 6 => return Err(SessionError::Peer(ErrorCode::Unsupported)),
-                Some((expect, _)) => Message::UploadIf { name, offer, expect },
+            let m = match (self.expect, self.meta) {
+                (_, Some((_, version))) if version < 7 => return Err(SessionError::Peer(ErrorCode::Unsupported)),
+                (expect, Some((meta, _))) => Message::UploadMeta { name, offer, expect: expect.map(|e| e.0), meta },
+                (None, None) => Message::Upload { name, offer },
+                (Some((_, version)), None) if version < 6 => {
+                    return Err(SessionError::Peer(ErrorCode::Unsupported));
+                }
+                (Some((expect, _)), None) => Message::UploadIf { name, offer, expect },
             };
             return machine::emit(&m, out);
         }
@@ -323,6 +336,8 @@ pub enum Listed<'a> {
     File(FileInfo<'a>),
     /// What an interrupted upload left (protocol 6).
     Partial(PartialInfo<'a>),
+    /// An entry of a directory listing (protocol 7).
+    Entry(Entry<'a>),
 }
 
 impl Listed<'_> {
@@ -331,6 +346,7 @@ impl Listed<'_> {
         match self {
             Listed::File(f) => f.name,
             Listed::Partial(p) => p.name,
+            Listed::Entry(e) => e.name,
         }
     }
 }
@@ -344,8 +360,10 @@ pub enum QueryKind<'n> {
     ListAll,
     /// Describe one file.
     Stat(&'n str),
-    /// Delete one file.
+    /// Delete one file (or, from protocol 7 on, an empty directory).
     Delete(&'n str),
+    /// List one directory (protocol 7).
+    ListDir(&'n str),
 }
 
 /// Client operation for the small requests: `List`, `ListAll`, `Stat`,
@@ -402,6 +420,8 @@ impl<F: FnMut(Listed<'_>)> Machine for Query<'_, F> {
             (QueryKind::List | QueryKind::ListAll, Message::Info(i)) => (self.on_entry)(Listed::File(i)),
             (QueryKind::ListAll, Message::Partial(p)) => (self.on_entry)(Listed::Partial(p)),
             (QueryKind::List | QueryKind::ListAll, Message::ListEnd) => self.done = Some(None),
+            (QueryKind::ListDir(_), Message::Entry(e)) => (self.on_entry)(Listed::Entry(e)),
+            (QueryKind::ListDir(_), Message::ListEnd) => self.done = Some(None),
             // Version 5: the file's `Info` is the whole answer.
             (QueryKind::Stat(_), Message::Info(i)) if !v6 => {
                 (self.on_entry)(Listed::File(i));
@@ -435,6 +455,10 @@ impl<F: FnMut(Listed<'_>)> Machine for Query<'_, F> {
                     return Err(SessionError::Peer(ErrorCode::Unsupported));
                 }
                 QueryKind::ListAll => Message::ListAll,
+                QueryKind::ListDir(_) if self.version < 7 => {
+                    return Err(SessionError::Peer(ErrorCode::Unsupported));
+                }
+                QueryKind::ListDir(dir) => Message::ListDir { dir },
                 QueryKind::Stat(name) => Message::Stat { name },
                 QueryKind::Delete(name) => Message::Delete { name },
             };
@@ -577,6 +601,8 @@ mod download {
     }
 }
 
+#[cfg(feature = "alloc")]
+pub mod batch;
 #[cfg(feature = "alloc")]
 pub mod server;
 pub mod session;

@@ -34,6 +34,8 @@ pub mod frame;
 pub mod hash;
 pub mod machine;
 pub mod message;
+#[cfg(feature = "alloc")]
+pub mod plan;
 pub mod sender;
 pub mod source;
 pub mod time;
@@ -62,8 +64,11 @@ pub use time::Instant;
 /// checked against the key's permissions. Version 6: conditional uploads
 /// (`UploadIf`, `Error(Conflict)`), an upload is told when it replaced a
 /// version stored after it began (`Replaced`), and listings and `Stat`
-/// describe interrupted uploads (`ListAll`, `Partial`).
-pub const PROTOCOL_VERSION: u16 = 6;
+/// describe interrupted uploads (`ListAll`, `Partial`). Version 7: trees
+/// (`ListDir` and `Entry`, times and modes kept with `UploadMeta`,
+/// `SetMeta` and `MakeDir`, `Copy` of a stored file without its data,
+/// `Delete` of an empty directory).
+pub const PROTOCOL_VERSION: u16 = 7;
 
 /// The oldest protocol version this crate still speaks. Each side of a
 /// handshake announces the newest version it speaks and both then use the

@@ -79,8 +79,53 @@ pub enum Expect {
     Match(Hash),
 }
 
+/// A file's or directory's modification time and permission bits, as tree
+/// syncs keep them (protocol 7).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Meta {
+    /// Last modification, seconds since the Unix epoch.
+    pub modified: u64,
+    /// Nanoseconds past `modified`.
+    pub nanos: u32,
+    /// Unix permission bits (`0o777` at most: no setuid, setgid or sticky
+    /// bit is ever kept).
+    pub mode: u32,
+}
+
+/// The permission bits a [`Meta`] may carry.
+pub const MODE_BITS: u32 = 0o777;
+
+/// What a listed entry is (protocol 7).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EntryKind {
+    /// A regular file.
+    #[default]
+    File,
+    /// A directory.
+    Dir,
+}
+
+/// One entry of a directory listing (`ListDir`, protocol 7): a file with
+/// its size, times, mode and hash, or a directory (size 0, no hash).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry<'a> {
+    /// Name relative to the server root, `/`-separated.
+    pub name: &'a str,
+    /// File or directory.
+    pub kind: EntryKind,
+    /// Length in bytes (0 for a directory).
+    pub size: u64,
+    /// Times and permissions.
+    pub meta: Meta,
+    /// SHA-256 of the contents (zero for a directory).
+    pub sha256: Hash,
+    /// How the server's tree of the file is chunked.
+    pub chunking: ChunkerKind,
+}
+
 /// Every message of the protocol. Variants are only ever appended (their
-/// numbers are on the wire); those after `Root` exist from protocol 6 on.
+/// numbers are on the wire); those after `Root` exist from protocol 6 on,
+/// those after `Replaced` from protocol 7 on.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Message<'a> {
     /// Client to server, first: the clear part of the handshake (what the
@@ -239,6 +284,56 @@ pub enum Message<'a> {
     /// writer wins); with `Done(Unchanged)` the version stored is no longer
     /// the uploader's. A conditional upload gets `Error(Conflict)` instead.
     Replaced,
+    /// List one directory (`""`: the root): its files and subdirectories,
+    /// sorted by name, as `Entry*` then `ListEnd`.
+    ListDir {
+        /// The directory.
+        dir: &'a str,
+    },
+    /// One entry of a `ListDir` answer.
+    Entry(Entry<'a>),
+    /// Like [`Message::Upload`] (or [`Message::UploadIf`] with `expect`),
+    /// the version published with `meta`'s time and mode.
+    UploadMeta {
+        /// File name.
+        name: &'a str,
+        /// The version offered.
+        offer: Summary,
+        /// What the stored version must be, if anything.
+        expect: Option<Expect>,
+        /// Times and mode to publish it with.
+        meta: Meta,
+    },
+    /// Sets a stored file's or directory's time and mode; answered with
+    /// `Done(Unchanged)`.
+    SetMeta {
+        /// File or directory name.
+        name: &'a str,
+        /// The new time and mode.
+        meta: Meta,
+    },
+    /// Makes a directory (and its parents); answered with `Done(Written)`,
+    /// or `Done(Unchanged)` if it was there (its time and mode then set).
+    MakeDir {
+        /// Directory name.
+        name: &'a str,
+        /// Its time and mode.
+        meta: Meta,
+    },
+    /// Stores a copy of the stored file `from` as `to`, with `meta`, if
+    /// `from`'s SHA-256 is `sha256`: no file data crosses the wire (a
+    /// renamed or copied file). Answered with `Done(Written, hash)`, or
+    /// `Error(Conflict)` if `from` is no longer that version.
+    Copy {
+        /// The stored file copied.
+        from: &'a str,
+        /// Its SHA-256, as the client saw it listed.
+        sha256: Hash,
+        /// The new name.
+        to: &'a str,
+        /// Time and mode of the copy.
+        meta: Meta,
+    },
 }
 
 impl<'a> Message<'a> {
@@ -412,7 +507,8 @@ mod tests {
     fn with_message<R>(v: &Fields, f: impl FnOnce(Message<'_>) -> R) -> R {
         let (k, a, b, c, n, s, name, bytes, code, outcome, last) = v;
         let (a, b, c) = (*a, *b, *c);
-        let m = match k % 26 {
+        let meta = Meta { modified: a, nanos: c, mode: b as u32 };
+        let m = match k % 32 {
             0 => Message::Hello {
                 version: a as u16,
                 cipher: if *last { CipherKind::AesGcm } else { CipherKind::ChaChaPoly },
@@ -447,6 +543,24 @@ mod tests {
             22 => Message::ListAll,
             23 => Message::Partial(PartialInfo { name, size: a, modified: b }),
             24 => Message::Replaced,
+            25 => Message::ListDir { dir: name },
+            26 => Message::Entry(Entry {
+                name,
+                kind: if *last { EntryKind::Dir } else { EntryKind::File },
+                size: a,
+                meta,
+                sha256: s.file_hash,
+                chunking: s.chunking,
+            }),
+            27 => Message::UploadMeta {
+                name,
+                offer: *s,
+                expect: last.then_some(Expect::Match(Hash(*n))),
+                meta,
+            },
+            28 => Message::SetMeta { name, meta },
+            29 => Message::MakeDir { name, meta },
+            30 => Message::Copy { from: name, sha256: Hash(*n), to: name, meta },
             _ => Message::Done { outcome: *outcome, file_hash: None },
         };
         f(m)
@@ -502,6 +616,12 @@ mod tests {
         let n = frame::encode(&Message::Partial(PartialInfo { name: "a", size: 3, modified: 4 }), &mut buf)
             .unwrap();
         assert_eq!(&buf[..n], &[5, 23, 1, b'a', 3, 4]);
+        // Protocol 7's come after Replaced (24).
+        let n = frame::encode(&Message::ListDir { dir: "d" }, &mut buf).unwrap();
+        assert_eq!(&buf[..n], &[3, 25, 1, b'd']);
+        let meta = Meta { modified: 5, nanos: 6, mode: 0o644 };
+        let n = frame::encode(&Message::SetMeta { name: "a", meta }, &mut buf).unwrap();
+        assert_eq!(&buf[..n], &[7, 28, 1, b'a', 5, 6, 0xa4, 0x03]);
     }
 
     #[test]

@@ -115,6 +115,7 @@ impl Store for MemStore {
                 modified: 0,
                 sha256: Hash::of(d),
                 chunking: ChunkerKind::for_size(d.len() as u64),
+                ..Default::default()
             })
             .collect())
     }
@@ -128,6 +129,7 @@ impl Store for MemStore {
             modified: 0,
             sha256: Hash::of(d),
             chunking: ChunkerKind::for_size(size),
+            ..Default::default()
         })
     }
     fn delete(&mut self, name: &str) -> Result<(), ErrorCode> {

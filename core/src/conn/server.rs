@@ -9,7 +9,9 @@ use crate::chunker::ChunkerKind;
 use crate::error::{ErrorCode, SessionError};
 use crate::hash::Hash;
 use crate::machine::{self, Machine, Poll};
-use crate::message::{CAPS, Expect, FileInfo, Message, Outcome, PartialInfo, validate_name};
+use crate::message::{
+    CAPS, Entry, EntryKind, Expect, FileInfo, MODE_BITS, Message, Meta, Outcome, PartialInfo, validate_name,
+};
 use crate::receiver::{Base, ReceiveStats, Receiver};
 use crate::sender::Sender;
 use crate::source::{Output, Source};
@@ -150,8 +152,9 @@ impl<K: Keys> Machine for ServerHandshake<K> {
     }
 }
 
-/// A stored file as the store describes it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A stored file (or, in a directory listing, a directory) as the store
+/// describes it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct StoredFile {
     /// Name relative to the root.
     pub name: String,
@@ -163,6 +166,42 @@ pub struct StoredFile {
     pub sha256: Hash,
     /// How the stored tree of the file is chunked.
     pub chunking: ChunkerKind,
+    /// Nanoseconds past `modified`.
+    pub nanos: u32,
+    /// Permission bits (see [`Meta`]).
+    pub mode: u32,
+    /// A file, or (only in [`Store::list_dir`]) a directory.
+    pub kind: EntryKind,
+}
+
+impl StoredFile {
+    /// Its time and mode.
+    pub fn meta(&self) -> Meta {
+        Meta { modified: self.modified, nanos: self.nanos, mode: self.mode }
+    }
+
+    /// As a listing entry.
+    pub fn entry(&self) -> Entry<'_> {
+        Entry {
+            name: &self.name,
+            kind: self.kind,
+            size: self.size,
+            meta: self.meta(),
+            sha256: self.sha256,
+            chunking: self.chunking,
+        }
+    }
+
+    /// As a version-6 description.
+    pub fn info(&self) -> FileInfo<'_> {
+        FileInfo {
+            name: &self.name,
+            size: self.size,
+            modified: self.modified,
+            sha256: self.sha256,
+            chunking: self.chunking,
+        }
+    }
 }
 
 /// What an interrupted upload left behind, as the store describes it.
@@ -230,6 +269,46 @@ pub trait Store {
     /// With `expect`, fails with [`ErrorCode::Conflict`] unless the stored
     /// version is as expected; `finish` then publishes only if it still is.
     fn create(&mut self, name: &str, size: u64, expect: Option<Expect>) -> Result<Self::Writer, ErrorCode>;
+    /// Like [`Store::create`]; the version is published with `meta`'s time
+    /// and mode (protocol 7). A store that keeps no metadata refuses
+    /// (`Unsupported`).
+    fn create_with(
+        &mut self,
+        name: &str,
+        size: u64,
+        expect: Option<Expect>,
+        meta: Option<Meta>,
+    ) -> Result<Self::Writer, ErrorCode> {
+        match meta {
+            None => self.create(name, size, expect),
+            Some(_) => Err(ErrorCode::Unsupported),
+        }
+    }
+    /// The entries of directory `dir` (`""`: the root), sorted by name:
+    /// its files, and its subdirectories (as [`EntryKind::Dir`]).
+    /// [`ErrorCode::NotFound`] if there is no such directory.
+    fn list_dir(&mut self, dir: &str) -> Result<Vec<StoredFile>, ErrorCode> {
+        let _ = dir;
+        Err(ErrorCode::Unsupported)
+    }
+    /// Sets the time and mode of a stored file or directory.
+    fn set_meta(&mut self, name: &str, meta: Meta) -> Result<(), ErrorCode> {
+        let _ = (name, meta);
+        Err(ErrorCode::Unsupported)
+    }
+    /// Makes directory `name` and its parents, with `meta`; whether it was
+    /// made (an existing one gets `meta`).
+    fn make_dir(&mut self, name: &str, meta: Meta) -> Result<bool, ErrorCode> {
+        let _ = (name, meta);
+        Err(ErrorCode::Unsupported)
+    }
+    /// Publishes a copy of the stored file `from` as `to`, with `meta`, if
+    /// `from` is still the version whose SHA-256 is `sha256`
+    /// ([`ErrorCode::Conflict`] otherwise); its hash.
+    fn copy(&mut self, from: &str, sha256: Hash, to: &str, meta: Meta) -> Result<Hash, ErrorCode> {
+        let _ = (from, sha256, to, meta);
+        Err(ErrorCode::Unsupported)
+    }
     /// Publishes a verified version (`tree` is `Some`), or discards it
     /// (`None`), and says how (see [`Published`]). If the writer was
     /// created with an expectation and the version stored is no longer the
@@ -263,6 +342,11 @@ pub trait Store {
     }
     /// Removes a file.
     fn delete(&mut self, name: &str) -> Result<(), ErrorCode>;
+    /// Removes an empty directory ([`ErrorCode::Conflict`] if not empty).
+    fn remove_dir(&mut self, name: &str) -> Result<(), ErrorCode> {
+        let _ = name;
+        Err(ErrorCode::Unsupported)
+    }
 }
 
 /// Direction of a transfer, seen from the client.
@@ -320,6 +404,18 @@ pub enum Event {
         /// File name.
         name: String,
     },
+    /// A stored file was copied (no file data crossed the wire).
+    Copied {
+        /// The stored file.
+        from: String,
+        /// The copy.
+        to: String,
+    },
+}
+
+/// A client's time and mode, with every bit but the permissions dropped.
+fn clean(meta: Meta) -> Meta {
+    Meta { mode: meta.mode & MODE_BITS, nanos: meta.nanos.min(999_999_999), ..meta }
 }
 
 /// A transfer in progress, for the dashboard.
@@ -350,6 +446,7 @@ enum State<S: Store, K> {
 
 enum Reply {
     Info(StoredFile),
+    Entry(StoredFile),
     Partial(PartialFile),
     ListEnd,
     Replaced,
@@ -474,8 +571,38 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
     /// Whether the session's protocol version has `msg` (a client must
     /// not send what the version agreed on lacks).
     fn speaks(&self, msg: &Message<'_>) -> bool {
-        let since_6 = matches!(msg, Message::UploadIf { .. } | Message::ListAll);
-        !since_6 || self.version >= 6
+        let since = match msg {
+            Message::UploadIf { .. } | Message::ListAll => 6,
+            Message::ListDir { .. }
+            | Message::UploadMeta { .. }
+            | Message::SetMeta { .. }
+            | Message::MakeDir { .. }
+            | Message::Copy { .. } => 7,
+            _ => 0,
+        };
+        self.version >= since
+    }
+
+    /// Answers `ListDir`: the entries the key may see (its files, and the
+    /// directories that lead to them).
+    fn list_dir(&mut self, dir: &str) -> Result<(), ErrorCode> {
+        let access = self.access.as_ref().ok_or(ErrorCode::PermissionDenied)?;
+        let shown = |name: &str| access.covers(name) || access.leads_to(name);
+        if !(access.read || access.write) || !(dir.is_empty() || shown(dir)) {
+            return Err(ErrorCode::PermissionDenied);
+        }
+        let entries = self.store.list_dir(dir)?;
+        let mut q: VecDeque<Reply> = entries
+            .into_iter()
+            .filter(|e| match e.kind {
+                EntryKind::File => access.covers(&e.name),
+                EntryKind::Dir => shown(&e.name),
+            })
+            .map(Reply::Entry)
+            .collect();
+        q.push_back(Reply::ListEnd);
+        self.state = State::Reply(q);
+        Ok(())
     }
 
     /// Answers `List` (`all`: `ListAll`, with interrupted uploads too).
@@ -532,25 +659,49 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
                 self.list(matches!(msg, Message::ListAll));
                 return Ok(());
             }
+            Message::ListDir { dir } if dir.is_empty() => {
+                if let Err(code) = self.list_dir(dir) {
+                    self.refuse(dir, code);
+                }
+                return Ok(());
+            }
             Message::Stat { name }
             | Message::Download { name }
             | Message::Delete { name }
             | Message::Upload { name, .. }
-            | Message::UploadIf { name, .. } => name,
+            | Message::UploadIf { name, .. }
+            | Message::ListDir { dir: name }
+            | Message::UploadMeta { name, .. }
+            | Message::SetMeta { name, .. }
+            | Message::MakeDir { name, .. }
+            | Message::Copy { to: name, .. } => name,
             Message::Error(c) => return Err(SessionError::Peer(c)),
             _ => return Err(SessionError::Protocol(ErrorCode::UnexpectedMessage)),
         };
-        if let Err(code) = validate_name(name) {
+        let from = match msg {
+            Message::Copy { from, .. } => Some(from),
+            _ => None,
+        };
+        if let Err(code) = validate_name(name).and(from.map_or(Ok(()), validate_name)) {
             self.refuse(name, code);
             return Ok(());
         }
         let permitted = match msg {
+            // Checked against what the key sees, in `list_dir`.
+            Message::ListDir { .. } => true,
+            Message::Copy { from, .. } => {
+                self.allowed(Operation::Read, from) && self.allowed(Operation::Write, name)
+            }
             // A writer stats a name before it uploads it.
             Message::Stat { .. } => {
                 self.allowed(Operation::Read, name) || self.allowed(Operation::Write, name)
             }
             Message::Download { .. } => self.allowed(Operation::Read, name),
-            Message::Upload { .. } | Message::UploadIf { .. } => self.allowed(Operation::Write, name),
+            Message::Upload { .. }
+            | Message::UploadIf { .. }
+            | Message::UploadMeta { .. }
+            | Message::SetMeta { .. }
+            | Message::MakeDir { .. } => self.allowed(Operation::Write, name),
             _ => self.allowed(Operation::Delete, name),
         };
         if !permitted {
@@ -559,12 +710,26 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
         }
         let result = match msg {
             Message::Stat { name } => self.stat(name),
-            Message::Delete { name } => self.store.delete(name).map(|()| {
-                self.events.push_back(Event::Deleted { name: name.to_string() });
-                self.state = State::Reply([Reply::Deleted].into());
+            Message::Delete { name } => self.delete(name),
+            Message::Upload { name, offer } => self.start_upload(now, name, offer, None, None),
+            Message::UploadIf { name, offer, expect } => {
+                self.start_upload(now, name, offer, Some(expect), None)
+            }
+            Message::UploadMeta { name, offer, expect, meta } => {
+                self.start_upload(now, name, offer, expect, Some(clean(meta)))
+            }
+            Message::ListDir { dir } => self.list_dir(dir),
+            Message::SetMeta { name, meta } => self.store.set_meta(name, clean(meta)).map(|()| {
+                self.state = State::Reply([Reply::Done(Outcome::Unchanged, None)].into());
             }),
-            Message::Upload { name, offer } => self.start_upload(now, name, offer, None),
-            Message::UploadIf { name, offer, expect } => self.start_upload(now, name, offer, Some(expect)),
+            Message::MakeDir { name, meta } => self.store.make_dir(name, clean(meta)).map(|made| {
+                let o = if made { Outcome::Written } else { Outcome::Unchanged };
+                self.state = State::Reply([Reply::Done(o, None)].into());
+            }),
+            Message::Copy { from, sha256, to, meta } => self.store.copy(from, sha256, to, clean(meta)).map(|h| {
+                self.events.push_back(Event::Copied { from: from.to_string(), to: to.to_string() });
+                self.state = State::Reply([Reply::Done(Outcome::Written, Some(h))].into());
+            }),
             Message::Download { name } => self.start_download(now, name),
             _ => Ok(()),
         };
@@ -574,12 +739,24 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
         Ok(())
     }
 
+    /// Deletes a file or (from protocol 7 on) an empty directory.
+    fn delete(&mut self, name: &str) -> Result<(), ErrorCode> {
+        match self.store.delete(name) {
+            Err(ErrorCode::BadName) if self.version >= 7 => self.store.remove_dir(name)?,
+            r => r?,
+        }
+        self.events.push_back(Event::Deleted { name: name.to_string() });
+        self.state = State::Reply([Reply::Deleted].into());
+        Ok(())
+    }
+
     fn start_upload(
         &mut self,
         now: Instant,
         name: &str,
         offer: Summary,
         expect: Option<Expect>,
+        meta: Option<Meta>,
     ) -> Result<(), ErrorCode> {
         // A kind too fine for the size would make this server hold a tree
         // without bound: refused (clients pick with `ChunkerKind::for_size`).
@@ -612,7 +789,7 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
         }
         // The writer first: it records which version is stored, so that one
         // published while the base is loaded counts as replacing it.
-        let writer = self.store.create(name, offer.size, expect)?;
+        let writer = self.store.create_with(name, offer.size, expect, meta)?;
         let old = self.store.open(name, Some(offer.chunking))?;
         let old_summary = old.as_ref().map(|(t, _)| t.summary());
         let partial = self.store.partial(name, offer.chunking)?;
@@ -777,13 +954,8 @@ impl<S: Store, K: Keys> Machine for ServerConn<S, K> {
                         continue;
                     };
                     let m = match &r {
-                        Reply::Info(f) => Message::Info(FileInfo {
-                            name: &f.name,
-                            size: f.size,
-                            modified: f.modified,
-                            sha256: f.sha256,
-                            chunking: f.chunking,
-                        }),
+                        Reply::Info(f) => Message::Info(f.info()),
+                        Reply::Entry(f) => Message::Entry(f.entry()),
                         Reply::Partial(p) => Message::Partial(PartialInfo {
                             name: &p.name,
                             size: p.size,

@@ -23,7 +23,7 @@ use crate::chunker::ChunkerKind;
 use crate::error::{ErrorCode, SessionError};
 use crate::hash::Hash;
 use crate::machine::{self, Machine, Poll};
-use crate::message::{Expect, Message, Outcome};
+use crate::message::{Expect, Message, Meta, Outcome};
 use crate::sender::Sender;
 use crate::source::Source;
 use crate::time::Instant;
@@ -73,6 +73,7 @@ pub struct UploadSession<'n, T, S> {
     salt: [u8; 8],
     version: u16,
     expect: Option<Expect>,
+    meta: Option<Meta>,
     stream: bool,
     compress: bool,
     kind: ChunkerKind,
@@ -103,6 +104,7 @@ impl<'n, T: TreeView, S: Source> UploadSession<'n, T, S> {
             salt,
             version,
             expect: None,
+            meta: None,
             stream: false,
             compress: false,
             kind: ChunkerKind::for_size(size),
@@ -125,6 +127,21 @@ impl<'n, T: TreeView, S: Source> UploadSession<'n, T, S> {
         self.kind = kind;
         self.need = Some(Need::Tree { kind, streaming: false });
         self.state = State::AwaitTree;
+        self
+    }
+
+    /// Skips the `Stat`: a tree sync's listing said how the server's
+    /// version is chunked (`None`: the server has none). Call after
+    /// [`Self::streaming`].
+    pub fn listed(mut self, remote: Option<ChunkerKind>) -> Self {
+        let now = self.clock;
+        self.chose(remote, now);
+        self
+    }
+
+    /// Publishes the version with `meta`'s time and mode (protocol 7).
+    pub fn with_meta(mut self, meta: Option<Meta>) -> Self {
+        self.meta = meta;
         self
     }
 
@@ -214,11 +231,14 @@ impl<'n, T: TreeView, S: Source> UploadSession<'n, T, S> {
     }
 
     fn upload(&self, sender: Sender<Option<T>, S>) -> Upload<'n, Option<T>, S> {
-        let op = Upload::new(self.name, sender.compress(self.compress));
-        match self.expect {
-            Some(e) => op.expecting(e, self.version),
-            None => op,
+        let mut op = Upload::new(self.name, sender.compress(self.compress));
+        if let Some(e) = self.expect {
+            op = op.expecting(e, self.version);
         }
+        if let Some(m) = self.meta {
+            op = op.with_meta(m, self.version);
+        }
+        op
     }
 
     /// The server's chunking is known (`remote`): ask for the tree, and
@@ -383,6 +403,19 @@ mod download {
                 None => DState::Receiving(Download::new(name, salt, None, out, now)),
             };
             DownloadSession { name, salt, state, need: None, tree: None, clock: now }
+        }
+
+        /// Skips the `Stat`: a tree sync's listing said how the server's
+        /// version is chunked.
+        pub fn listed(mut self, kind: ChunkerKind) -> Self {
+            self.state = match core::mem::replace(&mut self.state, DState::Poisoned) {
+                DState::Stat(_, w, r) => {
+                    self.need = Some(Need::Tree { kind, streaming: false });
+                    DState::AwaitTree(w, r)
+                }
+                s => s,
+            };
+            self
         }
 
         /// What the shell is asked to do, once (see [`Need`]).

@@ -1,0 +1,98 @@
+//! Client operation: changes to the server's tree that carry no file data
+//! (a tree sync's [`Op`]s), sent ahead of their answers so that a
+//! thousand of them cost about one round trip, not a thousand.
+//!
+//! ```text
+//! C: MakeDir | SetMeta | Copy | Delete  (up to WINDOW unanswered)
+//! S: Done | Deleted | Error(code)       (one each, in order)
+//! ```
+//! The server serves requests in order, so each answer belongs to the
+//! oldest unanswered request; a refused one (`Error`) fails alone.
+
+use crate::error::{ErrorCode, SessionError};
+use crate::machine::{self, Machine, Poll};
+use crate::message::{EntryKind, Message};
+use crate::plan::Op;
+use crate::time::{IDLE_TIMEOUT_MS, Instant};
+use alloc::vec::Vec;
+
+/// Most requests sent ahead of their answers: what a server reads and
+/// answers at once without a large buffer.
+pub const WINDOW: usize = 64;
+
+/// Sends [`Op`]s (names as the server knows them) and passes each one's
+/// result to `on_result`, in order.
+pub struct Batch<F> {
+    ops: Vec<Op>,
+    sent: usize,
+    answered: usize,
+    version: u16,
+    on_result: F,
+    deadline: Instant,
+}
+
+impl<F: FnMut(&Op, Result<(), ErrorCode>)> Batch<F> {
+    /// A batch in a session of protocol `version` (7 or later).
+    pub fn new(ops: Vec<Op>, version: u16, on_result: F, now: Instant) -> Self {
+        Batch { ops, sent: 0, answered: 0, version, on_result, deadline: now.plus_ms(IDLE_TIMEOUT_MS) }
+    }
+}
+
+impl<F: FnMut(&Op, Result<(), ErrorCode>)> Machine for Batch<F> {
+    type Output = ();
+
+    fn handle(&mut self, now: Instant, msg: Message<'_>) -> Result<(), SessionError> {
+        self.deadline = now.plus_ms(IDLE_TIMEOUT_MS);
+        let Some(op) = self.ops.get(self.answered).filter(|_| self.answered < self.sent) else {
+            return Err(machine::unexpected(&msg));
+        };
+        let result = match (op, msg) {
+            (Op::Delete { .. }, Message::Deleted) => Ok(()),
+            (Op::Delete { .. }, Message::Done { .. }) => return Err(machine::unexpected(&msg)),
+            (_, Message::Done { .. }) => Ok(()),
+            (_, Message::Error(code)) => Err(code),
+            (_, m) => return Err(machine::unexpected(&m)),
+        };
+        (self.on_result)(op, result);
+        self.answered += 1;
+        Ok(())
+    }
+
+    fn poll(&mut self, now: Instant, out: &mut [u8]) -> Result<Poll<()>, SessionError> {
+        if self.answered == self.ops.len() {
+            return Ok(Poll::Done(()));
+        }
+        if self.version < 7 {
+            return Err(SessionError::Peer(ErrorCode::Unsupported));
+        }
+        if self.sent < self.ops.len() && self.sent - self.answered < WINDOW {
+            let m = match &self.ops[self.sent] {
+                Op::MakeDir { name, meta } => Message::MakeDir { name, meta: *meta },
+                Op::SetMeta { name, meta, .. } => Message::SetMeta { name, meta: *meta },
+                Op::Copy { from, sha256, to, meta } => Message::Copy { from, sha256: *sha256, to, meta: *meta },
+                Op::Delete { name, .. } => Message::Delete { name },
+            };
+            self.sent += 1;
+            return machine::emit(&m, out);
+        }
+        machine::wait_until(now, self.deadline)
+    }
+}
+
+impl Op {
+    /// The name the op changes.
+    pub fn name(&self) -> &str {
+        match self {
+            Op::MakeDir { name, .. } | Op::SetMeta { name, .. } | Op::Delete { name, .. } => name,
+            Op::Copy { to, .. } => to,
+        }
+    }
+
+    /// Whether it is about a directory.
+    pub fn is_dir(&self) -> bool {
+        matches!(
+            self,
+            Op::MakeDir { .. } | Op::SetMeta { kind: EntryKind::Dir, .. } | Op::Delete { kind: EntryKind::Dir, .. }
+        )
+    }
+}

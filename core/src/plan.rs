@@ -1,0 +1,419 @@
+//! The policy of a tree sync (`push` a local tree to the server, `pull` a
+//! stored tree here): from the two sides' listings, one directory at a
+//! time, what to send, copy, touch, make or delete. Shells list, hash and
+//! move bytes when a [`Step`] asks, and run the protocol's machines for it;
+//! they decide nothing.
+//!
+//! A file is unchanged if both sides have it with the same size and time
+//! (as `rsync` decides), or, when those differ but the sizes agree (or
+//! [`Options::checksum`]), with the same SHA-256: then only its time and
+//! mode are set. A file the destination lacks whose content it holds
+//! under another name is copied there (a rename or a copy costs no file
+//! data). Deletions ([`Options::delete`]) wait until everything else is
+//! done, so that an interrupted sync never deleted what it had yet to copy.
+//! Directory times are not kept (they change with every file written in
+//! them); directory modes are.
+
+use crate::conn::server::{Direction, StoredFile};
+use crate::hash::Hash;
+use crate::message::{EntryKind, Meta};
+use alloc::collections::{BTreeMap, VecDeque};
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::cmp::Ordering;
+
+/// What the user asked for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Options {
+    /// Delete what the destination has and the source does not.
+    pub delete: bool,
+    /// Compare contents even where size and time agree.
+    pub checksum: bool,
+}
+
+/// A change made on the destination without file data (the server's for a
+/// push, the local tree for a pull). Names are relative to the trees' roots.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Make a directory.
+    MakeDir {
+        /// Its name.
+        name: String,
+        /// Its mode (and time).
+        meta: Meta,
+    },
+    /// Copy a file the destination holds to a name it lacks.
+    Copy {
+        /// The file the destination holds.
+        from: String,
+        /// Its content's SHA-256.
+        sha256: Hash,
+        /// The new name.
+        to: String,
+        /// The new file's time and mode.
+        meta: Meta,
+    },
+    /// Set a file's or directory's time and mode.
+    SetMeta {
+        /// Its name.
+        name: String,
+        /// The time and mode.
+        meta: Meta,
+        /// File or directory.
+        kind: EntryKind,
+    },
+    /// Delete a file or an (emptied) directory.
+    Delete {
+        /// Its name.
+        name: String,
+        /// File or directory.
+        kind: EntryKind,
+    },
+}
+
+/// What the shell is asked to do next.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// List directory `dir` on the sides that have it, and give both with
+    /// [`Plan::listed`] (a side without it gives nothing).
+    List {
+        /// The directory (`""`: the root).
+        dir: String,
+        /// Whether the local tree has it.
+        local: bool,
+        /// Whether the server has it.
+        remote: bool,
+    },
+    /// Hash the local file `name` and give its SHA-256 with
+    /// [`Plan::hashed`].
+    Hash {
+        /// The file.
+        name: String,
+    },
+    /// Make these changes on the destination, in order (a shell may send
+    /// them all before the first answer).
+    Ops(Vec<Op>),
+    /// Send `file` from the source to the destination: an upload for a
+    /// push, a download for a pull, a delta against `base`, what the
+    /// destination holds under that name. The destination's copy gets
+    /// `file`'s time and mode.
+    Transfer {
+        /// The source's file.
+        file: StoredFile,
+        /// The destination's version of it, if any.
+        base: Option<StoredFile>,
+    },
+    /// A file on one side is a directory on the other: left alone.
+    Clash {
+        /// The name.
+        name: String,
+    },
+    /// Nothing more.
+    Done,
+}
+
+/// What a sync found and did, counted as it plans.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Files in the source.
+    pub files: u64,
+    /// Files sent (new or changed).
+    pub transferred: u64,
+    /// Bytes of the files sent (their sizes, not what crossed the wire).
+    pub transferred_bytes: u64,
+    /// Files copied from another name on the destination.
+    pub copied: u64,
+    /// Files and directories whose time or mode only was set.
+    pub touched: u64,
+    /// Files unchanged.
+    pub unchanged: u64,
+    /// Directories made.
+    pub made_dirs: u64,
+    /// Files and directories deleted.
+    pub deleted: u64,
+    /// Names that are a file on one side and a directory on the other.
+    pub clashes: u64,
+}
+
+/// The most destination files remembered by content (for copies); beyond
+/// this, new files are sent rather than copied.
+const MAX_REMEMBERED: usize = 1 << 20;
+
+/// One directory, listed on both sides and being decided.
+struct DirWork {
+    /// Pairs of (source, destination) entries with the same name.
+    pairs: Vec<(Option<StoredFile>, Option<StoredFile>)>,
+    /// Local files still to hash.
+    to_hash: VecDeque<String>,
+    /// Local files hashed.
+    hashes: BTreeMap<String, Hash>,
+}
+
+/// A tree sync's plan, made one directory at a time as the shell lists.
+pub struct Plan {
+    direction: Direction,
+    options: Options,
+    /// Directories still to visit: name, whether the local and the remote
+    /// tree have it.
+    stack: Vec<(String, bool, bool)>,
+    steps: VecDeque<Step>,
+    /// The directory listed, awaiting its listings.
+    listing: Option<(String, bool, bool)>,
+    work: Option<DirWork>,
+    /// Destination files by content: where a copy may come from.
+    by_hash: BTreeMap<Hash, String>,
+    /// Deletions, made last.
+    deletes: Vec<(String, EntryKind)>,
+    counts: Counts,
+    done: bool,
+}
+
+/// Pairs two listings sorted by name.
+fn pair(mut a: Vec<StoredFile>, mut b: Vec<StoredFile>) -> Vec<(Option<StoredFile>, Option<StoredFile>)> {
+    a.sort_by(|x, y| x.name.cmp(&y.name));
+    b.sort_by(|x, y| x.name.cmp(&y.name));
+    let (mut a, mut b) = (a.into_iter().peekable(), b.into_iter().peekable());
+    let mut out = Vec::new();
+    loop {
+        let order = match (a.peek(), b.peek()) {
+            (None, None) => return out,
+            (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+            (Some(x), Some(y)) => x.name.cmp(&y.name),
+        };
+        out.push(match order {
+            Ordering::Less => (a.next(), None),
+            Ordering::Greater => (None, b.next()),
+            Ordering::Equal => (a.next(), b.next()),
+        });
+    }
+}
+
+/// Whether two files agree on size and time (`rsync`'s quick check).
+fn quick_same(s: &StoredFile, d: &StoredFile) -> bool {
+    s.size == d.size && s.modified == d.modified && s.nanos == d.nanos
+}
+
+impl Plan {
+    /// A sync in `direction` (`Upload`: push, `Download`: pull) of the
+    /// trees' roots, which both sides are assumed to have (a side without
+    /// one lists nothing there).
+    pub fn new(direction: Direction, options: Options) -> Plan {
+        Plan {
+            direction,
+            options,
+            stack: alloc::vec![(String::new(), true, true)],
+            steps: VecDeque::new(),
+            listing: None,
+            work: None,
+            by_hash: BTreeMap::new(),
+            deletes: Vec::new(),
+            counts: Counts::default(),
+            done: false,
+        }
+    }
+
+    /// What was found and decided so far.
+    pub fn counts(&self) -> Counts {
+        self.counts
+    }
+
+    /// The next thing for the shell to do. After [`Step::List`] and
+    /// [`Step::Hash`] it must answer before asking again.
+    pub fn next(&mut self) -> Step {
+        loop {
+            if let Some(s) = self.steps.pop_front() {
+                return s;
+            }
+            if self.listing.is_some() {
+                // Still waiting for its listings: ask again.
+                let (dir, local, remote) = self.listing.clone().unwrap_or_default();
+                return Step::List { dir, local, remote };
+            }
+            if let Some(w) = self.work.as_mut() {
+                if let Some(name) = w.to_hash.front() {
+                    return Step::Hash { name: name.clone() };
+                }
+                self.decide();
+                continue;
+            }
+            if let Some((dir, local, remote)) = self.stack.pop() {
+                self.listing = Some((dir.clone(), local, remote));
+                return Step::List { dir, local, remote };
+            }
+            if !self.done {
+                self.done = true;
+                let mut deletes: Vec<Op> =
+                    self.deletes.drain(..).rev().map(|(name, kind)| Op::Delete { name, kind }).collect();
+                self.counts.deleted = deletes.len() as u64;
+                if !deletes.is_empty() {
+                    deletes.shrink_to_fit();
+                    return Step::Ops(deletes);
+                }
+            }
+            return Step::Done;
+        }
+    }
+
+    /// The listings of the directory [`Step::List`] asked for: the local
+    /// tree's and the server's entries in it (names relative to the
+    /// roots, any order). Ignored if no listing was asked for.
+    pub fn listed(&mut self, local: Vec<StoredFile>, remote: Vec<StoredFile>) {
+        if self.listing.take().is_none() {
+            return;
+        }
+        let (src, dst) = match self.direction {
+            Direction::Upload => (local, remote),
+            Direction::Download => (remote, local),
+        };
+        let pairs = pair(src, dst);
+        let mut to_hash = VecDeque::new();
+        for p in &pairs {
+            if let Some(name) = self.hash_wanted(p, &pairs) {
+                to_hash.push_back(name);
+            }
+        }
+        self.work = Some(DirWork { pairs, to_hash, hashes: BTreeMap::new() });
+    }
+
+    /// The SHA-256 of the local file [`Step::Hash`] asked for (`None`: it
+    /// could not be read, and is then treated as changed).
+    pub fn hashed(&mut self, name: &str, sha256: Option<Hash>) {
+        if let Some(w) = self.work.as_mut()
+            && w.to_hash.front().is_some_and(|n| n == name)
+        {
+            w.to_hash.pop_front();
+            if let Some(h) = sha256 {
+                w.hashes.insert(name.into(), h);
+            }
+        }
+    }
+
+    /// Which local file of the pair `p` must be hashed to decide it.
+    fn hash_wanted(
+        &self,
+        p: &(Option<StoredFile>, Option<StoredFile>),
+        pairs: &[(Option<StoredFile>, Option<StoredFile>)],
+    ) -> Option<String> {
+        let is_file = |f: &Option<StoredFile>| f.as_ref().is_some_and(|f| f.kind == EntryKind::File);
+        match (p, self.direction) {
+            // Both have it: its content decides, if size and time do not.
+            ((Some(s), Some(d)), dir) if is_file(&p.0) && is_file(&p.1) => {
+                let local = if dir == Direction::Upload { s } else { d };
+                let unsure = s.size == d.size && (self.options.checksum || !quick_same(s, d));
+                unsure.then(|| local.name.clone())
+            }
+            // A new local file to push: the server may hold its content.
+            ((Some(s), None), Direction::Upload) if is_file(&p.0) && s.size > 0 && !self.by_hash.is_empty() => {
+                Some(s.name.clone())
+            }
+            // A local file the server lacks, when a new one of its size
+            // comes: it may be where that one was (a rename).
+            ((None, Some(d)), Direction::Download) if is_file(&p.1) && d.size > 0 => pairs
+                .iter()
+                .any(|q| matches!(q, (Some(s), None) if s.kind == EntryKind::File && s.size == d.size))
+                .then(|| d.name.clone()),
+            _ => None,
+        }
+    }
+
+    /// The content hash of an entry: listed (the server's) or hashed here.
+    fn content(&self, f: &StoredFile, hashes: &BTreeMap<String, Hash>) -> Option<Hash> {
+        if f.sha256.is_known() { Some(f.sha256) } else { hashes.get(&f.name).copied() }
+    }
+
+    fn remember(&mut self, sha: Hash, name: &str) {
+        if self.by_hash.len() < MAX_REMEMBERED {
+            self.by_hash.entry(sha).or_insert_with(|| name.into());
+        }
+    }
+
+    /// Decides a listed directory whose hashes are in: ops first (a new
+    /// directory before the files sent into it), then transfers, then its
+    /// subdirectories, in order.
+    fn decide(&mut self) {
+        let Some(w) = self.work.take() else { return };
+        let (push, pull) = (self.direction == Direction::Upload, self.direction == Direction::Download);
+        // What the destination holds here may be copied from, whatever
+        // order the names come in.
+        for (_, d) in &w.pairs {
+            if let Some(d) = d.as_ref().filter(|d| d.kind == EntryKind::File)
+                && let Some(h) = self.content(d, &w.hashes)
+            {
+                self.remember(h, &d.name);
+            }
+        }
+        let (mut ops, mut transfers, mut children) = (Vec::new(), Vec::new(), Vec::new());
+        for (s, d) in w.pairs {
+            match (s, d) {
+                (Some(s), None) if s.kind == EntryKind::Dir => {
+                    self.counts.made_dirs += 1;
+                    ops.push(Op::MakeDir { name: s.name.clone(), meta: s.meta() });
+                    children.push((s.name, pull, push));
+                }
+                (Some(s), None) => {
+                    self.counts.files += 1;
+                    let from = self.content(&s, &w.hashes).filter(|_| s.size > 0).and_then(|h| {
+                        let from = self.by_hash.get(&h)?;
+                        Some((from.clone(), h))
+                    });
+                    match from {
+                        Some((from, sha256)) => {
+                            self.counts.copied += 1;
+                            ops.push(Op::Copy { from, sha256, to: s.name.clone(), meta: s.meta() });
+                        }
+                        None => transfers.push((s, None)),
+                    }
+                }
+                (None, Some(d)) => {
+                    if self.options.delete {
+                        if d.kind == EntryKind::Dir {
+                            // Emptied first: visited with no source.
+                            children.push((d.name.clone(), pull, push));
+                        }
+                        self.deletes.push((d.name, d.kind));
+                    }
+                }
+                (Some(s), Some(d)) if s.kind != d.kind => {
+                    self.counts.clashes += 1;
+                    self.steps.push_back(Step::Clash { name: s.name });
+                }
+                (Some(s), Some(d)) if s.kind == EntryKind::Dir => {
+                    if s.mode != d.mode {
+                        self.counts.touched += 1;
+                        ops.push(Op::SetMeta { name: s.name.clone(), meta: s.meta(), kind: EntryKind::Dir });
+                    }
+                    children.push((s.name, true, true));
+                }
+                (Some(s), Some(d)) => {
+                    self.counts.files += 1;
+                    let same = if quick_same(&s, &d) && !self.options.checksum {
+                        true
+                    } else {
+                        let (a, b) = (self.content(&s, &w.hashes), self.content(&d, &w.hashes));
+                        s.size == d.size && a.is_some() && a == b
+                    };
+                    if !same {
+                        transfers.push((s, Some(d)));
+                    } else if s.meta() != d.meta() {
+                        self.counts.touched += 1;
+                        ops.push(Op::SetMeta { name: s.name.clone(), meta: s.meta(), kind: EntryKind::File });
+                    } else {
+                        self.counts.unchanged += 1;
+                    }
+                }
+                (None, None) => {}
+            }
+        }
+        if !ops.is_empty() {
+            self.steps.push_back(Step::Ops(ops));
+        }
+        for (file, base) in transfers {
+            self.counts.transferred += 1;
+            self.counts.transferred_bytes += file.size;
+            self.steps.push_back(Step::Transfer { file, base });
+        }
+        // Visited in name order: the stack pops the last pushed first.
+        self.stack.extend(children.into_iter().rev());
+    }
+}
