@@ -57,7 +57,7 @@ impl Observer for LiveObserver {
                 hub.finished(id, name, upload, *size, result, *literal_bytes, *reused_bytes, wire);
             }
             Event::Refused { name, code } => hub.error(id, name, Problem::Refused(&code.to_string())),
-            Event::Deleted { .. } => {}
+            Event::Deleted { .. } | Event::Copied { .. } => {}
         }
     }
 

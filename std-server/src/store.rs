@@ -33,7 +33,7 @@ use deltasync_core::Hash;
 use deltasync_core::chunker::ChunkerKind;
 use deltasync_core::conn::server::{PartialFile, Published, Store, StoredFile};
 use deltasync_core::error::ErrorCode;
-use deltasync_core::message::{Expect, MAX_NAME};
+use deltasync_core::message::{EntryKind, Expect, MAX_NAME, MODE_BITS, Meta};
 use deltasync_core::source::{FileSource, IoFailed, Output};
 use deltasync_core::tree::{Summary, Tree, TreeIndexer};
 use deltasync_host::build::{build_tree, build_tree_unhashed};
@@ -65,6 +65,57 @@ const INDEX_HEAD: usize = 8 + 8 + 16 + 8 + 16;
 const LAYOUT_MARK: &str = "layout-2";
 /// Suffix of the file beside an upload or a partial that holds its name.
 const LABEL: &str = ".name";
+
+/// The extended attribute that keeps a client's mode when it lacks what the
+/// server needs of its own files (see [`apply_meta`]).
+const MODE_XATTR: &str = "user.deltasync.mode";
+
+/// What the server keeps of the owner's bits whatever a client asks: read
+/// and write (and search, on a directory), to serve and replace it.
+fn owner_needs(dir: bool) -> u32 {
+    if dir { 0o700 } else { 0o600 }
+}
+
+/// Gives an open file or directory a client's time and mode. The mode
+/// keeps [`owner_needs`]; a client's mode without them is kept exactly in
+/// [`MODE_XATTR`] (where the file system has none, the file's own mode is
+/// what a listing reports).
+fn apply_meta(fd: impl std::os::fd::AsFd, meta: Meta, dir: bool) -> io::Result<()> {
+    let mode = meta.mode & MODE_BITS;
+    let must = owner_needs(dir);
+    rustix::fs::fchmod(&fd, rustix::fs::Mode::from_raw_mode(mode | must))?;
+    if mode & must != must {
+        if let Err(e) =
+            rustix::fs::fsetxattr(&fd, MODE_XATTR, mode.to_string().as_bytes(), rustix::fs::XattrFlags::empty())
+        {
+            tracing::debug!(error = %e, "mode kept without its owner bits: no extended attributes here");
+        }
+    } else {
+        let _ = rustix::fs::fremovexattr(&fd, MODE_XATTR);
+    }
+    let times = rustix::fs::Timestamps {
+        last_access: rustix::fs::Timespec { tv_sec: 0, tv_nsec: rustix::fs::UTIME_OMIT },
+        last_modification: rustix::fs::Timespec {
+            tv_sec: meta.modified.min(i64::MAX as u64) as i64,
+            tv_nsec: i64::from(meta.nanos.min(999_999_999)) as _,
+        },
+    };
+    rustix::fs::futimens(&fd, &times)?;
+    Ok(())
+}
+
+/// The mode a client gave an open file or directory whose own mode is
+/// `st_mode` (see [`apply_meta`]).
+fn mode_of(fd: impl std::os::fd::AsFd, st_mode: u32) -> u32 {
+    let mut buf = [0u8; 8];
+    match rustix::fs::fgetxattr(&fd, MODE_XATTR, &mut buf) {
+        Ok(n) => std::str::from_utf8(&buf[..n])
+            .ok()
+            .and_then(|t| t.parse::<u32>().ok())
+            .map_or(st_mode & MODE_BITS, |m| m & MODE_BITS),
+        Err(_) => st_mode & MODE_BITS,
+    }
+}
 
 /// Whether an index header describes the file with this metadata.
 fn index_is_fresh(head: &[u8], meta: &fs::Metadata) -> bool {
@@ -475,6 +526,11 @@ impl FsStore {
 
     fn load_index(&self, name: &str, meta: &fs::Metadata) -> Option<Tree> {
         self.wait_indexed(name);
+        self.load_index_unwaited(name, meta)
+    }
+
+    /// [`Self::load_index`] for the one who marked the name as indexing.
+    fn load_index_unwaited(&self, name: &str, meta: &fs::Metadata) -> Option<Tree> {
         let mut bytes = Vec::new();
         self.root.open_file(&self.index_path(name)).ok()?.read_to_end(&mut bytes).ok()?;
         let (head, body) = bytes.split_at_checked(INDEX_HEAD)?;
@@ -628,6 +684,9 @@ impl FsStore {
             modified,
             sha256: summary.file_hash,
             chunking: summary.chunking,
+            nanos: meta.mtime_nsec().clamp(0, 999_999_999) as u32,
+            mode: mode_of(&file, meta.mode()),
+            kind: EntryKind::File,
         })
     }
 
@@ -652,6 +711,9 @@ impl FsStore {
             return Err(ErrorCode::Integrity);
         }
         tree.set_file_hash(hash);
+        if let Some(meta) = w.meta {
+            apply_meta(&file, meta, false).map_err(storage)?;
+        }
         file.sync_all().map_err(storage)?;
         tracing::debug!(name, ms = t.elapsed().as_millis() as u64, "hashed and synced the new version");
         // Readers of this name's index wait from before the rename until the
@@ -885,6 +947,8 @@ pub struct TempFile {
     kicked: u64,
     /// The last write failed for want of space.
     out_of_space: bool,
+    /// The time and mode to publish with.
+    meta: Option<Meta>,
 }
 
 /// Bytes written between two writeback requests (and read-back updates).
@@ -1351,6 +1415,132 @@ impl Store for FsStore {
             written: 0,
             kicked: 0,
             out_of_space: false,
+            meta: None,
+        })
+    }
+
+    fn create_with(
+        &mut self,
+        name: &str,
+        size: u64,
+        expect: Option<Expect>,
+        meta: Option<Meta>,
+    ) -> Result<TempFile, ErrorCode> {
+        let mut w = self.create(name, size, expect)?;
+        w.meta = meta;
+        Ok(w)
+    }
+
+    fn list_dir(&mut self, dir: &str) -> Result<Vec<StoredFile>, ErrorCode> {
+        if !dir.is_empty() {
+            self.path_of(dir)?;
+        }
+        let entries = self.root.entries(dir).map_err(|e| match reach(e) {
+            // A file there, or a symlink: no such directory.
+            ErrorCode::BadName => ErrorCode::NotFound,
+            c => c,
+        })?;
+        let mut out = Vec::with_capacity(entries.len());
+        for (fname, kind) in entries {
+            let rel = join(dir, &fname);
+            if deltasync_core::message::validate_name(&rel).is_err() {
+                continue;
+            }
+            if kind == FileType::Directory {
+                let Ok(fd) = self.root.dir(&rel) else { continue };
+                let Ok(st) = rustix::fs::fstat(&fd) else { continue };
+                out.push(StoredFile {
+                    name: rel,
+                    modified: st.st_mtime.max(0) as u64,
+                    nanos: st.st_mtime_nsec.clamp(0, 999_999_999) as u32,
+                    mode: mode_of(&fd, st.st_mode),
+                    kind: EntryKind::Dir,
+                    ..Default::default()
+                });
+            } else if kind == FileType::RegularFile {
+                match self.describe(rel.clone(), &rel) {
+                    Ok(f) => out.push(f),
+                    Err(ErrorCode::NotFound) => {}
+                    Err(e) => tracing::warn!(name = rel, error = %e, "left out of the listing"),
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn set_meta(&mut self, name: &str, meta: Meta) -> Result<(), ErrorCode> {
+        let rel = self.path_of(name)?;
+        let st = self.root.stat(&rel).map_err(reach)?;
+        if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
+            let fd = self.root.dir(&rel).map_err(reach)?;
+            return apply_meta(&fd, meta, true).map_err(storage);
+        }
+        let file = self.root.open_file(&rel).map_err(reach)?;
+        let _indexing = self.start_indexing(name);
+        let _guard = self.commit.lock().unwrap_or_else(|p| p.into_inner());
+        let before = file.metadata().map_err(storage)?;
+        // The index stays fresh: only the time changed, not the bytes.
+        let index = self.load_index_unwaited(name, &before);
+        apply_meta(&file, meta, false).map_err(storage)?;
+        if let (Some(tree), Ok(after)) = (index, file.metadata()) {
+            let path = self.index_path(name);
+            if let Err(e) = write_index(&self.root, &path, &after, &tree, &[]) {
+                tracing::warn!(error = %e, index = path, "could not write index");
+            }
+        }
+        Ok(())
+    }
+
+    fn make_dir(&mut self, name: &str, meta: Meta) -> Result<bool, ErrorCode> {
+        let rel = self.path_of(name)?;
+        let made = match self.root.stat(&rel) {
+            Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => false,
+            Ok(_) => return Err(ErrorCode::BadName),
+            Err(_) => {
+                self.root.create_dirs_mode(&rel, 0o777).map_err(reach)?;
+                true
+            }
+        };
+        let fd = self.root.dir(&rel).map_err(reach)?;
+        apply_meta(&fd, meta, true).map_err(storage)?;
+        Ok(made)
+    }
+
+    fn copy(&mut self, from: &str, sha256: Hash, to: &str, meta: Meta) -> Result<Hash, ErrorCode> {
+        let (tree, FileSource(src)) = self.open(from, None)?.ok_or(ErrorCode::Conflict)?;
+        if tree.summary().file_hash != sha256 {
+            return Err(ErrorCode::Conflict);
+        }
+        let size = tree.summary().size;
+        let mut w = self.create_with(to, size, None, Some(meta))?;
+        let copied = match w.copy_from_file(&src, 0, size) {
+            Ok(done) => done,
+            Err(IoFailed) if w.out_of_space() => return Err(ErrorCode::NoSpace),
+            Err(IoFailed) => return Err(ErrorCode::Storage),
+        };
+        if !copied {
+            let mut buf = vec![0u8; 1 << 20];
+            let mut at = 0u64;
+            while at < size {
+                let n = std::os::unix::fs::FileExt::read_at(&src, &mut buf, at).map_err(storage)?;
+                if n == 0 {
+                    return Err(ErrorCode::Conflict);
+                }
+                w.write(&buf[..n.min((size - at) as usize)]).map_err(|_| ErrorCode::Storage)?;
+                at += n as u64;
+            }
+        }
+        // The copy is checked against the hash like any upload.
+        let published = self.finish(to, w, Some(tree))?;
+        published.file_hash.ok_or(ErrorCode::Storage)
+    }
+
+    fn remove_dir(&mut self, name: &str) -> Result<(), ErrorCode> {
+        let rel = self.path_of(name)?;
+        self.root.remove_dir(&rel).map_err(|e| match e.raw_os_error() {
+            Some(libc::ENOTEMPTY) | Some(libc::EEXIST) => ErrorCode::Conflict,
+            Some(libc::ENOTDIR) => ErrorCode::BadName,
+            _ => reach(e),
         })
     }
 
