@@ -302,8 +302,12 @@ impl<T: TreeView, S: Source> Machine for Upload<'_, T, S> {
             self.requested = true;
             let (name, offer) = (self.name, self.sender.offer());
             let m = match (self.expect, self.meta) {
-                (_, Some((_, version))) if version < 7 => return Err(SessionError::Peer(ErrorCode::Unsupported)),
-                (expect, Some((meta, _))) => Message::UploadMeta { name, offer, expect: expect.map(|e| e.0), meta },
+                (_, Some((_, version))) if version < 7 => {
+                    return Err(SessionError::Peer(ErrorCode::Unsupported));
+                }
+                (expect, Some((meta, _))) => {
+                    Message::UploadMeta { name, offer, expect: expect.map(|e| e.0), meta }
+                }
                 (None, None) => Message::Upload { name, offer },
                 (Some((_, version)), None) if version < 6 => {
                     return Err(SessionError::Peer(ErrorCode::Unsupported));

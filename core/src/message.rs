@@ -552,12 +552,9 @@ mod tests {
                 sha256: s.file_hash,
                 chunking: s.chunking,
             }),
-            27 => Message::UploadMeta {
-                name,
-                offer: *s,
-                expect: last.then_some(Expect::Match(Hash(*n))),
-                meta,
-            },
+            27 => {
+                Message::UploadMeta { name, offer: *s, expect: last.then_some(Expect::Match(Hash(*n))), meta }
+            }
             28 => Message::SetMeta { name, meta },
             29 => Message::MakeDir { name, meta },
             30 => Message::Copy { from: name, sha256: Hash(*n), to: name, meta },

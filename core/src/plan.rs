@@ -304,7 +304,9 @@ impl Plan {
                 unsure.then(|| local.name.clone())
             }
             // A new local file to push: the server may hold its content.
-            ((Some(s), None), Direction::Upload) if is_file(&p.0) && s.size > 0 && !self.by_hash.is_empty() => {
+            ((Some(s), None), Direction::Upload)
+                if is_file(&p.0) && s.size > 0 && !self.by_hash.is_empty() =>
+            {
                 Some(s.name.clone())
             }
             // A local file the server lacks, when a new one of its size
@@ -349,7 +351,9 @@ impl Plan {
                 (Some(s), None) if s.kind == EntryKind::Dir => {
                     self.counts.made_dirs += 1;
                     ops.push(Op::MakeDir { name: s.name.clone(), meta: s.meta() });
-                    children.push((s.name, pull, push));
+                    // Only the source has it (and the local tree is the
+                    // source of a push).
+                    children.push((s.name, push, pull));
                 }
                 (Some(s), None) => {
                     self.counts.files += 1;
@@ -368,7 +372,8 @@ impl Plan {
                 (None, Some(d)) => {
                     if self.options.delete {
                         if d.kind == EntryKind::Dir {
-                            // Emptied first: visited with no source.
+                            // Emptied first: visited with only the
+                            // destination (the local tree's for a pull).
                             children.push((d.name.clone(), pull, push));
                         }
                         self.deletes.push((d.name, d.kind));

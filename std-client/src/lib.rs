@@ -13,7 +13,7 @@ use deltasync_core::error::{ErrorCode, SessionError};
 use deltasync_core::frame::{MAX_ENCODED, MAX_SEALED};
 use deltasync_core::machine::Machine;
 pub use deltasync_core::message::Expect;
-use deltasync_core::message::{CAP_ZSTD, CAPS, Outcome};
+use deltasync_core::message::{CAP_ZSTD, CAPS, Meta, Outcome};
 use deltasync_core::source::{FileSource, IoFailed, Output};
 use deltasync_core::tree::Tree;
 use deltasync_host::hints::{ChunkHints, Known, build_tree_hinted};
@@ -73,6 +73,11 @@ pub enum ClientError {
     Local(PathBuf, io::Error),
     /// The operation was cancelled.
     Cancelled,
+    /// The command line asked for something impossible.
+    Usage(String),
+    /// A tree sync finished, but this many of its operations failed (each
+    /// was reported as it failed).
+    Incomplete(u64),
 }
 
 impl std::fmt::Display for ClientError {
@@ -127,6 +132,10 @@ impl std::fmt::Display for ClientError {
             ),
             ClientError::Refused(c) => write!(f, "server refused the request: {c}"),
             ClientError::Protocol(e) => write!(f, "protocol error: {e}"),
+            ClientError::Usage(e) => write!(f, "{e}"),
+            ClientError::Incomplete(n) => {
+                write!(f, "{n} operation(s) failed (reported above); the rest is done")
+            }
             ClientError::Local(p, e) => write!(f, "{}: {e}", printable(&p.to_string_lossy())),
             ClientError::Cancelled => f.write_str("cancelled"),
         }
@@ -148,6 +157,8 @@ impl ClientError {
             ClientError::NoSpace(_) | ClientError::LocalNoSpace(_) => 9,
             ClientError::Conflict(_) => 10,
             ClientError::Cancelled => 130,
+            ClientError::Usage(_) => 2,
+            ClientError::Incomplete(_) => 11,
         }
     }
 
@@ -668,7 +679,7 @@ impl Connection {
         (self.pump.sent, self.pump.received)
     }
 
-    fn run<M: Machine>(
+    pub(crate) fn run<M: Machine>(
         &mut self,
         m: &mut M,
         name: &str,
@@ -713,6 +724,7 @@ impl Connection {
             Listed::Partial(p) => {
                 partials.push(RemotePartial { name: p.name.to_string(), size: p.size, modified: p.modified })
             }
+            Listed::Entry(_) => {}
         };
         let mut q = Query::new(kind, self.version, on_entry, now());
         self.run(&mut q, name, |_, _| {})?;
@@ -771,8 +783,20 @@ impl Connection {
         path: &Path,
         name: &str,
         expect: Option<Expect>,
+        progress: impl FnMut(Progress),
+    ) -> Result<TransferReport, ClientError> {
+        self.upload_with(path, name, Sending { expect, ..Sending::default() }, progress)
+    }
+
+    /// Uploads as [`Self::upload_if`] does, with a tree sync's extras.
+    pub(crate) fn upload_with(
+        &mut self,
+        path: &Path,
+        name: &str,
+        how: Sending,
         mut progress: impl FnMut(Progress),
     ) -> Result<TransferReport, ClientError> {
+        let Sending { expect, meta: publish_as, listed } = how;
         let start = Instant::now();
         let local = |e| ClientError::Local(path.to_path_buf(), e);
         let file = File::open(path).map_err(local)?;
@@ -788,7 +812,11 @@ impl Connection {
             UploadSession::new(name, size, source, self.salt, self.version, now())
                 .streaming(true)
                 .compress(self.caps & CAP_ZSTD != 0)
-                .expecting(expect);
+                .expecting(expect)
+                .with_meta(publish_as);
+        if let Some(remote) = listed {
+            session = session.listed(remote);
+        }
         let waker = self.waker.clone();
         let ctl = self.ctl.try_clone().map_err(ClientError::Network)?;
         let file = &file;
@@ -880,6 +908,20 @@ impl Connection {
         &mut self,
         name: &str,
         dest: &Path,
+        progress: impl FnMut(Progress),
+    ) -> Result<TransferReport, ClientError> {
+        self.download_with(name, dest, None, None, progress)
+    }
+
+    /// Downloads as [`Self::download`] does; `listed` is the chunking a
+    /// tree sync's listing gave (no `Stat` then), and the file gets
+    /// `meta`'s time and mode before it replaces the local copy.
+    pub(crate) fn download_with(
+        &mut self,
+        name: &str,
+        dest: &Path,
+        listed: Option<ChunkerKind>,
+        meta: Option<Meta>,
         mut progress: impl FnMut(Progress),
     ) -> Result<TransferReport, ClientError> {
         let start = Instant::now();
@@ -919,6 +961,9 @@ impl Connection {
         let base = current.as_ref().map(|f| f.try_clone().map(FileSource)).transpose().map_err(local)?;
         let mut op: DownloadSession<'_, Tree, FileSource, LocalOut> =
             DownloadSession::new(name, out, base, self.salt, self.version, now());
+        if let Some(kind) = listed {
+            op = op.listed(kind);
+        }
         let old_hints = self.hints_file(name).as_deref().and_then(load_hints);
         let waker = self.waker.clone();
         let ctl = self.ctl.try_clone().map_err(ClientError::Network)?;
@@ -952,9 +997,17 @@ impl Connection {
         let (out, _tree) = op.take_result().ok_or_else(|| ClientError::Protocol("no result".into()))?;
         match outcome {
             Outcome::Integrity => return Err(ClientError::Integrity(name.into())),
-            Outcome::Unchanged => drop(out),
+            Outcome::Unchanged => {
+                drop(out);
+                if let (Some(meta), Some(f)) = (meta, current.as_ref()) {
+                    set_local_meta(f, meta).map_err(local)?;
+                }
+            }
             Outcome::Written => {
                 let f = out.file.into_inner().map_err(|e| local(e.into_error()))?;
+                if let Some(meta) = meta {
+                    set_local_meta(&f, meta).map_err(local)?;
+                }
                 f.sync_all().map_err(local)?;
                 fs::rename(&tmp, dest).map_err(local)?;
             }
@@ -974,6 +1027,27 @@ impl Connection {
             replaced: false,
         })
     }
+}
+
+/// A tree sync's extras for an upload.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Sending {
+    /// Published only if the server's version is as expected.
+    pub expect: Option<Expect>,
+    /// Published with this time and mode.
+    pub meta: Option<Meta>,
+    /// How the server's version is chunked (`Some(None)`: it has none), as
+    /// a listing said: no `Stat` then.
+    pub listed: Option<Option<ChunkerKind>>,
+}
+
+/// Gives a local file a tree sync's time and mode (the permission bits
+/// only).
+pub(crate) fn set_local_meta(f: &File, meta: Meta) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    f.set_permissions(fs::Permissions::from_mode(meta.mode & deltasync_core::message::MODE_BITS))?;
+    let t = std::time::UNIX_EPOCH + Duration::new(meta.modified, meta.nanos.min(999_999_999));
+    f.set_modified(t)
 }
 
 /// How an upload ended, as the server told.
@@ -1076,6 +1150,8 @@ impl Drop for RemoveOnDrop {
         }
     }
 }
+
+pub mod tree;
 
 #[cfg(test)]
 mod tests {

@@ -59,7 +59,8 @@ struct Cli {
 
 const EXIT_CODES: &str = "Exit codes: 0 ok, 2 usage, 3 authentication, 4 network (or turned away), \
 5 not found, 6 integrity, 7 refused by the server, 8 local file error, 9 the server's storage is full, \
-10 conflict (upload --if-match/--if-absent found another version), 130 cancelled.";
+10 conflict (upload --if-match/--if-absent found another version), 11 a push or pull finished but \
+some of its files failed (each was reported), 130 cancelled.";
 
 #[derive(Subcommand, Debug)]
 enum Command {
@@ -103,6 +104,31 @@ enum Command {
         #[arg(short, long)]
         output: Option<PathBuf>,
     },
+    /// Push a local directory tree to the server: new and changed files go
+    /// as deltas, renamed and copied ones as copies on the server (no file
+    /// data); times and permission bits are kept. Symlinks are skipped with
+    /// a warning. Nothing is deleted without --delete.
+    Push {
+        /// Local directory.
+        dir: PathBuf,
+        /// Where on the server its contents go [default: the directory's
+        /// name; "/" for the server's root].
+        prefix: Option<String>,
+        #[command(flatten)]
+        tree: TreeArgs,
+    },
+    /// Pull a tree from the server into a local directory (made if
+    /// missing): changed files come as deltas against the local copies,
+    /// each replaced only once complete and verified; times and permission
+    /// bits are kept.
+    Pull {
+        /// Prefix on the server ("/" for everything).
+        prefix: String,
+        /// Local directory [default: the prefix's last component].
+        dir: Option<PathBuf>,
+        #[command(flatten)]
+        tree: TreeArgs,
+    },
     /// Delete a file on the server.
     Rm {
         /// Remote name.
@@ -117,6 +143,131 @@ enum Command {
     },
     /// Print the manual page (roff); e.g. `deltasync man | man -l -`.
     Man,
+}
+
+/// What `push` and `pull` share.
+#[derive(clap::Args, Debug)]
+struct TreeArgs {
+    /// Delete what the destination has and the source does not (after
+    /// everything else is done; excluded names are kept).
+    #[arg(long)]
+    delete: bool,
+    /// Leave out names matching GLOB (gitignore syntax; repeatable). A
+    /// `.deltasyncignore` file at the local directory's root adds more.
+    #[arg(long, value_name = "GLOB")]
+    exclude: Vec<String>,
+    /// Say what would change, and change nothing.
+    #[arg(short = 'n', long)]
+    dry_run: bool,
+    /// Compare contents (SHA-256) even where size and time agree.
+    #[arg(short, long)]
+    checksum: bool,
+    /// Print every change (`--dry-run` always does).
+    #[arg(short, long)]
+    verbose: bool,
+}
+
+impl TreeArgs {
+    fn options(&self) -> deltasync_client::tree::TreeOptions {
+        deltasync_client::tree::TreeOptions {
+            delete: self.delete,
+            checksum: self.checksum,
+            dry_run: self.dry_run,
+            excludes: self.exclude.clone(),
+        }
+    }
+}
+
+/// Prints a tree sync's changes and draws its progress.
+struct TreeShow {
+    verbose: bool,
+    json: bool,
+    bar: Option<ProgressBar>,
+    files: u64,
+}
+
+impl TreeShow {
+    fn new(args: &TreeArgs, json: bool, bars: bool) -> TreeShow {
+        let bar = bars.then(|| {
+            let b = ProgressBar::new_spinner();
+            b.set_style(
+                ProgressStyle::with_template("{spinner} {bytes} {bytes_per_sec} {msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+            );
+            b.enable_steady_tick(std::time::Duration::from_millis(200));
+            b
+        });
+        TreeShow { verbose: args.verbose || args.dry_run, json, bar, files: 0 }
+    }
+
+    fn line(&self, l: &str) {
+        match &self.bar {
+            Some(b) => b.suspend(|| out(l)),
+            None => out(l),
+        }
+    }
+}
+
+impl deltasync_client::tree::Observer for TreeShow {
+    fn change(&mut self, change: &deltasync_client::tree::Change) {
+        use deltasync_client::tree::Change;
+        let line = match change {
+            Change::Sent(n, size) => {
+                self.files += 1;
+                format!("send     {} ({})", printable(n), human(*size))
+            }
+            Change::Copied { from, to } => format!("copy     {} <- {}", printable(to), printable(from)),
+            Change::Touched(n) => format!("touch    {}", printable(n)),
+            Change::MadeDir(n) => format!("mkdir    {}/", printable(n)),
+            Change::Deleted(n) => format!("delete   {}", printable(n)),
+            Change::Skipped(n, why) => {
+                let l = format!("deltasync: warning: skipped {}: {why}", printable(n));
+                match &self.bar {
+                    Some(b) => b.suspend(|| eprintln!("{l}")),
+                    None => eprintln!("{l}"),
+                }
+                return;
+            }
+            Change::Failed(n, why) => {
+                let l = format!("deltasync: error: {}: {why}", printable(n));
+                match &self.bar {
+                    Some(b) => b.suspend(|| eprintln!("{l}")),
+                    None => eprintln!("{l}"),
+                }
+                return;
+            }
+        };
+        if self.verbose && !self.json {
+            self.line(&line);
+        }
+    }
+
+    fn progress(&mut self, file: &str, _p: Progress, tree_bytes: u64) {
+        if let Some(b) = &self.bar {
+            b.set_position(tree_bytes);
+            b.set_message(format!("{} files sent, {}", self.files, printable(file)));
+        }
+    }
+}
+
+fn tree_summary(verb: &str, r: &deltasync_client::tree::TreeReport) -> String {
+    let secs = r.duration_ms as f64 / 1000.0;
+    format!(
+        "{verb}{}: {} files, {} changed ({}), {} copied, {} touched, {} unchanged, {} deleted, {} skipped; \
+         sent {}, received {}, {:.2}s",
+        if r.dry_run { " (dry run)" } else { "" },
+        r.files,
+        r.changed,
+        human(r.file_bytes),
+        r.copied,
+        r.touched,
+        r.unchanged,
+        r.deleted,
+        r.skipped,
+        human(r.wire_bytes_sent),
+        human(r.wire_bytes_received),
+        secs
+    )
 }
 
 fn parse_sha256(s: &str) -> Result<deltasync_client::Hash, String> {
@@ -348,6 +499,51 @@ fn run(cli: Cli) -> Result<(), ClientError> {
                 b.finish_and_clear();
             }
             if cli.json { json(&r) } else { out(&summary(&r, "downloaded")) }
+        }
+        Command::Push { dir, prefix, tree } => {
+            let prefix = match prefix {
+                Some(p) => p,
+                None => std::fs::canonicalize(&dir)
+                    .map_err(|e| ClientError::Local(dir.clone(), e))?
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .map(str::to_string)
+                    .unwrap_or_default(),
+            };
+            let show = TreeShow::new(&tree, cli.json, bars);
+            let bar = show.bar.clone();
+            let r = deltasync_client::tree::push(&mut c, &dir, &prefix, tree.options(), show)?;
+            if let Some(b) = bar {
+                b.finish_and_clear();
+            }
+            if cli.json {
+                json(&r)
+            } else {
+                out(&tree_summary("pushed", &r))
+            }
+            if r.failed > 0 {
+                return Err(ClientError::Incomplete(r.failed));
+            }
+        }
+        Command::Pull { prefix, dir, tree } => {
+            let prefix = prefix.trim_matches('/').to_string();
+            let dir = dir.unwrap_or_else(|| {
+                PathBuf::from(prefix.rsplit('/').next().filter(|l| !l.is_empty()).unwrap_or("."))
+            });
+            let show = TreeShow::new(&tree, cli.json, bars);
+            let bar = show.bar.clone();
+            let r = deltasync_client::tree::pull(&mut c, &prefix, &dir, tree.options(), show)?;
+            if let Some(b) = bar {
+                b.finish_and_clear();
+            }
+            if cli.json {
+                json(&r)
+            } else {
+                out(&tree_summary("pulled", &r))
+            }
+            if r.failed > 0 {
+                return Err(ClientError::Incomplete(r.failed));
+            }
         }
         // Served above, before connecting.
         Command::Completions { .. } | Command::Man => {}

@@ -85,9 +85,12 @@ fn apply_meta(fd: impl std::os::fd::AsFd, meta: Meta, dir: bool) -> io::Result<(
     let must = owner_needs(dir);
     rustix::fs::fchmod(&fd, rustix::fs::Mode::from_raw_mode(mode | must))?;
     if mode & must != must {
-        if let Err(e) =
-            rustix::fs::fsetxattr(&fd, MODE_XATTR, mode.to_string().as_bytes(), rustix::fs::XattrFlags::empty())
-        {
+        if let Err(e) = rustix::fs::fsetxattr(
+            &fd,
+            MODE_XATTR,
+            mode.to_string().as_bytes(),
+            rustix::fs::XattrFlags::empty(),
+        ) {
             tracing::debug!(error = %e, "mode kept without its owner bits: no extended attributes here");
         }
     } else {

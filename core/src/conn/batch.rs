@@ -69,7 +69,9 @@ impl<F: FnMut(&Op, Result<(), ErrorCode>)> Machine for Batch<F> {
             let m = match &self.ops[self.sent] {
                 Op::MakeDir { name, meta } => Message::MakeDir { name, meta: *meta },
                 Op::SetMeta { name, meta, .. } => Message::SetMeta { name, meta: *meta },
-                Op::Copy { from, sha256, to, meta } => Message::Copy { from, sha256: *sha256, to, meta: *meta },
+                Op::Copy { from, sha256, to, meta } => {
+                    Message::Copy { from, sha256: *sha256, to, meta: *meta }
+                }
                 Op::Delete { name, .. } => Message::Delete { name },
             };
             self.sent += 1;
@@ -92,7 +94,9 @@ impl Op {
     pub fn is_dir(&self) -> bool {
         matches!(
             self,
-            Op::MakeDir { .. } | Op::SetMeta { kind: EntryKind::Dir, .. } | Op::Delete { kind: EntryKind::Dir, .. }
+            Op::MakeDir { .. }
+                | Op::SetMeta { kind: EntryKind::Dir, .. }
+                | Op::Delete { kind: EntryKind::Dir, .. }
         )
     }
 }

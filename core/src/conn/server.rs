@@ -726,10 +726,12 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
                 let o = if made { Outcome::Written } else { Outcome::Unchanged };
                 self.state = State::Reply([Reply::Done(o, None)].into());
             }),
-            Message::Copy { from, sha256, to, meta } => self.store.copy(from, sha256, to, clean(meta)).map(|h| {
-                self.events.push_back(Event::Copied { from: from.to_string(), to: to.to_string() });
-                self.state = State::Reply([Reply::Done(Outcome::Written, Some(h))].into());
-            }),
+            Message::Copy { from, sha256, to, meta } => {
+                self.store.copy(from, sha256, to, clean(meta)).map(|h| {
+                    self.events.push_back(Event::Copied { from: from.to_string(), to: to.to_string() });
+                    self.state = State::Reply([Reply::Done(Outcome::Written, Some(h))].into());
+                })
+            }
             Message::Download { name } => self.start_download(now, name),
             _ => Ok(()),
         };

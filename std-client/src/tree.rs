@@ -1,0 +1,585 @@
+//! Tree syncs over one connection: `push` a local directory to a prefix on
+//! the server, `pull` a prefix into a local directory. Core's [`Plan`]
+//! decides what to send, copy, touch, make and delete; this shell lists
+//! and hashes local files, runs the protocol's machines, and writes here.
+//!
+//! Symlinks are never followed nor sent: they are skipped with a warning on
+//! both sides (a pull never writes through one). Names that are not UTF-8,
+//! or that the server would refuse, are skipped the same way. Excludes
+//! (`--exclude` and a `.deltasyncignore` at the local tree's root, both in
+//! gitignore syntax) apply to both sides: an excluded name is neither sent
+//! nor deleted.
+
+use crate::{ClientError, Connection, Progress, Sending, set_local_meta};
+use deltasync_core::Hash;
+use deltasync_core::conn::batch::Batch;
+use deltasync_core::conn::server::{Direction, StoredFile};
+use deltasync_core::conn::{Listed, Query, QueryKind};
+use deltasync_core::error::ErrorCode;
+use deltasync_core::message::{EntryKind, MODE_BITS, Meta, validate_name};
+use deltasync_core::plan::{Op, Options, Plan, Step};
+use deltasync_host::local::now;
+use ignore::gitignore::{Gitignore, GitignoreBuilder};
+use serde::Serialize;
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// The file at a local tree's root that lists what to exclude.
+pub const IGNORE_FILE: &str = ".deltasyncignore";
+
+/// What a tree sync is asked to do.
+#[derive(Clone, Debug, Default)]
+pub struct TreeOptions {
+    /// Delete what the destination has and the source does not.
+    pub delete: bool,
+    /// Compare contents even where size and time agree.
+    pub checksum: bool,
+    /// Only say what would change.
+    pub dry_run: bool,
+    /// Gitignore-style patterns to leave out, beside the tree's
+    /// [`IGNORE_FILE`].
+    pub excludes: Vec<String>,
+}
+
+/// What a tree sync did (or, with `dry_run`, would do).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct TreeReport {
+    /// Files in the source.
+    pub files: u64,
+    /// Files sent, new or changed.
+    pub changed: u64,
+    /// Files copied from another name on the destination (no file data).
+    pub copied: u64,
+    /// Files and directories whose time or mode only was set.
+    pub touched: u64,
+    /// Files already up to date.
+    pub unchanged: u64,
+    /// Files and directories deleted.
+    pub deleted: u64,
+    /// Directories made.
+    pub made_dirs: u64,
+    /// Names skipped (symlinks, names the server refuses, a file on one
+    /// side that is a directory on the other).
+    pub skipped: u64,
+    /// Operations that failed (the rest went on).
+    pub failed: u64,
+    /// Sizes of the files sent.
+    pub file_bytes: u64,
+    /// File bytes that crossed the wire (before compression).
+    pub literal_bytes: u64,
+    /// Bytes sent on the connection.
+    pub wire_bytes_sent: u64,
+    /// Bytes received on the connection.
+    pub wire_bytes_received: u64,
+    /// Wall time.
+    pub duration_ms: u64,
+    /// Nothing was changed: this says what would have been.
+    pub dry_run: bool,
+}
+
+/// One thing a tree sync did, as it happens (for listings and logs).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// A file sent (or fetched): its name and size.
+    Sent(String, u64),
+    /// A file copied on the destination from another name.
+    Copied {
+        /// The name copied from.
+        from: String,
+        /// The new name.
+        to: String,
+    },
+    /// A time or mode set.
+    Touched(String),
+    /// A directory made.
+    MadeDir(String),
+    /// A file or directory deleted.
+    Deleted(String),
+    /// A name left alone, and why.
+    Skipped(String, &'static str),
+    /// An operation that failed, and why (the sync went on).
+    Failed(String, String),
+}
+
+/// What a tree sync reports as it goes.
+pub trait Observer {
+    /// Something happened.
+    fn change(&mut self, change: &Change);
+    /// Progress of the file being sent, and of the whole sync: bytes of
+    /// files decided so far (sent or found unchanged).
+    fn progress(&mut self, file: &str, p: Progress, tree_bytes: u64);
+}
+
+/// An observer that ignores everything.
+impl Observer for () {
+    fn change(&mut self, _: &Change) {}
+    fn progress(&mut self, _: &str, _: Progress, _: u64) {}
+}
+
+/// Excludes: patterns and the tree's ignore file.
+struct Filter(Gitignore);
+
+impl Filter {
+    fn new(root: &Path, excludes: &[String]) -> Result<Filter, ClientError> {
+        let mut b = GitignoreBuilder::new(root);
+        let file = root.join(IGNORE_FILE);
+        if file.is_file()
+            && let Some(e) = b.add(&file)
+        {
+            return Err(ClientError::Local(file, io::Error::other(e.to_string())));
+        }
+        for x in excludes {
+            b.add_line(None, x).map_err(|e| ClientError::Usage(format!("--exclude {x:?}: {e}")))?;
+        }
+        b.build().map(Filter).map_err(|e| ClientError::Usage(e.to_string()))
+    }
+
+    fn excludes(&self, rel: &str, dir: bool) -> bool {
+        self.0.matched_path_or_any_parents(rel, dir).is_ignore()
+    }
+}
+
+/// `a/b` from `a` and `b`; `b` if `a` is empty.
+fn join(a: &str, b: &str) -> String {
+    match (a.is_empty(), b.is_empty()) {
+        (true, _) => b.to_string(),
+        (_, true) => a.to_string(),
+        _ => format!("{a}/{b}"),
+    }
+}
+
+/// A tree sync in progress: the connection, both roots, and what it found.
+struct Sync<'c, O> {
+    conn: &'c mut Connection,
+    root: PathBuf,
+    prefix: String,
+    options: TreeOptions,
+    filter: Filter,
+    report: TreeReport,
+    observer: O,
+    /// Bytes of files decided so far.
+    decided: u64,
+    /// Directories made or re-moded by a pull, given their mode last (a
+    /// read-only directory is filled first).
+    dir_modes: Vec<(PathBuf, Meta)>,
+}
+
+/// Pushes the local tree `root` to `prefix` on the server (`""`: the
+/// server's root).
+pub fn push(
+    conn: &mut Connection,
+    root: &Path,
+    prefix: &str,
+    options: TreeOptions,
+    observer: impl Observer,
+) -> Result<TreeReport, ClientError> {
+    run(conn, root, prefix, options, observer, Direction::Upload)
+}
+
+/// Pulls `prefix` on the server (`""`: everything) into the local tree
+/// `root`, made if missing.
+pub fn pull(
+    conn: &mut Connection,
+    prefix: &str,
+    root: &Path,
+    options: TreeOptions,
+    observer: impl Observer,
+) -> Result<TreeReport, ClientError> {
+    if !options.dry_run {
+        fs::create_dir_all(root).map_err(|e| ClientError::Local(root.into(), e))?;
+    }
+    run(conn, root, prefix, options, observer, Direction::Download)
+}
+
+fn run<O: Observer>(
+    conn: &mut Connection,
+    root: &Path,
+    prefix: &str,
+    options: TreeOptions,
+    observer: O,
+    direction: Direction,
+) -> Result<TreeReport, ClientError> {
+    let start = Instant::now();
+    let prefix = prefix.trim_matches('/').to_string();
+    if !prefix.is_empty() {
+        validate_name(&prefix).map_err(ClientError::Refused)?;
+    }
+    let meta = fs::symlink_metadata(root).map_err(|e| ClientError::Local(root.into(), e));
+    match meta {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return Err(ClientError::Local(root.into(), io::Error::other("not a directory"))),
+        Err(_) if options.dry_run && direction == Direction::Download => {}
+        Err(e) => return Err(e),
+    }
+    let (s0, r0) = conn.wire_bytes();
+    let filter = Filter::new(root, &options.excludes)?;
+    let plan_options = Options { delete: options.delete, checksum: options.checksum };
+    let mut plan = Plan::new(direction, plan_options);
+    let mut sync = Sync {
+        conn,
+        root: root.to_path_buf(),
+        prefix,
+        report: TreeReport { dry_run: options.dry_run, ..TreeReport::default() },
+        options,
+        filter,
+        observer,
+        decided: 0,
+        dir_modes: Vec::new(),
+    };
+    loop {
+        match plan.next() {
+            Step::List { dir, local, remote } => {
+                let l = if local { sync.list_local(&dir)? } else { Vec::new() };
+                let r = if remote { sync.list_remote(&dir)? } else { Vec::new() };
+                plan.listed(l, r);
+            }
+            Step::Hash { name } => {
+                let h = File::open(sync.local(&name))
+                    .and_then(|f| deltasync_host::build::file_hash(&f))
+                    .map_err(|e| sync.failed(&name, &e.to_string()))
+                    .ok();
+                plan.hashed(&name, h);
+            }
+            Step::Ops(ops) => sync.ops(direction, ops)?,
+            Step::Transfer { file, base } => sync.transfer(direction, file, base)?,
+            Step::Clash { name } => sync.skip(&name, "a file on one side, a directory on the other"),
+            Step::Done => break,
+        }
+    }
+    // Directory modes last, deepest first: a read-only one was filled.
+    for (path, meta) in sync.dir_modes.drain(..).rev() {
+        let mode = fs::Permissions::from_mode(meta.mode & MODE_BITS);
+        if let Err(e) = fs::set_permissions(&path, mode) {
+            sync.report.failed += 1;
+            sync.observer.change(&Change::Failed(path.display().to_string(), e.to_string()));
+        }
+    }
+    let counts = plan.counts();
+    let (s1, r1) = sync.conn.wire_bytes();
+    let r = &mut sync.report;
+    r.files = counts.files;
+    r.unchanged = counts.unchanged;
+    r.made_dirs = counts.made_dirs;
+    r.skipped += counts.clashes;
+    r.wire_bytes_sent = s1 - s0;
+    r.wire_bytes_received = r1 - r0;
+    r.duration_ms = start.elapsed().as_millis() as u64;
+    Ok(sync.report)
+}
+
+impl<O: Observer> Sync<'_, O> {
+    /// The local path of `rel`.
+    fn local(&self, rel: &str) -> PathBuf {
+        if rel.is_empty() { self.root.clone() } else { self.root.join(rel) }
+    }
+
+    /// The server's name of `rel`.
+    fn remote(&self, rel: &str) -> String {
+        join(&self.prefix, rel)
+    }
+
+    fn skip(&mut self, name: &str, why: &'static str) {
+        self.report.skipped += 1;
+        self.observer.change(&Change::Skipped(name.into(), why));
+    }
+
+    fn failed(&mut self, name: &str, why: &str) {
+        self.report.failed += 1;
+        self.observer.change(&Change::Failed(name.into(), why.into()));
+    }
+
+    /// The entries of the local directory `dir` that take part.
+    fn list_local(&mut self, dir: &str) -> Result<Vec<StoredFile>, ClientError> {
+        let path = self.local(dir);
+        let rd = match fs::read_dir(&path) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(ClientError::Local(path, e)),
+        };
+        let mut out = Vec::new();
+        for entry in rd {
+            let entry = entry.map_err(|e| ClientError::Local(path.clone(), e))?;
+            let Some(fname) = entry.file_name().to_str().map(str::to_string) else {
+                let shown = path.join(entry.file_name()).display().to_string();
+                self.skip(&shown, "its name is not UTF-8");
+                continue;
+            };
+            let rel = join(dir, &fname);
+            // Our own temporaries, and names the server keeps for itself.
+            if fname.starts_with(".deltasync") && fname != IGNORE_FILE {
+                continue;
+            }
+            // Not followed: a symlink's own metadata.
+            let Ok(meta) = entry.metadata() else { continue };
+            let kind = if meta.is_dir() {
+                EntryKind::Dir
+            } else if meta.is_file() {
+                EntryKind::File
+            } else {
+                if !self.filter.excludes(&rel, false) {
+                    let why =
+                        if meta.is_symlink() { "a symlink (not followed)" } else { "not a regular file" };
+                    self.skip(&rel, why);
+                }
+                continue;
+            };
+            if self.filter.excludes(&rel, kind == EntryKind::Dir) {
+                continue;
+            }
+            if validate_name(&self.remote(&rel)).is_err() {
+                self.skip(&rel, "a name the server refuses");
+                continue;
+            }
+            out.push(StoredFile {
+                name: rel,
+                size: if kind == EntryKind::File { meta.len() } else { 0 },
+                modified: meta.mtime().max(0) as u64,
+                nanos: meta.mtime_nsec().clamp(0, 999_999_999) as u32,
+                mode: meta.mode() & MODE_BITS,
+                kind,
+                sha256: Hash::UNKNOWN,
+                ..StoredFile::default()
+            });
+        }
+        Ok(out)
+    }
+
+    /// The entries of the server's directory `dir` that take part. The
+    /// server is checked: every name must be a child of `dir` the server
+    /// itself would accept.
+    fn list_remote(&mut self, dir: &str) -> Result<Vec<StoredFile>, ClientError> {
+        let remote_dir = self.remote(dir);
+        let mut out = Vec::new();
+        let mut bad = None;
+        let on_entry = |e: Listed<'_>| {
+            let Listed::Entry(e) = e else { return };
+            let rel = match self.prefix.as_str() {
+                "" => Some(e.name),
+                p => e.name.strip_prefix(p).and_then(|r| r.strip_prefix('/')),
+            };
+            let child = rel.filter(|r| {
+                let leaf = if dir.is_empty() {
+                    Some(*r)
+                } else {
+                    r.strip_prefix(dir).and_then(|x| x.strip_prefix('/'))
+                };
+                leaf.is_some_and(|l| !l.is_empty() && !l.contains('/')) && validate_name(e.name).is_ok()
+            });
+            match child {
+                Some(rel) => out.push(StoredFile {
+                    name: rel.to_string(),
+                    size: e.size,
+                    modified: e.meta.modified,
+                    nanos: e.meta.nanos.min(999_999_999),
+                    mode: e.meta.mode & MODE_BITS,
+                    sha256: e.sha256,
+                    chunking: e.chunking,
+                    kind: e.kind,
+                }),
+                None => bad = Some(e.name.to_string()),
+            }
+        };
+        let mut q = Query::new(QueryKind::ListDir(&remote_dir), self.conn.version(), on_entry, now());
+        match self.conn.run(&mut q, &remote_dir, |_, _| {}) {
+            Ok(_) => {}
+            Err(ClientError::NotFound(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        }
+        if let Some(name) = bad {
+            return Err(ClientError::Protocol(format!(
+                "the server listed {name:?} in {remote_dir:?}: not a name there"
+            )));
+        }
+        out.retain(|f| !self.filter.excludes(&f.name, f.kind == EntryKind::Dir));
+        Ok(out)
+    }
+
+    /// Makes `ops` on the destination.
+    fn ops(&mut self, direction: Direction, ops: Vec<Op>) -> Result<(), ClientError> {
+        if self.options.dry_run {
+            for op in &ops {
+                self.tell(op);
+            }
+            return Ok(());
+        }
+        if direction == Direction::Download {
+            for op in ops {
+                match self.local_op(&op) {
+                    Ok(()) => self.tell(&op),
+                    Err(e) => self.failed(op.name(), &e.to_string()),
+                }
+            }
+            return Ok(());
+        }
+        let remote: Vec<Op> = ops.iter().map(|op| self.remote_op(op)).collect();
+        let mut results = Vec::with_capacity(ops.len());
+        let mut batch = Batch::new(remote, self.conn.version(), |_: &Op, r| results.push(r), now());
+        self.conn.run(&mut batch, "", |_, _| {})?;
+        for (op, r) in ops.iter().zip(results) {
+            match (op, r) {
+                (_, Ok(())) => self.tell(op),
+                // The copy's source changed or went meanwhile: sent after all.
+                (Op::Copy { to, meta, .. }, Err(ErrorCode::Conflict | ErrorCode::NotFound)) => {
+                    let local = self.local(to);
+                    let size = fs::metadata(&local).map_or(0, |m| m.len());
+                    let file = StoredFile { name: to.clone(), size, ..StoredFile::default() };
+                    self.send(file, *meta, None)?;
+                }
+                (_, Err(code)) => self.failed(op.name(), &code.to_string()),
+            }
+        }
+        Ok(())
+    }
+
+    fn tell(&mut self, op: &Op) {
+        let change = match op {
+            Op::MakeDir { name, .. } => Change::MadeDir(name.clone()),
+            Op::Copy { from, to, .. } => {
+                self.report.copied += 1;
+                Change::Copied { from: from.clone(), to: to.clone() }
+            }
+            Op::SetMeta { name, .. } => {
+                self.report.touched += 1;
+                Change::Touched(name.clone())
+            }
+            Op::Delete { name, .. } => {
+                self.report.deleted += 1;
+                Change::Deleted(name.clone())
+            }
+        };
+        self.observer.change(&change);
+    }
+
+    /// `op` with the server's names.
+    fn remote_op(&self, op: &Op) -> Op {
+        match op.clone() {
+            Op::MakeDir { name, meta } => Op::MakeDir { name: self.remote(&name), meta },
+            Op::Copy { from, sha256, to, meta } => {
+                Op::Copy { from: self.remote(&from), sha256, to: self.remote(&to), meta }
+            }
+            Op::SetMeta { name, meta, kind } => Op::SetMeta { name: self.remote(&name), meta, kind },
+            Op::Delete { name, kind } => Op::Delete { name: self.remote(&name), kind },
+        }
+    }
+
+    /// Makes `op` in the local tree (a pull). Nothing is written through a
+    /// symlink: one in the way fails the op.
+    fn local_op(&mut self, op: &Op) -> io::Result<()> {
+        let path = self.local(op.name());
+        if fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(io::Error::other("a symlink is in the way"));
+        }
+        match op {
+            Op::MakeDir { meta, .. } => {
+                match fs::create_dir(&path) {
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists && path.is_dir() => {}
+                    r => r?,
+                }
+                self.dir_modes.push((path, *meta));
+            }
+            Op::SetMeta { meta, kind: EntryKind::Dir, .. } => self.dir_modes.push((path, *meta)),
+            Op::SetMeta { meta, .. } => set_local_meta(&File::open(&path)?, *meta)?,
+            Op::Copy { from, to, meta, .. } => {
+                let tmp = self.local(&temp_name(to));
+                fs::copy(self.local(from), &tmp)?;
+                let done = File::open(&tmp)
+                    .and_then(|f| set_local_meta(&f, *meta))
+                    .and_then(|()| fs::rename(&tmp, &path));
+                if done.is_err() {
+                    let _ = fs::remove_file(&tmp);
+                }
+                done?;
+            }
+            Op::Delete { kind: EntryKind::Dir, .. } => fs::remove_dir(&path)?,
+            Op::Delete { .. } => fs::remove_file(&path)?,
+        }
+        Ok(())
+    }
+
+    /// Sends `file` (push) or fetches it (pull).
+    fn transfer(
+        &mut self,
+        direction: Direction,
+        file: StoredFile,
+        base: Option<StoredFile>,
+    ) -> Result<(), ClientError> {
+        let meta = file.meta();
+        if self.options.dry_run {
+            self.report.changed += 1;
+            self.report.file_bytes += file.size;
+            self.observer.change(&Change::Sent(file.name.clone(), file.size));
+            return Ok(());
+        }
+        match direction {
+            Direction::Upload => self.send(file, meta, base),
+            Direction::Download => self.fetch(file, meta),
+        }
+    }
+
+    /// Whether a failed transfer leaves the rest of the sync able to go on
+    /// (a local file that went, a name refused), or ends it (the
+    /// connection is gone).
+    fn survivable(e: &ClientError) -> bool {
+        matches!(
+            e,
+            ClientError::Local(..)
+                | ClientError::Refused(_)
+                | ClientError::NotFound(_)
+                | ClientError::Integrity(_)
+        )
+    }
+
+    fn send(&mut self, file: StoredFile, meta: Meta, base: Option<StoredFile>) -> Result<(), ClientError> {
+        let path = self.local(&file.name);
+        let remote = self.remote(&file.name);
+        let how = Sending { meta: Some(meta), listed: Some(base.map(|b| b.chunking)), expect: None };
+        let decided = self.decided;
+        let name = file.name.clone();
+        let observer = &mut self.observer;
+        let r = self.conn.upload_with(&path, &remote, how, |p| observer.progress(&name, p, decided + p.done));
+        self.finish_transfer(file, r.map(|r| r.literal_bytes))
+    }
+
+    fn fetch(&mut self, file: StoredFile, meta: Meta) -> Result<(), ClientError> {
+        let path = self.local(&file.name);
+        if fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
+            self.skip(&file.name, "a symlink is in the way");
+            return Ok(());
+        }
+        let remote = self.remote(&file.name);
+        let decided = self.decided;
+        let name = file.name.clone();
+        let observer = &mut self.observer;
+        let r = self.conn.download_with(&remote, &path, Some(file.chunking), Some(meta), |p| {
+            observer.progress(&name, p, decided + p.done)
+        });
+        self.finish_transfer(file, r.map(|r| r.literal_bytes))
+    }
+
+    fn finish_transfer(&mut self, file: StoredFile, r: Result<u64, ClientError>) -> Result<(), ClientError> {
+        self.decided += file.size;
+        match r {
+            Ok(literal) => {
+                self.report.changed += 1;
+                self.report.file_bytes += file.size;
+                self.report.literal_bytes += literal;
+                self.observer.change(&Change::Sent(file.name, file.size));
+                Ok(())
+            }
+            Err(e) if Self::survivable(&e) => {
+                self.failed(&file.name, &e.to_string());
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// A temporary beside `rel` for a pull's local copy.
+fn temp_name(rel: &str) -> String {
+    let (dir, leaf) = rel.rsplit_once('/').unwrap_or(("", rel));
+    join(dir, &format!(".deltasync-cp-{}-{leaf}", std::process::id()))
+}
