@@ -8,7 +8,8 @@
 //! or that the server would refuse, are skipped the same way. Excludes
 //! (`--exclude` and a `.deltasyncignore` at the local tree's root, both in
 //! gitignore syntax) apply to both sides: an excluded name is neither sent
-//! nor deleted.
+//! nor deleted. The ignore file itself stays local, like every name that
+//! starts with `.deltasync` (the server keeps those for itself).
 
 use crate::{ClientError, Connection, Progress, Sending, set_local_meta};
 use deltasync_core::Hash;
@@ -308,8 +309,9 @@ impl<O: Observer> Sync<'_, O> {
                 continue;
             };
             let rel = join(dir, &fname);
-            // Our own temporaries, and names the server keeps for itself.
-            if fname.starts_with(".deltasync") && fname != IGNORE_FILE {
+            // Our own temporaries and the ignore file (names the server
+            // keeps for itself: `.deltasync*` is never stored).
+            if fname.starts_with(".deltasync") {
                 continue;
             }
             // Not followed: a symlink's own metadata.

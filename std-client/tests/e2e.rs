@@ -2,89 +2,15 @@
 //! the real `deltasync` command. Every server a test starts is stopped by the
 //! test, by its own process id.
 
+mod common;
+
+use common::*;
 use deltasync_core::sim::random_bytes as random;
-use deltasync_server::process::{ServerProcess, test_key};
+use deltasync_server::process::test_key;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
-
-/// The key the test servers grant everything to.
-fn key() -> String {
-    test_key(1)
-}
-
-fn server_bin() -> PathBuf {
-    let cli = PathBuf::from(env!("CARGO_BIN_EXE_deltasync"));
-    let bin = cli.with_file_name("deltasync-server");
-    assert!(bin.exists(), "{} is missing: build the workspace binaries first", bin.display());
-    bin
-}
-
-struct Server {
-    proc: ServerProcess,
-    port: u16,
-    root: PathBuf,
-}
-
-impl Server {
-    fn start(root: &Path) -> Server {
-        let proc =
-            ServerProcess::start(&server_bin(), root, &key(), &["--dashboard", "off"]).expect("start server");
-        Server { port: proc.port, proc, root: root.to_path_buf() }
-    }
-
-    /// The CLI's chunk hints, beside the server's root.
-    fn hints(&self) -> PathBuf {
-        self.root.with_file_name("hints")
-    }
-
-    fn cli(&self, args: &[&str]) -> Output {
-        self.cli_with_key(&key(), args)
-    }
-
-    /// The CLI pointed at this server with `key`.
-    fn command(&self, key: &str, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_deltasync"));
-        c.env("DELTASYNC_SERVER", format!("127.0.0.1:{}", self.port))
-            .env("DELTASYNC_KEY", key)
-            .env("DELTASYNC_HINTS", self.hints())
-            .args(args);
-        c
-    }
-
-    fn cli_with_key(&self, key: &str, args: &[&str]) -> Output {
-        self.command(key, args).output().expect("run deltasync")
-    }
-
-    /// Starts the CLI in the background, its output discarded.
-    fn spawn(&self, args: &[&str]) -> std::process::Child {
-        self.command(&key(), args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("run deltasync")
-    }
-
-    /// Runs the CLI with `--json` and returns its one JSON object.
-    fn json(&self, args: &[&str]) -> serde_json::Value {
-        let mut a = vec!["--json"];
-        a.extend_from_slice(args);
-        let out = self.cli(&a);
-        assert!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-        let text = String::from_utf8(out.stdout).unwrap();
-        assert_eq!(text.lines().count(), 1, "one JSON object expected, got {text:?}");
-        serde_json::from_str(&text).unwrap()
-    }
-
-    fn kill9(self) {
-        self.proc.kill9();
-    }
-}
-
-fn wire(v: &serde_json::Value) -> u64 {
-    v["wire_bytes_sent"].as_u64().unwrap() + v["wire_bytes_received"].as_u64().unwrap()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 #[test]
 fn round_trips_of_edge_sizes_and_100_mib() {

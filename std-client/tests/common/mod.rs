@@ -1,0 +1,84 @@
+//! What the end-to-end tests share: the real server on an ephemeral
+//! loopback port, and the real `deltasync` command pointed at it.
+#![allow(dead_code)]
+
+use deltasync_server::process::{ServerProcess, test_key};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+/// The key the test servers grant everything to.
+pub fn key() -> String {
+    test_key(1)
+}
+
+pub fn server_bin() -> PathBuf {
+    let cli = PathBuf::from(env!("CARGO_BIN_EXE_deltasync"));
+    let bin = cli.with_file_name("deltasync-server");
+    assert!(bin.exists(), "{} is missing: build the workspace binaries first", bin.display());
+    bin
+}
+
+pub struct Server {
+    pub proc: ServerProcess,
+    pub port: u16,
+    pub root: PathBuf,
+}
+
+impl Server {
+    pub fn start(root: &Path) -> Server {
+        let proc =
+            ServerProcess::start(&server_bin(), root, &key(), &["--dashboard", "off"]).expect("start server");
+        Server { port: proc.port, proc, root: root.to_path_buf() }
+    }
+
+    /// The CLI's chunk hints, beside the server's root.
+    pub fn hints(&self) -> PathBuf {
+        self.root.with_file_name("hints")
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.cli_with_key(&key(), args)
+    }
+
+    /// The CLI pointed at this server with `key`.
+    pub fn command(&self, key: &str, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_deltasync"));
+        c.env("DELTASYNC_SERVER", format!("127.0.0.1:{}", self.port))
+            .env("DELTASYNC_KEY", key)
+            .env("DELTASYNC_HINTS", self.hints())
+            .args(args);
+        c
+    }
+
+    pub fn cli_with_key(&self, key: &str, args: &[&str]) -> Output {
+        self.command(key, args).output().expect("run deltasync")
+    }
+
+    /// Starts the CLI in the background, its output discarded.
+    pub fn spawn(&self, args: &[&str]) -> std::process::Child {
+        self.command(&key(), args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("run deltasync")
+    }
+
+    /// Runs the CLI with `--json` and returns its one JSON object.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        let out = self.cli(&a);
+        assert!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert_eq!(text.lines().count(), 1, "one JSON object expected, got {text:?}");
+        serde_json::from_str(&text).unwrap()
+    }
+
+    pub fn kill9(self) {
+        self.proc.kill9();
+    }
+}
+
+pub fn wire(v: &serde_json::Value) -> u64 {
+    v["wire_bytes_sent"].as_u64().unwrap() + v["wire_bytes_received"].as_u64().unwrap()
+}
+
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
