@@ -166,6 +166,9 @@ pub struct Plan {
     deletes: Vec<(String, EntryKind)>,
     counts: Counts,
     done: bool,
+    /// Visit only the directories asked for (and what is new or gone
+    /// below them), not every directory both sides have.
+    shallow: bool,
 }
 
 /// Pairs two listings sorted by name.
@@ -210,7 +213,27 @@ impl Plan {
             deletes: Vec::new(),
             counts: Counts::default(),
             done: false,
+            shallow: false,
         }
+    }
+
+    /// A sync of some directories only (a watcher's, where changes were
+    /// seen): each is listed on both sides and synced, with whatever is
+    /// new in it or gone from it, but directories both sides have below it
+    /// are not visited (their changes come as directories of their own).
+    pub fn dirs(direction: Direction, options: Options, dirs: impl IntoIterator<Item = String>) -> Plan {
+        let mut plan = Plan::new(direction, options);
+        plan.shallow = true;
+        let mut dirs: Vec<String> = dirs.into_iter().collect();
+        dirs.sort();
+        dirs.dedup();
+        plan.stack = dirs.into_iter().rev().map(|d| (d, true, true)).collect();
+        plan
+    }
+
+    /// Push (`Upload`) or pull (`Download`).
+    pub fn direction(&self) -> Direction {
+        self.direction
     }
 
     /// What was found and decided so far.
@@ -220,7 +243,7 @@ impl Plan {
 
     /// The next thing for the shell to do. After [`Step::List`] and
     /// [`Step::Hash`] it must answer before asking again.
-    pub fn next(&mut self) -> Step {
+    pub fn next_step(&mut self) -> Step {
         loop {
             if let Some(s) = self.steps.pop_front() {
                 return s;
@@ -388,7 +411,9 @@ impl Plan {
                         self.counts.touched += 1;
                         ops.push(Op::SetMeta { name: s.name.clone(), meta: s.meta(), kind: EntryKind::Dir });
                     }
-                    children.push((s.name, true, true));
+                    if !self.shallow {
+                        children.push((s.name, true, true));
+                    }
                 }
                 (Some(s), Some(d)) => {
                     self.counts.files += 1;

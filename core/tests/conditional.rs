@@ -299,6 +299,7 @@ fn interrupted_uploads_are_listed_and_described_within_the_keys_prefixes() {
             seen.push(match e {
                 Listed::File(f) => format!("file {} {}", f.name, f.size),
                 Listed::Partial(p) => format!("partial {} {} {}", p.name, p.size, p.modified),
+                Listed::Entry(e) => format!("entry {} {}", e.name, e.size),
             })
         };
         let mut q = Query::new(kind, PROTOCOL_VERSION, on_entry, Instant(0));

@@ -364,7 +364,7 @@ fn list_stat_delete() {
         PROTOCOL_VERSION,
         |i| match i {
             Listed::File(f) => names.push((f.name.to_string(), f.size)),
-            Listed::Partial(_) => panic!("a plain listing has no partials"),
+            Listed::Partial(_) | Listed::Entry(_) => panic!("a plain listing has no partials or entries"),
         },
         Instant(0),
     );

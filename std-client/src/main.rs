@@ -114,6 +114,11 @@ enum Command {
         /// Where on the server its contents go [default: the directory's
         /// name; "/" for the server's root].
         prefix: Option<String>,
+        /// After the push, keep watching the directory and push every
+        /// change within about a second (renames too, and deletions with
+        /// --delete), until interrupted.
+        #[arg(long)]
+        watch: bool,
         #[command(flatten)]
         tree: TreeArgs,
     },
@@ -247,6 +252,19 @@ impl deltasync_client::tree::Observer for TreeShow {
             b.set_position(tree_bytes);
             b.set_message(format!("{} files sent, {}", self.files, printable(file)));
         }
+    }
+}
+
+/// Where `push DIR` goes without a prefix: under the directory's name.
+fn push_prefix(dir: &std::path::Path, prefix: Option<String>) -> Result<String, ClientError> {
+    match prefix {
+        Some(p) => Ok(p),
+        None => Ok(std::fs::canonicalize(dir)
+            .map_err(|e| ClientError::Local(dir.to_path_buf(), e))?
+            .file_name()
+            .and_then(|n| n.to_str())
+            .map(str::to_string)
+            .unwrap_or_default()),
     }
 }
 
@@ -389,11 +407,31 @@ fn run(cli: Cli) -> Result<(), ClientError> {
         };
     }
     let key = find_key(cli.key, cli.key_file)?;
-    let mut c = Connection::connect_using(&cli.server, &key, !cli.no_compress, cli.cipher)?;
-    if let Some(r) = cli.limit_rate {
-        c.limit_rate(r);
+    let hints = if cli.no_hints { None } else { cli.hints.or_else(deltasync_client::default_hints_dir) };
+    let connect = || -> Result<Connection, ClientError> {
+        let mut c = Connection::connect_using(&cli.server, &key, !cli.no_compress, cli.cipher)?;
+        if let Some(r) = cli.limit_rate {
+            c.limit_rate(r);
+        }
+        c.set_hints_dir(hints.clone());
+        Ok(c)
+    };
+    if let Command::Push { dir, prefix, watch: true, tree } = &cli.command {
+        let prefix = push_prefix(dir, prefix.clone())?;
+        let show = TreeShow::new(tree, cli.json, false);
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let json = cli.json;
+        let report = move |r: &deltasync_client::tree::TreeReport| {
+            let changed = r.changed + r.copied + r.touched + r.deleted + r.made_dirs + r.failed;
+            if json {
+                out(&deltasync_client::json_line(r).unwrap_or_default());
+            } else if changed > 0 {
+                out(&tree_summary("pushed", r));
+            }
+        };
+        return deltasync_client::tree::watch(connect, dir, &prefix, tree.options(), show, &stop, report);
     }
-    c.set_hints_dir(if cli.no_hints { None } else { cli.hints.or_else(deltasync_client::default_hints_dir) });
+    let mut c = connect()?;
     let bars = !cli.json && std::io::stderr().is_terminal();
     let json = |v: &dyn erased::Json| out(&v.to_json());
     match cli.command {
@@ -500,16 +538,8 @@ fn run(cli: Cli) -> Result<(), ClientError> {
             }
             if cli.json { json(&r) } else { out(&summary(&r, "downloaded")) }
         }
-        Command::Push { dir, prefix, tree } => {
-            let prefix = match prefix {
-                Some(p) => p,
-                None => std::fs::canonicalize(&dir)
-                    .map_err(|e| ClientError::Local(dir.clone(), e))?
-                    .file_name()
-                    .and_then(|n| n.to_str())
-                    .map(str::to_string)
-                    .unwrap_or_default(),
-            };
+        Command::Push { dir, prefix, tree, .. } => {
+            let prefix = push_prefix(&dir, prefix)?;
             let show = TreeShow::new(&tree, cli.json, bars);
             let bar = show.bar.clone();
             let r = deltasync_client::tree::push(&mut c, &dir, &prefix, tree.options(), show)?;

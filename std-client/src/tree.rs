@@ -22,11 +22,14 @@ use deltasync_core::plan::{Op, Options, Plan, Step};
 use deltasync_host::local::now;
 use ignore::gitignore::{Gitignore, GitignoreBuilder};
 use serde::Serialize;
+use std::collections::BTreeSet;
 use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// The file at a local tree's root that lists what to exclude.
 pub const IGNORE_FILE: &str = ".deltasyncignore";
@@ -177,7 +180,8 @@ pub fn push(
     options: TreeOptions,
     observer: impl Observer,
 ) -> Result<TreeReport, ClientError> {
-    run(conn, root, prefix, options, observer, Direction::Upload)
+    let plan = Plan::new(Direction::Upload, plan_options(&options));
+    run(conn, root, prefix, options, observer, plan)
 }
 
 /// Pulls `prefix` on the server (`""`: everything) into the local tree
@@ -192,7 +196,12 @@ pub fn pull(
     if !options.dry_run {
         fs::create_dir_all(root).map_err(|e| ClientError::Local(root.into(), e))?;
     }
-    run(conn, root, prefix, options, observer, Direction::Download)
+    let plan = Plan::new(Direction::Download, plan_options(&options));
+    run(conn, root, prefix, options, observer, plan)
+}
+
+fn plan_options(o: &TreeOptions) -> Options {
+    Options { delete: o.delete, checksum: o.checksum }
 }
 
 fn run<O: Observer>(
@@ -201,8 +210,9 @@ fn run<O: Observer>(
     prefix: &str,
     options: TreeOptions,
     observer: O,
-    direction: Direction,
+    mut plan: Plan,
 ) -> Result<TreeReport, ClientError> {
+    let direction = plan.direction();
     let start = Instant::now();
     let prefix = prefix.trim_matches('/').to_string();
     if !prefix.is_empty() {
@@ -217,8 +227,6 @@ fn run<O: Observer>(
     }
     let (s0, r0) = conn.wire_bytes();
     let filter = Filter::new(root, &options.excludes)?;
-    let plan_options = Options { delete: options.delete, checksum: options.checksum };
-    let mut plan = Plan::new(direction, plan_options);
     let mut sync = Sync {
         conn,
         root: root.to_path_buf(),
@@ -231,7 +239,7 @@ fn run<O: Observer>(
         dir_modes: Vec::new(),
     };
     loop {
-        match plan.next() {
+        match plan.next_step() {
             Step::List { dir, local, remote } => {
                 let l = if local { sync.list_local(&dir)? } else { Vec::new() };
                 let r = if remote { sync.list_remote(&dir)? } else { Vec::new() };
@@ -584,4 +592,144 @@ impl<O: Observer> Sync<'_, O> {
 fn temp_name(rel: &str) -> String {
     let (dir, leaf) = rel.rsplit_once('/').unwrap_or(("", rel));
     join(dir, &format!(".deltasync-cp-{}-{leaf}", std::process::id()))
+}
+
+/// Most directories a watch remembers as changed between two syncs;
+/// beyond, the next sync is of the whole tree (memory stays bounded
+/// however many events arrive).
+const MAX_DIRTY: usize = 4096;
+/// A watch syncs once changes have been quiet this long...
+const QUIET: Duration = Duration::from_millis(300);
+/// ...or this long after the first one, whichever comes first.
+const MAX_DELAY: Duration = Duration::from_secs(2);
+
+/// What a watcher saw since the last sync.
+#[derive(Default)]
+struct Dirty {
+    dirs: BTreeSet<String>,
+    /// Too much to remember, or events lost: sync everything.
+    everything: bool,
+    first: Option<Instant>,
+    last: Option<Instant>,
+}
+
+impl Dirty {
+    fn mark(&mut self, dir: String) {
+        if self.dirs.len() < MAX_DIRTY {
+            self.dirs.insert(dir);
+        } else {
+            self.everything = true;
+        }
+    }
+
+    /// Whether it is time to sync what was seen.
+    fn due(&self, now: Instant) -> bool {
+        match (self.first, self.last) {
+            (Some(f), Some(l)) => now >= l + QUIET || now >= f + MAX_DELAY,
+            _ => false,
+        }
+    }
+}
+
+/// Pushes `root` to `prefix`, then keeps watching it and pushes each
+/// change (debounced: [`QUIET`], at most [`MAX_DELAY`] late), renames and
+/// (with [`TreeOptions::delete`]) deletions included, until `stop` is set.
+/// Only the directories where something changed are listed again. The
+/// connection is kept; if the server closed it meanwhile (its idle
+/// timeout), `connect` makes another. `on_sync` sees each sync's report.
+pub fn watch(
+    mut connect: impl FnMut() -> Result<Connection, ClientError>,
+    root: &Path,
+    prefix: &str,
+    options: TreeOptions,
+    mut observer: impl Observer,
+    stop: &AtomicBool,
+    mut on_sync: impl FnMut(&TreeReport),
+) -> Result<(), ClientError> {
+    use notify::{RecursiveMode, Watcher};
+    let local = |e: notify::Error| ClientError::Local(root.into(), io::Error::other(e.to_string()));
+    let abs = fs::canonicalize(root).map_err(|e| ClientError::Local(root.into(), e))?;
+    let dirty = Arc::new(Mutex::new(Dirty::default()));
+    let filter = Filter::new(&abs, &options.excludes)?;
+    let seen = dirty.clone();
+    let base = abs.clone();
+    let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        let mut d = seen.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        d.first.get_or_insert(now);
+        d.last = Some(now);
+        let ev = match ev {
+            Ok(ev) if !ev.need_rescan() => ev,
+            // Events were lost (a queue overflowed): look at everything.
+            _ => {
+                d.everything = true;
+                return;
+            }
+        };
+        for path in &ev.paths {
+            let Some(rel) = path.strip_prefix(&base).ok().and_then(|r| r.to_str()) else { continue };
+            if rel.is_empty() {
+                d.mark(String::new());
+                continue;
+            }
+            let leaf = rel.rsplit('/').next().unwrap_or(rel);
+            if leaf.starts_with(".deltasync") || filter.excludes(rel, path.is_dir()) {
+                continue;
+            }
+            // The directory holding what changed is listed again.
+            d.mark(rel.rsplit_once('/').map_or(String::new(), |(dir, _)| dir.to_string()));
+        }
+    })
+    .map_err(local)?;
+    watcher.watch(&abs, RecursiveMode::Recursive).map_err(local)?;
+    let mut conn = connect()?;
+    let mut plan = Some(Plan::new(Direction::Upload, plan_options(&options)));
+    while !stop.load(Ordering::Relaxed) {
+        let Some(p) = plan.take() else {
+            std::thread::sleep(Duration::from_millis(50));
+            let mut d = dirty.lock().unwrap_or_else(|p| p.into_inner());
+            if d.due(Instant::now()) {
+                let d = std::mem::take(&mut *d);
+                let opts = plan_options(&options);
+                plan = Some(if d.everything {
+                    Plan::new(Direction::Upload, opts)
+                } else {
+                    // A directory gone here is synced from its parent.
+                    let dirs = d.dirs.into_iter().filter(|dir| abs.join(dir).is_dir());
+                    Plan::dirs(Direction::Upload, opts, dirs)
+                });
+            }
+            continue;
+        };
+        let report = match run(&mut conn, root, prefix, options.clone(), &mut observer, p) {
+            // The server hung up while we watched (its idle timeout): once
+            // more, on a new connection, with the whole tree (what the
+            // failed sync did is unknown).
+            Err(
+                ClientError::Network(_) | ClientError::Protocol(_) | ClientError::Refused(ErrorCode::Timeout),
+            ) => {
+                conn = connect()?;
+                run(
+                    &mut conn,
+                    root,
+                    prefix,
+                    options.clone(),
+                    &mut observer,
+                    Plan::new(Direction::Upload, plan_options(&options)),
+                )?
+            }
+            r => r?,
+        };
+        on_sync(&report);
+    }
+    Ok(())
+}
+
+impl<O: Observer + ?Sized> Observer for &mut O {
+    fn change(&mut self, change: &Change) {
+        (**self).change(change)
+    }
+    fn progress(&mut self, file: &str, p: Progress, tree_bytes: u64) {
+        (**self).progress(file, p, tree_bytes)
+    }
 }

@@ -20,23 +20,26 @@ enum Node {
     File { sha: String, mtime: (i64, i64), mode: u32 },
 }
 
-/// Every name under `root` (but the server's `.deltasync`), `/`-separated.
+/// Every name under `root` (but the server's `.deltasync`), `/`-separated;
+/// what goes while it is read is left out (the tree may be changing).
 fn snapshot(root: &Path) -> BTreeMap<String, Node> {
     fn walk(root: &Path, rel: &str, out: &mut BTreeMap<String, Node>) {
         let dir = if rel.is_empty() { root.to_path_buf() } else { root.join(rel) };
-        for e in fs::read_dir(dir).unwrap() {
-            let e = e.unwrap();
+        let Ok(entries) = fs::read_dir(dir) else { return };
+        for e in entries {
+            let Ok(e) = e else { continue };
             let name = e.file_name().into_string().unwrap();
             if name.starts_with(".deltasync") && name != ".deltasyncignore" {
                 continue;
             }
             let rel = if rel.is_empty() { name } else { format!("{rel}/{name}") };
-            let m = fs::symlink_metadata(e.path()).unwrap();
+            let Ok(m) = fs::symlink_metadata(e.path()) else { continue };
             if m.is_dir() {
                 out.insert(rel.clone(), Node::Dir(m.mode() & 0o777));
                 walk(root, &rel, out);
             } else if m.is_file() {
-                let sha = deltasync_core::Hash::of(&fs::read(e.path()).unwrap()).to_string();
+                let Ok(data) = fs::read(e.path()) else { continue };
+                let sha = deltasync_core::Hash::of(&data).to_string();
                 out.insert(
                     rel,
                     Node::File { sha, mtime: (m.mtime(), m.mtime_nsec()), mode: m.mode() & 0o777 },
@@ -252,4 +255,54 @@ fn a_push_killed_midway_then_rerun_sends_only_what_is_missing() {
     let r = srv.json(&["push", s(&src), "p"]);
     assert_eq!(r["changed"].as_u64(), Some(files - there.len() as u64), "{r}");
     assert_eq!(as_stored(&snapshot(&stored)), want);
+}
+
+/// Waits until the server's copy at `stored` is `src`, for at most `secs`.
+fn wait_until_same(stored: &Path, src: &Path, secs: u64) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let (have, want) = (as_stored(&snapshot(stored)), as_stored(&snapshot(src)));
+        if have == want {
+            return;
+        }
+        if Instant::now() > deadline {
+            let missing: Vec<_> = want.keys().filter(|k| have.get(*k) != want.get(*k)).collect();
+            let extra: Vec<_> = have.keys().filter(|k| !want.contains_key(*k)).collect();
+            panic!("not synced within {secs}s: missing or different {missing:?}, extra {extra:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_watched_tree_reaches_the_server_within_seconds() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Server::start(&dir.path().join("root"));
+    let src = dir.path().join("src");
+    write_file(&src.join("a/one.txt"), b"one", 0o644, (1_600_000_000, 0));
+    write_file(&src.join("a/two.txt"), b"two", 0o644, (1_600_000_000, 0));
+    write_file(&src.join("gone/x.txt"), b"x", 0o644, (1_600_000_000, 0));
+    let stored = srv.root.join("w");
+    let mut child = srv.spawn(&["push", s(&src), "w", "--watch", "--delete"]);
+    wait_until_same(&stored, &src, 20);
+
+    // Created, changed, renamed, deleted, a new directory, a directory gone.
+    fs::write(src.join("a/new.txt"), b"new").unwrap();
+    fs::write(src.join("a/one.txt"), b"one, changed").unwrap();
+    fs::rename(src.join("a/two.txt"), src.join("a/renamed.txt")).unwrap();
+    write_file(&src.join("b/c/deep.txt"), &random(3, 100_000), 0o600, (1_600_000_000, 0));
+    fs::remove_dir_all(src.join("gone")).unwrap();
+    let t = Instant::now();
+    wait_until_same(&stored, &src, 10);
+    let first = t.elapsed();
+
+    // And again, a burst of edits to one file.
+    for i in 0..50 {
+        fs::write(src.join("a/new.txt"), format!("edit {i}")).unwrap();
+    }
+    fs::remove_file(src.join("a/renamed.txt")).unwrap();
+    wait_until_same(&stored, &src, 10);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(first < Duration::from_secs(10), "{first:?}");
 }

@@ -47,6 +47,9 @@ pub enum Need {
 
 type StatQuery<'n> = Query<'n, fn(Listed<'_>)>;
 
+// Devices have no allocator to box the sender with; the state lives as
+// long as the upload.
+#[allow(clippy::large_enum_variant)]
 enum State<'n, T, S> {
     /// Asking how the server's version is chunked.
     Stat(StatQuery<'n>),
