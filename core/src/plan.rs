@@ -290,6 +290,13 @@ impl Plan {
             Direction::Download => (remote, local),
         };
         let pairs = pair(src, dst);
+        // What the destination holds here may be copied from (known now
+        // for the server's files, once hashed for local ones).
+        for (_, d) in &pairs {
+            if let Some(d) = d.as_ref().filter(|d| d.kind == EntryKind::File && d.sha256.is_known()) {
+                self.remember(d.sha256, &d.name);
+            }
+        }
         let mut to_hash = VecDeque::new();
         for p in &pairs {
             if let Some(name) = self.hash_wanted(p, &pairs) {
@@ -360,7 +367,7 @@ impl Plan {
         let Some(w) = self.work.take() else { return };
         let (push, pull) = (self.direction == Direction::Upload, self.direction == Direction::Download);
         // What the destination holds here may be copied from, whatever
-        // order the names come in.
+        // order the names come in (local files now that they are hashed).
         for (_, d) in &w.pairs {
             if let Some(d) = d.as_ref().filter(|d| d.kind == EntryKind::File)
                 && let Some(h) = self.content(d, &w.hashes)
@@ -445,5 +452,187 @@ impl Plan {
         }
         // Visited in name order: the stack pops the last pushed first.
         self.stack.extend(children.into_iter().rev());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::string::ToString;
+    use alloc::vec;
+
+    fn file(name: &str, size: u64, modified: u64, content: u8) -> StoredFile {
+        StoredFile {
+            name: name.into(),
+            size,
+            modified,
+            mode: 0o644,
+            sha256: Hash([content; 32]),
+            kind: EntryKind::File,
+            ..StoredFile::default()
+        }
+    }
+
+    fn dir(name: &str) -> StoredFile {
+        StoredFile { name: name.into(), mode: 0o755, kind: EntryKind::Dir, ..StoredFile::default() }
+    }
+
+    /// Children of `dir` in a flat tree.
+    fn children(tree: &[StoredFile], dir: &str, hashes: bool) -> Vec<StoredFile> {
+        tree.iter()
+            .filter(|f| f.name.rsplit_once('/').map_or("", |(d, _)| d) == dir)
+            .map(|f| StoredFile { sha256: if hashes { f.sha256 } else { Hash::UNKNOWN }, ..f.clone() })
+            .collect()
+    }
+
+    /// Runs a plan against a local and a remote tree (the local one's
+    /// hashes are known only when asked for), returning every step but the
+    /// listings and hashes it answered.
+    fn drive(mut plan: Plan, local: &[StoredFile], remote: &[StoredFile]) -> (Vec<Step>, Vec<String>) {
+        let (mut steps, mut hashed) = (Vec::new(), Vec::new());
+        loop {
+            match plan.next_step() {
+                Step::List { dir, local: l, remote: r } => {
+                    let a = if l { children(local, &dir, false) } else { Vec::new() };
+                    let b = if r { children(remote, &dir, true) } else { Vec::new() };
+                    plan.listed(a, b);
+                }
+                Step::Hash { name } => {
+                    let h = local.iter().find(|f| f.name == name).map(|f| f.sha256);
+                    hashed.push(name.clone());
+                    plan.hashed(&name, h);
+                }
+                Step::Done => return (steps, hashed),
+                s => steps.push(s),
+            }
+        }
+    }
+
+    fn push(options: Options) -> Plan {
+        Plan::new(Direction::Upload, options)
+    }
+
+    #[test]
+    fn size_and_time_decide_then_content() {
+        let local = [
+            file("same", 5, 10, 1),
+            file("touched", 5, 11, 2),
+            file("edited", 5, 12, 3),
+            file("new", 1, 1, 4),
+        ];
+        let remote = [
+            file("same", 5, 10, 1),
+            file("touched", 5, 99, 2),
+            file("edited", 5, 99, 9),
+            file("old", 1, 1, 7),
+        ];
+        let (steps, hashed) = drive(push(Options::default()), &local, &remote);
+        // Only what size and time cannot decide is hashed (and the new
+        // file, which may be a copy of something the server holds).
+        assert_eq!(hashed, ["edited", "new", "touched"]);
+        let meta = Meta { modified: 11, nanos: 0, mode: 0o644 };
+        assert_eq!(
+            steps,
+            [
+                Step::Ops(vec![Op::SetMeta { name: "touched".into(), meta, kind: EntryKind::File }]),
+                Step::Transfer {
+                    file: StoredFile { sha256: Hash::UNKNOWN, ..local[2].clone() },
+                    base: Some(remote[2].clone())
+                },
+                Step::Transfer { file: StoredFile { sha256: Hash::UNKNOWN, ..local[3].clone() }, base: None },
+            ]
+        );
+        // Nothing deleted without --delete; with it, last.
+        let (steps, _) = drive(push(Options { delete: true, checksum: false }), &local, &remote);
+        assert_eq!(
+            steps.last(),
+            Some(&Step::Ops(vec![Op::Delete { name: "old".into(), kind: EntryKind::File }]))
+        );
+        // --checksum hashes even what size and time call the same.
+        let (_, hashed) = drive(push(Options { delete: false, checksum: true }), &local, &remote);
+        assert!(hashed.contains(&"same".to_string()), "{hashed:?}");
+    }
+
+    #[test]
+    fn a_renamed_file_is_copied_from_where_the_destination_holds_it() {
+        // Pushed: the server holds the content under the old name, in
+        // another directory listed first.
+        let local = [dir("a"), dir("b"), file("b/new name", 9, 1, 5)];
+        let remote = [dir("a"), file("a/old name", 9, 1, 5), dir("b")];
+        let (steps, _) = drive(push(Options { delete: true, checksum: false }), &local, &remote);
+        let meta = Meta { modified: 1, nanos: 0, mode: 0o644 };
+        assert_eq!(
+            steps,
+            [
+                Step::Ops(vec![Op::Copy {
+                    from: "a/old name".into(),
+                    sha256: Hash([5; 32]),
+                    to: "b/new name".into(),
+                    meta
+                }]),
+                Step::Ops(vec![Op::Delete { name: "a/old name".into(), kind: EntryKind::File }]),
+            ]
+        );
+        // Pulled: the local file the server no longer has is hashed, and
+        // is where the renamed one comes from.
+        let local = [file("old name", 9, 1, 5)];
+        let remote = [file("new name", 9, 1, 5)];
+        let (steps, hashed) = drive(Plan::new(Direction::Download, Options::default()), &local, &remote);
+        assert_eq!(hashed, ["old name"]);
+        assert!(
+            matches!(&steps[..], [Step::Ops(ops)] if matches!(&ops[..], [Op::Copy { from, .. }] if from == "old name"))
+        );
+    }
+
+    #[test]
+    fn directories_are_made_before_their_files_and_deleted_after_them() {
+        let local = [dir("n"), dir("n/m"), file("n/m/f", 1, 1, 1)];
+        let remote = [dir("gone"), dir("gone/sub"), file("gone/sub/x", 1, 1, 2), file("gone/y", 1, 1, 3)];
+        let (steps, _) = drive(push(Options { delete: true, checksum: false }), &local, &remote);
+        let names: Vec<String> = steps
+            .iter()
+            .flat_map(|s| match s {
+                Step::Ops(ops) => ops
+                    .iter()
+                    .map(|o| {
+                        alloc::format!("{o:?}").split(' ').next().unwrap_or("").to_string() + " " + o.name()
+                    })
+                    .collect::<Vec<_>>(),
+                Step::Transfer { file, .. } => vec![alloc::format!("Transfer {}", file.name)],
+                s => vec![alloc::format!("{s:?}")],
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "MakeDir n",
+                "MakeDir n/m",
+                "Transfer n/m/f",
+                "Delete gone/sub/x",
+                "Delete gone/y",
+                "Delete gone/sub",
+                "Delete gone"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_file_where_a_directory_is_clashes_and_is_left_alone() {
+        let local = [file("x", 1, 1, 1)];
+        let remote = [dir("x"), file("x/inside", 1, 1, 2)];
+        let (steps, _) = drive(push(Options { delete: true, checksum: false }), &local, &remote);
+        assert_eq!(steps, [Step::Clash { name: "x".into() }]);
+    }
+
+    #[test]
+    fn a_watchers_plan_visits_only_its_directories_and_what_is_new_below() {
+        let local =
+            [dir("a"), dir("a/old"), file("a/old/f", 1, 2, 1), dir("a/new"), file("a/new/g", 1, 1, 2)];
+        let remote = [dir("a"), dir("a/old"), file("a/old/f", 1, 1, 1)];
+        let (steps, _) =
+            drive(Plan::dirs(Direction::Upload, Options::default(), ["a".to_string()]), &local, &remote);
+        // a/old changed too, but is not visited: its own events name it.
+        assert_eq!(steps.len(), 2, "{steps:?}");
+        assert!(matches!(&steps[1], Step::Transfer { file, .. } if file.name == "a/new/g"));
     }
 }

@@ -135,6 +135,59 @@ impl Store for MemStore {
     fn delete(&mut self, name: &str) -> Result<(), ErrorCode> {
         self.0.borrow_mut().remove(name).map(|_| ()).ok_or(ErrorCode::NotFound)
     }
+    /// Directories are those the names imply.
+    fn list_dir(&mut self, dir: &str) -> Result<Vec<StoredFile>, ErrorCode> {
+        let entries = self.entries(dir)?;
+        if entries.is_empty() && !dir.is_empty() {
+            return Err(ErrorCode::NotFound);
+        }
+        Ok(entries)
+    }
+    fn copy(
+        &mut self,
+        from: &str,
+        sha256: Hash,
+        to: &str,
+        _meta: crate::message::Meta,
+    ) -> Result<Hash, ErrorCode> {
+        let data = self.0.borrow().get(from).cloned().ok_or(ErrorCode::Conflict)?;
+        if Hash::of(&data) != sha256 {
+            return Err(ErrorCode::Conflict);
+        }
+        self.0.borrow_mut().insert(to.to_string(), data);
+        Ok(sha256)
+    }
+}
+
+impl MemStore {
+    /// The files directly in `dir` and the directories the names below it
+    /// imply, sorted.
+    fn entries(&mut self, dir: &str) -> Result<Vec<StoredFile>, ErrorCode> {
+        let names: Vec<String> = self.0.borrow().keys().cloned().collect();
+        let mut out: BTreeMap<String, StoredFile> = BTreeMap::new();
+        for name in names {
+            let rest = if dir.is_empty() {
+                Some(name.as_str())
+            } else {
+                name.strip_prefix(dir).and_then(|r| r.strip_prefix('/'))
+            };
+            let Some(rest) = rest else { continue };
+            let entry = match rest.split_once('/') {
+                Some((sub, _)) => {
+                    let n = if dir.is_empty() { sub.to_string() } else { alloc::format!("{dir}/{sub}") };
+                    StoredFile {
+                        name: n,
+                        kind: crate::message::EntryKind::Dir,
+                        mode: 0o755,
+                        ..Default::default()
+                    }
+                }
+                None => self.stat(&name)?,
+            };
+            out.insert(entry.name.clone(), entry);
+        }
+        Ok(out.into_values().collect())
+    }
 }
 
 /// A growable buffer.

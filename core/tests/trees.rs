@@ -1,0 +1,134 @@
+//! The server's side of tree syncs (protocol 7) over the in-memory harness:
+//! directory listings within a key's prefixes, ops sent ahead of their
+//! answers, and a client of protocol 6 refused before it sends anything.
+
+use deltasync_core::access::Access;
+use deltasync_core::channel::ClientKey;
+use deltasync_core::conn::batch::Batch;
+use deltasync_core::conn::server::ServerConn;
+use deltasync_core::conn::{Listed, Query, QueryKind};
+use deltasync_core::driver::DriveError;
+use deltasync_core::error::{ErrorCode, SessionError};
+use deltasync_core::message::{EntryKind, Meta};
+use deltasync_core::plan::Op;
+use deltasync_core::sim::*;
+use deltasync_core::{Hash, Instant, PROTOCOL_VERSION};
+
+type Keys = Vec<(ClientKey, Access)>;
+
+struct Session {
+    server: ServerConn<MemStore, Keys>,
+    cp: StdPump,
+    sp: StdPump,
+    net: Net,
+    version: u16,
+}
+
+fn connect(files: &Files, key: ClientKey, keys: Keys, version: u16) -> Session {
+    let mut s = Session { server: server(files, keys), cp: pump(), sp: pump(), net: Net::new(), version: 0 };
+    let mut hs = handshake(key).at_most(version);
+    run(&mut hs, &mut s.cp, &mut s.server, &mut s.sp, &mut s.net).expect("handshake");
+    s.version = hs.version();
+    s
+}
+
+fn files(names: &[&str]) -> Files {
+    let files = Files::default();
+    for (i, n) in names.iter().enumerate() {
+        files.borrow_mut().insert(n.to_string(), random_bytes(i as u64, 100 + i));
+    }
+    files
+}
+
+/// Lists `dir`: the entries' names and kinds, or the error.
+fn list(s: &mut Session, dir: &str) -> Result<Vec<(String, EntryKind)>, Stop> {
+    let mut seen = Vec::new();
+    let on = |e: Listed<'_>| {
+        if let Listed::Entry(e) = e {
+            seen.push((e.name.to_string(), e.kind));
+        }
+    };
+    let mut q = Query::new(QueryKind::ListDir(dir), s.version, on, Instant(0));
+    run(&mut q, &mut s.cp, &mut s.server, &mut s.sp, &mut s.net)?;
+    Ok(seen)
+}
+
+#[test]
+fn a_prefixed_key_lists_only_what_it_covers_and_the_way_to_it() {
+    let f = files(&["devices/7/log", "devices/7/sub/x", "devices/70/log", "other/x", "top"]);
+    let reader = ClientKey { id: *b"readerk1", secret: [7; 32] };
+    let access = Access { prefixes: vec!["devices/7".into()], ..Access::full("reader") };
+    let keyring = vec![(KEY, Access::full("sim")), (reader.clone(), access)];
+    let mut s = connect(&f, reader, keyring.clone(), PROTOCOL_VERSION);
+    let dir = EntryKind::Dir;
+    assert_eq!(list(&mut s, "").unwrap(), [("devices".to_string(), dir)]);
+    assert_eq!(list(&mut s, "devices").unwrap(), [("devices/7".to_string(), dir)]);
+    assert_eq!(
+        list(&mut s, "devices/7").unwrap(),
+        [("devices/7/log".to_string(), EntryKind::File), ("devices/7/sub".to_string(), dir)]
+    );
+    for outside in ["other", "devices/70"] {
+        let r = list(&mut s, outside);
+        assert!(matches!(r, Err(Stop::Client(_))), "{outside}: {r:?}");
+    }
+    // The full key sees everything.
+    let mut s = connect(&f, KEY, keyring, PROTOCOL_VERSION);
+    assert_eq!(list(&mut s, "").unwrap().len(), 3);
+    assert!(list(&mut s, "nowhere").is_err(), "no such directory");
+}
+
+#[test]
+fn ops_are_answered_in_order_and_a_refused_one_fails_alone() {
+    let f = files(&["a", "b"]);
+    let sha_a = Hash::of(&f.borrow()["a"]);
+    let mut s = connect(&f, KEY, keys(), PROTOCOL_VERSION);
+    let meta = Meta { modified: 1, nanos: 2, mode: 0o644 };
+    let ops = vec![
+        Op::Copy { from: "a".into(), sha256: sha_a, to: "copy of a".into(), meta },
+        // Not the content listed: refused, and only this one.
+        Op::Copy { from: "b".into(), sha256: sha_a, to: "copy of b".into(), meta },
+        Op::Delete { name: "nothing here".into(), kind: EntryKind::File },
+        Op::Delete { name: "b".into(), kind: EntryKind::File },
+    ];
+    let mut results = Vec::new();
+    let mut batch =
+        Batch::new(ops, s.version, |op: &Op, r| results.push((op.name().to_string(), r)), Instant(0));
+    run(&mut batch, &mut s.cp, &mut s.server, &mut s.sp, &mut s.net).unwrap();
+    assert_eq!(
+        results,
+        [
+            ("copy of a".to_string(), Ok(())),
+            ("copy of b".to_string(), Err(ErrorCode::Conflict)),
+            ("nothing here".to_string(), Err(ErrorCode::NotFound)),
+            ("b".to_string(), Ok(())),
+        ]
+    );
+    let names: Vec<String> = f.borrow().keys().cloned().collect();
+    assert_eq!(names, ["a", "copy of a"]);
+    assert!(f.borrow()["copy of a"] == f.borrow()["a"]);
+    // Sent ahead: requests went out before the first answer came back
+    // (the harness lets each side run a few steps at a time).
+    let after_handshake = &s.net.frames[2..];
+    let before_first_answer = after_handshake.iter().take_while(|(to_server, _)| *to_server).count();
+    assert!(before_first_answer >= 3, "requests waited for answers: {:?}", s.net.frames);
+}
+
+#[test]
+fn a_version_6_session_refuses_tree_requests_before_sending_them() {
+    let f = files(&["a"]);
+    let mut s = connect(&f, KEY, keys(), 6);
+    assert_eq!(s.version, 6);
+    let r = list(&mut s, "");
+    assert!(
+        matches!(r, Err(Stop::Client(DriveError::Session(SessionError::Peer(ErrorCode::Unsupported))))),
+        "{r:?}"
+    );
+    let ops = vec![Op::Delete { name: "a".into(), kind: EntryKind::File }];
+    let mut batch = Batch::new(ops, s.version, |_: &Op, _| {}, Instant(0));
+    let r = run(&mut batch, &mut s.cp, &mut s.server, &mut s.sp, &mut s.net);
+    assert!(
+        matches!(r, Err(Stop::Client(DriveError::Session(SessionError::Peer(ErrorCode::Unsupported))))),
+        "{r:?}"
+    );
+    assert!(f.borrow().contains_key("a"), "nothing was sent");
+}
