@@ -608,5 +608,7 @@ mod download {
 #[cfg(feature = "alloc")]
 pub mod batch;
 #[cfg(feature = "alloc")]
+pub mod put;
+#[cfg(feature = "alloc")]
 pub mod server;
 pub mod session;

@@ -334,6 +334,45 @@ pub enum Message<'a> {
         /// Time and mode of the copy.
         meta: Meta,
     },
+    /// The leaves of the stored version of `name` chunked as `chunking`,
+    /// for a `Put` to send a delta against: answered with `Offer` (its
+    /// summary), then `Entries` at level 0 (salted short ids and lengths,
+    /// from offset 0, the last one `last`), or `Error`.
+    Sig {
+        /// File name.
+        name: &'a str,
+        /// How to chunk it.
+        chunking: ChunkerKind,
+    },
+    /// A file sent without waiting for the server: followed by `Ref`,
+    /// `Data` and `DataZ` covering `size` bytes in order, then `PutEnd`;
+    /// answered with `Done(Written, hash)` or `Error` after `PutEnd`.
+    Put {
+        /// File name.
+        name: &'a str,
+        /// Its length.
+        size: u64,
+        /// Time and mode to publish it with.
+        meta: Meta,
+        /// How to chunk it for the server's index.
+        chunking: ChunkerKind,
+        /// The SHA-256 of the stored version that the `Ref`s copy from
+        /// (`Error(Conflict)` if it is no longer the one stored).
+        base: Option<Hash>,
+    },
+    /// In a `Put`: the next `len` bytes are the stored version's from
+    /// `offset`.
+    Ref {
+        /// Offset in the stored version.
+        offset: u64,
+        /// Bytes copied.
+        len: u64,
+    },
+    /// Ends a `Put`: the file's SHA-256, which the server checks.
+    PutEnd {
+        /// SHA-256 of the whole file.
+        file_hash: Hash,
+    },
 }
 
 impl<'a> Message<'a> {
@@ -508,7 +547,7 @@ mod tests {
         let (k, a, b, c, n, s, name, bytes, code, outcome, last) = v;
         let (a, b, c) = (*a, *b, *c);
         let meta = Meta { modified: a, nanos: c, mode: b as u32 };
-        let m = match k % 32 {
+        let m = match k % 36 {
             0 => Message::Hello {
                 version: a as u16,
                 cipher: if *last { CipherKind::AesGcm } else { CipherKind::ChaChaPoly },
@@ -558,6 +597,10 @@ mod tests {
             28 => Message::SetMeta { name, meta },
             29 => Message::MakeDir { name, meta },
             30 => Message::Copy { from: name, sha256: Hash(*n), to: name, meta },
+            31 => Message::Sig { name, chunking: s.chunking },
+            32 => Message::Put { name, size: a, meta, chunking: s.chunking, base: last.then_some(Hash(*n)) },
+            33 => Message::Ref { offset: a, len: b },
+            34 => Message::PutEnd { file_hash: Hash(*n) },
             _ => Message::Done { outcome: *outcome, file_hash: None },
         };
         f(m)

@@ -93,6 +93,11 @@ pub enum Step {
     /// Make these changes on the destination, in order (a shell may send
     /// them all before the first answer).
     Ops(Vec<Op>),
+    /// Send these small files (at most [`crate::conn::put::PUT_MAX`] bytes
+    /// each) from the source to the destination, as [`Step::Transfer`]
+    /// says, without waiting between them where the protocol allows (a
+    /// push's [`crate::conn::put::PutBatch`]).
+    Transfers(Vec<(StoredFile, Option<StoredFile>)>),
     /// Send `file` from the source to the destination: an upload for a
     /// push, a download for a pull, a delta against `base`, what the
     /// destination holds under that name. The destination's copy gets
@@ -445,9 +450,16 @@ impl Plan {
         if !ops.is_empty() {
             self.steps.push_back(Step::Ops(ops));
         }
-        for (file, base) in transfers {
+        let (small, large): (Vec<_>, Vec<_>) =
+            transfers.into_iter().partition(|(f, _)| f.size <= crate::conn::put::PUT_MAX);
+        for (file, _) in small.iter().chain(large.iter()) {
             self.counts.transferred += 1;
             self.counts.transferred_bytes += file.size;
+        }
+        if !small.is_empty() {
+            self.steps.push_back(Step::Transfers(small));
+        }
+        for (file, base) in large {
             self.steps.push_back(Step::Transfer { file, base });
         }
         // Visited in name order: the stack pops the last pushed first.
@@ -535,11 +547,11 @@ mod tests {
             steps,
             [
                 Step::Ops(vec![Op::SetMeta { name: "touched".into(), meta, kind: EntryKind::File }]),
-                Step::Transfer {
-                    file: StoredFile { sha256: Hash::UNKNOWN, ..local[2].clone() },
-                    base: Some(remote[2].clone())
-                },
-                Step::Transfer { file: StoredFile { sha256: Hash::UNKNOWN, ..local[3].clone() }, base: None },
+                // Small files, together.
+                Step::Transfers(vec![
+                    (StoredFile { sha256: Hash::UNKNOWN, ..local[2].clone() }, Some(remote[2].clone())),
+                    (StoredFile { sha256: Hash::UNKNOWN, ..local[3].clone() }, None),
+                ]),
             ]
         );
         // Nothing deleted without --delete; with it, last.
@@ -599,6 +611,9 @@ mod tests {
                     })
                     .collect::<Vec<_>>(),
                 Step::Transfer { file, .. } => vec![alloc::format!("Transfer {}", file.name)],
+                Step::Transfers(files) => {
+                    files.iter().map(|(f, _)| alloc::format!("Transfer {}", f.name)).collect()
+                }
                 s => vec![alloc::format!("{s:?}")],
             })
             .collect();
@@ -633,6 +648,8 @@ mod tests {
             drive(Plan::dirs(Direction::Upload, Options::default(), ["a".to_string()]), &local, &remote);
         // a/old changed too, but is not visited: its own events name it.
         assert_eq!(steps.len(), 2, "{steps:?}");
-        assert!(matches!(&steps[1], Step::Transfer { file, .. } if file.name == "a/new/g"));
+        assert!(
+            matches!(&steps[1], Step::Transfers(files) if files.len() == 1 && files[0].0.name == "a/new/g")
+        );
     }
 }

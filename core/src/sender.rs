@@ -51,7 +51,7 @@ pub struct Sender<T, S> {
 
 /// zstd for `Data` frames, with the buffers it reuses.
 #[cfg(feature = "compress")]
-struct Compress {
+pub(crate) struct Compress {
     ctx: zstd::bulk::Compressor<'static>,
     raw: alloc::vec::Vec<u8>,
     packed: alloc::vec::Vec<u8>,
@@ -121,14 +121,7 @@ impl<T: TreeView, S: Source> Sender<T, S> {
     pub fn compress(mut self, on: bool) -> Self {
         #[cfg(feature = "compress")]
         {
-            self.zstd = on.then(|| zstd::bulk::Compressor::new(ZSTD_LEVEL).ok()).flatten().map(|ctx| {
-                alloc::boxed::Box::new(Compress {
-                    ctx,
-                    raw: alloc::vec::Vec::new(),
-                    packed: alloc::vec::Vec::new(),
-                    skip: 0,
-                })
-            });
+            self.zstd = if on { Compress::new() } else { None };
         }
         #[cfg(not(feature = "compress"))]
         let _ = on;
@@ -225,12 +218,10 @@ impl<T: TreeView, S: Source> Sender<T, S> {
         }
         let n = (end - offset).min(room as u64) as usize;
         #[cfg(feature = "compress")]
-        if let Some(z) = self.zstd.as_deref_mut() {
-            if z.skip > 0 {
-                z.skip -= 1;
-            } else {
-                return self.send_data_z(offset, end, n, out);
-            }
+        if let Some(z) = self.zstd.as_deref_mut()
+            && z.wants_try()
+        {
+            return self.send_data_z(offset, end, n, out);
         }
         let source = &mut self.source;
         let written = frame::encode_with_tail(&Message::Data { offset, bytes: &[] }, out, |buf| {
@@ -250,6 +241,60 @@ impl<T: TreeView, S: Source> Sender<T, S> {
 }
 
 #[cfg(feature = "compress")]
+impl Compress {
+    /// A compressor, if zstd can make one.
+    pub(crate) fn new() -> Option<alloc::boxed::Box<Compress>> {
+        let ctx = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok()?;
+        Some(alloc::boxed::Box::new(Compress {
+            ctx,
+            raw: alloc::vec::Vec::new(),
+            packed: alloc::vec::Vec::new(),
+            skip: 0,
+        }))
+    }
+
+    /// Whether to try compressing the next frame (not for a few after one
+    /// that did not shrink).
+    pub(crate) fn wants_try(&mut self) -> bool {
+        if self.skip > 0 {
+            self.skip -= 1;
+            return false;
+        }
+        true
+    }
+
+    /// `bytes` at `offset` as a `DataZ` frame in `out` if zstd shrinks them
+    /// by at least 1/16 (its length); `None` otherwise, and the next few
+    /// frames are not tried.
+    pub(crate) fn frame(
+        &mut self,
+        offset: u64,
+        bytes: &[u8],
+        out: &mut [u8],
+    ) -> Result<Option<usize>, SessionError> {
+        self.packed.clear();
+        self.packed.reserve(bytes.len());
+        let worth = bytes.len() - bytes.len() / 16;
+        match self.ctx.compress_to_buffer(bytes, &mut self.packed) {
+            Ok(m) if m < worth => {}
+            _ => {
+                self.skip = ZSTD_SKIP;
+                return Ok(None);
+            }
+        }
+        let body = &self.packed[..];
+        let template = Message::DataZ { offset, raw: bytes.len() as u32, bytes: &[] };
+        let written = frame::encode_with_tail(&template, out, |buf| {
+            let dst = buf.get_mut(..body.len()).ok_or(SessionError::Capacity)?;
+            dst.copy_from_slice(body);
+            Ok(body.len())
+        })?
+        .map_err(|_| SessionError::Capacity)?;
+        Ok(Some(written))
+    }
+}
+
+#[cfg(feature = "compress")]
 impl<T: TreeView, S: Source> Sender<T, S> {
     /// Sends `n` bytes at `offset` as `DataZ` if zstd shrinks them by at
     /// least 1/16, else as `Data` (and skips the next few tries).
@@ -261,29 +306,19 @@ impl<T: TreeView, S: Source> Sender<T, S> {
         out: &mut [u8],
     ) -> Result<usize, SessionError> {
         let z = self.zstd.as_deref_mut().ok_or(SessionError::Capacity)?;
-        z.raw.resize(n, 0);
-        self.source.read_at(offset, &mut z.raw).map_err(|_| SessionError::Read)?;
-        z.packed.clear();
-        z.packed.reserve(n);
-        let worth = n - n / 16;
-        let packed = match z.ctx.compress_to_buffer(&z.raw[..], &mut z.packed) {
-            Ok(m) if m < worth => true,
-            _ => {
-                z.skip = ZSTD_SKIP;
-                false
-            }
+        let mut raw = core::mem::take(&mut z.raw);
+        raw.resize(n, 0);
+        self.source.read_at(offset, &mut raw).map_err(|_| SessionError::Read)?;
+        let written = match z.frame(offset, &raw, out)? {
+            Some(w) => w,
+            None => frame::encode_with_tail(&Message::Data { offset, bytes: &[] }, out, |buf| {
+                let dst = buf.get_mut(..n).ok_or(SessionError::Capacity)?;
+                dst.copy_from_slice(&raw);
+                Ok(n)
+            })?
+            .map_err(|_| SessionError::Capacity)?,
         };
-        let (template, body) = if packed {
-            (Message::DataZ { offset, raw: n as u32, bytes: &[] }, &z.packed[..])
-        } else {
-            (Message::Data { offset, bytes: &[] }, &z.raw[..])
-        };
-        let written = frame::encode_with_tail(&template, out, |buf| {
-            let dst = buf.get_mut(..body.len()).ok_or(SessionError::Capacity)?;
-            dst.copy_from_slice(body);
-            Ok(body.len())
-        })?
-        .map_err(|_| SessionError::Capacity)?;
+        z.raw = raw;
         self.sent(offset, n, end);
         Ok(written)
     }

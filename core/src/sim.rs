@@ -135,6 +135,16 @@ impl Store for MemStore {
     fn delete(&mut self, name: &str) -> Result<(), ErrorCode> {
         self.0.borrow_mut().remove(name).map(|_| ()).ok_or(ErrorCode::NotFound)
     }
+    /// Times and modes are not kept here.
+    fn create_with(
+        &mut self,
+        name: &str,
+        size: u64,
+        expect: Option<Expect>,
+        _meta: Option<crate::message::Meta>,
+    ) -> Result<MemWriter, ErrorCode> {
+        self.create(name, size, expect)
+    }
     /// Directories are those the names imply.
     fn list_dir(&mut self, dir: &str) -> Result<Vec<StoredFile>, ErrorCode> {
         let entries = self.entries(dir)?;
@@ -312,6 +322,30 @@ fn side<M: Machine>(
 
 /// Runs `client` until it finishes, with `server` answering. The server's
 /// failures end the run too.
+/// Runs both sides for at most `rounds` turns each: the client's output
+/// once it is done, `None` if it is not yet.
+pub fn run_rounds<C: Machine, S: Machine>(
+    client: &mut C,
+    cp: &mut StdPump,
+    server: &mut S,
+    sp: &mut StdPump,
+    net: &mut Net,
+    rounds: usize,
+) -> Result<Option<C::Output>, Stop> {
+    for _ in 0..rounds {
+        let (c_prog, done) = side(client, cp, net, true).map_err(Stop::Client)?;
+        if let Some(o) = done {
+            return Ok(Some(o));
+        }
+        let (s_prog, _) = side(server, sp, net, false).map_err(Stop::Server)?;
+        if !c_prog && !s_prog {
+            return Err(Stop::Stalled);
+        }
+    }
+    Ok(None)
+}
+
+/// Runs both sides until the client is done.
 pub fn run<C: Machine, S: Machine>(
     client: &mut C,
     cp: &mut StdPump,

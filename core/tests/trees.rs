@@ -132,3 +132,102 @@ fn a_version_6_session_refuses_tree_requests_before_sending_them() {
     );
     assert!(f.borrow().contains_key("a"), "nothing was sent");
 }
+
+/// Puts `files` (name, data, whether to send a delta): each result.
+fn put(
+    s: &mut Session,
+    salt: [u8; 8],
+    files: Vec<(&str, Vec<u8>, bool)>,
+) -> Vec<(Result<Hash, ErrorCode>, u64)> {
+    use deltasync_core::chunker::ChunkerKind;
+    use deltasync_core::conn::put::{PutBatch, PutFile};
+    let files = files
+        .into_iter()
+        .map(|(name, data, base)| PutFile {
+            name: name.into(),
+            kind: ChunkerKind::for_size(data.len() as u64),
+            data,
+            meta: Meta { modified: 5, nanos: 6, mode: 0o640 },
+            base,
+        })
+        .collect();
+    let mut results = Vec::new();
+    let mut batch = PutBatch::new(files, salt, s.version, true, |_: &PutFile, r| results.push(r), Instant(0));
+    run(&mut batch, &mut s.cp, &mut s.server, &mut s.sp, &mut s.net).unwrap();
+    results
+}
+
+fn connect_salted(files: &Files) -> (Session, [u8; 8]) {
+    let mut s =
+        Session { server: server(files, keys()), cp: pump(), sp: pump(), net: Net::new(), version: 0 };
+    let mut hs = handshake(KEY);
+    let salt = run(&mut hs, &mut s.cp, &mut s.server, &mut s.sp, &mut s.net).expect("handshake");
+    s.version = hs.version();
+    (s, salt)
+}
+
+#[test]
+fn puts_send_deltas_against_what_the_server_holds_and_new_files_whole() {
+    let f = Files::default();
+    let old = random_bytes(1, 600_000);
+    f.borrow_mut().insert("big".into(), old.clone());
+    let mut new = old.clone();
+    new[300_000..300_100].iter_mut().for_each(|b| *b = !*b);
+    let fresh = random_bytes(2, 50_000);
+    let (mut s, salt) = connect_salted(&f);
+    let r = put(
+        &mut s,
+        salt,
+        vec![("big", new.clone(), true), ("fresh", fresh.clone(), false), ("empty", vec![], false)],
+    );
+    assert_eq!(r[0].0, Ok(Hash::of(&new)));
+    assert!(r[0].1 < 100_000, "a 100-byte edit sent {} literal bytes", r[0].1);
+    assert_eq!((r[1].0, r[1].1), (Ok(Hash::of(&fresh)), 50_000));
+    assert_eq!(r[2].0, Ok(Hash::of(&[])));
+    assert!(f.borrow()["big"] == new && f.borrow()["fresh"] == fresh && f.borrow()["empty"].is_empty());
+}
+
+#[test]
+fn a_put_whose_base_changed_or_that_is_refused_fails_alone() {
+    let f = Files::default();
+    f.borrow_mut().insert("a".into(), random_bytes(1, 100_000));
+    let (mut s, salt) = connect_salted(&f);
+    // The base changes after the leaves were asked for: the delta's refs
+    // would copy from another version. A name the server refuses, and a
+    // fine file after both.
+    let mut changed = false;
+    let other = random_bytes(9, 100_000);
+    let mut new = f.borrow()["a"].clone();
+    new[10] ^= 1;
+    {
+        use deltasync_core::chunker::ChunkerKind;
+        use deltasync_core::conn::put::{PutBatch, PutFile};
+        let file = |name: &str, data: Vec<u8>, base| PutFile {
+            name: name.into(),
+            kind: ChunkerKind::for_size(data.len() as u64),
+            data,
+            meta: Meta::default(),
+            base,
+        };
+        let files = vec![
+            file("a", new.clone(), true),
+            file(".deltasync/x", vec![1], false),
+            file("b", vec![2], false),
+        ];
+        let mut results = Vec::new();
+        let mut batch =
+            PutBatch::new(files, salt, s.version, false, |_: &PutFile, r| results.push(r.0), Instant(0));
+        // Once the server answered the Sig (its Offer and Entries came
+        // after its handshake answer), "a" is replaced.
+        while run_rounds(&mut batch, &mut s.cp, &mut s.server, &mut s.sp, &mut s.net, 1).unwrap().is_none() {
+            if !changed && s.net.frames.iter().filter(|(to_server, _)| !*to_server).count() >= 3 {
+                f.borrow_mut().insert("a".into(), other.clone());
+                changed = true;
+            }
+        }
+        assert_eq!(results, [Err(ErrorCode::Conflict), Err(ErrorCode::BadName), Ok(Hash::of(&[2]))]);
+    }
+    assert!(changed);
+    assert!(f.borrow()["a"] == other, "the other version stays");
+    assert_eq!(f.borrow()["b"], [2]);
+}

@@ -13,10 +13,13 @@
 
 use crate::{ClientError, Connection, Progress, Sending, set_local_meta};
 use deltasync_core::Hash;
+use deltasync_core::chunker::ChunkerKind;
 use deltasync_core::conn::batch::Batch;
+use deltasync_core::conn::put::{PutBatch, PutFile, PutResult};
 use deltasync_core::conn::server::{Direction, StoredFile};
 use deltasync_core::conn::{Listed, Query, QueryKind};
 use deltasync_core::error::ErrorCode;
+use deltasync_core::message::CAP_ZSTD;
 use deltasync_core::message::{EntryKind, MODE_BITS, Meta, validate_name};
 use deltasync_core::plan::{Op, Options, Plan, Step};
 use deltasync_host::local::now;
@@ -254,6 +257,14 @@ fn run<O: Observer>(
             }
             Step::Ops(ops) => sync.ops(direction, ops)?,
             Step::Transfer { file, base } => sync.transfer(direction, file, base)?,
+            Step::Transfers(files) if direction == Direction::Upload && !sync.options.dry_run => {
+                sync.send_small(files)?
+            }
+            Step::Transfers(files) => {
+                for (file, base) in files {
+                    sync.transfer(direction, file, base)?;
+                }
+            }
             Step::Clash { name } => sync.skip(&name, "a file on one side, a directory on the other"),
             Step::Done => break,
         }
@@ -542,6 +553,59 @@ impl<O: Observer> Sync<'_, O> {
         )
     }
 
+    /// Sends small files without waiting for the server between them, in
+    /// groups of at most [`PUT_BUDGET`] bytes read at once.
+    fn send_small(&mut self, files: Vec<(StoredFile, Option<StoredFile>)>) -> Result<(), ClientError> {
+        let mut files = files.into_iter().peekable();
+        while files.peek().is_some() {
+            let (mut group, mut bytes, mut sources) = (Vec::new(), 0u64, Vec::new());
+            while let Some((file, base)) = files.next_if(|_| bytes < PUT_BUDGET) {
+                let data = match fs::read(self.local(&file.name)) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        self.failed(&file.name, &e.to_string());
+                        continue;
+                    }
+                };
+                bytes += data.len() as u64;
+                let size = data.len() as u64;
+                group.push(PutFile {
+                    name: self.remote(&file.name),
+                    data,
+                    meta: file.meta(),
+                    kind: ChunkerKind::keep_or_choose(base.as_ref().map(|b| b.chunking), size),
+                    base: base.is_some(),
+                });
+                sources.push((file, base));
+            }
+            let mut results = Vec::with_capacity(group.len());
+            let (salt, version, compress) =
+                (self.conn.salt, self.conn.version(), self.conn.caps & CAP_ZSTD != 0);
+            let mut batch = PutBatch::new(
+                group,
+                salt,
+                version,
+                compress,
+                |_: &PutFile, r: PutResult| results.push(r),
+                now(),
+            );
+            self.conn.run(&mut batch, "", |_, _| {})?;
+            for ((file, base), (r, literal)) in sources.into_iter().zip(results) {
+                match r {
+                    Ok(_) => self.finish_transfer(file, Ok(literal))?,
+                    // What the delta was against changed meanwhile: sent
+                    // on its own after all.
+                    Err(ErrorCode::Conflict) => {
+                        let meta = file.meta();
+                        self.send(file, meta, base)?;
+                    }
+                    Err(code) => self.finish_transfer(file, Err(ClientError::Refused(code)))?,
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn send(&mut self, file: StoredFile, meta: Meta, base: Option<StoredFile>) -> Result<(), ClientError> {
         let path = self.local(&file.name);
         let remote = self.remote(&file.name);
@@ -587,6 +651,10 @@ impl<O: Observer> Sync<'_, O> {
         }
     }
 }
+
+/// Most file bytes read into memory at once for small files sent without
+/// waiting.
+const PUT_BUDGET: u64 = 16 << 20;
 
 /// A temporary beside `rel` for a pull's local copy.
 fn temp_name(rel: &str) -> String {

@@ -16,11 +16,13 @@ use crate::receiver::{Base, ReceiveStats, Receiver};
 use crate::sender::Sender;
 use crate::source::{Output, Source};
 use crate::time::{HANDSHAKE_TIMEOUT_MS, IDLE_TIMEOUT_MS, Instant};
-use crate::tree::{Chain, Summary, Tree};
+use crate::tree::{Chain, Summary, Tree, TreeView};
 use alloc::boxed::Box;
 use alloc::collections::VecDeque;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
+
+mod put;
 
 // Large only while the handshake runs; `ServerConn` boxes the whole
 // handshake, which it drops once done.
@@ -442,6 +444,7 @@ enum State<S: Store, K> {
     Reply(VecDeque<Reply>),
     Receiving { name: String, old: Option<Summary>, conditional: bool, rx: Box<UploadReceiver<S>> },
     Sending { name: String, offered: bool, tx: Box<Sender<Tree, S::Reader>> },
+    Putting(Box<put::Putting<S>>),
 }
 
 enum Reply {
@@ -453,6 +456,9 @@ enum Reply {
     Deleted,
     Done(Outcome, Option<Hash>),
     Error(ErrorCode),
+    Offer(Summary),
+    /// A `Sig`'s leaves from this one (at this file offset) on.
+    Leaves(Box<Tree>, u32, u64),
 }
 
 /// One client connection on the server.
@@ -517,7 +523,10 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
     /// Whether a request is being served (a reply or a transfer): the
     /// time a server needs its large buffers.
     pub fn is_busy(&self) -> bool {
-        matches!(self.state, State::Reply(_) | State::Receiving { .. } | State::Sending { .. })
+        matches!(
+            self.state,
+            State::Reply(_) | State::Receiving { .. } | State::Sending { .. } | State::Putting(_)
+        )
     }
 
     /// The name of the client's key, once the client proved it (its first
@@ -555,6 +564,12 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
                 done: tx.literal_bytes(),
                 total: tx.summary().size,
             }),
+            State::Putting(p) => Some(Progress {
+                name: p.name.clone(),
+                direction: Direction::Upload,
+                done: p.literal + p.reused,
+                total: p.size,
+            }),
             _ => None,
         }
     }
@@ -577,7 +592,9 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
             | Message::UploadMeta { .. }
             | Message::SetMeta { .. }
             | Message::MakeDir { .. }
-            | Message::Copy { .. } => 7,
+            | Message::Copy { .. }
+            | Message::Sig { .. }
+            | Message::Put { .. } => 7,
             _ => 0,
         };
         self.version >= since
@@ -654,6 +671,10 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
             self.refuse("", ErrorCode::Unsupported);
             return Ok(());
         }
+        if let Message::Put { name, size, meta, chunking, base } = msg {
+            self.start_put(name, size, meta, chunking, base);
+            return Ok(());
+        }
         let name = match msg {
             Message::List | Message::ListAll => {
                 self.list(matches!(msg, Message::ListAll));
@@ -674,7 +695,8 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
             | Message::UploadMeta { name, .. }
             | Message::SetMeta { name, .. }
             | Message::MakeDir { name, .. }
-            | Message::Copy { to: name, .. } => name,
+            | Message::Copy { to: name, .. }
+            | Message::Sig { name, .. } => name,
             Message::Error(c) => return Err(SessionError::Peer(c)),
             _ => return Err(SessionError::Protocol(ErrorCode::UnexpectedMessage)),
         };
@@ -692,8 +714,9 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
             Message::Copy { from, .. } => {
                 self.allowed(Operation::Read, from) && self.allowed(Operation::Write, name)
             }
-            // A writer stats a name before it uploads it.
-            Message::Stat { .. } => {
+            // A writer stats a name before it uploads it, and asks for
+            // its leaves to send a delta.
+            Message::Stat { .. } | Message::Sig { .. } => {
                 self.allowed(Operation::Read, name) || self.allowed(Operation::Write, name)
             }
             Message::Download { .. } => self.allowed(Operation::Read, name),
@@ -719,6 +742,7 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
                 self.start_upload(now, name, offer, expect, Some(clean(meta)))
             }
             Message::ListDir { dir } => self.list_dir(dir),
+            Message::Sig { name, chunking } => self.sig(name, chunking),
             Message::SetMeta { name, meta } => self.store.set_meta(name, clean(meta)).map(|()| {
                 self.state = State::Reply([Reply::Done(Outcome::Unchanged, None)].into());
             }),
@@ -739,6 +763,79 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
             self.refuse(name, code);
         }
         Ok(())
+    }
+
+    /// Answers `Sig`: the summary and leaves of the stored version chunked
+    /// as `chunking`.
+    fn sig(&mut self, name: &str, chunking: ChunkerKind) -> Result<(), ErrorCode> {
+        let (tree, _) = self.store.open(name, Some(chunking))?.ok_or(ErrorCode::NotFound)?;
+        let summary = tree.summary();
+        if !summary.file_hash.is_known() {
+            return Err(ErrorCode::NotFound);
+        }
+        self.state = State::Reply([Reply::Offer(summary), Reply::Leaves(Box::new(tree), 0, 0)].into());
+        Ok(())
+    }
+
+    /// Starts a `Put`. Refused or not, its pieces are read to its
+    /// `PutEnd`, which the refusal (or `Done`) answers.
+    fn start_put(&mut self, name: &str, size: u64, meta: Meta, chunking: ChunkerKind, base: Option<Hash>) {
+        let refusal = if validate_name(name).is_err() {
+            Some(ErrorCode::BadName)
+        } else if !self.allowed(Operation::Write, name) {
+            Some(ErrorCode::PermissionDenied)
+        } else {
+            None
+        };
+        let started = match refusal {
+            Some(code) => Err(code),
+            None => put::Putting::start(&mut self.store, name, size, chunking, base, clean(meta)),
+        };
+        let p = match started {
+            Ok(p) => {
+                self.events.push_back(Event::Started {
+                    name: name.to_string(),
+                    direction: Direction::Upload,
+                    size,
+                    base: base.is_some(),
+                });
+                p
+            }
+            Err(code) => put::Putting::refused(name, code),
+        };
+        self.state = State::Putting(Box::new(p));
+    }
+
+    /// Publishes a `Put` at its end (or discards it), and answers.
+    fn end_put(&mut self, file_hash: Hash) {
+        let State::Putting(mut p) = core::mem::replace(&mut self.state, State::Idle) else { return };
+        let name = core::mem::take(&mut p.name);
+        let reply = match p.finish(file_hash) {
+            Ok((w, tree)) => match self.store.finish(&name, w, Some(tree)) {
+                Ok(published) => {
+                    self.events.push_back(Event::Finished {
+                        name: name.clone(),
+                        direction: Direction::Upload,
+                        size: p.size,
+                        outcome: Outcome::Written,
+                        literal_bytes: p.literal,
+                        reused_bytes: p.reused,
+                    });
+                    Reply::Done(Outcome::Written, published.file_hash)
+                }
+                Err(code) => Reply::Error(code),
+            },
+            Err((w, code)) => {
+                if let Some(w) = w {
+                    let _ = self.store.finish(&name, w, None);
+                }
+                Reply::Error(code)
+            }
+        };
+        if let Reply::Error(code) = reply {
+            self.events.push_back(Event::Refused { name, code });
+        }
+        self.state = State::Reply([reply].into());
     }
 
     /// Deletes a file or (from protocol 7 on) an empty directory.
@@ -932,6 +1029,21 @@ impl<S: Store, K: Keys> Machine for ServerConn<S, K> {
                 r
             }
             State::Sending { tx, .. } => tx.handle(now, msg),
+            State::Putting(p) => match p.handle(msg) {
+                Ok(None) => Ok(()),
+                Ok(Some(file_hash)) => {
+                    self.end_put(file_hash);
+                    Ok(())
+                }
+                Err(code) => {
+                    if let State::Putting(mut p) = core::mem::replace(&mut self.state, State::Idle)
+                        && let Err((Some(w), _)) = p.finish(Hash::UNKNOWN)
+                    {
+                        let _ = self.store.finish(&p.name, w, None);
+                    }
+                    Err(SessionError::Protocol(code))
+                }
+            },
             State::Reply(_) => Err(SessionError::Protocol(ErrorCode::UnexpectedMessage)),
         }
     }
@@ -949,12 +1061,23 @@ impl<S: Store, K: Keys> Machine for ServerConn<S, K> {
                     }
                     p => return Ok(p.map_done()),
                 },
-                State::Idle => return machine::wait_until(now, self.deadline),
+                State::Idle | State::Putting(_) => return machine::wait_until(now, self.deadline),
                 State::Reply(q) => {
                     let Some(r) = q.pop_front() else {
                         self.state = State::Idle;
                         continue;
                     };
+                    if let Reply::Leaves(tree, start, offset) = r {
+                        let mut packed = Vec::new();
+                        let (n, last) = put::pack_leaves(&tree, &self.salt, start, &mut packed);
+                        let m = Message::Entries { level: 0, start, offset, last, packed: &packed };
+                        let emitted = machine::emit(&m, out);
+                        if !last {
+                            let next = tree.entry(0, start + n).map_or(tree.summary().size, |e| e.offset);
+                            q.push_front(Reply::Leaves(tree, start + n, next));
+                        }
+                        return emitted;
+                    }
                     let m = match &r {
                         Reply::Info(f) => Message::Info(f.info()),
                         Reply::Entry(f) => Message::Entry(f.entry()),
@@ -968,6 +1091,8 @@ impl<S: Store, K: Keys> Machine for ServerConn<S, K> {
                         Reply::Deleted => Message::Deleted,
                         Reply::Done(o, h) => Message::Done { outcome: *o, file_hash: *h },
                         Reply::Error(c) => Message::Error(*c),
+                        Reply::Offer(s) => Message::Offer(*s),
+                        Reply::Leaves(..) => continue,
                     };
                     return machine::emit(&m, out);
                 }

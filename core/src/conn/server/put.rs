@@ -1,0 +1,224 @@
+//! The server's side of `Sig` and `Put` (see [`crate::conn::put`]): a
+//! file written from `Ref`s into the stored version and literal bytes, in
+//! file order, checked against the client's SHA-256 when it ends.
+
+use super::Store;
+use crate::chunker::ChunkerKind;
+use crate::error::ErrorCode;
+use crate::frame::MAX_DATA;
+use crate::hash::Hash;
+use crate::message::{Message, PACKED_ENTRY_MAX, PackedEntry, pack_entry};
+use crate::source::{Output, Source};
+use crate::tree::{Tree, TreeIndexer, TreeView};
+use alloc::vec::Vec;
+
+/// Leaves per `Entries` frame of a `Sig` answer.
+const LEAVES_PER_FRAME: usize = (MAX_DATA - 64) / PACKED_ENTRY_MAX;
+
+/// Packs the leaves of `tree` from leaf `start` (at file offset `offset`)
+/// into `buf`: how many, the bytes, and whether they are the last.
+pub(super) fn pack_leaves(tree: &Tree, salt: &[u8; 8], start: u32, buf: &mut Vec<u8>) -> (u32, bool) {
+    let total = tree.level_len(0);
+    let end = total.min(start.saturating_add(LEAVES_PER_FRAME as u32));
+    buf.clear();
+    buf.resize((end - start) as usize * PACKED_ENTRY_MAX, 0);
+    let mut pos = 0;
+    for k in start..end {
+        let Some(leaf) = tree.entry(0, k) else { break };
+        let e = PackedEntry { short: leaf.id.short(salt), len: leaf.len };
+        if pack_entry(buf, &mut pos, e).is_none() {
+            break;
+        }
+    }
+    buf.truncate(pos);
+    (end - start, end == total)
+}
+
+/// A put that failed: its writer (to discard), if it had one, and why.
+pub(super) type Failed<S> = (Option<<S as Store>::Writer>, ErrorCode);
+
+/// A `Put` being received.
+pub(super) struct Putting<S: Store> {
+    pub name: alloc::string::String,
+    writer: Option<S::Writer>,
+    /// The stored version the `Ref`s copy from, and its size.
+    base: Option<(S::Reader, u64)>,
+    /// The tree of what is written, when the writer does not index it.
+    indexer: Option<TreeIndexer>,
+    pos: u64,
+    pub size: u64,
+    /// Why this put will fail; the rest of it is read and dropped.
+    pub failed: Option<ErrorCode>,
+    pub literal: u64,
+    pub reused: u64,
+    buf: Vec<u8>,
+    #[cfg(feature = "compress")]
+    unzstd: Option<alloc::boxed::Box<zstd::bulk::Decompressor<'static>>>,
+}
+
+impl<S: Store> Putting<S> {
+    /// A put that fails with `code` once read to its end.
+    pub fn refused(name: &str, code: ErrorCode) -> Self {
+        Putting {
+            name: name.into(),
+            writer: None,
+            base: None,
+            indexer: None,
+            pos: 0,
+            size: 0,
+            failed: Some(code),
+            literal: 0,
+            reused: 0,
+            buf: Vec::new(),
+            #[cfg(feature = "compress")]
+            unzstd: None,
+        }
+    }
+
+    /// Starts writing `name` (`size` bytes, chunked as `kind` for the
+    /// index), with `base` if the client's `Ref`s copy from the stored
+    /// version whose SHA-256 that is.
+    pub fn start(
+        store: &mut S,
+        name: &str,
+        size: u64,
+        kind: ChunkerKind,
+        base: Option<Hash>,
+        meta: crate::message::Meta,
+    ) -> Result<Self, ErrorCode> {
+        if !kind.suits(size) {
+            return Err(ErrorCode::Unsupported);
+        }
+        let base = match base {
+            None => None,
+            Some(h) => {
+                let (tree, reader) = store.open(name, None)?.ok_or(ErrorCode::Conflict)?;
+                if tree.summary().file_hash != h {
+                    return Err(ErrorCode::Conflict);
+                }
+                Some((reader, tree.summary().size))
+            }
+        };
+        let mut writer = store.create_with(name, size, None, Some(meta))?;
+        let indexer = (!writer.index_in_background(kind)).then(|| TreeIndexer::without_file_hash(kind));
+        Ok(Putting {
+            writer: Some(writer),
+            base,
+            indexer,
+            size,
+            failed: None,
+            ..Self::refused(name, ErrorCode::Storage)
+        })
+    }
+
+    fn write(&mut self, data: &[u8]) -> Result<(), ErrorCode> {
+        let end = self.pos.checked_add(data.len() as u64).filter(|&e| e <= self.size && !data.is_empty());
+        let end = end.ok_or(ErrorCode::BadMessage)?;
+        let w = self.writer.as_mut().ok_or(ErrorCode::Storage)?;
+        w.write(data).map_err(|_| if w.out_of_space() { ErrorCode::NoSpace } else { ErrorCode::Storage })?;
+        if let Some(ix) = self.indexer.as_mut() {
+            ix.feed(data);
+        }
+        self.pos = end;
+        Ok(())
+    }
+
+    fn copy(&mut self, offset: u64, len: u64) -> Result<(), ErrorCode> {
+        let (_, base_size) = self.base.as_ref().ok_or(ErrorCode::BadMessage)?;
+        if len == 0 || offset.checked_add(len).is_none_or(|e| e > *base_size) {
+            return Err(ErrorCode::BadMessage);
+        }
+        let mut buf = core::mem::take(&mut self.buf);
+        let mut done = 0;
+        let r = loop {
+            if done == len {
+                break Ok(());
+            }
+            let n = (len - done).min(MAX_DATA as u64) as usize;
+            buf.resize(n, 0);
+            let Some((reader, _)) = self.base.as_mut() else { break Err(ErrorCode::Storage) };
+            if reader.read_at(offset + done, &mut buf).is_err() {
+                break Err(ErrorCode::Storage);
+            }
+            if let Err(e) = self.write(&buf) {
+                break Err(e);
+            }
+            done += n as u64;
+        };
+        self.buf = buf;
+        self.reused += done;
+        r
+    }
+
+    #[cfg(feature = "compress")]
+    fn unpack(&mut self, raw: u32, bytes: &[u8]) -> Result<Vec<u8>, ErrorCode> {
+        if raw as usize > MAX_DATA {
+            return Err(ErrorCode::BadMessage);
+        }
+        if self.unzstd.is_none() {
+            let d = zstd::bulk::Decompressor::new().map_err(|_| ErrorCode::Storage)?;
+            self.unzstd = Some(alloc::boxed::Box::new(d));
+        }
+        let z = self.unzstd.as_mut().ok_or(ErrorCode::Storage)?;
+        let mut out = alloc::vec![0u8; raw as usize];
+        match z.decompress_to_buffer(bytes, &mut out[..]) {
+            Ok(n) if n == raw as usize => Ok(out),
+            _ => Err(ErrorCode::BadMessage),
+        }
+    }
+
+    /// One piece of the put; `Some(end hash)` at its `PutEnd`. A failure
+    /// is kept, and the rest read and dropped.
+    pub fn handle(&mut self, msg: Message<'_>) -> Result<Option<Hash>, ErrorCode> {
+        let r = match msg {
+            Message::PutEnd { file_hash } => return Ok(Some(file_hash)),
+            _ if self.failed.is_some() => Ok(()),
+            Message::Ref { offset, len } => self.copy(offset, len),
+            Message::Data { offset, bytes } if offset == self.pos => {
+                self.literal += bytes.len() as u64;
+                self.write(bytes)
+            }
+            #[cfg(feature = "compress")]
+            Message::DataZ { offset, raw, bytes } if offset == self.pos => {
+                let data = self.unpack(raw, bytes);
+                data.and_then(|d| {
+                    self.literal += d.len() as u64;
+                    self.write(&d)
+                })
+            }
+            Message::Data { .. } | Message::DataZ { .. } => Err(ErrorCode::BadMessage),
+            _ => return Err(ErrorCode::UnexpectedMessage),
+        };
+        if let Err(e) = r {
+            self.failed = Some(e);
+        }
+        Ok(None)
+    }
+
+    /// At `PutEnd`: the writer and the tree of what it holds, the file hash
+    /// claimed set in it, or why the put failed.
+    pub fn finish(&mut self, file_hash: Hash) -> Result<(S::Writer, Tree), Failed<S>> {
+        let mut writer = self.writer.take();
+        if let Some(e) = self.failed {
+            return Err((writer, e));
+        }
+        if self.pos != self.size {
+            return Err((writer, ErrorCode::BadMessage));
+        }
+        let tree = match self.indexer.take() {
+            Some(ix) => Ok(ix.finish()),
+            None => match writer.as_mut() {
+                Some(w) => w.finish_tree().map_err(|_| ErrorCode::Storage),
+                None => Err(ErrorCode::Storage),
+            },
+        };
+        match (writer, tree) {
+            (Some(w), Ok(mut t)) => {
+                t.set_file_hash(file_hash);
+                Ok((w, t))
+            }
+            (w, Err(e)) => Err((w, e)),
+            (None, Ok(_)) => Err((None, ErrorCode::Storage)),
+        }
+    }
+}
