@@ -132,9 +132,25 @@ fn contents(root: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     out
 }
 
+/// Copies the tree `from` to `to`, as a checkout would leave it after
+/// `prev` (already copied): a file with the same path and bytes as in
+/// `prev` keeps its time there, every other file gets `time`. (Crates keep
+/// one fixed time for every file, which would hide changes from both
+/// tools' size-and-time check.)
+fn checkout(from: &Path, to: &Path, prev: Option<&Path>, time: std::time::SystemTime) {
+    for (rel, data) in contents(from) {
+        let dst = to.join(&rel);
+        std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
+        std::fs::write(&dst, &data).unwrap();
+        let kept = prev.map(|p| p.join(&rel)).filter(|p| std::fs::read(p).is_ok_and(|old| old == data));
+        let t = kept.map_or(time, |p| std::fs::metadata(p).unwrap().modified().unwrap());
+        std::fs::File::options().write(true).open(&dst).unwrap().set_modified(t).unwrap();
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let (a, b) = (PathBuf::from(&args[1]), PathBuf::from(&args[2]));
+    let (crate_a, crate_b) = (PathBuf::from(&args[1]), PathBuf::from(&args[2]));
     let runs: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(5);
     let delay_ms: u64 = std::env::var("DELAY_MS").ok().and_then(|s| s.parse().ok()).unwrap_or(10);
     let bin_dir = std::env::current_exe().unwrap().parent().unwrap().to_path_buf();
@@ -145,6 +161,11 @@ fn main() {
         std::fs::create_dir_all(work.join(d)).unwrap();
     }
     let work = work.canonicalize().unwrap();
+    let name = |p: &Path| p.file_name().unwrap().to_string_lossy().into_owned();
+    let (a, b) = (work.join(name(&crate_a)), work.join(name(&crate_b)));
+    let epoch = std::time::UNIX_EPOCH;
+    checkout(&crate_a, &a, None, epoch + Duration::from_secs(1_700_000_000));
+    checkout(&crate_b, &b, Some(&a), epoch + Duration::from_secs(1_700_100_000));
     let rport = free_port();
     let conf = work.join("cfg/rsyncd.conf");
     std::fs::write(
