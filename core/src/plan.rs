@@ -71,19 +71,32 @@ pub enum Op {
     },
 }
 
+/// A directory to list.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ListDir {
+    /// The directory (`""`: the root).
+    pub dir: String,
+    /// Whether the local tree has it.
+    pub local: bool,
+    /// Whether the server has it.
+    pub remote: bool,
+}
+
+/// Most directories listed in one [`Step::List`].
+pub const LIST_AHEAD: usize = 64;
+/// Small files and ops held back (to go in one stream) until this many...
+const HOLD_FILES: usize = 4096;
+/// ...or until the small files held add up to this many bytes.
+const HOLD_BYTES: u64 = 16 << 20;
+
 /// What the shell is asked to do next.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Step {
-    /// List directory `dir` on the sides that have it, and give both with
-    /// [`Plan::listed`] (a side without it gives nothing).
-    List {
-        /// The directory (`""`: the root).
-        dir: String,
-        /// Whether the local tree has it.
-        local: bool,
-        /// Whether the server has it.
-        remote: bool,
-    },
+    /// List these directories on the sides that have them, and give each
+    /// one's listings with [`Plan::listed`], in order (a side without it
+    /// gives nothing). Several at once, so that a shell may ask the server
+    /// for them all before the first answer.
+    List(Vec<ListDir>),
     /// Hash the local file `name` and give its SHA-256 with
     /// [`Plan::hashed`].
     Hash {
@@ -162,9 +175,21 @@ pub struct Plan {
     /// tree have it.
     stack: Vec<(String, bool, bool)>,
     steps: VecDeque<Step>,
-    /// The directory listed, awaiting its listings.
-    listing: Option<(String, bool, bool)>,
-    work: Option<DirWork>,
+    /// Directories asked for and not yet listed.
+    listing: usize,
+    /// Directories listed, decided in order.
+    works: VecDeque<DirWork>,
+    /// Ops and small files decided and held back, to go together (see
+    /// [`Step::Ops`] and [`Step::Transfers`]), and the files' bytes.
+    held_ops: Vec<Op>,
+    held_files: Vec<(StoredFile, Option<StoredFile>)>,
+    held_bytes: u64,
+    /// New files whose content the destination may hold in a directory
+    /// not listed yet, with their hashes.
+    held_new: Vec<(StoredFile, Hash)>,
+    /// Whether the destination listed anything yet (new files are hashed
+    /// to look for a copy only then).
+    dest_has_data: bool,
     /// Destination files by content: where a copy may come from.
     by_hash: BTreeMap<Hash, String>,
     /// Deletions, made last.
@@ -212,8 +237,13 @@ impl Plan {
             options,
             stack: alloc::vec![(String::new(), true, true)],
             steps: VecDeque::new(),
-            listing: None,
-            work: None,
+            listing: 0,
+            works: VecDeque::new(),
+            held_ops: Vec::new(),
+            held_files: Vec::new(),
+            held_bytes: 0,
+            held_new: Vec::new(),
+            dest_has_data: false,
             by_hash: BTreeMap::new(),
             deletes: Vec::new(),
             counts: Counts::default(),
@@ -253,21 +283,36 @@ impl Plan {
             if let Some(s) = self.steps.pop_front() {
                 return s;
             }
-            if self.listing.is_some() {
-                // Still waiting for its listings: ask again.
-                let (dir, local, remote) = self.listing.clone().unwrap_or_default();
-                return Step::List { dir, local, remote };
+            if self.listing > 0 {
+                // Listings missing: the shell broke the contract; what
+                // was not listed is taken as empty on both sides.
+                self.listing = 0;
             }
-            if let Some(w) = self.work.as_mut() {
+            if let Some(w) = self.works.front_mut() {
                 if let Some(name) = w.to_hash.front() {
                     return Step::Hash { name: name.clone() };
                 }
                 self.decide();
                 continue;
             }
-            if let Some((dir, local, remote)) = self.stack.pop() {
-                self.listing = Some((dir.clone(), local, remote));
-                return Step::List { dir, local, remote };
+            if !self.stack.is_empty() {
+                let n = self.stack.len().min(LIST_AHEAD);
+                let dirs: Vec<ListDir> = self
+                    .stack
+                    .drain(self.stack.len() - n..)
+                    .rev()
+                    .map(|(dir, local, remote)| ListDir { dir, local, remote })
+                    .collect();
+                self.listing = dirs.len();
+                return Step::List(dirs);
+            }
+            if !self.held_new.is_empty() {
+                self.resolve_new();
+                continue;
+            }
+            if !self.held_ops.is_empty() || !self.held_files.is_empty() {
+                self.release();
+                continue;
             }
             if !self.done {
                 self.done = true;
@@ -283,18 +328,22 @@ impl Plan {
         }
     }
 
-    /// The listings of the directory [`Step::List`] asked for: the local
-    /// tree's and the server's entries in it (names relative to the
-    /// roots, any order). Ignored if no listing was asked for.
+    /// The listings of the next directory [`Step::List`] asked for: the
+    /// local tree's and the server's entries in it (names relative to the
+    /// roots, any order). Ignored if no listing is awaited.
     pub fn listed(&mut self, local: Vec<StoredFile>, remote: Vec<StoredFile>) {
-        if self.listing.take().is_none() {
+        if self.listing == 0 {
             return;
         }
+        self.listing -= 1;
         let (src, dst) = match self.direction {
             Direction::Upload => (local, remote),
             Direction::Download => (remote, local),
         };
         let pairs = pair(src, dst);
+        if pairs.iter().any(|(_, d)| d.is_some()) {
+            self.dest_has_data = true;
+        }
         // What the destination holds here may be copied from (known now
         // for the server's files, once hashed for local ones).
         for (_, d) in &pairs {
@@ -308,13 +357,13 @@ impl Plan {
                 to_hash.push_back(name);
             }
         }
-        self.work = Some(DirWork { pairs, to_hash, hashes: BTreeMap::new() });
+        self.works.push_back(DirWork { pairs, to_hash, hashes: BTreeMap::new() });
     }
 
     /// The SHA-256 of the local file [`Step::Hash`] asked for (`None`: it
     /// could not be read, and is then treated as changed).
     pub fn hashed(&mut self, name: &str, sha256: Option<Hash>) {
-        if let Some(w) = self.work.as_mut()
+        if let Some(w) = self.works.front_mut()
             && w.to_hash.front().is_some_and(|n| n == name)
         {
             w.to_hash.pop_front();
@@ -339,9 +388,7 @@ impl Plan {
                 unsure.then(|| local.name.clone())
             }
             // A new local file to push: the server may hold its content.
-            ((Some(s), None), Direction::Upload)
-                if is_file(&p.0) && s.size > 0 && !self.by_hash.is_empty() =>
-            {
+            ((Some(s), None), Direction::Upload) if is_file(&p.0) && s.size > 0 && self.dest_has_data => {
                 Some(s.name.clone())
             }
             // A local file the server lacks, when a new one of its size
@@ -365,11 +412,49 @@ impl Plan {
         }
     }
 
-    /// Decides a listed directory whose hashes are in: ops first (a new
-    /// directory before the files sent into it), then transfers, then its
-    /// subdirectories, in order.
+    /// Decides the new files held back: copied where the destination holds
+    /// their content, sent otherwise.
+    fn resolve_new(&mut self) {
+        for (file, h) in core::mem::take(&mut self.held_new) {
+            if let Some(from) = self.by_hash.get(&h) {
+                self.counts.copied += 1;
+                self.held_ops.push(Op::Copy {
+                    from: from.clone(),
+                    sha256: h,
+                    to: file.name.clone(),
+                    meta: file.meta(),
+                });
+                continue;
+            }
+            self.counts.transferred += 1;
+            self.counts.transferred_bytes += file.size;
+            if file.size <= crate::conn::put::PUT_MAX {
+                self.held_bytes += file.size;
+                self.held_files.push((file, None));
+            } else {
+                self.release();
+                self.steps.push_back(Step::Transfer { file, base: None });
+            }
+        }
+    }
+
+    /// Hands over what was held back: ops first (a new directory before the
+    /// files sent into it), then the small files.
+    fn release(&mut self) {
+        if !self.held_ops.is_empty() {
+            self.steps.push_back(Step::Ops(core::mem::take(&mut self.held_ops)));
+        }
+        if !self.held_files.is_empty() {
+            self.steps.push_back(Step::Transfers(core::mem::take(&mut self.held_files)));
+        }
+        self.held_bytes = 0;
+    }
+
+    /// Decides a listed directory whose hashes are in: its ops and small
+    /// files are held back to go with others', its large files go now, and
+    /// its subdirectories are visited in order.
     fn decide(&mut self) {
-        let Some(w) = self.work.take() else { return };
+        let Some(w) = self.works.pop_front() else { return };
         let (push, pull) = (self.direction == Direction::Upload, self.direction == Direction::Download);
         // What the destination holds here may be copied from, whatever
         // order the names come in (local files now that they are hashed).
@@ -401,7 +486,12 @@ impl Plan {
                             self.counts.copied += 1;
                             ops.push(Op::Copy { from, sha256, to: s.name.clone(), meta: s.meta() });
                         }
-                        None => transfers.push((s, None)),
+                        // Perhaps in a directory not listed yet: decided
+                        // once every directory is (see `resolve_new`).
+                        None => match self.content(&s, &w.hashes).filter(|_| s.size > 0) {
+                            Some(h) => self.held_new.push((s, h)),
+                            None => transfers.push((s, None)),
+                        },
                     }
                 }
                 (None, Some(d)) => {
@@ -447,20 +537,26 @@ impl Plan {
                 (None, None) => {}
             }
         }
-        if !ops.is_empty() {
-            self.steps.push_back(Step::Ops(ops));
-        }
-        let (small, large): (Vec<_>, Vec<_>) =
-            transfers.into_iter().partition(|(f, _)| f.size <= crate::conn::put::PUT_MAX);
-        for (file, _) in small.iter().chain(large.iter()) {
+        // Held back, to go with other directories' in one stream; a
+        // large file goes at once, after what was held (its directory
+        // first).
+        self.held_ops.extend(ops);
+        for (file, base) in transfers {
             self.counts.transferred += 1;
             self.counts.transferred_bytes += file.size;
+            if file.size <= crate::conn::put::PUT_MAX {
+                self.held_bytes += file.size;
+                self.held_files.push((file, base));
+            } else {
+                self.release();
+                self.steps.push_back(Step::Transfer { file, base });
+            }
         }
-        if !small.is_empty() {
-            self.steps.push_back(Step::Transfers(small));
+        if self.held_new.len() >= HOLD_FILES {
+            self.resolve_new();
         }
-        for (file, base) in large {
-            self.steps.push_back(Step::Transfer { file, base });
+        if self.held_files.len() + self.held_ops.len() >= HOLD_FILES || self.held_bytes >= HOLD_BYTES {
+            self.release();
         }
         // Visited in name order: the stack pops the last pushed first.
         self.stack.extend(children.into_iter().rev());
@@ -504,10 +600,12 @@ mod tests {
         let (mut steps, mut hashed) = (Vec::new(), Vec::new());
         loop {
             match plan.next_step() {
-                Step::List { dir, local: l, remote: r } => {
-                    let a = if l { children(local, &dir, false) } else { Vec::new() };
-                    let b = if r { children(remote, &dir, true) } else { Vec::new() };
-                    plan.listed(a, b);
+                Step::List(dirs) => {
+                    for d in dirs {
+                        let a = if d.local { children(local, &d.dir, false) } else { Vec::new() };
+                        let b = if d.remote { children(remote, &d.dir, true) } else { Vec::new() };
+                        plan.listed(a, b);
+                    }
                 }
                 Step::Hash { name } => {
                     let h = local.iter().find(|f| f.name == name).map(|f| f.sha256);

@@ -14,13 +14,13 @@
 use crate::{ClientError, Connection, Progress, Sending, set_local_meta};
 use deltasync_core::Hash;
 use deltasync_core::chunker::ChunkerKind;
-use deltasync_core::conn::batch::Batch;
+use deltasync_core::conn::batch::{Batch, Listings};
 use deltasync_core::conn::put::{PutBatch, PutFile, PutResult};
 use deltasync_core::conn::server::{Direction, StoredFile};
-use deltasync_core::conn::{Listed, Query, QueryKind};
+
 use deltasync_core::error::ErrorCode;
 use deltasync_core::message::CAP_ZSTD;
-use deltasync_core::message::{EntryKind, MODE_BITS, Meta, validate_name};
+use deltasync_core::message::{Entry, EntryKind, MODE_BITS, Meta, validate_name};
 use deltasync_core::plan::{Op, Options, Plan, Step};
 use deltasync_host::local::now;
 use ignore::gitignore::{Gitignore, GitignoreBuilder};
@@ -243,10 +243,14 @@ fn run<O: Observer>(
     };
     loop {
         match plan.next_step() {
-            Step::List { dir, local, remote } => {
-                let l = if local { sync.list_local(&dir)? } else { Vec::new() };
-                let r = if remote { sync.list_remote(&dir)? } else { Vec::new() };
-                plan.listed(l, r);
+            Step::List(dirs) => {
+                let on_server: Vec<&str> = dirs.iter().filter(|d| d.remote).map(|d| d.dir.as_str()).collect();
+                let mut remote = sync.list_remote(&on_server)?.into_iter();
+                for d in &dirs {
+                    let l = if d.local { sync.list_local(&d.dir)? } else { Vec::new() };
+                    let r = if d.remote { remote.next().unwrap_or_default() } else { Vec::new() };
+                    plan.listed(l, r);
+                }
             }
             Step::Hash { name } => {
                 let h = File::open(sync.local(&name))
@@ -368,53 +372,36 @@ impl<O: Observer> Sync<'_, O> {
         Ok(out)
     }
 
-    /// The entries of the server's directory `dir` that take part. The
-    /// server is checked: every name must be a child of `dir` the server
-    /// itself would accept.
-    fn list_remote(&mut self, dir: &str) -> Result<Vec<StoredFile>, ClientError> {
-        let remote_dir = self.remote(dir);
-        let mut out = Vec::new();
+    /// The entries of the server's directories `dirs` that take part (for
+    /// each, empty if the server has none there), asked for all at once.
+    /// The server is checked: every name must be a child of its directory
+    /// that the server itself would accept.
+    fn list_remote(&mut self, dirs: &[&str]) -> Result<Vec<Vec<StoredFile>>, ClientError> {
+        let remote: Vec<String> = dirs.iter().map(|d| self.remote(d)).collect();
+        let names: Vec<&str> = remote.iter().map(String::as_str).collect();
+        let mut out: Vec<Vec<StoredFile>> = vec![Vec::new(); dirs.len()];
         let mut bad = None;
-        let on_entry = |e: Listed<'_>| {
-            let Listed::Entry(e) = e else { return };
-            let rel = match self.prefix.as_str() {
-                "" => Some(e.name),
-                p => e.name.strip_prefix(p).and_then(|r| r.strip_prefix('/')),
-            };
-            let child = rel.filter(|r| {
-                let leaf = if dir.is_empty() {
-                    Some(*r)
-                } else {
-                    r.strip_prefix(dir).and_then(|x| x.strip_prefix('/'))
-                };
-                leaf.is_some_and(|l| !l.is_empty() && !l.contains('/')) && validate_name(e.name).is_ok()
-            });
-            match child {
-                Some(rel) => out.push(StoredFile {
-                    name: rel.to_string(),
-                    size: e.size,
-                    modified: e.meta.modified,
-                    nanos: e.meta.nanos.min(999_999_999),
-                    mode: e.meta.mode & MODE_BITS,
-                    sha256: e.sha256,
-                    chunking: e.chunking,
-                    kind: e.kind,
-                }),
-                None => bad = Some(e.name.to_string()),
-            }
+        let prefix = self.prefix.clone();
+        let on_entry = |i: usize, e: Entry<'_>| match child_of(&prefix, dirs[i], &e) {
+            Some(f) => out[i].push(f),
+            None => bad = Some((e.name.to_string(), names[i].to_string())),
         };
-        let mut q = Query::new(QueryKind::ListDir(&remote_dir), self.conn.version(), on_entry, now());
-        match self.conn.run(&mut q, &remote_dir, |_, _| {}) {
-            Ok(_) => {}
-            Err(ClientError::NotFound(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(e),
-        }
-        if let Some(name) = bad {
+        let mut q = Listings::new(&names, self.conn.version(), on_entry, now());
+        let results = self.conn.run(&mut q, "", |_, _| {})?;
+        if let Some((name, dir)) = bad {
             return Err(ClientError::Protocol(format!(
-                "the server listed {name:?} in {remote_dir:?}: not a name there"
+                "the server listed {name:?} in {dir:?}: not a name there"
             )));
         }
-        out.retain(|f| !self.filter.excludes(&f.name, f.kind == EntryKind::Dir));
+        for r in results {
+            match r {
+                Ok(()) | Err(ErrorCode::NotFound) => {}
+                Err(code) => return Err(ClientError::Refused(code)),
+            }
+        }
+        for files in &mut out {
+            files.retain(|f| !self.filter.excludes(&f.name, f.kind == EntryKind::Dir));
+        }
         Ok(out)
     }
 
@@ -650,6 +637,31 @@ impl<O: Observer> Sync<'_, O> {
             Err(e) => Err(e),
         }
     }
+}
+
+/// `e` as a tree entry of directory `dir` (relative to the trees' roots),
+/// if it is a child of that directory, under `prefix`, with a name the
+/// server itself would accept.
+fn child_of(prefix: &str, dir: &str, e: &Entry<'_>) -> Option<StoredFile> {
+    validate_name(e.name).ok()?;
+    let rel = match prefix {
+        "" => e.name,
+        p => e.name.strip_prefix(p)?.strip_prefix('/')?,
+    };
+    let leaf = if dir.is_empty() { rel } else { rel.strip_prefix(dir)?.strip_prefix('/')? };
+    if leaf.is_empty() || leaf.contains('/') {
+        return None;
+    }
+    Some(StoredFile {
+        name: rel.to_string(),
+        size: e.size,
+        modified: e.meta.modified,
+        nanos: e.meta.nanos.min(999_999_999),
+        mode: e.meta.mode & MODE_BITS,
+        sha256: e.sha256,
+        chunking: e.chunking,
+        kind: e.kind,
+    })
 }
 
 /// Most file bytes read into memory at once for small files sent without

@@ -100,3 +100,70 @@ impl Op {
         )
     }
 }
+
+/// Client operation: directory listings (protocol 7) asked for ahead of
+/// their answers, like [`Batch`]; each entry is passed to `on_entry` with
+/// the index of its directory, and each directory ends with its result
+/// (`Err(NotFound)`: no such directory).
+pub struct Listings<'d, F> {
+    dirs: &'d [&'d str],
+    sent: usize,
+    answered: usize,
+    version: u16,
+    on_entry: F,
+    results: Vec<Result<(), ErrorCode>>,
+    deadline: Instant,
+}
+
+impl<'d, F: FnMut(usize, crate::message::Entry<'_>)> Listings<'d, F> {
+    /// Lists `dirs` in a session of protocol `version` (7 or later).
+    pub fn new(dirs: &'d [&'d str], version: u16, on_entry: F, now: Instant) -> Self {
+        Listings {
+            dirs,
+            sent: 0,
+            answered: 0,
+            version,
+            on_entry,
+            results: Vec::with_capacity(dirs.len()),
+            deadline: now.plus_ms(IDLE_TIMEOUT_MS),
+        }
+    }
+}
+
+impl<F: FnMut(usize, crate::message::Entry<'_>)> Machine for Listings<'_, F> {
+    /// Each directory's result, in order.
+    type Output = Vec<Result<(), ErrorCode>>;
+
+    fn handle(&mut self, now: Instant, msg: Message<'_>) -> Result<(), SessionError> {
+        self.deadline = now.plus_ms(IDLE_TIMEOUT_MS);
+        if self.answered >= self.sent {
+            return Err(machine::unexpected(&msg));
+        }
+        match msg {
+            Message::Entry(e) => {
+                (self.on_entry)(self.answered, e);
+                return Ok(());
+            }
+            Message::ListEnd => self.results.push(Ok(())),
+            Message::Error(code) => self.results.push(Err(code)),
+            m => return Err(machine::unexpected(&m)),
+        }
+        self.answered += 1;
+        Ok(())
+    }
+
+    fn poll(&mut self, now: Instant, out: &mut [u8]) -> Result<Poll<Self::Output>, SessionError> {
+        if self.answered == self.dirs.len() {
+            return Ok(Poll::Done(core::mem::take(&mut self.results)));
+        }
+        if self.version < 7 {
+            return Err(SessionError::Peer(ErrorCode::Unsupported));
+        }
+        if self.sent < self.dirs.len() && self.sent - self.answered < WINDOW {
+            let dir = self.dirs[self.sent];
+            self.sent += 1;
+            return machine::emit(&Message::ListDir { dir }, out);
+        }
+        machine::wait_until(now, self.deadline)
+    }
+}
