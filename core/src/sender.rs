@@ -66,6 +66,9 @@ const ZSTD_LEVEL: i32 = 3;
 /// before the next try, so incompressible data costs little time.
 #[cfg(feature = "compress")]
 const ZSTD_SKIP: u32 = 15;
+/// The smallest piece whose failure to shrink starts [`ZSTD_SKIP`].
+#[cfg(feature = "compress")]
+const SKIP_AFTER: usize = 16 * 1024;
 
 impl<T: TreeView, S: Source> Sender<T, S> {
     /// A sender of the version `summary` describes, whose tree is `tree` and
@@ -278,7 +281,12 @@ impl Compress {
         match self.ctx.compress_to_buffer(bytes, &mut self.packed) {
             Ok(m) if m < worth => {}
             _ => {
-                self.skip = ZSTD_SKIP;
+                // A small piece (a short file's) says little about what
+                // follows: only a large one that does not shrink stops
+                // the tries for a while.
+                if bytes.len() >= SKIP_AFTER {
+                    self.skip = ZSTD_SKIP;
+                }
                 return Ok(None);
             }
         }
