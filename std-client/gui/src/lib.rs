@@ -3,6 +3,7 @@
 //! background thread and reports back through a channel, so the window never
 //! freezes and transfers can be cancelled.
 
+use deltasync_client::tree::{Change, TreeOptions, TreeReport};
 use deltasync_client::{ClientError, Connection, Progress, RemoteFile, TransferReport, human_bytes as human};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -45,6 +46,8 @@ pub enum JobState {
     Running,
     /// Finished, with what it cost.
     Done(TransferReport),
+    /// A folder finished, with what it did.
+    Tree(TreeReport),
     /// Failed, in plain words.
     Failed(String),
 }
@@ -58,15 +61,19 @@ enum Msg {
     Files(Result<Vec<RemoteFile>, String>),
     Progress(usize, Progress),
     Finished(usize, Result<TransferReport, String>),
+    TreeFinished(usize, Result<TreeReport, String>),
     Deleted(String, Result<(), String>),
+    Note(String),
 }
 
 /// The application's state.
 pub struct GuiApp {
     /// Remembered settings.
     pub settings: Settings,
-    /// Local file to upload.
+    /// Local file or folder to upload.
     pub upload_path: String,
+    /// Folder on the server to pull.
+    pub pull_prefix: String,
     /// Whether the last connection attempt succeeded.
     pub connected: bool,
     /// The server's files, as last listed.
@@ -99,6 +106,7 @@ impl GuiApp {
         GuiApp {
             settings,
             upload_path: String::new(),
+            pull_prefix: String::new(),
             connected: false,
             files: Vec::new(),
             log: Vec::new(),
@@ -183,8 +191,13 @@ impl GuiApp {
         (self.jobs.len() - 1, cancel)
     }
 
-    /// Uploads a local file under its file name (a delta when the server has it).
+    /// Uploads a local file under its file name (a delta when the server
+    /// has it), or pushes a folder under its name.
     pub fn upload(&mut self, ctx: &egui::Context, path: PathBuf) {
+        if path.is_dir() {
+            self.push_folder(ctx, path);
+            return;
+        }
         let Some(name) = path.file_name().and_then(|n| n.to_str()).map(str::to_string) else {
             self.say(format!("{}: not a file name", path.display()));
             return;
@@ -204,6 +217,52 @@ impl GuiApp {
                 report
             });
             let _ = tx.send(Msg::Finished(id, r.map_err(|e| plain(&e))));
+        });
+    }
+
+    /// Pushes the folder `path` to the server under its name, as `deltasync
+    /// push` does (nothing deleted there).
+    pub fn push_folder(&mut self, ctx: &egui::Context, path: PathBuf) {
+        let Some(name) = path.canonicalize().ok().and_then(|p| p.file_name()?.to_str().map(str::to_string))
+        else {
+            self.say(format!("{}: not a folder name", path.display()));
+            return;
+        };
+        let (id, cancel) = self.start_job(format!("push folder {}", deltasync_client::printable(&name)));
+        let repaint = ctx.clone();
+        self.background(ctx, Some(cancel), move |conn, tx| {
+            let total = tree_bytes(&path);
+            let r = conn.and_then(|mut c| {
+                let seen = Seen { id, total, tx: tx.clone(), repaint };
+                let report = deltasync_client::tree::push(&mut c, &path, &name, TreeOptions::default(), seen);
+                if let Ok(f) = c.list() {
+                    let _ = tx.send(Msg::Files(Ok(f)));
+                }
+                report
+            });
+            let _ = tx.send(Msg::TreeFinished(id, r.map_err(|e| plain(&e))));
+        });
+    }
+
+    /// Pulls the folder `prefix` from the server into the download
+    /// directory, under its last name, as `deltasync pull` does.
+    pub fn pull_folder(&mut self, ctx: &egui::Context, prefix: String) {
+        let prefix = prefix.trim_matches('/').to_string();
+        let leaf = prefix.rsplit('/').next().filter(|l| !l.is_empty()).unwrap_or("server").to_string();
+        let dir = PathBuf::from(if self.settings.download_dir.is_empty() {
+            "."
+        } else {
+            &self.settings.download_dir
+        });
+        let dest = dir.join(leaf);
+        let (id, cancel) = self.start_job(format!("pull folder {}", deltasync_client::printable(&prefix)));
+        let repaint = ctx.clone();
+        self.background(ctx, Some(cancel), move |conn, tx| {
+            let r = conn.and_then(|mut c| {
+                let seen = Seen { id, total: 0, tx: tx.clone(), repaint };
+                deltasync_client::tree::pull(&mut c, &prefix, &dest, TreeOptions::default(), seen)
+            });
+            let _ = tx.send(Msg::TreeFinished(id, r.map_err(|e| plain(&e))));
         });
     }
 
@@ -277,6 +336,7 @@ impl GuiApp {
                     self.take_files(r);
                 }
                 Msg::Files(r) => self.take_files(r),
+                Msg::Note(line) => self.say(line),
                 Msg::Progress(id, p) => {
                     if let Some(j) = self.jobs.get_mut(id) {
                         j.done = p.done;
@@ -304,6 +364,19 @@ impl GuiApp {
                     };
                     j.state = match r {
                         Ok(rep) => JobState::Done(rep),
+                        Err(e) => JobState::Failed(e),
+                    };
+                    self.say(line);
+                }
+                Msg::TreeFinished(id, r) => {
+                    self.busy -= 1;
+                    let Some(j) = self.jobs.get_mut(id) else { continue };
+                    let line = match &r {
+                        Ok(rep) => format!("{}: {}", j.label, tree_line(rep)),
+                        Err(e) => format!("{}: failed: {e}", j.label),
+                    };
+                    j.state = match r {
+                        Ok(rep) => JobState::Tree(rep),
                         Err(e) => JobState::Failed(e),
                     };
                     self.say(line);
@@ -373,7 +446,25 @@ impl GuiApp {
                 let p = PathBuf::from(self.upload_path.clone());
                 self.upload(&ctx, p);
             }
-            ui.label("(or drop files on the window)");
+            if ui.button("Browse folder…").clicked() {
+                let start = PathBuf::from(&self.upload_path);
+                let start = Some(start).filter(|p| p.is_dir());
+                let mut dialog = egui_file::FileDialog::select_folder().initial_path(
+                    start.or_else(|| std::env::current_dir().ok()).unwrap_or_else(|| "/".into()),
+                );
+                dialog.open();
+                self.picker = Some(dialog);
+            }
+            ui.label("(or drop files and folders on the window)");
+        });
+        ui.horizontal(|ui| {
+            let l = ui.label("Folder on the server");
+            ui.text_edit_singleline(&mut self.pull_prefix).labelled_by(l.id);
+            let can = self.connected && !self.pull_prefix.trim_matches('/').is_empty();
+            if ui.add_enabled(can, egui::Button::new("Pull folder")).clicked() {
+                let p = self.pull_prefix.clone();
+                self.pull_folder(&ctx, p);
+            }
         });
         ui.horizontal(|ui| {
             let l = ui.label("Download to");
@@ -438,6 +529,9 @@ impl GuiApp {
                             r.saving() * 100.0
                         ));
                     }
+                    JobState::Tree(r) => {
+                        ui.label(tree_line(r));
+                    }
                     JobState::Failed(e) => {
                         ui.colored_label(ui.visuals().error_fg_color, e);
                     }
@@ -499,4 +593,59 @@ impl eframe::App for Window {
 /// Settings from a previous run, if any.
 pub fn load_settings(storage: Option<&dyn eframe::Storage>) -> Option<Settings> {
     storage.and_then(|s| eframe::get_value(s, eframe::APP_KEY))
+}
+
+/// A tree sync's report, for people.
+fn tree_line(r: &TreeReport) -> String {
+    format!(
+        "{} files: {} sent ({}), {} copied, {} touched, {} unchanged; {} on the wire{}",
+        r.files,
+        r.changed,
+        human(r.file_bytes),
+        r.copied,
+        r.touched,
+        r.unchanged,
+        human(r.wire_bytes_sent + r.wire_bytes_received),
+        if r.failed > 0 { format!("; {} failed (see the log)", r.failed) } else { String::new() }
+    )
+}
+
+/// Bytes of the files under `dir` (symlinks not followed): a folder push's
+/// total, for its progress bar.
+fn tree_bytes(dir: &std::path::Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => stack.push(e.path()),
+                Ok(m) if m.is_file() => total += m.len(),
+                _ => {}
+            }
+        }
+    }
+    total
+}
+
+/// What a folder's sync reports, sent to the window.
+struct Seen {
+    id: usize,
+    total: u64,
+    tx: Sender<Msg>,
+    repaint: egui::Context,
+}
+
+impl deltasync_client::tree::Observer for Seen {
+    fn change(&mut self, change: &Change) {
+        if let Change::Failed(name, why) = change {
+            let _ = self.tx.send(Msg::Note(format!("{}: {why}", deltasync_client::printable(name))));
+        }
+    }
+
+    fn progress(&mut self, _file: &str, _p: Progress, tree_bytes: u64) {
+        let total = self.total.max(tree_bytes);
+        let _ = self.tx.send(Msg::Progress(self.id, Progress { done: tree_bytes, total }));
+        self.repaint.request_repaint();
+    }
 }

@@ -149,3 +149,59 @@ fn browse_opens_the_file_dialog_which_picks_the_file_to_upload() {
     assert!(h.state().picker.is_none(), "a pick closes it");
     assert_eq!(PathBuf::from(&h.state().upload_path), dir.path().join("pick.txt"));
 }
+
+#[test]
+fn a_folder_is_pushed_and_pulled_by_clicking() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let key = test_key(6);
+    let srv = ServerProcess::start(&server_bin(), &root, &key, &["--dashboard", "off"]).unwrap();
+    let downloads = dir.path().join("downloads");
+    std::fs::create_dir_all(&downloads).unwrap();
+    let settings = Settings {
+        server: format!("127.0.0.1:{}", srv.port),
+        key,
+        download_dir: downloads.display().to_string(),
+    };
+    let mut app = GuiApp::new(settings);
+    app.hints_dir = Some(dir.path().join("hints"));
+    let mut h = Harness::builder()
+        .with_size([1000.0, 800.0])
+        .build_ui_state(|ui, app: &mut GuiApp| app.show(ui), app);
+    h.get_by_label("Connect").click();
+    wait(&mut h, "connecting", |a| a.connected);
+
+    let folder = dir.path().join("photos");
+    let files = [
+        ("a.jpg", random_bytes(1, 30_000)),
+        ("trip/b.jpg", random_bytes(2, 2_000_000)),
+        ("trip/c.txt", vec![]),
+    ];
+    for (name, data) in &files {
+        let p = folder.join(name);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, data).unwrap();
+    }
+    h.get_by_label("Local file").click();
+    h.get_by_label("Local file").type_text(&folder.display().to_string());
+    h.run_ok();
+    h.get_by_label("Upload").click();
+    wait(&mut h, "the push", |a| a.jobs.iter().any(|j| matches!(j.state, JobState::Tree(_))));
+    match &h.state().jobs[0].state {
+        JobState::Tree(r) => assert_eq!((r.files, r.changed, r.failed), (3, 3, 0)),
+        _ => unreachable!(),
+    }
+    for (name, data) in &files {
+        assert_eq!(&std::fs::read(root.join("photos").join(name)).unwrap(), data, "{name} on the server");
+    }
+
+    h.get_by_label("Folder on the server").click();
+    h.get_by_label("Folder on the server").type_text("photos");
+    h.run_ok();
+    h.get_by_label("Pull folder").click();
+    wait(&mut h, "the pull", |a| a.jobs.iter().filter(|j| matches!(j.state, JobState::Tree(_))).count() == 2);
+    for (name, data) in &files {
+        assert_eq!(&std::fs::read(downloads.join("photos").join(name)).unwrap(), data, "{name} pulled");
+    }
+    wait(&mut h, "all background work to end", |a| !a.is_busy());
+}
