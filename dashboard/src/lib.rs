@@ -196,8 +196,41 @@ pub struct FileRow {
     pub sha256: String,
 }
 
+/// A tree sync (a connection that lists directories), as one operation
+/// with its files.
+#[derive(Clone, Debug, Serialize)]
+pub struct TreeRow {
+    /// Connection number.
+    pub client: u64,
+    /// The client's key.
+    pub key: String,
+    /// The first directory it listed (its tree's root on the server).
+    pub root: String,
+    /// Seconds since the Unix epoch when it began.
+    pub since: u64,
+    /// Files sent, copied or deleted so far.
+    pub files: u64,
+    /// Their sizes.
+    pub file_bytes: u64,
+    /// Bytes on the wire since it began, both ways.
+    pub wire_bytes: u64,
+    /// The last files, newest first ("name (what)").
+    pub last: VecDeque<String>,
+    /// Whether the connection is still open.
+    pub running: bool,
+    #[serde(skip)]
+    wire_at_start: u64,
+}
+
+/// Files a tree row names.
+const TREE_LAST: usize = 5;
+/// Finished tree syncs kept.
+const TREES: usize = 20;
+
 #[derive(Default)]
 struct Live {
+    trees: BTreeMap<u64, TreeRow>,
+    done_trees: VecDeque<TreeRow>,
     clients: BTreeMap<u64, ClientRow>,
     active: BTreeMap<u64, ActiveRow>,
     recent: VecDeque<RecentRow>,
@@ -310,6 +343,31 @@ impl Hub {
         });
     }
 
+    /// Connection `id` listed directory `dir`: it syncs a tree (shown as
+    /// one operation from its first listing).
+    pub fn tree_listed(&self, id: u64, dir: &str, wire_now: u64) {
+        self.update(|l| {
+            let key = l.key_of(id);
+            l.trees.entry(id).or_insert_with(|| TreeRow {
+                client: id,
+                key,
+                root: dir.into(),
+                since: unix_now(),
+                files: 0,
+                file_bytes: 0,
+                wire_bytes: 0,
+                last: VecDeque::new(),
+                running: true,
+                wire_at_start: wire_now,
+            });
+        });
+    }
+
+    /// A file of connection `id`'s tree sync: `what` happened to it.
+    pub fn tree_file(&self, id: u64, name: &str, what: &str, size: u64) {
+        self.update(|l| note_tree_file(l, id, name, what, size));
+    }
+
     /// A transfer began.
     pub fn started(&self, id: u64, name: &str, upload: bool, size: u64, delta: bool, wire_now: u64) {
         self.update(|l| {
@@ -333,7 +391,11 @@ impl Hub {
         });
     }
 
-    /// A transfer ended; `result` is "written", "unchanged" or "integrity".
+    /// A transfer ended; `result` is "written", "unchanged" or "integrity";
+    /// `(literal, reused)` its file bytes sent and reused; `wire_now` the
+    /// connection's bytes so far, and `own_wire` what the transfer's own
+    /// frames took if they came between others' (see
+    /// `deltasync_core::conn::server::Event::Finished`).
     #[allow(clippy::too_many_arguments)]
     pub fn finished(
         &self,
@@ -342,14 +404,15 @@ impl Hub {
         upload: bool,
         size: u64,
         result: &str,
-        literal: u64,
-        reused: u64,
+        (literal, reused): (u64, u64),
         wire_now: u64,
+        own_wire: Option<u64>,
     ) {
         self.update(|l| {
             let (wire, duration_ms) = l.active.remove(&id).map_or((0, 0), |a| {
                 (wire_now.saturating_sub(a.wire_at_start), a.started.elapsed().as_millis() as u64)
             });
+            let wire = own_wire.unwrap_or(wire);
             let direction = if upload { "upload" } else { "download" };
             let key = l.key_of(id);
             let k = l.totals.by_key.entry(key.clone()).or_default();
@@ -366,6 +429,10 @@ impl Hub {
             t.saving =
                 if t.full_bytes > 0 { 1.0 - t.transfer_wire as f64 / t.full_bytes as f64 } else { 0.0 };
             let saving = if size > 0 { 1.0 - wire as f64 / size as f64 } else { 0.0 };
+            note_tree_file(l, id, name, result, size);
+            if let Some(t) = l.trees.get_mut(&id) {
+                t.wire_bytes = wire_now.saturating_sub(t.wire_at_start);
+            }
             push_recent(
                 &mut l.recent,
                 RecentRow {
@@ -427,6 +494,13 @@ impl Hub {
         self.update(|l| {
             l.clients.remove(&id);
             l.active.remove(&id);
+            if let Some(mut t) = l.trees.remove(&id) {
+                t.running = false;
+                if l.done_trees.len() == TREES {
+                    l.done_trees.pop_back();
+                }
+                l.done_trees.push_front(t);
+            }
         });
     }
 
@@ -449,6 +523,7 @@ impl Hub {
             "clients": l.clients.values().collect::<Vec<_>>(),
             "active": l.active.values().collect::<Vec<_>>(),
             "recent": l.recent,
+            "trees": l.trees.values().chain(l.done_trees.iter()).collect::<Vec<_>>(),
             "totals": l.totals,
             "series": l.series,
         })
@@ -465,6 +540,18 @@ impl Hub {
             Some(f) => tokio::task::spawn_blocking(move || f()).await.unwrap_or_default(),
             None => Vec::new(),
         }
+    }
+}
+
+/// Counts a file in connection `id`'s tree sync, if it has one.
+fn note_tree_file(l: &mut Live, id: u64, name: &str, what: &str, size: u64) {
+    if let Some(t) = l.trees.get_mut(&id) {
+        t.files += 1;
+        t.file_bytes += size;
+        if t.last.len() == TREE_LAST {
+            t.last.pop_back();
+        }
+        t.last.push_front(format!("{name} ({what})"));
     }
 }
 
@@ -634,7 +721,7 @@ async fn api_stats(State(app): State<App>) -> impl IntoResponse {
 
 async fn api_transfers(State(app): State<App>) -> impl IntoResponse {
     let s = app.hub.snapshot();
-    axum::Json(serde_json::json!({ "active": s["active"], "recent": s["recent"] }))
+    axum::Json(serde_json::json!({ "active": s["active"], "recent": s["recent"], "trees": s["trees"] }))
 }
 
 async fn api_files(State(app): State<App>) -> impl IntoResponse {
@@ -774,7 +861,7 @@ mod tests {
         hub.authenticated(1, "laptop");
         hub.started(1, "f", true, 1000, true, 0);
         hub.progress(1, 50, 100, Some(500));
-        hub.finished(1, "f", true, 1000, "written", 90, 910, 150);
+        hub.finished(1, "f", true, 1000, "written", (90, 910), 150, None);
         hub.error(1, "../x", Problem::Refused("file name refused"));
         hub.error(2, "", Problem::AuthFailed);
         hub.error(3, "", Problem::Connection("reset"));

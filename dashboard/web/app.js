@@ -68,6 +68,10 @@ function render(s) {
       cell(r.direction === "error" ? "–" : bytes(r.wire_bytes) + " / " + bytes(r.file_bytes)),
       cell(r.direction === "error" ? "–" : pct(r.saving)), cell(r.duration_ms + " ms"));
   });
+  fill("trees", s.trees || [], (t, tr) => {
+    tr.append(cell(time(t.since)), cell(t.root || "/"), cell(t.key || "–"), cell(t.running ? "running" : "done"),
+      cell(t.files), cell(bytes(t.file_bytes)), cell(bytes(t.wire_bytes)), cell(t.last.join(", ")));
+  });
   fill("clients", s.clients, (c, tr) => {
     tr.append(cell(c.id), cell(c.addr), cell(c.identity), cell(time(c.since)), cell(bytes(c.bytes_in)), cell(bytes(c.bytes_out)));
   });

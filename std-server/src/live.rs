@@ -47,17 +47,28 @@ impl Observer for LiveObserver {
             Event::Started { name, direction, size, base } => {
                 hub.started(id, name, *direction == Direction::Upload, *size, *base, wire)
             }
-            Event::Finished { name, direction, size, outcome, literal_bytes, reused_bytes } => {
+            Event::Finished { name, direction, size, outcome, literal_bytes, reused_bytes, wire_bytes } => {
                 let result = match outcome {
                     Outcome::Written => "written",
                     Outcome::Unchanged => "unchanged",
                     Outcome::Integrity => "integrity",
                 };
                 let upload = *direction == Direction::Upload;
-                hub.finished(id, name, upload, *size, result, *literal_bytes, *reused_bytes, wire);
+                hub.finished(
+                    id,
+                    name,
+                    upload,
+                    *size,
+                    result,
+                    (*literal_bytes, *reused_bytes),
+                    wire,
+                    *wire_bytes,
+                );
             }
             Event::Refused { name, code } => hub.error(id, name, Problem::Refused(&code.to_string())),
-            Event::Deleted { .. } | Event::Copied { .. } => {}
+            Event::Listed { dir } => hub.tree_listed(id, dir, wire),
+            Event::Copied { to, .. } => hub.tree_file(id, to, "copied", 0),
+            Event::Deleted { name } => hub.tree_file(id, name, "deleted", 0),
         }
     }
 

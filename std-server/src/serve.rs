@@ -468,17 +468,20 @@ fn log_event(id: u64, key: &str, ev: &Event) {
         Event::Refused { name, code } => tracing::warn!(id, key, name, %code, "request refused"),
         Event::Deleted { name } => tracing::info!(id, key, name, "deleted"),
         Event::Copied { from, to } => tracing::info!(id, key, from, name = to, "copied"),
-        Event::Finished { name, direction, size, outcome, literal_bytes, reused_bytes } => tracing::info!(
-            id,
-            key,
-            name,
-            ?direction,
-            size,
-            ?outcome,
-            literal_bytes,
-            reused_bytes,
-            "transfer finished"
-        ),
+        Event::Listed { dir } => tracing::debug!(id, key, dir, "listed"),
+        Event::Finished { name, direction, size, outcome, literal_bytes, reused_bytes, .. } => {
+            tracing::info!(
+                id,
+                key,
+                name,
+                ?direction,
+                size,
+                ?outcome,
+                literal_bytes,
+                reused_bytes,
+                "transfer finished"
+            )
+        }
         other => tracing::debug!(id, key, event = ?other),
     }
 }

@@ -61,6 +61,19 @@ fn upload(port: u16, path: &Path, name: &str) {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// Pushes the tree `dir` to `prefix` with the CLI.
+fn push(port: u16, dir: &Path, prefix: &str) {
+    let out = Command::new(cli_bin())
+        .env("DELTASYNC_SERVER", format!("127.0.0.1:{port}"))
+        .env("DELTASYNC_KEY", key())
+        .args(["--no-hints", "push"])
+        .arg(dir)
+        .arg(prefix)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
 fn metric(text: &str, name: &str) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
@@ -219,6 +232,29 @@ async fn the_dashboard_updates_live_in_headless_chromium() {
     wait_for(
         &client,
         "return document.querySelector('#files tbody').textContent.includes('reports/report.bin')",
+    )
+    .await;
+    // A tree push is one row, with its files.
+    let tree = dir.path().join("album");
+    for (i, name) in ["one.jpg", "two.jpg", "sub/three.jpg"].iter().enumerate() {
+        let p = tree.join(name);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, random(10 + i as u64, 20_000)).unwrap();
+    }
+    tokio::task::spawn_blocking(move || push(port, &tree, "albums/summer")).await.unwrap();
+    wait_for(
+        &client,
+        "return [...document.querySelectorAll('#trees tbody tr')].some(r => r.cells[1].textContent === 'albums/summer' \
+         && r.cells[3].textContent === 'done' && r.cells[4].textContent === '3' \
+         && r.cells[7].textContent.includes('albums/summer/sub/three.jpg (written)'))",
+    )
+    .await;
+    // Its files were sent without waiting between them; each still shows
+    // what its own frames took on the wire (about its 20 KB), not nothing.
+    wait_for(
+        &client,
+        "return [...document.querySelectorAll('#recent tbody tr')].filter(r => r.cells[1].textContent.startsWith('albums/')) \
+         .every(r => r.cells[5].textContent.startsWith('19.') || r.cells[5].textContent.startsWith('20.'))",
     )
     .await;
     let count_after = client.find(Locator::Id("count")).await.unwrap().text().await.unwrap();

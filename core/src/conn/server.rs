@@ -400,11 +400,21 @@ pub enum Event {
         literal_bytes: u64,
         /// File bytes reused from the old version (uploads).
         reused_bytes: u64,
+        /// Bytes its own frames took on the wire, when they came between
+        /// other files' (a `Put` sent without waiting): what the
+        /// connection's counters cannot tell apart. `None`: the counters
+        /// between `Started` and this tell.
+        wire_bytes: Option<u64>,
     },
     /// A file was deleted.
     Deleted {
         /// File name.
         name: String,
+    },
+    /// A directory was listed (a tree sync's first step).
+    Listed {
+        /// The directory.
+        dir: String,
     },
     /// A stored file was copied (no file data crossed the wire).
     Copied {
@@ -608,6 +618,8 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
         if !(access.read || access.write) || !(dir.is_empty() || shown(dir)) {
             return Err(ErrorCode::PermissionDenied);
         }
+        // A tree sync's first step, even where nothing is stored yet.
+        self.events.push_back(Event::Listed { dir: dir.to_string() });
         let entries = self.store.list_dir(dir)?;
         let mut q: VecDeque<Reply> = entries
             .into_iter()
@@ -759,8 +771,14 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
             Message::Download { name } => self.start_download(now, name),
             _ => Ok(()),
         };
-        if let Err(code) = result {
-            self.refuse(name, code);
+        match result {
+            // A tree sync lists what may not exist yet (a new prefix): an
+            // answer, not a refusal to count or show.
+            Err(ErrorCode::NotFound) if matches!(msg, Message::ListDir { .. }) => {
+                self.state = State::Reply([Reply::Error(ErrorCode::NotFound)].into());
+            }
+            Err(code) => self.refuse(name, code),
+            Ok(()) => {}
         }
         Ok(())
     }
@@ -820,6 +838,7 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
                         outcome: Outcome::Written,
                         literal_bytes: p.literal,
                         reused_bytes: p.reused,
+                        wire_bytes: Some(p.wire),
                     });
                     Reply::Done(Outcome::Written, published.file_hash)
                 }
@@ -984,6 +1003,7 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
                     outcome,
                     literal_bytes: stats.literal_bytes,
                     reused_bytes: stats.reused_bytes,
+                    wire_bytes: None,
                 });
                 if published.replaced && outcome != Outcome::Integrity && self.version >= 6 {
                     replies.push_back(Reply::Replaced);
@@ -1117,6 +1137,7 @@ impl<S: Store, K: Keys> Machine for ServerConn<S, K> {
                             outcome,
                             literal_bytes: tx.literal_bytes(),
                             reused_bytes: 0,
+                            wire_bytes: None,
                         };
                         self.events.push_back(ev);
                         self.state = State::Idle;

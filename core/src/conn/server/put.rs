@@ -12,6 +12,10 @@ use crate::source::{Output, Source};
 use crate::tree::{Tree, TreeIndexer, TreeView};
 use alloc::vec::Vec;
 
+/// What a frame of a `Put` costs on the wire beside its payload, about: its
+/// length, tag, message number and fields.
+const FRAME_COST: u64 = 3 + crate::channel::TAG_LEN as u64 + 12;
+
 /// Leaves per `Entries` frame of a `Sig` answer.
 const LEAVES_PER_FRAME: usize = (MAX_DATA - 64) / PACKED_ENTRY_MAX;
 
@@ -51,6 +55,9 @@ pub(super) struct Putting<S: Store> {
     pub failed: Option<ErrorCode>,
     pub literal: u64,
     pub reused: u64,
+    /// Bytes its frames took on the wire, about (payloads, plus each
+    /// frame's header, fields and tag).
+    pub wire: u64,
     buf: Vec<u8>,
     #[cfg(feature = "compress")]
     unzstd: Option<alloc::boxed::Box<zstd::bulk::Decompressor<'static>>>,
@@ -69,6 +76,7 @@ impl<S: Store> Putting<S> {
             failed: Some(code),
             literal: 0,
             reused: 0,
+            wire: 0,
             buf: Vec::new(),
             #[cfg(feature = "compress")]
             unzstd: None,
@@ -170,6 +178,11 @@ impl<S: Store> Putting<S> {
     /// One piece of the put; `Some(end hash)` at its `PutEnd`. A failure
     /// is kept, and the rest read and dropped.
     pub fn handle(&mut self, msg: Message<'_>) -> Result<Option<Hash>, ErrorCode> {
+        self.wire += FRAME_COST
+            + match msg {
+                Message::Data { bytes, .. } | Message::DataZ { bytes, .. } => bytes.len() as u64,
+                _ => 0,
+            };
         let r = match msg {
             Message::PutEnd { file_hash } => return Ok(Some(file_hash)),
             _ if self.failed.is_some() => Ok(()),
