@@ -145,6 +145,9 @@ pub struct Counts {
     pub touched: u64,
     /// Files unchanged.
     pub unchanged: u64,
+    /// Bytes of the source's files that need no file data: unchanged,
+    /// touched or copied (with the bytes sent, how far a sync has come).
+    pub settled_bytes: u64,
     /// Directories made.
     pub made_dirs: u64,
     /// Files and directories deleted.
@@ -417,6 +420,7 @@ impl Plan {
     fn resolve_new(&mut self) {
         for (file, h) in core::mem::take(&mut self.held_new) {
             if let Some(from) = self.by_hash.get(&h) {
+                self.counts.settled_bytes += file.size;
                 self.counts.copied += 1;
                 self.held_ops.push(Op::Copy {
                     from: from.clone(),
@@ -483,6 +487,7 @@ impl Plan {
                     });
                     match from {
                         Some((from, sha256)) => {
+                            self.counts.settled_bytes += s.size;
                             self.counts.copied += 1;
                             ops.push(Op::Copy { from, sha256, to: s.name.clone(), meta: s.meta() });
                         }
@@ -528,9 +533,11 @@ impl Plan {
                     if !same {
                         transfers.push((s, Some(d)));
                     } else if s.meta() != d.meta() {
+                        self.counts.settled_bytes += s.size;
                         self.counts.touched += 1;
                         ops.push(Op::SetMeta { name: s.name.clone(), meta: s.meta(), kind: EntryKind::File });
                     } else {
+                        self.counts.settled_bytes += s.size;
                         self.counts.unchanged += 1;
                     }
                 }

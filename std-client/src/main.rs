@@ -192,12 +192,20 @@ struct TreeShow {
 }
 
 impl TreeShow {
-    fn new(args: &TreeArgs, json: bool, bars: bool) -> TreeShow {
+    /// A display for a sync whose source holds `total` bytes (`None`:
+    /// not known beforehand, a pull's).
+    fn new(args: &TreeArgs, json: bool, bars: bool, total: Option<u64>) -> TreeShow {
         let bar = bars.then(|| {
-            let b = ProgressBar::new_spinner();
+            let (b, template) = match total {
+                Some(t) => {
+                    (ProgressBar::new(t), "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+                }
+                None => (ProgressBar::new_spinner(), "{spinner} {msg} {bytes} {bytes_per_sec}"),
+            };
             b.set_style(
-                ProgressStyle::with_template("{spinner} {bytes} {bytes_per_sec} {msg}")
-                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+                ProgressStyle::with_template(template)
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> "),
             );
             b.enable_steady_tick(std::time::Duration::from_millis(200));
             b
@@ -247,10 +255,10 @@ impl deltasync_client::tree::Observer for TreeShow {
         }
     }
 
-    fn progress(&mut self, file: &str, _p: Progress, tree_bytes: u64) {
+    fn progress(&mut self, _file: &str, _p: Progress, tree_bytes: u64) {
         if let Some(b) = &self.bar {
             b.set_position(tree_bytes);
-            b.set_message(format!("{} files sent, {}", self.files, printable(file)));
+            b.set_message(format!("{} files sent", self.files));
         }
     }
 }
@@ -418,7 +426,7 @@ fn run(cli: Cli) -> Result<(), ClientError> {
     };
     if let Command::Push { dir, prefix, watch: true, tree } = &cli.command {
         let prefix = push_prefix(dir, prefix.clone())?;
-        let show = TreeShow::new(tree, cli.json, false);
+        let show = TreeShow::new(tree, cli.json, false, None);
         let stop = std::sync::atomic::AtomicBool::new(false);
         let json = cli.json;
         let report = move |r: &deltasync_client::tree::TreeReport| {
@@ -540,7 +548,8 @@ fn run(cli: Cli) -> Result<(), ClientError> {
         }
         Command::Push { dir, prefix, tree, .. } => {
             let prefix = push_prefix(&dir, prefix)?;
-            let show = TreeShow::new(&tree, cli.json, bars);
+            let total = bars.then(|| deltasync_client::tree::local_bytes(&dir));
+            let show = TreeShow::new(&tree, cli.json, bars, total);
             let bar = show.bar.clone();
             let r = deltasync_client::tree::push(&mut c, &dir, &prefix, tree.options(), show)?;
             if let Some(b) = bar {
@@ -560,7 +569,7 @@ fn run(cli: Cli) -> Result<(), ClientError> {
             let dir = dir.unwrap_or_else(|| {
                 PathBuf::from(prefix.rsplit('/').next().filter(|l| !l.is_empty()).unwrap_or("."))
             });
-            let show = TreeShow::new(&tree, cli.json, bars);
+            let show = TreeShow::new(&tree, cli.json, bars, None);
             let bar = show.bar.clone();
             let r = deltasync_client::tree::pull(&mut c, &prefix, &dir, tree.options(), show)?;
             if let Some(b) = bar {

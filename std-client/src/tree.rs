@@ -115,8 +115,8 @@ pub enum Change {
 pub trait Observer {
     /// Something happened.
     fn change(&mut self, change: &Change);
-    /// Progress of the file being sent, and of the whole sync: bytes of
-    /// files decided so far (sent or found unchanged).
+    /// Progress of the file being sent, and of the whole sync: bytes of the
+    /// source's files done so far (sent, or found to need no data).
     fn progress(&mut self, file: &str, p: Progress, tree_bytes: u64);
 }
 
@@ -167,8 +167,10 @@ struct Sync<'c, O> {
     filter: Filter,
     report: TreeReport,
     observer: O,
-    /// Bytes of files decided so far.
+    /// Bytes of files sent so far.
     decided: u64,
+    /// Bytes of files that need no data, as the plan last said.
+    settled: u64,
     /// Directories made or re-moded by a pull, given their mode last (a
     /// read-only directory is filled first).
     dir_modes: Vec<(PathBuf, Meta)>,
@@ -239,6 +241,7 @@ fn run<O: Observer>(
         filter,
         observer,
         decided: 0,
+        settled: 0,
         dir_modes: Vec::new(),
     };
     loop {
@@ -271,6 +274,12 @@ fn run<O: Observer>(
             }
             Step::Clash { name } => sync.skip(&name, "a file on one side, a directory on the other"),
             Step::Done => break,
+        }
+        // Files that need no data count as done once decided.
+        let settled = plan.counts().settled_bytes;
+        if settled != sync.settled {
+            sync.settled = settled;
+            sync.observer.progress("", Progress::default(), sync.decided + settled);
         }
     }
     // Directory modes last, deepest first: a read-only one was filled.
@@ -576,7 +585,11 @@ impl<O: Observer> Sync<'_, O> {
                 |_: &PutFile, r: PutResult| results.push(r),
                 now(),
             );
-            self.conn.run(&mut batch, "", |_, _| {})?;
+            let start = self.decided + self.settled;
+            let observer = &mut self.observer;
+            self.conn.run(&mut batch, "", |b, _| {
+                observer.progress("", Progress::default(), start + b.covered());
+            })?;
             for ((file, base), (r, literal)) in sources.into_iter().zip(results) {
                 match r {
                     Ok(_) => self.finish_transfer(file, Ok(literal))?,
@@ -597,7 +610,7 @@ impl<O: Observer> Sync<'_, O> {
         let path = self.local(&file.name);
         let remote = self.remote(&file.name);
         let how = Sending { meta: Some(meta), listed: Some(base.map(|b| b.chunking)), expect: None };
-        let decided = self.decided;
+        let decided = self.decided + self.settled;
         let name = file.name.clone();
         let observer = &mut self.observer;
         let r = self.conn.upload_with(&path, &remote, how, |p| observer.progress(&name, p, decided + p.done));
@@ -611,7 +624,7 @@ impl<O: Observer> Sync<'_, O> {
             return Ok(());
         }
         let remote = self.remote(&file.name);
-        let decided = self.decided;
+        let decided = self.decided + self.settled;
         let name = file.name.clone();
         let observer = &mut self.observer;
         let r = self.conn.download_with(&remote, &path, Some(file.chunking), Some(meta), |p| {
@@ -622,6 +635,8 @@ impl<O: Observer> Sync<'_, O> {
 
     fn finish_transfer(&mut self, file: StoredFile, r: Result<u64, ClientError>) -> Result<(), ClientError> {
         self.decided += file.size;
+        let done = self.decided + self.settled;
+        self.observer.progress(&file.name, Progress { done: file.size, total: file.size }, done);
         match r {
             Ok(literal) => {
                 self.report.changed += 1;
@@ -812,4 +827,22 @@ impl<O: Observer + ?Sized> Observer for &mut O {
     fn progress(&mut self, file: &str, p: Progress, tree_bytes: u64) {
         (**self).progress(file, p, tree_bytes)
     }
+}
+
+/// Bytes of the regular files under `dir` (symlinks not followed): what a
+/// push of it checks, for a progress display.
+pub fn local_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => stack.push(e.path()),
+                Ok(m) if m.is_file() => total += m.len(),
+                _ => {}
+            }
+        }
+    }
+    total
 }

@@ -107,6 +107,8 @@ pub struct PutBatch<F> {
     /// Literal bytes of each `Put` sent and not yet answered.
     sent_literal: VecDeque<u64>,
     answered: usize,
+    /// File bytes the `Put`s sent so far cover (copied or literal).
+    covered: u64,
     on_result: F,
     #[cfg(feature = "compress")]
     zstd: Option<alloc::boxed::Box<crate::sender::Compress>>,
@@ -139,6 +141,7 @@ impl<F: FnMut(&PutFile, PutResult)> PutBatch<F> {
             out: None,
             sent_literal: VecDeque::new(),
             answered: 0,
+            covered: 0,
             on_result,
             #[cfg(feature = "compress")]
             zstd: if compress { crate::sender::Compress::new() } else { None },
@@ -178,6 +181,12 @@ impl<F: FnMut(&PutFile, PutResult)> PutBatch<F> {
         out
     }
 
+    /// File bytes covered by what went out so far (by `Ref`s or sent): a
+    /// batch's progress.
+    pub fn covered(&self) -> u64 {
+        self.covered
+    }
+
     /// Whether file `i` can be put now (its `Sig`, if it needs one, is
     /// answered).
     fn ready(&self, i: usize) -> bool {
@@ -211,6 +220,7 @@ impl<F: FnMut(&PutFile, PutResult)> PutBatch<F> {
         match piece {
             Piece::Ref { offset, len } => {
                 o.next += 1;
+                self.covered += len;
                 machine::emit(&Message::Ref { offset, len }, out)
             }
             Piece::Literal { offset, len } => {
@@ -218,6 +228,7 @@ impl<F: FnMut(&PutFile, PutResult)> PutBatch<F> {
                 let n = (len - o.within).min(MAX_DATA as u64);
                 o.within += n;
                 o.literal += n;
+                self.covered += n;
                 if o.within == len {
                     o.next += 1;
                     o.within = 0;

@@ -231,7 +231,7 @@ impl GuiApp {
         let (id, cancel) = self.start_job(format!("push folder {}", deltasync_client::printable(&name)));
         let repaint = ctx.clone();
         self.background(ctx, Some(cancel), move |conn, tx| {
-            let total = tree_bytes(&path);
+            let total = deltasync_client::tree::local_bytes(&path);
             let r = conn.and_then(|mut c| {
                 let seen = Seen { id, total, tx: tx.clone(), repaint };
                 let report = deltasync_client::tree::push(&mut c, &path, &name, TreeOptions::default(), seen);
@@ -608,24 +608,6 @@ fn tree_line(r: &TreeReport) -> String {
         human(r.wire_bytes_sent + r.wire_bytes_received),
         if r.failed > 0 { format!("; {} failed (see the log)", r.failed) } else { String::new() }
     )
-}
-
-/// Bytes of the files under `dir` (symlinks not followed): a folder push's
-/// total, for its progress bar.
-fn tree_bytes(dir: &std::path::Path) -> u64 {
-    let mut total = 0;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else { continue };
-        for e in rd.flatten() {
-            match e.metadata() {
-                Ok(m) if m.is_dir() => stack.push(e.path()),
-                Ok(m) if m.is_file() => total += m.len(),
-                _ => {}
-            }
-        }
-    }
-    total
 }
 
 /// What a folder's sync reports, sent to the window.
