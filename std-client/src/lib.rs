@@ -1046,7 +1046,10 @@ pub(crate) struct Sending {
 pub(crate) fn set_local_meta(f: &File, meta: Meta) -> io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     f.set_permissions(fs::Permissions::from_mode(meta.mode & deltasync_core::message::MODE_BITS))?;
-    let t = std::time::UNIX_EPOCH + Duration::new(meta.modified, meta.nanos.min(999_999_999));
+    // A time no clock can hold (a hostile server's) is refused, not added.
+    let t = std::time::UNIX_EPOCH
+        .checked_add(Duration::new(meta.modified, meta.nanos.min(999_999_999)))
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "modification time out of range"))?;
     f.set_modified(t)
 }
 
@@ -1156,6 +1159,16 @@ pub mod tree;
 #[cfg(test)]
 mod tests {
     use super::human_bytes;
+
+    #[test]
+    fn a_time_no_clock_holds_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = std::fs::File::create(dir.path().join("f")).unwrap();
+        let meta = deltasync_core::message::Meta { modified: u64::MAX, nanos: 0, mode: 0o644 };
+        assert!(super::set_local_meta(&f, meta).is_err());
+        let fine = deltasync_core::message::Meta { modified: 1_600_000_000, nanos: 5, mode: 0o600 };
+        super::set_local_meta(&f, fine).unwrap();
+    }
 
     #[test]
     fn byte_counts_read_well() {
