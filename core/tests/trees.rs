@@ -231,3 +231,31 @@ fn a_put_whose_base_changed_or_that_is_refused_fails_alone() {
     assert!(f.borrow()["a"] == other, "the other version stays");
     assert_eq!(f.borrow()["b"], [2]);
 }
+
+#[test]
+fn a_write_only_key_can_put_whole_files_but_neither_list_nor_read_through_deltas() {
+    let f = Files::default();
+    let secret = random_bytes(5, 50_000);
+    f.borrow_mut().insert("dev/secret".into(), secret.clone());
+    let writer = ClientKey { id: *b"writer01", secret: [3; 32] };
+    let access = Access { read: false, delete: false, ..Access::full("writer") };
+    let keyring = vec![(KEY, Access::full("sim")), (writer.clone(), access)];
+    let mut s = Session { server: server(&f, keyring), cp: pump(), sp: pump(), net: Net::new(), version: 0 };
+    let mut hs = handshake(writer);
+    let salt = run(&mut hs, &mut s.cp, &mut s.server, &mut s.sp, &mut s.net).expect("handshake");
+    s.version = hs.version();
+    // A listing tells names, sizes and hashes: reading.
+    let r = list(&mut s, "dev");
+    assert!(
+        matches!(r, Err(Stop::Client(DriveError::Session(SessionError::Peer(ErrorCode::PermissionDenied))))),
+        "{r:?}"
+    );
+    // A delta's Refs into the stored version would read it: refused (the
+    // Sig first, so the Put goes whole), and the stored file stays.
+    let mut edited = secret.clone();
+    edited[0] ^= 1;
+    let r = put(&mut s, salt, vec![("dev/secret", edited.clone(), true), ("dev/new", vec![7; 10], false)]);
+    assert_eq!(r[0].0, Ok(Hash::of(&edited)), "sent whole");
+    assert_eq!(r[0].1, edited.len() as u64, "no byte of the stored version was used");
+    assert_eq!(r[1].0, Ok(Hash::of(&[7; 10])));
+}

@@ -615,7 +615,8 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
     fn list_dir(&mut self, dir: &str) -> Result<(), ErrorCode> {
         let access = self.access.as_ref().ok_or(ErrorCode::PermissionDenied)?;
         let shown = |name: &str| access.covers(name) || access.leads_to(name);
-        if !(access.read || access.write) || !(dir.is_empty() || shown(dir)) {
+        // Read, not write: a listing tells every name, size and hash.
+        if !access.read || !(dir.is_empty() || shown(dir)) {
             return Err(ErrorCode::PermissionDenied);
         }
         // A tree sync's first step, even where nothing is stored yet.
@@ -726,9 +727,10 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
             Message::Copy { from, .. } => {
                 self.allowed(Operation::Read, from) && self.allowed(Operation::Write, name)
             }
-            // A writer stats a name before it uploads it, and asks for
-            // its leaves to send a delta.
-            Message::Stat { .. } | Message::Sig { .. } => {
+            // The leaves of a version tell of its bytes: reading.
+            Message::Sig { .. } => self.allowed(Operation::Read, name),
+            // A writer stats a name before it uploads it.
+            Message::Stat { .. } => {
                 self.allowed(Operation::Read, name) || self.allowed(Operation::Write, name)
             }
             Message::Download { .. } => self.allowed(Operation::Read, name),
@@ -802,6 +804,12 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
             Some(ErrorCode::BadName)
         } else if !self.allowed(Operation::Write, name) {
             Some(ErrorCode::PermissionDenied)
+        } else if base.is_some() && !self.allowed(Operation::Read, name) {
+            // `Ref`s into the stored version, with the hash `Done` tells,
+            // would read it a byte at a time: a delta needs reading.
+            Some(ErrorCode::PermissionDenied)
+        } else if size > put::MAX_SIZE {
+            Some(ErrorCode::Unsupported)
         } else {
             None
         };

@@ -12,6 +12,11 @@ use crate::source::{Output, Source};
 use crate::tree::{Tree, TreeIndexer, TreeView};
 use alloc::vec::Vec;
 
+/// The largest `Put` served: a stream of small files (clients send larger
+/// ones as uploads of their own), so that no one message makes a step copy
+/// or write without bound.
+pub(super) const MAX_SIZE: u64 = 64 << 20;
+
 /// What a frame of a `Put` costs on the wire beside its payload, about: its
 /// length, tag, message number and fields.
 const FRAME_COST: u64 = 3 + crate::channel::TAG_LEN as u64 + 12;
