@@ -76,15 +76,17 @@ fn owner_needs(dir: bool) -> u32 {
     if dir { 0o700 } else { 0o600 }
 }
 
-/// Gives an open file or directory a client's time and mode. The mode
-/// keeps [`owner_needs`]; a client's mode without them is kept exactly in
-/// [`MODE_XATTR`] (where the file system has none, the file's own mode is
-/// what a listing reports).
+/// Gives an open file or directory a client's time and mode. On disk the
+/// mode keeps [`owner_needs`] and never lets the group or others write
+/// (other users of the server's machine must not swap what it stores); a
+/// client's mode that differs from that is kept exactly in [`MODE_XATTR`]
+/// (where the file system has none, the file's own mode is what a listing
+/// reports).
 fn apply_meta(fd: impl std::os::fd::AsFd, meta: Meta, dir: bool) -> io::Result<()> {
     let mode = meta.mode & MODE_BITS;
-    let must = owner_needs(dir);
-    rustix::fs::fchmod(&fd, rustix::fs::Mode::from_raw_mode(mode | must))?;
-    if mode & must != must {
+    let on_disk = (mode | owner_needs(dir)) & !0o022;
+    rustix::fs::fchmod(&fd, rustix::fs::Mode::from_raw_mode(on_disk))?;
+    if on_disk != mode {
         if let Err(e) = rustix::fs::fsetxattr(
             &fd,
             MODE_XATTR,
@@ -1635,6 +1637,23 @@ impl Store for FsStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn modes_on_disk_keep_the_owners_bits_and_let_no_one_else_write() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let f = File::create(&path).unwrap();
+        let on_disk = |f: &File| f.metadata().unwrap().permissions().mode() & 0o7777;
+        for (asked, disk, listed) in
+            [(0o644, 0o644, 0o644), (0o777, 0o755, 0o777), (0o444, 0o644, 0o444), (0o4755, 0o755, 0o755)]
+        {
+            apply_meta(&f, Meta { modified: 1_600_000_000, nanos: 7, mode: asked }, false).unwrap();
+            assert_eq!(on_disk(&f), disk, "{asked:o} on disk");
+            assert_eq!(mode_of(&f, on_disk(&f)), listed, "{asked:o} listed");
+        }
+        assert_eq!(f.metadata().unwrap().mtime_nsec(), 7);
+    }
     use deltasync_core::Hash;
 
     #[test]
