@@ -420,7 +420,7 @@ impl Plan {
     fn resolve_new(&mut self) {
         for (file, h) in core::mem::take(&mut self.held_new) {
             if let Some(from) = self.by_hash.get(&h) {
-                self.counts.settled_bytes += file.size;
+                self.counts.settled_bytes = self.counts.settled_bytes.saturating_add(file.size);
                 self.counts.copied += 1;
                 self.held_ops.push(Op::Copy {
                     from: from.clone(),
@@ -431,9 +431,9 @@ impl Plan {
                 continue;
             }
             self.counts.transferred += 1;
-            self.counts.transferred_bytes += file.size;
+            self.counts.transferred_bytes = self.counts.transferred_bytes.saturating_add(file.size);
             if file.size <= crate::conn::put::PUT_MAX {
-                self.held_bytes += file.size;
+                self.held_bytes = self.held_bytes.saturating_add(file.size);
                 self.held_files.push((file, None));
             } else {
                 self.release();
@@ -487,7 +487,7 @@ impl Plan {
                     });
                     match from {
                         Some((from, sha256)) => {
-                            self.counts.settled_bytes += s.size;
+                            self.counts.settled_bytes = self.counts.settled_bytes.saturating_add(s.size);
                             self.counts.copied += 1;
                             ops.push(Op::Copy { from, sha256, to: s.name.clone(), meta: s.meta() });
                         }
@@ -533,11 +533,11 @@ impl Plan {
                     if !same {
                         transfers.push((s, Some(d)));
                     } else if s.meta() != d.meta() {
-                        self.counts.settled_bytes += s.size;
+                        self.counts.settled_bytes = self.counts.settled_bytes.saturating_add(s.size);
                         self.counts.touched += 1;
                         ops.push(Op::SetMeta { name: s.name.clone(), meta: s.meta(), kind: EntryKind::File });
                     } else {
-                        self.counts.settled_bytes += s.size;
+                        self.counts.settled_bytes = self.counts.settled_bytes.saturating_add(s.size);
                         self.counts.unchanged += 1;
                     }
                 }
@@ -550,9 +550,9 @@ impl Plan {
         self.held_ops.extend(ops);
         for (file, base) in transfers {
             self.counts.transferred += 1;
-            self.counts.transferred_bytes += file.size;
+            self.counts.transferred_bytes = self.counts.transferred_bytes.saturating_add(file.size);
             if file.size <= crate::conn::put::PUT_MAX {
-                self.held_bytes += file.size;
+                self.held_bytes = self.held_bytes.saturating_add(file.size);
                 self.held_files.push((file, base));
             } else {
                 self.release();

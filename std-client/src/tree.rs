@@ -167,13 +167,15 @@ struct Sync<'c, O> {
     filter: Filter,
     report: TreeReport,
     observer: O,
+    /// A pull (the local tree is the destination).
+    pull: bool,
     /// Bytes of files sent so far.
     decided: u64,
     /// Bytes of files that need no data, as the plan last said.
     settled: u64,
     /// Directories made or re-moded by a pull, given their mode last (a
     /// read-only directory is filled first).
-    dir_modes: Vec<(PathBuf, Meta)>,
+    dir_modes: Vec<(String, Meta)>,
 }
 
 /// Pushes the local tree `root` to `prefix` on the server (`""`: the
@@ -240,6 +242,7 @@ fn run<O: Observer>(
         options,
         filter,
         observer,
+        pull: direction == Direction::Download,
         decided: 0,
         settled: 0,
         dir_modes: Vec::new(),
@@ -283,9 +286,11 @@ fn run<O: Observer>(
         }
     }
     // Directory modes last, deepest first: a read-only one was filled.
-    for (path, meta) in sync.dir_modes.drain(..).rev() {
+    let dir_modes = std::mem::take(&mut sync.dir_modes);
+    for (rel, meta) in dir_modes.into_iter().rev() {
+        let path = sync.local(&rel);
         let mode = fs::Permissions::from_mode(meta.mode & MODE_BITS);
-        if let Err(e) = fs::set_permissions(&path, mode) {
+        if let Err(e) = sync.real_dirs(&rel, true).and_then(|()| fs::set_permissions(&path, mode)) {
             sync.report.failed += 1;
             sync.observer.change(&Change::Failed(path.display().to_string(), e.to_string()));
         }
@@ -314,6 +319,24 @@ impl<O: Observer> Sync<'_, O> {
         join(&self.prefix, rel)
     }
 
+    /// Checks that every directory from the root down to `rel`'s parent
+    /// (and `rel` itself, with `itself`) is a real directory: nothing is
+    /// read or written through a symlink, wherever one was planted.
+    fn real_dirs(&self, rel: &str, itself: bool) -> io::Result<()> {
+        let mut parts: Vec<&str> = rel.split('/').filter(|c| !c.is_empty()).collect();
+        if !itself {
+            parts.pop();
+        }
+        let mut p = self.root.clone();
+        for c in parts {
+            p.push(c);
+            if !fs::symlink_metadata(&p)?.is_dir() {
+                return Err(io::Error::other("a symlink or a file is in the way"));
+            }
+        }
+        Ok(())
+    }
+
     fn skip(&mut self, name: &str, why: &'static str) {
         self.report.skipped += 1;
         self.observer.change(&Change::Skipped(name.into(), why));
@@ -327,6 +350,13 @@ impl<O: Observer> Sync<'_, O> {
     /// The entries of the local directory `dir` that take part.
     fn list_local(&mut self, dir: &str) -> Result<Vec<StoredFile>, ClientError> {
         let path = self.local(dir);
+        // A directory reached through a symlink is not this tree's.
+        if let Err(e) = self.real_dirs(dir, true) {
+            if e.kind() != io::ErrorKind::NotFound {
+                self.skip(dir, "a symlink (not followed)");
+            }
+            return Ok(Vec::new());
+        }
         let rd = match fs::read_dir(&path) {
             Ok(rd) => rd,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -402,8 +432,14 @@ impl<O: Observer> Sync<'_, O> {
                 "the server listed {name:?} in {dir:?}: not a name there"
             )));
         }
-        for r in results {
+        for (r, dir) in results.into_iter().zip(dirs) {
             match r {
+                // Nothing there yet: a push makes it. A pull of a prefix
+                // the server does not have is an error (with --delete it
+                // would empty the local directory).
+                Err(ErrorCode::NotFound) if self.pull && dir.is_empty() => {
+                    return Err(ClientError::NotFound(self.prefix.clone()));
+                }
                 Ok(()) | Err(ErrorCode::NotFound) => {}
                 Err(code) => return Err(ClientError::Refused(code)),
             }
@@ -424,9 +460,14 @@ impl<O: Observer> Sync<'_, O> {
         }
         if direction == Direction::Download {
             for op in ops {
-                match self.local_op(&op) {
-                    Ok(()) => self.tell(&op),
-                    Err(e) => self.failed(op.name(), &e.to_string()),
+                match (self.local_op(&op), op) {
+                    (Ok(()), op) => self.tell(&op),
+                    // The copy's source changed: fetched after all.
+                    (Err(e), Op::Copy { to, meta, .. }) if e.kind() == io::ErrorKind::InvalidData => {
+                        let file = StoredFile { name: to, ..StoredFile::default() };
+                        self.fetch(file, meta, None)?;
+                    }
+                    (Err(e), op) => self.failed(op.name(), &e.to_string()),
                 }
             }
             return Ok(());
@@ -486,6 +527,10 @@ impl<O: Observer> Sync<'_, O> {
     /// symlink: one in the way fails the op.
     fn local_op(&mut self, op: &Op) -> io::Result<()> {
         let path = self.local(op.name());
+        self.real_dirs(op.name(), false)?;
+        if let Op::Copy { from, .. } = op {
+            self.real_dirs(from, false)?;
+        }
         if fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
             return Err(io::Error::other("a symlink is in the way"));
         }
@@ -495,16 +540,23 @@ impl<O: Observer> Sync<'_, O> {
                     Err(e) if e.kind() == io::ErrorKind::AlreadyExists && path.is_dir() => {}
                     r => r?,
                 }
-                self.dir_modes.push((path, *meta));
+                self.dir_modes.push((op.name().to_string(), *meta));
             }
-            Op::SetMeta { meta, kind: EntryKind::Dir, .. } => self.dir_modes.push((path, *meta)),
+            Op::SetMeta { meta, kind: EntryKind::Dir, name } => self.dir_modes.push((name.clone(), *meta)),
             Op::SetMeta { meta, .. } => set_local_meta(&File::open(&path)?, *meta)?,
-            Op::Copy { from, to, meta, .. } => {
+            Op::Copy { from, sha256, to, meta } => {
                 let tmp = self.local(&temp_name(to));
                 fs::copy(self.local(from), &tmp)?;
-                let done = File::open(&tmp)
-                    .and_then(|f| set_local_meta(&f, *meta))
-                    .and_then(|()| fs::rename(&tmp, &path));
+                // The file copied from may have changed since it was
+                // hashed (fetched over in this sync, say): only a copy
+                // with the content asked for is kept.
+                let done = File::open(&tmp).and_then(|f| {
+                    if deltasync_host::build::file_hash(&f)? != *sha256 {
+                        return Err(io::Error::new(io::ErrorKind::InvalidData, "copy source changed"));
+                    }
+                    set_local_meta(&f, *meta)?;
+                    fs::rename(&tmp, &path)
+                });
                 if done.is_err() {
                     let _ = fs::remove_file(&tmp);
                 }
@@ -532,7 +584,10 @@ impl<O: Observer> Sync<'_, O> {
         }
         match direction {
             Direction::Upload => self.send(file, meta, base),
-            Direction::Download => self.fetch(file, meta),
+            Direction::Download => {
+                let kind = Some(file.chunking);
+                self.fetch(file, meta, kind)
+            }
         }
     }
 
@@ -570,7 +625,9 @@ impl<O: Observer> Sync<'_, O> {
                     data,
                     meta: file.meta(),
                     kind: ChunkerKind::keep_or_choose(base.as_ref().map(|b| b.chunking), size),
-                    base: base.is_some(),
+                    // A delta against a far larger version is not worth
+                    // its leaves: sent whole.
+                    base: base.as_ref().is_some_and(|b| b.size <= 4 * deltasync_core::conn::put::PUT_MAX),
                 });
                 sources.push((file, base));
             }
@@ -617,24 +674,31 @@ impl<O: Observer> Sync<'_, O> {
         self.finish_transfer(file, r.map(|r| r.literal_bytes))
     }
 
-    fn fetch(&mut self, file: StoredFile, meta: Meta) -> Result<(), ClientError> {
+    /// Fetches `file` (chunked as `kind` on the server, if a listing said;
+    /// else the download asks).
+    fn fetch(&mut self, file: StoredFile, meta: Meta, kind: Option<ChunkerKind>) -> Result<(), ClientError> {
         let path = self.local(&file.name);
-        if fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
-            self.skip(&file.name, "a symlink is in the way");
+        if let Err(e) = self.real_dirs(&file.name, false) {
+            self.failed(&file.name, &e.to_string());
+            return Ok(());
+        }
+        // Only a regular file is replaced (opening a FIFO would block).
+        if fs::symlink_metadata(&path).is_ok_and(|m| !m.is_file()) {
+            self.skip(&file.name, "not a regular file here");
             return Ok(());
         }
         let remote = self.remote(&file.name);
         let decided = self.decided + self.settled;
         let name = file.name.clone();
         let observer = &mut self.observer;
-        let r = self.conn.download_with(&remote, &path, Some(file.chunking), Some(meta), |p| {
+        let r = self.conn.download_with(&remote, &path, kind, Some(meta), |p| {
             observer.progress(&name, p, decided + p.done)
         });
         self.finish_transfer(file, r.map(|r| r.literal_bytes))
     }
 
     fn finish_transfer(&mut self, file: StoredFile, r: Result<u64, ClientError>) -> Result<(), ClientError> {
-        self.decided += file.size;
+        self.decided = self.decided.saturating_add(file.size);
         let done = self.decided + self.settled;
         self.observer.progress(&file.name, Progress { done: file.size, total: file.size }, done);
         match r {
@@ -665,6 +729,11 @@ fn child_of(prefix: &str, dir: &str, e: &Entry<'_>) -> Option<StoredFile> {
     };
     let leaf = if dir.is_empty() { rel } else { rel.strip_prefix(dir)?.strip_prefix('/')? };
     if leaf.is_empty() || leaf.contains('/') {
+        return None;
+    }
+    // A chunking the size does not suit would make this side build a tree
+    // without bound for its base.
+    if e.kind == EntryKind::File && !e.chunking.suits(e.size) {
         return None;
     }
     Some(StoredFile {
@@ -748,7 +817,7 @@ pub fn watch(
     let filter = Filter::new(&abs, &options.excludes)?;
     let seen = dirty.clone();
     let base = abs.clone();
-    let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+    let handler = move |ev: notify::Result<notify::Event>| {
         let mut d = seen.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         d.first.get_or_insert(now);
@@ -774,8 +843,10 @@ pub fn watch(
             // The directory holding what changed is listed again.
             d.mark(rel.rsplit_once('/').map_or(String::new(), |(dir, _)| dir.to_string()));
         }
-    })
-    .map_err(local)?;
+    };
+    // A symlinked directory is not watched (nor pushed).
+    let config = notify::Config::default().with_follow_symlinks(false);
+    let mut watcher = notify::RecommendedWatcher::new(handler, config).map_err(local)?;
     watcher.watch(&abs, RecursiveMode::Recursive).map_err(local)?;
     let mut conn = connect()?;
     let mut plan = Some(Plan::new(Direction::Upload, plan_options(&options)));

@@ -8,7 +8,7 @@ use common::*;
 use deltasync_core::sim::random_bytes as random;
 use std::collections::BTreeMap;
 use std::fs;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
@@ -305,4 +305,57 @@ fn a_watched_tree_reaches_the_server_within_seconds() {
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(first < Duration::from_secs(10), "{first:?}");
+}
+
+#[test]
+fn a_pull_never_writes_through_a_symlink_nor_deletes_for_a_missing_prefix() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Server::start(&dir.path().join("root"));
+    let src = dir.path().join("src");
+    write_file(&src.join("x/f.txt"), b"into x", 0o644, (1_600_000_000, 0));
+    write_file(&src.join("fifo"), b"a file here", 0o644, (1_600_000_000, 0));
+    write_file(&src.join("keep.txt"), b"keep", 0o644, (1_600_000_000, 0));
+    srv.json(&["push", s(&src), "p"]);
+
+    // Locally `x` is a symlink to a directory elsewhere, and `fifo` a FIFO.
+    let out = dir.path().join("out");
+    let elsewhere = dir.path().join("elsewhere");
+    fs::create_dir_all(&out).unwrap();
+    fs::create_dir_all(&elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, out.join("x")).unwrap();
+    let made = std::process::Command::new("mkfifo").arg(out.join("fifo")).status().unwrap();
+    assert!(made.success());
+    let o = srv.cli(&["--json", "pull", "p", s(&out)]);
+    assert_eq!(o.status.code(), Some(11), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!elsewhere.join("f.txt").exists(), "written through the symlink");
+    assert_eq!(fs::read_dir(&elsewhere).unwrap().count(), 0);
+    assert!(fs::symlink_metadata(out.join("fifo")).unwrap().file_type().is_fifo(), "the FIFO was replaced");
+    assert_eq!(fs::read(out.join("keep.txt")).unwrap(), b"keep");
+
+    // A prefix the server does not have: an error, and --delete deletes nothing.
+    let o = srv.cli(&["pull", "no-such-prefix", s(&out), "--delete"]);
+    assert_eq!(o.status.code(), Some(5), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.join("keep.txt").exists());
+}
+
+#[test]
+fn a_local_copy_from_a_file_the_pull_already_replaced_is_fetched_instead() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Server::start(&dir.path().join("root"));
+    let src = dir.path().join("src");
+    let (a, b) = (random(1, 2 << 20), random(2, 2 << 20));
+    write_file(&src.join("d1/big"), &a, 0o644, (1_600_000_000, 0));
+    srv.json(&["push", s(&src), "p"]);
+    let out = dir.path().join("out");
+    srv.json(&["pull", "p", s(&out)]);
+    // On the server: d1/big becomes B (same size), and d2/old is A, the
+    // content this side holds as d1/big until the pull replaces it.
+    write_file(&src.join("d1/big"), &b, 0o644, (1_600_000_100, 0));
+    write_file(&src.join("d2/old"), &a, 0o644, (1_600_000_200, 0));
+    srv.json(&["push", s(&src), "p"]);
+    let r = srv.json(&["pull", "p", s(&out)]);
+    assert_eq!(r["failed"].as_u64(), Some(0), "{r}");
+    assert!(fs::read(out.join("d1/big")).unwrap() == b);
+    assert!(fs::read(out.join("d2/old")).unwrap() == a, "d2/old was copied from the replaced d1/big");
+    assert_eq!(snapshot(&out), snapshot(&src));
 }

@@ -1465,8 +1465,15 @@ impl Store for FsStore {
             } else if kind == FileType::RegularFile {
                 match self.describe(rel.clone(), &rel) {
                     Ok(f) => out.push(f),
+                    // Deleted while we listed: not there.
                     Err(ErrorCode::NotFound) => {}
-                    Err(e) => tracing::warn!(name = rel, error = %e, "left out of the listing"),
+                    // Never a listing with a file left out: a tree sync
+                    // would take it for gone (and a pull --delete delete
+                    // its copy).
+                    Err(e) => {
+                        tracing::warn!(name = rel, error = %e, "a file could not be described: listing refused");
+                        return Err(e);
+                    }
                 }
             }
         }

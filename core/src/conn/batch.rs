@@ -112,8 +112,13 @@ pub struct Listings<'d, F> {
     version: u16,
     on_entry: F,
     results: Vec<Result<(), ErrorCode>>,
+    entries: usize,
     deadline: Instant,
 }
+
+/// Most entries one [`Listings`] passes on (a hostile server's listing
+/// would otherwise grow its caller's memory without bound).
+pub const MAX_LISTED: usize = 1 << 22;
 
 impl<'d, F: FnMut(usize, crate::message::Entry<'_>)> Listings<'d, F> {
     /// Lists `dirs` in a session of protocol `version` (7 or later).
@@ -125,6 +130,7 @@ impl<'d, F: FnMut(usize, crate::message::Entry<'_>)> Listings<'d, F> {
             version,
             on_entry,
             results: Vec::with_capacity(dirs.len()),
+            entries: 0,
             deadline: now.plus_ms(IDLE_TIMEOUT_MS),
         }
     }
@@ -141,6 +147,10 @@ impl<F: FnMut(usize, crate::message::Entry<'_>)> Machine for Listings<'_, F> {
         }
         match msg {
             Message::Entry(e) => {
+                self.entries += 1;
+                if self.entries > MAX_LISTED {
+                    return Err(SessionError::Protocol(ErrorCode::OutOfRange));
+                }
                 (self.on_entry)(self.answered, e);
                 return Ok(());
             }

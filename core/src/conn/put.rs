@@ -37,6 +37,10 @@ pub const PUT_MAX: u64 = 1 << 20;
 /// the other does.
 pub const WINDOW: usize = 16;
 
+/// Most leaves a `Sig` answer may hold (a version of a few MiB has a few
+/// thousand): what a hostile server can make this side keep.
+const MAX_LEAVES: usize = 1 << 16;
+
 /// A file to send.
 #[derive(Clone, Debug)]
 pub struct PutFile {
@@ -271,6 +275,9 @@ impl<F: FnMut(&PutFile, PutResult)> Machine for PutBatch<F> {
                     let end = sig.next.checked_add(e.len).filter(|&end| end <= size && e.len > 0);
                     let end = end.ok_or(SessionError::Protocol(ErrorCode::BadMessage))?;
                     sig.leaves.entry(e.short).or_insert((sig.next, e.len));
+                    if sig.leaves.len() > MAX_LEAVES {
+                        return Err(SessionError::Protocol(ErrorCode::OutOfRange));
+                    }
                     sig.next = end;
                 }
                 if last {
