@@ -15,7 +15,7 @@ use crate::tree::{Summary, TreeView};
 /// Most entries in one `Entries` frame.
 const MAX_ENTRIES_PER_FRAME: u32 = 2048;
 /// Room a frame needs besides its packed entries or data.
-const FRAME_OVERHEAD: usize = 48;
+pub(crate) const FRAME_OVERHEAD: usize = 48;
 
 #[derive(Clone, Copy, Debug)]
 enum Request {

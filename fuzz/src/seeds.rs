@@ -285,6 +285,43 @@ fn server_seeds() -> Vec<(&'static str, Vec<u8>)> {
         }),
     ));
     seeds.push((
+        "tree",
+        session(AUTH | P2, |c, s| {
+            use deltasync_core::conn::batch::{Batch, Listings};
+            use deltasync_core::conn::put::{PutBatch, PutFile};
+            use deltasync_core::message::{EntryKind, Meta};
+            use deltasync_core::plan::Op;
+            let dirs = ["", "dir", "nope"];
+            let mut l = Listings::new(&dirs, PROTOCOL_VERSION, |_, _| {}, c.now());
+            drive(c, s, &mut l, usize::MAX);
+            let meta = Meta { modified: 1_600_000_000, nanos: 2, mode: 0o640 };
+            let b = sim::random_bytes(2, 100_000);
+            let ops = vec![
+                Op::MakeDir { name: "new".into(), meta },
+                Op::Copy { from: "dir/b".into(), sha256: Hash::of(&b), to: "new/b".into(), meta },
+                Op::Copy { from: "a".into(), sha256: Hash::of(&b), to: "new/a".into(), meta },
+                Op::SetMeta { name: "a".into(), meta, kind: EntryKind::File },
+                Op::Delete { name: "nope".into(), kind: EntryKind::File },
+            ];
+            let mut batch = Batch::new(ops, PROTOCOL_VERSION, |_, _| {}, c.now());
+            drive(c, s, &mut batch, usize::MAX);
+            let file = |name: &str, data: Vec<u8>, base| PutFile {
+                name: name.into(),
+                kind: ChunkerKind::for_size(data.len() as u64),
+                data,
+                meta,
+                base,
+            };
+            let files = vec![
+                file("dir/b", edited(b, 30_000, 2_000), true),
+                file("new/c", sim::log_lines(3, 20_000), false),
+                file("new/empty", Vec::new(), false),
+            ];
+            let mut puts = PutBatch::new(files, c.salt(), PROTOCOL_VERSION, true, |_, _| {}, c.now());
+            drive(c, s, &mut puts, usize::MAX);
+        }),
+    ));
+    seeds.push((
         "pieces-eof",
         session(AUTH | P1, |c, s| {
             s.piece(6);
@@ -497,6 +534,16 @@ fn seeds_reach_what_they_were_made_for() {
         let r = server_session::run(&get(seed));
         assert!(written(&r, name), "{seed}: {r:?}");
     }
+    let r = server_session::run(&get("tree"));
+    for name in ["dir/b", "new/c", "new/empty"] {
+        assert!(written(&r, name), "tree: {name}: {r:?}");
+    }
+    assert!(r.events.iter().any(|e| matches!(e, Event::Copied { to, .. } if to == "new/b")), "{r:?}");
+    assert!(
+        r.events.iter().any(|e| matches!(e, Event::Started { name, base: true, .. } if name == "dir/b")),
+        "{r:?}"
+    );
+    assert!(r.replies.contains(&Reply::Error(ErrorCode::Conflict)), "the wrong copy is refused: {r:?}");
     let r = server_session::run(&get("partial-resume"));
     assert!(
         r.events.iter().any(|e| matches!(e, Event::Started { name, base: true, .. } if name == "big")),

@@ -392,9 +392,26 @@ impl<S: Store> Session<S> {
             return;
         }
         match Message::decode(payload) {
-            Ok(Message::Upload { name, offer } | Message::UploadIf { name, offer, .. }) => {
+            Ok(
+                Message::Upload { name, offer }
+                | Message::UploadIf { name, offer, .. }
+                | Message::UploadMeta { name, offer, .. },
+            ) => {
                 self.offers.insert(name.to_string(), offer);
                 self.last_upload = Some(name.to_string());
+            }
+            // A put's size now, its hash at its end: what a `Written` for
+            // it must have stored.
+            Ok(Message::Put { name, size, chunking, .. }) => {
+                let offer =
+                    Summary { size, root: Hash::UNKNOWN, height: 0, file_hash: Hash::UNKNOWN, chunking };
+                self.offers.insert(name.to_string(), offer);
+                self.last_upload = Some(name.to_string());
+            }
+            Ok(Message::PutEnd { file_hash }) => {
+                if let Some(o) = self.last_upload.as_ref().and_then(|n| self.offers.get_mut(n)) {
+                    o.file_hash = file_hash;
+                }
             }
             Ok(Message::Root { root, height }) if root.is_known() => {
                 if let Some(o) = self.last_upload.as_ref().and_then(|n| self.offers.get_mut(n))

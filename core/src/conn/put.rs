@@ -229,7 +229,14 @@ impl<F: FnMut(&PutFile, PutResult)> PutBatch<F> {
             }
             Piece::Literal { offset, len } => {
                 let at = offset + o.within;
-                let n = (len - o.within).min(MAX_DATA as u64);
+                // As much as the frame and `out` hold.
+                let room =
+                    out.len().min(crate::frame::MAX_ENCODED).saturating_sub(crate::sender::FRAME_OVERHEAD);
+                let room = room.min(MAX_DATA);
+                if room == 0 {
+                    return Err(SessionError::Capacity);
+                }
+                let n = (len - o.within).min(room as u64);
                 o.within += n;
                 o.literal += n;
                 self.covered += n;
