@@ -95,8 +95,10 @@ pub struct Meta {
 /// The permission bits a [`Meta`] may carry.
 pub const MODE_BITS: u32 = 0o777;
 
-/// What a listed entry is (protocol 7).
+/// What a listed entry is (protocol 7). (Names in JSON are lowercase; on
+/// the wire only the variant's number counts.)
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum EntryKind {
     /// A regular file.
     #[default]

@@ -183,18 +183,8 @@ pub struct Point {
     pub saving: f64,
 }
 
-/// A stored file.
-#[derive(Clone, Debug, Serialize)]
-pub struct FileRow {
-    /// Name.
-    pub name: String,
-    /// Length in bytes.
-    pub size: u64,
-    /// Seconds since the Unix epoch.
-    pub modified: u64,
-    /// SHA-256, hex.
-    pub sha256: String,
-}
+/// A stored file, as the store describes it (core's one type for it).
+pub type FileRow = deltasync_core::conn::server::StoredFile;
 
 /// A tree sync (a connection that lists directories), as one operation
 /// with its files.

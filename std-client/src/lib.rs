@@ -353,18 +353,9 @@ pub fn human_bytes(bytes: u64) -> String {
     if u == 0 { format!("{bytes} B") } else { format!("{v:.1} {}", units[u]) }
 }
 
-/// A file on the server.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct RemoteFile {
-    /// Name relative to the server root.
-    pub name: String,
-    /// Length in bytes.
-    pub size: u64,
-    /// Modification time, seconds since the Unix epoch.
-    pub modified: u64,
-    /// SHA-256, hex.
-    pub sha256: String,
-}
+/// A file on the server: core's one type for a stored file (in JSON:
+/// `name`, `size`, `modified`, `nanos`, `mode`, `kind`, `sha256` in hex).
+pub type RemoteFile = deltasync_core::conn::server::StoredFile;
 
 /// What an interrupted upload left on the server (the next upload of the
 /// name resumes from it; `rm` drops it).
@@ -719,7 +710,9 @@ impl Connection {
                 name: i.name.to_string(),
                 size: i.size,
                 modified: i.modified,
-                sha256: i.sha256.to_string(),
+                sha256: i.sha256,
+                chunking: i.chunking,
+                ..RemoteFile::default()
             }),
             Listed::Partial(p) => {
                 partials.push(RemotePartial { name: p.name.to_string(), size: p.size, modified: p.modified })

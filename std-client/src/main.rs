@@ -458,7 +458,7 @@ fn run(cli: Cli) -> Result<(), ClientError> {
                         "{:>12}  {}  {}  {}",
                         f.size,
                         when(f.modified),
-                        &f.sha256[..16],
+                        &f.sha256.to_hex()[..16],
                         printable(&f.name)
                     ));
                 }

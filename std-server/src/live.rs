@@ -7,7 +7,7 @@ use deltasync_core::conn::server::{Direction, Event, Progress, Store};
 use deltasync_core::driver::DriveError;
 use deltasync_core::error::{ErrorCode, SessionError};
 use deltasync_core::message::Outcome;
-use deltasync_dashboard::{FileRow, Hub, Problem};
+use deltasync_dashboard::{Hub, Problem};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,16 +20,7 @@ impl LiveObserver {
     pub fn new(hub: Arc<Hub>, store: FsStore) -> LiveObserver {
         hub.set_file_lister(Arc::new(move || {
             let mut s = store.clone();
-            s.list()
-                .unwrap_or_default()
-                .into_iter()
-                .map(|f| FileRow {
-                    name: f.name,
-                    size: f.size,
-                    modified: f.modified,
-                    sha256: f.sha256.to_string(),
-                })
-                .collect()
+            s.list().unwrap_or_default()
         }));
         LiveObserver(hub)
     }

@@ -154,9 +154,12 @@ impl<K: Keys> Machine for ServerHandshake<K> {
     }
 }
 
-/// A stored file (or, in a directory listing, a directory) as the store
-/// describes it.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// A stored file (or, in a directory listing, a directory): the one type
+/// that describes one, from the store through a tree sync's plan to the
+/// client's listings and the dashboard. In JSON: `name`, `size`,
+/// `modified`, `nanos`, `mode`, `kind` (`file` or `dir`) and `sha256`
+/// (hex).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct StoredFile {
     /// Name relative to the root.
     pub name: String,
@@ -165,15 +168,29 @@ pub struct StoredFile {
     /// Seconds since the Unix epoch.
     pub modified: u64,
     /// SHA-256 of the contents.
+    #[serde(serialize_with = "hex")]
     pub sha256: Hash,
     /// How the stored tree of the file is chunked.
+    #[serde(skip)]
     pub chunking: ChunkerKind,
-    /// Nanoseconds past `modified`.
+    /// Nanoseconds past `modified` (left out of JSON when 0).
+    #[serde(skip_serializing_if = "is_zero")]
     pub nanos: u32,
-    /// Permission bits (see [`Meta`]).
+    /// Permission bits (see [`Meta`]; left out of JSON when 0, as in a
+    /// listing of protocol 6, which has none).
+    #[serde(skip_serializing_if = "is_zero")]
     pub mode: u32,
     /// A file, or (only in [`Store::list_dir`]) a directory.
     pub kind: EntryKind,
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
+}
+
+/// A hash as its hex string.
+fn hex<S: serde::Serializer>(h: &Hash, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&h.to_hex())
 }
 
 impl StoredFile {
