@@ -608,6 +608,8 @@ mod download {
 #[cfg(feature = "alloc")]
 pub mod batch;
 #[cfg(feature = "alloc")]
+pub mod fetch;
+#[cfg(feature = "alloc")]
 pub mod put;
 #[cfg(feature = "alloc")]
 pub mod server;

@@ -375,6 +375,14 @@ pub enum Message<'a> {
         /// SHA-256 of the whole file.
         file_hash: Hash,
     },
+    /// A whole file, sent without waiting for the client: answered with
+    /// `Offer`, then `Data` and `DataZ` covering it in order, then
+    /// `Done(Written, hash)`; or `Error`. A pull asks for the files it
+    /// lacks so, several at once.
+    Fetch {
+        /// File name.
+        name: &'a str,
+    },
 }
 
 impl<'a> Message<'a> {
@@ -549,7 +557,7 @@ mod tests {
         let (k, a, b, c, n, s, name, bytes, code, outcome, last) = v;
         let (a, b, c) = (*a, *b, *c);
         let meta = Meta { modified: a, nanos: c, mode: b as u32 };
-        let m = match k % 36 {
+        let m = match k % 37 {
             0 => Message::Hello {
                 version: a as u16,
                 cipher: if *last { CipherKind::AesGcm } else { CipherKind::ChaChaPoly },
@@ -603,6 +611,7 @@ mod tests {
             32 => Message::Put { name, size: a, meta, chunking: s.chunking, base: last.then_some(Hash(*n)) },
             33 => Message::Ref { offset: a, len: b },
             34 => Message::PutEnd { file_hash: Hash(*n) },
+            35 => Message::Fetch { name },
             _ => Message::Done { outcome: *outcome, file_hash: None },
         };
         f(m)

@@ -243,6 +243,36 @@ impl<T: TreeView, S: Source> Sender<T, S> {
     }
 }
 
+/// zstd for `DataZ` frames received, with the buffer it reuses.
+#[cfg(feature = "compress")]
+pub(crate) struct Unpack {
+    ctx: zstd::bulk::Decompressor<'static>,
+    out: alloc::vec::Vec<u8>,
+}
+
+#[cfg(feature = "compress")]
+impl Unpack {
+    /// A decompressor, if zstd can make one.
+    pub(crate) fn new() -> Option<alloc::boxed::Box<Unpack>> {
+        let ctx = zstd::bulk::Decompressor::new().ok()?;
+        Some(alloc::boxed::Box::new(Unpack { ctx, out: alloc::vec::Vec::with_capacity(MAX_DATA) }))
+    }
+
+    /// The `raw` bytes a `DataZ` frame's `bytes` hold: refused unless they
+    /// decompress to exactly that many, at most a frame's worth.
+    pub(crate) fn data(&mut self, raw: u32, bytes: &[u8]) -> Result<&[u8], ErrorCode> {
+        let raw = raw as usize;
+        if raw == 0 || raw > MAX_DATA {
+            return Err(ErrorCode::BadMessage);
+        }
+        self.out.clear();
+        match self.ctx.decompress_to_buffer(bytes, &mut self.out) {
+            Ok(n) if n == raw => Ok(&self.out),
+            _ => Err(ErrorCode::BadMessage),
+        }
+    }
+}
+
 #[cfg(feature = "compress")]
 impl Compress {
     /// A compressor, if zstd can make one.

@@ -259,3 +259,32 @@ fn a_write_only_key_can_put_whole_files_but_neither_list_nor_read_through_deltas
     assert_eq!(r[0].1, edited.len() as u64, "no byte of the stored version was used");
     assert_eq!(r[1].0, Ok(Hash::of(&[7; 10])));
 }
+
+#[test]
+fn fetches_come_without_waiting_and_a_missing_file_fails_alone() {
+    use deltasync_core::conn::fetch::FetchBatch;
+    let f = files(&["a", "d/b", "empty"]);
+    f.borrow_mut().insert("empty".into(), Vec::new());
+    f.borrow_mut().insert("log".into(), log_lines(4, 200_000));
+    let mut s = connect(&f, KEY, keys(), PROTOCOL_VERSION);
+    let names = ["a", "nope", "d/b", "empty", "log"];
+    let outs: Vec<Vec<u8>> = names.iter().map(|_| Vec::new()).collect();
+    let mut got = Vec::new();
+    let mut batch =
+        FetchBatch::new(&names, outs, s.version, |i, r| got.push((i, r.map(|(w, _)| w))), Instant(0));
+    run(&mut batch, &mut s.cp, &mut s.server, &mut s.sp, &mut s.net).unwrap();
+    assert_eq!(got.len(), 5);
+    for (i, r) in got {
+        match names[i] {
+            "nope" => assert_eq!(r, Err(ErrorCode::NotFound)),
+            n => assert!(r.as_deref() == Ok(&f.borrow()[n][..]), "{n}"),
+        }
+    }
+    // Sent ahead: the requests went out before the first answer came.
+    let after_handshake = &s.net.frames[2..];
+    assert!(
+        after_handshake.iter().take_while(|(to_server, _)| *to_server).count() >= 3,
+        "{:?}",
+        s.net.frames
+    );
+}

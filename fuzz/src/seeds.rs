@@ -319,6 +319,16 @@ fn server_seeds() -> Vec<(&'static str, Vec<u8>)> {
             ];
             let mut puts = PutBatch::new(files, c.salt(), PROTOCOL_VERSION, true, |_, _| {}, c.now());
             drive(c, s, &mut puts, usize::MAX);
+            let names = ["new/c", "nope", "a"];
+            let outs: Vec<Vec<u8>> = vec![Vec::new(); 3];
+            let mut fetches = deltasync_core::conn::fetch::FetchBatch::new(
+                &names,
+                outs,
+                PROTOCOL_VERSION,
+                |_, _| {},
+                c.now(),
+            );
+            drive(c, s, &mut fetches, usize::MAX);
         }),
     ));
     seeds.push((
@@ -544,6 +554,13 @@ fn seeds_reach_what_they_were_made_for() {
         "{r:?}"
     );
     assert!(r.replies.contains(&Reply::Error(ErrorCode::Conflict)), "the wrong copy is refused: {r:?}");
+    assert!(
+        r.events.iter().any(|e| matches!(
+            e,
+            Event::Finished { name, direction: Direction::Download, outcome: Outcome::Written, .. } if name == "new/c"
+        )),
+        "fetched: {r:?}"
+    );
     let r = server_session::run(&get("partial-resume"));
     assert!(
         r.events.iter().any(|e| matches!(e, Event::Started { name, base: true, .. } if name == "big")),

@@ -11,10 +11,11 @@
 //! nor deleted. The ignore file itself stays local, like every name that
 //! starts with `.deltasync` (the server keeps those for itself).
 
-use crate::{ClientError, Connection, Progress, Sending, set_local_meta};
+use crate::{ClientError, Connection, LocalOut, Progress, RemoveOnDrop, Sending, set_local_meta};
 use deltasync_core::Hash;
 use deltasync_core::chunker::ChunkerKind;
 use deltasync_core::conn::batch::{Batch, Listings};
+use deltasync_core::conn::fetch::FetchBatch;
 use deltasync_core::conn::put::{PutBatch, PutFile, PutResult};
 use deltasync_core::conn::server::{Direction, StoredFile};
 
@@ -269,6 +270,16 @@ fn run<O: Observer>(
             Step::Transfer { file, base } => sync.transfer(direction, file, base)?,
             Step::Transfers(files) if direction == Direction::Upload && !sync.options.dry_run => {
                 sync.send_small(files)?
+            }
+            Step::Transfers(files) if !sync.options.dry_run => {
+                // A pull: files this side lacks come without waiting
+                // between them; a delta needs its own exchange.
+                let (fresh, changed): (Vec<_>, Vec<_>) =
+                    files.into_iter().partition(|(_, base)| base.is_none());
+                sync.fetch_small(fresh.into_iter().map(|(f, _)| f).collect())?;
+                for (file, base) in changed {
+                    sync.transfer(direction, file, base)?;
+                }
             }
             Step::Transfers(files) => {
                 for (file, base) in files {
@@ -663,6 +674,76 @@ impl<O: Observer> Sync<'_, O> {
         Ok(())
     }
 
+    /// Fetches files this side lacks without waiting for the server
+    /// between them, [`FETCH_GROUP`] at a time; each is written beside its
+    /// place and renamed there once whole and verified.
+    fn fetch_small(&mut self, files: Vec<StoredFile>) -> Result<(), ClientError> {
+        let mut files = files.into_iter().peekable();
+        while files.peek().is_some() {
+            let (mut group, mut outs, mut guards, mut names) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for file in files.by_ref().take(FETCH_GROUP) {
+                let path = self.local(&file.name);
+                if let Err(e) = self.real_dirs(&file.name, false) {
+                    self.failed(&file.name, &e.to_string());
+                    continue;
+                }
+                if fs::symlink_metadata(&path).is_ok_and(|m| !m.is_file()) {
+                    self.skip(&file.name, "not a regular file here");
+                    continue;
+                }
+                let tmp = self.local(&temp_name(&file.name));
+                match File::create(&tmp) {
+                    Ok(f) => {
+                        outs.push(LocalOut {
+                            file: std::io::BufWriter::with_capacity(64 << 10, f),
+                            out_of_space: false,
+                        });
+                        guards.push(RemoveOnDrop(Some(tmp.clone())));
+                        names.push(self.remote(&file.name));
+                        group.push((file, path, tmp));
+                    }
+                    Err(e) => self.failed(&file.name, &e.to_string()),
+                }
+            }
+            if group.is_empty() {
+                continue;
+            }
+            let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+            let mut results: Vec<Option<Result<LocalOut, ErrorCode>>> =
+                (0..group.len()).map(|_| None).collect();
+            let mut batch = FetchBatch::new(
+                &refs,
+                outs,
+                self.conn.version(),
+                |i, r| results[i] = Some(r.map(|(w, _)| w)),
+                now(),
+            );
+            self.conn.run(&mut batch, "", |_, _| {})?;
+            drop(batch);
+            for (((file, path, tmp), r), guard) in group.into_iter().zip(results).zip(guards) {
+                let literal = file.size;
+                let done = match r {
+                    Some(Ok(out)) => out
+                        .file
+                        .into_inner()
+                        .map_err(|e| e.into_error())
+                        .and_then(|f| {
+                            set_local_meta(&f, file.meta())?;
+                            f.sync_all()?;
+                            fs::rename(&tmp, &path)
+                        })
+                        .map_err(|e| ClientError::Local(path.clone(), e)),
+                    Some(Err(code)) => Err(ClientError::Refused(code)),
+                    None => Err(ClientError::Protocol("no answer".into())),
+                };
+                drop(guard);
+                self.finish_transfer(file, done.map(|()| literal))?;
+            }
+        }
+        Ok(())
+    }
+
     fn send(&mut self, file: StoredFile, meta: Meta, base: Option<StoredFile>) -> Result<(), ClientError> {
         let path = self.local(&file.name);
         let remote = self.remote(&file.name);
@@ -747,6 +828,9 @@ fn child_of(prefix: &str, dir: &str, e: &Entry<'_>) -> Option<StoredFile> {
         kind: e.kind,
     })
 }
+
+/// Most files fetched in one stream (each holds a temporary file open).
+const FETCH_GROUP: usize = 64;
 
 /// Most file bytes read into memory at once for small files sent without
 /// waiting.

@@ -472,6 +472,7 @@ enum State<S: Store, K> {
     Receiving { name: String, old: Option<Summary>, conditional: bool, rx: Box<UploadReceiver<S>> },
     Sending { name: String, offered: bool, tx: Box<Sender<Tree, S::Reader>> },
     Putting(Box<put::Putting<S>>),
+    Giving(Box<put::Giving<S>>),
 }
 
 enum Reply {
@@ -552,7 +553,11 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
     pub fn is_busy(&self) -> bool {
         matches!(
             self.state,
-            State::Reply(_) | State::Receiving { .. } | State::Sending { .. } | State::Putting(_)
+            State::Reply(_)
+                | State::Receiving { .. }
+                | State::Sending { .. }
+                | State::Putting(_)
+                | State::Giving(_)
         )
     }
 
@@ -591,6 +596,12 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
                 done: tx.literal_bytes(),
                 total: tx.summary().size,
             }),
+            State::Giving(g) => Some(Progress {
+                name: g.name.clone(),
+                direction: Direction::Download,
+                done: g.pos.min(g.summary.size),
+                total: g.summary.size,
+            }),
             State::Putting(p) => Some(Progress {
                 name: p.name.clone(),
                 direction: Direction::Upload,
@@ -621,7 +632,8 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
             | Message::MakeDir { .. }
             | Message::Copy { .. }
             | Message::Sig { .. }
-            | Message::Put { .. } => 7,
+            | Message::Put { .. }
+            | Message::Fetch { .. } => 7,
             _ => 0,
         };
         self.version >= since
@@ -726,7 +738,8 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
             | Message::SetMeta { name, .. }
             | Message::MakeDir { name, .. }
             | Message::Copy { to: name, .. }
-            | Message::Sig { name, .. } => name,
+            | Message::Sig { name, .. }
+            | Message::Fetch { name } => name,
             Message::Error(c) => return Err(SessionError::Peer(c)),
             _ => return Err(SessionError::Protocol(ErrorCode::UnexpectedMessage)),
         };
@@ -750,7 +763,7 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
             Message::Stat { .. } => {
                 self.allowed(Operation::Read, name) || self.allowed(Operation::Write, name)
             }
-            Message::Download { .. } => self.allowed(Operation::Read, name),
+            Message::Download { .. } | Message::Fetch { .. } => self.allowed(Operation::Read, name),
             Message::Upload { .. }
             | Message::UploadIf { .. }
             | Message::UploadMeta { .. }
@@ -774,6 +787,18 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
             }
             Message::ListDir { dir } => self.list_dir(dir),
             Message::Sig { name, chunking } => self.sig(name, chunking),
+            Message::Fetch { name } => {
+                let compress = self.caps & crate::message::CAP_ZSTD != 0;
+                put::Giving::start(&mut self.store, name, compress).map(|g| {
+                    self.events.push_back(Event::Started {
+                        name: name.to_string(),
+                        direction: Direction::Download,
+                        size: g.summary.size,
+                        base: false,
+                    });
+                    self.state = State::Giving(Box::new(g));
+                })
+            }
             Message::SetMeta { name, meta } => self.store.set_meta(name, clean(meta)).map(|()| {
                 self.state = State::Reply([Reply::Done(Outcome::Unchanged, None)].into());
             }),
@@ -1089,7 +1114,7 @@ impl<S: Store, K: Keys> Machine for ServerConn<S, K> {
                     Err(SessionError::Protocol(code))
                 }
             },
-            State::Reply(_) => Err(SessionError::Protocol(ErrorCode::UnexpectedMessage)),
+            State::Reply(_) | State::Giving(_) => Err(SessionError::Protocol(ErrorCode::UnexpectedMessage)),
         }
     }
 
@@ -1107,6 +1132,24 @@ impl<S: Store, K: Keys> Machine for ServerConn<S, K> {
                     p => return Ok(p.map_done()),
                 },
                 State::Idle | State::Putting(_) => return machine::wait_until(now, self.deadline),
+                State::Giving(g) => match g.emit(out)? {
+                    Some(n) => return Ok(Poll::Transmit(n)),
+                    None => {
+                        let State::Giving(g) = core::mem::replace(&mut self.state, State::Idle) else {
+                            continue;
+                        };
+                        let size = g.summary.size;
+                        self.events.push_back(Event::Finished {
+                            name: g.name,
+                            direction: Direction::Download,
+                            size,
+                            outcome: Outcome::Written,
+                            literal_bytes: size,
+                            reused_bytes: 0,
+                            wire_bytes: Some(g.wire),
+                        });
+                    }
+                },
                 State::Reply(q) => {
                     let Some(r) = q.pop_front() else {
                         self.state = State::Idle;

@@ -65,7 +65,7 @@ pub(super) struct Putting<S: Store> {
     pub wire: u64,
     buf: Vec<u8>,
     #[cfg(feature = "compress")]
-    unzstd: Option<alloc::boxed::Box<zstd::bulk::Decompressor<'static>>>,
+    unzstd: Option<alloc::boxed::Box<crate::sender::Unpack>>,
 }
 
 impl<S: Store> Putting<S> {
@@ -163,23 +163,6 @@ impl<S: Store> Putting<S> {
         r
     }
 
-    #[cfg(feature = "compress")]
-    fn unpack(&mut self, raw: u32, bytes: &[u8]) -> Result<Vec<u8>, ErrorCode> {
-        if raw as usize > MAX_DATA {
-            return Err(ErrorCode::BadMessage);
-        }
-        if self.unzstd.is_none() {
-            let d = zstd::bulk::Decompressor::new().map_err(|_| ErrorCode::Storage)?;
-            self.unzstd = Some(alloc::boxed::Box::new(d));
-        }
-        let z = self.unzstd.as_mut().ok_or(ErrorCode::Storage)?;
-        let mut out = alloc::vec![0u8; raw as usize];
-        match z.decompress_to_buffer(bytes, &mut out[..]) {
-            Ok(n) if n == raw as usize => Ok(out),
-            _ => Err(ErrorCode::BadMessage),
-        }
-    }
-
     /// One piece of the put; `Some(end hash)` at its `PutEnd`. A failure
     /// is kept, and the rest read and dropped.
     pub fn handle(&mut self, msg: Message<'_>) -> Result<Option<Hash>, ErrorCode> {
@@ -198,11 +181,19 @@ impl<S: Store> Putting<S> {
             }
             #[cfg(feature = "compress")]
             Message::DataZ { offset, raw, bytes } if offset == self.pos => {
-                let data = self.unpack(raw, bytes);
-                data.and_then(|d| {
-                    self.literal += d.len() as u64;
-                    self.write(&d)
-                })
+                if self.unzstd.is_none() {
+                    self.unzstd = crate::sender::Unpack::new();
+                }
+                let mut z = self.unzstd.take();
+                let r = match z.as_deref_mut() {
+                    Some(z) => z.data(raw, bytes).and_then(|d| {
+                        self.literal += d.len() as u64;
+                        self.write(d)
+                    }),
+                    None => Err(ErrorCode::Storage),
+                };
+                self.unzstd = z;
+                r
             }
             Message::Data { .. } | Message::DataZ { .. } => Err(ErrorCode::BadMessage),
             _ => return Err(ErrorCode::UnexpectedMessage),
@@ -237,6 +228,88 @@ impl<S: Store> Putting<S> {
             }
             (w, Err(e)) => Err((w, e)),
             (None, Ok(_)) => Err((None, ErrorCode::Storage)),
+        }
+    }
+}
+
+/// A `Fetch` being answered: the stored version's summary, then its bytes
+/// in order, then `Done` with its hash.
+pub(super) struct Giving<S: Store> {
+    pub name: alloc::string::String,
+    source: S::Reader,
+    pub summary: crate::tree::Summary,
+    offered: bool,
+    pub pos: u64,
+    /// Bytes its frames took on the wire (sealed).
+    pub wire: u64,
+    buf: Vec<u8>,
+    #[cfg(feature = "compress")]
+    zstd: Option<alloc::boxed::Box<crate::sender::Compress>>,
+}
+
+impl<S: Store> Giving<S> {
+    /// Gives the stored version of `name`; `compress` if the client reads
+    /// `DataZ`.
+    pub fn start(store: &mut S, name: &str, compress: bool) -> Result<Self, ErrorCode> {
+        let (tree, source) = store.open(name, None)?.ok_or(ErrorCode::NotFound)?;
+        let summary = tree.summary();
+        #[cfg(not(feature = "compress"))]
+        let _ = compress;
+        Ok(Giving {
+            name: name.into(),
+            source,
+            summary,
+            offered: false,
+            pos: 0,
+            wire: 0,
+            buf: Vec::new(),
+            #[cfg(feature = "compress")]
+            zstd: if compress { crate::sender::Compress::new() } else { None },
+        })
+    }
+
+    /// The next frame into `out`: its length, or `None` once `Done` went.
+    pub fn emit(&mut self, out: &mut [u8]) -> Result<Option<usize>, crate::error::SessionError> {
+        use crate::error::SessionError;
+        use crate::machine::{Poll, emit};
+        let polled = if !self.offered {
+            self.offered = true;
+            emit::<()>(&Message::Offer(self.summary), out)?
+        } else if self.pos < self.summary.size {
+            let room = out.len().min(crate::frame::MAX_ENCODED).saturating_sub(crate::sender::FRAME_OVERHEAD);
+            let n = (self.summary.size - self.pos).min(room.min(MAX_DATA) as u64) as usize;
+            if n == 0 {
+                return Err(SessionError::Capacity);
+            }
+            let at = self.pos;
+            self.buf.resize(n, 0);
+            self.source.read_at(at, &mut self.buf).map_err(|_| SessionError::Read)?;
+            self.pos += n as u64;
+            #[cfg(feature = "compress")]
+            if let Some(z) = self.zstd.as_deref_mut()
+                && z.wants_try()
+                && let Some(w) = z.frame(at, &self.buf, out)?
+            {
+                self.wire += (w + crate::channel::TAG_LEN) as u64;
+                return Ok(Some(w));
+            }
+            emit::<()>(&Message::Data { offset: at, bytes: &self.buf }, out)?
+        } else if self.pos == self.summary.size {
+            self.pos += 1;
+            let m = Message::Done {
+                outcome: crate::message::Outcome::Written,
+                file_hash: Some(self.summary.file_hash),
+            };
+            emit::<()>(&m, out)?
+        } else {
+            return Ok(None);
+        };
+        match polled {
+            Poll::Transmit(n) => {
+                self.wire += (n + crate::channel::TAG_LEN) as u64;
+                Ok(Some(n))
+            }
+            _ => Err(SessionError::Capacity),
         }
     }
 }
