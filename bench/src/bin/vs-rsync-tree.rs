@@ -10,6 +10,8 @@
 //! runs this). rsync runs as `rsync -a --delete --stats`, deltasync as
 //! `deltasync push --delete --json`: both keep times and modes, and
 //! mirror. Both servers' roots are on the same file system (`BENCH_DIR`).
+//! With `RSYNC_FSYNC=1`, rsync runs with `--fsync` (it syncs every file it
+//! writes, as deltasync's server does).
 
 use deltasync_bench::{client, key, median, settle, timed_transfer};
 use deltasync_server::process::ServerProcess;
@@ -88,8 +90,12 @@ struct Run {
 
 fn rsync(port: u16, tree: &Path, dest: &str) -> Run {
     let t = Instant::now();
+    // RSYNC_FSYNC=1: the daemon syncs each file it writes, the durability
+    // deltasync's server always gives.
+    let fsync = std::env::var_os("RSYNC_FSYNC").is_some_and(|v| v == "1");
     let out = Command::new("rsync")
         .args(["-a", "--delete", "--stats"])
+        .args(fsync.then_some("--fsync"))
         .arg(format!("{}/", tree.display()))
         .arg(format!("rsync://127.0.0.1:{port}/bench/{dest}/"))
         .output()
