@@ -17,7 +17,7 @@
 use crate::conn::server::{Direction, StoredFile};
 use crate::hash::Hash;
 use crate::message::{EntryKind, Meta};
-use alloc::collections::{BTreeMap, VecDeque};
+use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::cmp::Ordering;
@@ -354,9 +354,17 @@ impl Plan {
                 self.remember(d.sha256, &d.name);
             }
         }
+        // The sizes of the files new here (once, not per pair).
+        let new_sizes: BTreeSet<u64> = pairs
+            .iter()
+            .filter_map(|p| match p {
+                (Some(s), None) if s.kind == EntryKind::File => Some(s.size),
+                _ => None,
+            })
+            .collect();
         let mut to_hash = VecDeque::new();
         for p in &pairs {
-            if let Some(name) = self.hash_wanted(p, &pairs) {
+            if let Some(name) = self.hash_wanted(p, &new_sizes) {
                 to_hash.push_back(name);
             }
         }
@@ -380,7 +388,7 @@ impl Plan {
     fn hash_wanted(
         &self,
         p: &(Option<StoredFile>, Option<StoredFile>),
-        pairs: &[(Option<StoredFile>, Option<StoredFile>)],
+        new_sizes: &BTreeSet<u64>,
     ) -> Option<String> {
         let is_file = |f: &Option<StoredFile>| f.as_ref().is_some_and(|f| f.kind == EntryKind::File);
         match (p, self.direction) {
@@ -396,10 +404,9 @@ impl Plan {
             }
             // A local file the server lacks, when a new one of its size
             // comes: it may be where that one was (a rename).
-            ((None, Some(d)), Direction::Download) if is_file(&p.1) && d.size > 0 => pairs
-                .iter()
-                .any(|q| matches!(q, (Some(s), None) if s.kind == EntryKind::File && s.size == d.size))
-                .then(|| d.name.clone()),
+            ((None, Some(d)), Direction::Download) if is_file(&p.1) && d.size > 0 => {
+                new_sizes.contains(&d.size).then(|| d.name.clone())
+            }
             _ => None,
         }
     }
@@ -430,15 +437,21 @@ impl Plan {
                 });
                 continue;
             }
-            self.counts.transferred += 1;
-            self.counts.transferred_bytes = self.counts.transferred_bytes.saturating_add(file.size);
-            if file.size <= crate::conn::put::PUT_MAX {
-                self.held_bytes = self.held_bytes.saturating_add(file.size);
-                self.held_files.push((file, None));
-            } else {
-                self.release();
-                self.steps.push_back(Step::Transfer { file, base: None });
-            }
+            self.send(file, None);
+        }
+    }
+
+    /// Counts a file to send, and holds it back with the small ones or
+    /// hands it over at once (after what was held) if it is large.
+    fn send(&mut self, file: StoredFile, base: Option<StoredFile>) {
+        self.counts.transferred += 1;
+        self.counts.transferred_bytes = self.counts.transferred_bytes.saturating_add(file.size);
+        if file.size <= crate::conn::put::PUT_MAX {
+            self.held_bytes = self.held_bytes.saturating_add(file.size);
+            self.held_files.push((file, base));
+        } else {
+            self.release();
+            self.steps.push_back(Step::Transfer { file, base });
         }
     }
 
@@ -549,15 +562,7 @@ impl Plan {
         // first).
         self.held_ops.extend(ops);
         for (file, base) in transfers {
-            self.counts.transferred += 1;
-            self.counts.transferred_bytes = self.counts.transferred_bytes.saturating_add(file.size);
-            if file.size <= crate::conn::put::PUT_MAX {
-                self.held_bytes = self.held_bytes.saturating_add(file.size);
-                self.held_files.push((file, base));
-            } else {
-                self.release();
-                self.steps.push_back(Step::Transfer { file, base });
-            }
+            self.send(file, base);
         }
         if self.held_new.len() >= HOLD_FILES {
             self.resolve_new();

@@ -15,7 +15,17 @@ use crate::tree::{Summary, TreeView};
 /// Most entries in one `Entries` frame.
 const MAX_ENTRIES_PER_FRAME: u32 = 2048;
 /// Room a frame needs besides its packed entries or data.
-pub(crate) const FRAME_OVERHEAD: usize = 48;
+const FRAME_OVERHEAD: usize = 48;
+
+/// How many of `left` file bytes the next `Data` frame into `out` carries:
+/// as many as the frame and `out` hold (`Capacity` if that is none).
+pub(crate) fn data_room(out: &[u8], left: u64) -> Result<usize, SessionError> {
+    let room = out.len().min(frame::MAX_ENCODED).saturating_sub(FRAME_OVERHEAD).min(MAX_DATA);
+    if room == 0 {
+        return Err(SessionError::Capacity);
+    }
+    Ok(left.min(room as u64) as usize)
+}
 
 #[derive(Clone, Copy, Debug)]
 enum Request {
@@ -215,11 +225,7 @@ impl<T: TreeView, S: Source> Sender<T, S> {
     }
 
     fn send_data(&mut self, offset: u64, end: u64, out: &mut [u8]) -> Result<usize, SessionError> {
-        let room = out.len().min(frame::MAX_ENCODED).saturating_sub(FRAME_OVERHEAD).min(MAX_DATA);
-        if room == 0 {
-            return Err(SessionError::Capacity);
-        }
-        let n = (end - offset).min(room as u64) as usize;
+        let n = data_room(out, end - offset)?;
         #[cfg(feature = "compress")]
         if let Some(z) = self.zstd.as_deref_mut()
             && z.wants_try()

@@ -20,12 +20,57 @@ use alloc::vec::Vec;
 /// answers at once without a large buffer.
 pub const WINDOW: usize = 64;
 
+/// Requests sent ahead of their answers, which come in order: which one to
+/// send next (while fewer than `window` are unanswered), and which one the
+/// next answer is for. `Batch`, `Listings` and `FetchBatch` share it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Ahead {
+    len: usize,
+    window: usize,
+    sent: usize,
+    answered: usize,
+}
+
+impl Ahead {
+    /// `len` requests, at most `window` unanswered.
+    pub(crate) fn new(len: usize, window: usize) -> Ahead {
+        Ahead { len, window, sent: 0, answered: 0 }
+    }
+
+    /// The request the next answer is for, if one is out.
+    pub(crate) fn answering(&self) -> Option<usize> {
+        (self.answered < self.sent).then_some(self.answered)
+    }
+
+    /// The request being answered was, in full.
+    pub(crate) fn answered(&mut self) {
+        self.answered += 1;
+    }
+
+    /// Whether every request was answered.
+    pub(crate) fn done(&self) -> bool {
+        self.answered == self.len
+    }
+
+    /// The request to send now, if the window has room, in a session of
+    /// protocol `version` (7 or later, which has these requests).
+    pub(crate) fn next(&mut self, version: u16) -> Result<Option<usize>, SessionError> {
+        if version < 7 {
+            return Err(SessionError::Peer(ErrorCode::Unsupported));
+        }
+        if self.sent < self.len && self.sent - self.answered < self.window {
+            self.sent += 1;
+            return Ok(Some(self.sent - 1));
+        }
+        Ok(None)
+    }
+}
+
 /// Sends [`Op`]s (names as the server knows them) and passes each one's
 /// result to `on_result`, in order.
 pub struct Batch<F> {
     ops: Vec<Op>,
-    sent: usize,
-    answered: usize,
+    ahead: Ahead,
     version: u16,
     on_result: F,
     deadline: Instant,
@@ -34,7 +79,8 @@ pub struct Batch<F> {
 impl<F: FnMut(&Op, Result<(), ErrorCode>)> Batch<F> {
     /// A batch in a session of protocol `version` (7 or later).
     pub fn new(ops: Vec<Op>, version: u16, on_result: F, now: Instant) -> Self {
-        Batch { ops, sent: 0, answered: 0, version, on_result, deadline: now.plus_ms(IDLE_TIMEOUT_MS) }
+        let ahead = Ahead::new(ops.len(), WINDOW);
+        Batch { ops, ahead, version, on_result, deadline: now.plus_ms(IDLE_TIMEOUT_MS) }
     }
 }
 
@@ -43,7 +89,7 @@ impl<F: FnMut(&Op, Result<(), ErrorCode>)> Machine for Batch<F> {
 
     fn handle(&mut self, now: Instant, msg: Message<'_>) -> Result<(), SessionError> {
         self.deadline = now.plus_ms(IDLE_TIMEOUT_MS);
-        let Some(op) = self.ops.get(self.answered).filter(|_| self.answered < self.sent) else {
+        let Some(op) = self.ahead.answering().and_then(|i| self.ops.get(i)) else {
             return Err(machine::unexpected(&msg));
         };
         let result = match (op, msg) {
@@ -54,19 +100,16 @@ impl<F: FnMut(&Op, Result<(), ErrorCode>)> Machine for Batch<F> {
             (_, m) => return Err(machine::unexpected(&m)),
         };
         (self.on_result)(op, result);
-        self.answered += 1;
+        self.ahead.answered();
         Ok(())
     }
 
     fn poll(&mut self, now: Instant, out: &mut [u8]) -> Result<Poll<()>, SessionError> {
-        if self.answered == self.ops.len() {
+        if self.ahead.done() {
             return Ok(Poll::Done(()));
         }
-        if self.version < 7 {
-            return Err(SessionError::Peer(ErrorCode::Unsupported));
-        }
-        if self.sent < self.ops.len() && self.sent - self.answered < WINDOW {
-            let m = match &self.ops[self.sent] {
+        if let Some(i) = self.ahead.next(self.version)? {
+            let m = match &self.ops[i] {
                 Op::MakeDir { name, meta } => Message::MakeDir { name, meta: *meta },
                 Op::SetMeta { name, meta, .. } => Message::SetMeta { name, meta: *meta },
                 Op::Copy { from, sha256, to, meta } => {
@@ -74,7 +117,6 @@ impl<F: FnMut(&Op, Result<(), ErrorCode>)> Machine for Batch<F> {
                 }
                 Op::Delete { name, .. } => Message::Delete { name },
             };
-            self.sent += 1;
             return machine::emit(&m, out);
         }
         machine::wait_until(now, self.deadline)
@@ -107,8 +149,7 @@ impl Op {
 /// (`Err(NotFound)`: no such directory).
 pub struct Listings<'d, F> {
     dirs: &'d [&'d str],
-    sent: usize,
-    answered: usize,
+    ahead: Ahead,
     version: u16,
     on_entry: F,
     results: Vec<Result<(), ErrorCode>>,
@@ -125,8 +166,7 @@ impl<'d, F: FnMut(usize, crate::message::Entry<'_>)> Listings<'d, F> {
     pub fn new(dirs: &'d [&'d str], version: u16, on_entry: F, now: Instant) -> Self {
         Listings {
             dirs,
-            sent: 0,
-            answered: 0,
+            ahead: Ahead::new(dirs.len(), WINDOW),
             version,
             on_entry,
             results: Vec::with_capacity(dirs.len()),
@@ -142,37 +182,32 @@ impl<F: FnMut(usize, crate::message::Entry<'_>)> Machine for Listings<'_, F> {
 
     fn handle(&mut self, now: Instant, msg: Message<'_>) -> Result<(), SessionError> {
         self.deadline = now.plus_ms(IDLE_TIMEOUT_MS);
-        if self.answered >= self.sent {
+        let Some(i) = self.ahead.answering() else {
             return Err(machine::unexpected(&msg));
-        }
+        };
         match msg {
             Message::Entry(e) => {
                 self.entries += 1;
                 if self.entries > MAX_LISTED {
                     return Err(SessionError::Protocol(ErrorCode::OutOfRange));
                 }
-                (self.on_entry)(self.answered, e);
+                (self.on_entry)(i, e);
                 return Ok(());
             }
             Message::ListEnd => self.results.push(Ok(())),
             Message::Error(code) => self.results.push(Err(code)),
             m => return Err(machine::unexpected(&m)),
         }
-        self.answered += 1;
+        self.ahead.answered();
         Ok(())
     }
 
     fn poll(&mut self, now: Instant, out: &mut [u8]) -> Result<Poll<Self::Output>, SessionError> {
-        if self.answered == self.dirs.len() {
+        if self.ahead.done() {
             return Ok(Poll::Done(core::mem::take(&mut self.results)));
         }
-        if self.version < 7 {
-            return Err(SessionError::Peer(ErrorCode::Unsupported));
-        }
-        if self.sent < self.dirs.len() && self.sent - self.answered < WINDOW {
-            let dir = self.dirs[self.sent];
-            self.sent += 1;
-            return machine::emit(&Message::ListDir { dir }, out);
+        if let Some(i) = self.ahead.next(self.version)? {
+            return machine::emit(&Message::ListDir { dir: self.dirs[i] }, out);
         }
         machine::wait_until(now, self.deadline)
     }

@@ -10,6 +10,7 @@
 //! arrives; one that does not match fails alone (`Integrity`), and so does
 //! one the shell could not write: the stream stays in step.
 
+use super::batch::Ahead;
 use crate::error::{ErrorCode, SessionError};
 use crate::hash::Hash;
 use crate::machine::{self, Machine, Poll};
@@ -37,8 +38,7 @@ struct Current {
 pub struct FetchBatch<'n, W, F> {
     names: &'n [&'n str],
     outs: Vec<Option<W>>,
-    sent: usize,
-    answered: usize,
+    ahead: Ahead,
     version: u16,
     current: Option<Current>,
     on_result: F,
@@ -54,8 +54,7 @@ impl<'n, W: Output, F: FnMut(usize, Result<(W, Summary), ErrorCode>)> FetchBatch
         FetchBatch {
             names,
             outs: outs.into_iter().map(Some).collect(),
-            sent: 0,
-            answered: 0,
+            ahead: Ahead::new(names.len(), WINDOW),
             version,
             current: None,
             on_result,
@@ -65,10 +64,9 @@ impl<'n, W: Output, F: FnMut(usize, Result<(W, Summary), ErrorCode>)> FetchBatch
         }
     }
 
-    /// Ends the file being answered with `result`.
-    fn end(&mut self, result: Result<Summary, ErrorCode>) {
-        let i = self.answered;
-        self.answered += 1;
+    /// Ends file `i`, the one being answered, with `result`.
+    fn end(&mut self, i: usize, result: Result<Summary, ErrorCode>) {
+        self.ahead.answered();
         self.current = None;
         let out = self.outs.get_mut(i).and_then(Option::take);
         let r = match (result, out) {
@@ -79,10 +77,9 @@ impl<'n, W: Output, F: FnMut(usize, Result<(W, Summary), ErrorCode>)> FetchBatch
         (self.on_result)(i, r);
     }
 
-    /// Bytes at `offset` of the file being received.
-    fn data(&mut self, offset: u64, bytes: &[u8]) -> Result<(), SessionError> {
+    /// Bytes at `offset` of file `i`, the one being received.
+    fn data(&mut self, i: usize, offset: u64, bytes: &[u8]) -> Result<(), SessionError> {
         let bad = SessionError::Protocol(ErrorCode::BadMessage);
-        let i = self.answered;
         let c = self.current.as_mut().ok_or(SessionError::Protocol(ErrorCode::UnexpectedMessage))?;
         let end = c.pos.checked_add(bytes.len() as u64).filter(|&e| e <= c.summary.size && !bytes.is_empty());
         if offset != c.pos || end.is_none() {
@@ -107,9 +104,9 @@ impl<W: Output, F: FnMut(usize, Result<(W, Summary), ErrorCode>)> Machine for Fe
 
     fn handle(&mut self, now: Instant, msg: Message<'_>) -> Result<(), SessionError> {
         self.deadline = now.plus_ms(IDLE_TIMEOUT_MS);
-        if self.answered >= self.sent {
+        let Some(i) = self.ahead.answering() else {
             return Err(machine::unexpected(&msg));
-        }
+        };
         match msg {
             Message::Offer(summary) if self.current.is_none() => {
                 // A server always knows the hash of what it stores.
@@ -120,17 +117,18 @@ impl<W: Output, F: FnMut(usize, Result<(W, Summary), ErrorCode>)> Machine for Fe
                 Ok(())
             }
             Message::Error(code) if self.current.is_none() => {
-                self.end(Err(code));
+                self.end(i, Err(code));
                 Ok(())
             }
-            Message::Data { offset, bytes } => self.data(offset, bytes),
+            Message::Data { offset, bytes } => self.data(i, offset, bytes),
             #[cfg(feature = "compress")]
             Message::DataZ { offset, raw, bytes } => {
                 if self.unzstd.is_none() {
                     self.unzstd = crate::sender::Unpack::new();
                 }
                 let mut z = self.unzstd.take().ok_or(SessionError::Capacity)?;
-                let r = z.data(raw, bytes).map_err(SessionError::Protocol).and_then(|d| self.data(offset, d));
+                let r =
+                    z.data(raw, bytes).map_err(SessionError::Protocol).and_then(|d| self.data(i, offset, d));
                 self.unzstd = Some(z);
                 r
             }
@@ -145,7 +143,7 @@ impl<W: Output, F: FnMut(usize, Result<(W, Summary), ErrorCode>)> Machine for Fe
                     None if got == h && h == c.summary.file_hash => Ok(c.summary),
                     None => Err(ErrorCode::Integrity),
                 };
-                self.end(result);
+                self.end(i, result);
                 Ok(())
             }
             m => Err(machine::unexpected(&m)),
@@ -153,16 +151,11 @@ impl<W: Output, F: FnMut(usize, Result<(W, Summary), ErrorCode>)> Machine for Fe
     }
 
     fn poll(&mut self, now: Instant, out: &mut [u8]) -> Result<Poll<()>, SessionError> {
-        if self.answered == self.names.len() {
+        if self.ahead.done() {
             return Ok(Poll::Done(()));
         }
-        if self.version < 7 {
-            return Err(SessionError::Peer(ErrorCode::Unsupported));
-        }
-        if self.sent < self.names.len() && self.sent - self.answered < WINDOW {
-            let name = self.names[self.sent];
-            self.sent += 1;
-            return machine::emit(&Message::Fetch { name }, out);
+        if let Some(i) = self.ahead.next(self.version)? {
+            return machine::emit(&Message::Fetch { name: self.names[i] }, out);
         }
         machine::wait_until(now, self.deadline)
     }

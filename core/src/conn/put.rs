@@ -17,7 +17,6 @@
 
 use crate::chunker::ChunkerKind;
 use crate::error::{ErrorCode, SessionError};
-use crate::frame::MAX_DATA;
 use crate::hash::{Hash, ShortId};
 use crate::machine::{self, Machine, Poll};
 use crate::message::{Message, Meta, unpack_entries};
@@ -229,14 +228,7 @@ impl<F: FnMut(&PutFile, PutResult)> PutBatch<F> {
             }
             Piece::Literal { offset, len } => {
                 let at = offset + o.within;
-                // As much as the frame and `out` hold.
-                let room =
-                    out.len().min(crate::frame::MAX_ENCODED).saturating_sub(crate::sender::FRAME_OVERHEAD);
-                let room = room.min(MAX_DATA);
-                if room == 0 {
-                    return Err(SessionError::Capacity);
-                }
-                let n = (len - o.within).min(room as u64);
+                let n = crate::sender::data_room(out, len - o.within)? as u64;
                 o.within += n;
                 o.literal += n;
                 self.covered += n;

@@ -276,11 +276,7 @@ impl<S: Store> Giving<S> {
             self.offered = true;
             emit::<()>(&Message::Offer(self.summary), out)?
         } else if self.pos < self.summary.size {
-            let room = out.len().min(crate::frame::MAX_ENCODED).saturating_sub(crate::sender::FRAME_OVERHEAD);
-            let n = (self.summary.size - self.pos).min(room.min(MAX_DATA) as u64) as usize;
-            if n == 0 {
-                return Err(SessionError::Capacity);
-            }
+            let n = crate::sender::data_room(out, self.summary.size - self.pos)?;
             let at = self.pos;
             self.buf.resize(n, 0);
             self.source.read_at(at, &mut self.buf).map_err(|_| SessionError::Read)?;
