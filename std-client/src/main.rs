@@ -263,6 +263,25 @@ impl deltasync_client::tree::Observer for TreeShow {
     }
 }
 
+/// Ends a push or pull: its bar cleared, its summary (or JSON object)
+/// printed, and exit 11 if some of its files failed.
+fn tree_done(
+    r: Result<deltasync_client::tree::TreeReport, ClientError>,
+    bar: Option<ProgressBar>,
+    verb: &str,
+    json: bool,
+) -> Result<(), ClientError> {
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let r = r?;
+    out(&if json { erased::Json::to_json(&r) } else { tree_summary(verb, &r) });
+    if r.failed > 0 {
+        return Err(ClientError::Incomplete(r.failed));
+    }
+    Ok(())
+}
+
 /// Where `push DIR` goes without a prefix: under the directory's name.
 fn push_prefix(dir: &std::path::Path, prefix: Option<String>) -> Result<String, ClientError> {
     match prefix {
@@ -551,18 +570,8 @@ fn run(cli: Cli) -> Result<(), ClientError> {
             let total = bars.then(|| deltasync_client::tree::local_bytes(&dir));
             let show = TreeShow::new(&tree, cli.json, bars, total);
             let bar = show.bar.clone();
-            let r = deltasync_client::tree::push(&mut c, &dir, &prefix, tree.options(), show)?;
-            if let Some(b) = bar {
-                b.finish_and_clear();
-            }
-            if cli.json {
-                json(&r)
-            } else {
-                out(&tree_summary("pushed", &r))
-            }
-            if r.failed > 0 {
-                return Err(ClientError::Incomplete(r.failed));
-            }
+            let r = deltasync_client::tree::push(&mut c, &dir, &prefix, tree.options(), show);
+            return tree_done(r, bar, "pushed", cli.json);
         }
         Command::Pull { prefix, dir, tree } => {
             let prefix = prefix.trim_matches('/').to_string();
@@ -571,18 +580,8 @@ fn run(cli: Cli) -> Result<(), ClientError> {
             });
             let show = TreeShow::new(&tree, cli.json, bars, None);
             let bar = show.bar.clone();
-            let r = deltasync_client::tree::pull(&mut c, &prefix, &dir, tree.options(), show)?;
-            if let Some(b) = bar {
-                b.finish_and_clear();
-            }
-            if cli.json {
-                json(&r)
-            } else {
-                out(&tree_summary("pulled", &r))
-            }
-            if r.failed > 0 {
-                return Err(ClientError::Incomplete(r.failed));
-            }
+            let r = deltasync_client::tree::pull(&mut c, &prefix, &dir, tree.options(), show);
+            return tree_done(r, bar, "pulled", cli.json);
         }
         // Served above, before connecting.
         Command::Completions { .. } | Command::Man => {}

@@ -348,6 +348,21 @@ impl<O: Observer> Sync<'_, O> {
         Ok(())
     }
 
+    /// Whether a pull may write file `rel` at `path`: no symlink on the
+    /// way, and nothing but a regular file there (opening a FIFO would
+    /// block). If not, it is reported as failed or skipped.
+    fn may_write(&mut self, rel: &str, path: &Path) -> bool {
+        if let Err(e) = self.real_dirs(rel, false) {
+            self.failed(rel, &e.to_string());
+            return false;
+        }
+        if fs::symlink_metadata(path).is_ok_and(|m| !m.is_file()) {
+            self.skip(rel, "not a regular file here");
+            return false;
+        }
+        true
+    }
+
     fn skip(&mut self, name: &str, why: &'static str) {
         self.report.skipped += 1;
         self.observer.change(&Change::Skipped(name.into(), why));
@@ -684,12 +699,7 @@ impl<O: Observer> Sync<'_, O> {
                 (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for file in files.by_ref().take(FETCH_GROUP) {
                 let path = self.local(&file.name);
-                if let Err(e) = self.real_dirs(&file.name, false) {
-                    self.failed(&file.name, &e.to_string());
-                    continue;
-                }
-                if fs::symlink_metadata(&path).is_ok_and(|m| !m.is_file()) {
-                    self.skip(&file.name, "not a regular file here");
+                if !self.may_write(&file.name, &path) {
                     continue;
                 }
                 let tmp = self.local(&temp_name(&file.name));
@@ -759,13 +769,7 @@ impl<O: Observer> Sync<'_, O> {
     /// else the download asks).
     fn fetch(&mut self, file: StoredFile, meta: Meta, kind: Option<ChunkerKind>) -> Result<(), ClientError> {
         let path = self.local(&file.name);
-        if let Err(e) = self.real_dirs(&file.name, false) {
-            self.failed(&file.name, &e.to_string());
-            return Ok(());
-        }
-        // Only a regular file is replaced (opening a FIFO would block).
-        if fs::symlink_metadata(&path).is_ok_and(|m| !m.is_file()) {
-            self.skip(&file.name, "not a regular file here");
+        if !self.may_write(&file.name, &path) {
             return Ok(());
         }
         let remote = self.remote(&file.name);

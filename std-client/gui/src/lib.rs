@@ -435,11 +435,7 @@ impl GuiApp {
             if ui.button("Browse…").clicked() {
                 let start = PathBuf::from(&self.upload_path);
                 let start = start.parent().filter(|p| p.is_dir()).map(PathBuf::from);
-                let mut dialog = egui_file::FileDialog::open_file().initial_path(
-                    start.or_else(|| std::env::current_dir().ok()).unwrap_or_else(|| "/".into()),
-                );
-                dialog.open();
-                self.picker = Some(dialog);
+                self.pick(egui_file::FileDialog::open_file(), start);
             }
             let can = self.connected && !self.upload_path.is_empty();
             if ui.add_enabled(can, egui::Button::new("Upload")).clicked() {
@@ -447,13 +443,8 @@ impl GuiApp {
                 self.upload(&ctx, p);
             }
             if ui.button("Browse folder…").clicked() {
-                let start = PathBuf::from(&self.upload_path);
-                let start = Some(start).filter(|p| p.is_dir());
-                let mut dialog = egui_file::FileDialog::select_folder().initial_path(
-                    start.or_else(|| std::env::current_dir().ok()).unwrap_or_else(|| "/".into()),
-                );
-                dialog.open();
-                self.picker = Some(dialog);
+                let start = Some(PathBuf::from(&self.upload_path)).filter(|p| p.is_dir());
+                self.pick(egui_file::FileDialog::select_folder(), start);
             }
             ui.label("(or drop files and folders on the window)");
         });
@@ -561,6 +552,14 @@ impl GuiApp {
             });
         }
         self.file_picker(&ctx);
+    }
+
+    /// Opens `dialog` in `start`, or else the current directory.
+    fn pick(&mut self, dialog: egui_file::FileDialog, start: Option<PathBuf>) {
+        let start = start.or_else(|| std::env::current_dir().ok()).unwrap_or_else(|| "/".into());
+        let mut dialog = dialog.initial_path(start);
+        dialog.open();
+        self.picker = Some(dialog);
     }
 
     /// The file dialog, if open: a file picked becomes the file to upload.
