@@ -1,9 +1,65 @@
 //! Helpers shared by the bench binaries: the CLI against a bench server,
-//! its `--json` byte counts, and a process's peak memory.
+//! its `--json` byte counts, an rsync daemon and rsync's counts, and a
+//! process's peak memory.
 
 use std::path::Path;
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 use std::time::Instant;
+
+/// A child process, stopped (TERM) and waited for when dropped.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg("-TERM").arg(self.0.id().to_string()).status();
+        let _ = self.0.wait();
+    }
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// An rsync daemon on loopback serving the module `bench` from
+/// `work/rsync-root` (its configuration in `work/cfg`): the process and its
+/// port.
+pub fn rsync_daemon(work: &Path) -> (Proc, u16) {
+    let port = free_port();
+    let conf = work.join("cfg/rsyncd.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "use chroot = no\npid file = {0}/cfg/rsyncd.pid\n[bench]\n  path = {0}/rsync-root\n  read only = false\n  uid = root\n  gid = root\n",
+            work.display()
+        ),
+    )
+    .unwrap();
+    let daemon = Command::new("rsync")
+        .args(["--daemon", "--no-detach", "--address=127.0.0.1"])
+        .arg(format!("--port={port}"))
+        .arg(format!("--config={}", conf.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start rsync daemon (is rsync installed?)");
+    (Proc(daemon), port)
+}
+
+/// Runs an rsync client given `--stats`; returns its wall time in seconds
+/// and its "Total bytes sent" + "Total bytes received". Panics if it fails.
+pub fn timed_rsync(cmd: &mut Command) -> (f64, u64) {
+    let t = Instant::now();
+    let out = cmd.output().expect("run rsync");
+    let secs = t.elapsed().as_secs_f64();
+    assert!(out.status.success(), "rsync failed: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |key: &str| -> u64 {
+        let line = text.lines().find(|l| l.starts_with(key)).unwrap_or_else(|| panic!("no {key} in {text}"));
+        line[key.len()..].split_whitespace().next().unwrap().replace(',', "").parse().unwrap()
+    };
+    (secs, field("Total bytes sent:") + field("Total bytes received:"))
+}
 
 /// The key every bench server grants everything to.
 pub fn key() -> String {

@@ -13,27 +13,15 @@
 //! With `RSYNC_FSYNC=1`, rsync runs with `--fsync` (it syncs every file it
 //! writes, as deltasync's server does).
 
-use deltasync_bench::{client, key, median, settle, timed_transfer};
+use deltasync_bench::{client, key, median, rsync_daemon, settle, timed_rsync, timed_transfer};
 use deltasync_server::process::ServerProcess;
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").arg("-TERM").arg(self.0.id().to_string()).status();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 /// Copies `from` to `to`, each piece `delay` after it was read: a link
 /// with that one-way latency and the loopback's bandwidth.
@@ -89,25 +77,16 @@ struct Run {
 }
 
 fn rsync(port: u16, tree: &Path, dest: &str) -> Run {
-    let t = Instant::now();
     // RSYNC_FSYNC=1: the daemon syncs each file it writes, the durability
     // deltasync's server always gives.
     let fsync = std::env::var_os("RSYNC_FSYNC").is_some_and(|v| v == "1");
-    let out = Command::new("rsync")
-        .args(["-a", "--delete", "--stats"])
+    let mut cmd = Command::new("rsync");
+    cmd.args(["-a", "--delete", "--stats"])
         .args(fsync.then_some("--fsync"))
         .arg(format!("{}/", tree.display()))
-        .arg(format!("rsync://127.0.0.1:{port}/bench/{dest}/"))
-        .output()
-        .expect("run rsync");
-    let secs = t.elapsed().as_secs_f64();
-    assert!(out.status.success(), "rsync failed: {}", String::from_utf8_lossy(&out.stderr));
-    let text = String::from_utf8_lossy(&out.stdout);
-    let field = |key: &str| -> u64 {
-        let line = text.lines().find(|l| l.starts_with(key)).unwrap_or_else(|| panic!("no {key} in {text}"));
-        line[key.len()..].split_whitespace().next().unwrap().replace(',', "").parse().unwrap()
-    };
-    Run { secs, wire: field("Total bytes sent:") + field("Total bytes received:") }
+        .arg(format!("rsync://127.0.0.1:{port}/bench/{dest}/"));
+    let (secs, wire) = timed_rsync(&mut cmd);
+    Run { secs, wire }
 }
 
 fn deltasync(cli: &Path, port: u16, tree: &Path, dest: &str) -> Run {
@@ -172,26 +151,7 @@ fn main() {
     let epoch = std::time::UNIX_EPOCH;
     checkout(&crate_a, &a, None, epoch + Duration::from_secs(1_700_000_000));
     checkout(&crate_b, &b, Some(&a), epoch + Duration::from_secs(1_700_100_000));
-    let rport = free_port();
-    let conf = work.join("cfg/rsyncd.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "use chroot = no\npid file = {0}/cfg/rsyncd.pid\n[bench]\n  path = {0}/rsync-root\n  read only = false\n  uid = root\n  gid = root\n",
-            work.display()
-        ),
-    )
-    .unwrap();
-    let _rsyncd = Proc(
-        Command::new("rsync")
-            .args(["--daemon", "--no-detach", "--address=127.0.0.1"])
-            .arg(format!("--port={rport}"))
-            .arg(format!("--config={}", conf.display()))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start rsync daemon (is rsync installed?)"),
-    );
+    let (_rsyncd, rport) = rsync_daemon(&work);
     let server = ServerProcess::start(&server_bin, &work.join("ds-root"), &key(), &["--dashboard", "off"])
         .expect("start deltasync-server");
     let dport = server.port;

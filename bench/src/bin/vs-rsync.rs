@@ -9,28 +9,15 @@
 //! `cargo build --release --workspace && target/release/vs-rsync [RUNS] [BIG_MIB] [LOG_MIB]`
 //! (needs `rsync`; `bench/vs-rsync.sh` installs it and runs this).
 
-use deltasync_bench::{client, key, median, peak_rss_kib, settle, timed_transfer};
+use deltasync_bench::{client, key, median, peak_rss_kib, rsync_daemon, settle, timed_rsync, timed_transfer};
 use deltasync_core::sim::random_bytes;
 use deltasync_server::process::ServerProcess;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::Instant;
+use std::process::{Command, Stdio};
 
 fn write_random(path: &Path, seed: u64, len: usize) {
     std::fs::write(path, random_bytes(seed, len)).unwrap();
-}
-
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").arg("-TERM").arg(self.0.id().to_string()).status();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 struct Run {
@@ -41,22 +28,13 @@ struct Run {
 /// rsync's upload of `file` as `name`; with `fsync`, the daemon syncs the
 /// file it wrote before it ends (`--fsync`), as deltasync's server does.
 fn rsync(port: u16, file: &Path, name: &str, fsync: bool) -> Run {
-    let t = Instant::now();
-    let out = Command::new("rsync")
-        .args(["-I", "--no-whole-file", "--stats"])
+    let mut cmd = Command::new("rsync");
+    cmd.args(["-I", "--no-whole-file", "--stats"])
         .args(fsync.then_some("--fsync"))
         .arg(file)
-        .arg(format!("rsync://127.0.0.1:{port}/bench/{name}"))
-        .output()
-        .expect("run rsync");
-    let secs = t.elapsed().as_secs_f64();
-    assert!(out.status.success(), "rsync failed: {}", String::from_utf8_lossy(&out.stderr));
-    let text = String::from_utf8_lossy(&out.stdout);
-    let field = |key: &str| -> u64 {
-        let line = text.lines().find(|l| l.starts_with(key)).unwrap_or_else(|| panic!("no {key} in {text}"));
-        line[key.len()..].split_whitespace().next().unwrap().replace(',', "").parse().unwrap()
-    };
-    Run { secs, wire: field("Total bytes sent:") + field("Total bytes received:") }
+        .arg(format!("rsync://127.0.0.1:{port}/bench/{name}"));
+    let (secs, wire) = timed_rsync(&mut cmd);
+    Run { secs, wire }
 }
 
 fn deltasync(cli: &Path, port: u16, file: &Path, name: &str, opts: &[&str]) -> Run {
@@ -87,26 +65,7 @@ fn main() {
     let work = work.canonicalize().unwrap();
 
     // rsync daemon on loopback.
-    let rport = free_port();
-    let conf = work.join("cfg/rsyncd.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "use chroot = no\npid file = {0}/cfg/rsyncd.pid\n[bench]\n  path = {0}/rsync-root\n  read only = false\n  uid = root\n  gid = root\n",
-            work.display()
-        ),
-    )
-    .unwrap();
-    let _rsyncd = Proc(
-        Command::new("rsync")
-            .args(["--daemon", "--no-detach", "--address=127.0.0.1"])
-            .arg(format!("--port={rport}"))
-            .arg(format!("--config={}", conf.display()))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start rsync daemon (is rsync installed?)"),
-    );
+    let (_rsyncd, rport) = rsync_daemon(&work);
 
     // deltasync server on loopback.
     let server = ServerProcess::start(&server_bin, &work.join("ds-root"), &key(), &["--dashboard", "off"])

@@ -30,25 +30,32 @@ fn wait(h: &mut Harness<'_, GuiApp>, what: &str, done: impl Fn(&GuiApp) -> bool)
     h.step();
 }
 
-#[test]
-fn connect_upload_list_download_and_delete_by_clicking() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("root");
-    let key = test_key(4);
-    let srv = ServerProcess::start(&server_bin(), &root, &key, &["--dashboard", "off"]).unwrap();
-    let downloads = dir.path().join("downloads");
+/// A server on `dir/root` that knows `key`, and the window set up for it
+/// (downloads to `dir/downloads`, hints in `dir/hints`, never the real
+/// home's), not yet connected.
+fn window(dir: &std::path::Path, key: &str) -> (ServerProcess, Harness<'static, GuiApp>) {
+    let srv = ServerProcess::start(&server_bin(), &dir.join("root"), key, &["--dashboard", "off"]).unwrap();
+    let downloads = dir.join("downloads");
     std::fs::create_dir_all(&downloads).unwrap();
     let settings = Settings {
         server: format!("127.0.0.1:{}", srv.port),
-        key: key.clone(),
+        key: key.to_string(),
         download_dir: downloads.display().to_string(),
     };
     let mut app = GuiApp::new(settings);
-    // Hints go to the test's directory, never to the real home.
-    app.hints_dir = Some(dir.path().join("hints"));
-    let mut h = Harness::builder()
+    app.hints_dir = Some(dir.join("hints"));
+    let h = Harness::builder()
         .with_size([1000.0, 800.0])
         .build_ui_state(|ui, app: &mut GuiApp| app.show(ui), app);
+    (srv, h)
+}
+
+#[test]
+fn connect_upload_list_download_and_delete_by_clicking() {
+    let dir = tempfile::tempdir().unwrap();
+    let (root, downloads) = (dir.path().join("root"), dir.path().join("downloads"));
+    let key = test_key(4);
+    let (_srv, mut h) = window(dir.path(), &key);
 
     // A key the server does not know is reported in plain words.
     h.state_mut().settings.key = test_key(5);
@@ -153,21 +160,8 @@ fn browse_opens_the_file_dialog_which_picks_the_file_to_upload() {
 #[test]
 fn a_folder_is_pushed_and_pulled_by_clicking() {
     let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("root");
-    let key = test_key(6);
-    let srv = ServerProcess::start(&server_bin(), &root, &key, &["--dashboard", "off"]).unwrap();
-    let downloads = dir.path().join("downloads");
-    std::fs::create_dir_all(&downloads).unwrap();
-    let settings = Settings {
-        server: format!("127.0.0.1:{}", srv.port),
-        key,
-        download_dir: downloads.display().to_string(),
-    };
-    let mut app = GuiApp::new(settings);
-    app.hints_dir = Some(dir.path().join("hints"));
-    let mut h = Harness::builder()
-        .with_size([1000.0, 800.0])
-        .build_ui_state(|ui, app: &mut GuiApp| app.show(ui), app);
+    let (root, downloads) = (dir.path().join("root"), dir.path().join("downloads"));
+    let (_srv, mut h) = window(dir.path(), &test_key(6));
     h.get_by_label("Connect").click();
     wait(&mut h, "connecting", |a| a.connected);
 
