@@ -9,7 +9,7 @@ use deltasync_core::conn::server::ServerConn;
 use deltasync_core::conn::{Listed, Query, QueryKind};
 use deltasync_core::driver::DriveError;
 use deltasync_core::error::{ErrorCode, SessionError};
-use deltasync_core::message::{EntryKind, Meta};
+use deltasync_core::message::{EntryKind, Message, Meta, Outcome};
 use deltasync_core::plan::Op;
 use deltasync_core::sim::*;
 use deltasync_core::{Hash, Instant, PROTOCOL_VERSION};
@@ -287,4 +287,50 @@ fn fetches_come_without_waiting_and_a_missing_file_fails_alone() {
         "{:?}",
         s.net.frames
     );
+}
+
+#[test]
+fn a_fetch_refuses_a_servers_bytes_out_of_place_and_a_file_whose_hash_is_wrong() {
+    use deltasync_core::conn::fetch::FetchBatch;
+    use deltasync_core::machine::Machine;
+    use deltasync_core::tree::Summary;
+    let names = ["a", "b"];
+    let outs: Vec<Vec<u8>> = vec![Vec::new(), Vec::new()];
+    let got = std::cell::RefCell::new(Vec::new());
+    let mut b = FetchBatch::new(
+        &names,
+        outs,
+        PROTOCOL_VERSION,
+        |i, r: Result<(Vec<u8>, _), _>| got.borrow_mut().push((i, r.map(|(w, _)| w))),
+        Instant(0),
+    );
+    let mut out = vec![0u8; 1024];
+    // Both requests go out before any answer.
+    for _ in 0..2 {
+        assert!(matches!(b.poll(Instant(0), &mut out), Ok(deltasync_core::machine::Poll::Transmit(_))));
+    }
+    let data = b"0123456789";
+    let offer =
+        |h| Summary { size: 10, root: Hash([1; 32]), height: 0, file_hash: h, chunking: Default::default() };
+    // "a": its bytes arrive, but the hash the server ends with is not theirs.
+    let wrong = Hash([7; 32]);
+    b.handle(Instant(0), Message::Offer(offer(wrong))).unwrap();
+    b.handle(Instant(0), Message::Data { offset: 0, bytes: data }).unwrap();
+    b.handle(Instant(0), Message::Done { outcome: Outcome::Written, file_hash: Some(wrong) }).unwrap();
+    assert_eq!(*got.borrow(), [(0, Err(ErrorCode::Integrity))]);
+    // "b": bytes out of place, or past its size, end the session.
+    b.handle(Instant(0), Message::Offer(offer(Hash::of(data)))).unwrap();
+    let bad = SessionError::Protocol(ErrorCode::BadMessage);
+    assert_eq!(b.handle(Instant(0), Message::Data { offset: 3, bytes: data }), Err(bad));
+    assert_eq!(b.handle(Instant(0), Message::Data { offset: 0, bytes: &[0; 11] }), Err(bad));
+    // An offer without a hash is no server's.
+    let mut c = FetchBatch::new(
+        &names,
+        vec![Vec::new()],
+        PROTOCOL_VERSION,
+        |_, _: Result<(Vec<u8>, _), _>| {},
+        Instant(0),
+    );
+    let _ = c.poll(Instant(0), &mut out);
+    assert_eq!(c.handle(Instant(0), Message::Offer(offer(Hash::UNKNOWN))), Err(bad));
 }
