@@ -6,6 +6,7 @@ pub mod beneath;
 pub mod gate;
 pub mod keys;
 pub mod live;
+pub mod objstore;
 pub mod process;
 pub mod relay;
 pub mod serve;

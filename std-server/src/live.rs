@@ -2,8 +2,8 @@
 
 use crate::gate::Reason;
 use crate::serve::Observer;
-use crate::store::FsStore;
-use deltasync_core::conn::server::{Direction, Event, Progress, Store};
+use crate::store::ServerStore;
+use deltasync_core::conn::server::{Direction, Event, Progress};
 use deltasync_core::driver::DriveError;
 use deltasync_core::error::{ErrorCode, SessionError};
 use deltasync_core::message::Outcome;
@@ -17,7 +17,7 @@ pub struct LiveObserver(pub Arc<Hub>);
 
 impl LiveObserver {
     /// An observer publishing to `hub`, which lists files from `store`.
-    pub fn new(hub: Arc<Hub>, store: FsStore) -> LiveObserver {
+    pub fn new<S: ServerStore>(hub: Arc<Hub>, store: S) -> LiveObserver {
         hub.set_file_lister(Arc::new(move || {
             let mut s = store.clone();
             s.list().unwrap_or_default()

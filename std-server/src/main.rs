@@ -6,7 +6,8 @@ use deltasync_dashboard::Hub;
 use deltasync_server::keys::{self, KeyEntry, KeyRing};
 use deltasync_server::live::LiveObserver;
 use deltasync_server::serve::{Limits, LogOnly, Observer, Server, serve};
-use deltasync_server::store::{FsStore, PartialLimits};
+use deltasync_server::objstore::{ObjConfig, ObjStore};
+use deltasync_server::store::{FsStore, PartialLimits, ServerStore};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::os::unix::fs::OpenOptionsExt;
@@ -21,9 +22,18 @@ struct Args {
     /// Address to listen on.
     #[arg(long, env = "DELTASYNC_LISTEN", default_value = "127.0.0.1:5001")]
     listen: SocketAddr,
-    /// Directory where files are stored.
-    #[arg(long, env = "DELTASYNC_ROOT", default_value = "files")]
+    /// Directory where files are stored (as `--store file://DIR`).
+    #[arg(long, env = "DELTASYNC_ROOT", default_value = "files", conflicts_with = "store")]
     root: PathBuf,
+    /// Where files are stored: `file://DIR`, or `s3://BUCKET/PREFIX` in an
+    /// S3-compatible object store that several servers may share
+    /// (credentials and region from the usual `AWS_*` variables)
+    /// [default: file://files, or --root].
+    #[arg(long, env = "DELTASYNC_STORE", value_name = "URL")]
+    store: Option<String>,
+    /// The S3 endpoint, for a server other than AWS (`http://` allowed).
+    #[arg(long, env = "DELTASYNC_S3_ENDPOINT", value_name = "URL")]
+    s3_endpoint: Option<String>,
     /// Key file: one entry per client or device, with its secret and
     /// permissions; re-read when it changes. Created with one full-access
     /// key if missing [default: $XDG_CONFIG_HOME/deltasync/server-keys.toml
@@ -285,9 +295,9 @@ async fn run() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let args = Args::parse();
-    let (keys_file, default) = keys_path(args.keys)?;
-    if let Some(Command::Key(cmd)) = args.command {
+    let mut args = Args::parse();
+    let (keys_file, default) = keys_path(args.keys.clone())?;
+    if let Some(Command::Key(cmd)) = args.command.take() {
         return key_command(&keys_file, cmd);
     }
     if !keys_file.exists() {
@@ -303,7 +313,7 @@ async fn run() -> anyhow::Result<()> {
     }
     // Before anything is announced: a SIGTERM from then on (systemd's
     // stop) is a graceful shutdown, never the default kill.
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing a SIGTERM handler")?;
     raise_file_limit(u64::from(args.max_connections));
     let limits = Limits {
@@ -324,8 +334,49 @@ async fn run() -> anyhow::Result<()> {
         max_age: Duration::from_secs(args.partial_max_age),
         max_bytes: args.max_partial_bytes,
     };
-    let store = FsStore::open_with(&args.root, partials)
-        .with_context(|| format!("opening {}", args.root.display()))?;
+    match args.store.as_deref().map(|u| u.strip_prefix("file://").ok_or(u)) {
+        None | Some(Ok(_)) => {
+            let root = match args.store.as_deref().and_then(|u| u.strip_prefix("file://")) {
+                Some(dir) => PathBuf::from(dir),
+                None => args.root.clone(),
+            };
+            let store =
+                FsStore::open_with(&root, partials).with_context(|| format!("opening {}", root.display()))?;
+            run_with(store, args, keyring, limits, term).await?;
+        }
+        Some(Err(url)) => {
+            let store = open_object_store(url, args.s3_endpoint.as_deref(), partials).await?;
+            run_with(store, args, keyring, limits, term).await?;
+        }
+    }
+    println!("deltasync-server stopped");
+    Ok(())
+}
+
+/// The object store at `url` (`s3://BUCKET/PREFIX`), checked reachable.
+async fn open_object_store(url: &str, endpoint: Option<&str>, partials: PartialLimits) -> anyhow::Result<ObjStore> {
+    let rest = url.strip_prefix("s3://").context("--store takes file://DIR or s3://BUCKET/PREFIX")?;
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    anyhow::ensure!(!bucket.is_empty(), "--store s3://BUCKET/PREFIX: no bucket in {url}");
+    let mut builder = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+    if let Some(e) = endpoint {
+        builder = builder.with_endpoint(e).with_allow_http(e.starts_with("http://"));
+    }
+    let os = builder.build().with_context(|| format!("configuring {url}"))?;
+    let config = ObjConfig { prefix: prefix.to_string(), label: url.to_string(), partials };
+    let store = ObjStore::new(Arc::new(os), config, tokio::runtime::Handle::current());
+    store.probe().await.with_context(|| format!("reaching {url}"))?;
+    Ok(store)
+}
+
+/// Serves clients from `store` until a signal stops the server.
+async fn run_with<S: ServerStore>(
+    store: S,
+    args: Args,
+    keyring: Arc<KeyRing>,
+    limits: Limits,
+    mut term: tokio::signal::unix::Signal,
+) -> anyhow::Result<()> {
     {
         // Partials also expire while nothing else happens.
         let store = store.clone();
@@ -335,7 +386,7 @@ async fn run() -> anyhow::Result<()> {
             loop {
                 hourly.tick().await;
                 let s = store.clone();
-                let _ = tokio::task::spawn_blocking(move || s.sweep_partials()).await;
+                let _ = tokio::task::spawn_blocking(move || s.upkeep()).await;
             }
         });
     }
@@ -345,7 +396,7 @@ async fn run() -> anyhow::Result<()> {
     println!(
         "deltasync-server listening on {}, storing in {}",
         listener.local_addr()?,
-        store.root().display()
+        store.location()
     );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = move || {
@@ -390,8 +441,7 @@ async fn run() -> anyhow::Result<()> {
     });
     let served = serve(listener, server, stopped(), Duration::from_secs(10)).await;
     // Indexes of the last uploads may still be being written.
-    tokio::task::spawn_blocking(move || indexes.wait_indexing()).await?;
+    tokio::task::spawn_blocking(move || indexes.settle()).await?;
     served?;
-    println!("deltasync-server stopped");
     Ok(())
 }

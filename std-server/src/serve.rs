@@ -6,7 +6,7 @@
 //! unauthenticated connection when full, and slows then bans addresses
 //! whose handshakes keep failing.
 
-use crate::store::FsStore;
+use crate::store::{FsStore, ServerStore};
 use crate::{gate::Gate, gate::Reason, keys::KeyRing};
 use deltasync_core::conn::server::{Event, Progress, ServerConn};
 use deltasync_core::driver::{DriveError, Pump, Session, Step, run_async};
@@ -79,9 +79,9 @@ pub struct LogOnly;
 impl Observer for LogOnly {}
 
 /// Everything a connection needs.
-pub struct Server {
+pub struct Server<S: ServerStore = FsStore> {
     /// The storage.
-    pub store: FsStore,
+    pub store: S,
     /// The clients' keys.
     pub keys: Arc<KeyRing>,
     /// Who hears about connections.
@@ -124,11 +124,11 @@ impl Drop for Workers {
 }
 
 /// A connection's state machine and buffers.
-type ConnSession = Session<ServerConn<FsStore, Arc<KeyRing>>, Vec<u8>, Vec<u8>, Vec<u8>>;
+type ConnSession<S> = Session<ServerConn<S, Arc<KeyRing>>, Vec<u8>, Vec<u8>, Vec<u8>>;
 
 /// One connection's state, moved between its task and the workers.
-struct Conn {
-    session: ConnSession,
+struct Conn<S: ServerStore> {
+    session: ConnSession<S>,
     id: u64,
     peer: SocketAddr,
     authenticated: bool,
@@ -148,16 +148,16 @@ struct Flags {
 }
 
 /// The boxed state, as the driver sees it: the session.
-struct Boxed(Box<Conn>);
+struct Boxed<S: ServerStore>(Box<Conn<S>>);
 
-impl Deref for Boxed {
-    type Target = ConnSession;
+impl<S: ServerStore> Deref for Boxed<S> {
+    type Target = ConnSession<S>;
     fn deref(&self) -> &Self::Target {
         &self.0.session
     }
 }
 
-impl DerefMut for Boxed {
+impl<S: ServerStore> DerefMut for Boxed<S> {
     fn deref_mut(&mut self) -> &mut Self::Target {
         &mut self.0.session
     }
@@ -165,15 +165,15 @@ impl DerefMut for Boxed {
 
 type Socket = FromTokio<Pin<Box<tokio_io_timeout::TimeoutStream<tokio::net::TcpStream>>>>;
 
-impl Server {
+impl<S: ServerStore> Server<S> {
     /// A server over `store` checking clients against `keys`, within
     /// `limits`.
     pub fn new(
-        store: FsStore,
+        store: S,
         keys: Arc<KeyRing>,
         observer: Arc<dyn Observer>,
         limits: Limits,
-    ) -> io::Result<Server> {
+    ) -> io::Result<Server<S>> {
         let workers = Workers::new(limits.workers, "deltasync-worker")?;
         let handshakes = Workers::new(HANDSHAKE_THREADS, "deltasync-handshake")?;
         Ok(Server { store, keys, observer, gate: Gate::new(limits), workers, handshakes })
@@ -258,7 +258,7 @@ impl Server {
             last_report: accepted,
         }));
         let server = self.clone();
-        let run = move |mut c: Boxed| {
+        let run = move |mut c: Boxed<S>| {
             let server = server.clone();
             async move {
                 // Hellos have threads of their own: storage work cannot
@@ -366,7 +366,7 @@ impl Server {
     }
 
     /// Logs and reports the connection's events; `wire` is its bytes so far.
-    fn report_events(&self, id: u64, conn: &mut ServerConn<FsStore, Arc<KeyRing>>, wire: u64) {
+    fn report_events(&self, id: u64, conn: &mut ServerConn<S, Arc<KeyRing>>, wire: u64) {
         while let Some(ev) = conn.next_event() {
             log_event(id, conn.key_name().unwrap_or("-"), &ev);
             self.observer.event(id, &ev, wire);
@@ -381,7 +381,7 @@ impl Server {
 
     /// One burst of machine work, on a worker thread: steps until the
     /// socket is needed, reporting events and sizing the buffers.
-    fn advance(&self, c: &mut Conn) -> Result<Step<()>, DriveError<Infallible>> {
+    fn advance(&self, c: &mut Conn<S>) -> Result<Step<()>, DriveError<Infallible>> {
         let Conn { session, id, peer, authenticated, flags, buffers, last_report } = c;
         let (id, peer) = (*id, *peer);
         let observer = &self.observer;
@@ -497,9 +497,9 @@ fn refuse(stream: &tokio::net::TcpStream) {
 
 /// Accepts clients until `shutdown` completes, then waits (at most
 /// `grace`) for open connections to finish.
-pub async fn serve(
+pub async fn serve<S: ServerStore>(
     listener: tokio::net::TcpListener,
-    server: Arc<Server>,
+    server: Arc<Server<S>>,
     shutdown: impl std::future::Future<Output = ()>,
     grace: Duration,
 ) -> io::Result<()> {

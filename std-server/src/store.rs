@@ -1331,6 +1331,34 @@ impl Drop for TempFile {
     }
 }
 
+/// What the server needs of a store besides the sessions' [`Store`]:
+/// shared by every connection (clones share the files), and some upkeep.
+/// Every method may block: call them from blocking threads.
+pub trait ServerStore: Store<Reader: Send, Writer: Send> + Clone + Send + Sync + 'static {
+    /// Periodic upkeep: drops what interrupted uploads left past their age
+    /// or over the quota.
+    fn upkeep(&self);
+    /// Waits for work the store does in the background (before the process
+    /// exits).
+    fn settle(&self);
+    /// Where the files are (for logs).
+    fn location(&self) -> String;
+}
+
+impl ServerStore for FsStore {
+    fn upkeep(&self) {
+        self.sweep_partials();
+    }
+
+    fn settle(&self) {
+        self.wait_indexing();
+    }
+
+    fn location(&self) -> String {
+        self.root().display().to_string()
+    }
+}
+
 impl Store for FsStore {
     type Reader = FileSource;
     type Writer = TempFile;

@@ -1,0 +1,1396 @@
+//! Files in an object store (S3 or any S3-compatible server, through the
+//! `object_store` crate), shared by any number of server instances.
+//!
+//! Storage is content-addressed: a file's bytes are cut into chunks (the
+//! same content-defined chunks the protocol uses) and each chunk is stored
+//! once, in a pack with others; a version names its chunks; a name points
+//! at a version. Layout under the store's prefix (`HEX` is lower-case hex):
+//! - `packs/HEX`: chunks, back to back (an upload seals a pack every
+//!   [`PACK_TARGET`] bytes of new chunks, and its last one smaller);
+//! - `versions/HEX`: a version, keyed by the root of its hash tree: its
+//!   size, whole-file SHA-256, and where each of its chunks lies (pack and
+//!   offset), so that any byte range is a few range requests away;
+//! - `refs/NAME`: the version `NAME` holds now, with its time and mode.
+//!   Created with `If-None-Match: *` and replaced with `If-Match` on the
+//!   ETag read when the upload began: two instances publishing one name
+//!   never lose an update silently (see [`ObjStore`]'s `finish`);
+//! - `dirs/NAME`: a directory made by a tree sync (others exist because
+//!   files are under them), with its time and mode;
+//! - `partials/HEX`: what an interrupted upload of a name (`HEX` is the
+//!   SHA-256 of the name) had stored, renewed as its packs are sealed, so
+//!   that the next upload of the name, through any instance, reuses it.
+//!
+//! Nothing is ever changed in place except references: packs and versions
+//! are written once. Packs and versions no reference reaches are garbage
+//! (an upload that was never published, a replaced version).
+
+use crate::store::PartialLimits;
+use bytes::Bytes;
+use deltasync_core::Hash;
+use deltasync_core::chunker::{Chunker, ChunkerKind};
+use deltasync_core::conn::server::{PartialFile, Published, Store, StoredFile};
+use deltasync_core::error::ErrorCode;
+use deltasync_core::message::{EntryKind, Expect, MODE_BITS, Meta, validate_name};
+use deltasync_core::source::{IoFailed, Output, Source};
+use deltasync_core::tree::{Tree, TreeIndexer};
+use futures::{StreamExt, TryStreamExt};
+use object_store::path::{Path as Key, PathPart};
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::future::Future;
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokio::runtime::Handle;
+use tokio::task::JoinHandle;
+
+/// New chunks are sealed into a pack once it holds this many bytes.
+pub const PACK_TARGET: usize = 16 << 20;
+/// A read fetches up to this much of a pack ahead, when the version's next
+/// chunks follow in it.
+const READ_AHEAD: u64 = 4 << 20;
+/// Versions kept parsed in memory, by the bytes they hold.
+const VERSION_CACHE_BYTES: usize = 64 << 20;
+/// Requests in flight for one listing.
+const LIST_CONCURRENCY: usize = 32;
+/// Longest key an S3 server takes.
+const MAX_KEY: usize = 1024;
+/// How many times an unconditional upload retries its publication when
+/// other instances keep publishing the name meanwhile.
+const PUBLISH_TRIES: usize = 16;
+/// Marks the start of every object this store writes (after it: the
+/// object's kind and format).
+const MAGIC: &[u8; 4] = b"DSO1";
+/// The mode of a file uploaded without one.
+const DEFAULT_MODE: u32 = 0o644;
+
+/// A pack's name: 128 random bits.
+type PackId = [u8; 16];
+
+/// Where a chunk lies.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+struct Chunk {
+    /// SHA-256 of its bytes.
+    id: Hash,
+    /// Index of its pack in the version's (or partial's) pack list.
+    pack: u32,
+    /// Offset in the pack.
+    at: u32,
+    /// Length.
+    len: u32,
+}
+
+/// A stored version: its chunks, in file order, and where they are.
+#[derive(Serialize, Deserialize)]
+struct Version {
+    size: u64,
+    file_hash: Hash,
+    chunking: ChunkerKind,
+    packs: Vec<PackId>,
+    chunks: Vec<Chunk>,
+    /// The version's tree, when its chunks are not its tree's leaves (the
+    /// transfer was chunked otherwise): kept as sent.
+    tree: Option<Vec<u8>>,
+}
+
+/// A name's current version and metadata.
+#[derive(Clone, Serialize, Deserialize)]
+struct Ref {
+    version: Hash,
+    size: u64,
+    file_hash: Hash,
+    chunking: ChunkerKind,
+    modified: u64,
+    nanos: u32,
+    mode: u32,
+}
+
+/// A directory's metadata.
+#[derive(Clone, Copy, Serialize, Deserialize)]
+struct DirMark {
+    modified: u64,
+    nanos: u32,
+    mode: u32,
+}
+
+/// What an interrupted upload stored: a prefix of the version it sent.
+#[derive(Serialize, Deserialize)]
+struct Partial {
+    name: String,
+    chunking: ChunkerKind,
+    modified: u64,
+    packs: Vec<PackId>,
+    chunks: Vec<Chunk>,
+}
+
+impl Partial {
+    fn size(&self) -> u64 {
+        self.chunks.iter().map(|c| u64::from(c.len)).sum()
+    }
+}
+
+/// A version read and made ready: its tree and its chunks' end offsets.
+struct Loaded {
+    version: Version,
+    ends: Vec<u64>,
+    tree: Tree,
+}
+
+impl Loaded {
+    fn new(version: Version) -> Option<Loaded> {
+        let mut ends = Vec::with_capacity(version.chunks.len());
+        let mut end = 0u64;
+        for c in &version.chunks {
+            if c.pack as usize >= version.packs.len() {
+                return None;
+            }
+            end += u64::from(c.len);
+            ends.push(end);
+        }
+        if end != version.size {
+            return None;
+        }
+        let tree = match &version.tree {
+            Some(bytes) => Tree::from_bytes(bytes)?,
+            None => {
+                let leaves: Vec<(Hash, u64)> = version.chunks.iter().zip(&ends).map(|(c, &e)| (c.id, e)).collect();
+                Tree::from_chunks(version.size, version.chunking, &leaves, version.file_hash)
+            }
+        };
+        (tree.summary().size == version.size).then_some(Loaded { version, ends, tree })
+    }
+
+    fn weight(&self) -> usize {
+        self.version.chunks.len() * (std::mem::size_of::<Chunk>() + 8 + 48) + 1024
+    }
+}
+
+fn encode<T: Serialize>(kind: u8, v: &T) -> Bytes {
+    let mut out = MAGIC.to_vec();
+    out.push(kind);
+    postcard::to_extend(v, out).expect("serializing into a Vec cannot fail").into()
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(kind: u8, bytes: &[u8]) -> Option<T> {
+    let rest = bytes.strip_prefix(MAGIC)?;
+    let (&k, rest) = rest.split_first()?;
+    if k != kind {
+        return None;
+    }
+    postcard::from_bytes(rest).ok()
+}
+
+const KIND_VERSION: u8 = 1;
+const KIND_REF: u8 = 2;
+const KIND_DIR: u8 = 3;
+const KIND_PARTIAL: u8 = 4;
+
+fn unix_now() -> (u64, u32) {
+    let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    (d.as_secs(), d.subsec_nanos())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn os_error(e: object_store::Error) -> ErrorCode {
+    match e {
+        object_store::Error::NotFound { .. } => ErrorCode::NotFound,
+        object_store::Error::Precondition { .. } | object_store::Error::AlreadyExists { .. } => ErrorCode::Conflict,
+        e => {
+            tracing::warn!(error = %e, "object store error");
+            ErrorCode::Storage
+        }
+    }
+}
+
+/// Where the store is and how it behaves.
+#[derive(Clone, Debug)]
+pub struct ObjConfig {
+    /// Prefix of every key (`""`: the bucket's root).
+    pub prefix: String,
+    /// How to name the store in logs (`s3://bucket/prefix`).
+    pub label: String,
+    /// Limits on interrupted uploads.
+    pub partials: PartialLimits,
+}
+
+struct Inner {
+    os: Arc<dyn ObjectStore>,
+    prefix: Vec<String>,
+    label: String,
+    rt: Handle,
+    partials: PartialLimits,
+    versions: Mutex<VersionCache>,
+}
+
+struct VersionCache {
+    lru: lru::LruCache<Hash, Arc<Loaded>>,
+    bytes: usize,
+}
+
+/// Files in an object store; cheap to clone (clones share caches).
+///
+/// Every method blocks on the object store: call them from blocking
+/// threads (the server's workers), never from async code.
+#[derive(Clone)]
+pub struct ObjStore(Arc<Inner>);
+
+impl ObjStore {
+    /// A store over `os`, using `rt` for its requests.
+    pub fn new(os: Arc<dyn ObjectStore>, config: ObjConfig, rt: Handle) -> ObjStore {
+        let prefix = config.prefix.split('/').filter(|s| !s.is_empty()).map(str::to_string).collect();
+        ObjStore(Arc::new(Inner {
+            os,
+            prefix,
+            label: config.label,
+            rt,
+            partials: config.partials,
+            versions: Mutex::new(VersionCache {
+                lru: lru::LruCache::new(NonZeroUsize::new(1024).expect("nonzero")),
+                bytes: 0,
+            }),
+        }))
+    }
+
+    /// The store as `s3://bucket/prefix` (for logs).
+    pub fn label(&self) -> &str {
+        &self.0.label
+    }
+
+    /// Checks that the store answers (a listing of its top).
+    pub async fn probe(&self) -> Result<(), object_store::Error> {
+        self.0.os.list_with_delimiter(Some(&self.key("refs", []))).await.map(drop)
+    }
+
+    fn block<F: Future>(&self, f: F) -> F::Output {
+        self.0.rt.block_on(f)
+    }
+
+    /// The key `area/…parts`.
+    fn key<'a>(&'a self, area: &'a str, parts: impl IntoIterator<Item = &'a str>) -> Key {
+        let prefix = self.0.prefix.iter().map(String::as_str);
+        prefix.chain([area]).chain(parts).map(PathPart::from).collect()
+    }
+
+    /// The key of a client's name in `area` (`BadName` if too long for S3).
+    fn name_key(&self, area: &str, name: &str) -> Result<Key, ErrorCode> {
+        validate_name(name)?;
+        let key = self.key(area, name.split('/'));
+        if key.as_ref().len() > MAX_KEY { Err(ErrorCode::BadName) } else { Ok(key) }
+    }
+
+    /// The area's key prefix for directory `dir` (`""`: the top).
+    fn dir_key(&self, area: &str, dir: &str) -> Result<Key, ErrorCode> {
+        if dir.is_empty() { Ok(self.key(area, [])) } else { self.name_key(area, dir) }
+    }
+
+    fn version_key(&self, root: &Hash) -> Key {
+        self.key("versions", [root.to_string().as_str()])
+    }
+
+    fn pack_key(&self, id: &PackId) -> Key {
+        self.key("packs", [hex(id).as_str()])
+    }
+
+    fn partial_key(&self, name: &str) -> Key {
+        let h = Hash(Sha256::digest(name.as_bytes()).into());
+        self.key("partials", [h.to_string().as_str()])
+    }
+
+    /// The name below `base` that `key` stands for.
+    fn name_of(base: &Key, key: &Key) -> Option<String> {
+        let parts: Vec<String> = key
+            .prefix_match(base)?
+            .map(|p| percent_encoding::percent_decode_str(p.as_ref()).decode_utf8().ok().map(|s| s.into_owned()))
+            .collect::<Option<_>>()?;
+        let name = parts.join("/");
+        validate_name(&name).is_ok().then_some(name)
+    }
+
+    async fn get(&self, key: &Key) -> Result<Option<(Bytes, Option<String>)>, ErrorCode> {
+        match self.0.os.get(key).await {
+            Ok(r) => {
+                let etag = r.meta.e_tag.clone();
+                let bytes = r.bytes().await.map_err(os_error)?;
+                Ok(Some((bytes, etag)))
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(os_error(e)),
+        }
+    }
+
+    /// The reference of `name` and its ETag, if it has one.
+    async fn get_ref(&self, name: &str) -> Result<Option<(Ref, UpdateVersion)>, ErrorCode> {
+        let key = self.name_key("refs", name)?;
+        let Some((bytes, etag)) = self.get(&key).await? else { return Ok(None) };
+        let r = decode::<Ref>(KIND_REF, &bytes).ok_or_else(|| {
+            tracing::warn!(%key, "an unreadable reference");
+            ErrorCode::Storage
+        })?;
+        Ok(Some((r, UpdateVersion { e_tag: etag, version: None })))
+    }
+
+    async fn get_dir(&self, name: &str) -> Result<Option<DirMark>, ErrorCode> {
+        let key = self.name_key("dirs", name)?;
+        Ok(self.get(&key).await?.and_then(|(b, _)| decode::<DirMark>(KIND_DIR, &b)))
+    }
+
+    async fn get_partial(&self, name: &str) -> Result<Option<Partial>, ErrorCode> {
+        let key = self.partial_key(name);
+        Ok(self.get(&key).await?.and_then(|(b, _)| decode::<Partial>(KIND_PARTIAL, &b)).filter(|p| p.name == name))
+    }
+
+    /// A version, from the cache or the store.
+    async fn load(&self, root: &Hash) -> Result<Arc<Loaded>, ErrorCode> {
+        if let Some(l) = self.0.versions.lock().unwrap_or_else(|p| p.into_inner()).lru.get(root) {
+            return Ok(l.clone());
+        }
+        let key = self.version_key(root);
+        let (bytes, _) = self.get(&key).await?.ok_or_else(|| {
+            tracing::warn!(%key, "a reference to a version that is not stored");
+            ErrorCode::Storage
+        })?;
+        let loaded = decode::<Version>(KIND_VERSION, &bytes).and_then(Loaded::new).ok_or_else(|| {
+            tracing::warn!(%key, "an unreadable version");
+            ErrorCode::Storage
+        })?;
+        let loaded = Arc::new(loaded);
+        let mut cache = self.0.versions.lock().unwrap_or_else(|p| p.into_inner());
+        cache.bytes += loaded.weight();
+        if let Some((_, old)) = cache.lru.push(*root, loaded.clone()) {
+            cache.bytes -= old.weight();
+        }
+        while cache.bytes > VERSION_CACHE_BYTES {
+            let Some((_, old)) = cache.lru.pop_lru() else { break };
+            cache.bytes -= old.weight();
+        }
+        Ok(loaded)
+    }
+
+    /// Whether anything is stored under directory `name`, or it was made.
+    async fn is_dir(&self, name: &str) -> Result<bool, ErrorCode> {
+        for area in ["refs", "dirs"] {
+            let key = self.name_key(area, name)?;
+            let mut below = self.0.os.list(Some(&key));
+            if below.next().await.transpose().map_err(os_error)?.is_some() {
+                return Ok(true);
+            }
+        }
+        Ok(self.get_dir(name).await?.is_some())
+    }
+
+    /// `BadName` if a parent of `name` is a file (a name is a file or a
+    /// directory, never both).
+    async fn parents_are_dirs(&self, name: &str) -> Result<(), ErrorCode> {
+        let parents: Vec<&str> = name.match_indices('/').map(|(i, _)| &name[..i]).collect();
+        let found = futures::future::try_join_all(parents.iter().map(|p| self.get_ref(p))).await?;
+        if found.iter().any(Option::is_some) { Err(ErrorCode::BadName) } else { Ok(()) }
+    }
+
+    fn describe(name: String, r: &Ref) -> StoredFile {
+        StoredFile {
+            name,
+            size: r.size,
+            modified: r.modified,
+            nanos: r.nanos,
+            mode: r.mode,
+            sha256: r.file_hash,
+            chunking: r.chunking,
+            kind: EntryKind::File,
+        }
+    }
+
+    /// Reads the references `metas` lists, `LIST_CONCURRENCY` at a time.
+    async fn describe_all(&self, base: &Key, metas: Vec<object_store::ObjectMeta>) -> Result<Vec<StoredFile>, ErrorCode> {
+        let names: Vec<String> = metas.iter().filter_map(|m| Self::name_of(base, &m.location)).collect();
+        futures::stream::iter(names)
+            .map(|name| async move {
+                let r = self.get_ref(&name).await?;
+                Ok::<_, ErrorCode>(r.map(|(r, _)| Self::describe(name, &r)))
+            })
+            .buffered(LIST_CONCURRENCY)
+            .try_filter_map(|f| async move { Ok(f) })
+            .try_collect()
+            .await
+    }
+
+    /// Publishes `r` as `name`'s reference over the one found (`None`: none
+    /// is there). Unless `conditional`, a reference published meanwhile by
+    /// someone else is replaced (and `replaced` says so); with it, that is a
+    /// `Conflict`.
+    async fn publish_ref(
+        &self,
+        name: &str,
+        r: &Ref,
+        mut found: Option<UpdateVersion>,
+        conditional: bool,
+    ) -> Result<bool, ErrorCode> {
+        let key = self.name_key("refs", name)?;
+        let body = encode(KIND_REF, r);
+        let mut replaced = false;
+        for _ in 0..PUBLISH_TRIES {
+            let mode = match &found {
+                Some(v) => PutMode::Update(v.clone()),
+                None => PutMode::Create,
+            };
+            let opts = PutOptions { mode, ..Default::default() };
+            match self.0.os.put_opts(&key, PutPayload::from_bytes(body.clone()), opts).await {
+                Ok(_) => return Ok(replaced),
+                Err(object_store::Error::Precondition { .. } | object_store::Error::AlreadyExists { .. }) => {
+                    if conditional {
+                        tracing::info!(name, "a conditional upload found another version stored: not published");
+                        return Err(ErrorCode::Conflict);
+                    }
+                    // Another instance published (or deleted) the name
+                    // since: this upload is the newer, it goes over it.
+                    replaced = true;
+                    found = self.get_ref(name).await?.map(|(_, v)| v);
+                }
+                // A store without ETags on this object: cannot be done safely.
+                Err(e) => return Err(os_error(e)),
+            }
+        }
+        tracing::warn!(name, "gave up publishing: the name kept changing");
+        Err(ErrorCode::Conflict)
+    }
+
+    /// Builds the tree of a stored version chunked another way, reading it.
+    fn rebuild_tree(&self, loaded: &Arc<Loaded>, kind: ChunkerKind) -> Result<Tree, ErrorCode> {
+        let mut reader = ObjReader::new(self.clone(), loaded.clone());
+        let mut ix = TreeIndexer::without_file_hash(kind);
+        let mut buf = vec![0u8; 1 << 20];
+        let size = loaded.version.size;
+        let mut at = 0u64;
+        while at < size {
+            let n = (size - at).min(buf.len() as u64) as usize;
+            reader.read_at(at, &mut buf[..n]).map_err(|_| ErrorCode::Storage)?;
+            ix.feed(&buf[..n]);
+            at += n as u64;
+        }
+        let mut tree = ix.finish();
+        tree.set_file_hash(loaded.version.file_hash);
+        Ok(tree)
+    }
+
+    /// Drops what interrupted uploads left that is older than allowed, then
+    /// the oldest while they hold more bytes than allowed.
+    pub fn sweep_partials(&self) {
+        let limits = self.0.partials;
+        let mut all = match self.clone().partials() {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not list interrupted uploads");
+                return;
+            }
+        };
+        let now = unix_now().0;
+        all.sort_by_key(|p| std::cmp::Reverse(p.modified));
+        let mut kept = 0u64;
+        for p in all {
+            let old = now.saturating_sub(p.modified) > limits.max_age.as_secs();
+            kept = kept.saturating_add(p.size);
+            if old || kept > limits.max_bytes {
+                tracing::info!(name = p.name, size = p.size, "dropping what an interrupted upload left");
+                let key = self.partial_key(&p.name);
+                let _ = self.block(self.0.os.delete(&key));
+            }
+        }
+    }
+}
+
+impl crate::store::ServerStore for ObjStore {
+    fn upkeep(&self) {
+        self.sweep_partials();
+    }
+
+    fn settle(&self) {}
+
+    fn location(&self) -> String {
+        self.0.label.clone()
+    }
+}
+
+impl Store for ObjStore {
+    type Reader = ObjReader;
+    type Writer = ObjWriter;
+
+    fn open(&mut self, name: &str, chunking: Option<ChunkerKind>) -> Result<Option<(Tree, ObjReader)>, ErrorCode> {
+        let this = self.clone();
+        let Some((r, _)) = self.block(this.get_ref(name))? else { return Ok(None) };
+        let loaded = self.block(this.load(&r.version))?;
+        let stored = loaded.tree.summary().chunking;
+        let want = chunking.unwrap_or_else(|| ChunkerKind::keep_or_choose(Some(stored), r.size));
+        let tree = if want == stored {
+            loaded.tree.clone()
+        } else if !want.suits(r.size) {
+            return Ok(None);
+        } else {
+            self.rebuild_tree(&loaded, want)?
+        };
+        Ok(Some((tree, ObjReader::new(self.clone(), loaded))))
+    }
+
+    fn partial(&mut self, name: &str, chunking: ChunkerKind) -> Result<Option<(Tree, ObjReader)>, ErrorCode> {
+        let this = self.clone();
+        let Some(p) = self.block(this.get_partial(name))? else { return Ok(None) };
+        let size = p.size();
+        if !chunking.suits(size) {
+            return Ok(None);
+        }
+        let version = Version {
+            size,
+            file_hash: Hash::UNKNOWN,
+            chunking: p.chunking,
+            packs: p.packs,
+            chunks: p.chunks,
+            tree: None,
+        };
+        let Some(loaded) = Loaded::new(version) else { return Ok(None) };
+        let loaded = Arc::new(loaded);
+        let tree = if p.chunking == chunking {
+            let mut t = loaded.tree.clone();
+            t.set_file_hash(Hash::UNKNOWN);
+            t
+        } else {
+            let mut t = self.rebuild_tree(&loaded, chunking)?;
+            t.set_file_hash(Hash::UNKNOWN);
+            t
+        };
+        Ok(Some((tree, ObjReader::new(self.clone(), loaded))))
+    }
+
+    fn holds(&mut self, name: &str) -> Result<bool, ErrorCode> {
+        let this = self.clone();
+        self.block(async move {
+            Ok(this.get_ref(name).await?.is_some() || this.get_partial(name).await?.is_some())
+        })
+    }
+
+    fn create(&mut self, name: &str, size: u64, expect: Option<Expect>) -> Result<ObjWriter, ErrorCode> {
+        self.create_with(name, size, expect, None)
+    }
+
+    fn create_with(
+        &mut self,
+        name: &str,
+        size: u64,
+        expect: Option<Expect>,
+        meta: Option<Meta>,
+    ) -> Result<ObjWriter, ErrorCode> {
+        let this = self.clone();
+        let (found, base, partial) = self.block(async {
+            if this.is_dir(name).await? {
+                return Err(ErrorCode::BadName);
+            }
+            this.parents_are_dirs(name).await?;
+            let found = this.get_ref(name).await?;
+            let holds = match (expect, &found) {
+                (None, _) => true,
+                (Some(Expect::Absent), f) => f.is_none(),
+                (Some(Expect::Match(h)), Some((r, _))) => r.file_hash == h,
+                (Some(Expect::Match(_)), None) => false,
+            };
+            if !holds {
+                return Err(ErrorCode::Conflict);
+            }
+            let base = match &found {
+                Some((r, _)) => Some(this.load(&r.version).await?),
+                None => None,
+            };
+            Ok((found, base, this.get_partial(name).await?))
+        })?;
+        let mut w = ObjWriter::new(self.clone(), name, ChunkerKind::for_size(size));
+        w.found = found.map(|(_, v)| v);
+        w.conditional = expect.is_some();
+        w.meta = meta;
+        if let Some(b) = base {
+            w.know(&b.version.packs, &b.version.chunks);
+        }
+        if let Some(p) = partial {
+            w.know(&p.packs, &p.chunks);
+        }
+        Ok(w)
+    }
+
+    fn list_dir(&mut self, dir: &str) -> Result<Vec<StoredFile>, ErrorCode> {
+        let this = self.clone();
+        self.block(async move {
+            let refs = this.dir_key("refs", dir)?;
+            let dirs = this.dir_key("dirs", dir)?;
+            let (files, marks) = futures::try_join!(
+                async { this.0.os.list_with_delimiter(Some(&refs)).await.map_err(os_error) },
+                async { this.0.os.list_with_delimiter(Some(&dirs)).await.map_err(os_error) },
+            )?;
+            let mut sub: Vec<String> = files
+                .common_prefixes
+                .iter()
+                .filter_map(|k| Self::name_of(&this.key("refs", []), k))
+                .chain(marks.common_prefixes.iter().filter_map(|k| Self::name_of(&this.key("dirs", []), k)))
+                .chain(marks.objects.iter().filter_map(|m| Self::name_of(&this.key("dirs", []), &m.location)))
+                .collect();
+            sub.sort();
+            sub.dedup();
+            let top = this.key("refs", []);
+            let mut out = this.describe_all(&top, files.objects).await?;
+            if out.is_empty() && sub.is_empty() && !dir.is_empty() && this.get_dir(dir).await?.is_none() {
+                return Err(ErrorCode::NotFound);
+            }
+            let marks = futures::future::try_join_all(sub.iter().map(|d| this.get_dir(d))).await?;
+            for (d, mark) in sub.into_iter().zip(marks) {
+                if out.iter().any(|f| f.name == d) {
+                    continue;
+                }
+                let m = mark.unwrap_or(DirMark { modified: 0, nanos: 0, mode: 0o755 });
+                out.push(StoredFile {
+                    name: d,
+                    modified: m.modified,
+                    nanos: m.nanos,
+                    mode: m.mode,
+                    kind: EntryKind::Dir,
+                    ..Default::default()
+                });
+            }
+            out.sort_by(|a, b| a.name.cmp(&b.name));
+            Ok(out)
+        })
+    }
+
+    fn set_meta(&mut self, name: &str, meta: Meta) -> Result<(), ErrorCode> {
+        let this = self.clone();
+        self.block(async move {
+            let mode = meta.mode & MODE_BITS;
+            for _ in 0..PUBLISH_TRIES {
+                let Some((mut r, v)) = this.get_ref(name).await? else {
+                    if this.is_dir(name).await? {
+                        let mark = DirMark { modified: meta.modified, nanos: meta.nanos, mode };
+                        let key = this.name_key("dirs", name)?;
+                        this.0.os.put(&key, encode(KIND_DIR, &mark).into()).await.map_err(os_error)?;
+                        return Ok(());
+                    }
+                    return Err(ErrorCode::NotFound);
+                };
+                (r.modified, r.nanos, r.mode) = (meta.modified, meta.nanos, mode);
+                match this.publish_ref(name, &r, Some(v), true).await {
+                    Err(ErrorCode::Conflict) => continue,
+                    other => return other.map(drop),
+                }
+            }
+            Err(ErrorCode::Conflict)
+        })
+    }
+
+    fn make_dir(&mut self, name: &str, meta: Meta) -> Result<bool, ErrorCode> {
+        let this = self.clone();
+        self.block(async move {
+            if this.get_ref(name).await?.is_some() {
+                return Err(ErrorCode::BadName);
+            }
+            this.parents_are_dirs(name).await?;
+            let made = !this.is_dir(name).await?;
+            let mark = DirMark { modified: meta.modified, nanos: meta.nanos, mode: meta.mode & MODE_BITS };
+            let key = this.name_key("dirs", name)?;
+            this.0.os.put(&key, encode(KIND_DIR, &mark).into()).await.map_err(os_error)?;
+            Ok(made)
+        })
+    }
+
+    fn copy(&mut self, from: &str, sha256: Hash, to: &str, meta: Meta) -> Result<Hash, ErrorCode> {
+        let this = self.clone();
+        self.block(async move {
+            let (r, _) = this.get_ref(from).await?.ok_or(ErrorCode::Conflict)?;
+            if r.file_hash != sha256 {
+                return Err(ErrorCode::Conflict);
+            }
+            if this.is_dir(to).await? {
+                return Err(ErrorCode::BadName);
+            }
+            this.parents_are_dirs(to).await?;
+            let found = this.get_ref(to).await?.map(|(_, v)| v);
+            // The same version under another name: no byte is copied.
+            let copy = Ref { modified: meta.modified, nanos: meta.nanos, mode: meta.mode & MODE_BITS, ..r };
+            this.publish_ref(to, &copy, found, false).await?;
+            Ok(copy.file_hash)
+        })
+    }
+
+    fn finish(&mut self, name: &str, mut w: ObjWriter, tree: Option<Tree>) -> Result<Published, ErrorCode> {
+        let this = self.clone();
+        let Some(tree) = tree else {
+            let found = w.found.take();
+            w.discard();
+            let now = self.block(this.get_ref(name))?.map(|(_, v)| v);
+            return Ok(Published { file_hash: None, replaced: now.map(|v| v.e_tag) != found.map(|v| v.e_tag) });
+        };
+        let (version, file_hash) = w.seal_version(tree)?;
+        let root = w.root;
+        let meta = w.meta.unwrap_or_else(|| {
+            let (modified, nanos) = unix_now();
+            Meta { modified, nanos, mode: DEFAULT_MODE }
+        });
+        let r = Ref {
+            version: root,
+            size: version.size,
+            file_hash,
+            chunking: version.chunking,
+            modified: meta.modified,
+            nanos: meta.nanos,
+            mode: meta.mode & MODE_BITS,
+        };
+        let found = w.found.take();
+        let conditional = w.conditional;
+        let partial = w.wrote_partial || w.had_partial;
+        w.done = true;
+        let replaced = self.block(async move {
+            let key = this.version_key(&root);
+            let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
+            match this.0.os.put_opts(&key, encode(KIND_VERSION, &version).into(), opts).await {
+                // The same version is stored already (content-addressed).
+                Ok(_) | Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => {}
+                Err(e) => return Err(os_error(e)),
+            }
+            let replaced = this.publish_ref(name, &r, found, conditional).await?;
+            if partial {
+                let _ = this.0.os.delete(&this.partial_key(name)).await;
+            }
+            Ok(replaced)
+        })?;
+        Ok(Published { file_hash: Some(file_hash), replaced })
+    }
+
+    fn list(&mut self) -> Result<Vec<StoredFile>, ErrorCode> {
+        let this = self.clone();
+        self.block(async move {
+            let top = this.key("refs", []);
+            let metas: Vec<_> = this.0.os.list(Some(&top)).try_collect().await.map_err(os_error)?;
+            let mut out = this.describe_all(&top, metas).await?;
+            out.sort_by(|a, b| a.name.cmp(&b.name));
+            Ok(out)
+        })
+    }
+
+    fn stat(&mut self, name: &str) -> Result<StoredFile, ErrorCode> {
+        let this = self.clone();
+        let (r, _) = self.block(this.get_ref(name))?.ok_or(ErrorCode::NotFound)?;
+        Ok(Self::describe(name.to_string(), &r))
+    }
+
+    fn partials(&mut self) -> Result<Vec<PartialFile>, ErrorCode> {
+        let this = self.clone();
+        self.block(async move {
+            let top = this.key("partials", []);
+            let metas: Vec<_> = this.0.os.list(Some(&top)).try_collect().await.map_err(os_error)?;
+            let mut out: Vec<PartialFile> = futures::stream::iter(metas)
+                .map(|m| {
+                    let this = this.clone();
+                    async move {
+                        let got = this.get(&m.location).await?;
+                        Ok::<_, ErrorCode>(got.and_then(|(b, _)| decode::<Partial>(KIND_PARTIAL, &b)).map(|p| {
+                            PartialFile { size: p.size(), name: p.name, modified: p.modified }
+                        }))
+                    }
+                })
+                .buffered(LIST_CONCURRENCY)
+                .try_filter_map(|p| async move { Ok(p) })
+                .try_collect()
+                .await?;
+            out.sort_by(|a, b| a.name.cmp(&b.name));
+            Ok(out)
+        })
+    }
+
+    fn partial_info(&mut self, name: &str) -> Result<Option<PartialFile>, ErrorCode> {
+        validate_name(name)?;
+        let this = self.clone();
+        let p = self.block(this.get_partial(name))?;
+        Ok(p.map(|p| PartialFile { size: p.size(), name: p.name, modified: p.modified }))
+    }
+
+    fn delete(&mut self, name: &str) -> Result<(), ErrorCode> {
+        let this = self.clone();
+        self.block(async move {
+            let key = this.name_key("refs", name)?;
+            // What an interrupted upload of the name left goes too.
+            let partial = this.get_partial(name).await?.is_some();
+            if partial {
+                this.0.os.delete(&this.partial_key(name)).await.map_err(os_error)?;
+            }
+            if this.get_ref(name).await?.is_none() {
+                if partial {
+                    return Ok(());
+                }
+                return Err(if this.is_dir(name).await? { ErrorCode::BadName } else { ErrorCode::NotFound });
+            }
+            this.0.os.delete(&key).await.map_err(os_error)
+        })
+    }
+
+    fn remove_dir(&mut self, name: &str) -> Result<(), ErrorCode> {
+        let this = self.clone();
+        self.block(async move {
+            if this.get_ref(name).await?.is_some() {
+                return Err(ErrorCode::BadName);
+            }
+            for area in ["refs", "dirs"] {
+                let key = this.name_key(area, name)?;
+                let mut below = this.0.os.list(Some(&key));
+                if below.next().await.transpose().map_err(os_error)?.is_some() {
+                    return Err(ErrorCode::Conflict);
+                }
+            }
+            if this.get_dir(name).await?.is_none() {
+                return Err(ErrorCode::NotFound);
+            }
+            this.0.os.delete(&this.name_key("dirs", name)?).await.map_err(os_error)
+        })
+    }
+}
+
+/// Reads a stored version with range requests, a window at a time.
+pub struct ObjReader {
+    store: ObjStore,
+    loaded: Arc<Loaded>,
+    /// The last range fetched: pack, its offset there, the bytes.
+    window: Option<(u32, u64, Bytes)>,
+}
+
+impl ObjReader {
+    fn new(store: ObjStore, loaded: Arc<Loaded>) -> ObjReader {
+        ObjReader { store, loaded, window: None }
+    }
+
+    /// Bytes `at..at + len` of pack `pack`, where chunk `chunk` lies.
+    fn fetch(&mut self, chunk: usize, at: u64, len: u64) -> Result<Bytes, IoFailed> {
+        let c = self.loaded.version.chunks[chunk];
+        if let Some((p, start, bytes)) = &self.window
+            && *p == c.pack
+            && at >= *start
+            && at + len <= start + bytes.len() as u64
+        {
+            let from = (at - start) as usize;
+            return Ok(bytes.slice(from..from + len as usize));
+        }
+        // Read on while the version's next chunks follow in the same pack.
+        let chunks = &self.loaded.version.chunks;
+        let mut end = u64::from(c.at) + u64::from(c.len);
+        let mut next = chunk + 1;
+        while next < chunks.len()
+            && chunks[next].pack == c.pack
+            && u64::from(chunks[next].at) == end
+            && end - at < READ_AHEAD
+        {
+            end += u64::from(chunks[next].len);
+            next += 1;
+        }
+        let end = end.max(at + len);
+        let key = self.store.pack_key(&self.loaded.version.packs[c.pack as usize]);
+        let os = self.store.0.os.clone();
+        let bytes = self.store.block(async move { os.get_range(&key, at..end).await }).map_err(|e| {
+            tracing::warn!(error = %e, "reading a pack failed");
+            IoFailed
+        })?;
+        if bytes.len() as u64 != end - at {
+            return Err(IoFailed);
+        }
+        let out = bytes.slice(0..len as usize);
+        self.window = Some((c.pack, at, bytes));
+        Ok(out)
+    }
+}
+
+impl Source for ObjReader {
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), IoFailed> {
+        let mut filled = 0usize;
+        while filled < buf.len() {
+            let pos = offset + filled as u64;
+            let ends = &self.loaded.ends;
+            let i = ends.partition_point(|&e| e <= pos);
+            if i >= ends.len() {
+                return Err(IoFailed);
+            }
+            let c = self.loaded.version.chunks[i];
+            let start = ends[i] - u64::from(c.len);
+            let within = pos - start;
+            let take = (u64::from(c.len) - within).min((buf.len() - filled) as u64);
+            let bytes = self.fetch(i, u64::from(c.at) + within, take)?;
+            buf[filled..filled + take as usize].copy_from_slice(&bytes);
+            filled += take as usize;
+        }
+        Ok(())
+    }
+}
+
+/// Writes a new version: cuts what it is given into chunks, keeps those the
+/// store holds (the old version's, the interrupted upload's) as references
+/// and packs the others.
+pub struct ObjWriter {
+    store: ObjStore,
+    name: String,
+    /// The reference found when the upload began (`None`: there was none).
+    found: Option<UpdateVersion>,
+    conditional: bool,
+    meta: Option<Meta>,
+    chunker: Chunker,
+    /// The open chunk's hash.
+    chunk: Sha256,
+    file: Sha256,
+    written: u64,
+    /// Where the open chunk starts in `pack`.
+    chunk_start: usize,
+    /// Chunks the store holds: which pack (index in `packs`), where.
+    known: HashMap<Hash, (u32, u32, u32)>,
+    pack_index: HashMap<PackId, u32>,
+    packs: Vec<PackId>,
+    chunks: Vec<Chunk>,
+    /// The pack being filled, and its index in `packs`.
+    pack: Vec<u8>,
+    pack_no: Option<u32>,
+    /// The pack being stored, and how many chunks are durable once it is.
+    in_flight: Option<(JoinHandle<Result<(), ErrorCode>>, usize)>,
+    /// Chunks whose bytes are durable.
+    durable: usize,
+    /// Bytes the last partial record covered.
+    partial_bytes: u64,
+    wrote_partial: bool,
+    had_partial: bool,
+    failed: bool,
+    /// The root of the sealed version.
+    root: Hash,
+    /// Published or discarded: nothing to keep on drop.
+    done: bool,
+}
+
+impl ObjWriter {
+    fn new(store: ObjStore, name: &str, kind: ChunkerKind) -> ObjWriter {
+        ObjWriter {
+            store,
+            name: name.to_string(),
+            found: None,
+            conditional: false,
+            meta: None,
+            chunker: Chunker::new(kind),
+            chunk: Sha256::new(),
+            file: Sha256::new(),
+            written: 0,
+            chunk_start: 0,
+            known: HashMap::new(),
+            pack_index: HashMap::new(),
+            packs: Vec::new(),
+            chunks: Vec::new(),
+            pack: Vec::new(),
+            pack_no: None,
+            in_flight: None,
+            durable: 0,
+            partial_bytes: 0,
+            wrote_partial: false,
+            had_partial: false,
+            failed: false,
+            root: Hash::UNKNOWN,
+            done: false,
+        }
+    }
+
+    /// Makes the chunks of a stored version (or partial) reusable.
+    fn know(&mut self, packs: &[PackId], chunks: &[Chunk]) {
+        for c in chunks {
+            let Some(id) = packs.get(c.pack as usize) else { continue };
+            let p = self.pack_no_of(*id);
+            self.known.entry(c.id).or_insert((p, c.at, c.len));
+        }
+        self.had_partial |= !chunks.is_empty() && self.found.is_none();
+    }
+
+    fn pack_no_of(&mut self, id: PackId) -> u32 {
+        *self.pack_index.entry(id).or_insert_with(|| {
+            self.packs.push(id);
+            (self.packs.len() - 1) as u32
+        })
+    }
+
+    fn end_chunk(&mut self) -> Result<(), IoFailed> {
+        let len = self.pack.len() - self.chunk_start;
+        if len == 0 {
+            return Ok(());
+        }
+        self.chunker.reset();
+        let id = Hash(std::mem::replace(&mut self.chunk, Sha256::new()).finalize().into());
+        if let Some(&(pack, at, known_len)) = self.known.get(&id)
+            && known_len as usize == len
+        {
+            self.pack.truncate(self.chunk_start);
+            self.chunks.push(Chunk { id, pack, at, len: len as u32 });
+        } else {
+            let pack = match self.pack_no {
+                Some(p) => p,
+                None => {
+                    let p = self.pack_no_of(rand::random());
+                    self.pack_no = Some(p);
+                    p
+                }
+            };
+            let at = self.chunk_start as u32;
+            self.known.insert(id, (pack, at, len as u32));
+            self.chunks.push(Chunk { id, pack, at, len: len as u32 });
+            self.chunk_start = self.pack.len();
+            if self.pack.len() >= PACK_TARGET {
+                self.seal_pack()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stores the pack being filled (in the background: the previous one is
+    /// waited for first, so at most one is in flight).
+    fn seal_pack(&mut self) -> Result<(), IoFailed> {
+        self.wait_in_flight()?;
+        let Some(no) = self.pack_no.take() else {
+            self.durable = self.chunks.len();
+            return Ok(());
+        };
+        let bytes = Bytes::from(std::mem::take(&mut self.pack));
+        self.chunk_start = 0;
+        let key = self.store.pack_key(&self.packs[no as usize]);
+        let os = self.store.0.os.clone();
+        let job = self.store.0.rt.spawn(async move { os.put(&key, bytes.into()).await.map(drop).map_err(os_error) });
+        self.in_flight = Some((job, self.chunks.len()));
+        Ok(())
+    }
+
+    /// Waits for the pack in flight; records what is durable as the
+    /// name's partial now and then (each time a quarter more is).
+    fn wait_in_flight(&mut self) -> Result<(), IoFailed> {
+        let Some((job, covered)) = self.in_flight.take() else { return Ok(()) };
+        match self.store.block(job) {
+            Ok(Ok(())) => {}
+            _ => {
+                self.failed = true;
+                return Err(IoFailed);
+            }
+        }
+        self.durable = covered;
+        let durable_bytes: u64 = self.chunks[..covered].iter().map(|c| u64::from(c.len)).sum();
+        if durable_bytes >= self.partial_bytes + (self.partial_bytes / 4).max(PACK_TARGET as u64) {
+            let p = self.partial_record();
+            let key = self.store.partial_key(&self.name);
+            let os = self.store.0.os.clone();
+            if self.store.block(async move { os.put(&key, p).await }).is_ok() {
+                self.partial_bytes = durable_bytes;
+                self.wrote_partial = true;
+            }
+        }
+        Ok(())
+    }
+
+    fn partial_record(&self) -> PutPayload {
+        let p = Partial {
+            name: self.name.clone(),
+            chunking: self.chunker.kind(),
+            modified: unix_now().0,
+            packs: self.packs.clone(),
+            chunks: self.chunks[..self.durable].to_vec(),
+        };
+        encode(KIND_PARTIAL, &p).into()
+    }
+
+    /// Ends the last chunk, stores the last pack, checks the bytes against
+    /// `tree`: the version to publish and its whole-file hash.
+    fn seal_version(&mut self, tree: Tree) -> Result<(Version, Hash), ErrorCode> {
+        if self.failed {
+            return Err(ErrorCode::Storage);
+        }
+        self.end_chunk().map_err(|_| ErrorCode::Storage)?;
+        self.seal_pack().map_err(|_| ErrorCode::Storage)?;
+        self.wait_in_flight().map_err(|_| ErrorCode::Storage)?;
+        let summary = tree.summary();
+        let file_hash = Hash(std::mem::replace(&mut self.file, Sha256::new()).finalize().into());
+        if self.written != summary.size {
+            return Err(ErrorCode::Integrity);
+        }
+        if summary.file_hash.is_known() && summary.file_hash != file_hash {
+            tracing::warn!(name = self.name, "the written bytes do not match the offered SHA-256");
+            return Err(ErrorCode::Integrity);
+        }
+        let mut tree = tree;
+        tree.set_file_hash(file_hash);
+        // Only the packs the version uses.
+        let mut used: Vec<Option<u32>> = vec![None; self.packs.len()];
+        let mut packs = Vec::new();
+        let mut chunks = std::mem::take(&mut self.chunks);
+        for c in &mut chunks {
+            let slot = &mut used[c.pack as usize];
+            let no = *slot.get_or_insert_with(|| {
+                packs.push(self.packs[c.pack as usize]);
+                (packs.len() - 1) as u32
+            });
+            c.pack = no;
+        }
+        let mut version = Version {
+            size: summary.size,
+            file_hash,
+            chunking: summary.chunking,
+            packs,
+            chunks,
+            tree: None,
+        };
+        // The tree is kept apart only if its leaves are not these chunks.
+        let ends: Vec<(Hash, u64)> = version
+            .chunks
+            .iter()
+            .scan(0u64, |end, c| {
+                *end += u64::from(c.len);
+                Some((c.id, *end))
+            })
+            .collect();
+        let own = Tree::from_chunks(summary.size, summary.chunking, &ends, file_hash);
+        if own.root() != tree.root() {
+            version.tree = Some(tree.to_bytes());
+        }
+        self.root = tree.root();
+        Ok((version, file_hash))
+    }
+
+    /// Forgets the upload; its packs are garbage.
+    fn discard(mut self) {
+        self.done = true;
+    }
+}
+
+impl Output for ObjWriter {
+    fn write(&mut self, mut data: &[u8]) -> Result<(), IoFailed> {
+        if self.failed {
+            return Err(IoFailed);
+        }
+        self.file.update(data);
+        self.written += data.len() as u64;
+        while let Some(n) = self.chunker.next_boundary(data) {
+            self.chunk.update(&data[..n]);
+            self.pack.extend_from_slice(&data[..n]);
+            self.end_chunk()?;
+            data = &data[n..];
+        }
+        self.chunk.update(data);
+        self.pack.extend_from_slice(data);
+        Ok(())
+    }
+
+    fn index_in_background(&mut self, kind: ChunkerKind) -> bool {
+        // Chunked as the transfer is, this writer's chunks are the tree's
+        // leaves; it builds the tree as it goes.
+        if self.written == 0 {
+            self.chunker = Chunker::new(kind);
+            true
+        } else {
+            false
+        }
+    }
+
+    fn finish_tree(&mut self) -> Result<Tree, IoFailed> {
+        self.end_chunk()?;
+        let mut end = 0u64;
+        let leaves: Vec<(Hash, u64)> = self
+            .chunks
+            .iter()
+            .map(|c| {
+                end += u64::from(c.len);
+                (c.id, end)
+            })
+            .collect();
+        Ok(Tree::from_chunks(self.written, self.chunker.kind(), &leaves, Hash::UNKNOWN))
+    }
+}
+
+impl Drop for ObjWriter {
+    /// An upload dropped unfinished is interrupted: what it stored is
+    /// recorded (in the background) for the next upload of the name.
+    fn drop(&mut self) {
+        if self.done || self.failed || self.written == 0 {
+            return;
+        }
+        // Only whole chunks are kept.
+        self.pack.truncate(self.chunk_start);
+        let in_flight = self.in_flight.take();
+        let last = self.pack_no.take().map(|no| (self.packs[no as usize], std::mem::take(&mut self.pack)));
+        let store = self.store.clone();
+        let name = self.name.clone();
+        let chunking = self.chunker.kind();
+        let packs = self.packs.clone();
+        let chunks = std::mem::take(&mut self.chunks);
+        let mut durable = self.durable;
+        let covered_in_flight = in_flight.as_ref().map(|(_, n)| *n);
+        let job = async move {
+            if let Some((job, _)) = in_flight {
+                if !matches!(job.await, Ok(Ok(()))) {
+                    return;
+                }
+                durable = covered_in_flight.unwrap_or(durable);
+            }
+            if let Some((id, bytes)) = last
+                && !bytes.is_empty()
+            {
+                if store.0.os.put(&store.pack_key(&id), bytes.into()).await.is_err() {
+                    return;
+                }
+                durable = chunks.len();
+            }
+            if durable == 0 {
+                return;
+            }
+            let p = Partial { name: name.clone(), chunking, modified: unix_now().0, packs, chunks: chunks[..durable].to_vec() };
+            if let Err(e) = store.0.os.put(&store.partial_key(&name), encode(KIND_PARTIAL, &p).into()).await {
+                tracing::warn!(error = %e, name, "could not keep an interrupted upload");
+            }
+        };
+        drop(self.store.0.rt.spawn(job));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use object_store::memory::InMemory;
+
+    fn store(rt: &tokio::runtime::Runtime) -> ObjStore {
+        let config = ObjConfig { prefix: "t".into(), label: "memory".into(), partials: PartialLimits::default() };
+        ObjStore::new(Arc::new(InMemory::new()), config, rt.handle().clone())
+    }
+
+    fn data(n: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    fn put(s: &mut ObjStore, name: &str, bytes: &[u8], expect: Option<Expect>) -> Result<Published, ErrorCode> {
+        let mut w = s.create(name, bytes.len() as u64, expect)?;
+        for piece in bytes.chunks(10_000) {
+            w.write(piece).unwrap();
+        }
+        let tree = Tree::build(bytes, ChunkerKind::for_size(bytes.len() as u64));
+        s.finish(name, w, Some(tree))
+    }
+
+    fn read(s: &mut ObjStore, name: &str) -> Vec<u8> {
+        let (tree, mut r) = s.open(name, None).unwrap().unwrap();
+        let mut out = vec![0u8; tree.summary().size as usize];
+        r.read_at(0, &mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn a_version_reads_back_and_a_second_one_stores_only_new_chunks() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let mut s = store(&rt);
+        let a = data(3 << 20, 7);
+        let p = put(&mut s, "d/a", &a, None).unwrap();
+        assert_eq!(p.file_hash, Some(Hash(Sha256::digest(&a).into())));
+        assert_eq!(read(&mut s, "d/a"), a);
+        let mut b = a.clone();
+        b[1 << 20] ^= 1;
+        put(&mut s, "d/a", &b, None).unwrap();
+        assert_eq!(read(&mut s, "d/a"), b);
+        let packs: Vec<_> = rt.block_on(s.0.os.list(Some(&s.key("packs", []))).try_collect::<Vec<_>>()).unwrap();
+        assert_eq!(packs.len(), 2);
+        let second = packs.iter().map(|m| m.size).min().unwrap();
+        assert!(second < 64 << 10, "the second version stored {second} bytes of packs");
+        let listed = s.list_dir("d").unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].name, "d/a");
+        assert_eq!(s.list_dir("").unwrap()[0].kind, EntryKind::Dir);
+    }
+
+    #[test]
+    fn a_conditional_upload_publishes_only_over_what_it_expects() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let mut s = store(&rt);
+        put(&mut s, "n", b"one", Some(Expect::Absent)).unwrap();
+        assert_eq!(put(&mut s, "n", b"two", Some(Expect::Absent)), Err(ErrorCode::Conflict));
+        let one = Hash(Sha256::digest(b"one").into());
+        let w1 = s.create("n", 3, Some(Expect::Match(one))).unwrap();
+        let w2 = s.create("n", 3, Some(Expect::Match(one))).unwrap();
+        let finish = |s: &mut ObjStore, mut w: ObjWriter, b: &[u8]| {
+            w.write(b).unwrap();
+            s.finish("n", w, Some(Tree::build(b, ChunkerKind::Cdc)))
+        };
+        finish(&mut s, w1, b"three").unwrap();
+        assert_eq!(finish(&mut s, w2, b"four"), Err(ErrorCode::Conflict));
+        assert_eq!(read(&mut s, "n"), b"three");
+    }
+
+    #[test]
+    fn a_wrong_hash_publishes_nothing() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let mut s = store(&rt);
+        let mut w = s.create("n", 3, None).unwrap();
+        w.write(b"abc").unwrap();
+        let mut tree = Tree::build(b"abd", ChunkerKind::Cdc);
+        tree.set_file_hash(Hash([1; 32]));
+        assert_eq!(s.finish("n", w, Some(tree)), Err(ErrorCode::Integrity));
+        assert_eq!(s.stat("n"), Err(ErrorCode::NotFound));
+    }
+
+    #[test]
+    fn an_interrupted_upload_is_kept_for_the_next() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let mut s = store(&rt);
+        let a = data(PACK_TARGET + (2 << 20), 3);
+        let mut w = s.create("big", a.len() as u64, None).unwrap();
+        w.write(&a[..PACK_TARGET + (1 << 20)]).unwrap();
+        drop(w);
+        // The record is written in the background.
+        let mut kept = None;
+        for _ in 0..100 {
+            kept = s.partial_info("big").unwrap();
+            if kept.as_ref().is_some_and(|p| p.size > PACK_TARGET as u64) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let kept = kept.expect("a partial");
+        assert!(kept.size > PACK_TARGET as u64 && kept.size <= (PACK_TARGET + (1 << 20)) as u64);
+        let (tree, mut r) = s.partial("big", ChunkerKind::for_size(a.len() as u64)).unwrap().unwrap();
+        let mut back = vec![0u8; tree.summary().size as usize];
+        r.read_at(0, &mut back).unwrap();
+        assert_eq!(back, a[..back.len()]);
+        assert!(s.holds("big").unwrap());
+        put(&mut s, "big", &a, None).unwrap();
+        assert_eq!(s.partial_info("big").unwrap(), None);
+        assert_eq!(read(&mut s, "big"), a);
+    }
+
+    #[test]
+    fn directories_copies_and_deletes() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let mut s = store(&rt);
+        let meta = Meta { modified: 1_700_000_000, nanos: 5, mode: 0o750 };
+        assert!(s.make_dir("x/y", meta).unwrap());
+        assert!(!s.make_dir("x/y", meta).unwrap());
+        let top = s.list_dir("").unwrap();
+        assert_eq!(top.iter().map(|f| (f.name.as_str(), f.kind)).collect::<Vec<_>>(), [("x", EntryKind::Dir)]);
+        let y = &s.list_dir("x").unwrap()[0];
+        assert_eq!((y.name.as_str(), y.mode, y.nanos), ("x/y", 0o750, 5));
+        put(&mut s, "x/y/f", b"hello", None).unwrap();
+        assert_eq!(put(&mut s, "x/y", b"no", None), Err(ErrorCode::BadName));
+        assert_eq!(put(&mut s, "x/y/f/g", b"no", None), Err(ErrorCode::BadName));
+        let h = Hash(Sha256::digest(b"hello").into());
+        assert_eq!(s.copy("x/y/f", Hash([2; 32]), "c", meta), Err(ErrorCode::Conflict));
+        assert_eq!(s.copy("x/y/f", h, "c", meta).unwrap(), h);
+        assert_eq!(read(&mut s, "c"), b"hello");
+        assert_eq!(s.stat("c").unwrap().mode, 0o750);
+        assert_eq!(s.remove_dir("x/y"), Err(ErrorCode::Conflict));
+        assert_eq!(s.delete("x/y"), Err(ErrorCode::BadName));
+        s.delete("x/y/f").unwrap();
+        assert_eq!(s.delete("x/y/f"), Err(ErrorCode::NotFound));
+        s.remove_dir("x/y").unwrap();
+        assert_eq!(s.list_dir("x/y"), Err(ErrorCode::NotFound));
+        assert_eq!(s.list().unwrap().iter().map(|f| f.name.as_str()).collect::<Vec<_>>(), ["c"]);
+    }
+}
