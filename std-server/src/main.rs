@@ -5,8 +5,8 @@ use clap::{Parser, Subcommand};
 use deltasync_dashboard::Hub;
 use deltasync_server::keys::{self, KeyEntry, KeyRing};
 use deltasync_server::live::LiveObserver;
-use deltasync_server::serve::{Limits, LogOnly, Observer, Server, serve};
 use deltasync_server::objstore::{ObjConfig, ObjStore};
+use deltasync_server::serve::{Limits, LogOnly, Observer, Server, serve};
 use deltasync_server::store::{FsStore, PartialLimits, ServerStore};
 use std::io::Write;
 use std::net::SocketAddr;
@@ -354,7 +354,11 @@ async fn run() -> anyhow::Result<()> {
 }
 
 /// The object store at `url` (`s3://BUCKET/PREFIX`), checked reachable.
-async fn open_object_store(url: &str, endpoint: Option<&str>, partials: PartialLimits) -> anyhow::Result<ObjStore> {
+async fn open_object_store(
+    url: &str,
+    endpoint: Option<&str>,
+    partials: PartialLimits,
+) -> anyhow::Result<ObjStore> {
     let rest = url.strip_prefix("s3://").context("--store takes file://DIR or s3://BUCKET/PREFIX")?;
     let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
     anyhow::ensure!(!bucket.is_empty(), "--store s3://BUCKET/PREFIX: no bucket in {url}");
@@ -393,11 +397,7 @@ async fn run_with<S: ServerStore>(
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
-    println!(
-        "deltasync-server listening on {}, storing in {}",
-        listener.local_addr()?,
-        store.location()
-    );
+    println!("deltasync-server listening on {}, storing in {}", listener.local_addr()?, store.location());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = move || {
         let mut rx = stop_rx.clone();

@@ -155,7 +155,8 @@ impl Loaded {
         let tree = match &version.tree {
             Some(bytes) => Tree::from_bytes(bytes)?,
             None => {
-                let leaves: Vec<(Hash, u64)> = version.chunks.iter().zip(&ends).map(|(c, &e)| (c.id, e)).collect();
+                let leaves: Vec<(Hash, u64)> =
+                    version.chunks.iter().zip(&ends).map(|(c, &e)| (c.id, e)).collect();
                 Tree::from_chunks(version.size, version.chunking, &leaves, version.file_hash)
             }
         };
@@ -199,7 +200,9 @@ fn hex(bytes: &[u8]) -> String {
 fn os_error(e: object_store::Error) -> ErrorCode {
     match e {
         object_store::Error::NotFound { .. } => ErrorCode::NotFound,
-        object_store::Error::Precondition { .. } | object_store::Error::AlreadyExists { .. } => ErrorCode::Conflict,
+        object_store::Error::Precondition { .. } | object_store::Error::AlreadyExists { .. } => {
+            ErrorCode::Conflict
+        }
         e => {
             tracing::warn!(error = %e, "object store error");
             ErrorCode::Storage
@@ -305,7 +308,9 @@ impl ObjStore {
     fn name_of(base: &Key, key: &Key) -> Option<String> {
         let parts: Vec<String> = key
             .prefix_match(base)?
-            .map(|p| percent_encoding::percent_decode_str(p.as_ref()).decode_utf8().ok().map(|s| s.into_owned()))
+            .map(|p| {
+                percent_encoding::percent_decode_str(p.as_ref()).decode_utf8().ok().map(|s| s.into_owned())
+            })
             .collect::<Option<_>>()?;
         let name = parts.join("/");
         validate_name(&name).is_ok().then_some(name)
@@ -341,7 +346,11 @@ impl ObjStore {
 
     async fn get_partial(&self, name: &str) -> Result<Option<Partial>, ErrorCode> {
         let key = self.partial_key(name);
-        Ok(self.get(&key).await?.and_then(|(b, _)| decode::<Partial>(KIND_PARTIAL, &b)).filter(|p| p.name == name))
+        Ok(self
+            .get(&key)
+            .await?
+            .and_then(|(b, _)| decode::<Partial>(KIND_PARTIAL, &b))
+            .filter(|p| p.name == name))
     }
 
     /// A version, from the cache or the store.
@@ -405,7 +414,11 @@ impl ObjStore {
     }
 
     /// Reads the references `metas` lists, `LIST_CONCURRENCY` at a time.
-    async fn describe_all(&self, base: &Key, metas: Vec<object_store::ObjectMeta>) -> Result<Vec<StoredFile>, ErrorCode> {
+    async fn describe_all(
+        &self,
+        base: &Key,
+        metas: Vec<object_store::ObjectMeta>,
+    ) -> Result<Vec<StoredFile>, ErrorCode> {
         let names: Vec<String> = metas.iter().filter_map(|m| Self::name_of(base, &m.location)).collect();
         futures::stream::iter(names)
             .map(|name| async move {
@@ -442,7 +455,10 @@ impl ObjStore {
                 Ok(_) => return Ok(replaced),
                 Err(object_store::Error::Precondition { .. } | object_store::Error::AlreadyExists { .. }) => {
                     if conditional {
-                        tracing::info!(name, "a conditional upload found another version stored: not published");
+                        tracing::info!(
+                            name,
+                            "a conditional upload found another version stored: not published"
+                        );
                         return Err(ErrorCode::Conflict);
                     }
                     // Another instance published (or deleted) the name
@@ -518,7 +534,11 @@ impl Store for ObjStore {
     type Reader = ObjReader;
     type Writer = ObjWriter;
 
-    fn open(&mut self, name: &str, chunking: Option<ChunkerKind>) -> Result<Option<(Tree, ObjReader)>, ErrorCode> {
+    fn open(
+        &mut self,
+        name: &str,
+        chunking: Option<ChunkerKind>,
+    ) -> Result<Option<(Tree, ObjReader)>, ErrorCode> {
         let this = self.clone();
         let Some((r, _)) = self.block(this.get_ref(name))? else { return Ok(None) };
         let loaded = self.block(this.load(&r.version))?;
@@ -723,7 +743,10 @@ impl Store for ObjStore {
             let found = w.found.take();
             w.discard();
             let now = self.block(this.get_ref(name))?.map(|(_, v)| v);
-            return Ok(Published { file_hash: None, replaced: now.map(|v| v.e_tag) != found.map(|v| v.e_tag) });
+            return Ok(Published {
+                file_hash: None,
+                replaced: now.map(|v| v.e_tag) != found.map(|v| v.e_tag),
+            });
         };
         let (version, file_hash) = w.seal_version(tree)?;
         let root = w.root;
@@ -749,7 +772,9 @@ impl Store for ObjStore {
             let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
             match this.0.os.put_opts(&key, encode(KIND_VERSION, &version).into(), opts).await {
                 // The same version is stored already (content-addressed).
-                Ok(_) | Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => {}
+                Ok(_)
+                | Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) =>
+                    {}
                 Err(e) => return Err(os_error(e)),
             }
             let replaced = this.publish_ref(name, &r, found, conditional).await?;
@@ -783,20 +808,23 @@ impl Store for ObjStore {
         self.block(async move {
             let top = this.key("partials", []);
             let metas: Vec<_> = this.0.os.list(Some(&top)).try_collect().await.map_err(os_error)?;
-            let mut out: Vec<PartialFile> = futures::stream::iter(metas)
-                .map(|m| {
-                    let this = this.clone();
-                    async move {
-                        let got = this.get(&m.location).await?;
-                        Ok::<_, ErrorCode>(got.and_then(|(b, _)| decode::<Partial>(KIND_PARTIAL, &b)).map(|p| {
-                            PartialFile { size: p.size(), name: p.name, modified: p.modified }
-                        }))
-                    }
-                })
-                .buffered(LIST_CONCURRENCY)
-                .try_filter_map(|p| async move { Ok(p) })
-                .try_collect()
-                .await?;
+            let mut out: Vec<PartialFile> =
+                futures::stream::iter(metas)
+                    .map(|m| {
+                        let this = this.clone();
+                        async move {
+                            let got = this.get(&m.location).await?;
+                            Ok::<_, ErrorCode>(
+                                got.and_then(|(b, _)| decode::<Partial>(KIND_PARTIAL, &b)).map(|p| {
+                                    PartialFile { size: p.size(), name: p.name, modified: p.modified }
+                                }),
+                            )
+                        }
+                    })
+                    .buffered(LIST_CONCURRENCY)
+                    .try_filter_map(|p| async move { Ok(p) })
+                    .try_collect()
+                    .await?;
             out.sort_by(|a, b| a.name.cmp(&b.name));
             Ok(out)
         })
@@ -1042,8 +1070,11 @@ impl ObjWriter {
         Ok(())
     }
 
-    /// Stores the pack being filled (in the background: the previous one is
-    /// waited for first, so at most one is in flight).
+    /// Stores the pack being filled, in the background (the previous one is
+    /// waited for first, so at most one is in flight), and then, each time
+    /// a quarter more of the upload is stored, records what is as the
+    /// name's partial: an upload cut off here, even with its server killed,
+    /// resumes from there through any instance.
     fn seal_pack(&mut self) -> Result<(), IoFailed> {
         self.wait_in_flight()?;
         let Some(no) = self.pack_no.take() else {
@@ -1052,47 +1083,49 @@ impl ObjWriter {
         };
         let bytes = Bytes::from(std::mem::take(&mut self.pack));
         self.chunk_start = 0;
+        let covered = self.chunks.len();
+        let stored: u64 = self.chunks.iter().map(|c| u64::from(c.len)).sum();
+        let record =
+            (stored >= self.partial_bytes + (self.partial_bytes / 4).max(PACK_TARGET as u64)).then(|| {
+                self.partial_bytes = stored;
+                self.wrote_partial = true;
+                let p = Partial {
+                    name: self.name.clone(),
+                    chunking: self.chunker.kind(),
+                    modified: unix_now().0,
+                    packs: self.packs.clone(),
+                    chunks: self.chunks.clone(),
+                };
+                (self.store.partial_key(&self.name), encode(KIND_PARTIAL, &p))
+            });
         let key = self.store.pack_key(&self.packs[no as usize]);
         let os = self.store.0.os.clone();
-        let job = self.store.0.rt.spawn(async move { os.put(&key, bytes.into()).await.map(drop).map_err(os_error) });
-        self.in_flight = Some((job, self.chunks.len()));
+        let job = self.store.0.rt.spawn(async move {
+            os.put(&key, bytes.into()).await.map_err(os_error)?;
+            if let Some((key, p)) = record
+                && let Err(e) = os.put(&key, p.into()).await
+            {
+                tracing::warn!(error = %e, "could not record an upload's progress");
+            }
+            Ok(())
+        });
+        self.in_flight = Some((job, covered));
         Ok(())
     }
 
-    /// Waits for the pack in flight; records what is durable as the
-    /// name's partial now and then (each time a quarter more is).
+    /// Waits for the pack in flight.
     fn wait_in_flight(&mut self) -> Result<(), IoFailed> {
         let Some((job, covered)) = self.in_flight.take() else { return Ok(()) };
         match self.store.block(job) {
-            Ok(Ok(())) => {}
+            Ok(Ok(())) => {
+                self.durable = covered;
+                Ok(())
+            }
             _ => {
                 self.failed = true;
-                return Err(IoFailed);
+                Err(IoFailed)
             }
         }
-        self.durable = covered;
-        let durable_bytes: u64 = self.chunks[..covered].iter().map(|c| u64::from(c.len)).sum();
-        if durable_bytes >= self.partial_bytes + (self.partial_bytes / 4).max(PACK_TARGET as u64) {
-            let p = self.partial_record();
-            let key = self.store.partial_key(&self.name);
-            let os = self.store.0.os.clone();
-            if self.store.block(async move { os.put(&key, p).await }).is_ok() {
-                self.partial_bytes = durable_bytes;
-                self.wrote_partial = true;
-            }
-        }
-        Ok(())
-    }
-
-    fn partial_record(&self) -> PutPayload {
-        let p = Partial {
-            name: self.name.clone(),
-            chunking: self.chunker.kind(),
-            modified: unix_now().0,
-            packs: self.packs.clone(),
-            chunks: self.chunks[..self.durable].to_vec(),
-        };
-        encode(KIND_PARTIAL, &p).into()
     }
 
     /// Ends the last chunk, stores the last pack, checks the bytes against
@@ -1127,14 +1160,8 @@ impl ObjWriter {
             });
             c.pack = no;
         }
-        let mut version = Version {
-            size: summary.size,
-            file_hash,
-            chunking: summary.chunking,
-            packs,
-            chunks,
-            tree: None,
-        };
+        let mut version =
+            Version { size: summary.size, file_hash, chunking: summary.chunking, packs, chunks, tree: None };
         // The tree is kept apart only if its leaves are not these chunks.
         let ends: Vec<(Hash, u64)> = version
             .chunks
@@ -1238,7 +1265,13 @@ impl Drop for ObjWriter {
             if durable == 0 {
                 return;
             }
-            let p = Partial { name: name.clone(), chunking, modified: unix_now().0, packs, chunks: chunks[..durable].to_vec() };
+            let p = Partial {
+                name: name.clone(),
+                chunking,
+                modified: unix_now().0,
+                packs,
+                chunks: chunks[..durable].to_vec(),
+            };
             if let Err(e) = store.0.os.put(&store.partial_key(&name), encode(KIND_PARTIAL, &p).into()).await {
                 tracing::warn!(error = %e, name, "could not keep an interrupted upload");
             }
@@ -1253,7 +1286,8 @@ mod tests {
     use object_store::memory::InMemory;
 
     fn store(rt: &tokio::runtime::Runtime) -> ObjStore {
-        let config = ObjConfig { prefix: "t".into(), label: "memory".into(), partials: PartialLimits::default() };
+        let config =
+            ObjConfig { prefix: "t".into(), label: "memory".into(), partials: PartialLimits::default() };
         ObjStore::new(Arc::new(InMemory::new()), config, rt.handle().clone())
     }
 
@@ -1269,7 +1303,12 @@ mod tests {
             .collect()
     }
 
-    fn put(s: &mut ObjStore, name: &str, bytes: &[u8], expect: Option<Expect>) -> Result<Published, ErrorCode> {
+    fn put(
+        s: &mut ObjStore,
+        name: &str,
+        bytes: &[u8],
+        expect: Option<Expect>,
+    ) -> Result<Published, ErrorCode> {
         let mut w = s.create(name, bytes.len() as u64, expect)?;
         for piece in bytes.chunks(10_000) {
             w.write(piece).unwrap();
@@ -1297,7 +1336,8 @@ mod tests {
         b[1 << 20] ^= 1;
         put(&mut s, "d/a", &b, None).unwrap();
         assert_eq!(read(&mut s, "d/a"), b);
-        let packs: Vec<_> = rt.block_on(s.0.os.list(Some(&s.key("packs", []))).try_collect::<Vec<_>>()).unwrap();
+        let packs: Vec<_> =
+            rt.block_on(s.0.os.list(Some(&s.key("packs", []))).try_collect::<Vec<_>>()).unwrap();
         assert_eq!(packs.len(), 2);
         let second = packs.iter().map(|m| m.size).min().unwrap();
         assert!(second < 64 << 10, "the second version stored {second} bytes of packs");
@@ -1374,7 +1414,10 @@ mod tests {
         assert!(s.make_dir("x/y", meta).unwrap());
         assert!(!s.make_dir("x/y", meta).unwrap());
         let top = s.list_dir("").unwrap();
-        assert_eq!(top.iter().map(|f| (f.name.as_str(), f.kind)).collect::<Vec<_>>(), [("x", EntryKind::Dir)]);
+        assert_eq!(
+            top.iter().map(|f| (f.name.as_str(), f.kind)).collect::<Vec<_>>(),
+            [("x", EntryKind::Dir)]
+        );
         let y = &s.list_dir("x").unwrap()[0];
         assert_eq!((y.name.as_str(), y.mode, y.nanos), ("x/y", 0o750, 5));
         put(&mut s, "x/y/f", b"hello", None).unwrap();

@@ -88,18 +88,31 @@ impl ServerProcess {
     /// everything (the dashboard too), then starts the server with it (see
     /// [`Self::start_with_keys`]).
     pub fn start(bin: &Path, root: &Path, key: &str, extra: &[&str]) -> io::Result<ServerProcess> {
+        Self::start_with_env(bin, root, key, extra, &[])
+    }
+
+    /// [`Self::start`], with variables `env` set for the server (an object
+    /// store's credentials, say).
+    pub fn start_with_env(
+        bin: &Path,
+        root: &Path,
+        key: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> io::Result<ServerProcess> {
         let mut name = root.file_name().unwrap_or_default().to_os_string();
         name.push(".keys.toml");
         let file = root.with_file_name(name);
         let key = ClientKey::parse(key).map_err(|e| io::Error::other(e.to_string()))?;
         let entry = KeyEntry { dashboard: true, ..KeyEntry::with_key("test", &key) };
         keys::save(&file, &[entry]).map_err(io::Error::other)?;
-        let mut s = Self::start_with_keys(bin, root, &file, extra)?;
+        let mut s = Self::launch(bin, root, &file, extra, env, STARTUP)?;
         s.written = Some(file);
         Ok(s)
     }
 
     /// Starts `bin --listen 127.0.0.1:0 --root ROOT --keys KEYS EXTRA...`
+    /// (without `--root` if `EXTRA` has `--store`)
     /// and waits until it says where it listens (and where its dashboard
     /// is, unless `EXTRA` has `--dashboard off`). Its log goes to this
     /// process's stderr; `RUST_LOG` defaults to `warn`.
@@ -121,8 +134,25 @@ impl ServerProcess {
         extra: &[&str],
         startup: Duration,
     ) -> io::Result<ServerProcess> {
+        Self::launch(bin, root, keys, extra, &[], startup)
+    }
+
+    fn launch(
+        bin: &Path,
+        root: &Path,
+        keys: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        startup: Duration,
+    ) -> io::Result<ServerProcess> {
         let mut cmd = Command::new(bin);
-        cmd.args(["--listen", "127.0.0.1:0", "--root"]).arg(root).arg("--keys").arg(keys).args(extra);
+        cmd.envs(env.iter().copied());
+        cmd.args(["--listen", "127.0.0.1:0"]);
+        // Files under ROOT, unless `extra` says where they are.
+        if !extra.contains(&"--store") {
+            cmd.arg("--root").arg(root);
+        }
+        cmd.arg("--keys").arg(keys).args(extra);
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "warn");
         }

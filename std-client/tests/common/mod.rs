@@ -24,7 +24,45 @@ pub struct Server {
     pub root: PathBuf,
 }
 
+/// The S3 server the test command started (`scripts/test.sh` runs
+/// SeaweedFS and sets `DELTASYNC_TEST_S3` to `http://HOST:PORT/BUCKET`):
+/// its endpoint and bucket.
+pub fn s3() -> (String, String) {
+    let url = std::env::var("DELTASYNC_TEST_S3").expect(
+        "DELTASYNC_TEST_S3 is not set: the object-store tests need an S3 server \
+         (scripts/test.sh starts SeaweedFS and sets it to http://127.0.0.1:8333/BUCKET)",
+    );
+    let (endpoint, bucket) = url.rsplit_once('/').expect("DELTASYNC_TEST_S3 is http://HOST:PORT/BUCKET");
+    (endpoint.to_string(), bucket.to_string())
+}
+
+/// A prefix in the test bucket no other test (or run) uses.
+pub fn s3_prefix(test: &str) -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    format!("{test}-{}-{nanos}", std::process::id())
+}
+
 impl Server {
+    /// A server storing in the test bucket under `prefix` (its key file
+    /// and the CLI's hints beside `root`). Servers started with the same
+    /// prefix share their files.
+    pub fn start_s3(root: &Path, prefix: &str, extra: &[&str]) -> Server {
+        let (endpoint, bucket) = s3();
+        let store = format!("s3://{bucket}/{prefix}");
+        let mut args = vec!["--dashboard", "off", "--store", &store, "--s3-endpoint", &endpoint];
+        args.extend_from_slice(extra);
+        // SeaweedFS takes any credentials; the server signs with these.
+        let env = [
+            ("AWS_ACCESS_KEY_ID", "deltasync-test"),
+            ("AWS_SECRET_ACCESS_KEY", "deltasync-test"),
+            ("AWS_REGION", "us-east-1"),
+        ];
+        std::fs::create_dir_all(root).unwrap();
+        let proc =
+            ServerProcess::start_with_env(&server_bin(), root, &key(), &args, &env).expect("start server");
+        Server { port: proc.port, proc, root: root.to_path_buf() }
+    }
+
     pub fn start(root: &Path) -> Server {
         let proc =
             ServerProcess::start(&server_bin(), root, &key(), &["--dashboard", "off"]).expect("start server");
