@@ -10,10 +10,17 @@ use common::*;
 use deltasync_core::sim::random_bytes as random;
 use std::time::{Duration, Instant};
 
-/// Two instances on one prefix.
+/// Two instances on one prefix, with `extra` options.
+fn pair_with(dir: &std::path::Path, prefix: &str, extra: &[&str]) -> (Server, Server) {
+    (
+        Server::start_s3(&dir.join("a/root"), prefix, extra),
+        Server::start_s3(&dir.join("b/root"), prefix, extra),
+    )
+}
+
+/// Two instances on a new prefix.
 fn pair(dir: &std::path::Path, test: &str) -> (Server, Server) {
-    let prefix = s3_prefix(test);
-    (Server::start_s3(&dir.join("a/root"), &prefix, &[]), Server::start_s3(&dir.join("b/root"), &prefix, &[]))
+    pair_with(dir, &s3_prefix(test), &[])
 }
 
 /// What `srv` serves as `name`, downloaded.
@@ -158,4 +165,72 @@ fn an_upload_whose_instance_is_killed_resumes_through_the_other() {
         "resumed, the upload still sent {sent} bytes ({kept} were stored)"
     );
     assert!(fetch(&b, dir.path(), "big") == data);
+}
+
+#[test]
+fn garbage_is_collected_while_uploads_and_downloads_go_on_and_every_published_version_stays_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = s3_prefix("gc");
+    // Garbage kept 4 s (uploads must take under 2 s); both instances
+    // collect every second, one at a time.
+    let opts = ["--gc-grace", "4", "--gc-interval", "1"];
+    let (a, b) = pair_with(dir.path(), &prefix, &opts);
+    // Garbage to begin with: a replaced version, a deleted file, and an
+    // upload cut off with its instance and then given up.
+    let file = |name: &str, data: &[u8]| {
+        let p = dir.path().join(name.replace('/', "_"));
+        std::fs::write(&p, data).unwrap();
+        p
+    };
+    a.json(&["upload", s(&file("old", &random(1, 3 << 20))), "--as", "replaced"]);
+    a.json(&["upload", s(&file("new", &random(2, 3 << 20))), "--as", "replaced"]);
+    a.json(&["upload", s(&file("gone", &random(3, 2 << 20))), "--as", "gone"]);
+    assert!(a.cli(&["rm", "gone"]).status.success());
+    let c = Server::start_s3(&dir.path().join("c/root"), &prefix, &opts);
+    let big = file("cut", &random(4, 48 << 20));
+    let mut client = c.spawn(&["upload", s(&big), "--as", "cut", "--limit-rate", "12M"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !String::from_utf8_lossy(&b.cli(&["--json", "stat", "cut"]).stdout).contains("\"partial\"") {
+        assert!(Instant::now() < deadline, "the cut upload recorded nothing");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    c.kill9();
+    let _ = client.wait();
+    assert!(b.cli(&["rm", "cut"]).status.success());
+    // Uploads and downloads through both instances while they collect;
+    // every download is the version just published.
+    let mut current: Vec<Vec<u8>> = (0..4).map(|i| random(10 + i, 1 << 20)).collect();
+    let start = Instant::now();
+    let mut round = 0u64;
+    while start.elapsed() < Duration::from_secs(20) {
+        let i = (round % 4) as usize;
+        let (up, down) = if round % 2 == 0 { (&a, &b) } else { (&b, &a) };
+        let data = &mut current[i];
+        let at = (round as usize * 7919) % data.len();
+        data[at] ^= 0x5a;
+        data.extend_from_slice(&random(100 + round, 5000));
+        let name = format!("live/f{i}");
+        up.json(&["upload", s(&file(&name, data)), "--as", &name]);
+        assert!(fetch(down, dir.path(), &name) == *data, "round {round}: {name} read back differs");
+        round += 1;
+    }
+    // Every version published last is whole; the garbage is gone once the
+    // grace period has passed twice more (condemned, then deleted).
+    std::thread::sleep(Duration::from_secs(12));
+    for (i, data) in current.iter().enumerate() {
+        assert!(fetch(&a, dir.path(), &format!("live/f{i}")) == *data);
+    }
+    assert!(fetch(&b, dir.path(), "replaced") == random(2, 3 << 20));
+    let report = s3_gc(&prefix, &["--gc-grace", "4"]);
+    assert_eq!(report["skipped"], false, "{report}");
+    assert_eq!(report["refs"], 5, "{report}");
+    assert_eq!(report["partials"], 0, "{report}");
+    assert_eq!(report["garbage_versions"], 0, "{report}");
+    assert_eq!(report["garbage_packs"], 0, "{report}");
+    assert_eq!(report["versions"], 5, "{report}");
+    // What is stored is about what the files hold (packs are shared by the
+    // versions of a file, so some dead chunks stay beside live ones).
+    let live: u64 = current.iter().map(|d| d.len() as u64).sum::<u64>() + (3 << 20);
+    let stored = report["pack_bytes"].as_u64().unwrap();
+    assert!(stored < live + (8 << 20), "{stored} bytes of packs for {live} bytes of files: {report}");
 }

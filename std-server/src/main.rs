@@ -32,8 +32,20 @@ struct Args {
     #[arg(long, env = "DELTASYNC_STORE", value_name = "URL")]
     store: Option<String>,
     /// The S3 endpoint, for a server other than AWS (`http://` allowed).
-    #[arg(long, env = "DELTASYNC_S3_ENDPOINT", value_name = "URL")]
+    #[arg(long, env = "DELTASYNC_S3_ENDPOINT", value_name = "URL", global = true)]
     s3_endpoint: Option<String>,
+    /// An object store's garbage (replaced versions, uploads never
+    /// published) is kept this long before it is collected. Uploads must
+    /// finish within half of it. Every instance on one store must use the
+    /// same value.
+    #[arg(long, env = "DELTASYNC_GC_GRACE", default_value_t = 86_400, value_name = "SECS", global = true,
+          value_parser = clap::value_parser!(u64).range(2..))]
+    gc_grace: u64,
+    /// Seconds between upkeep runs: interrupted uploads expire, and with an
+    /// object store, garbage is collected (one instance at a time).
+    #[arg(long, env = "DELTASYNC_GC_INTERVAL", default_value_t = 3600, value_name = "SECS",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    gc_interval: u64,
     /// Key file: one entry per client or device, with its secret and
     /// permissions; re-read when it changes. Created with one full-access
     /// key if missing [default: $XDG_CONFIG_HOME/deltasync/server-keys.toml
@@ -116,6 +128,9 @@ enum Command {
     /// Manage the clients' keys (changes apply to new connections at once).
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Collects an object store's garbage once (servers on it do so every
+    /// --gc-interval) and prints what it found and removed, as JSON.
+    Gc,
 }
 
 #[derive(Subcommand, Debug)]
@@ -297,8 +312,18 @@ async fn run() -> anyhow::Result<()> {
         .init();
     let mut args = Args::parse();
     let (keys_file, default) = keys_path(args.keys.clone())?;
-    if let Some(Command::Key(cmd)) = args.command.take() {
-        return key_command(&keys_file, cmd);
+    match args.command.take() {
+        Some(Command::Key(cmd)) => return key_command(&keys_file, cmd),
+        Some(Command::Gc) => {
+            let url = args.store.as_deref().filter(|u| u.starts_with("s3://"));
+            let url =
+                url.context("gc collects an object store's garbage: give --store s3://BUCKET/PREFIX")?;
+            let store = open_object_store(url, &args, PartialLimits::default()).await?;
+            let report = store.gc().await.map_err(|e| anyhow::anyhow!("collecting garbage: {e}"))?;
+            println!("{}", serde_json::to_string(&report)?);
+            return Ok(());
+        }
+        None => {}
     }
     if !keys_file.exists() {
         // A key file named explicitly and missing is a mistake (a typo, a
@@ -345,7 +370,7 @@ async fn run() -> anyhow::Result<()> {
             run_with(store, args, keyring, limits, term).await?;
         }
         Some(Err(url)) => {
-            let store = open_object_store(url, args.s3_endpoint.as_deref(), partials).await?;
+            let store = open_object_store(url, &args, partials).await?;
             run_with(store, args, keyring, limits, term).await?;
         }
     }
@@ -354,11 +379,8 @@ async fn run() -> anyhow::Result<()> {
 }
 
 /// The object store at `url` (`s3://BUCKET/PREFIX`), checked reachable.
-async fn open_object_store(
-    url: &str,
-    endpoint: Option<&str>,
-    partials: PartialLimits,
-) -> anyhow::Result<ObjStore> {
+async fn open_object_store(url: &str, args: &Args, partials: PartialLimits) -> anyhow::Result<ObjStore> {
+    let endpoint = args.s3_endpoint.as_deref();
     let rest = url.strip_prefix("s3://").context("--store takes file://DIR or s3://BUCKET/PREFIX")?;
     let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
     anyhow::ensure!(!bucket.is_empty(), "--store s3://BUCKET/PREFIX: no bucket in {url}");
@@ -367,7 +389,12 @@ async fn open_object_store(
         builder = builder.with_endpoint(e).with_allow_http(e.starts_with("http://"));
     }
     let os = builder.build().with_context(|| format!("configuring {url}"))?;
-    let config = ObjConfig { prefix: prefix.to_string(), label: url.to_string(), partials };
+    let config = ObjConfig {
+        prefix: prefix.to_string(),
+        label: url.to_string(),
+        partials,
+        grace: Duration::from_secs(args.gc_grace),
+    };
     let store = ObjStore::new(Arc::new(os), config, tokio::runtime::Handle::current());
     store.probe().await.with_context(|| format!("reaching {url}"))?;
     Ok(store)
@@ -382,13 +409,16 @@ async fn run_with<S: ServerStore>(
     mut term: tokio::signal::unix::Signal,
 ) -> anyhow::Result<()> {
     {
-        // Partials also expire while nothing else happens.
+        // Partials also expire while nothing else happens; an object
+        // store's garbage is collected.
         let store = store.clone();
+        let every = Duration::from_secs(args.gc_interval);
         tokio::spawn(async move {
-            let mut hourly = tokio::time::interval(Duration::from_secs(3600));
-            hourly.tick().await;
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
             loop {
-                hourly.tick().await;
+                tick.tick().await;
                 let s = store.clone();
                 let _ = tokio::task::spawn_blocking(move || s.upkeep()).await;
             }

@@ -46,6 +46,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 
+mod gc;
+pub use gc::GcReport;
+
 /// New chunks are sealed into a pack once it holds this many bytes.
 pub const PACK_TARGET: usize = 16 << 20;
 /// A read fetches up to this much of a pack ahead, when the version's next
@@ -98,7 +101,9 @@ struct Version {
 /// A name's current version and metadata.
 #[derive(Clone, Serialize, Deserialize)]
 struct Ref {
-    version: Hash,
+    /// The version's key under `versions/`: its root in hex, and after a
+    /// `-` a random suffix if that key was condemned when it was published.
+    version: String,
     size: u64,
     file_hash: Hash,
     chunking: ChunkerKind,
@@ -219,6 +224,8 @@ pub struct ObjConfig {
     pub label: String,
     /// Limits on interrupted uploads.
     pub partials: PartialLimits,
+    /// How long garbage stays before it is collected (see `gc`).
+    pub grace: std::time::Duration,
 }
 
 struct Inner {
@@ -227,11 +234,15 @@ struct Inner {
     label: String,
     rt: Handle,
     partials: PartialLimits,
+    grace: std::time::Duration,
     versions: Mutex<VersionCache>,
+    /// The packs each version object names (versions never change), for
+    /// collection.
+    version_packs: Mutex<HashMap<String, Arc<Vec<PackId>>>>,
 }
 
 struct VersionCache {
-    lru: lru::LruCache<Hash, Arc<Loaded>>,
+    lru: lru::LruCache<String, Arc<Loaded>>,
     bytes: usize,
 }
 
@@ -252,6 +263,8 @@ impl ObjStore {
             label: config.label,
             rt,
             partials: config.partials,
+            grace: config.grace,
+            version_packs: Mutex::new(HashMap::new()),
             versions: Mutex::new(VersionCache {
                 lru: lru::LruCache::new(NonZeroUsize::new(1024).expect("nonzero")),
                 bytes: 0,
@@ -291,8 +304,13 @@ impl ObjStore {
         if dir.is_empty() { Ok(self.key(area, [])) } else { self.name_key(area, dir) }
     }
 
-    fn version_key(&self, root: &Hash) -> Key {
-        self.key("versions", [root.to_string().as_str()])
+    fn version_key(&self, version: &str) -> Key {
+        self.key("versions", [version])
+    }
+
+    /// The marker of a condemned object (`area` is `packs` or `versions`).
+    fn condemned_key(&self, area: &str, name: &str) -> Key {
+        self.key("gc", ["condemned", area, name])
     }
 
     fn pack_key(&self, id: &PackId) -> Key {
@@ -354,11 +372,11 @@ impl ObjStore {
     }
 
     /// A version, from the cache or the store.
-    async fn load(&self, root: &Hash) -> Result<Arc<Loaded>, ErrorCode> {
-        if let Some(l) = self.0.versions.lock().unwrap_or_else(|p| p.into_inner()).lru.get(root) {
+    async fn load(&self, version: &str) -> Result<Arc<Loaded>, ErrorCode> {
+        if let Some(l) = self.0.versions.lock().unwrap_or_else(|p| p.into_inner()).lru.get(version) {
             return Ok(l.clone());
         }
-        let key = self.version_key(root);
+        let key = self.version_key(version);
         let (bytes, _) = self.get(&key).await?.ok_or_else(|| {
             tracing::warn!(%key, "a reference to a version that is not stored");
             ErrorCode::Storage
@@ -370,7 +388,7 @@ impl ObjStore {
         let loaded = Arc::new(loaded);
         let mut cache = self.0.versions.lock().unwrap_or_else(|p| p.into_inner());
         cache.bytes += loaded.weight();
-        if let Some((_, old)) = cache.lru.push(*root, loaded.clone()) {
+        if let Some((_, old)) = cache.lru.push(version.to_string(), loaded.clone()) {
             cache.bytes -= old.weight();
         }
         while cache.bytes > VERSION_CACHE_BYTES {
@@ -521,6 +539,18 @@ impl ObjStore {
 impl crate::store::ServerStore for ObjStore {
     fn upkeep(&self) {
         self.sweep_partials();
+        match self.block(self.gc()) {
+            Ok(r) if r.skipped => tracing::debug!("another instance is collecting garbage"),
+            Ok(r) => tracing::info!(
+                deleted_packs = r.deleted_packs,
+                deleted_bytes = r.deleted_bytes,
+                deleted_versions = r.deleted_versions,
+                condemned = r.condemned,
+                packs = r.packs,
+                "collected garbage"
+            ),
+            Err(e) => tracing::warn!(error = %e, "garbage collection failed"),
+        }
     }
 
     fn settle(&self) {}
@@ -749,13 +779,22 @@ impl Store for ObjStore {
             });
         };
         let (version, file_hash) = w.seal_version(tree)?;
+        // See `gc`: what an upload reuses is safe from collection for half
+        // the grace period from when it was found.
+        if w.started.elapsed() > self.0.grace / 2 {
+            tracing::warn!(
+                name,
+                "an upload took longer than half the collection grace period: not published"
+            );
+            return Err(ErrorCode::Storage);
+        }
         let root = w.root;
         let meta = w.meta.unwrap_or_else(|| {
             let (modified, nanos) = unix_now();
             Meta { modified, nanos, mode: DEFAULT_MODE }
         });
-        let r = Ref {
-            version: root,
+        let mut r = Ref {
+            version: root.to_string(),
             size: version.size,
             file_hash,
             chunking: version.chunking,
@@ -768,13 +807,27 @@ impl Store for ObjStore {
         let partial = w.wrote_partial || w.had_partial;
         w.done = true;
         let replaced = self.block(async move {
-            let key = this.version_key(&root);
+            let body = encode(KIND_VERSION, &version);
+            let key = this.version_key(&r.version);
             let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
-            match this.0.os.put_opts(&key, encode(KIND_VERSION, &version).into(), opts).await {
-                // The same version is stored already (content-addressed).
-                Ok(_)
-                | Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) =>
-                    {}
+            match this.0.os.put_opts(&key, body.clone().into(), opts).await {
+                Ok(_) => {}
+                // The same version is stored already (content-addressed):
+                // shared, unless collection has condemned it (it may be
+                // deleted at any time), then stored again under a key of
+                // its own.
+                Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => {
+                    let marker = this.condemned_key("versions", &r.version);
+                    match this.0.os.head(&marker).await {
+                        Err(object_store::Error::NotFound { .. }) => {}
+                        Ok(_) => {
+                            r.version = format!("{}-{}", r.version, hex(&rand::random::<[u8; 8]>()));
+                            let key = this.version_key(&r.version);
+                            this.0.os.put(&key, body.into()).await.map_err(os_error)?;
+                        }
+                        Err(e) => return Err(os_error(e)),
+                    }
+                }
                 Err(e) => return Err(os_error(e)),
             }
             let replaced = this.publish_ref(name, &r, found, conditional).await?;
@@ -987,6 +1040,8 @@ pub struct ObjWriter {
     failed: bool,
     /// The root of the sealed version.
     root: Hash,
+    /// When the upload began (what it reuses was found then).
+    started: std::time::Instant,
     /// Published or discarded: nothing to keep on drop.
     done: bool,
 }
@@ -1017,6 +1072,7 @@ impl ObjWriter {
             had_partial: false,
             failed: false,
             root: Hash::UNKNOWN,
+            started: std::time::Instant::now(),
             done: false,
         }
     }
@@ -1286,8 +1342,16 @@ mod tests {
     use object_store::memory::InMemory;
 
     fn store(rt: &tokio::runtime::Runtime) -> ObjStore {
-        let config =
-            ObjConfig { prefix: "t".into(), label: "memory".into(), partials: PartialLimits::default() };
+        store_with_grace(rt, std::time::Duration::from_secs(3600))
+    }
+
+    fn store_with_grace(rt: &tokio::runtime::Runtime, grace: std::time::Duration) -> ObjStore {
+        let config = ObjConfig {
+            prefix: "t".into(),
+            label: "memory".into(),
+            partials: PartialLimits::default(),
+            grace,
+        };
         ObjStore::new(Arc::new(InMemory::new()), config, rt.handle().clone())
     }
 
@@ -1435,5 +1499,37 @@ mod tests {
         s.remove_dir("x/y").unwrap();
         assert_eq!(s.list_dir("x/y"), Err(ErrorCode::NotFound));
         assert_eq!(s.list().unwrap().iter().map(|f| f.name.as_str()).collect::<Vec<_>>(), ["c"]);
+    }
+
+    #[test]
+    fn a_condemned_version_is_never_shared_by_a_new_upload() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let grace = std::time::Duration::from_millis(1000);
+        let mut s = store_with_grace(&rt, grace);
+        let a = data(200_000, 9);
+        put(&mut s, "first", &a, None).unwrap();
+        s.delete("first").unwrap();
+        std::thread::sleep(grace + std::time::Duration::from_millis(200));
+        let r = rt.block_on(s.gc()).unwrap();
+        assert_eq!((r.condemned, r.garbage_versions), (1, 1), "{r:?}");
+        // The same bytes again: their version is stored, but condemned.
+        put(&mut s, "second", &a, None).unwrap();
+        std::thread::sleep(grace + std::time::Duration::from_millis(200));
+        let r = rt.block_on(s.gc()).unwrap();
+        assert_eq!(r.deleted_versions, 1, "{r:?}");
+        s.0.versions.lock().unwrap().lru.clear();
+        assert_eq!(read(&mut s, "second"), a);
+    }
+
+    #[test]
+    fn an_upload_slower_than_half_the_grace_period_is_not_published() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let grace = std::time::Duration::from_millis(400);
+        let mut s = store_with_grace(&rt, grace);
+        let mut w = s.create("slow", 3, None).unwrap();
+        w.write(b"abc").unwrap();
+        std::thread::sleep(grace / 2 + std::time::Duration::from_millis(50));
+        assert_eq!(s.finish("slow", w, Some(Tree::build(b"abc", ChunkerKind::Cdc))), Err(ErrorCode::Storage));
+        assert_eq!(s.stat("slow"), Err(ErrorCode::NotFound));
     }
 }

@@ -42,6 +42,29 @@ pub fn s3_prefix(test: &str) -> String {
     format!("{test}-{}-{nanos}", std::process::id())
 }
 
+/// What the server sets for the test bucket: SeaweedFS takes any
+/// credentials; the server signs with these.
+pub const S3_ENV: [(&str, &str); 3] = [
+    ("AWS_ACCESS_KEY_ID", "deltasync-test"),
+    ("AWS_SECRET_ACCESS_KEY", "deltasync-test"),
+    ("AWS_REGION", "us-east-1"),
+];
+
+/// Runs `deltasync-server gc` on the test bucket's `prefix` with `extra`
+/// options; its JSON report.
+pub fn s3_gc(prefix: &str, extra: &[&str]) -> serde_json::Value {
+    let (endpoint, bucket) = s3();
+    let out = Command::new(server_bin())
+        .args(["--store", &format!("s3://{bucket}/{prefix}"), "--s3-endpoint", &endpoint])
+        .args(extra)
+        .arg("gc")
+        .envs(S3_ENV)
+        .output()
+        .expect("run deltasync-server gc");
+    assert!(out.status.success(), "gc failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("gc prints JSON")
+}
+
 impl Server {
     /// A server storing in the test bucket under `prefix` (its key file
     /// and the CLI's hints beside `root`). Servers started with the same
