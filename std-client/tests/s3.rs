@@ -204,7 +204,7 @@ fn garbage_is_collected_while_uploads_and_downloads_go_on_and_every_published_ve
     let mut round = 0u64;
     while start.elapsed() < Duration::from_secs(20) {
         let i = (round % 4) as usize;
-        let (up, down) = if round % 2 == 0 { (&a, &b) } else { (&b, &a) };
+        let (up, down) = if round.is_multiple_of(2) { (&a, &b) } else { (&b, &a) };
         let data = &mut current[i];
         let at = (round as usize * 7919) % data.len();
         data[at] ^= 0x5a;

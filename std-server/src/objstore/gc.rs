@@ -208,13 +208,12 @@ impl ObjStore {
             }
         }
         for m in &partials {
-            match self.get(&m.location).await? {
-                Some((bytes, _)) => match decode::<Partial>(KIND_PARTIAL, &bytes) {
+            // One gone since the listing was published or dropped.
+            if let Some((bytes, _)) = self.get(&m.location).await? {
+                match decode::<Partial>(KIND_PARTIAL, &bytes) {
                     Some(p) => live_packs.extend(p.packs),
                     None => all_known = false,
-                },
-                // Gone since the listing: it was published or dropped.
-                None => {}
+                }
             }
         }
         let budget = std::time::Duration::from_millis((grace / 4).max(1) as u64);
