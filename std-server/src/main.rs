@@ -380,6 +380,9 @@ async fn run() -> anyhow::Result<()> {
 
 /// The object store at `url` (`s3://BUCKET/PREFIX`), checked reachable.
 async fn open_object_store(url: &str, args: &Args, partials: PartialLimits) -> anyhow::Result<ObjStore> {
+    // HTTPS to the store through rustls with ring, the provider the
+    // dashboard's TLS uses (no second crypto library to build).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let endpoint = args.s3_endpoint.as_deref();
     let rest = url.strip_prefix("s3://").context("--store takes file://DIR or s3://BUCKET/PREFIX")?;
     let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
