@@ -51,6 +51,8 @@ pub use gc::GcReport;
 
 /// New chunks are sealed into a pack once it holds this many bytes.
 pub const PACK_TARGET: usize = 16 << 20;
+/// A slow upload records its progress at least this often.
+const RECORD_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 /// A read fetches up to this much of a pack ahead, when the version's next
 /// chunks follow in it.
 const READ_AHEAD: u64 = 4 << 20;
@@ -1035,6 +1037,11 @@ pub struct ObjWriter {
     durable: usize,
     /// Bytes the last partial record covered.
     partial_bytes: u64,
+    /// Chunks the last partial record covered, and when it was made.
+    recorded: usize,
+    last_record: std::time::Instant,
+    /// Bytes the chunks so far cover.
+    covered_bytes: u64,
     wrote_partial: bool,
     had_partial: bool,
     failed: bool,
@@ -1068,6 +1075,9 @@ impl ObjWriter {
             in_flight: None,
             durable: 0,
             partial_bytes: 0,
+            recorded: 0,
+            last_record: std::time::Instant::now(),
+            covered_bytes: 0,
             wrote_partial: false,
             had_partial: false,
             failed: false,
@@ -1106,6 +1116,7 @@ impl ObjWriter {
         {
             self.pack.truncate(self.chunk_start);
             self.chunks.push(Chunk { id, pack, at, len: len as u32 });
+            self.covered_bytes += len as u64;
         } else {
             let pack = match self.pack_no {
                 Some(p) => p,
@@ -1118,46 +1129,52 @@ impl ObjWriter {
             let at = self.chunk_start as u32;
             self.known.insert(id, (pack, at, len as u32));
             self.chunks.push(Chunk { id, pack, at, len: len as u32 });
+            self.covered_bytes += len as u64;
             self.chunk_start = self.pack.len();
             if self.pack.len() >= PACK_TARGET {
-                self.seal_pack()?;
+                self.seal_pack(false)?;
             }
         }
         Ok(())
     }
 
     /// Stores the pack being filled, in the background (the previous one is
-    /// waited for first, so at most one is in flight), and then, each time
-    /// a quarter more of the upload is stored, records what is as the
-    /// name's partial: an upload cut off here, even with its server killed,
-    /// resumes from there through any instance.
-    fn seal_pack(&mut self) -> Result<(), IoFailed> {
+    /// waited for first, so at most one is in flight), and then records
+    /// what is stored as the name's partial, each time a quarter more of
+    /// the upload is, or when `record` asks (an upload cut off here, even
+    /// with its server killed, resumes from there through any instance).
+    fn seal_pack(&mut self, record: bool) -> Result<(), IoFailed> {
         self.wait_in_flight()?;
-        let Some(no) = self.pack_no.take() else {
-            self.durable = self.chunks.len();
-            return Ok(());
-        };
-        let bytes = Bytes::from(std::mem::take(&mut self.pack));
-        self.chunk_start = 0;
         let covered = self.chunks.len();
-        let stored: u64 = self.chunks.iter().map(|c| u64::from(c.len)).sum();
-        let record =
-            (stored >= self.partial_bytes + (self.partial_bytes / 4).max(PACK_TARGET as u64)).then(|| {
-                self.partial_bytes = stored;
-                self.wrote_partial = true;
-                let p = Partial {
-                    name: self.name.clone(),
-                    chunking: self.chunker.kind(),
-                    modified: unix_now().0,
-                    packs: self.packs.clone(),
-                    chunks: self.chunks.clone(),
-                };
-                (self.store.partial_key(&self.name), encode(KIND_PARTIAL, &p))
-            });
-        let key = self.store.pack_key(&self.packs[no as usize]);
+        let stored = self.covered_bytes;
+        let due = stored >= self.partial_bytes + (self.partial_bytes / 4).max(PACK_TARGET as u64);
+        let record = ((record || due) && covered > self.recorded).then(|| {
+            self.partial_bytes = stored;
+            self.recorded = covered;
+            self.last_record = std::time::Instant::now();
+            self.wrote_partial = true;
+            let p = Partial {
+                name: self.name.clone(),
+                chunking: self.chunker.kind(),
+                modified: unix_now().0,
+                packs: self.packs.clone(),
+                chunks: self.chunks.clone(),
+            };
+            (self.store.partial_key(&self.name), encode(KIND_PARTIAL, &p))
+        });
+        let pack = self.pack_no.take().map(|no| {
+            self.chunk_start = 0;
+            (self.store.pack_key(&self.packs[no as usize]), Bytes::from(std::mem::take(&mut self.pack)))
+        });
+        if pack.is_none() && record.is_none() {
+            self.durable = covered;
+            return Ok(());
+        }
         let os = self.store.0.os.clone();
         let job = self.store.0.rt.spawn(async move {
-            os.put(&key, bytes.into()).await.map_err(os_error)?;
+            if let Some((key, bytes)) = pack {
+                os.put(&key, bytes.into()).await.map_err(os_error)?;
+            }
             if let Some((key, p)) = record
                 && let Err(e) = os.put(&key, p.into()).await
             {
@@ -1167,6 +1184,11 @@ impl ObjWriter {
         });
         self.in_flight = Some((job, covered));
         Ok(())
+    }
+
+    /// Whether the pack in flight (if any) is stored.
+    fn in_flight_done(&self) -> bool {
+        self.in_flight.as_ref().is_none_or(|(job, _)| job.is_finished())
     }
 
     /// Waits for the pack in flight.
@@ -1191,7 +1213,8 @@ impl ObjWriter {
             return Err(ErrorCode::Storage);
         }
         self.end_chunk().map_err(|_| ErrorCode::Storage)?;
-        self.seal_pack().map_err(|_| ErrorCode::Storage)?;
+        self.recorded = usize::MAX;
+        self.seal_pack(false).map_err(|_| ErrorCode::Storage)?;
         self.wait_in_flight().map_err(|_| ErrorCode::Storage)?;
         let summary = tree.summary();
         let file_hash = Hash(std::mem::replace(&mut self.file, Sha256::new()).finalize().into());
@@ -1256,6 +1279,11 @@ impl Output for ObjWriter {
         }
         self.chunk.update(data);
         self.pack.extend_from_slice(data);
+        // A slow upload records its progress every second or so, even in
+        // small packs: cut off, it resumes from about there.
+        if self.last_record.elapsed() >= RECORD_EVERY && self.chunks.len() > self.recorded && self.in_flight_done() {
+            self.seal_pack(true)?;
+        }
         Ok(())
     }
 
