@@ -110,12 +110,11 @@ fn a_tree_pushed_edited_renamed_and_pulled_matches_everywhere() {
     let srv = Server::start(&dir.path().join("root"));
     let src = dir.path().join("src");
     let files = generate(&src);
-    let stored = srv.root.join("proj");
 
     // First push: everything.
     let r = srv.json(&["push", s(&src), "proj"]);
     assert_eq!((r["files"].as_u64(), r["changed"].as_u64()), (Some(files as u64), Some(files as u64)), "{r}");
-    assert_eq!(as_stored(&snapshot(&stored)), as_stored(&snapshot(&src)));
+    assert_eq!(as_stored(&snapshot(&srv.tree("proj"))), as_stored(&snapshot(&src)));
     // The read-only file's mode comes back as it was (see the pull below).
 
     // Again: nothing but the listings.
@@ -149,14 +148,14 @@ fn a_tree_pushed_edited_renamed_and_pulled_matches_everywhere() {
     assert_eq!(r["copied"].as_u64(), Some(5), "{r}");
     assert_eq!(r["touched"].as_u64(), Some(2), "{r}");
     assert_eq!(r["deleted"].as_u64(), Some(0), "{r}");
-    assert!(stored.join("d00/sub 3/f3.txt").exists(), "deleted without --delete");
+    assert!(srv.stored("proj/d00/sub 3/f3.txt").is_some(), "deleted without --delete");
     // The copies sent no file data: about the ten edits' chunks.
     assert!(r["literal_bytes"].as_u64().unwrap() < 10 * 4096, "{r}");
 
     // With --delete: the server's copy is the tree.
     let r = srv.json(&["push", s(&src), "proj", "--delete"]);
     assert_eq!((r["changed"].as_u64(), r["deleted"].as_u64()), (Some(0), Some(10)), "{r}");
-    assert_eq!(as_stored(&snapshot(&stored)), as_stored(&snapshot(&src)));
+    assert_eq!(as_stored(&snapshot(&srv.tree("proj"))), as_stored(&snapshot(&src)));
 
     // Pulled into an empty directory: contents, times, modes, empty
     // directories, the read-only file's mode.
@@ -192,7 +191,7 @@ fn excludes_and_the_ignore_file_are_honoured_both_ways() {
     let r = srv.json(&["push", s(&src), "p", "--exclude", "*.log"]);
     // The ignore file stays here (`.deltasync*` names are the server's).
     assert_eq!((r["changed"].as_u64(), r["skipped"].as_u64()), (Some(1), Some(0)), "{r}");
-    let stored = snapshot(&srv.root.join("p"));
+    let stored = snapshot(&srv.tree("p"));
     let names: Vec<&str> = stored.keys().map(String::as_str).collect();
     assert_eq!(names, ["keep", "keep/a.txt"]);
 
@@ -218,7 +217,7 @@ fn a_dry_run_says_what_would_change_and_changes_nothing() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("send     a/b.txt") && text.contains("send     c.txt"), "{text}");
     assert!(text.contains("(dry run)"), "{text}");
-    assert!(!srv.root.join("p").exists(), "a dry run wrote to the server");
+    assert!(!srv.tree("p").exists(), "a dry run wrote to the server");
     let r = srv.json(&["push", s(&src), "p", "-n"]);
     assert_eq!((r["dry_run"].as_bool(), r["changed"].as_u64()), (Some(true), Some(2)), "{r}");
     srv.json(&["push", s(&src), "p"]);
@@ -236,17 +235,16 @@ fn a_push_killed_midway_then_rerun_sends_only_what_is_missing() {
     for i in 0..files {
         write_file(&src.join(format!("f{i:02}.bin")), &random(i, 256 << 10), 0o644, (1_600_000_000 + i, 0));
     }
-    let stored = srv.root.join("p");
     let mut child = srv.spawn(&["push", s(&src), "p", "--limit-rate", "2M"]);
     let deadline = Instant::now() + Duration::from_secs(30);
-    while fs::read_dir(&stored).map_or(0, |d| d.count()) < 8 {
+    while fs::read_dir(srv.tree("p")).map_or(0, |d| d.count()) < 8 {
         assert!(Instant::now() < deadline, "the push did not get going");
         std::thread::sleep(Duration::from_millis(20));
     }
     child.kill().unwrap();
     child.wait().unwrap();
     // Every file there is whole: old or new, never torn.
-    let there = snapshot(&stored);
+    let there = snapshot(&srv.tree("p"));
     let want = as_stored(&snapshot(&src));
     assert!(there.len() < files as usize, "the push finished before it was killed");
     for (name, node) in as_stored(&there) {
@@ -254,14 +252,14 @@ fn a_push_killed_midway_then_rerun_sends_only_what_is_missing() {
     }
     let r = srv.json(&["push", s(&src), "p"]);
     assert_eq!(r["changed"].as_u64(), Some(files - there.len() as u64), "{r}");
-    assert_eq!(as_stored(&snapshot(&stored)), want);
+    assert_eq!(as_stored(&snapshot(&srv.tree("p"))), want);
 }
 
-/// Waits until the server's copy at `stored` is `src`, for at most `secs`.
-fn wait_until_same(stored: &Path, src: &Path, secs: u64) {
+/// Waits until what `srv` stores under `dir` is `src`, for at most `secs`.
+fn wait_until_same(srv: &Server, dir: &str, src: &Path, secs: u64) {
     let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
-        let (have, want) = (as_stored(&snapshot(stored)), as_stored(&snapshot(src)));
+        let (have, want) = (as_stored(&snapshot(&srv.tree(dir))), as_stored(&snapshot(src)));
         if have == want {
             return;
         }
@@ -282,9 +280,8 @@ fn a_watched_tree_reaches_the_server_within_seconds() {
     write_file(&src.join("a/one.txt"), b"one", 0o644, (1_600_000_000, 0));
     write_file(&src.join("a/two.txt"), b"two", 0o644, (1_600_000_000, 0));
     write_file(&src.join("gone/x.txt"), b"x", 0o644, (1_600_000_000, 0));
-    let stored = srv.root.join("w");
     let mut child = srv.spawn(&["push", s(&src), "w", "--watch", "--delete"]);
-    wait_until_same(&stored, &src, 20);
+    wait_until_same(&srv, "w", &src, 20);
 
     // Created, changed, renamed, deleted, a new directory, a directory gone.
     fs::write(src.join("a/new.txt"), b"new").unwrap();
@@ -293,7 +290,7 @@ fn a_watched_tree_reaches_the_server_within_seconds() {
     write_file(&src.join("b/c/deep.txt"), &random(3, 100_000), 0o600, (1_600_000_000, 0));
     fs::remove_dir_all(src.join("gone")).unwrap();
     let t = Instant::now();
-    wait_until_same(&stored, &src, 10);
+    wait_until_same(&srv, "w", &src, 10);
     let first = t.elapsed();
 
     // And again, a burst of edits to one file.
@@ -301,7 +298,7 @@ fn a_watched_tree_reaches_the_server_within_seconds() {
         fs::write(src.join("a/new.txt"), format!("edit {i}")).unwrap();
     }
     fs::remove_file(src.join("a/renamed.txt")).unwrap();
-    wait_until_same(&stored, &src, 10);
+    wait_until_same(&srv, "w", &src, 10);
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(first < Duration::from_secs(10), "{first:?}");

@@ -383,8 +383,12 @@ impl ObjStore {
             tracing::warn!(%key, "a reference to a version that is not stored");
             ErrorCode::Storage
         })?;
-        let loaded = decode::<Version>(KIND_VERSION, &bytes).and_then(Loaded::new).ok_or_else(|| {
-            tracing::warn!(%key, "an unreadable version");
+        let stored = decode::<Version>(KIND_VERSION, &bytes).ok_or_else(|| {
+            tracing::warn!(%key, bytes = bytes.len(), "an undecodable version");
+            ErrorCode::Storage
+        })?;
+        let loaded = Loaded::new(stored).ok_or_else(|| {
+            tracing::warn!(%key, "a version whose chunks do not add up");
             ErrorCode::Storage
         })?;
         let loaded = Arc::new(loaded);
@@ -664,6 +668,7 @@ impl Store for ObjStore {
         }
         if let Some(p) = partial {
             w.know(&p.packs, &p.chunks);
+            w.had_partial = true;
         }
         Ok(w)
     }
@@ -820,14 +825,17 @@ impl Store for ObjStore {
                 // its own.
                 Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => {
                     let marker = this.condemned_key("versions", &r.version);
-                    match this.0.os.head(&marker).await {
-                        Err(object_store::Error::NotFound { .. }) => {}
-                        Ok(_) => {
-                            r.version = format!("{}-{}", r.version, hex(&rand::random::<[u8; 8]>()));
-                            let key = this.version_key(&r.version);
-                            this.0.os.put(&key, body.into()).await.map_err(os_error)?;
-                        }
+                    let condemned = match this.0.os.head(&marker).await {
+                        Err(object_store::Error::NotFound { .. }) => false,
+                        Ok(_) => true,
                         Err(e) => return Err(os_error(e)),
+                    };
+                    // Shared only if it reads as this very version.
+                    let same = !condemned && this.load(&r.version).await.is_ok_and(|l| l.tree.root() == root);
+                    if !same {
+                        r.version = format!("{}-{}", r.version, hex(&rand::random::<[u8; 8]>()));
+                        let key = this.version_key(&r.version);
+                        this.0.os.put(&key, body.into()).await.map_err(os_error)?;
                     }
                 }
                 Err(e) => return Err(os_error(e)),
@@ -1094,7 +1102,6 @@ impl ObjWriter {
             let p = self.pack_no_of(*id);
             self.known.entry(c.id).or_insert((p, c.at, c.len));
         }
-        self.had_partial |= !chunks.is_empty() && self.found.is_none();
     }
 
     fn pack_no_of(&mut self, id: PackId) -> u32 {
@@ -1162,10 +1169,21 @@ impl ObjWriter {
             };
             (self.store.partial_key(&self.name), encode(KIND_PARTIAL, &p))
         });
-        let pack = self.pack_no.take().map(|no| {
-            self.chunk_start = 0;
-            (self.store.pack_key(&self.packs[no as usize]), Bytes::from(std::mem::take(&mut self.pack)))
-        });
+        // The open chunk's bytes stay: they start the next pack.
+        let open = self.pack.split_off(self.chunk_start);
+        self.chunk_start = 0;
+        let sealed = std::mem::replace(&mut self.pack, open);
+        let pack = match self.pack_no.take() {
+            Some(no) if !sealed.is_empty() => {
+                Some((self.store.pack_key(&self.packs[no as usize]), Bytes::from(sealed)))
+            }
+            // Nothing of the pack was kept (every chunk so far was known).
+            Some(no) => {
+                self.pack_no = Some(no);
+                None
+            }
+            None => None,
+        };
         if pack.is_none() && record.is_none() {
             self.durable = covered;
             return Ok(());
@@ -1220,6 +1238,13 @@ impl ObjWriter {
         let file_hash = Hash(std::mem::replace(&mut self.file, Sha256::new()).finalize().into());
         if self.written != summary.size {
             return Err(ErrorCode::Integrity);
+        }
+        if self.covered_bytes != self.written || self.pack_no.is_some() {
+            tracing::error!(
+                name = self.name,
+                "the chunks stored do not cover the bytes written: not published"
+            );
+            return Err(ErrorCode::Storage);
         }
         if summary.file_hash.is_known() && summary.file_hash != file_hash {
             tracing::warn!(name = self.name, "the written bytes do not match the offered SHA-256");
@@ -1281,7 +1306,10 @@ impl Output for ObjWriter {
         self.pack.extend_from_slice(data);
         // A slow upload records its progress every second or so, even in
         // small packs: cut off, it resumes from about there.
-        if self.last_record.elapsed() >= RECORD_EVERY && self.chunks.len() > self.recorded && self.in_flight_done() {
+        if self.last_record.elapsed() >= RECORD_EVERY
+            && self.chunks.len() > self.recorded
+            && self.in_flight_done()
+        {
             self.seal_pack(true)?;
         }
         Ok(())
@@ -1559,5 +1587,24 @@ mod tests {
         std::thread::sleep(grace / 2 + std::time::Duration::from_millis(50));
         assert_eq!(s.finish("slow", w, Some(Tree::build(b"abc", ChunkerKind::Cdc))), Err(ErrorCode::Storage));
         assert_eq!(s.stat("slow"), Err(ErrorCode::NotFound));
+    }
+
+    #[test]
+    fn a_slow_upload_records_its_progress_and_stores_every_byte() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let mut s = store(&rt);
+        let a = data(700_001, 5);
+        let mut w = s.create("slow", a.len() as u64, None).unwrap();
+        // Pieces that end inside chunks, slower than the records come.
+        for piece in a.chunks(233_333) {
+            w.write(piece).unwrap();
+            std::thread::sleep(RECORD_EVERY + std::time::Duration::from_millis(100));
+        }
+        let kept = s.partial_info("slow").unwrap().expect("progress recorded").size;
+        assert!(kept > 400_000, "{kept}");
+        let tree = Tree::build(&a, ChunkerKind::for_size(a.len() as u64));
+        s.finish("slow", w, Some(tree)).unwrap();
+        s.0.versions.lock().unwrap().lru.clear();
+        assert_eq!(read(&mut s, "slow"), a);
     }
 }

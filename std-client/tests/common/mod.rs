@@ -21,8 +21,28 @@ pub fn server_bin() -> PathBuf {
 pub struct Server {
     pub proc: ServerProcess,
     pub port: u16,
+    /// The file store's root (with the object store: where its key file
+    /// and scratch files go).
     pub root: PathBuf,
+    /// The object store's prefix in the test bucket, if it stores there.
+    pub prefix: Option<String>,
 }
+
+/// Whether [`Server::start`] stores in the test bucket (the test command
+/// runs the end-to-end suite once more with `DELTASYNC_TEST_STORE=s3`).
+pub fn on_s3() -> bool {
+    std::env::var("DELTASYNC_TEST_STORE").is_ok_and(|v| v == "s3")
+}
+
+/// The bucket prefix standing for `root`: a server started again on the
+/// same root finds the same files.
+fn prefix_for(root: &Path) -> String {
+    let p: String =
+        root.to_string_lossy().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
+    format!("e2e{}", p.trim_matches('-').replace("--", "-"))
+}
+
+static SCRATCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// The S3 server the test command started (`scripts/test.sh` runs
 /// SeaweedFS and sets `DELTASYNC_TEST_S3` to `http://HOST:PORT/BUCKET`):
@@ -74,22 +94,85 @@ impl Server {
         let store = format!("s3://{bucket}/{prefix}");
         let mut args = vec!["--dashboard", "off", "--store", &store, "--s3-endpoint", &endpoint];
         args.extend_from_slice(extra);
-        // SeaweedFS takes any credentials; the server signs with these.
-        let env = [
-            ("AWS_ACCESS_KEY_ID", "deltasync-test"),
-            ("AWS_SECRET_ACCESS_KEY", "deltasync-test"),
-            ("AWS_REGION", "us-east-1"),
-        ];
         std::fs::create_dir_all(root).unwrap();
         let proc =
-            ServerProcess::start_with_env(&server_bin(), root, &key(), &args, &env).expect("start server");
-        Server { port: proc.port, proc, root: root.to_path_buf() }
+            ServerProcess::start_with_env(&server_bin(), root, &key(), &args, &S3_ENV).expect("start server");
+        Server { port: proc.port, proc, root: root.to_path_buf(), prefix: Some(prefix.to_string()) }
     }
 
+    /// A server storing under `root`, or (see [`on_s3`]) in the test
+    /// bucket under a prefix standing for `root`.
     pub fn start(root: &Path) -> Server {
+        if on_s3() {
+            return Server::start_s3(root, &prefix_for(root), &[]);
+        }
         let proc =
             ServerProcess::start(&server_bin(), root, &key(), &["--dashboard", "off"]).expect("start server");
-        Server { port: proc.port, proc, root: root.to_path_buf() }
+        Server { port: proc.port, proc, root: root.to_path_buf(), prefix: None }
+    }
+
+    /// Whether it stores in the test bucket.
+    pub fn is_s3(&self) -> bool {
+        self.prefix.is_some()
+    }
+
+    /// A path beside the root no other call returns.
+    fn scratch(&self) -> PathBuf {
+        let n = SCRATCH.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.root.with_file_name(format!("scratch-{}-{n}", self.port))
+    }
+
+    /// What the server stores as `name`, if anything: read from its root,
+    /// or downloaded through it from the bucket.
+    pub fn stored(&self, name: &str) -> Option<Vec<u8>> {
+        if !self.is_s3() {
+            return std::fs::read(self.root.join(name)).ok();
+        }
+        let out = self.scratch();
+        let got = self.cli(&["--no-hints", "download", name, "-o", s(&out)]);
+        match got.status.code() {
+            Some(0) => {}
+            Some(5) => return None,
+            _ => panic!("downloading {name} failed: {}", String::from_utf8_lossy(&got.stderr)),
+        }
+        let data = std::fs::read(&out).unwrap();
+        std::fs::remove_file(&out).unwrap();
+        Some(data)
+    }
+
+    /// Bytes an upload in progress (or interrupted) of `name` has stored:
+    /// the largest upload file under the root, or the name's partial in
+    /// the bucket.
+    pub fn kept(&self, name: &str) -> u64 {
+        if !self.is_s3() {
+            return std::fs::read_dir(self.root.join(".deltasync/upload"))
+                .map(|d| {
+                    d.filter_map(Result::ok).map(|e| e.metadata().map_or(0, |m| m.len())).max().unwrap_or(0)
+                })
+                .unwrap_or(0);
+        }
+        let st = self.cli(&["--json", "stat", name]);
+        let v: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap_or_default();
+        v["partial"]["size"].as_u64().unwrap_or(0)
+    }
+
+    /// A directory holding what the server stores under `dir`: the root's
+    /// own, or a copy pulled through the server from the bucket (made
+    /// afresh on each call; missing if there is no such directory).
+    pub fn tree(&self, dir: &str) -> PathBuf {
+        if !self.is_s3() {
+            return self.root.join(dir);
+        }
+        let out = self.scratch();
+        let got = self.cli(&["--no-hints", "pull", dir, s(&out)]);
+        match got.status.code() {
+            Some(0) => out,
+            Some(5) => {
+                let _ = std::fs::remove_dir_all(&out);
+                out
+            }
+            _ => panic!("pulling {dir} failed: {}", String::from_utf8_lossy(&got.stderr)),
+        }
     }
 
     /// The CLI's chunk hints, beside the server's root.
