@@ -9,6 +9,7 @@
 #   3. the QEMU firmware (built, linted and size-checked by scripts/firmware.sh), SeaweedFS
 #      (an S3 server, for the object-store tests), then
 #      unit/integration/browser/QEMU/flood tests (cargo-nextest, or cargo test without it),
+#      and the end-to-end suite once more with its servers storing in SeaweedFS,
 #      then doc tests, the GUI's real window, and the fuzz targets: their regressions
 #      replayed and each target fuzzed for 30 s (scripts/fuzz.sh; FUZZ_SECONDS changes it)
 #   4. cross-build deltasync-core (no_std, --no-default-features) for a Cortex-M4F
@@ -159,12 +160,19 @@ step_tests() {
     need_pkgs chromium chromium-driver prometheus systemd curl
     section "3/4 tests: SeaweedFS for the object-store tests"
     start_seaweedfs
+    # The end-to-end suite runs twice: on the file store, then (again) with
+    # its servers storing in SeaweedFS (DELTASYNC_TEST_STORE=s3).
+    local e2e=(-p deltasync-client --test e2e --test trees --test attacks)
     if cargo nextest --version >/dev/null 2>&1; then
         section "3/4 tests: cargo nextest run --workspace"
         cargo nextest run --workspace --no-fail-fast
+        section "3/4 tests: the end-to-end suite with the servers on S3"
+        DELTASYNC_TEST_STORE=s3 cargo nextest run "${e2e[@]}" --no-fail-fast
     else
         section "3/4 tests: cargo test --workspace (cargo-nextest not available)"
         cargo test --workspace --no-fail-fast
+        section "3/4 tests: the end-to-end suite with the servers on S3"
+        DELTASYNC_TEST_STORE=s3 cargo test "${e2e[@]}" --no-fail-fast
     fi
     section "3/4 doc tests: cargo test --workspace --doc"
     cargo test --workspace --doc

@@ -682,12 +682,27 @@ impl Store for ObjStore {
                 async { this.0.os.list_with_delimiter(Some(&refs)).await.map_err(os_error) },
                 async { this.0.os.list_with_delimiter(Some(&dirs)).await.map_err(os_error) },
             )?;
-            let mut sub: Vec<String> = files
+            let marked: Vec<String> = marks
+                .objects
+                .iter()
+                .filter_map(|m| Self::name_of(&this.key("dirs", []), &m.location))
+                .collect();
+            let mut implied: Vec<String> = files
                 .common_prefixes
                 .iter()
                 .filter_map(|k| Self::name_of(&this.key("refs", []), k))
                 .chain(marks.common_prefixes.iter().filter_map(|k| Self::name_of(&this.key("dirs", []), k)))
-                .chain(marks.objects.iter().filter_map(|m| Self::name_of(&this.key("dirs", []), &m.location)))
+                .filter(|d| !marked.contains(d))
+                .collect();
+            implied.sort();
+            implied.dedup();
+            // Some servers (SeaweedFS) keep listing a prefix whose last
+            // object is gone: a directory without a marker is one only if
+            // something is under it.
+            let real = futures::future::try_join_all(implied.iter().map(|d| this.is_dir(d))).await?;
+            let mut sub: Vec<String> = marked
+                .into_iter()
+                .chain(implied.into_iter().zip(real).filter(|(_, r)| *r).map(|(d, _)| d))
                 .collect();
             sub.sort();
             sub.dedup();

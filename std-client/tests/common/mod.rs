@@ -158,7 +158,8 @@ impl Server {
 
     /// A directory holding what the server stores under `dir`: the root's
     /// own, or a copy pulled through the server from the bucket (made
-    /// afresh on each call; missing if there is no such directory).
+    /// afresh on each call; missing if there is no such directory; files
+    /// that go while it is pulled are left out).
     pub fn tree(&self, dir: &str) -> PathBuf {
         if !self.is_s3() {
             return self.root.join(dir);
@@ -166,7 +167,9 @@ impl Server {
         let out = self.scratch();
         let got = self.cli(&["--no-hints", "pull", dir, s(&out)]);
         match got.status.code() {
-            Some(0) => out,
+            // 11: some files went while they were pulled (the tree is being
+            // changed); like a walk of the root, what goes is left out.
+            Some(0 | 11) => out,
             Some(5) => {
                 let _ = std::fs::remove_dir_all(&out);
                 out
