@@ -58,12 +58,14 @@ fn text_is_compressed_unless_told_not_to() {
     assert!(wire(&down) < len / 3, "{} wire bytes down", wire(&down));
     assert!(std::fs::read(&dst).unwrap() == log);
     assert_eq!(down["sha256"], deltasync_core::Hash::of(&log).to_string());
-    // --no-compress: as it is, both ways.
-    let up = srv.json(&["--no-compress", "upload", s(&path), "--as", "plain.log"]);
+    // --no-compress: as it is, both ways (in a directory of its own: beside
+    // app.log, the server would take that as the upload's base).
+    let up = srv.json(&["--no-compress", "upload", s(&path), "--as", "plain/plain.log"]);
     assert!(wire(&up) > len, "{} wire bytes with --no-compress", wire(&up));
-    let down = srv.json(&["--no-compress", "download", "plain.log", "-o", s(&dir.path().join("plain"))]);
+    let down =
+        srv.json(&["--no-compress", "download", "plain/plain.log", "-o", s(&dir.path().join("plain"))]);
     assert!(wire(&down) > len, "{} wire bytes down with --no-compress", wire(&down));
-    assert!(srv.stored("plain.log").unwrap() == log);
+    assert!(srv.stored("plain/plain.log").unwrap() == log);
 }
 
 #[test]
@@ -650,4 +652,42 @@ fn a_full_disk_is_reported_as_such_and_keeps_the_old_version() {
     assert!(std::fs::read(&copy).unwrap() == kept, "the local copy was damaged");
     assert_eq!(std::fs::read_dir(&local).unwrap().count(), 1, "a temporary was left");
     drop(srv);
+}
+
+#[test]
+fn a_new_name_beside_a_similar_file_sends_only_what_differs() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let srv = Server::start(&root);
+    let a = random(21, 8 << 20);
+    let file = |name: &str, data: &[u8]| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, data).unwrap();
+        p
+    };
+    let up = srv.json(&["upload", s(&file("a", &a)), "--as", "d/a"]);
+    assert!(wire(&up) > 8 << 20, "{up}");
+    // A copy under a new name: no file data crosses.
+    let up = srv.json(&["upload", s(&file("copy", &a)), "--as", "d/copy"]);
+    assert!(wire(&up) < 64 << 10, "a copy moved {} bytes", wire(&up));
+    assert!(srv.stored("d/copy").unwrap() == a);
+    // An edited copy: about the edit.
+    let mut b = a.clone();
+    b[3 << 20..(3 << 20) + 5000].copy_from_slice(&random(22, 5000));
+    let up = srv.json(&["upload", s(&file("b", &b)), "--as", "d/b"]);
+    assert!(wire(&up) < 200 << 10, "an edited copy moved {} bytes", wire(&up));
+    assert!(srv.stored("d/b").unwrap() == b);
+    // A key that may not read the files beside it gets nothing from them.
+    let keys = root.with_file_name("root.keys.toml");
+    let out = Command::new(server_bin())
+        .arg("--keys")
+        .arg(&keys)
+        .args(["key", "add", "device", "--write-only"])
+        .output();
+    let device = String::from_utf8(out.unwrap().stdout).unwrap().trim().to_string();
+    let out = srv.cli_with_key(&device, &["--json", "upload", s(&file("w", &a)), "--as", "d/w"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let up: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(wire(&up) > 8 << 20, "a write-only key's upload reused a file it may not read: {up}");
+    assert!(srv.stored("d/w").unwrap() == a);
 }

@@ -24,6 +24,12 @@ use alloc::vec::Vec;
 
 mod put;
 
+/// Uploads of new names smaller than this look for no similar file.
+const SIMILAR_MIN: u64 = 1 << 20;
+/// Directories with more entries than this are not looked through for a
+/// similar file.
+const SIMILAR_MAX_ENTRIES: usize = 4096;
+
 // Large only while the handshake runs; `ServerConn` boxes the whole
 // handshake, which it drops once done.
 #[allow(clippy::large_enum_variant)]
@@ -947,13 +953,14 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
                 return Err(ErrorCode::Conflict);
             }
         }
-        if !offer.root.is_known() {
-            // Without the offer's tree nothing held could be reused: the
-            // client builds it and offers again (it streams first uploads
-            // only).
-            if self.store.holds(name)? {
-                return Err(ErrorCode::NeedTree);
-            }
+        // A new name may still be mostly a file stored beside it (a copy,
+        // the next build of an artefact): see `similar`.
+        let holds = self.store.holds(name)?;
+        let similar = if expect.is_none() && !holds { self.similar(name, offer.size)? } else { None };
+        // Without the offer's tree nothing held could be reused: the client
+        // builds it and offers again (it streams first uploads only).
+        if !offer.root.is_known() && (holds || similar.is_some()) {
+            return Err(ErrorCode::NeedTree);
         }
         // The writer first: it records which version is stored, so that one
         // published while the base is loaded counts as replacing it.
@@ -961,6 +968,12 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
         let old = self.store.open(name, Some(offer.chunking))?;
         let old_summary = old.as_ref().map(|(t, _)| t.summary());
         let partial = self.store.partial(name, offer.chunking)?;
+        // Nothing of the name: the similar file is the base (never taken
+        // for this name's version: an upload of the same bytes is written).
+        let old = match (old, &partial, similar) {
+            (None, None, Some(other)) => self.store.open(&other, Some(offer.chunking))?,
+            (old, _, _) => old,
+        };
         let has_base = old.is_some() || partial.is_some();
         let base = has_base.then(|| {
             let split = |v: Option<(Tree, S::Reader)>| match v {
@@ -989,6 +1002,36 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
             rx: Box::new(rx),
         };
         Ok(())
+    }
+
+    /// For an upload of `size` bytes to `name`, which the store may not
+    /// hold: the file beside it (same directory) that the client's key may
+    /// read, whose size is closest and within half to twice `size`, to
+    /// reuse as the base (as rsync's `--fuzzy` looks for a basis file).
+    /// `None` for
+    /// small files, and in directories too large to look through. (What
+    /// the client learns, which of its chunks the base holds, it could read
+    /// anyway.)
+    fn similar(&mut self, name: &str, size: u64) -> Result<Option<String>, ErrorCode> {
+        if size < SIMILAR_MIN {
+            return Ok(None);
+        }
+        let dir = name.rsplit_once('/').map_or("", |(d, _)| d);
+        let entries = match self.store.list_dir(dir) {
+            Ok(e) => e,
+            Err(ErrorCode::NotFound) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        if entries.len() > SIMILAR_MAX_ENTRIES {
+            return Ok(None);
+        }
+        let best = entries
+            .into_iter()
+            .filter(|f| f.kind == EntryKind::File && f.name != name && f.sha256.is_known())
+            .filter(|f| f.size >= size / 2 && f.size <= size.saturating_mul(2))
+            .filter(|f| self.allowed(Operation::Read, &f.name))
+            .min_by_key(|f| (f.size.abs_diff(size), core::cmp::Reverse((f.modified, f.nanos))));
+        Ok(best.map(|f| f.name))
     }
 
     fn start_download(&mut self, now: Instant, name: &str) -> Result<(), ErrorCode> {
