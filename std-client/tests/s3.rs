@@ -35,7 +35,8 @@ fn fetch(srv: &Server, dir: &std::path::Path, name: &str) -> Vec<u8> {
 #[test]
 fn a_full_upload_through_one_instance_and_a_delta_through_the_other_read_back_through_both() {
     let dir = tempfile::tempdir().unwrap();
-    let (a, b) = pair(dir.path(), "two");
+    let prefix = s3_prefix("two");
+    let (a, b) = pair_with(dir.path(), &prefix, &[]);
     let mut data = random(1, 40 << 20);
     let src = dir.path().join("src");
     std::fs::write(&src, &data).unwrap();
@@ -44,6 +45,17 @@ fn a_full_upload_through_one_instance_and_a_delta_through_the_other_read_back_th
     for srv in [&a, &b] {
         assert!(fetch(srv, dir.path(), "d/big") == data, "a full upload read back differs");
     }
+    // A copy under a new name, through the other instance: no file data
+    // crosses, and its chunks are not stored again.
+    let up = b.json(&["upload", s(&src), "--as", "d/copy"]);
+    assert!(wire(&up) < 64 << 10, "a copy moved {} bytes", wire(&up));
+    assert!(fetch(&a, dir.path(), "d/copy") == data);
+    let report = s3_gc(&prefix, &[]);
+    let stored = report["pack_bytes"].as_u64().unwrap();
+    assert!(
+        stored < (data.len() as u64) * 11 / 10,
+        "{stored} bytes of packs for two names of one file: {report}"
+    );
     // A few edits, sent through the other instance: only they cross.
     for at in [5usize << 20, 20 << 20, 33 << 20] {
         data[at] ^= 0xff;

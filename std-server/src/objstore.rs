@@ -143,6 +143,10 @@ struct Loaded {
     version: Version,
     ends: Vec<u64>,
     tree: Tree,
+    /// When it was read from the store (see `recent_chunk`).
+    read_at: std::time::Instant,
+    /// Its chunks by id, built when first asked for.
+    by_id: std::sync::OnceLock<HashMap<Hash, u32>>,
 }
 
 impl Loaded {
@@ -167,11 +171,27 @@ impl Loaded {
                 Tree::from_chunks(version.size, version.chunking, &leaves, version.file_hash)
             }
         };
-        (tree.summary().size == version.size).then_some(Loaded { version, ends, tree })
+        (tree.summary().size == version.size).then(|| Loaded {
+            version,
+            ends,
+            tree,
+            read_at: std::time::Instant::now(),
+            by_id: std::sync::OnceLock::new(),
+        })
     }
 
     fn weight(&self) -> usize {
-        self.version.chunks.len() * (std::mem::size_of::<Chunk>() + 8 + 48) + 1024
+        // Chunks, end offsets, the tree's ids and ends, and the index by id.
+        self.version.chunks.len() * (std::mem::size_of::<Chunk>() + 8 + 48 + 48) + 1024
+    }
+
+    /// Where chunk `id` is, if this version has it.
+    fn find(&self, id: &Hash) -> Option<(PackId, u32, u32)> {
+        let by_id = self
+            .by_id
+            .get_or_init(|| self.version.chunks.iter().enumerate().map(|(i, c)| (c.id, i as u32)).collect());
+        let c = self.version.chunks[*by_id.get(id)? as usize];
+        Some((self.version.packs[c.pack as usize], c.at, c.len))
     }
 }
 
@@ -402,6 +422,15 @@ impl ObjStore {
             cache.bytes -= old.weight();
         }
         Ok(loaded)
+    }
+
+    /// Where chunk `id` lies in a version read lately (the base of an
+    /// upload, a similar file's): read since `since`, so that its packs
+    /// stay (see `gc`) until an upload that began half the grace period
+    /// after `since` publishes.
+    fn recent_chunk(&self, id: &Hash, since: std::time::Instant) -> Option<(PackId, u32, u32)> {
+        let cache = self.0.versions.lock().unwrap_or_else(|p| p.into_inner());
+        cache.lru.iter().filter(|(_, l)| l.read_at >= since).find_map(|(_, l)| l.find(id))
     }
 
     /// Whether anything is stored under directory `name`, or it was made.
@@ -1133,7 +1162,13 @@ impl ObjWriter {
         }
         self.chunker.reset();
         let id = Hash(std::mem::replace(&mut self.chunk, Sha256::new()).finalize().into());
-        if let Some(&(pack, at, known_len)) = self.known.get(&id)
+        let found = self.known.get(&id).copied().or_else(|| {
+            // A chunk of a version read for this upload (a similar file's).
+            let since = self.started.checked_sub(self.store.0.grace / 2)?;
+            let (pack_id, at, len) = self.store.recent_chunk(&id, since)?;
+            Some((self.pack_no_of(pack_id), at, len))
+        });
+        if let Some((pack, at, known_len)) = found
             && known_len as usize == len
         {
             self.pack.truncate(self.chunk_start);
