@@ -240,16 +240,26 @@ impl Live {
 /// workers).
 pub type FileLister = Arc<dyn Fn() -> Vec<FileRow> + Send + Sync>;
 
+/// The storage's counters: requests by kind, `bytes_in` and `bytes_out`
+/// (the server provides it; an object store has some).
+pub type StoreCounters = Arc<dyn Fn() -> Vec<(&'static str, u64)> + Send + Sync>;
+
 /// Where the server publishes what happens; the dashboard reads it.
 pub struct Hub {
     live: Mutex<Live>,
     changed: watch::Sender<u64>,
     files: Mutex<Option<FileLister>>,
+    store: Mutex<Option<StoreCounters>>,
 }
 
 impl Default for Hub {
     fn default() -> Self {
-        Hub { live: Mutex::default(), changed: watch::Sender::new(0), files: Mutex::new(None) }
+        Hub {
+            live: Mutex::default(),
+            changed: watch::Sender::new(0),
+            files: Mutex::new(None),
+            store: Mutex::new(None),
+        }
     }
 }
 
@@ -270,6 +280,17 @@ impl Hub {
     /// Sets how to list stored files.
     pub fn set_file_lister(&self, f: FileLister) {
         *self.files.lock().unwrap_or_else(|p| p.into_inner()) = Some(f);
+    }
+
+    /// Sets how to read the storage's counters.
+    pub fn set_store_counters(&self, f: StoreCounters) {
+        *self.store.lock().unwrap_or_else(|p| p.into_inner()) = Some(f);
+    }
+
+    /// The storage's counters now (none for a store without).
+    fn store_counters(&self) -> Vec<(&'static str, u64)> {
+        let f = self.store.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        f.map(|f| f()).unwrap_or_default()
     }
 
     /// A client connected and proved its key (rows are only for those).

@@ -17,6 +17,30 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(Stri
 pub(crate) async fn metrics(State(app): State<App>) -> impl IntoResponse {
     let (t, clients, active) = app.hub.totals();
     let mut o = String::new();
+    let counters = app.hub.store_counters();
+    if !counters.is_empty() {
+        let (bytes, requests): (Vec<_>, Vec<_>) = counters.iter().partition(|(k, _)| k.starts_with("bytes_"));
+        let requests: Vec<(String, f64)> =
+            requests.iter().map(|(k, v)| (format!("{{op=\"{k}\"}}"), *v as f64)).collect();
+        family(
+            &mut o,
+            "deltasync_store_requests_total",
+            "counter",
+            "Requests to the object store.",
+            &requests,
+        );
+        let bytes: Vec<(String, f64)> = bytes
+            .iter()
+            .map(|(k, v)| (format!("{{direction=\"{}\"}}", k.trim_start_matches("bytes_")), *v as f64))
+            .collect();
+        family(
+            &mut o,
+            "deltasync_store_bytes_total",
+            "counter",
+            "Bytes to and from the object store.",
+            &bytes,
+        );
+    }
     let one = |v: u64| vec![(String::new(), v as f64)];
     family(
         &mut o,

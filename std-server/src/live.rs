@@ -18,10 +18,12 @@ pub struct LiveObserver(pub Arc<Hub>);
 impl LiveObserver {
     /// An observer publishing to `hub`, which lists files from `store`.
     pub fn new<S: ServerStore>(hub: Arc<Hub>, store: S) -> LiveObserver {
+        let counted = store.clone();
         hub.set_file_lister(Arc::new(move || {
             let mut s = store.clone();
             s.list().unwrap_or_default()
         }));
+        hub.set_store_counters(Arc::new(move || counted.counters()));
         LiveObserver(hub)
     }
 }

@@ -46,7 +46,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 
+mod counted;
 mod gc;
+pub use counted::Counts;
 pub use gc::GcReport;
 
 /// New chunks are sealed into a pack once it holds this many bytes.
@@ -252,6 +254,7 @@ pub struct ObjConfig {
 
 struct Inner {
     os: Arc<dyn ObjectStore>,
+    counts: Arc<Counts>,
     prefix: Vec<String>,
     label: String,
     rt: Handle,
@@ -279,8 +282,11 @@ impl ObjStore {
     /// A store over `os`, using `rt` for its requests.
     pub fn new(os: Arc<dyn ObjectStore>, config: ObjConfig, rt: Handle) -> ObjStore {
         let prefix = config.prefix.split('/').filter(|s| !s.is_empty()).map(str::to_string).collect();
+        let counts = Arc::new(Counts::default());
+        let os: Arc<dyn ObjectStore> = Arc::new(counted::Counted::new(os, counts.clone()));
         ObjStore(Arc::new(Inner {
             os,
+            counts,
             prefix,
             label: config.label,
             rt,
@@ -589,6 +595,10 @@ impl crate::store::ServerStore for ObjStore {
     }
 
     fn settle(&self) {}
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        self.0.counts.snapshot()
+    }
 
     fn location(&self) -> String {
         self.0.label.clone()

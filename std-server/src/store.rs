@@ -1343,6 +1343,11 @@ pub trait ServerStore: Store<Reader: Send, Writer: Send> + Clone + Send + Sync +
     fn settle(&self);
     /// Where the files are (for logs).
     fn location(&self) -> String;
+    /// Requests to the storage by kind, and bytes (`bytes_in`,
+    /// `bytes_out`), since start: an object store's (for `/metrics`).
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
 }
 
 impl ServerStore for FsStore {
