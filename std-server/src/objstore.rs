@@ -53,7 +53,8 @@ pub use gc::GcReport;
 
 /// New chunks are sealed into a pack once it holds this many bytes.
 pub const PACK_TARGET: usize = 16 << 20;
-/// A slow upload records its progress at least this often.
+/// A slow upload records its progress about this often (less often as it
+/// grows: see `write`).
 const RECORD_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 /// A read fetches up to this much of a pack ahead, when the version's next
 /// chunks follow in it.
@@ -1364,12 +1365,12 @@ impl Output for ObjWriter {
         }
         self.chunk.update(data);
         self.pack.extend_from_slice(data);
-        // A slow upload records its progress every second or so, even in
-        // small packs: cut off, it resumes from about there.
-        if self.last_record.elapsed() >= RECORD_EVERY
-            && self.chunks.len() > self.recorded
-            && self.in_flight_done()
-        {
+        // A slow upload records its progress every half second or so, even
+        // in small packs: cut off, it resumes from about there. (Each
+        // record lists every chunk so far: a large upload records less
+        // often, so that records stay a small part of what it writes.)
+        let every = RECORD_EVERY * (1 + (self.chunks.len() / 32_768) as u32);
+        if self.last_record.elapsed() >= every && self.chunks.len() > self.recorded && self.in_flight_done() {
             self.seal_pack(true)?;
         }
         Ok(())

@@ -8,6 +8,7 @@
 //!
 //! `bash bench/vs-store.sh [RUNS] [BIG_MIB] [COPY_MIB] [RSS_GIB]` (starts
 //! SeaweedFS, sets `DELTASYNC_BENCH_S3=http://HOST:PORT/BUCKET`, runs this).
+//! `RUNS` 0: only the peak RSS; `RSS_GIB` 0: no peak RSS.
 
 use deltasync_bench::{client, key, median, peak_rss_kib, settle, timed_transfer};
 use deltasync_core::sim::random_bytes;
@@ -117,6 +118,12 @@ fn main() {
         ("64 scattered 1-byte edits", Some(&base), &scattered),
         ("100 bytes prepended", Some(&base), &prepend),
     ];
+    if runs == 0 {
+        // Only the peak RSS (below), on a store with nothing else in it.
+        drop(fs_srv);
+        drop(s3_srv);
+        return peak_rss(&server_bin, &cli, &work, endpoint, bucket, stamp, rss_gib);
+    }
     let servers = [("file", &fs_srv), ("S3", &s3_srv)];
     println!(
         "## File store against S3 store (SeaweedFS), loopback, {runs} runs, medians, {} MiB\n",
@@ -244,8 +251,22 @@ fn main() {
     drop(std::fs::remove_file(&copy_src));
     drop(fs_srv);
     drop(s3_srv);
+    if rss_gib > 0 {
+        peak_rss(&server_bin, &cli, &work, endpoint, bucket, stamp, rss_gib);
+    }
+}
 
-    // Peak RSS of a fresh S3 server over an upload and a download of a very large file.
+/// The peak RSS of a fresh S3 server over an upload and a download of a
+/// file of `rss_gib` GiB.
+fn peak_rss(
+    server_bin: &Path,
+    cli: &Path,
+    work: &Path,
+    endpoint: &str,
+    bucket: &str,
+    stamp: u64,
+    rss_gib: usize,
+) {
     eprintln!("peak RSS with {rss_gib} GiB");
     let huge = work.join("src/huge");
     {
@@ -255,13 +276,13 @@ fn main() {
         }
     }
     let rss_url = format!("s3://{bucket}/bench-rss-{stamp}");
-    let srv = start(&server_bin, &work.join("rss/root"), Some((endpoint, &rss_url)));
+    let srv = start(server_bin, &work.join("rss/root"), Some((endpoint, &rss_url)));
     let (up, _) = timed_transfer(
-        client(&cli, srv.port).args(["--no-hints", "--json", "upload"]).arg(&huge).args(["--as", "huge"]),
+        client(cli, srv.port).args(["--no-hints", "--json", "upload"]).arg(&huge).args(["--as", "huge"]),
     );
     let back = work.join("down/huge");
     let (down, _) = timed_transfer(
-        client(&cli, srv.port).args(["--no-hints", "--json", "download", "huge", "-o"]).arg(&back),
+        client(cli, srv.port).args(["--no-hints", "--json", "download", "huge", "-o"]).arg(&back),
     );
     let rss = peak_rss_kib(srv.pid());
     drop(srv);
