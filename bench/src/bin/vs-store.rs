@@ -83,6 +83,12 @@ fn main() {
     let s3_srv = start(&server_bin, &work.join("s3/root"), Some((endpoint, &store_url)));
     let s3_dash = s3_srv.dashboard.clone().unwrap();
 
+    if runs == 0 {
+        // Only the peak RSS (below), on a store with nothing else in it.
+        drop(fs_srv);
+        drop(s3_srv);
+        return peak_rss(&server_bin, &cli, &work, endpoint, bucket, stamp, rss_gib);
+    }
     eprintln!("preparing files");
     let base_data = random_bytes(1, big);
     let file = |name: &str, data: &[u8]| {
@@ -118,12 +124,6 @@ fn main() {
         ("64 scattered 1-byte edits", Some(&base), &scattered),
         ("100 bytes prepended", Some(&base), &prepend),
     ];
-    if runs == 0 {
-        // Only the peak RSS (below), on a store with nothing else in it.
-        drop(fs_srv);
-        drop(s3_srv);
-        return peak_rss(&server_bin, &cli, &work, endpoint, bucket, stamp, rss_gib);
-    }
     let servers = [("file", &fs_srv), ("S3", &s3_srv)];
     println!(
         "## File store against S3 store (SeaweedFS), loopback, {runs} runs, medians, {} MiB\n",
@@ -140,6 +140,15 @@ fn main() {
                 for i in 0..runs {
                     // A directory of its own: no file beside it to start from.
                     let name = format!("{}-{dir}-{i}/f", label.replace(' ', "-"));
+                    // A first upload of bytes the store has never seen (a
+                    // version it holds, read lately, would be reused).
+                    let fresh;
+                    let new = if old.is_none() && dir == "up" {
+                        fresh = file(&format!("fresh-{i}"), &random_bytes(1000 + i as u64, big));
+                        fresh.as_path()
+                    } else {
+                        new
+                    };
                     let local = work.join("down").join(format!("{i}"));
                     if dir == "up" {
                         if let Some(old) = old {
