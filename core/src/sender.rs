@@ -409,6 +409,9 @@ impl<T: TreeView, S: Source> Machine for Sender<T, S> {
             }
             Some(Active::Data { offset, end }) => self.send_data(offset, end, out)?,
         };
+        // The peer is given its time from when this side stops sending (a
+        // transfer may take longer than the idle timeout).
+        self.deadline = now.plus_ms(IDLE_TIMEOUT_MS);
         Ok(Poll::Transmit(n))
     }
 }

@@ -345,6 +345,39 @@ pub fn run_rounds<C: Machine, S: Machine>(
     Ok(None)
 }
 
+/// Runs both sides until the client is done over a slow link: `tick_ms`
+/// of simulated time pass with every turn, and a side writes only while
+/// fewer than `window` bytes it sent are unread (a socket's buffer), so
+/// that neither runs ahead of the other.
+pub fn run_paced<C: Machine, S: Machine>(
+    client: &mut C,
+    cp: &mut StdPump,
+    server: &mut S,
+    sp: &mut StdPump,
+    net: &mut Net,
+    window: usize,
+    tick_ms: u64,
+) -> Result<C::Output, Stop> {
+    loop {
+        let mut progress = false;
+        if net.to_server.len() < window {
+            let (p, done) = side(client, cp, net, true).map_err(Stop::Client)?;
+            if let Some(o) = done {
+                return Ok(o);
+            }
+            progress |= p;
+        }
+        if net.to_client.len() < window {
+            let (p, _) = side(server, sp, net, false).map_err(Stop::Server)?;
+            progress |= p;
+        }
+        if !progress && net.to_server.len() < window && net.to_client.len() < window {
+            return Err(Stop::Stalled);
+        }
+        net.clock = net.clock.plus_ms(tick_ms);
+    }
+}
+
 /// Runs both sides until the client is done.
 pub fn run<C: Machine, S: Machine>(
     client: &mut C,

@@ -764,3 +764,30 @@ fn after_a_failed_write_the_peers_last_word_is_read() {
         run_blocking(&mut Chatty, &mut Closed(Vec::new()), &mut deltasync_core::sim::pump(), || Instant(0));
     assert!(matches!(r, Err(DriveError::Io(embedded_io::ErrorKind::BrokenPipe))), "{r:?}");
 }
+
+/// Runs `op` over a slow link: a second passes with every turn, and a side
+/// writes only while less than 128 KiB it sent is unread.
+fn run_slowly<C: deltasync_core::machine::Machine>(op: &mut C, s: &mut Session) -> C::Output {
+    run_paced(op, &mut s.cp, &mut s.server, &mut s.sp, &mut s.net, 128 << 10, 1000).expect("no timeout")
+}
+
+#[test]
+fn a_transfer_longer_than_the_idle_timeout_completes_both_ways() {
+    // The idle timeout counts from when a side stops sending, not from when
+    // it last heard from its peer: sending the file here takes minutes.
+    let files = Files::default();
+    let mut s = connect(&files, usize::MAX);
+    let data = random_bytes(31, 2 << 20);
+    let tree = Tree::build(&data, ChunkerKind::Cdc);
+    let sender = Sender::new(&tree, &data[..], tree.summary(), s.salt, s.net.clock);
+    let mut op = Upload::new("slow", sender);
+    let start = s.net.clock;
+    assert_eq!(run_slowly(&mut op, &mut s), Outcome::Written);
+    assert!(files.borrow()["slow"] == data);
+    assert!(s.net.clock.0 - start.0 > 2 * deltasync_core::time::IDLE_TIMEOUT_MS, "not slow enough");
+    let start = s.net.clock;
+    let mut op = Download::new("slow", s.salt, None::<Base<Tree, &[u8]>>, Vec::new(), s.net.clock);
+    assert_eq!(run_slowly(&mut op, &mut s), Outcome::Written);
+    assert!(op.take_result().unwrap().0 == data);
+    assert!(s.net.clock.0 - start.0 > 2 * deltasync_core::time::IDLE_TIMEOUT_MS, "not slow enough");
+}

@@ -334,3 +334,29 @@ fn a_fetch_refuses_a_servers_bytes_out_of_place_and_a_file_whose_hash_is_wrong()
     let _ = c.poll(Instant(0), &mut out);
     assert_eq!(c.handle(Instant(0), Message::Offer(offer(Hash::UNKNOWN))), Err(bad));
 }
+
+#[test]
+fn a_put_that_takes_longer_than_the_idle_timeout_to_send_completes() {
+    use deltasync_core::chunker::ChunkerKind;
+    use deltasync_core::conn::put::{PutBatch, PutFile};
+    let f = Files::default();
+    let (mut s, salt) = connect_salted(&f);
+    let data = random_bytes(3, 4 << 20);
+    let files = vec![PutFile {
+        name: "slow".into(),
+        kind: ChunkerKind::for_size(data.len() as u64),
+        data: data.clone(),
+        meta: Meta { modified: 5, nanos: 6, mode: 0o640 },
+        base: false,
+    }];
+    let mut results = Vec::new();
+    let start = s.net.clock;
+    let mut batch = PutBatch::new(files, salt, s.version, true, |_: &PutFile, r| results.push(r.0), start);
+    // A second per turn, and no side more than 128 KiB ahead of the other:
+    // sending the file takes minutes, with no answer meanwhile.
+    run_paced(&mut batch, &mut s.cp, &mut s.server, &mut s.sp, &mut s.net, 128 << 10, 1000)
+        .expect("no timeout");
+    assert_eq!(results, [Ok(Hash::of(&data))]);
+    assert!(s.net.clock.0 - start.0 > 2 * deltasync_core::time::IDLE_TIMEOUT_MS, "not slow enough");
+    assert!(f.borrow()["slow"] == data);
+}

@@ -323,6 +323,9 @@ impl<F: FnMut(&PutFile, PutResult)> Machine for PutBatch<F> {
             return Err(SessionError::Peer(ErrorCode::Unsupported));
         }
         if self.out.is_some() {
+            // The server is given its time from when the last piece is sent
+            // (one file may take longer than the idle timeout to send).
+            self.deadline = now.plus_ms(IDLE_TIMEOUT_MS);
             return self.emit_piece(out);
         }
         if self.pending.len() < WINDOW && self.ready(self.next_put) {
