@@ -324,16 +324,25 @@ fn an_interrupted_upload_is_listed_described_and_dropped_by_rm() {
     // The client goes away mid-upload: the server keeps what it received.
     up.kill().unwrap();
     up.wait().unwrap();
+    // Until it shows, and stays the same size (an object store records the
+    // last of it once its server has seen the client go).
     let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = None;
     let partials = loop {
         let all = srv.json(&["ls", "--all"]);
         let p = all["partials"].as_array().unwrap().clone();
         if !p.is_empty() {
             assert_eq!(all["files"].as_array().unwrap().len(), 0, "{all}");
-            break p;
+            if seen == Some(p[0]["size"].clone()) {
+                break p;
+            }
+            seen = Some(p[0]["size"].clone());
         }
-        assert!(Instant::now() < deadline, "the interrupted upload never showed in ls --all");
-        std::thread::sleep(Duration::from_millis(50));
+        assert!(
+            Instant::now() < deadline,
+            "the interrupted upload never showed in ls --all, or kept growing"
+        );
+        std::thread::sleep(Duration::from_millis(300));
     };
     assert_eq!(partials.len(), 1, "{partials:?}");
     assert_eq!(partials[0]["name"], "big");
