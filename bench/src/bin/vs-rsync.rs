@@ -115,11 +115,18 @@ fn main() {
     ];
     let hints = work.join("hints");
     let hints = hints.to_str().unwrap();
-    // The tools, each under its own name on its server.
-    const TOOLS: [(&str, &str); 4] =
-        [("rsync", ""), ("rsync --fsync", "-fs"), ("deltasync", ""), ("deltasync --no-hints", "-nh")];
+    // The tools, each under its own name on its server; deltasync's each in
+    // a directory of its own (the server takes a file beside a new name as
+    // its base: the other deltasync's copy would make a first upload free).
+    const TOOLS: [&str; 4] = ["rsync", "rsync --fsync", "deltasync", "deltasync --no-hints"];
+    let named = |tool: usize, name: &str| match tool {
+        0 => name.to_string(),
+        1 => format!("{name}-fs"),
+        2 => format!("ds/{name}"),
+        _ => format!("ds-nh/{name}"),
+    };
     let run_tool = |tool: usize, file: &Path, name: &str| -> Run {
-        let name = format!("{name}{}", TOOLS[tool].1);
+        let name = named(tool, name);
         match tool {
             0 | 1 => rsync(rport, file, &name, tool == 1),
             2 => deltasync(&cli, dport, file, &name, &["--hints", hints]),
@@ -150,17 +157,17 @@ fn main() {
                 secs[tool].push(r.secs);
                 wire[tool] = r.wire;
             }
-            for (tool, (_, suffix)) in TOOLS.iter().enumerate() {
+            for tool in 0..TOOLS.len() {
                 let root = if tool < 2 { "rsync-root" } else { "ds-root" };
-                let stored = work.join(root).join(format!("{name}{suffix}"));
+                let stored = work.join(root).join(named(tool, &name));
                 assert!(std::fs::read(&stored).unwrap() == std::fs::read(new).unwrap(), "{stored:?} differs");
             }
             // The servers start every run with the same free space.
-            for suffix in ["", "-fs"] {
-                let _ = std::fs::remove_file(work.join("rsync-root").join(format!("{name}{suffix}")));
+            for tool in 0..2 {
+                let _ = std::fs::remove_file(work.join("rsync-root").join(named(tool, &name)));
             }
-            for n in [name.clone(), format!("{name}-nh")] {
-                remove(&cli, dport, &n);
+            for tool in 2..4 {
+                remove(&cli, dport, &named(tool, &name));
             }
         }
         // Each run times the tools back to back: the paired ratios are
@@ -171,7 +178,7 @@ fn main() {
             .map(|i| format!("{:.2}/{:.2}/{:.2}/{:.2}", secs[0][i], secs[1][i], secs[2][i], secs[3][i]))
             .collect();
         let m: Vec<f64> = secs.iter().map(|v| median(v.clone())).collect();
-        for (tool, (tool_name, _)) in TOOLS.iter().enumerate() {
+        for (tool, tool_name) in TOOLS.iter().enumerate() {
             println!("| {label} | {tool_name} | {:.3} s | {} |", m[tool], wire[tool]);
         }
         ratios.push((
