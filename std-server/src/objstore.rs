@@ -442,6 +442,11 @@ impl ObjStore {
 
     /// Whether anything is stored under directory `name`, or it was made.
     async fn is_dir(&self, name: &str) -> Result<bool, ErrorCode> {
+        Ok(self.has_below(name).await? || self.get_dir(name).await?.is_some())
+    }
+
+    /// Whether a file or a directory marker is stored under `name/`.
+    async fn has_below(&self, name: &str) -> Result<bool, ErrorCode> {
         for area in ["refs", "dirs"] {
             let key = self.name_key(area, name)?;
             let mut below = self.0.os.list(Some(&key));
@@ -449,7 +454,7 @@ impl ObjStore {
                 return Ok(true);
             }
         }
-        Ok(self.get_dir(name).await?.is_some())
+        Ok(false)
     }
 
     /// `BadName` if a parent of `name` is a file (a name is a file or a
@@ -980,12 +985,8 @@ impl Store for ObjStore {
             if this.get_ref(name).await?.is_some() {
                 return Err(ErrorCode::BadName);
             }
-            for area in ["refs", "dirs"] {
-                let key = this.name_key(area, name)?;
-                let mut below = this.0.os.list(Some(&key));
-                if below.next().await.transpose().map_err(os_error)?.is_some() {
-                    return Err(ErrorCode::Conflict);
-                }
+            if this.has_below(name).await? {
+                return Err(ErrorCode::Conflict);
             }
             if this.get_dir(name).await?.is_none() {
                 return Err(ErrorCode::NotFound);
