@@ -77,6 +77,9 @@ const DEFAULT_MODE: u32 = 0o644;
 /// A pack's name: 128 random bits.
 type PackId = [u8; 16];
 
+/// The packs a version names, and how many of its bytes lie in each.
+type PackUse = Arc<Vec<(PackId, u64)>>;
+
 /// Where a chunk lies.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 struct Chunk {
@@ -143,6 +146,8 @@ impl Partial {
 
 /// A version read and made ready: its tree and its chunks' end offsets.
 struct Loaded {
+    /// Its key under `versions/` (`None`: a partial's chunks).
+    key: Option<String>,
     version: Version,
     ends: Vec<u64>,
     tree: Tree,
@@ -153,7 +158,7 @@ struct Loaded {
 }
 
 impl Loaded {
-    fn new(version: Version) -> Option<Loaded> {
+    fn new(key: Option<String>, version: Version) -> Option<Loaded> {
         let mut ends = Vec::with_capacity(version.chunks.len());
         let mut end = 0u64;
         for c in &version.chunks {
@@ -175,6 +180,7 @@ impl Loaded {
             }
         };
         (tree.summary().size == version.size).then(|| Loaded {
+            key,
             version,
             ends,
             tree,
@@ -262,14 +268,23 @@ struct Inner {
     partials: PartialLimits,
     grace: std::time::Duration,
     versions: Mutex<VersionCache>,
-    /// The packs each version object names (versions never change), for
-    /// collection.
-    version_packs: Mutex<HashMap<String, Arc<Vec<PackId>>>>,
+    /// The packs each version object names, and how many of its bytes lie
+    /// in each, for collection; with the object's ETag (or time) when it
+    /// was read (collection moves chunks, see `gc`).
+    version_packs: Mutex<HashMap<String, (String, PackUse)>>,
 }
 
 struct VersionCache {
     lru: lru::LruCache<String, Arc<Loaded>>,
     bytes: usize,
+}
+
+impl VersionCache {
+    fn forget(&mut self, version: &str) {
+        if let Some(old) = self.lru.pop(version) {
+            self.bytes -= old.weight();
+        }
+    }
 }
 
 /// Files in an object store; cheap to clone (clones share caches).
@@ -400,10 +415,17 @@ impl ObjStore {
             .filter(|p| p.name == name))
     }
 
-    /// A version, from the cache or the store.
+    /// A version, from the cache if it was read there lately (a quarter of
+    /// the grace period: collection may move its chunks to other packs,
+    /// see `gc`), else from the store.
     async fn load(&self, version: &str) -> Result<Arc<Loaded>, ErrorCode> {
-        if let Some(l) = self.0.versions.lock().unwrap_or_else(|p| p.into_inner()).lru.get(version) {
-            return Ok(l.clone());
+        {
+            let mut cache = self.0.versions.lock().unwrap_or_else(|p| p.into_inner());
+            match cache.lru.get(version) {
+                Some(l) if l.read_at.elapsed() < self.0.grace / 4 => return Ok(l.clone()),
+                Some(_) => cache.forget(version),
+                None => {}
+            }
         }
         let key = self.version_key(version);
         let (bytes, _) = self.get(&key).await?.ok_or_else(|| {
@@ -414,7 +436,7 @@ impl ObjStore {
             tracing::warn!(%key, bytes = bytes.len(), "an undecodable version");
             ErrorCode::Storage
         })?;
-        let loaded = Loaded::new(stored).ok_or_else(|| {
+        let loaded = Loaded::new(Some(version.to_string()), stored).ok_or_else(|| {
             tracing::warn!(%key, "a version whose chunks do not add up");
             ErrorCode::Storage
         })?;
@@ -650,7 +672,7 @@ impl Store for ObjStore {
             chunks: p.chunks,
             tree: None,
         };
-        let Some(loaded) = Loaded::new(version) else { return Ok(None) };
+        let Some(loaded) = Loaded::new(None, version) else { return Ok(None) };
         let loaded = Arc::new(loaded);
         let tree = if p.chunking == chunking {
             let mut t = loaded.tree.clone();
@@ -1009,7 +1031,9 @@ impl ObjReader {
         ObjReader { store, loaded, window: None }
     }
 
-    /// Bytes `at..at + len` of pack `pack`, where chunk `chunk` lies.
+    /// Bytes `at..at + len` of the pack where chunk `chunk` lies. If that
+    /// pack is gone, collection has moved the version's chunks (see `gc`):
+    /// the version is read again and the bytes from where they are now.
     fn fetch(&mut self, chunk: usize, at: u64, len: u64) -> Result<Bytes, IoFailed> {
         let c = self.loaded.version.chunks[chunk];
         if let Some((p, start, bytes)) = &self.window
@@ -1020,6 +1044,43 @@ impl ObjReader {
             let from = (at - start) as usize;
             return Ok(bytes.slice(from..from + len as usize));
         }
+        match self.fetch_from_pack(chunk, at, len) {
+            Err(object_store::Error::NotFound { .. }) if self.moved() => {
+                let c2 = self.loaded.version.chunks[chunk];
+                let at = at - u64::from(c.at) + u64::from(c2.at);
+                self.fetch_from_pack(chunk, at, len)
+            }
+            other => other,
+        }
+        .map_err(|e| {
+            tracing::warn!(error = %e, "reading a pack failed");
+            IoFailed
+        })
+    }
+
+    /// Whether the version now stored under this one's key has the same
+    /// chunks (moved to other packs); if so it is read from now on.
+    fn moved(&mut self) -> bool {
+        let Some(key) = self.loaded.key.clone() else { return false };
+        self.store.0.versions.lock().unwrap_or_else(|p| p.into_inner()).forget(&key);
+        let store = self.store.clone();
+        let Ok(now) = self.store.block(async move { store.load(&key).await }) else { return false };
+        let same = now.version.chunks.len() == self.loaded.version.chunks.len()
+            && now
+                .version
+                .chunks
+                .iter()
+                .zip(&self.loaded.version.chunks)
+                .all(|(a, b)| a.id == b.id && a.len == b.len);
+        if same {
+            self.loaded = now;
+            self.window = None;
+        }
+        same
+    }
+
+    fn fetch_from_pack(&mut self, chunk: usize, at: u64, len: u64) -> Result<Bytes, object_store::Error> {
+        let c = self.loaded.version.chunks[chunk];
         // Read on while the version's next chunks follow in the same pack.
         let chunks = &self.loaded.version.chunks;
         let mut end = u64::from(c.at) + u64::from(c.len);
@@ -1035,12 +1096,12 @@ impl ObjReader {
         let end = end.max(at + len);
         let key = self.store.pack_key(&self.loaded.version.packs[c.pack as usize]);
         let os = self.store.0.os.clone();
-        let bytes = self.store.block(async move { os.get_range(&key, at..end).await }).map_err(|e| {
-            tracing::warn!(error = %e, "reading a pack failed");
-            IoFailed
-        })?;
+        let bytes = self.store.block(async move { os.get_range(&key, at..end).await })?;
         if bytes.len() as u64 != end - at {
-            return Err(IoFailed);
+            return Err(object_store::Error::Generic {
+                store: "deltasync",
+                source: "a range read returned another length".into(),
+            });
         }
         let out = bytes.slice(0..len as usize);
         self.window = Some((c.pack, at, bytes));
@@ -1463,14 +1524,17 @@ mod tests {
         store_with_grace(rt, std::time::Duration::from_secs(3600))
     }
 
-    fn store_with_grace(rt: &tokio::runtime::Runtime, grace: std::time::Duration) -> ObjStore {
-        let config = ObjConfig {
+    fn config() -> ObjConfig {
+        ObjConfig {
             prefix: "t".into(),
             label: "memory".into(),
             partials: PartialLimits::default(),
-            grace,
-        };
-        ObjStore::new(Arc::new(InMemory::new()), config, rt.handle().clone())
+            grace: std::time::Duration::from_secs(3600),
+        }
+    }
+
+    fn store_with_grace(rt: &tokio::runtime::Runtime, grace: std::time::Duration) -> ObjStore {
+        ObjStore::new(Arc::new(InMemory::new()), ObjConfig { grace, ..config() }, rt.handle().clone())
     }
 
     fn data(n: usize, seed: u64) -> Vec<u8> {
@@ -1668,5 +1732,89 @@ mod tests {
         s.finish("slow", w, Some(tree)).unwrap();
         s.0.versions.lock().unwrap().lru.clear();
         assert_eq!(read(&mut s, "slow"), a);
+    }
+
+    /// Waits out `grace`, then collects.
+    fn gc_after(rt: &tokio::runtime::Runtime, s: &ObjStore, grace: std::time::Duration) -> gc::GcReport {
+        std::thread::sleep(grace + std::time::Duration::from_millis(150));
+        let r = rt.block_on(s.gc()).unwrap();
+        assert!(!r.skipped);
+        r
+    }
+
+    fn pack_sizes(rt: &tokio::runtime::Runtime, s: &ObjStore) -> Vec<u64> {
+        let packs: Vec<_> =
+            rt.block_on(s.0.os.list(Some(&s.key("packs", []))).try_collect::<Vec<_>>()).unwrap();
+        let mut sizes: Vec<u64> = packs.iter().map(|m| m.size).collect();
+        sizes.sort_unstable();
+        sizes
+    }
+
+    #[test]
+    fn small_packs_are_compacted_and_a_reader_of_the_old_ones_follows() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let grace = std::time::Duration::from_millis(1000);
+        let mut s = store_with_grace(&rt, grace);
+        let files: Vec<(String, Vec<u8>)> =
+            (0..3).map(|i| (format!("f{i}"), data(300_000 + i * 1000, 20 + i as u64))).collect();
+        for (name, bytes) in &files {
+            put(&mut s, name, bytes, None).unwrap();
+        }
+        assert_eq!(pack_sizes(&rt, &s).len(), 3);
+        // A download that began before the compaction.
+        let (_, mut early) = s.open("f0", None).unwrap().unwrap();
+        let r = gc_after(&rt, &s, grace);
+        assert_eq!((r.rewritten_packs, r.new_packs, r.rewritten_versions), (3, 1, 3), "{r:?}");
+        assert_eq!(r.rewritten_bytes, files.iter().map(|(_, b)| b.len() as u64).sum::<u64>());
+        // Another instance reads the new layout.
+        let mut other = ObjStore::new(s.0.os.clone(), ObjConfig { grace, ..config() }, rt.handle().clone());
+        for (name, bytes) in &files {
+            assert_eq!(&read(&mut other, name), bytes);
+        }
+        let r = gc_after(&rt, &s, grace);
+        assert_eq!((r.condemned, r.rewritten_packs), (3, 0), "{r:?}");
+        let r = gc_after(&rt, &s, grace);
+        assert_eq!((r.deleted_packs, r.packs, r.garbage_packs), (3, 1, 0), "{r:?}");
+        assert_eq!(pack_sizes(&rt, &s).len(), 1);
+        // The early reader's packs are gone: it finds the version moved.
+        let mut back = vec![0u8; files[0].1.len()];
+        early.read_at(0, &mut back).unwrap();
+        assert_eq!(back, files[0].1);
+        for (name, bytes) in &files {
+            assert_eq!(&read(&mut s, name), bytes);
+        }
+    }
+
+    #[test]
+    fn a_pack_mostly_dead_is_rewritten_with_only_its_live_chunks() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let grace = std::time::Duration::from_millis(1000);
+        let mut s = store_with_grace(&rt, grace);
+        let one = data(6 << 20, 31);
+        put(&mut s, "big", &one, None).unwrap();
+        // A second version keeps the first megabyte, the rest is new.
+        let mut two = one[..1 << 20].to_vec();
+        two.extend(data(5 << 20, 32));
+        put(&mut s, "big", &two, None).unwrap();
+        let before = pack_sizes(&rt, &s);
+        assert_eq!(before.len(), 2, "{before:?}");
+        // The first version is garbage: condemned, then deleted; its pack
+        // is not rewritten while a version uses it.
+        let r = gc_after(&rt, &s, grace);
+        assert_eq!((r.condemned, r.rewritten_packs), (1, 0), "{r:?}");
+        let r = gc_after(&rt, &s, grace);
+        assert_eq!((r.deleted_versions, r.rewritten_packs), (1, 0), "{r:?}");
+        let r = gc_after(&rt, &s, grace);
+        assert_eq!((r.rewritten_packs, r.new_packs, r.rewritten_versions), (1, 1, 1), "{r:?}");
+        assert!(r.rewritten_bytes < (3 << 19), "{r:?}");
+        assert_eq!(read(&mut s, "big"), two);
+        gc_after(&rt, &s, grace);
+        let r = gc_after(&rt, &s, grace);
+        assert_eq!(r.deleted_packs, 1, "{r:?}");
+        let after = pack_sizes(&rt, &s);
+        assert_eq!(after.len(), 2);
+        assert!(after.iter().sum::<u64>() < (13 << 19), "{before:?} -> {after:?}");
+        s.0.versions.lock().unwrap().lru.clear();
+        assert_eq!(read(&mut s, "big"), two);
     }
 }

@@ -13,7 +13,11 @@
 //! - an object condemned more than the grace period ago and still not live
 //!   is deleted, with its marker; one found live again loses its marker;
 //! - deletions stop once a quarter of the grace period has passed since
-//!   the listing (the rest wait for the next run).
+//!   the listing (the rest wait for the next run);
+//! - packs older than the grace period that live versions use less than
+//!   half of, and small packs (several together), are rewritten: their
+//!   live chunks are copied to new packs and the live versions pointed
+//!   there (`If-Match`); the old packs are then garbage like any other.
 //!
 //! Every time is the object store's (its `Last-Modified`), never an
 //! instance's clock.
@@ -28,10 +32,19 @@
 //! same content published before) is shared only if it is not condemned;
 //! if it is condemned after the upload looked, it is deleted only a grace
 //! period later, by a run whose listing sees the upload's reference.
+//!
+//! Rewriting keeps that true: an instance reuses chunks only from a
+//! version it read less than a quarter of the grace period before the
+//! upload began (`load` reads an older one again), so an upload that
+//! reuses a pack rewritten after that read publishes (within half the
+//! grace period of its start) before the pack, condemned no earlier than
+//! the rewrite, can be deleted a grace period later; its version names the
+//! pack, which is then live again. A download that finds a pack gone reads
+//! its version again and goes on from where its chunks are now.
 
 use super::*;
 use object_store::ObjectMeta;
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 
 /// What one collection run found and did.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -64,6 +77,65 @@ pub struct GcReport {
     pub deleted_packs: usize,
     /// Bytes of the packs deleted.
     pub deleted_bytes: u64,
+    /// Packs whose live chunks were moved to new packs (mostly dead ones,
+    /// and small ones, compacted), and the bytes moved.
+    pub rewritten_packs: usize,
+    /// Bytes of chunks moved.
+    pub rewritten_bytes: u64,
+    /// Packs written for them.
+    pub new_packs: usize,
+    /// Versions pointed at the new packs.
+    pub rewritten_versions: usize,
+}
+
+/// Bytes of packs one run reads to rewrite them, at most.
+const REWRITE_BYTES: u64 = 256 << 20;
+/// A pack smaller than this is compacted with others.
+const SMALL_PACK: u64 = PACK_TARGET as u64 / 4;
+/// A pack larger than this is never read whole (no writer makes one).
+const LARGE_PACK: u64 = 4 * PACK_TARGET as u64;
+
+/// The packs to rewrite, among `kept` (id, size, time) that live
+/// versions use (`used`: their bytes there): older than `old_before`,
+/// used by no partial (which keeps the pack anyway), and either mostly
+/// dead (less than half used) or small (with another small one, or with a
+/// mostly dead one). Most dead first, then smallest, up to
+/// [`REWRITE_BYTES`]. (Versions that are garbage keep using the old pack
+/// until they are collected: only live versions are rewritten.)
+fn choose_rewrites(
+    kept: &[(PackId, u64, i64)],
+    used: &HashMap<PackId, u64>,
+    by_partials: &HashSet<PackId>,
+    old_before: i64,
+) -> Vec<PackId> {
+    let mut dead = Vec::new();
+    let mut small = Vec::new();
+    for &(id, size, modified) in kept {
+        if modified >= old_before || size > LARGE_PACK || by_partials.contains(&id) {
+            continue;
+        }
+        let Some(&live) = used.get(&id) else { continue };
+        if live.saturating_mul(2) < size {
+            dead.push((live * 1000 / size.max(1), size, id));
+        } else if size < SMALL_PACK {
+            small.push((size, size, id));
+        }
+    }
+    if dead.is_empty() && small.len() < 2 {
+        return Vec::new();
+    }
+    dead.sort_unstable();
+    small.sort_unstable();
+    let mut total = 0u64;
+    let mut chosen = Vec::new();
+    for (_, size, id) in dead.into_iter().chain(small) {
+        if !chosen.is_empty() && total + size > REWRITE_BYTES {
+            break;
+        }
+        total += size;
+        chosen.push(id);
+    }
+    chosen
 }
 
 #[derive(Serialize, Deserialize)]
@@ -80,6 +152,12 @@ fn named(base: &Key, m: &ObjectMeta) -> Option<(String, i64)> {
     let rest: Vec<_> = m.location.prefix_match(base)?.collect();
     let [name] = rest.as_slice() else { return None };
     Some((name.as_ref().to_string(), m.last_modified.timestamp_millis()))
+}
+
+/// What tells one state of a listed object from another: its ETag, or
+/// its time and size.
+fn tag(m: &ObjectMeta) -> String {
+    m.e_tag.clone().unwrap_or_else(|| format!("{}/{}", m.last_modified.timestamp_millis(), m.size))
 }
 
 impl ObjStore {
@@ -135,10 +213,12 @@ impl ObjStore {
         self.0.os.list(Some(base)).try_collect().await.map_err(os_error)
     }
 
-    /// The packs a stored version names (cached: versions never change);
-    /// `None` if it cannot be read.
-    async fn packs_of(&self, version: &str) -> Result<Option<Arc<Vec<PackId>>>, ErrorCode> {
-        if let Some(p) = self.0.version_packs.lock().unwrap_or_else(|p| p.into_inner()).get(version) {
+    /// The packs a stored version names and its bytes in each (cached
+    /// while the object is unchanged); `None` if it cannot be read.
+    async fn packs_of(&self, version: &str, tag: &str) -> Result<Option<PackUse>, ErrorCode> {
+        if let Some((t, p)) = self.0.version_packs.lock().unwrap_or_else(|p| p.into_inner()).get(version)
+            && t == tag
+        {
             return Ok(Some(p.clone()));
         }
         let Some((bytes, _)) = self.get(&self.version_key(version)).await? else { return Ok(None) };
@@ -146,12 +226,22 @@ impl ObjStore {
             tracing::warn!(version, "an unreadable version: no pack is collected while it is there");
             return Ok(None);
         };
-        let packs = Arc::new(v.packs);
+        let mut per_pack = vec![0u64; v.packs.len()];
+        for c in &v.chunks {
+            match per_pack.get_mut(c.pack as usize) {
+                Some(n) => *n += u64::from(c.len),
+                None => {
+                    tracing::warn!(version, "a version naming a pack it does not list");
+                    return Ok(None);
+                }
+            }
+        }
+        let packs = Arc::new(v.packs.into_iter().zip(per_pack).collect::<Vec<_>>());
         self.0
             .version_packs
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(version.to_string(), packs.clone());
+            .insert(version.to_string(), (tag.to_string(), packs.clone()));
         Ok(Some(packs))
     }
 
@@ -195,27 +285,40 @@ impl ObjStore {
         // Live packs: those any stored version or partial names.
         let mut live_packs: HashSet<PackId> = HashSet::new();
         let mut all_known = true;
-        let versions: Vec<(String, i64)> = versions.iter().filter_map(|m| named(&areas[2], m)).collect();
-        let named_packs: Vec<_> = futures::stream::iter(versions.iter().map(|(v, _)| v.clone()))
-            .map(|v| async move { self.packs_of(&v).await })
+        let versions: Vec<(String, i64, String)> =
+            versions.iter().filter_map(|m| named(&areas[2], m).map(|(n, t)| (n, t, tag(m)))).collect();
+        let named_packs: Vec<_> = futures::stream::iter(versions.iter())
+            .map(|(v, _, tag)| async move { self.packs_of(v, tag).await })
             .buffered(LIST_CONCURRENCY)
             .try_collect()
             .await?;
-        for p in named_packs {
-            match p {
-                Some(p) => live_packs.extend(p.iter().copied()),
-                None => all_known = false,
+        // Bytes of each pack that live versions use (a chunk two of them
+        // share counts twice: never less than the truth).
+        let mut used: HashMap<PackId, u64> = HashMap::new();
+        for ((name, _, _), p) in versions.iter().zip(&named_packs) {
+            let Some(p) = p else {
+                all_known = false;
+                continue;
+            };
+            let live = live_versions.contains(name);
+            for &(id, bytes) in p.iter() {
+                live_packs.insert(id);
+                if live {
+                    *used.entry(id).or_default() += bytes;
+                }
             }
         }
+        let mut by_partials: HashSet<PackId> = HashSet::new();
         for m in &partials {
             // One gone since the listing was published or dropped.
             if let Some((bytes, _)) = self.get(&m.location).await? {
                 match decode::<Partial>(KIND_PARTIAL, &bytes) {
-                    Some(p) => live_packs.extend(p.packs),
+                    Some(p) => by_partials.extend(p.packs),
                     None => all_known = false,
                 }
             }
         }
+        live_packs.extend(by_partials.iter().copied());
         let budget = std::time::Duration::from_millis((grace / 4).max(1) as u64);
         let mut run = Run { now, grace, listed, budget, marked: HashMap::new(), report };
         for m in &marks {
@@ -229,17 +332,18 @@ impl ObjStore {
         }
         // Versions first: a pack named only by a version deleted now is
         // still live in this run, condemned by a later one.
-        for (name, modified) in &versions {
+        for (name, modified, _) in &versions {
             let live = live_versions.contains(name);
             if self.judge(&mut run, "versions", name, live, *modified).await? {
                 run.report.deleted_versions += 1;
                 self.0.version_packs.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
-                self.0.versions.lock().unwrap_or_else(|p| p.into_inner()).lru.pop(name);
+                self.0.versions.lock().unwrap_or_else(|p| p.into_inner()).forget(name);
             } else {
                 run.report.versions += 1;
                 run.report.garbage_versions += usize::from(!live);
             }
         }
+        let mut kept_packs = Vec::new();
         for m in &packs {
             let Some((name, modified)) = named(&areas[3], m) else { continue };
             let live = !all_known || parse_pack(&name).is_none_or(|id| live_packs.contains(&id));
@@ -250,6 +354,26 @@ impl ObjStore {
                 run.report.garbage_packs += usize::from(!live);
                 run.report.packs += 1;
                 run.report.pack_bytes += m.size;
+                if let Some(id) = parse_pack(&name)
+                    && live
+                {
+                    kept_packs.push((id, m.size, modified));
+                }
+            }
+        }
+        if all_known {
+            let chosen = choose_rewrites(&kept_packs, &used, &by_partials, now - grace);
+            if !chosen.is_empty() && listed.elapsed() < budget {
+                let live: Vec<&String> = versions
+                    .iter()
+                    .zip(&named_packs)
+                    .filter(|((name, _, _), p)| {
+                        live_versions.contains(name)
+                            && p.as_ref().is_some_and(|p| p.iter().any(|(id, _)| chosen.contains(id)))
+                    })
+                    .map(|((name, _, _), _)| name)
+                    .collect();
+                self.rewrite(&mut run, &chosen, &live).await?;
             }
         }
         // Markers of objects no longer there.
@@ -257,6 +381,121 @@ impl ObjStore {
             let _ = self.0.os.delete(&self.condemned_key(area, name)).await;
         }
         Ok(run.report)
+    }
+
+    /// Moves the chunks that `versions` (live, and the only ones using
+    /// `chosen` but for partials and garbage, which `choose_rewrites`
+    /// leaves out) keep in the packs `chosen` to new packs, and points
+    /// each version at them, with `If-Match` on the version read. The old
+    /// packs, named by nothing then, are collected like any garbage: a
+    /// reader still using the old locations finds the version moved and
+    /// reads it again; an upload in flight that reuses them names them in
+    /// its version, which keeps them (see the module).
+    async fn rewrite(&self, run: &mut Run, chosen: &[PackId], versions: &[&String]) -> Result<(), ErrorCode> {
+        let set: HashSet<PackId> = chosen.iter().copied().collect();
+        // Each chosen pack's chunks in use: offset and length to id.
+        let mut in_use: HashMap<PackId, BTreeMap<(u32, u32), Hash>> = HashMap::new();
+        for v in versions {
+            let Some((bytes, _)) = self.get(&self.version_key(v)).await? else { continue };
+            let Some(ver) = decode::<Version>(KIND_VERSION, &bytes) else { continue };
+            for c in &ver.chunks {
+                if let Some(id) = ver.packs.get(c.pack as usize)
+                    && set.contains(id)
+                {
+                    in_use.entry(*id).or_default().insert((c.at, c.len), c.id);
+                }
+            }
+        }
+        // Copied, checked against their ids, into new packs.
+        let mut moved: HashMap<(PackId, u32, u32), (PackId, u32)> = HashMap::new();
+        let mut out: Vec<u8> = Vec::new();
+        let mut out_id: PackId = rand::random();
+        for id in chosen {
+            let Some(chunks) = in_use.remove(id) else { continue };
+            if run.listed.elapsed() >= run.budget {
+                break;
+            }
+            let pack = match self.0.os.get(&self.pack_key(id)).await {
+                Ok(r) if r.meta.size <= LARGE_PACK => r.bytes().await.map_err(os_error)?,
+                Ok(_) | Err(object_store::Error::NotFound { .. }) => continue,
+                Err(e) => return Err(os_error(e)),
+            };
+            let chunks: Vec<((u32, u32), Hash)> = chunks.into_iter().collect();
+            let (pack, chunks, sound) = tokio::task::spawn_blocking(move || {
+                let sound = chunks.iter().all(|&((at, len), cid)| {
+                    let range = at as usize..at as usize + len as usize;
+                    pack.get(range).is_some_and(|b| Hash(Sha256::digest(b).into()) == cid)
+                });
+                (pack, chunks, sound)
+            })
+            .await
+            .map_err(|_| ErrorCode::Storage)?;
+            if !sound {
+                tracing::warn!(pack = hex(id), "a pack whose chunks do not match their ids: not rewritten");
+                continue;
+            }
+            for ((at, len), _) in chunks {
+                moved.insert((*id, at, len), (out_id, out.len() as u32));
+                out.extend_from_slice(&pack[at as usize..at as usize + len as usize]);
+                run.report.rewritten_bytes += u64::from(len);
+            }
+            run.report.rewritten_packs += 1;
+            if out.len() >= PACK_TARGET {
+                let full = std::mem::take(&mut out);
+                self.0.os.put(&self.pack_key(&out_id), full.into()).await.map_err(os_error)?;
+                run.report.new_packs += 1;
+                out_id = rand::random();
+            }
+        }
+        if !out.is_empty() {
+            self.0.os.put(&self.pack_key(&out_id), out.into()).await.map_err(os_error)?;
+            run.report.new_packs += 1;
+        }
+        if moved.is_empty() {
+            return Ok(());
+        }
+        // The versions, pointed at where their chunks are now.
+        for v in versions {
+            let key = self.version_key(v);
+            // Without an ETag it could not be replaced conditionally.
+            let Some((bytes, e_tag @ Some(_))) = self.get(&key).await? else { continue };
+            let Some(mut ver) = decode::<Version>(KIND_VERSION, &bytes) else { continue };
+            let mut packs = Vec::new();
+            let mut index: HashMap<PackId, u32> = HashMap::new();
+            let mut changed = false;
+            for c in &mut ver.chunks {
+                let Some(&old) = ver.packs.get(c.pack as usize) else { continue };
+                let (pack, at) = match moved.get(&(old, c.at, c.len)) {
+                    Some(&to) => {
+                        changed = true;
+                        to
+                    }
+                    None => (old, c.at),
+                };
+                c.pack = *index.entry(pack).or_insert_with(|| {
+                    packs.push(pack);
+                    (packs.len() - 1) as u32
+                });
+                c.at = at;
+            }
+            if !changed {
+                continue;
+            }
+            ver.packs = packs;
+            let opts = PutOptions {
+                mode: PutMode::Update(UpdateVersion { e_tag, version: None }),
+                ..Default::default()
+            };
+            match self.0.os.put_opts(&key, encode(KIND_VERSION, &ver).into(), opts).await {
+                Ok(_) => run.report.rewritten_versions += 1,
+                // Changed since: it keeps the old packs.
+                Err(object_store::Error::Precondition { .. } | object_store::Error::AlreadyExists { .. }) => {
+                }
+                Err(e) => return Err(os_error(e)),
+            }
+            self.0.versions.lock().unwrap_or_else(|p| p.into_inner()).forget(v);
+        }
+        Ok(())
     }
 
     /// Condemns, rescues or deletes one object of `area` modified at
