@@ -34,8 +34,8 @@
 //! period later, by a run whose listing sees the upload's reference.
 //!
 //! Rewriting keeps that true: an instance reuses chunks only from a
-//! version it read less than a quarter of the grace period before the
-//! upload began (`load` reads an older one again), so an upload that
+//! version it read less than half the grace period before the upload
+//! began (`load` reads one older than a quarter again), so an upload that
 //! reuses a pack rewritten after that read publishes (within half the
 //! grace period of its start) before the pack, condemned no earlier than
 //! the rewrite, can be deleted a grace period later; its version names the
