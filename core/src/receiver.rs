@@ -428,12 +428,11 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
                 self.buf = vec![0u8; COPY_BUF];
             }
             // Without a whole-file hash to feed, the output may copy the
-            // bytes by itself (inside the kernel).
-            #[cfg(feature = "std")]
-            let mut done = match base.source.file_range(old.offset, len) {
-                Some((f, at))
+            // bytes by itself (inside the kernel, as references to chunks).
+            let mut done = match base.source.locate(old.offset, len) {
+                Some((src, at))
                     if !ix.hashes_file()
-                        && self.out.copy_from_file(f, at, len).map_err(|_| write_failed(&self.out))? =>
+                        && self.out.copy_from(src, at, len).map_err(|_| write_failed(&self.out))? =>
                 {
                     ix.skip_known(len);
                     self.written += len;
@@ -441,8 +440,6 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
                 }
                 _ => 0,
             };
-            #[cfg(not(feature = "std"))]
-            let mut done = 0u64;
             while done < len {
                 let n = (len - done).min(COPY_BUF as u64) as usize;
                 let piece = &mut self.buf[..n];

@@ -1,6 +1,8 @@
 //! How file contents reach the state machines: random-access reads of a
 //! version, and in-order writes of the new one.
 
+use core::any::Any;
+
 /// A read or write of file contents failed; the shell keeps the details.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct IoFailed;
@@ -10,11 +12,12 @@ pub trait Source {
     /// Fills all of `buf` from `offset`; an error if the range is not there.
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), IoFailed>;
 
-    /// The file holding bytes `offset..offset + len`, and where they start
-    /// in it, if they lie in one file: lets an [`Output`] copy them inside
-    /// the kernel ([`Output::copy_from_file`]).
-    #[cfg(feature = "std")]
-    fn file_range(&self, offset: u64, len: u64) -> Option<(&std::fs::File, u64)> {
+    /// What holds bytes `offset..offset + len` as the store knows it (a
+    /// file, a stored version's chunks), and where they start in it, if
+    /// they lie in one such thing: an [`Output`] of the same store may copy
+    /// them from there without the bytes passing through the receiver
+    /// ([`Output::copy_from`]).
+    fn locate(&self, offset: u64, len: u64) -> Option<(&dyn Any, u64)> {
         let _ = (offset, len);
         None
     }
@@ -50,12 +53,13 @@ pub trait Output {
         Err(IoFailed)
     }
 
-    /// Appends `len` bytes of `src` from `offset` without passing them
-    /// through the caller (a kernel-side copy, say). `Ok(false)`: not
-    /// supported here, nothing was written, the caller copies them itself.
-    /// Only used when the receiver needs no hash over these bytes.
-    #[cfg(feature = "std")]
-    fn copy_from_file(&mut self, src: &std::fs::File, offset: u64, len: u64) -> Result<bool, IoFailed> {
+    /// Appends `len` bytes of `src` (what a [`Source::locate`] gave) from
+    /// `offset` without passing them through the caller: a kernel-side
+    /// copy, references to chunks stored already. `Ok(false)`: not
+    /// possible here (another store's thing, say), nothing was written,
+    /// the caller copies them itself. Only used when the receiver needs no
+    /// hash over these bytes.
+    fn copy_from(&mut self, src: &dyn Any, offset: u64, len: u64) -> Result<bool, IoFailed> {
         let _ = (src, offset, len);
         Ok(false)
     }
@@ -75,9 +79,8 @@ impl<S: Source + ?Sized> Source for &mut S {
         (**self).read_at(offset, buf)
     }
 
-    #[cfg(feature = "std")]
-    fn file_range(&self, offset: u64, len: u64) -> Option<(&std::fs::File, u64)> {
-        (**self).file_range(offset, len)
+    fn locate(&self, offset: u64, len: u64) -> Option<(&dyn Any, u64)> {
+        (**self).locate(offset, len)
     }
 }
 
@@ -86,9 +89,8 @@ impl<S: Source> Source for Option<S> {
         self.as_mut().ok_or(IoFailed)?.read_at(offset, buf)
     }
 
-    #[cfg(feature = "std")]
-    fn file_range(&self, offset: u64, len: u64) -> Option<(&std::fs::File, u64)> {
-        self.as_ref()?.file_range(offset, len)
+    fn locate(&self, offset: u64, len: u64) -> Option<(&dyn Any, u64)> {
+        self.as_ref()?.locate(offset, len)
     }
 }
 
@@ -103,12 +105,11 @@ impl<A: Source, B: Source> Source for crate::tree::Chain<A, B> {
         }
     }
 
-    #[cfg(feature = "std")]
-    fn file_range(&self, offset: u64, len: u64) -> Option<(&std::fs::File, u64)> {
+    fn locate(&self, offset: u64, len: u64) -> Option<(&dyn Any, u64)> {
         if offset < self.a_size {
-            (offset.checked_add(len)? <= self.a_size).then(|| self.a.file_range(offset, len))?
+            (offset.checked_add(len)? <= self.a_size).then(|| self.a.locate(offset, len))?
         } else {
-            self.b.file_range(offset - self.a_size, len)
+            self.b.locate(offset - self.a_size, len)
         }
     }
 }
@@ -146,7 +147,9 @@ mod file {
             self.0.read_exact_at(buf, offset).map_err(|_| IoFailed)
         }
 
-        fn file_range(&self, offset: u64, _len: u64) -> Option<(&File, u64)> {
+        /// The file itself: an output on the same file system copies from
+        /// it inside the kernel.
+        fn locate(&self, offset: u64, _len: u64) -> Option<(&dyn Any, u64)> {
             Some((&self.0, offset))
         }
     }

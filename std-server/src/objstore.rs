@@ -1110,6 +1110,12 @@ impl ObjReader {
 }
 
 impl Source for ObjReader {
+    /// The version itself: a writer of the same store takes whole chunks
+    /// of it as references (`ObjWriter::copy_from`).
+    fn locate(&self, offset: u64, _len: u64) -> Option<(&dyn std::any::Any, u64)> {
+        Some((self, offset))
+    }
+
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), IoFailed> {
         let mut filled = 0usize;
         while filled < buf.len() {
@@ -1436,6 +1442,47 @@ impl Output for ObjWriter {
             self.seal_pack(true)?;
         }
         Ok(())
+    }
+
+    /// Bytes of a stored version that begin and end on its chunks'
+    /// boundaries, where this writer is between chunks: its chunks are
+    /// taken as they are stored (no byte is stored again, nor chunked);
+    /// the bytes are read only for the whole-file hash.
+    fn copy_from(&mut self, src: &dyn std::any::Any, offset: u64, len: u64) -> Result<bool, IoFailed> {
+        let Some(src) = src.downcast_ref::<ObjReader>() else { return Ok(false) };
+        if self.failed
+            || len == 0
+            || self.pack.len() != self.chunk_start
+            || !Arc::ptr_eq(&src.store.0, &self.store.0)
+        {
+            return Ok(false);
+        }
+        let loaded = &src.loaded;
+        let ends = &loaded.ends;
+        let first = ends.partition_point(|&e| e <= offset);
+        let starts_at = |i: usize| if i == 0 { 0 } else { ends[i - 1] };
+        let Some(end) = offset.checked_add(len) else { return Ok(false) };
+        let last = ends.partition_point(|&e| e < end);
+        if first >= ends.len() || last >= ends.len() || starts_at(first) != offset || ends[last] != end {
+            return Ok(false);
+        }
+        // The whole-file hash, from the stored bytes.
+        let mut reader = ObjReader::new(self.store.clone(), loaded.clone());
+        let mut buf = vec![0u8; (len as usize).min(1 << 20)];
+        let mut at = offset;
+        while at < end {
+            let n = ((end - at) as usize).min(buf.len());
+            reader.read_at(at, &mut buf[..n])?;
+            self.file.update(&buf[..n]);
+            at += n as u64;
+        }
+        for c in &loaded.version.chunks[first..=last] {
+            let pack = self.pack_no_of(loaded.version.packs[c.pack as usize]);
+            self.chunks.push(Chunk { pack, ..*c });
+        }
+        self.written += len;
+        self.covered_bytes += len;
+        Ok(true)
     }
 
     fn index_in_background(&mut self, kind: ChunkerKind) -> bool {
@@ -1798,17 +1845,21 @@ mod tests {
         put(&mut s, "big", &two, None).unwrap();
         let before = pack_sizes(&rt, &s);
         assert_eq!(before.len(), 2, "{before:?}");
-        // The first version is garbage: condemned, then deleted; its pack
-        // is not rewritten while a version uses it.
+        // The first version is garbage; the live one uses a sixth of the
+        // first pack: its chunks there move to a new pack.
         let r = gc_after(&rt, &s, grace);
-        assert_eq!((r.condemned, r.rewritten_packs), (1, 0), "{r:?}");
+        assert_eq!(
+            (r.condemned, r.rewritten_packs, r.new_packs, r.rewritten_versions),
+            (1, 1, 1, 1),
+            "{r:?}"
+        );
+        assert!(r.rewritten_bytes < (3 << 19), "{r:?}");
+        assert_eq!(read(&mut s, "big"), two);
+        // The old version goes, then the old pack it alone named.
         let r = gc_after(&rt, &s, grace);
         assert_eq!((r.deleted_versions, r.rewritten_packs), (1, 0), "{r:?}");
         let r = gc_after(&rt, &s, grace);
-        assert_eq!((r.rewritten_packs, r.new_packs, r.rewritten_versions), (1, 1, 1), "{r:?}");
-        assert!(r.rewritten_bytes < (3 << 19), "{r:?}");
-        assert_eq!(read(&mut s, "big"), two);
-        gc_after(&rt, &s, grace);
+        assert_eq!((r.condemned, r.deleted_packs), (1, 0), "{r:?}");
         let r = gc_after(&rt, &s, grace);
         assert_eq!(r.deleted_packs, 1, "{r:?}");
         let after = pack_sizes(&rt, &s);
@@ -1816,5 +1867,34 @@ mod tests {
         assert!(after.iter().sum::<u64>() < (13 << 19), "{before:?} -> {after:?}");
         s.0.versions.lock().unwrap().lru.clear();
         assert_eq!(read(&mut s, "big"), two);
+    }
+
+    #[test]
+    fn whole_chunks_of_a_stored_version_are_taken_as_references() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let mut s = store(&rt);
+        let one = data(3 << 20, 41);
+        put(&mut s, "f", &one, None).unwrap();
+        let (tree, reader) = s.open("f", None).unwrap().unwrap();
+        // The first chunks of the old version, then new bytes.
+        let cut = reader.loaded.ends[reader.loaded.ends.len() / 2];
+        let mut two = one[..cut as usize].to_vec();
+        two.extend(data(100_000, 42));
+        let mut w = s.create("f", two.len() as u64, None).unwrap();
+        let (src, at) = reader.locate(1, 10).unwrap();
+        assert!(!w.copy_from(src, at, 10).unwrap(), "not on a chunk boundary");
+        let (src, at) = reader.locate(0, cut).unwrap();
+        assert!(w.copy_from(src, at, cut).unwrap());
+        w.write(&two[cut as usize..]).unwrap();
+        let mut new_tree = Tree::build(&two, tree.summary().chunking);
+        new_tree.set_file_hash(Hash::UNKNOWN);
+        let p = s.finish("f", w, Some(new_tree)).unwrap();
+        assert_eq!(p.file_hash, Some(Hash(Sha256::digest(&two).into())));
+        s.0.versions.lock().unwrap().lru.clear();
+        assert_eq!(read(&mut s, "f"), two);
+        // Only the new bytes (and the chunk they end) were stored.
+        let sizes = pack_sizes(&rt, &s);
+        assert_eq!(sizes.len(), 2, "{sizes:?}");
+        assert!(sizes[0] < 400_000, "{sizes:?}");
     }
 }

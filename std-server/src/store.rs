@@ -1183,7 +1183,8 @@ impl Output for TempFile {
     /// copy without the round trip through user memory), in steps that keep
     /// the writeback and the read-back threads going as plain writes do.
     #[cfg(target_os = "linux")]
-    fn copy_from_file(&mut self, src: &File, offset: u64, len: u64) -> Result<bool, IoFailed> {
+    fn copy_from(&mut self, src: &dyn std::any::Any, offset: u64, len: u64) -> Result<bool, IoFailed> {
+        let Some(src) = src.downcast_ref::<File>() else { return Ok(false) };
         if !self.continues_base(src, offset) {
             self.start_hasher().map_err(|_| IoFailed)?;
         }
@@ -1558,7 +1559,7 @@ impl Store for FsStore {
         }
         let size = tree.summary().size;
         let mut w = self.create_with(to, size, None, Some(meta))?;
-        let copied = match w.copy_from_file(&src, 0, size) {
+        let copied = match w.copy_from(&src, 0, size) {
             Ok(done) => done,
             Err(IoFailed) if w.out_of_space() => return Err(ErrorCode::NoSpace),
             Err(IoFailed) => return Err(ErrorCode::Storage),
@@ -1764,7 +1765,7 @@ mod tests {
             match *p {
                 Ok((offset, len)) => {
                     let old = old.as_ref().unwrap();
-                    assert!(w.copy_from_file(old, offset, len).unwrap(), "copy_file_range works here");
+                    assert!(w.copy_from(old, offset, len).unwrap(), "copy_file_range works here");
                     let mut buf = vec![0u8; len as usize];
                     std::os::unix::fs::FileExt::read_exact_at(old, &mut buf, offset).unwrap();
                     data.extend_from_slice(&buf);
@@ -1885,7 +1886,7 @@ mod tests {
         w.write(b"ab").unwrap();
         let fs_kind = |p: &Path| rustix::fs::statfs(p).unwrap().f_type;
         let refused = fs_kind(dir.path()) != fs_kind(shm.path());
-        assert_eq!(w.copy_from_file(&old, 2, 5).unwrap(), !refused);
+        assert_eq!(w.copy_from(&old, 2, 5).unwrap(), !refused);
         if refused {
             assert_eq!(w.written, 2, "a refused copy writes nothing");
             w.write(b"23456").unwrap();
