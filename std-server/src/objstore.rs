@@ -63,6 +63,8 @@ const READ_AHEAD: u64 = 4 << 20;
 const VERSION_CACHE_BYTES: usize = 64 << 20;
 /// Requests in flight for one listing.
 const LIST_CONCURRENCY: usize = 32;
+/// References kept in memory for listings (each about 200 bytes).
+const REF_CACHE: usize = 1 << 16;
 /// Longest key an S3 server takes.
 const MAX_KEY: usize = 1024;
 /// How many times an unconditional upload retries its publication when
@@ -268,6 +270,9 @@ struct Inner {
     partials: PartialLimits,
     grace: std::time::Duration,
     versions: Mutex<VersionCache>,
+    /// References read, by name, with their ETag: a listing that shows the
+    /// same ETag is described without reading them again.
+    refs: Mutex<lru::LruCache<String, (String, Ref)>>,
     /// The packs each version object names, and how many of its bytes lie
     /// in each, for collection; with the object's ETag (or time) when it
     /// was read (collection moves chunks, see `gc`).
@@ -309,6 +314,7 @@ impl ObjStore {
             partials: config.partials,
             grace: config.grace,
             version_packs: Mutex::new(HashMap::new()),
+            refs: Mutex::new(lru::LruCache::new(NonZeroUsize::new(REF_CACHE).expect("nonzero"))),
             versions: Mutex::new(VersionCache {
                 lru: lru::LruCache::new(NonZeroUsize::new(1024).expect("nonzero")),
                 bytes: 0,
@@ -398,7 +404,30 @@ impl ObjStore {
             tracing::warn!(%key, "an unreadable reference");
             ErrorCode::Storage
         })?;
+        if let Some(tag) = &etag {
+            self.0
+                .refs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .put(name.to_string(), (tag.clone(), r.clone()));
+        }
         Ok(Some((r, UpdateVersion { e_tag: etag, version: None })))
+    }
+
+    /// The reference of `name` that a listing showed as `meta`: from memory
+    /// if it was read with the same ETag, else read.
+    async fn listed_ref(
+        &self,
+        name: &str,
+        meta: &object_store::ObjectMeta,
+    ) -> Result<Option<Ref>, ErrorCode> {
+        if let Some(tag) = &meta.e_tag
+            && let Some((t, r)) = self.0.refs.lock().unwrap_or_else(|p| p.into_inner()).get(name)
+            && t == tag
+        {
+            return Ok(Some(r.clone()));
+        }
+        Ok(self.get_ref(name).await?.map(|(r, _)| r))
     }
 
     async fn get_dir(&self, name: &str) -> Result<Option<DirMark>, ErrorCode> {
@@ -506,11 +535,12 @@ impl ObjStore {
         base: &Key,
         metas: Vec<object_store::ObjectMeta>,
     ) -> Result<Vec<StoredFile>, ErrorCode> {
-        let names: Vec<String> = metas.iter().filter_map(|m| Self::name_of(base, &m.location)).collect();
-        futures::stream::iter(names)
-            .map(|name| async move {
-                let r = self.get_ref(&name).await?;
-                Ok::<_, ErrorCode>(r.map(|(r, _)| Self::describe(name, &r)))
+        let named: Vec<(String, object_store::ObjectMeta)> =
+            metas.into_iter().filter_map(|m| Some((Self::name_of(base, &m.location)?, m))).collect();
+        futures::stream::iter(named)
+            .map(|(name, meta)| async move {
+                let r = self.listed_ref(&name, &meta).await?;
+                Ok::<_, ErrorCode>(r.map(|r| Self::describe(name, &r)))
             })
             .buffered(LIST_CONCURRENCY)
             .try_filter_map(|f| async move { Ok(f) })
@@ -1896,5 +1926,31 @@ mod tests {
         let sizes = pack_sizes(&rt, &s);
         assert_eq!(sizes.len(), 2, "{sizes:?}");
         assert!(sizes[0] < 400_000, "{sizes:?}");
+    }
+
+    fn gets(s: &ObjStore) -> u64 {
+        s.0.counts.snapshot().iter().find(|(op, _)| *op == "get").map_or(0, |(_, n)| *n)
+    }
+
+    #[test]
+    fn a_listing_reads_only_the_references_that_changed() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let mut s = store(&rt);
+        for i in 0..5 {
+            put(&mut s, &format!("d/f{i}"), format!("file {i}").as_bytes(), None).unwrap();
+        }
+        let mut other = ObjStore::new(s.0.os.clone(), config(), rt.handle().clone());
+        assert_eq!(other.list_dir("d").unwrap().len(), 5);
+        let before = gets(&other);
+        let listed = other.list_dir("d").unwrap();
+        assert_eq!(gets(&other), before, "the second listing read references again");
+        assert_eq!(listed[2].size, 6);
+        // One changed through the first instance: read again, alone.
+        put(&mut s, "d/f2", b"a longer file 2", None).unwrap();
+        let before = gets(&other);
+        let listed = other.list_dir("d").unwrap();
+        assert_eq!(gets(&other), before + 1);
+        assert_eq!(listed[2].size, 15);
+        assert_eq!(other.list().unwrap()[2].size, 15);
     }
 }

@@ -275,9 +275,12 @@ impl ObjStore {
         report.partials = partials.len();
         // Live versions: the ones references name.
         let top = &areas[0];
-        let names: Vec<String> = refs.iter().filter_map(|m| Self::name_of(top, &m.location)).collect();
-        let live_versions: HashSet<String> = futures::stream::iter(names)
-            .map(|name| async move { Ok::<_, ErrorCode>(self.get_ref(&name).await?.map(|(r, _)| r.version)) })
+        let listed_refs: Vec<(String, &ObjectMeta)> =
+            refs.iter().filter_map(|m| Some((Self::name_of(top, &m.location)?, m))).collect();
+        let live_versions: HashSet<String> = futures::stream::iter(listed_refs)
+            .map(|(name, m)| async move {
+                Ok::<_, ErrorCode>(self.listed_ref(&name, m).await?.map(|r| r.version))
+            })
             .buffered(LIST_CONCURRENCY)
             .try_filter_map(|v| async move { Ok(v) })
             .try_collect()
