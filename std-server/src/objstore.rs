@@ -398,12 +398,22 @@ impl ObjStore {
 
     /// The reference of `name` and its ETag, if it has one.
     async fn get_ref(&self, name: &str) -> Result<Option<(Ref, UpdateVersion)>, ErrorCode> {
+        match self.get_ref_or_broken(name).await? {
+            None => Ok(None),
+            Some((Some(r), v)) => Ok(Some((r, v))),
+            Some((None, _)) => Err(ErrorCode::Storage),
+        }
+    }
+
+    /// Like `get_ref`, but a reference that cannot be decoded is `None`
+    /// with its ETag (logged): an upload replaces it, `rm` removes it.
+    async fn get_ref_or_broken(&self, name: &str) -> Result<Option<(Option<Ref>, UpdateVersion)>, ErrorCode> {
         let key = self.name_key("refs", name)?;
         let Some((bytes, etag)) = self.get(&key).await? else { return Ok(None) };
-        let r = decode::<Ref>(KIND_REF, &bytes).ok_or_else(|| {
+        let Some(r) = decode::<Ref>(KIND_REF, &bytes) else {
             tracing::warn!(%key, "an unreadable reference");
-            ErrorCode::Storage
-        })?;
+            return Ok(Some((None, UpdateVersion { e_tag: etag, version: None })));
+        };
         if let Some(tag) = &etag {
             self.0
                 .refs
@@ -411,11 +421,12 @@ impl ObjStore {
                 .unwrap_or_else(|p| p.into_inner())
                 .put(name.to_string(), (tag.clone(), r.clone()));
         }
-        Ok(Some((r, UpdateVersion { e_tag: etag, version: None })))
+        Ok(Some((Some(r), UpdateVersion { e_tag: etag, version: None })))
     }
 
     /// The reference of `name` that a listing showed as `meta`: from memory
-    /// if it was read with the same ETag, else read.
+    /// if it was read with the same ETag, else read. One that cannot be
+    /// decoded is left out (and logged), as if it were not there.
     async fn listed_ref(
         &self,
         name: &str,
@@ -427,7 +438,15 @@ impl ObjStore {
         {
             return Ok(Some(r.clone()));
         }
-        Ok(self.get_ref(name).await?.map(|(r, _)| r))
+        let Some((bytes, etag)) = self.get(&meta.location).await? else { return Ok(None) };
+        let Some(r) = decode::<Ref>(KIND_REF, &bytes) else {
+            tracing::warn!(key = %meta.location, "an unreadable reference: left out of the listing");
+            return Ok(None);
+        };
+        if let Some(tag) = etag {
+            self.0.refs.lock().unwrap_or_else(|p| p.into_inner()).put(name.to_string(), (tag, r.clone()));
+        }
+        Ok(Some(r))
     }
 
     async fn get_dir(&self, name: &str) -> Result<Option<DirMark>, ErrorCode> {
@@ -740,19 +759,22 @@ impl Store for ObjStore {
                 return Err(ErrorCode::BadName);
             }
             this.parents_are_dirs(name).await?;
-            let found = this.get_ref(name).await?;
+            // A reference that cannot be read is replaced (unless the
+            // upload is conditional: then what is stored is not known).
+            let found = this.get_ref_or_broken(name).await?;
             let holds = match (expect, &found) {
                 (None, _) => true,
                 (Some(Expect::Absent), f) => f.is_none(),
-                (Some(Expect::Match(h)), Some((r, _))) => r.file_hash == h,
-                (Some(Expect::Match(_)), None) => false,
+                (Some(Expect::Match(h)), Some((Some(r), _))) => r.file_hash == h,
+                (Some(Expect::Match(_)), _) => false,
             };
             if !holds {
                 return Err(ErrorCode::Conflict);
             }
+            // A version that cannot be read is no base (and is replaced).
             let base = match &found {
-                Some((r, _)) => Some(this.load(&r.version).await?),
-                None => None,
+                Some((Some(r), _)) => this.load(&r.version).await.ok(),
+                _ => None,
             };
             Ok((found, base, this.get_partial(name).await?))
         })?;
@@ -983,23 +1005,26 @@ impl Store for ObjStore {
         self.block(async move {
             let top = this.key("partials", []);
             let metas: Vec<_> = this.0.os.list(Some(&top)).try_collect().await.map_err(os_error)?;
-            let mut out: Vec<PartialFile> =
-                futures::stream::iter(metas)
-                    .map(|m| {
-                        let this = this.clone();
-                        async move {
-                            let got = this.get(&m.location).await?;
-                            Ok::<_, ErrorCode>(
-                                got.and_then(|(b, _)| decode::<Partial>(KIND_PARTIAL, &b)).map(|p| {
-                                    PartialFile { size: p.size(), name: p.name, modified: p.modified }
-                                }),
-                            )
-                        }
-                    })
-                    .buffered(LIST_CONCURRENCY)
-                    .try_filter_map(|p| async move { Ok(p) })
-                    .try_collect()
-                    .await?;
+            let mut out: Vec<PartialFile> = futures::stream::iter(metas)
+                .map(|m| {
+                    let this = this.clone();
+                    async move {
+                        let got = this.get(&m.location).await?;
+                        // Only a record stored under its own name's key.
+                        let p = got.and_then(|(b, _)| decode::<Partial>(KIND_PARTIAL, &b)).filter(|p| {
+                            validate_name(&p.name).is_ok() && this.partial_key(&p.name) == m.location
+                        });
+                        Ok::<_, ErrorCode>(p.map(|p| PartialFile {
+                            size: p.size(),
+                            name: p.name,
+                            modified: p.modified,
+                        }))
+                    }
+                })
+                .buffered(LIST_CONCURRENCY)
+                .try_filter_map(|p| async move { Ok(p) })
+                .try_collect()
+                .await?;
             out.sort_by(|a, b| a.name.cmp(&b.name));
             Ok(out)
         })
@@ -1021,7 +1046,7 @@ impl Store for ObjStore {
             if partial {
                 this.0.os.delete(&this.partial_key(name)).await.map_err(os_error)?;
             }
-            if this.get_ref(name).await?.is_none() {
+            if this.get_ref_or_broken(name).await?.is_none() {
                 if partial {
                     return Ok(());
                 }
@@ -1952,5 +1977,66 @@ mod tests {
         assert_eq!(gets(&other), before + 1);
         assert_eq!(listed[2].size, 15);
         assert_eq!(other.list().unwrap()[2].size, 15);
+    }
+
+    #[test]
+    fn corrupt_objects_in_the_bucket_give_typed_errors_and_lose_nothing_else() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let grace = std::time::Duration::from_millis(1000);
+        let mut s = store_with_grace(&rt, grace);
+        let a = data(300_000, 51);
+        let b = data(200_000, 52);
+        let c = data(100_000, 54);
+        put(&mut s, "a", &a, None).unwrap();
+        put(&mut s, "d/b", &b, None).unwrap();
+        put(&mut s, "d/c", &c, None).unwrap();
+        let os = s.0.os.clone();
+        let put_raw =
+            |key: &Key, bytes: &[u8]| rt.block_on(os.put(key, Bytes::copy_from_slice(bytes).into())).unwrap();
+        let ref_of = |s: &ObjStore, name: &str| rt.block_on(s.get_ref(name)).unwrap().unwrap().0;
+        // A reference that is not one; a version that is not one; a pack
+        // cut short; a partial naming another file; a lease of garbage.
+        put_raw(&s.name_key("refs", "a").unwrap(), b"DSO1 garbage");
+        let vb = ref_of(&s, "d/b").version;
+        put_raw(&s.version_key(&vb), &[0xff; 64]);
+        let vc = rt.block_on(s.load(&ref_of(&s, "d/c").version)).unwrap();
+        let pack_c = s.pack_key(&vc.version.packs[0]);
+        put_raw(&pack_c, b"short");
+        let forged = Partial {
+            name: "a".into(),
+            chunking: ChunkerKind::Cdc,
+            modified: 1,
+            packs: vec![],
+            chunks: vec![],
+        };
+        put_raw(&s.partial_key("elsewhere"), &encode(KIND_PARTIAL, &forged));
+        put_raw(&s.key("gc", ["lease"]), b"not a lease");
+        let mut fresh = ObjStore::new(os.clone(), ObjConfig { grace, ..config() }, rt.handle().clone());
+        assert_eq!(fresh.stat("a").err(), Some(ErrorCode::Storage));
+        assert_eq!(fresh.open("a", None).err(), Some(ErrorCode::Storage));
+        assert_eq!(fresh.open("d/b", None).err(), Some(ErrorCode::Storage));
+        let (tree, mut r) = fresh.open("d/c", None).unwrap().unwrap();
+        let mut buf = vec![0u8; tree.summary().size as usize];
+        assert_eq!(r.read_at(0, &mut buf), Err(IoFailed));
+        // Listings leave out what cannot be read, and list the rest.
+        let names: Vec<String> = fresh.list().unwrap().into_iter().map(|f| f.name).collect();
+        assert_eq!(names, ["d/b", "d/c"]);
+        assert_eq!(fresh.partials().unwrap(), []);
+        assert_eq!(fresh.partial_info("elsewhere").unwrap(), None);
+        // A new upload over the broken reference replaces it.
+        put(&mut fresh, "a", &a, None).unwrap();
+        assert_eq!(read(&mut fresh, "a"), a);
+        put(&mut fresh, "d/b", &b, None).unwrap();
+        assert_eq!(read(&mut fresh, "d/b"), b);
+        // And `rm` removes one.
+        put_raw(&s.name_key("refs", "d/c").unwrap(), b"DSO1 garbage");
+        fresh.delete("d/c").unwrap();
+        assert_eq!(fresh.stat("d/c").err(), Some(ErrorCode::NotFound));
+        // Collection takes the lease over, and with a version it cannot
+        // read, deletes no pack at all.
+        let r = gc_after(&rt, &fresh, grace);
+        let r2 = gc_after(&rt, &fresh, grace);
+        assert_eq!((r.deleted_packs, r2.deleted_packs), (0, 0), "{r:?} {r2:?}");
+        assert!(r2.garbage_packs == 0 || r2.condemned + r2.waiting > 0, "{r2:?}");
     }
 }
