@@ -512,19 +512,19 @@ impl ObjStore {
 
     /// Whether anything is stored under directory `name`, or it was made.
     async fn is_dir(&self, name: &str) -> Result<bool, ErrorCode> {
-        Ok(self.has_below(name).await? || self.get_dir(name).await?.is_some())
+        let (below, mark) = futures::try_join!(self.has_below(name), self.get_dir(name))?;
+        Ok(below || mark.is_some())
     }
 
     /// Whether a file or a directory marker is stored under `name/`.
     async fn has_below(&self, name: &str) -> Result<bool, ErrorCode> {
-        for area in ["refs", "dirs"] {
+        let any_in = |area: &'static str| async move {
             let key = self.name_key(area, name)?;
             let mut below = self.0.os.list(Some(&key));
-            if below.next().await.transpose().map_err(os_error)?.is_some() {
-                return Ok(true);
-            }
-        }
-        Ok(false)
+            Ok::<_, ErrorCode>(below.next().await.transpose().map_err(os_error)?.is_some())
+        };
+        let (files, dirs) = futures::try_join!(any_in("refs"), any_in("dirs"))?;
+        Ok(files || dirs)
     }
 
     /// `BadName` if a parent of `name` is a file (a name is a file or a
@@ -608,6 +608,59 @@ impl ObjStore {
         }
         tracing::warn!(name, "gave up publishing: the name kept changing");
         Err(ErrorCode::Conflict)
+    }
+
+    /// A stored version's tree chunked as `chunking` (`None`: as
+    /// `keep_or_choose` picks), and a reader; `None` if that kind does not
+    /// suit its size.
+    fn version_as(
+        &self,
+        loaded: Arc<Loaded>,
+        chunking: Option<ChunkerKind>,
+    ) -> Result<Option<(Tree, ObjReader)>, ErrorCode> {
+        let size = loaded.version.size;
+        let stored = loaded.tree.summary().chunking;
+        let want = chunking.unwrap_or_else(|| ChunkerKind::keep_or_choose(Some(stored), size));
+        let tree = if want == stored {
+            loaded.tree.clone()
+        } else if !want.suits(size) {
+            return Ok(None);
+        } else {
+            self.rebuild_tree(&loaded, want)?
+        };
+        Ok(Some((tree, ObjReader::new(self.clone(), loaded))))
+    }
+
+    /// An interrupted upload's record, made readable like a version.
+    fn partial_loaded(p: Partial) -> Option<Arc<Loaded>> {
+        let version = Version {
+            size: p.size(),
+            file_hash: Hash::UNKNOWN,
+            chunking: p.chunking,
+            packs: p.packs,
+            chunks: p.chunks,
+            tree: None,
+        };
+        Loaded::new(None, version).map(Arc::new)
+    }
+
+    /// What an interrupted upload left, as a base chunked as `chunking`.
+    fn partial_as(
+        &self,
+        loaded: Arc<Loaded>,
+        chunking: ChunkerKind,
+    ) -> Result<Option<(Tree, ObjReader)>, ErrorCode> {
+        let size = loaded.version.size;
+        if !chunking.suits(size) {
+            return Ok(None);
+        }
+        let mut tree = if loaded.version.chunking == chunking {
+            loaded.tree.clone()
+        } else {
+            self.rebuild_tree(&loaded, chunking)?
+        };
+        tree.set_file_hash(Hash::UNKNOWN);
+        Ok(Some((tree, ObjReader::new(self.clone(), loaded))))
     }
 
     /// Builds the tree of a stored version chunked another way, reading it.
@@ -694,51 +747,39 @@ impl Store for ObjStore {
         let this = self.clone();
         let Some((r, _)) = self.block(this.get_ref(name))? else { return Ok(None) };
         let loaded = self.block(this.load(&r.version))?;
-        let stored = loaded.tree.summary().chunking;
-        let want = chunking.unwrap_or_else(|| ChunkerKind::keep_or_choose(Some(stored), r.size));
-        let tree = if want == stored {
-            loaded.tree.clone()
-        } else if !want.suits(r.size) {
-            return Ok(None);
-        } else {
-            self.rebuild_tree(&loaded, want)?
-        };
-        Ok(Some((tree, ObjReader::new(self.clone(), loaded))))
+        self.version_as(loaded, chunking)
     }
 
     fn partial(&mut self, name: &str, chunking: ChunkerKind) -> Result<Option<(Tree, ObjReader)>, ErrorCode> {
         let this = self.clone();
         let Some(p) = self.block(this.get_partial(name))? else { return Ok(None) };
-        let size = p.size();
-        if !chunking.suits(size) {
-            return Ok(None);
-        }
-        let version = Version {
-            size,
-            file_hash: Hash::UNKNOWN,
-            chunking: p.chunking,
-            packs: p.packs,
-            chunks: p.chunks,
-            tree: None,
+        let Some(loaded) = Self::partial_loaded(p) else { return Ok(None) };
+        self.partial_as(loaded, chunking)
+    }
+
+    /// What the writer found when it was created: no second lookup.
+    fn bases(
+        &mut self,
+        writer: &ObjWriter,
+        _name: &str,
+        chunking: ChunkerKind,
+    ) -> Result<(Option<(Tree, ObjReader)>, Option<(Tree, ObjReader)>), ErrorCode> {
+        let old = match &writer.base {
+            Some(l) => self.version_as(l.clone(), Some(chunking))?,
+            None => None,
         };
-        let Some(loaded) = Loaded::new(None, version) else { return Ok(None) };
-        let loaded = Arc::new(loaded);
-        let tree = if p.chunking == chunking {
-            let mut t = loaded.tree.clone();
-            t.set_file_hash(Hash::UNKNOWN);
-            t
-        } else {
-            let mut t = self.rebuild_tree(&loaded, chunking)?;
-            t.set_file_hash(Hash::UNKNOWN);
-            t
+        let partial = match &writer.partial {
+            Some(l) => self.partial_as(l.clone(), chunking)?,
+            None => None,
         };
-        Ok(Some((tree, ObjReader::new(self.clone(), loaded))))
+        Ok((old, partial))
     }
 
     fn holds(&mut self, name: &str) -> Result<bool, ErrorCode> {
         let this = self.clone();
         self.block(async move {
-            Ok(this.get_ref(name).await?.is_some() || this.get_partial(name).await?.is_some())
+            let (r, p) = futures::try_join!(this.get_ref_or_broken(name), this.get_partial(name))?;
+            Ok(r.is_some() || p.is_some())
         })
     }
 
@@ -755,13 +796,20 @@ impl Store for ObjStore {
     ) -> Result<ObjWriter, ErrorCode> {
         let this = self.clone();
         let (found, base, partial) = self.block(async {
-            if this.is_dir(name).await? {
+            // Every lookup at once: one round trip.
+            let (dir, parents, found, partial) = futures::join!(
+                this.is_dir(name),
+                this.parents_are_dirs(name),
+                this.get_ref_or_broken(name),
+                this.get_partial(name),
+            );
+            if dir? {
                 return Err(ErrorCode::BadName);
             }
-            this.parents_are_dirs(name).await?;
+            parents?;
             // A reference that cannot be read is replaced (unless the
             // upload is conditional: then what is stored is not known).
-            let found = this.get_ref_or_broken(name).await?;
+            let found = found?;
             let holds = match (expect, &found) {
                 (None, _) => true,
                 (Some(Expect::Absent), f) => f.is_none(),
@@ -776,7 +824,7 @@ impl Store for ObjStore {
                 Some((Some(r), _)) => this.load(&r.version).await.ok(),
                 _ => None,
             };
-            Ok((found, base, this.get_partial(name).await?))
+            Ok((found, base, partial?))
         })?;
         let mut w = ObjWriter::new(self.clone(), name, ChunkerKind::for_size(size));
         w.found = found.map(|(_, v)| v);
@@ -784,10 +832,14 @@ impl Store for ObjStore {
         w.meta = meta;
         if let Some(b) = base {
             w.know(&b.version.packs, &b.version.chunks);
+            w.base = Some(b);
         }
         if let Some(p) = partial {
-            w.know(&p.packs, &p.chunks);
             w.had_partial = true;
+            w.partial = Self::partial_loaded(p);
+            if let Some(p) = w.partial.clone() {
+                w.know(&p.version.packs, &p.version.chunks);
+            }
         }
         Ok(w)
     }
@@ -1200,6 +1252,10 @@ pub struct ObjWriter {
     name: String,
     /// The reference found when the upload began (`None`: there was none).
     found: Option<UpdateVersion>,
+    /// The version it named, and what an interrupted upload left, as found
+    /// then (the upload's bases).
+    base: Option<Arc<Loaded>>,
+    partial: Option<Arc<Loaded>>,
     conditional: bool,
     meta: Option<Meta>,
     chunker: Chunker,
@@ -1245,6 +1301,8 @@ impl ObjWriter {
             store,
             name: name.to_string(),
             found: None,
+            base: None,
+            partial: None,
             conditional: false,
             meta: None,
             chunker: Chunker::new(kind),

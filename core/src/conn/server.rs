@@ -282,6 +282,20 @@ pub trait Store {
         let _ = (name, chunking);
         Ok(None)
     }
+    /// What a new version of `name` from `writer` (just created) may reuse,
+    /// chunked as `chunking`: the version stored (as [`Store::open`]) and
+    /// what an interrupted upload left (as [`Store::partial`]). A store
+    /// that looked them up to create the writer answers from there.
+    #[allow(clippy::type_complexity)]
+    fn bases(
+        &mut self,
+        writer: &Self::Writer,
+        name: &str,
+        chunking: ChunkerKind,
+    ) -> Result<(Option<(Tree, Self::Reader)>, Option<(Tree, Self::Reader)>), ErrorCode> {
+        let _ = writer;
+        Ok((self.open(name, Some(chunking))?, self.partial(name, chunking)?))
+    }
     /// Whether a version of `name` or what an interrupted upload of it
     /// left behind is stored (what [`Store::open`] or [`Store::partial`]
     /// would offer an upload to reuse), ideally without building any tree.
@@ -965,9 +979,8 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
         // The writer first: it records which version is stored, so that one
         // published while the base is loaded counts as replacing it.
         let writer = self.store.create_with(name, offer.size, expect, meta)?;
-        let old = self.store.open(name, Some(offer.chunking))?;
+        let (old, partial) = self.store.bases(&writer, name, offer.chunking)?;
         let old_summary = old.as_ref().map(|(t, _)| t.summary());
-        let partial = self.store.partial(name, offer.chunking)?;
         // Nothing of the name: the similar file is the base (never taken
         // for this name's version: an upload of the same bytes is written).
         let old = match (old, &partial, similar) {
