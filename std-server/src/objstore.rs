@@ -24,7 +24,7 @@
 //! are written once. Packs and versions no reference reaches are garbage
 //! (an upload that was never published, a replaced version).
 
-use crate::store::PartialLimits;
+use crate::store::{FileHash, MIDSTATE_STEP, PartialLimits};
 use bytes::Bytes;
 use deltasync_core::Hash;
 use deltasync_core::chunker::{Chunker, ChunkerKind};
@@ -106,6 +106,9 @@ struct Version {
     /// The version's tree, when its chunks are not its tree's leaves (the
     /// transfer was chunked otherwise): kept as sent.
     tree: Option<Vec<u8>>,
+    /// The whole-file SHA-256's state after every `MIDSTATE_STEP` bytes: a
+    /// new version that starts as this one is hashed from there.
+    midstates: Vec<Vec<u8>>,
 }
 
 /// A name's current version and metadata.
@@ -193,7 +196,9 @@ impl Loaded {
 
     fn weight(&self) -> usize {
         // Chunks, end offsets, the tree's ids and ends, and the index by id.
-        self.version.chunks.len() * (std::mem::size_of::<Chunk>() + 8 + 48 + 48) + 1024
+        self.version.chunks.len() * (std::mem::size_of::<Chunk>() + 8 + 48 + 48)
+            + self.version.midstates.iter().map(|m| m.len() + 24).sum::<usize>()
+            + 1024
     }
 
     /// Where chunk `id` is, if this version has it.
@@ -640,6 +645,7 @@ impl ObjStore {
             packs: p.packs,
             chunks: p.chunks,
             tree: None,
+            midstates: Vec::new(),
         };
         Loaded::new(None, version).map(Arc::new)
     }
@@ -1261,7 +1267,11 @@ pub struct ObjWriter {
     chunker: Chunker,
     /// The open chunk's hash.
     chunk: Sha256,
-    file: Sha256,
+    file: FileHash,
+    /// The stored version that every byte so far was copied from, at the
+    /// same place (see `copy_from`), and whether that still holds.
+    prefix_of: Option<Arc<Loaded>>,
+    copied_only: bool,
     written: u64,
     /// Where the open chunk starts in `pack`.
     chunk_start: usize,
@@ -1307,7 +1317,9 @@ impl ObjWriter {
             meta: None,
             chunker: Chunker::new(kind),
             chunk: Sha256::new(),
-            file: Sha256::new(),
+            file: FileHash::new(),
+            prefix_of: None,
+            copied_only: true,
             written: 0,
             chunk_start: 0,
             known: HashMap::new(),
@@ -1477,7 +1489,7 @@ impl ObjWriter {
         self.seal_pack(false).map_err(|_| ErrorCode::Storage)?;
         self.wait_in_flight().map_err(|_| ErrorCode::Storage)?;
         let summary = tree.summary();
-        let file_hash = Hash(std::mem::replace(&mut self.file, Sha256::new()).finalize().into());
+        let (file_hash, midstates) = std::mem::replace(&mut self.file, FileHash::new()).finish();
         if self.written != summary.size {
             return Err(ErrorCode::Integrity);
         }
@@ -1506,8 +1518,15 @@ impl ObjWriter {
             });
             c.pack = no;
         }
-        let mut version =
-            Version { size: summary.size, file_hash, chunking: summary.chunking, packs, chunks, tree: None };
+        let mut version = Version {
+            size: summary.size,
+            file_hash,
+            chunking: summary.chunking,
+            packs,
+            chunks,
+            tree: None,
+            midstates,
+        };
         // The tree is kept apart only if its leaves are not these chunks.
         let ends: Vec<(Hash, u64)> = version
             .chunks
@@ -1536,6 +1555,7 @@ impl Output for ObjWriter {
         if self.failed {
             return Err(IoFailed);
         }
+        self.copied_only = false;
         self.file.update(data);
         self.written += data.len() as u64;
         while let Some(n) = self.chunker.next_boundary(data) {
@@ -1579,13 +1599,33 @@ impl Output for ObjWriter {
         if first >= ends.len() || last >= ends.len() || starts_at(first) != offset || ends[last] != end {
             return Ok(false);
         }
-        // The whole-file hash, from the stored bytes.
-        let mut reader = ObjReader::new(self.store.clone(), loaded.clone());
-        let mut buf = vec![0u8; (len as usize).min(1 << 20)];
+        // The whole-file hash, from the stored bytes; if every byte so far
+        // is this version's at the same place, from its last midstate in
+        // the range (an append, a copy, reads only what follows it).
+        let continues = self.copied_only
+            && offset == self.written
+            && self.prefix_of.as_ref().map_or(self.written == 0, |p| Arc::ptr_eq(p, loaded));
         let mut at = offset;
+        if continues {
+            self.prefix_of = Some(loaded.clone());
+            let count = ((end / MIDSTATE_STEP) as usize).min(loaded.version.midstates.len());
+            if count as u64 * MIDSTATE_STEP > self.file.pos()
+                && let Some(resumed) = FileHash::resume(&loaded.version.midstates, count)
+            {
+                at = resumed.pos();
+                self.file = resumed;
+            }
+        } else {
+            self.copied_only = false;
+        }
+        let mut reader = ObjReader::new(self.store.clone(), loaded.clone());
+        let mut buf = vec![0u8; ((end - at) as usize).min(1 << 20)];
         while at < end {
             let n = ((end - at) as usize).min(buf.len());
-            reader.read_at(at, &mut buf[..n])?;
+            if let Err(e) = reader.read_at(at, &mut buf[..n]) {
+                self.failed = true;
+                return Err(e);
+            }
             self.file.update(&buf[..n]);
             at += n as u64;
         }
@@ -2096,5 +2136,47 @@ mod tests {
         let r2 = gc_after(&rt, &fresh, grace);
         assert_eq!((r.deleted_packs, r2.deleted_packs), (0, 0), "{r:?} {r2:?}");
         assert!(r2.garbage_packs == 0 || r2.condemned + r2.waiting > 0, "{r2:?}");
+    }
+
+    fn bytes_read(s: &ObjStore) -> u64 {
+        s.0.counts.snapshot().iter().find(|(op, _)| *op == "bytes_in").map_or(0, |(_, n)| *n)
+    }
+
+    #[test]
+    fn an_append_is_hashed_from_the_old_versions_last_midstate() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let mut s = store(&rt);
+        let one = data(40 << 20, 61);
+        put(&mut s, "log", &one, None).unwrap();
+        let (tree, reader) = s.open("log", None).unwrap().unwrap();
+        assert_eq!(reader.loaded.version.midstates.len(), 2);
+        let mut two = one.clone();
+        two.extend(data(1 << 20, 62));
+        let before = bytes_read(&s);
+        let mut w = s.create("log", two.len() as u64, None).unwrap();
+        let (src, at) = reader.locate(0, one.len() as u64).unwrap();
+        assert!(w.copy_from(src, at, one.len() as u64).unwrap());
+        w.write(&two[one.len()..]).unwrap();
+        let mut new_tree = Tree::build(&two, tree.summary().chunking);
+        new_tree.set_file_hash(Hash::UNKNOWN);
+        let p = s.finish("log", w, Some(new_tree)).unwrap();
+        assert_eq!(p.file_hash, Some(Hash(Sha256::digest(&two).into())));
+        // Only what follows the last midstate (8 MiB) was read back.
+        let read_back = bytes_read(&s) - before;
+        assert!(read_back < (9 << 20), "{read_back} bytes read back");
+        s.0.versions.lock().unwrap().lru.clear();
+        assert_eq!(read(&mut s, "log"), two);
+        // The new version's midstates are right: a third from them.
+        let (_, reader) = s.open("log", None).unwrap().unwrap();
+        let mut three = two.clone();
+        three.extend(b"more");
+        let mut w = s.create("log", three.len() as u64, None).unwrap();
+        let (src, at) = reader.locate(0, two.len() as u64).unwrap();
+        assert!(w.copy_from(src, at, two.len() as u64).unwrap());
+        w.write(b"more").unwrap();
+        let mut new_tree = Tree::build(&three, tree.summary().chunking);
+        new_tree.set_file_hash(Hash::UNKNOWN);
+        let p = s.finish("log", w, Some(new_tree)).unwrap();
+        assert_eq!(p.file_hash, Some(Hash(Sha256::digest(&three).into())));
     }
 }

@@ -51,7 +51,7 @@ use std::time::UNIX_EPOCH;
 
 const META: &str = ".deltasync";
 /// The whole-file SHA-256 state is kept after every this many bytes.
-const MIDSTATE_STEP: u64 = 16 << 20;
+pub(crate) const MIDSTATE_STEP: u64 = 16 << 20;
 /// Temporary files of uploads before this layout, written beside their
 /// destination (recovered at start like the newer ones).
 const OLD_PART_PREFIX: &str = ".deltasync-part-";
@@ -985,11 +985,46 @@ struct HashBase {
 }
 
 /// The whole-file SHA-256 from `pos` on, recording the state at every
-/// multiple of [`MIDSTATE_STEP`].
-struct FileHash {
+/// multiple of [`MIDSTATE_STEP`] (both stores keep them with a version: a
+/// new version that starts as the old one does is hashed from there).
+pub(crate) struct FileHash {
     sha: Sha256,
     pos: u64,
     midstates: Vec<Vec<u8>>,
+}
+
+impl FileHash {
+    /// From the start of the file.
+    pub(crate) fn new() -> FileHash {
+        FileHash { sha: Sha256::new(), pos: 0, midstates: Vec::new() }
+    }
+
+    /// Bytes hashed so far (the position in the file).
+    pub(crate) fn pos(&self) -> u64 {
+        self.pos
+    }
+
+    /// The hash of a file whose first `count` midstates are `kept[..count]`
+    /// (another version's, with the same bytes up to there), at the last
+    /// of them; `None` if one cannot be read.
+    pub(crate) fn resume(kept: &[Vec<u8>], count: usize) -> Option<FileHash> {
+        let kept = kept.get(..count)?;
+        let sha = match kept.last() {
+            Some(s) => Sha256::deserialize(&SerializedState::<Sha256>::try_from(&s[..]).ok()?).ok()?,
+            None => Sha256::new(),
+        };
+        Some(FileHash { sha, pos: count as u64 * MIDSTATE_STEP, midstates: kept.to_vec() })
+    }
+
+    /// Hashes the next bytes.
+    pub(crate) fn update(&mut self, data: &[u8]) {
+        self.feed(data);
+    }
+
+    /// The hash and every midstate recorded (kept ones first).
+    pub(crate) fn finish(self) -> (Hash, Vec<Vec<u8>>) {
+        self.done()
+    }
 }
 
 impl Follow for FileHash {
