@@ -1137,11 +1137,84 @@ pub struct ObjReader {
     loaded: Arc<Loaded>,
     /// The last range fetched: pack, its offset there, the bytes.
     window: Option<(u32, u64, Bytes)>,
+    /// The chunk that follows the window: a fetch from there is sequential.
+    after_window: usize,
+    /// The range after the window, being read while the window is used.
+    ahead: Option<Ahead>,
+}
+
+/// A range read ahead: its pack (index in the version's list), where it
+/// starts and ends there, the chunk after it, and the request.
+struct Ahead {
+    pack: u32,
+    at: u64,
+    end: u64,
+    after: usize,
+    job: JoinHandle<Result<Bytes, object_store::Error>>,
+}
+
+impl Drop for ObjReader {
+    fn drop(&mut self) {
+        if let Some(a) = self.ahead.take() {
+            a.job.abort();
+        }
+    }
 }
 
 impl ObjReader {
     fn new(store: ObjStore, loaded: Arc<Loaded>) -> ObjReader {
-        ObjReader { store, loaded, window: None }
+        ObjReader { store, loaded, window: None, after_window: 0, ahead: None }
+    }
+
+    /// Where a read of chunk `chunk` from `at` (in its pack) for `len`
+    /// bytes ends in the pack: on while the version's next chunks follow in
+    /// the same pack, up to `READ_AHEAD`; and the chunk after that.
+    fn range_from(&self, chunk: usize, at: u64, len: u64) -> (u64, usize) {
+        let chunks = &self.loaded.version.chunks;
+        let c = chunks[chunk];
+        let mut end = u64::from(c.at) + u64::from(c.len);
+        let mut next = chunk + 1;
+        while next < chunks.len()
+            && chunks[next].pack == c.pack
+            && u64::from(chunks[next].at) == end
+            && end - at < READ_AHEAD
+        {
+            end += u64::from(chunks[next].len);
+            next += 1;
+        }
+        (end.max(at + len), next)
+    }
+
+    /// Starts reading the range from chunk `chunk` on, in the background.
+    fn read_ahead(&mut self, chunk: usize) {
+        let Some(c) = self.loaded.version.chunks.get(chunk).copied() else { return };
+        let at = u64::from(c.at);
+        let (end, after) = self.range_from(chunk, at, u64::from(c.len));
+        let key = self.store.pack_key(&self.loaded.version.packs[c.pack as usize]);
+        let os = self.store.0.os.clone();
+        let job = self.store.0.rt.spawn(async move { os.get_range(&key, at..end).await });
+        self.ahead = Some(Ahead { pack: c.pack, at, end, after, job });
+    }
+
+    /// The bytes read ahead, if they hold `at..at + len` of pack `pack`
+    /// (and arrived whole); they become the window.
+    fn take_ahead(&mut self, pack: u32, at: u64, len: u64) -> Option<Bytes> {
+        let a = self.ahead.take()?;
+        if a.pack != pack || at < a.at || at + len > a.end {
+            a.job.abort();
+            return None;
+        }
+        let bytes = match self.store.block(a.job) {
+            Ok(Ok(b)) if b.len() as u64 == a.end - a.at => b,
+            // Read again, and any error told, by the caller.
+            _ => return None,
+        };
+        let from = (at - a.at) as usize;
+        let out = bytes.slice(from..from + len as usize);
+        self.window = Some((a.pack, a.at, bytes));
+        self.after_window = a.after;
+        self.read_ahead(a.after);
+        Some(out)
     }
 
     /// Bytes `at..at + len` of the pack where chunk `chunk` lies. If that
@@ -1188,25 +1261,22 @@ impl ObjReader {
         if same {
             self.loaded = now;
             self.window = None;
+            if let Some(a) = self.ahead.take() {
+                a.job.abort();
+            }
         }
         same
     }
 
     fn fetch_from_pack(&mut self, chunk: usize, at: u64, len: u64) -> Result<Bytes, object_store::Error> {
         let c = self.loaded.version.chunks[chunk];
-        // Read on while the version's next chunks follow in the same pack.
-        let chunks = &self.loaded.version.chunks;
-        let mut end = u64::from(c.at) + u64::from(c.len);
-        let mut next = chunk + 1;
-        while next < chunks.len()
-            && chunks[next].pack == c.pack
-            && u64::from(chunks[next].at) == end
-            && end - at < READ_AHEAD
-        {
-            end += u64::from(chunks[next].len);
-            next += 1;
+        if let Some(out) = self.take_ahead(c.pack, at, len) {
+            return Ok(out);
         }
-        let end = end.max(at + len);
+        // Reading on from the last window: the next range is read while
+        // this one is used (a download, a read back).
+        let sequential = chunk == self.after_window;
+        let (end, next) = self.range_from(chunk, at, len);
         let key = self.store.pack_key(&self.loaded.version.packs[c.pack as usize]);
         let os = self.store.0.os.clone();
         let bytes = self.store.block(async move { os.get_range(&key, at..end).await })?;
@@ -1218,6 +1288,10 @@ impl ObjReader {
         }
         let out = bytes.slice(0..len as usize);
         self.window = Some((c.pack, at, bytes));
+        self.after_window = next;
+        if sequential {
+            self.read_ahead(next);
+        }
         Ok(out)
     }
 }
@@ -1272,6 +1346,8 @@ pub struct ObjWriter {
     /// same place (see `copy_from`), and whether that still holds.
     prefix_of: Option<Arc<Loaded>>,
     copied_only: bool,
+    /// The reader of the last copy's bytes (see `copy_from`).
+    hash_reader: Option<ObjReader>,
     written: u64,
     /// Where the open chunk starts in `pack`.
     chunk_start: usize,
@@ -1320,6 +1396,7 @@ impl ObjWriter {
             file: FileHash::new(),
             prefix_of: None,
             copied_only: true,
+            hash_reader: None,
             written: 0,
             chunk_start: 0,
             known: HashMap::new(),
@@ -1618,7 +1695,12 @@ impl Output for ObjWriter {
         } else {
             self.copied_only = false;
         }
-        let mut reader = ObjReader::new(self.store.clone(), loaded.clone());
+        // One reader for consecutive copies: its window and what it reads
+        // ahead serve the next range.
+        let mut reader = match self.hash_reader.take() {
+            Some(r) if Arc::ptr_eq(&r.loaded, loaded) => r,
+            _ => ObjReader::new(self.store.clone(), loaded.clone()),
+        };
         let mut buf = vec![0u8; ((end - at) as usize).min(1 << 20)];
         while at < end {
             let n = ((end - at) as usize).min(buf.len());
@@ -1629,6 +1711,7 @@ impl Output for ObjWriter {
             self.file.update(&buf[..n]);
             at += n as u64;
         }
+        self.hash_reader = Some(reader);
         for c in &loaded.version.chunks[first..=last] {
             let pack = self.pack_no_of(loaded.version.packs[c.pack as usize]);
             self.chunks.push(Chunk { pack, ..*c });
@@ -2178,5 +2261,34 @@ mod tests {
         new_tree.set_file_hash(Hash::UNKNOWN);
         let p = s.finish("log", w, Some(new_tree)).unwrap();
         assert_eq!(p.file_hash, Some(Hash(Sha256::digest(&three).into())));
+    }
+
+    #[test]
+    fn a_sequential_read_fetches_the_next_range_while_it_uses_one() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let mut s = store(&rt);
+        let a = data(20 << 20, 71);
+        put(&mut s, "big", &a, None).unwrap();
+        s.0.versions.lock().unwrap().lru.clear();
+        let (_, mut r) = s.open("big", None).unwrap().unwrap();
+        let before = bytes_read(&s);
+        let mut back = vec![0u8; a.len()];
+        r.read_at(0, &mut back[..65536]).unwrap();
+        assert!(r.ahead.is_some(), "nothing read ahead");
+        for (i, piece) in back.chunks_mut(65536).enumerate().skip(1) {
+            r.read_at(i as u64 * 65536, piece).unwrap();
+        }
+        assert!(back == a);
+        // Every byte read once, give or take the last range ahead.
+        let read = bytes_read(&s) - before;
+        assert!(read <= a.len() as u64 + 2 * READ_AHEAD, "{read}");
+        // A jump back is no sequential read: nothing is read ahead then.
+        let (_, mut r) = s.open("big", None).unwrap().unwrap();
+        let mid = r.loaded.ends[r.loaded.ends.len() / 2];
+        r.read_at(mid, &mut back[..10]).unwrap();
+        assert!(r.ahead.is_none());
+        r.read_at(0, &mut back[..10]).unwrap();
+        assert!(r.ahead.is_none());
+        assert_eq!(back[..10], a[..10]);
     }
 }
