@@ -1273,9 +1273,10 @@ impl ObjReader {
         if let Some(out) = self.take_ahead(c.pack, at, len) {
             return Ok(out);
         }
-        // Reading on from the last window: the next range is read while
+        // Reading on from the last window (not a first read: a delta
+        // download may want nothing more): the next range is read while
         // this one is used (a download, a read back).
-        let sequential = chunk == self.after_window;
+        let sequential = self.window.is_some() && chunk == self.after_window;
         let (end, next) = self.range_from(chunk, at, len);
         let key = self.store.pack_key(&self.loaded.version.packs[c.pack as usize]);
         let os = self.store.0.os.clone();
@@ -2273,10 +2274,17 @@ mod tests {
         let (_, mut r) = s.open("big", None).unwrap().unwrap();
         let before = bytes_read(&s);
         let mut back = vec![0u8; a.len()];
-        r.read_at(0, &mut back[..65536]).unwrap();
+        // The first range alone, then on from there.
+        let first = r.range_from(0, 0, 1).0;
+        r.read_at(0, &mut back[..first as usize]).unwrap();
+        assert!(r.ahead.is_none(), "read ahead on a first read");
+        r.read_at(first, &mut back[first as usize..first as usize + 10]).unwrap();
         assert!(r.ahead.is_some(), "nothing read ahead");
-        for (i, piece) in back.chunks_mut(65536).enumerate().skip(1) {
-            r.read_at(i as u64 * 65536, piece).unwrap();
+        let mut at = first as usize;
+        while at < a.len() {
+            let n = (a.len() - at).min(65536);
+            r.read_at(at as u64, &mut back[at..at + n]).unwrap();
+            at += n;
         }
         assert!(back == a);
         // Every byte read once, give or take the last range ahead.
