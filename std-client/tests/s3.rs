@@ -260,3 +260,51 @@ fn garbage_is_collected_while_uploads_and_downloads_go_on_and_every_published_ve
     assert!(stored < live + live / 2, "{stored} bytes of packs for {live} bytes of files: {report}");
     assert!(report["packs"].as_u64().unwrap() <= 4, "{report}");
 }
+
+#[test]
+fn a_plain_http_endpoint_off_loopback_is_refused_unless_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (endpoint, bucket) = s3();
+    let store = format!("s3://{bucket}/{}", s3_prefix("http"));
+    // `gc` on the store through `endpoint`: whether it ended within 5 s
+    // (then stopped), whether it succeeded, and what it said.
+    let run = |endpoint: &str, extra: &[&str]| {
+        let mut child = std::process::Command::new(server_bin())
+            .args(["--store", &store, "--s3-endpoint", endpoint, "--gc-grace", "4"])
+            .args(["--keys", dir.path().join("keys.toml").to_str().unwrap()])
+            .args(extra)
+            .arg("gc")
+            .envs(S3_ENV)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break Some(st);
+            }
+            if Instant::now() > deadline {
+                child.kill().unwrap();
+                child.wait().unwrap();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+        (status.map(|s| s.success()), err)
+    };
+    // Documentation addresses: refused at once, before any request.
+    for off in ["http://192.0.2.1:8333", "http://[2001:db8::1]:8333", "http://s3.example.com"] {
+        let (status, err) = run(off, &[]);
+        assert_eq!(status, Some(false), "{off}: {err}");
+        assert!(err.contains("plain HTTP off loopback"), "{off}: {err}");
+    }
+    // Allowed, it goes on (and fails, or waits, for want of a server).
+    let (_, err) = run("http://192.0.2.1:8333", &["--s3-allow-http"]);
+    assert!(!err.contains("plain HTTP off loopback"), "{err}");
+    // Loopback is this machine: allowed as it is (the test's SeaweedFS).
+    let (status, err) = run(&endpoint, &[]);
+    assert_eq!(status, Some(true), "{err}");
+}

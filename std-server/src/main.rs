@@ -31,9 +31,15 @@ struct Args {
     /// [default: file://files, or --root].
     #[arg(long, env = "DELTASYNC_STORE", value_name = "URL")]
     store: Option<String>,
-    /// The S3 endpoint, for a server other than AWS (`http://` allowed).
+    /// The S3 endpoint, for a server other than AWS (`http://` only on
+    /// loopback, unless --s3-allow-http).
     #[arg(long, env = "DELTASYNC_S3_ENDPOINT", value_name = "URL", global = true)]
     s3_endpoint: Option<String>,
+    /// Allows a plain `http://` S3 endpoint off loopback: anyone on the
+    /// path could then read the stored files and change what the server
+    /// reads back. Only on a network you trust.
+    #[arg(long, env = "DELTASYNC_S3_ALLOW_HTTP", global = true)]
+    s3_allow_http: bool,
     /// An object store's garbage (replaced versions, uploads never
     /// published) is kept this long before it is collected. Uploads must
     /// finish within half of it. Every instance on one store must use the
@@ -384,12 +390,27 @@ async fn open_object_store(url: &str, args: &Args, partials: PartialLimits) -> a
     // dashboard's TLS uses (no second crypto library to build).
     let _ = rustls::crypto::ring::default_provider().install_default();
     let endpoint = args.s3_endpoint.as_deref();
+    // Whether an endpoint's host is this machine.
+    fn on_loopback(url: &str) -> bool {
+        let Some(host) = reqwest::Url::parse(url).ok().and_then(|u| u.host_str().map(str::to_string)) else {
+            return false;
+        };
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        bare.parse::<std::net::IpAddr>().map_or(host == "localhost", |ip| ip.is_loopback())
+    }
     let rest = url.strip_prefix("s3://").context("--store takes file://DIR or s3://BUCKET/PREFIX")?;
     let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
     anyhow::ensure!(!bucket.is_empty(), "--store s3://BUCKET/PREFIX: no bucket in {url}");
     let mut builder = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
     if let Some(e) = endpoint {
-        builder = builder.with_endpoint(e).with_allow_http(e.starts_with("http://"));
+        let plain = e.starts_with("http://");
+        anyhow::ensure!(
+            !plain || args.s3_allow_http || on_loopback(e),
+            "--s3-endpoint {e}: plain HTTP off loopback would let anyone on the path read the stored \
+             files and change what the server reads back; use https://, or add --s3-allow-http on a \
+             network you trust"
+        );
+        builder = builder.with_endpoint(e).with_allow_http(plain);
     }
     let os = builder.build().with_context(|| format!("configuring {url}"))?;
     let config = ObjConfig {
