@@ -232,12 +232,22 @@ pub struct Upload<'n, T, S> {
     /// The time and mode to publish with, and the session's version.
     meta: Option<(Meta, u16)>,
     replaced: bool,
+    /// A sketch to send before the request (see [`Message::Sketch`]).
+    sketch: Option<heapless::Vec<u64, { crate::message::SKETCH_LEN }>>,
 }
 
 impl<'n, T: TreeView, S: Source> Upload<'n, T, S> {
     /// Uploads the version `sender` holds as `name`.
     pub fn new(name: &'n str, sender: Sender<T, S>) -> Self {
-        Upload { name, requested: false, sender, expect: None, meta: None, replaced: false }
+        Upload { name, requested: false, sender, expect: None, meta: None, replaced: false, sketch: None }
+    }
+
+    /// Sends the version's sketch first (to a server that announced
+    /// [`crate::message::CAP_SKETCH`]): it may find the data stored under
+    /// another name.
+    pub fn with_sketch(mut self, sketch: heapless::Vec<u64, { crate::message::SKETCH_LEN }>) -> Self {
+        self.sketch = (!sketch.is_empty()).then_some(sketch);
+        self
     }
 
     /// Publishes the version with `meta`'s time and mode (protocol 7;
@@ -298,6 +308,15 @@ impl<T: TreeView, S: Source> Machine for Upload<'_, T, S> {
     }
 
     fn poll(&mut self, now: Instant, out: &mut [u8]) -> Result<Poll<Outcome>, SessionError> {
+        if !self.requested
+            && let Some(sketch) = self.sketch.take()
+        {
+            let mut ids = [0u8; crate::message::SKETCH_LEN * 8];
+            for (i, v) in sketch.iter().enumerate() {
+                ids[i * 8..i * 8 + 8].copy_from_slice(&v.to_be_bytes());
+            }
+            return machine::emit(&Message::Sketch { ids: &ids[..sketch.len() * 8] }, out);
+        }
         if !self.requested {
             self.requested = true;
             let (name, offer) = (self.name, self.sender.offer());

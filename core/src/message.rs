@@ -25,9 +25,20 @@ pub const MAX_INFLIGHT: usize = 4;
 /// may send it.
 pub const CAP_ZSTD: u32 = 1;
 
+/// Capability bit: this server takes a [`Message::Sketch`] before an
+/// upload, so its client may send one.
+pub const CAP_SKETCH: u32 = 2;
+
 /// Capability bits this build announces in the handshake; unknown bits are
 /// ignored, so later versions can add some.
-pub const CAPS: u32 = if cfg!(feature = "compress") { CAP_ZSTD } else { 0 };
+pub const CAPS: u32 = CAP_SKETCH | if cfg!(feature = "compress") { CAP_ZSTD } else { 0 };
+
+/// Most ids a [`Message::Sketch`] carries.
+pub const SKETCH_LEN: usize = 16;
+
+/// Smallest upload a client sends a [`Message::Sketch`] for (and a server
+/// looks for a file to reuse for).
+pub const SKETCH_MIN: u64 = 1 << 20;
 
 /// How a sync ended, as the receiver tells the sender.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -383,6 +394,16 @@ pub enum Message<'a> {
         /// File name.
         name: &'a str,
     },
+    /// Client to a server that announced [`CAP_SKETCH`], just before an
+    /// upload request, for that upload only: the smallest chunk ids of the
+    /// version offered (see [`crate::tree::sketch`]), each as its first 8
+    /// bytes, big-endian, at most [`SKETCH_LEN`]. The server may take as
+    /// the base a stored file the client's key may read whose sketch shares
+    /// some (a file elsewhere with the same data). No answer.
+    Sketch {
+        /// The ids, 8 bytes each.
+        ids: &'a [u8],
+    },
 }
 
 impl<'a> Message<'a> {
@@ -557,7 +578,7 @@ mod tests {
         let (k, a, b, c, n, s, name, bytes, code, outcome, last) = v;
         let (a, b, c) = (*a, *b, *c);
         let meta = Meta { modified: a, nanos: c, mode: b as u32 };
-        let m = match k % 37 {
+        let m = match k % 38 {
             0 => Message::Hello {
                 version: a as u16,
                 cipher: if *last { CipherKind::AesGcm } else { CipherKind::ChaChaPoly },
@@ -612,6 +633,7 @@ mod tests {
             33 => Message::Ref { offset: a, len: b },
             34 => Message::PutEnd { file_hash: Hash(*n) },
             35 => Message::Fetch { name },
+            36 => Message::Sketch { ids: bytes },
             _ => Message::Done { outcome: *outcome, file_hash: None },
         };
         f(m)

@@ -462,6 +462,31 @@ pub(crate) use owned::Levels;
 #[cfg(feature = "alloc")]
 pub use owned::{Tree, TreeIndexer};
 
+/// A version's sketch: the [`crate::message::SKETCH_LEN`] smallest of its
+/// chunk ids, each as its first 8 bytes (big-endian), distinct, ascending.
+/// Two versions chunked alike that share chunks likely share some of these
+/// (a bottom-k sample: the share of ids in common estimates the share of
+/// chunks), whatever their names, sizes or the order of their chunks.
+pub fn sketch<T: TreeView + ?Sized>(tree: &T) -> heapless::Vec<u64, { crate::message::SKETCH_LEN }> {
+    let mut out: heapless::Vec<u64, { crate::message::SKETCH_LEN }> = heapless::Vec::new();
+    for i in 0..tree.level_len(0) {
+        let Some(e) = tree.entry(0, i).filter(|e| e.len > 0) else { continue };
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&e.id.0[..8]);
+        let v = u64::from_be_bytes(first);
+        if let Err(at) = out.binary_search(&v) {
+            if out.is_full() {
+                if at == out.len() {
+                    continue;
+                }
+                out.pop();
+            }
+            let _ = out.insert(at, v);
+        }
+    }
+    out
+}
+
 #[cfg(feature = "alloc")]
 mod owned {
     use super::*;

@@ -13,7 +13,7 @@ use deltasync_core::error::{ErrorCode, SessionError};
 use deltasync_core::frame::{MAX_ENCODED, MAX_SEALED};
 use deltasync_core::machine::Machine;
 pub use deltasync_core::message::Expect;
-use deltasync_core::message::{CAP_ZSTD, CAPS, Meta, Outcome};
+use deltasync_core::message::{CAP_SKETCH, CAP_ZSTD, CAPS, Meta, Outcome};
 use deltasync_core::source::{FileSource, IoFailed, Output};
 use deltasync_core::tree::Tree;
 use deltasync_host::hints::{ChunkHints, Known, build_tree_hinted};
@@ -805,6 +805,7 @@ impl Connection {
             UploadSession::new(name, size, source, self.salt, self.version, now())
                 .streaming(true)
                 .compress(self.caps & CAP_ZSTD != 0)
+                .sketches(self.caps & CAP_SKETCH != 0)
                 .expecting(expect)
                 .with_meta(publish_as);
         if let Some(remote) = listed {

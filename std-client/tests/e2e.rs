@@ -58,14 +58,18 @@ fn text_is_compressed_unless_told_not_to() {
     assert!(wire(&down) < len / 3, "{} wire bytes down", wire(&down));
     assert!(std::fs::read(&dst).unwrap() == log);
     assert_eq!(down["sha256"], deltasync_core::Hash::of(&log).to_string());
-    // --no-compress: as it is, both ways (in a directory of its own: beside
-    // app.log, the server would take that as the upload's base).
+    // --no-compress: as it is, both ways (other lines: the server would
+    // take app.log, holding the same data, as the upload's base).
+    let other = deltasync_core::sim::log_lines(6, 8 << 20);
+    let path = dir.path().join("plain.log");
+    std::fs::write(&path, &other).unwrap();
+    let len = other.len() as u64;
     let up = srv.json(&["--no-compress", "upload", s(&path), "--as", "plain/plain.log"]);
     assert!(wire(&up) > len, "{} wire bytes with --no-compress", wire(&up));
     let down =
         srv.json(&["--no-compress", "download", "plain/plain.log", "-o", s(&dir.path().join("plain"))]);
     assert!(wire(&down) > len, "{} wire bytes down with --no-compress", wire(&down));
-    assert!(srv.stored("plain/plain.log").unwrap() == log);
+    assert!(srv.stored("plain/plain.log").unwrap() == other);
 }
 
 #[test]
@@ -699,4 +703,53 @@ fn a_new_name_beside_a_similar_file_sends_only_what_differs() {
     let up: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(wire(&up) > 8 << 20, "a write-only key's upload reused a file it may not read: {up}");
     assert!(srv.stored("d/w").unwrap() == a);
+}
+
+#[test]
+fn a_new_file_anywhere_that_shares_data_with_a_stored_one_sends_only_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let srv = Server::start(&root);
+    let a = random(31, 8 << 20);
+    let file = |name: &str, data: &[u8]| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, data).unwrap();
+        p
+    };
+    let up = srv.json(&["upload", s(&file("a", &a)), "--as", "x/a"]);
+    assert!(wire(&up) > 8 << 20, "{up}");
+    // Half of it and new data, in another directory, at another size (no
+    // file beside it to start from): about the new data.
+    let mut b = a[..4 << 20].to_vec();
+    b.extend(random(32, 6 << 20));
+    let up = srv.json(&["upload", s(&file("b", &b)), "--as", "y/b"]);
+    assert!(wire(&up) < (6 << 20) + (256 << 10), "a file half stored moved {} bytes", wire(&up));
+    assert!(srv.stored("y/b").unwrap() == b);
+    // A copy anywhere: no file data.
+    let up = srv.json(&["upload", s(&file("c", &a)), "--as", "z/deep/c"]);
+    assert!(wire(&up) < 64 << 10, "a copy moved {} bytes", wire(&up));
+    assert!(srv.stored("z/deep/c").unwrap() == a);
+    // A key that may not read those files gets nothing from them.
+    let keys = root.with_file_name("root.keys.toml");
+    let out = Command::new(server_bin())
+        .arg("--keys")
+        .arg(&keys)
+        .args(["key", "add", "device", "--write-only"])
+        .output();
+    let device = String::from_utf8(out.unwrap().stdout).unwrap().trim().to_string();
+    let out = srv.cli_with_key(&device, &["--json", "upload", s(&file("w", &b)), "--as", "w/b"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let up: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(wire(&up) > 10 << 20, "a write-only key's upload reused a file it may not read: {up}");
+    assert!(srv.stored("w/b").unwrap() == b);
+    // A server started again reads the stored files' sketches (at once,
+    // in the background: a moment is enough for these few).
+    drop(srv);
+    let srv = Server::start(&root);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let mut c = a[4 << 20..].to_vec();
+    c.extend(random(33, 3 << 20));
+    let up = srv.json(&["upload", s(&file("c2", &c)), "--as", "v/c"]);
+    assert!(wire(&up) < (3 << 20) + (256 << 10), "after a restart, a file half stored moved {}", wire(&up));
+    assert!(srv.stored("v/c").unwrap() == c);
 }

@@ -10,4 +10,5 @@ pub mod objstore;
 pub mod process;
 pub mod relay;
 pub mod serve;
+pub mod sketches;
 pub mod store;

@@ -437,6 +437,8 @@ async fn run_with<S: ServerStore>(
         // store's garbage is collected.
         let store = store.clone();
         let every = Duration::from_secs(args.gc_interval);
+        let s = store.clone();
+        tokio::task::spawn_blocking(move || s.warm());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -123,6 +123,8 @@ struct Ref {
     modified: u64,
     nanos: u32,
     mode: u32,
+    /// The version's sketch (see `deltasync_core::tree::sketch`).
+    sketch: Vec<u64>,
 }
 
 /// A directory's metadata.
@@ -275,6 +277,10 @@ struct Inner {
     partials: PartialLimits,
     grace: std::time::Duration,
     versions: Mutex<VersionCache>,
+    /// Each file's sketch, for an upload whose data another file holds:
+    /// from the references this instance wrote or read (every one, at
+    /// start and at each upkeep).
+    sketches: crate::sketches::Sketches,
     /// References read, by name, with their ETag: a listing that shows the
     /// same ETag is described without reading them again.
     refs: Mutex<lru::LruCache<String, (String, Ref)>>,
@@ -320,6 +326,7 @@ impl ObjStore {
             grace: config.grace,
             version_packs: Mutex::new(HashMap::new()),
             refs: Mutex::new(lru::LruCache::new(NonZeroUsize::new(REF_CACHE).expect("nonzero"))),
+            sketches: Default::default(),
             versions: Mutex::new(VersionCache {
                 lru: lru::LruCache::new(NonZeroUsize::new(1024).expect("nonzero")),
                 bytes: 0,
@@ -419,6 +426,7 @@ impl ObjStore {
             tracing::warn!(%key, "an unreadable reference");
             return Ok(Some((None, UpdateVersion { e_tag: etag, version: None })));
         };
+        self.0.sketches.set(name, &r.sketch);
         if let Some(tag) = &etag {
             self.0
                 .refs
@@ -427,6 +435,17 @@ impl ObjStore {
                 .put(name.to_string(), (tag.clone(), r.clone()));
         }
         Ok(Some((Some(r), UpdateVersion { e_tag: etag, version: None })))
+    }
+
+    /// Reads every reference's sketch (only those whose ETag changed), and
+    /// forgets the names no longer stored.
+    pub async fn refresh_sketches(&self) -> Result<(), ErrorCode> {
+        let top = self.key("refs", []);
+        let metas: Vec<_> = self.0.os.list(Some(&top)).try_collect().await.map_err(os_error)?;
+        let files = self.describe_all(&top, metas).await?;
+        let names: std::collections::HashSet<&str> = files.iter().map(|f| f.name.as_str()).collect();
+        self.0.sketches.retain(|n| names.contains(n));
+        Ok(())
     }
 
     /// The reference of `name` that a listing showed as `meta`: from memory
@@ -441,6 +460,7 @@ impl ObjStore {
             && let Some((t, r)) = self.0.refs.lock().unwrap_or_else(|p| p.into_inner()).get(name)
             && t == tag
         {
+            self.0.sketches.set(name, &r.sketch);
             return Ok(Some(r.clone()));
         }
         let Some((bytes, etag)) = self.get(&meta.location).await? else { return Ok(None) };
@@ -451,6 +471,7 @@ impl ObjStore {
         if let Some(tag) = etag {
             self.0.refs.lock().unwrap_or_else(|p| p.into_inner()).put(name.to_string(), (tag, r.clone()));
         }
+        self.0.sketches.set(name, &r.sketch);
         Ok(Some(r))
     }
 
@@ -716,6 +737,9 @@ impl ObjStore {
 impl crate::store::ServerStore for ObjStore {
     fn upkeep(&self) {
         self.sweep_partials();
+        if let Err(e) = self.block(self.refresh_sketches()) {
+            tracing::warn!(error = %e, "could not read the stored files' sketches");
+        }
         match self.block(self.gc()) {
             Ok(r) if r.skipped => tracing::debug!("another instance is collecting garbage"),
             Ok(r) => tracing::info!(
@@ -731,6 +755,12 @@ impl crate::store::ServerStore for ObjStore {
     }
 
     fn settle(&self) {}
+
+    fn warm(&self) {
+        if let Err(e) = self.block(self.refresh_sketches()) {
+            tracing::warn!(error = %e, "could not read the stored files' sketches");
+        }
+    }
 
     fn counters(&self) -> Vec<(&'static str, u64)> {
         self.0.counts.snapshot()
@@ -962,6 +992,7 @@ impl Store for ObjStore {
             // The same version under another name: no byte is copied.
             let copy = Ref { modified: meta.modified, nanos: meta.nanos, mode: meta.mode & MODE_BITS, ..r };
             this.publish_ref(to, &copy, found, false).await?;
+            this.0.sketches.set(to, &copy.sketch);
             Ok(copy.file_hash)
         })
     }
@@ -977,6 +1008,7 @@ impl Store for ObjStore {
                 replaced: now.map(|v| v.e_tag) != found.map(|v| v.e_tag),
             });
         };
+        let sketch = deltasync_core::tree::sketch(&tree).to_vec();
         let (version, file_hash) = w.seal_version(tree)?;
         // See `gc`: what an upload reuses is safe from collection for half
         // the grace period from when it was found.
@@ -1000,6 +1032,7 @@ impl Store for ObjStore {
             modified: meta.modified,
             nanos: meta.nanos,
             mode: meta.mode & MODE_BITS,
+            sketch,
         };
         let found = w.found.take();
         let conditional = w.conditional;
@@ -1033,6 +1066,7 @@ impl Store for ObjStore {
                 Err(e) => return Err(os_error(e)),
             }
             let replaced = this.publish_ref(name, &r, found, conditional).await?;
+            this.0.sketches.set(name, &r.sketch);
             if partial {
                 let _ = this.0.os.delete(&this.partial_key(name)).await;
             }
@@ -1110,8 +1144,18 @@ impl Store for ObjStore {
                 }
                 return Err(if this.is_dir(name).await? { ErrorCode::BadName } else { ErrorCode::NotFound });
             }
-            this.0.os.delete(&key).await.map_err(os_error)
+            this.0.os.delete(&key).await.map_err(os_error)?;
+            this.0.sketches.remove(name);
+            Ok(())
         })
+    }
+
+    fn resembling(&mut self, sketch: &[u64]) -> Result<Vec<(String, u32)>, ErrorCode> {
+        Ok(self.0.sketches.find(sketch))
+    }
+
+    fn may_resemble(&mut self) -> bool {
+        !self.0.sketches.is_empty()
     }
 
     fn remove_dir(&mut self, name: &str) -> Result<(), ErrorCode> {

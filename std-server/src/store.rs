@@ -29,6 +29,7 @@
 //! Listings skip every name starting with `.deltasync`.
 
 use crate::beneath::{Root, join};
+use crate::sketches::Sketches;
 use deltasync_core::Hash;
 use deltasync_core::chunker::ChunkerKind;
 use deltasync_core::conn::server::{PartialFile, Published, Store, StoredFile};
@@ -146,6 +147,8 @@ pub struct FsStore {
     indexing: IndexingSet,
     /// How long, and how much, interrupted uploads are kept.
     partials: PartialLimits,
+    /// Each file's sketch, for an upload whose data another file holds.
+    sketches: Arc<Sketches>,
 }
 
 /// How long interrupted uploads are kept for resuming, and how many bytes
@@ -308,7 +311,8 @@ impl FsStore {
         }
         let threads = deltasync_host::build::default_threads();
         let indexing = Arc::new((Mutex::new(HashSet::new()), Condvar::new()));
-        let store = FsStore { root, commit: Arc::new(Mutex::new(())), threads, indexing, partials };
+        let sketches = Arc::new(Sketches::default());
+        let store = FsStore { root, commit: Arc::new(Mutex::new(())), threads, indexing, partials, sketches };
         store.recover();
         for dir in ["index", "partial", "upload", "trash"] {
             let rel = format!("{META}/{dir}");
@@ -321,6 +325,21 @@ impl FsStore {
         }
         store.sweep_partials();
         Ok(store)
+    }
+
+    /// Reads the stored files' sketches from their indexes (files without a
+    /// fresh one are left out until they are uploaded again).
+    fn index_sketches(&self) {
+        let Ok(files) = self.clone().list() else { return };
+        for f in files {
+            let Ok(rel) = self.path_of(&f.name) else { continue };
+            let Some(meta) = self.root.open_file(&rel).and_then(|file| file.metadata()).ok() else {
+                continue;
+            };
+            if let Some(tree) = self.load_index_unwaited(&f.name, &meta) {
+                self.sketches.set(&f.name, &deltasync_core::tree::sketch(&tree));
+            }
+        }
     }
 
     /// Drops the partials past their age, then the oldest ones while all
@@ -1379,6 +1398,9 @@ pub trait ServerStore: Store<Reader: Send, Writer: Send> + Clone + Send + Sync +
     fn settle(&self);
     /// Where the files are (for logs).
     fn location(&self) -> String;
+    /// Work to do once the server starts, in the background: learning the
+    /// stored files' sketches (see [`Store::resembling`]).
+    fn warm(&self) {}
     /// Requests to the storage by kind, and bytes (`bytes_in`,
     /// `bytes_out`), since start: an object store's (for `/metrics`).
     fn counters(&self) -> Vec<(&'static str, u64)> {
@@ -1393,6 +1415,10 @@ impl ServerStore for FsStore {
 
     fn settle(&self) {
         self.wait_indexing();
+    }
+
+    fn warm(&self) {
+        self.index_sketches();
     }
 
     fn location(&self) -> String {
@@ -1632,7 +1658,11 @@ impl Store for FsStore {
             return Ok(Published { file_hash: None, replaced });
         };
         let temp = w.path.clone();
+        let sketch = deltasync_core::tree::sketch(&tree);
         let result = self.publish(name, &mut w, tree);
+        if result.is_ok() {
+            self.sketches.set(name, &sketch);
+        }
         let _ = self.root.remove_file(&w.label);
         if result.is_err() {
             // Whatever step failed, no half-published leftover stays behind
@@ -1706,7 +1736,16 @@ impl Store for FsStore {
         let _guard = self.commit.lock().unwrap_or_else(|p| p.into_inner());
         self.root.remove_file(&rel).map_err(reach)?;
         let _ = self.root.remove_file(&self.index_path(name));
+        self.sketches.remove(name);
         Ok(())
+    }
+
+    fn resembling(&mut self, sketch: &[u64]) -> Result<Vec<(String, u32)>, ErrorCode> {
+        Ok(self.sketches.find(sketch))
+    }
+
+    fn may_resemble(&mut self) -> bool {
+        !self.sketches.is_empty()
     }
 }
 

@@ -10,10 +10,14 @@ use crate::error::{ErrorCode, SessionError};
 use crate::hash::Hash;
 use crate::machine::{self, Machine, Poll};
 use crate::message::{
-    CAPS, Entry, EntryKind, Expect, FileInfo, MODE_BITS, Message, Meta, Outcome, PartialInfo, validate_name,
+    CAPS, Entry, EntryKind, Expect, FileInfo, MODE_BITS, Message, Meta, Outcome, PartialInfo, SKETCH_LEN,
+    SKETCH_MIN, validate_name,
 };
 use crate::receiver::{Base, ReceiveStats, Receiver};
 use crate::sender::Sender;
+
+/// A client's sketch (see [`Message::Sketch`]).
+type Sketch = heapless::Vec<u64, SKETCH_LEN>;
 use crate::source::{Output, Source};
 use crate::time::{HANDSHAKE_TIMEOUT_MS, IDLE_TIMEOUT_MS, Instant};
 use crate::tree::{Chain, Summary, Tree, TreeView};
@@ -296,6 +300,20 @@ pub trait Store {
         let _ = writer;
         Ok((self.open(name, Some(chunking))?, self.partial(name, chunking)?))
     }
+    /// Stored files whose versions' sketches (see [`crate::tree::sketch`])
+    /// share ids with `sketch`, and how many each; any order, files the
+    /// session may not read included (it filters them). A store that keeps
+    /// no sketches finds none.
+    fn resembling(&mut self, sketch: &[u64]) -> Result<Vec<(String, u32)>, ErrorCode> {
+        let _ = sketch;
+        Ok(Vec::new())
+    }
+    /// Whether [`Store::resembling`] could find anything (the store keeps
+    /// sketches, and of some file): a client offering a new name without
+    /// its tree is then asked for it.
+    fn may_resemble(&mut self) -> bool {
+        false
+    }
     /// Whether a version of `name` or what an interrupted upload of it
     /// left behind is stored (what [`Store::open`] or [`Store::partial`]
     /// would offer an upload to reuse), ideally without building any tree.
@@ -520,6 +538,8 @@ pub struct ServerConn<S: Store, K> {
     salt: [u8; 8],
     /// Capabilities this server and the client share.
     caps: u32,
+    /// The sketch the client sent for its next request (an upload).
+    sketch: Option<Sketch>,
     /// The protocol version of the session, once agreed.
     version: u16,
     state: State<S, K>,
@@ -543,6 +563,7 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
             confirmed: false,
             salt: [0; 8],
             caps: 0,
+            sketch: None,
             version: crate::PROTOCOL_VERSION,
             state: State::Handshake(Box::new(ServerHandshake::new(keys, ephemeral, now))),
             events: VecDeque::new(),
@@ -733,6 +754,22 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
             self.refuse("", ErrorCode::Unsupported);
             return Ok(());
         }
+        // For the request that follows it only; no answer.
+        if let Message::Sketch { ids } = msg {
+            let bad = SessionError::Protocol(ErrorCode::BadMessage);
+            if ids.len() % 8 != 0 || ids.len() > SKETCH_LEN * 8 {
+                return Err(bad);
+            }
+            let mut sketch = Sketch::new();
+            for id in ids.chunks_exact(8) {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(id);
+                sketch.push(u64::from_be_bytes(b)).map_err(|_| bad)?;
+            }
+            self.sketch = Some(sketch);
+            return Ok(());
+        }
+        let sketch = self.sketch.take();
         if let Message::Put { name, size, meta, chunking, base } = msg {
             self.start_put(name, size, meta, chunking, base);
             return Ok(());
@@ -798,12 +835,12 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
         let result = match msg {
             Message::Stat { name } => self.stat(name),
             Message::Delete { name } => self.delete(name),
-            Message::Upload { name, offer } => self.start_upload(now, name, offer, None, None),
+            Message::Upload { name, offer } => self.start_upload(now, name, offer, None, None, sketch),
             Message::UploadIf { name, offer, expect } => {
-                self.start_upload(now, name, offer, Some(expect), None)
+                self.start_upload(now, name, offer, Some(expect), None, sketch)
             }
             Message::UploadMeta { name, offer, expect, meta } => {
-                self.start_upload(now, name, offer, expect, Some(clean(meta)))
+                self.start_upload(now, name, offer, expect, Some(clean(meta)), sketch)
             }
             Message::ListDir { dir } => self.list_dir(dir),
             Message::Sig { name, chunking } => self.sig(name, chunking),
@@ -945,6 +982,7 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
         offer: Summary,
         expect: Option<Expect>,
         meta: Option<Meta>,
+        sketch: Option<Sketch>,
     ) -> Result<(), ErrorCode> {
         // A kind too fine for the size would make this server hold a tree
         // without bound: refused (clients pick with `ChunkerKind::for_size`).
@@ -967,13 +1005,29 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
                 return Err(ErrorCode::Conflict);
             }
         }
-        // A new name may still be mostly a file stored beside it (a copy,
-        // the next build of an artefact): see `similar`.
+        // A new name may still be mostly a file stored elsewhere (a copy,
+        // the next build of an artefact): see `resembling` and `similar`.
         let holds = self.store.holds(name)?;
-        let similar = if expect.is_none() && !holds { self.similar(name, offer.size)? } else { None };
+        let fresh = expect.is_none() && !holds;
+        let similar = match sketch.filter(|_| fresh) {
+            Some(sk) => self.resembling(name, &sk)?,
+            None => None,
+        };
+        let similar = match similar {
+            Some(s) => Some(s),
+            None if fresh => self.similar(name, offer.size)?,
+            None => None,
+        };
+        // A client that sends sketches, offering a new name without its
+        // tree, is asked for it (and its sketch) if the store could hold
+        // its data under another name.
+        let searchable = fresh
+            && self.caps & crate::message::CAP_SKETCH != 0
+            && offer.size >= SKETCH_MIN
+            && self.store.may_resemble();
         // Without the offer's tree nothing held could be reused: the client
         // builds it and offers again (it streams first uploads only).
-        if !offer.root.is_known() && (holds || similar.is_some()) {
+        if !offer.root.is_known() && (holds || similar.is_some() || searchable) {
             return Err(ErrorCode::NeedTree);
         }
         // The writer first: it records which version is stored, so that one
@@ -1025,6 +1079,20 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
     /// small files, and in directories too large to look through. (What
     /// the client learns, which of its chunks the base holds, it could read
     /// anyway.)
+    /// For an upload to `name`, which the store does not hold, of a version
+    /// whose sketch is `sketch`: the stored file the client's key may read
+    /// whose sketch shares the most ids with it, to reuse as the base
+    /// (its data, wherever it is stored). What the client learns, which of
+    /// its chunks the base holds, it could read anyway.
+    fn resembling(&mut self, name: &str, sketch: &[u64]) -> Result<Option<String>, ErrorCode> {
+        let found = self.store.resembling(sketch)?;
+        Ok(found
+            .into_iter()
+            .filter(|(n, hits)| *hits > 0 && n != name && self.allowed(Operation::Read, n))
+            .max_by_key(|(n, hits)| (*hits, core::cmp::Reverse(n.clone())))
+            .map(|(n, _)| n))
+    }
+
     fn similar(&mut self, name: &str, size: u64) -> Result<Option<String>, ErrorCode> {
         if size < SIMILAR_MIN {
             return Ok(None);

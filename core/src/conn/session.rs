@@ -79,6 +79,9 @@ pub struct UploadSession<'n, T, S> {
     meta: Option<Meta>,
     stream: bool,
     compress: bool,
+    /// Whether the server takes sketches, and whether it holds the name.
+    sketches: bool,
+    remote: bool,
     kind: ChunkerKind,
     state: State<'n, T, S>,
     /// The file's bytes, until a sender holds them.
@@ -97,6 +100,8 @@ pub struct UploadSession<'n, T, S> {
 
 fn ignore(_: Listed<'_>) {}
 
+type Sketch = heapless::Vec<u64, { crate::message::SKETCH_LEN }>;
+
 impl<'n, T: TreeView, S: Source> UploadSession<'n, T, S> {
     /// Uploads the `size` bytes `source` reads as `name`, in a session of
     /// protocol `version` whose salt is `salt`.
@@ -110,6 +115,8 @@ impl<'n, T: TreeView, S: Source> UploadSession<'n, T, S> {
             meta: None,
             stream: false,
             compress: false,
+            sketches: false,
+            remote: false,
             kind: ChunkerKind::for_size(size),
             state: State::Stat(Query::new(QueryKind::Stat(name), version, ignore as fn(Listed<'_>), now)),
             source: Some(source),
@@ -166,6 +173,14 @@ impl<'n, T: TreeView, S: Source> UploadSession<'n, T, S> {
     /// them so).
     pub fn compress(mut self, on: bool) -> Self {
         self.compress = on;
+        self
+    }
+
+    /// Sends the sketch of a new name's version with its offer (only if
+    /// the server announced [`crate::message::CAP_SKETCH`]): the server
+    /// may find its data stored under another name.
+    pub fn sketches(mut self, on: bool) -> Self {
+        self.sketches = on;
         self
     }
 
@@ -233,8 +248,11 @@ impl<'n, T: TreeView, S: Source> UploadSession<'n, T, S> {
         matches!(&self.state, State::Sending { op, streamed: true } if op.sender().awaiting_root())
     }
 
-    fn upload(&self, sender: Sender<Option<T>, S>) -> Upload<'n, Option<T>, S> {
+    fn upload(&self, sender: Sender<Option<T>, S>, sketch: Option<Sketch>) -> Upload<'n, Option<T>, S> {
         let mut op = Upload::new(self.name, sender.compress(self.compress));
+        if let Some(sk) = sketch {
+            op = op.with_sketch(sk);
+        }
         if let Some(e) = self.expect {
             op = op.expecting(e, self.version);
         }
@@ -248,6 +266,7 @@ impl<'n, T: TreeView, S: Source> UploadSession<'n, T, S> {
     /// stream meanwhile if nothing is there to reuse.
     fn chose(&mut self, remote: Option<ChunkerKind>, now: Instant) {
         self.kind = ChunkerKind::keep_or_choose(remote, self.size);
+        self.remote = remote.is_some();
         let streaming = self.stream && remote.is_none() && self.size > 0;
         self.need = Some(Need::Tree { kind: self.kind, streaming });
         if !streaming {
@@ -266,7 +285,7 @@ impl<'n, T: TreeView, S: Source> UploadSession<'n, T, S> {
             chunking: self.kind,
         };
         let sender = Sender::new(None, source, offer, self.salt, now);
-        self.state = State::Sending { op: self.upload(sender), streamed: true };
+        self.state = State::Sending { op: self.upload(sender, None), streamed: true };
     }
 
     /// Offers the file with its tree.
@@ -275,8 +294,11 @@ impl<'n, T: TreeView, S: Source> UploadSession<'n, T, S> {
             self.state = State::Poisoned;
             return;
         };
+        // A new name's data may be stored under another: say what it is.
+        let wanted = self.sketches && !self.remote && self.size >= crate::message::SKETCH_MIN;
+        let sketch = wanted.then(|| crate::tree::sketch(&tree));
         let sender = Sender::new(Some(tree), source, summary, self.salt, now);
-        self.state = State::Sending { op: self.upload(sender), streamed: false };
+        self.state = State::Sending { op: self.upload(sender, sketch), streamed: false };
     }
 
     /// The server wants the tree of a streamed offer: offer it when given.
