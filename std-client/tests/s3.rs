@@ -308,3 +308,25 @@ fn a_plain_http_endpoint_off_loopback_is_refused_unless_allowed() {
     let (status, err) = run(&endpoint, &[]);
     assert_eq!(status, Some(true), "{err}");
 }
+
+#[test]
+fn a_file_stored_through_one_instance_is_reused_by_a_new_file_through_the_other() {
+    let dir = tempfile::tempdir().unwrap();
+    // The other instance learns the files published elsewhere at its
+    // upkeep (every second here).
+    let (a, b) = pair_with(dir.path(), &s3_prefix("sketch"), &["--gc-interval", "1"]);
+    let data = random(41, 8 << 20);
+    let file = |name: &str, bytes: &[u8]| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p
+    };
+    a.json(&["upload", s(&file("src-a", &data)), "--as", "x/a"]);
+    std::thread::sleep(Duration::from_millis(2500));
+    let mut half = data[2 << 20..6 << 20].to_vec();
+    half.extend(random(42, 4 << 20));
+    let up = b.json(&["upload", s(&file("src-b", &half)), "--as", "y/b"]);
+    let sent = up["wire_bytes_sent"].as_u64().unwrap();
+    assert!(sent < (4 << 20) + (256 << 10), "a file half stored through the other instance moved {sent}");
+    assert!(fetch(&a, dir.path(), "y/b") == half);
+}

@@ -55,6 +55,8 @@ pub struct ServerHandshake<K> {
     salt: [u8; 8],
     deadline: Instant,
     peer_caps: u32,
+    /// The capabilities announced.
+    caps: u32,
     version: u16,
 }
 
@@ -71,8 +73,17 @@ impl<K: Keys> ServerHandshake<K> {
             salt: [0; 8],
             deadline: now.plus_ms(HANDSHAKE_TIMEOUT_MS),
             peer_caps: 0,
+            caps: CAPS,
             version: crate::PROTOCOL_VERSION,
         }
+    }
+
+    /// Announces only `caps` of this build's capabilities (a server whose
+    /// store keeps no sketch yet leaves out [`crate::message::CAP_SKETCH`]:
+    /// its clients then stream first uploads).
+    pub fn announcing(mut self, caps: u32) -> Self {
+        self.caps = caps & CAPS;
+        self
     }
 
     /// The protocol version of this session once the client's hello
@@ -84,7 +95,7 @@ impl<K: Keys> ServerHandshake<K> {
     /// The capability bits both this build and the client have (known once
     /// the client's hello arrived).
     pub fn shared_caps(&self) -> u32 {
-        CAPS & self.peer_caps
+        self.caps & self.peer_caps
     }
 
     /// The permissions of the client's key, once its hello passed.
@@ -136,7 +147,7 @@ impl<K: Keys> Machine for ServerHandshake<K> {
         match core::mem::replace(&mut self.state, HsState::Failed) {
             HsState::SendAccept(mut hs) => {
                 let mut payload = [0u8; HANDSHAKE_PAYLOAD];
-                let p = postcard::to_slice(&(self.version, CAPS), &mut payload)
+                let p = postcard::to_slice(&(self.version, self.caps), &mut payload)
                     .map_err(|_| SessionError::Capacity)?
                     .len();
                 let mut noise = [0u8; HANDSHAKE_NOISE];
@@ -556,7 +567,10 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
     /// The client has [`HANDSHAKE_TIMEOUT_MS`] from then to prove its key
     /// (its first sealed frame must have opened), and may then stay silent
     /// [`IDLE_TIMEOUT_MS`] between requests (see [`Self::timeouts`]).
-    pub fn new(store: S, keys: K, ephemeral: [u8; 32], now: Instant) -> Self {
+    pub fn new(mut store: S, keys: K, ephemeral: [u8; 32], now: Instant) -> Self {
+        // Sketches are worth a client's while once the store has some.
+        let caps = if store.may_resemble() { CAPS } else { CAPS & !crate::message::CAP_SKETCH };
+        let handshake = ServerHandshake::new(keys, ephemeral, now).announcing(caps);
         ServerConn {
             store,
             access: None,
@@ -565,7 +579,7 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
             caps: 0,
             sketch: None,
             version: crate::PROTOCOL_VERSION,
-            state: State::Handshake(Box::new(ServerHandshake::new(keys, ephemeral, now))),
+            state: State::Handshake(Box::new(handshake)),
             events: VecDeque::new(),
             deadline: now.plus_ms(HANDSHAKE_TIMEOUT_MS),
             idle_ms: IDLE_TIMEOUT_MS,

@@ -267,7 +267,10 @@ impl<'n, T: TreeView, S: Source> UploadSession<'n, T, S> {
     fn chose(&mut self, remote: Option<ChunkerKind>, now: Instant) {
         self.kind = ChunkerKind::keep_or_choose(remote, self.size);
         self.remote = remote.is_some();
-        let streaming = self.stream && remote.is_none() && self.size > 0;
+        // A server that takes sketches holds some: a large new file's tree
+        // comes first, with its sketch (its data may be stored already).
+        let sketched = self.sketches && self.size >= crate::message::SKETCH_MIN;
+        let streaming = self.stream && remote.is_none() && self.size > 0 && !sketched;
         self.need = Some(Need::Tree { kind: self.kind, streaming });
         if !streaming {
             self.state = State::AwaitTree;
