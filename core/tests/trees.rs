@@ -360,3 +360,20 @@ fn a_put_that_takes_longer_than_the_idle_timeout_to_send_completes() {
     assert!(s.net.clock.0 - start.0 > 2 * deltasync_core::time::IDLE_TIMEOUT_MS, "not slow enough");
     assert!(f.borrow()["slow"] == data);
 }
+
+#[test]
+fn a_sketch_is_whole_ids_and_at_most_sixteen_of_them() {
+    use deltasync_core::machine::Machine;
+    let f = Files::default();
+    let bad = Err(SessionError::Protocol(ErrorCode::BadMessage));
+    for (len, ok) in [(0, true), (8, true), (16 * 8, true), (7, false), (17 * 8, false)] {
+        let (mut s, _) = connect_salted(&f);
+        let ids = vec![1u8; len];
+        let got = s.server.handle(s.net.clock, Message::Sketch { ids: &ids });
+        if ok {
+            assert_eq!(got, Ok(()), "{len} bytes");
+        } else {
+            assert_eq!(got, bad, "{len} bytes");
+        }
+    }
+}
