@@ -116,8 +116,9 @@ fn main() {
     let hints = work.join("hints");
     let hints = hints.to_str().unwrap();
     // The tools, each under its own name on its server; deltasync's each in
-    // a directory of its own (the server takes a file beside a new name as
-    // its base: the other deltasync's copy would make a first upload free).
+    // a directory of its own, and removed once timed (the server takes a
+    // stored file with the same data as a new name's base: the other
+    // deltasync's copy would make a first upload free).
     const TOOLS: [&str; 4] = ["rsync", "rsync --fsync", "deltasync", "deltasync --no-hints"];
     let named = |tool: usize, name: &str| match tool {
         0 => name.to_string(),
@@ -156,18 +157,19 @@ fn main() {
                 let r = run_tool(tool, new, &name);
                 secs[tool].push(r.secs);
                 wire[tool] = r.wire;
-            }
-            for tool in 0..TOOLS.len() {
                 let root = if tool < 2 { "rsync-root" } else { "ds-root" };
                 let stored = work.join(root).join(named(tool, &name));
                 assert!(std::fs::read(&stored).unwrap() == std::fs::read(new).unwrap(), "{stored:?} differs");
+                // A deltasync file goes at once: the server reuses a stored
+                // file's data for a new name (the other variant's copy would
+                // make its upload free).
+                if tool >= 2 {
+                    remove(&cli, dport, &named(tool, &name));
+                }
             }
             // The servers start every run with the same free space.
             for tool in 0..2 {
                 let _ = std::fs::remove_file(work.join("rsync-root").join(named(tool, &name)));
-            }
-            for tool in 2..4 {
-                remove(&cli, dport, &named(tool, &name));
             }
         }
         // Each run times the tools back to back: the paired ratios are
