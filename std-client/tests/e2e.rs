@@ -753,3 +753,25 @@ fn a_new_file_anywhere_that_shares_data_with_a_stored_one_sends_only_the_rest() 
     assert!(wire(&up) < (3 << 20) + (256 << 10), "after a restart, a file half stored moved {}", wire(&up));
     assert!(srv.stored("v/c").unwrap() == c);
 }
+
+#[test]
+fn a_file_found_by_its_sketch_but_gone_since_fails_no_upload() {
+    if on_s3() {
+        eprintln!("the file store's: a file changed behind the server's back");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let srv = Server::start(&root);
+    let a = random(51, 4 << 20);
+    let src = dir.path().join("a");
+    std::fs::write(&src, &a).unwrap();
+    srv.json(&["upload", s(&src), "--as", "x/a"]);
+    // Replaced behind the server's back by a directory, then by nothing
+    // it may read: its sketch is still known.
+    std::fs::remove_file(root.join("x/a")).unwrap();
+    std::fs::create_dir(root.join("x/a")).unwrap();
+    let up = srv.json(&["upload", s(&src), "--as", "y/a"]);
+    assert!(wire(&up) > 4 << 20, "{up}");
+    assert!(srv.stored("y/a").unwrap() == a);
+}

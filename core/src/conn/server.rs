@@ -1052,7 +1052,9 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
         // Nothing of the name: the similar file is the base (never taken
         // for this name's version: an upload of the same bytes is written).
         let old = match (old, &partial, similar) {
-            (None, None, Some(other)) => self.store.open(&other, Some(offer.chunking))?,
+            // Only a help: a file gone or changed since it was found (a
+            // directory now, unreadable) is no base, and no failure.
+            (None, None, Some(other)) => self.store.open(&other, Some(offer.chunking)).ok().flatten(),
             (old, _, _) => old,
         };
         let has_base = old.is_some() || partial.is_some();
