@@ -667,6 +667,26 @@ fn a_full_disk_is_reported_as_such_and_keeps_the_old_version() {
     drop(srv);
 }
 
+/// Uploads `path` as `name` with a new write-only key of `srv` (whose
+/// root is `root`); what the CLI printed.
+fn upload_write_only(
+    srv: &Server,
+    root: &std::path::Path,
+    path: &std::path::Path,
+    name: &str,
+) -> serde_json::Value {
+    let keys = root.with_file_name("root.keys.toml");
+    let out = Command::new(server_bin())
+        .arg("--keys")
+        .arg(&keys)
+        .args(["key", "add", "device", "--write-only"])
+        .output();
+    let device = String::from_utf8(out.unwrap().stdout).unwrap().trim().to_string();
+    let out = srv.cli_with_key(&device, &["--json", "upload", s(path), "--as", name]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 #[test]
 fn a_new_name_beside_a_similar_file_sends_only_what_differs() {
     let dir = tempfile::tempdir().unwrap();
@@ -691,16 +711,7 @@ fn a_new_name_beside_a_similar_file_sends_only_what_differs() {
     assert!(wire(&up) < 200 << 10, "an edited copy moved {} bytes", wire(&up));
     assert!(srv.stored("d/b").unwrap() == b);
     // A key that may not read the files beside it gets nothing from them.
-    let keys = root.with_file_name("root.keys.toml");
-    let out = Command::new(server_bin())
-        .arg("--keys")
-        .arg(&keys)
-        .args(["key", "add", "device", "--write-only"])
-        .output();
-    let device = String::from_utf8(out.unwrap().stdout).unwrap().trim().to_string();
-    let out = srv.cli_with_key(&device, &["--json", "upload", s(&file("w", &a)), "--as", "d/w"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let up: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let up = upload_write_only(&srv, &root, &file("w", &a), "d/w");
     assert!(wire(&up) > 8 << 20, "a write-only key's upload reused a file it may not read: {up}");
     assert!(srv.stored("d/w").unwrap() == a);
 }
@@ -730,16 +741,7 @@ fn a_new_file_anywhere_that_shares_data_with_a_stored_one_sends_only_the_rest() 
     assert!(wire(&up) < 64 << 10, "a copy moved {} bytes", wire(&up));
     assert!(srv.stored("z/deep/c").unwrap() == a);
     // A key that may not read those files gets nothing from them.
-    let keys = root.with_file_name("root.keys.toml");
-    let out = Command::new(server_bin())
-        .arg("--keys")
-        .arg(&keys)
-        .args(["key", "add", "device", "--write-only"])
-        .output();
-    let device = String::from_utf8(out.unwrap().stdout).unwrap().trim().to_string();
-    let out = srv.cli_with_key(&device, &["--json", "upload", s(&file("w", &b)), "--as", "w/b"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let up: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let up = upload_write_only(&srv, &root, &file("w", &b), "w/b");
     assert!(wire(&up) > 10 << 20, "a write-only key's upload reused a file it may not read: {up}");
     assert!(srv.stored("w/b").unwrap() == b);
     // A server started again reads the stored files' sketches (at once,

@@ -24,7 +24,7 @@
 //! are written once. Packs and versions no reference reaches are garbage
 //! (an upload that was never published, a replaced version).
 
-use crate::store::{FileHash, MIDSTATE_STEP, PartialLimits};
+use crate::store::{FileHash, Follow, MIDSTATE_STEP, PartialLimits};
 use bytes::Bytes;
 use deltasync_core::Hash;
 use deltasync_core::chunker::{Chunker, ChunkerKind};
@@ -1611,7 +1611,7 @@ impl ObjWriter {
         self.seal_pack(false).map_err(|_| ErrorCode::Storage)?;
         self.wait_in_flight().map_err(|_| ErrorCode::Storage)?;
         let summary = tree.summary();
-        let (file_hash, midstates) = std::mem::replace(&mut self.file, FileHash::new()).finish();
+        let (file_hash, midstates) = std::mem::replace(&mut self.file, FileHash::new()).done();
         if self.written != summary.size {
             return Err(ErrorCode::Integrity);
         }
@@ -1678,7 +1678,7 @@ impl Output for ObjWriter {
             return Err(IoFailed);
         }
         self.copied_only = false;
-        self.file.update(data);
+        self.file.feed(data);
         self.written += data.len() as u64;
         while let Some(n) = self.chunker.next_boundary(data) {
             self.chunk.update(&data[..n]);
@@ -1753,7 +1753,7 @@ impl Output for ObjWriter {
                 self.failed = true;
                 return Err(e);
             }
-            self.file.update(&buf[..n]);
+            self.file.feed(&buf[..n]);
             at += n as u64;
         }
         self.hash_reader = Some(reader);

@@ -988,8 +988,9 @@ struct Progress {
     abandoned: bool,
 }
 
-/// What a [`ReadBack`] thread computes over a file being written.
-trait Follow: Send + 'static {
+/// What a [`ReadBack`] thread computes over a file being written (the
+/// object store's writer feeds a [`FileHash`] itself).
+pub(crate) trait Follow: Send + 'static {
     type Out: Send + 'static;
     fn feed(&mut self, data: &[u8]);
     fn done(self) -> Self::Out;
@@ -1033,16 +1034,6 @@ impl FileHash {
             None => Sha256::new(),
         };
         Some(FileHash { sha, pos: count as u64 * MIDSTATE_STEP, midstates: kept.to_vec() })
-    }
-
-    /// Hashes the next bytes.
-    pub(crate) fn update(&mut self, data: &[u8]) {
-        self.feed(data);
-    }
-
-    /// The hash and every midstate recorded (kept ones first).
-    pub(crate) fn finish(self) -> (Hash, Vec<Vec<u8>>) {
-        self.done()
     }
 }
 

@@ -1023,15 +1023,15 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
         // the next build of an artefact): see `resembling` and `similar`.
         let holds = self.store.holds(name)?;
         let fresh = expect.is_none() && !holds;
-        let similar = match sketch.filter(|_| fresh) {
-            Some(sk) => self.resembling(name, &sk)?,
-            None => None,
-        };
-        let similar = match similar {
-            Some(s) => Some(s),
-            None if fresh => self.similar(name, offer.size)?,
-            None => None,
-        };
+        let mut similar = None;
+        if fresh {
+            if let Some(sk) = &sketch {
+                similar = self.resembling(name, sk)?;
+            }
+            if similar.is_none() {
+                similar = self.similar(name, offer.size)?;
+            }
+        }
         // A client that sends sketches, offering a new name without its
         // tree, is asked for it (and its sketch) if the store could hold
         // its data under another name.
