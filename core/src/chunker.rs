@@ -30,6 +30,10 @@ pub const CDC_MIN: usize = 2 * 1024;
 pub const CDC_AVG: usize = 4 * 1024;
 /// Largest content-defined chunk.
 pub const CDC_MAX: usize = 16 * 1024;
+/// Smallest piece [`Chunker::pieces`] cuts (but the last of a range).
+pub const PIECE_MIN: usize = 64;
+/// Largest piece [`Chunker::pieces`] cuts.
+pub const PIECE_MAX: usize = 1024;
 /// Largest fixed chunk size accepted from a peer.
 pub const FIXED_MAX: u32 = 1 << 20;
 /// Smallest fixed chunk size accepted from a peer: tiny chunks would make
@@ -196,6 +200,14 @@ impl Chunker {
         Chunker { kind, cdc, pos: 0, hash: 0 }
     }
 
+    /// A chunker of pieces: content-defined cuts 64 to 1,024 bytes apart
+    /// (256 normally), which deltas within a chunk compare (see
+    /// [`crate::message::Message::GetPieces`]).
+    pub fn pieces() -> Self {
+        let cdc = Cdc { min: PIECE_MIN, avg: 256, max: PIECE_MAX, hard: top_bits(8), easy: top_bits(6) };
+        Chunker { kind: ChunkerKind::Cdc, cdc, pos: 0, hash: 0 }
+    }
+
     /// The kind of chunking.
     pub fn kind(&self) -> ChunkerKind {
         self.kind
@@ -304,6 +316,20 @@ pub fn for_each_chunk(kind: ChunkerKind, data: &[u8], mut f: impl FnMut(&[u8])) 
         f(rest);
     }
     rest.len()
+}
+
+/// Calls `f` with every piece of `data` (see [`Chunker::pieces`]), cut
+/// from its start, the last one ending with it.
+pub fn for_each_piece(data: &[u8], mut f: impl FnMut(&[u8])) {
+    let mut c = Chunker::pieces();
+    let mut rest = data;
+    while let Some(n) = c.next_boundary(rest) {
+        f(&rest[..n]);
+        rest = &rest[n..];
+    }
+    if !rest.is_empty() {
+        f(rest);
+    }
 }
 
 #[cfg(test)]

@@ -520,6 +520,7 @@ mod download {
         stats: ReceiveStats,
         offer: Option<Summary>,
         deadline: Instant,
+        deltas: bool,
     }
 
     impl<'n, T: TreeView, R: Source, W: Output> Download<'n, T, R, W> {
@@ -533,7 +534,15 @@ mod download {
                 stats: ReceiveStats::default(),
                 offer: None,
                 deadline: now.plus_ms(IDLE_TIMEOUT_MS),
+                deltas: false,
             }
+        }
+
+        /// Asks for deltas within chunks (see [`Receiver::deltas`]); set
+        /// only if the server announced [`crate::message::CAP_DELTA`].
+        pub fn deltas(mut self, on: bool) -> Self {
+            self.deltas = on;
+            self
         }
 
         /// The server's offer, once received.
@@ -582,7 +591,9 @@ mod download {
                         unreachable!("matched above")
                     };
                     self.offer = Some(offer);
-                    self.state = State::Receiving(Box::new(Receiver::new(offer, self.salt, base, out, now)?));
+                    self.state = State::Receiving(Box::new(
+                        Receiver::new(offer, self.salt, base, out, now)?.deltas(self.deltas),
+                    ));
                     Ok(())
                 }
                 (State::Receiving(r), m) => r.handle(now, m),

@@ -81,6 +81,39 @@ impl core::fmt::Display for Hash {
     }
 }
 
+/// The id of a piece of a file (see [`crate::message::Message::GetPieces`])
+/// or of the bytes a [`crate::message::Message::GetSuffix`] names: the first
+/// 8 bytes of SHA-256(salt ‖ bytes), little-endian.
+pub fn piece_id(salt: &[u8; 8], bytes: &[u8]) -> ShortId {
+    let mut h = PieceHasher::new(salt);
+    h.update(bytes);
+    h.finish()
+}
+
+/// [`piece_id`] over bytes given in parts.
+#[derive(Clone)]
+pub struct PieceHasher(Sha256);
+
+impl PieceHasher {
+    /// A hasher salted with `salt`.
+    pub fn new(salt: &[u8; 8]) -> Self {
+        let mut h = Sha256::new();
+        h.update(salt);
+        PieceHasher(h)
+    }
+
+    /// Takes the next bytes.
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+
+    /// The id of every byte given.
+    pub fn finish(self) -> ShortId {
+        let d = self.0.finalize();
+        u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

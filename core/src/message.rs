@@ -29,9 +29,18 @@ pub const CAP_ZSTD: u32 = 1;
 /// upload, so its client may send one.
 pub const CAP_SKETCH: u32 = 2;
 
+/// Capability bit: this peer, as a sender, answers [`Message::GetSuffix`]
+/// and [`Message::GetPieces`], so its receiver may ask them (deltas within
+/// a chunk). Every build has it: answering needs only SHA-256.
+pub const CAP_DELTA: u32 = 4;
+
 /// Capability bits this build announces in the handshake; unknown bits are
 /// ignored, so later versions can add some.
-pub const CAPS: u32 = CAP_SKETCH | if cfg!(feature = "compress") { CAP_ZSTD } else { 0 };
+pub const CAPS: u32 = CAP_SKETCH | CAP_DELTA | if cfg!(feature = "compress") { CAP_ZSTD } else { 0 };
+
+/// Most bytes a [`Message::GetPieces`] may cover, and the most a
+/// [`Message::GetSuffix`] may say its receiver holds.
+pub const DELTA_MAX: u64 = 64 * 1024;
 
 /// Most ids a [`Message::Sketch`] carries.
 pub const SKETCH_LEN: usize = 16;
@@ -403,6 +412,48 @@ pub enum Message<'a> {
     Sketch {
         /// The ids, 8 bytes each.
         ids: &'a [u8],
+    },
+    /// Receiver to a sender that announced [`CAP_DELTA`]: like
+    /// [`Message::GetData`], but the receiver holds `have` bytes that the
+    /// range most likely starts with (an old chunk the new one extends, as
+    /// an appended log's last chunk), whose id (see
+    /// [`crate::hash::piece_id`]) is `id`. If the sender's first `have`
+    /// bytes of the range have that id, it sends the range from
+    /// `offset + have`; else it answers one `Data` at `offset` with no
+    /// bytes, and the receiver asks otherwise. `0 < have < len`, `have` at
+    /// most [`DELTA_MAX`].
+    GetSuffix {
+        /// First byte.
+        offset: u64,
+        /// Number of bytes.
+        len: u64,
+        /// Bytes the receiver may hold at `offset`.
+        have: u64,
+        /// Their id.
+        id: u64,
+    },
+    /// Receiver to a sender that announced [`CAP_DELTA`]: list the pieces
+    /// of bytes `offset..offset + len` (at most [`DELTA_MAX`]), cut by
+    /// [`crate::chunker::Chunker::pieces`] from `offset` on, as `Pieces`.
+    /// The receiver then asks with `GetData` only for the pieces it does not
+    /// hold (a chunk that changed by a few bytes costs those bytes' pieces).
+    GetPieces {
+        /// First byte.
+        offset: u64,
+        /// Number of bytes.
+        len: u64,
+    },
+    /// Sender to receiver: consecutive pieces of a `GetPieces` range from
+    /// file offset `offset`, packed as [`Message::Entries`] packs entries
+    /// (a piece's [`crate::hash::piece_id`] and its length). `last` ends the
+    /// answer.
+    Pieces {
+        /// File offset of the first piece.
+        offset: u64,
+        /// Whether this ends the answer.
+        last: bool,
+        /// The packed pieces.
+        packed: &'a [u8],
     },
 }
 

@@ -20,10 +20,11 @@
 //! nothing is walked or reused, every byte is fetched, and the root that
 //! follows in `Message::Root` is checked like an offered one.
 
+use crate::chunker::PIECE_MAX;
 use crate::error::{ErrorCode, SessionError};
-use crate::hash::ShortId;
+use crate::hash::{ShortId, piece_id};
 use crate::machine::{self, Machine, Poll};
-use crate::message::{self, MAX_INFLIGHT, Message, Outcome};
+use crate::message::{self, DELTA_MAX, MAX_INFLIGHT, Message, Outcome};
 use crate::source::{Output, Source};
 use crate::time::{IDLE_TIMEOUT_MS, Instant};
 use crate::tree::{Entry, Indexer, Levels, Summary, Tree, TreeView};
@@ -47,23 +48,50 @@ pub struct Base<T, R> {
     pub source: R,
 }
 
+/// Old bytes a changed run of chunks is compared with, piece by piece: up
+/// to this many after the old data before it, and as many before the old
+/// data after it.
+const DELTA_REACH: u64 = DELTA_MAX / 2;
+
+/// A stretch of the new version and where its bytes come from. `cut`: it
+/// ends a run of whole chunks (the indexer ends a chunk there).
 #[derive(Clone, Copy, Debug)]
 enum Seg {
+    /// Whole old chunks or nodes, whose ids are known.
     Reuse { at: u64, len: u64, level: u8, index: u32 },
-    Fetch { at: u64, len: u64 },
+    /// Bytes asked of the sender.
+    Fetch { at: u64, len: u64, cut: bool },
+    /// Old bytes at `from` that a piece of a changed chunk has (hashed anew).
+    Copy { at: u64, len: u64, from: u64, cut: bool },
 }
 
 impl Seg {
     fn at(&self) -> u64 {
         match *self {
-            Seg::Reuse { at, .. } | Seg::Fetch { at, .. } => at,
+            Seg::Reuse { at, .. } | Seg::Fetch { at, .. } | Seg::Copy { at, .. } => at,
         }
     }
     fn len(&self) -> u64 {
         match *self {
-            Seg::Reuse { len, .. } | Seg::Fetch { len, .. } => len,
+            Seg::Reuse { len, .. } | Seg::Fetch { len, .. } | Seg::Copy { len, .. } => len,
         }
     }
+}
+
+/// A request for bytes: a whole range, or a range whose first `have` bytes
+/// the receiver holds at old offset `from` if their id is `id`.
+#[derive(Clone, Copy, Debug)]
+enum Get {
+    Data { offset: u64, len: u64 },
+    Suffix { offset: u64, len: u64, have: u64, id: ShortId, from: u64 },
+}
+
+/// A changed run of chunks (`segs[seg]`) to compare piece by piece with
+/// the old bytes `old` (up to two ranges).
+#[derive(Clone, Debug)]
+struct Refine {
+    seg: usize,
+    old: [(u64, u64); 2],
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -77,14 +105,31 @@ struct Expand {
 
 #[derive(Clone, Copy, Debug)]
 enum Sent {
-    Children { level: u8, bytes: u64, covered: u64 },
-    Data { offset: u64, len: u64, got: u64 },
+    Children {
+        level: u8,
+        bytes: u64,
+        covered: u64,
+    },
+    /// `suffix`: (have, from) of a `GetSuffix`, until its first frame.
+    Data {
+        offset: u64,
+        len: u64,
+        got: u64,
+        suffix: Option<(u64, u64)>,
+    },
+    /// `GetPieces` for `refine[k]`'s run, `covered` bytes listed so far.
+    Pieces {
+        k: usize,
+        covered: u64,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
     Start,
     Walk,
+    /// Changed chunks are compared piece by piece (`GetPieces`).
+    Refine,
     Transfer,
     Finished(Outcome),
 }
@@ -120,7 +165,21 @@ pub struct Receiver<T, R, W> {
     expand: VecDeque<Expand>,
     sent: VecDeque<Sent>,
     segs: Vec<Seg>,
-    fetch: VecDeque<(u64, u64)>,
+    fetch: VecDeque<Get>,
+    /// May ask for deltas within chunks (the sender announced
+    /// [`crate::message::CAP_DELTA`]).
+    deltas: bool,
+    /// Runs compared piece by piece, and the next one to ask for.
+    refine: Vec<Refine>,
+    refine_next: usize,
+    /// Pieces of the run being listed: (offset, len, id).
+    pieces: Vec<(u64, u64, ShortId)>,
+    /// What each compared run became, by its index in `segs`.
+    splits: Vec<(usize, Vec<Seg>)>,
+    /// The last run, asked as a suffix.
+    suffix: Option<Get>,
+    /// The whole file is asked as the suffix of the old one (no walk yet).
+    probing: bool,
     cursor: usize,
     /// `None` once the output took over indexing (a whole version is
     /// fetched) or once the tree is finished.
@@ -176,6 +235,13 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
             sent: VecDeque::new(),
             segs: Vec::new(),
             fetch: VecDeque::new(),
+            deltas: false,
+            refine: Vec::new(),
+            refine_next: 0,
+            pieces: Vec::new(),
+            splits: Vec::new(),
+            suffix: None,
+            probing: false,
             cursor: 0,
             // An offer without the whole-file hash leaves it to the shell
             // (which hashes what it writes, on its own thread).
@@ -202,6 +268,16 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
     /// any other is assembled (from the base wherever it can).
     pub fn holding(mut self, current: Option<(crate::Hash, u64)>) -> Self {
         self.current = current;
+        self
+    }
+
+    /// Asks for changed chunks as deltas against old bytes when `on` (set
+    /// only if the sender announced [`crate::message::CAP_DELTA`]): the
+    /// suffix of a last chunk that extends the old last one
+    /// (`GetSuffix`), and the pieces of a changed run of chunks that the old
+    /// bytes around it lack (`GetPieces`).
+    pub fn deltas(mut self, on: bool) -> Self {
+        self.deltas = on;
         self
     }
 
@@ -261,7 +337,7 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
         if let Some((l, i)) = self.lookup(short, len) {
             self.segs.push(Seg::Reuse { at, len, level: l, index: i });
         } else if level == 0 {
-            self.segs.push(Seg::Fetch { at, len });
+            self.segs.push(Seg::Fetch { at, len, cut: true });
         } else {
             match self.expand.back_mut() {
                 // `index` comes from the peer's `start`: any u32.
@@ -276,11 +352,12 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
         }
     }
 
-    fn start(&mut self) {
+    fn start(&mut self) -> Result<(), SessionError> {
         if self.current.is_some_and(|(root, size)| root == self.offer.root && size == self.offer.size) {
             self.phase = Phase::Finished(Outcome::Unchanged);
-            return;
+            return Ok(());
         }
+        let old_size = self.old_size();
         if self.offer.size == 0 {
             self.phase = Phase::Transfer;
         } else if self.held.is_empty() || self.rootless {
@@ -290,12 +367,55 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
             if self.out.index_in_background(self.offer.chunking) {
                 self.indexer = None;
             }
-            self.segs.push(Seg::Fetch { at: 0, len: self.offer.size });
+            self.segs.push(Seg::Fetch { at: 0, len: self.offer.size, cut: true });
             self.plan_transfer();
+        } else if self.deltas
+            && let Some(have) = old_size.filter(|&n| n >= 1 && n < self.offer.size && n <= DELTA_MAX)
+        {
+            // A small file that grew, most likely appended to: its old
+            // bytes are offered as the new one's start before any walk.
+            let id = self.old_id(0, have)?;
+            self.probing = true;
+            self.segs.push(Seg::Fetch { at: 0, len: self.offer.size, cut: true });
+            self.fetch.push_back(Get::Suffix { offset: 0, len: self.offer.size, have, id, from: 0 });
+            self.phase = Phase::Transfer;
         } else {
-            let short = self.offer.root.short(&self.salt);
-            self.classify(self.offer.height, 0, 0, short, self.offer.size);
-            self.phase = Phase::Walk;
+            self.walk();
+        }
+        Ok(())
+    }
+
+    /// Starts the walk of the sender's tree from its root.
+    fn walk(&mut self) {
+        let short = self.offer.root.short(&self.salt);
+        self.classify(self.offer.height, 0, 0, short, self.offer.size);
+        self.phase = Phase::Walk;
+    }
+
+    /// The old version's size, if there is one.
+    fn old_size(&self) -> Option<u64> {
+        let tree = &self.base.as_ref()?.tree;
+        let last = tree.entry(0, tree.level_len(0).checked_sub(1)?)?;
+        Some(last.offset + last.len)
+    }
+
+    /// The id (see [`piece_id`]) of old bytes `from..from + len`.
+    fn old_id(&mut self, from: u64, len: u64) -> Result<ShortId, SessionError> {
+        let base = self.base.as_mut().ok_or(SessionError::Read)?;
+        let mut old = vec![0u8; len as usize];
+        base.source.read_at(from, &mut old).map_err(|_| SessionError::Read)?;
+        Ok(piece_id(&self.salt, &old))
+    }
+
+    /// The sender's bytes of a `GetSuffix` range do not start with the old
+    /// ones offered: the range is asked whole, or after a first probe, the
+    /// tree is walked.
+    fn suffix_refused(&mut self, offset: u64, len: u64) {
+        if core::mem::take(&mut self.probing) {
+            self.segs.clear();
+            self.walk();
+        } else {
+            self.fetch.push_front(Get::Data { offset, len });
         }
     }
 
@@ -305,22 +425,193 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
         let mut merged: Vec<Seg> = Vec::with_capacity(self.segs.len());
         for s in self.segs.drain(..) {
             match (merged.last_mut(), s) {
-                (Some(Seg::Fetch { at, len }), Seg::Fetch { at: a2, len: l2 }) if *at + *len == a2 => {
+                (Some(Seg::Fetch { at, len, .. }), Seg::Fetch { at: a2, len: l2, .. })
+                    if *at + *len == a2 =>
+                {
                     *len += l2
                 }
                 _ => merged.push(s),
             }
         }
         self.segs = merged;
+        self.queue_fetches();
+    }
+
+    /// Queues a request for every fetched segment, and starts the transfer.
+    fn queue_fetches(&mut self) {
         self.fetch = self
             .segs
             .iter()
             .filter_map(|s| match *s {
-                Seg::Fetch { at, len } => Some((at, len)),
-                Seg::Reuse { .. } => None,
+                Seg::Fetch { at, len, .. } => Some(match self.suffix {
+                    Some(g @ Get::Suffix { offset, .. }) if offset == at => g,
+                    _ => Get::Data { offset: at, len },
+                }),
+                Seg::Reuse { .. } | Seg::Copy { .. } => None,
             })
             .collect();
         self.phase = Phase::Transfer;
+    }
+
+    /// After the walk, with deltas on: finds the changed runs of chunks
+    /// worth a delta against the old bytes around them. The last run, if
+    /// it is longer than what follows the old data before it, is asked as
+    /// that data's suffix (an appended log); any other run of at most
+    /// [`DELTA_MAX`] is compared piece by piece with the old bytes next to
+    /// the old data around it.
+    fn plan_deltas(&mut self) -> Result<(), SessionError> {
+        let Some(old_size) = self.old_size() else {
+            return Ok(());
+        };
+        let Some(base) =
+            self.base.as_mut().filter(|_| self.deltas && !self.rootless && self.indexer.is_some())
+        else {
+            return Ok(());
+        };
+        let old_span = |s: Option<&Seg>| match s {
+            Some(&Seg::Reuse { level, index, len, .. }) => {
+                base.tree.entry(level, index).map(|e| (e.offset, len))
+            }
+            _ => None,
+        };
+        let last = self.segs.len() - 1;
+        for (i, seg) in self.segs.iter().enumerate() {
+            let Seg::Fetch { at, len, .. } = *seg else { continue };
+            // The old bytes that the run most likely replaced lie after the
+            // old data before it and before the old data after it.
+            let after = if i == 0 { Some(0) } else { old_span(self.segs.get(i - 1)).map(|(o, l)| o + l) };
+            let before =
+                if i == last { Some(old_size) } else { old_span(self.segs.get(i + 1)).map(|(o, _)| o) };
+            if i == last
+                && let Some(from) = after
+                && let have = old_size.saturating_sub(from)
+                && have >= 1
+                && have < len
+                && have <= DELTA_MAX
+            {
+                let mut old = vec![0u8; have as usize];
+                base.source.read_at(from, &mut old).map_err(|_| SessionError::Read)?;
+                let id = piece_id(&self.salt, &old);
+                self.suffix = Some(Get::Suffix { offset: at, len, have, id, from });
+                continue;
+            }
+            if len > DELTA_MAX {
+                continue;
+            }
+            let head =
+                after.map_or((0, 0), |a| (a.min(old_size), a.saturating_add(DELTA_REACH).min(old_size)));
+            let tail = before
+                .map_or((0, 0), |b| (b.saturating_sub(DELTA_REACH).max(head.1).min(b), b.min(old_size)));
+            let old = [head, tail];
+            if old.iter().any(|&(a, b)| a < b) {
+                self.refine.push(Refine { seg: i, old });
+            }
+        }
+        if self.refine.is_empty() {
+            self.queue_fetches();
+        } else {
+            self.phase = Phase::Refine;
+        }
+        Ok(())
+    }
+
+    /// Takes a `Pieces` frame of the run asked first.
+    fn on_pieces(&mut self, offset: u64, last: bool, packed: &[u8]) -> Result<(), SessionError> {
+        let bad = SessionError::Protocol(ErrorCode::BadMessage);
+        let Some(Sent::Pieces { k, covered }) = self.sent.front().copied() else {
+            return Err(SessionError::Protocol(ErrorCode::UnexpectedMessage));
+        };
+        let Some(&Seg::Fetch { at, len, .. }) = self.refine.get(k).and_then(|r| self.segs.get(r.seg)) else {
+            return Err(bad);
+        };
+        if offset != at + covered {
+            return Err(bad);
+        }
+        let mut covered = covered;
+        for e in message::unpack_entries(packed) {
+            let e = e.map_err(SessionError::Protocol)?;
+            if e.len == 0 || e.len > PIECE_MAX as u64 || covered + e.len > len {
+                return Err(bad);
+            }
+            self.pieces.push((at + covered, e.len, e.short));
+            covered += e.len;
+        }
+        if !last {
+            if let Some(Sent::Pieces { covered: c, .. }) = self.sent.front_mut() {
+                *c = covered;
+            }
+            return Ok(());
+        }
+        if covered != len {
+            return Err(bad);
+        }
+        self.sent.pop_front();
+        let pieces = core::mem::take(&mut self.pieces);
+        let split = self.split(k, &pieces)?;
+        if split.iter().any(|s| matches!(s, Seg::Copy { .. })) {
+            self.splits.push((self.refine[k].seg, split));
+        }
+        Ok(())
+    }
+
+    /// The run `refine[k]` as old bytes wherever the old ones around it
+    /// have a piece, and fetched bytes elsewhere.
+    fn split(&mut self, k: usize, pieces: &[(u64, u64, ShortId)]) -> Result<Vec<Seg>, SessionError> {
+        let base = self.base.as_mut().ok_or(SessionError::Read)?;
+        // The old pieces: (id, len, offset), sorted.
+        let mut old_pieces: Vec<(ShortId, u64, u64)> = Vec::new();
+        let mut bytes = Vec::new();
+        for &(from, to) in self.refine[k].old.iter().filter(|r| r.0 < r.1) {
+            bytes.resize((to - from) as usize, 0);
+            base.source.read_at(from, &mut bytes).map_err(|_| SessionError::Read)?;
+            let mut at = from;
+            crate::chunker::for_each_piece(&bytes, |p| {
+                old_pieces.push((piece_id(&self.salt, p), p.len() as u64, at));
+                at += p.len() as u64;
+            });
+        }
+        old_pieces.sort_unstable();
+        let mut out: Vec<Seg> = Vec::new();
+        for &(at, len, id) in pieces {
+            let i = old_pieces.partition_point(|p| p.0 < id);
+            let seg = match old_pieces.get(i) {
+                Some(&(pid, plen, from)) if pid == id && plen == len => {
+                    Seg::Copy { at, len, from, cut: false }
+                }
+                _ => Seg::Fetch { at, len, cut: false },
+            };
+            match (out.last_mut(), seg) {
+                (Some(Seg::Fetch { len: l, .. }), Seg::Fetch { len: l2, .. }) => *l += l2,
+                (Some(Seg::Copy { len: l, from: f, .. }), Seg::Copy { len: l2, from: f2, .. })
+                    if *f + *l == f2 =>
+                {
+                    *l += l2
+                }
+                _ => out.push(seg),
+            }
+        }
+        match out.last_mut() {
+            Some(Seg::Fetch { cut, .. } | Seg::Copy { cut, .. }) => *cut = true,
+            _ => {}
+        }
+        Ok(out)
+    }
+
+    /// Puts every compared run's pieces in place of the run.
+    fn apply_splits(&mut self) {
+        if self.splits.is_empty() {
+            return;
+        }
+        self.splits.sort_unstable_by_key(|s| s.0);
+        let mut splits = core::mem::take(&mut self.splits).into_iter().peekable();
+        let mut segs = Vec::with_capacity(self.segs.len());
+        for (i, s) in self.segs.drain(..).enumerate() {
+            match splits.next_if(|(k, _)| *k == i) {
+                Some((_, parts)) => segs.extend(parts),
+                None => segs.push(s),
+            }
+        }
+        self.segs = segs;
     }
 
     /// Checks that the segments tile the file exactly (a lying sender could
@@ -380,15 +671,38 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
 
     fn on_data(&mut self, offset: u64, bytes: &[u8]) -> Result<(), SessionError> {
         let bad = SessionError::Protocol(ErrorCode::BadMessage);
-        let Some(Sent::Data { offset: o, len, got }) = self.sent.front().copied() else {
+        let Some(Sent::Data { offset: mut o, mut len, got, suffix }) = self.sent.front().copied() else {
             return Err(SessionError::Protocol(ErrorCode::UnexpectedMessage));
         };
+        if let Some((have, from)) = suffix {
+            // The first frame says whether the sender has the bytes held:
+            // it starts after them, or it is empty.
+            if bytes.is_empty() && offset == o {
+                self.sent.pop_front();
+                self.suffix_refused(o, len);
+                return Ok(());
+            }
+            if offset != o + have {
+                return Err(bad);
+            }
+            self.assemble_to(o)?;
+            if self.written != o
+                || !matches!(self.segs.get(self.cursor), Some(Seg::Fetch { at, .. }) if *at == o)
+            {
+                return Err(bad);
+            }
+            self.copy_old(from, have, false)?;
+            (o, len) = (o + have, len - have);
+            if let Some(front) = self.sent.front_mut() {
+                *front = Sent::Data { offset: o, len, got, suffix: None };
+            }
+        }
         let n = bytes.len() as u64;
         if offset != o + got || n == 0 || got + n > len {
             return Err(bad);
         }
         self.assemble_to(offset)?;
-        let Some(&Seg::Fetch { at, len: seg_len }) = self.segs.get(self.cursor) else {
+        let Some(&Seg::Fetch { at, len: seg_len, cut }) = self.segs.get(self.cursor) else {
             return Err(bad);
         };
         if self.written != offset {
@@ -398,7 +712,7 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
         self.written += n;
         if let Some(ix) = self.indexer.as_mut() {
             ix.feed(bytes).map_err(|_| SessionError::Capacity)?;
-            if self.written == at + seg_len {
+            if cut && self.written == at + seg_len {
                 ix.end_chunk().map_err(|_| SessionError::Capacity)?;
             }
         }
@@ -416,10 +730,19 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
 
     /// Copies every reused segment that starts before `target`.
     fn assemble_to(&mut self, target: u64) -> Result<(), SessionError> {
-        while let Some(&Seg::Reuse { at, len, level, index }) = self.segs.get(self.cursor) {
-            if at >= target {
-                break;
-            }
+        loop {
+            let (len, level, index) = match self.segs.get(self.cursor) {
+                Some(&Seg::Reuse { at, len, level, index }) if at < target => (len, level, index),
+                Some(&Seg::Copy { at, len, from, cut }) if at < target => {
+                    if self.written != at {
+                        return Err(SessionError::Read);
+                    }
+                    self.copy_old(from, len, cut)?;
+                    self.cursor += 1;
+                    continue;
+                }
+                _ => break,
+            };
             let (Some(base), Some(ix)) = (self.base.as_mut(), self.indexer.as_mut()) else {
                 return Err(SessionError::Read);
             };
@@ -457,6 +780,32 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
             self.stats.reused_bytes += len;
             self.cursor += 1;
         }
+        Ok(())
+    }
+
+    /// Writes `len` old bytes from `from` as new ones (hashed anew: no
+    /// chunk id is known for them); with `cut`, they end a chunk.
+    fn copy_old(&mut self, from: u64, len: u64, cut: bool) -> Result<(), SessionError> {
+        let base = self.base.as_mut().ok_or(SessionError::Read)?;
+        if self.buf.is_empty() {
+            self.buf = vec![0u8; COPY_BUF];
+        }
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(COPY_BUF as u64) as usize;
+            let piece = &mut self.buf[..n];
+            base.source.read_at(from + done, piece).map_err(|_| SessionError::Read)?;
+            self.out.write(piece).map_err(|_| write_failed(&self.out))?;
+            if let Some(ix) = self.indexer.as_mut() {
+                ix.feed(piece).map_err(|_| SessionError::Capacity)?;
+            }
+            done += n as u64;
+        }
+        if cut && let Some(ix) = self.indexer.as_mut() {
+            ix.end_chunk().map_err(|_| SessionError::Capacity)?;
+        }
+        self.written += len;
+        self.stats.reused_bytes += len;
         Ok(())
     }
 
@@ -498,6 +847,9 @@ impl<T: TreeView, R: Source, W: Output> Machine for Receiver<T, R, W> {
             Message::Entries { level, start, offset, last, packed } if self.phase == Phase::Walk => {
                 self.on_entries(level, start, offset, last, packed)
             }
+            Message::Pieces { offset, last, packed } if self.phase == Phase::Refine => {
+                self.on_pieces(offset, last, packed)
+            }
             Message::Data { offset, bytes } if self.phase == Phase::Transfer => self.on_data(offset, bytes),
             #[cfg(feature = "compress")]
             Message::DataZ { offset, raw, bytes } if self.phase == Phase::Transfer => {
@@ -518,7 +870,7 @@ impl<T: TreeView, R: Source, W: Output> Machine for Receiver<T, R, W> {
     fn poll(&mut self, now: Instant, out: &mut [u8]) -> Result<Poll<Outcome>, SessionError> {
         loop {
             match self.phase {
-                Phase::Start => self.start(),
+                Phase::Start => self.start()?,
                 Phase::Walk => {
                     if self.sent.len() < MAX_INFLIGHT
                         && let Some(e) = self.expand.pop_front()
@@ -538,13 +890,39 @@ impl<T: TreeView, R: Source, W: Output> Machine for Receiver<T, R, W> {
                     if !self.tiles() {
                         return Err(SessionError::Protocol(ErrorCode::BadMessage));
                     }
+                    self.plan_deltas()?;
+                }
+                Phase::Refine => {
+                    if self.sent.len() < MAX_INFLIGHT
+                        && let Some(r) = self.refine.get(self.refine_next)
+                        && let Some(&Seg::Fetch { at, len, .. }) = self.segs.get(r.seg)
+                    {
+                        self.sent.push_back(Sent::Pieces { k: self.refine_next, covered: 0 });
+                        self.refine_next += 1;
+                        return machine::emit(&Message::GetPieces { offset: at, len }, out);
+                    }
+                    if !self.sent.is_empty() {
+                        return machine::wait_until(now, self.deadline);
+                    }
+                    self.apply_splits();
+                    self.queue_fetches();
                 }
                 Phase::Transfer => {
                     if self.sent.len() < MAX_INFLIGHT
-                        && let Some((offset, len)) = self.fetch.pop_front()
+                        && let Some(get) = self.fetch.pop_front()
                     {
-                        self.sent.push_back(Sent::Data { offset, len, got: 0 });
-                        return machine::emit(&Message::GetData { offset, len }, out);
+                        let (m, sent) = match get {
+                            Get::Data { offset, len } => (
+                                Message::GetData { offset, len },
+                                Sent::Data { offset, len, got: 0, suffix: None },
+                            ),
+                            Get::Suffix { offset, len, have, id, from } => (
+                                Message::GetSuffix { offset, len, have, id },
+                                Sent::Data { offset, len, got: 0, suffix: Some((have, from)) },
+                            ),
+                        };
+                        self.sent.push_back(sent);
+                        return machine::emit(&m, out);
                     }
                     if !self.sent.is_empty() {
                         return machine::wait_until(now, self.deadline);

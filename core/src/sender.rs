@@ -3,11 +3,12 @@
 //! state is a small fixed queue, and frames are written into the caller's
 //! buffer.
 
+use crate::chunker::{Chunker, PIECE_MIN};
 use crate::error::{ErrorCode, SessionError};
 use crate::frame::{self, MAX_DATA};
-use crate::hash::Hash;
+use crate::hash::{Hash, PieceHasher, ShortId};
 use crate::machine::{self, Machine, Poll};
-use crate::message::{self, MAX_INFLIGHT, Message, Outcome, PACKED_ENTRY_MAX, PackedEntry};
+use crate::message::{self, DELTA_MAX, MAX_INFLIGHT, Message, Outcome, PACKED_ENTRY_MAX, PackedEntry};
 use crate::source::Source;
 use crate::time::{IDLE_TIMEOUT_MS, Instant};
 use crate::tree::{Summary, TreeView};
@@ -31,6 +32,8 @@ pub(crate) fn data_room(out: &[u8], left: u64) -> Result<usize, SessionError> {
 enum Request {
     Children { level: u8, index: u32, count: u32 },
     Data { offset: u64, len: u64 },
+    Suffix { offset: u64, len: u64, have: u64, id: ShortId },
+    Pieces { offset: u64, len: u64 },
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -39,6 +42,46 @@ enum Active {
     Entries { level: u8, next: u32, end: u32, offset: u64 },
     /// Sending bytes `offset..end`.
     Data { offset: u64, end: u64 },
+    /// Listing the pieces of `offset..end`, the next one at `offset`.
+    Pieces { offset: u64, end: u64 },
+    /// Answering a `GetSuffix` whose bytes differ: an empty `Data`.
+    Refuse { offset: u64 },
+}
+
+/// Bytes read at a time while cutting and hashing pieces (on the stack).
+const PIECE_READ: usize = 256;
+
+/// The id of bytes `offset..end` of `source` (see [`crate::hash::piece_id`]),
+/// or with `cut`, of the piece that starts at `offset` (and ends at `end` at
+/// the latest), with its length.
+fn piece_at<S: Source>(
+    source: &mut S,
+    salt: &[u8; 8],
+    offset: u64,
+    end: u64,
+    cut: bool,
+) -> Result<(ShortId, u64), SessionError> {
+    let mut chunker = Chunker::pieces();
+    let mut hasher = PieceHasher::new(salt);
+    let mut buf = [0u8; PIECE_READ];
+    let mut len = 0u64;
+    while offset + len < end {
+        let want = (end - offset - len).min(PIECE_READ as u64) as usize;
+        let bytes = &mut buf[..want];
+        source.read_at(offset + len, bytes).map_err(|_| SessionError::Read)?;
+        match chunker.next_boundary(bytes).filter(|_| cut) {
+            Some(n) => {
+                hasher.update(&bytes[..n]);
+                len += n as u64;
+                break;
+            }
+            None => {
+                hasher.update(bytes);
+                len += want as u64;
+            }
+        }
+    }
+    Ok((hasher.finish(), len))
 }
 
 /// Serves one version to a receiver.
@@ -173,11 +216,21 @@ impl<T: TreeView, S: Source> Sender<T, S> {
             Request::Data { offset, len } => {
                 len >= 1 && offset.checked_add(len).is_some_and(|e| e <= self.summary.size)
             }
+            Request::Suffix { offset, len, have, .. } => {
+                have >= 1
+                    && have < len
+                    && have <= DELTA_MAX
+                    && offset.checked_add(len).is_some_and(|e| e <= self.summary.size)
+            }
+            Request::Pieces { offset, len } => {
+                (1..=DELTA_MAX).contains(&len)
+                    && offset.checked_add(len).is_some_and(|e| e <= self.summary.size)
+            }
         };
         if ok { Ok(()) } else { Err(ErrorCode::OutOfRange) }
     }
 
-    fn start(&self, r: Request) -> Result<Active, SessionError> {
+    fn start(&mut self, r: Request) -> Result<Active, SessionError> {
         let bad = SessionError::Protocol(ErrorCode::OutOfRange);
         Ok(match r {
             Request::Children { level, index, count } => {
@@ -187,6 +240,16 @@ impl<T: TreeView, S: Source> Sender<T, S> {
                 Active::Entries { level: level - 1, next, end: end.max(next), offset }
             }
             Request::Data { offset, len } => Active::Data { offset, end: offset + len },
+            Request::Suffix { offset, len, have, id } => {
+                let (mine, _) = piece_at(&mut self.source, &self.salt, offset, offset + have, false)?;
+                // Another start: an empty `Data` says so.
+                if mine == id {
+                    Active::Data { offset: offset + have, end: offset + len }
+                } else {
+                    Active::Refuse { offset }
+                }
+            }
+            Request::Pieces { offset, len } => Active::Pieces { offset, end: offset + len },
         })
     }
 
@@ -238,6 +301,36 @@ impl<T: TreeView, S: Source> Sender<T, S> {
         })?
         .map_err(|_| SessionError::Capacity)?;
         self.sent(offset, n, end);
+        Ok(written)
+    }
+
+    /// The next `Pieces` frame of `offset..end`: every piece left if the
+    /// most there can be fit (then it is the `last`), else as many as fit
+    /// (a last frame may then carry none).
+    fn send_pieces(&mut self, offset: u64, end: u64, out: &mut [u8]) -> Result<usize, SessionError> {
+        let room = out.len().min(frame::MAX_ENCODED).saturating_sub(FRAME_OVERHEAD);
+        let fit = (room / PACKED_ENTRY_MAX) as u64;
+        if fit == 0 {
+            return Err(SessionError::Capacity);
+        }
+        // Every piece but a range's last is at least PIECE_MIN long.
+        let last = (end - offset) / PIECE_MIN as u64 + 1 <= fit;
+        let (source, salt) = (&mut self.source, &self.salt);
+        let mut at = offset;
+        let template = Message::Pieces { offset, last, packed: &[] };
+        let written = frame::encode_with_tail(&template, out, |buf| {
+            let (mut pos, mut n) = (0, 0);
+            while at < end && n < fit {
+                let (short, len) = piece_at(source, salt, at, end, true)?;
+                message::pack_entry(buf, &mut pos, PackedEntry { short, len })
+                    .ok_or(SessionError::Capacity)?;
+                at += len;
+                n += 1;
+            }
+            Ok(pos)
+        })?
+        .map_err(|_| SessionError::Capacity)?;
+        self.active = (!last).then_some(Active::Pieces { offset: at, end });
         Ok(written)
     }
 
@@ -376,6 +469,8 @@ impl<T: TreeView, S: Source> Machine for Sender<T, S> {
         let r = match msg {
             Message::GetChildren { level, index, count } => Request::Children { level, index, count },
             Message::GetData { offset, len } => Request::Data { offset, len },
+            Message::GetSuffix { offset, len, have, id } => Request::Suffix { offset, len, have, id },
+            Message::GetPieces { offset, len } => Request::Pieces { offset, len },
             Message::Done { outcome, file_hash } => {
                 self.outcome = Some(outcome);
                 self.peer_hash = file_hash;
@@ -408,6 +503,12 @@ impl<T: TreeView, S: Source> Machine for Sender<T, S> {
                 self.send_entries(level, next, end, offset, out)?
             }
             Some(Active::Data { offset, end }) => self.send_data(offset, end, out)?,
+            Some(Active::Pieces { offset, end }) => self.send_pieces(offset, end, out)?,
+            Some(Active::Refuse { offset }) => {
+                self.active = None;
+                frame::encode(&Message::Data { offset, bytes: &[] }, out)
+                    .map_err(|_| SessionError::Capacity)?
+            }
         };
         // The peer is given its time from when this side stops sending (a
         // transfer may take longer than the idle timeout).

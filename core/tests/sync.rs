@@ -3,13 +3,13 @@
 
 use deltasync_core::access::Access;
 use deltasync_core::channel::ClientKey;
-use deltasync_core::chunker::ChunkerKind;
+use deltasync_core::chunker::{ChunkerKind, PIECE_MAX};
 use deltasync_core::conn::server::Event;
 use deltasync_core::conn::{Download, Listed, Query, QueryKind, Upload};
 use deltasync_core::driver::DriveError;
 use deltasync_core::error::{ErrorCode, SessionError};
-use deltasync_core::message::Outcome;
-use deltasync_core::receiver::Base;
+use deltasync_core::message::{CAP_DELTA, CAPS, Outcome};
+use deltasync_core::receiver::{Base, Receiver};
 use deltasync_core::sender::Sender;
 use deltasync_core::sim::*;
 use deltasync_core::tree::{FixedTree, Summary, Tree};
@@ -27,10 +27,15 @@ struct Session {
 }
 
 fn connect(files: &Files, piece: usize) -> Session {
+    connect_announcing(files, piece, CAPS)
+}
+
+/// A session whose client announces only `caps`.
+fn connect_announcing(files: &Files, piece: usize, caps: u32) -> Session {
     let mut s =
         Session { server: server(files, keys()), sp: pump(), cp: pump(), net: Net::new(), salt: [0; 8] };
     s.net.piece = piece;
-    let mut hs = handshake(KEY);
+    let mut hs = handshake(KEY).announcing(caps);
     s.salt = run(&mut hs, &mut s.cp, &mut s.server, &mut s.sp, &mut s.net).expect("handshake");
     s
 }
@@ -51,10 +56,15 @@ fn upload(s: &mut Session, name: &str, data: &[u8], kind: ChunkerKind) -> Report
 }
 
 fn download(s: &mut Session, name: &str, local: Option<&[u8]>) -> (Report, Vec<u8>) {
+    download_deltas(s, name, local, true)
+}
+
+/// A download that asks for deltas within chunks or not.
+fn download_deltas(s: &mut Session, name: &str, local: Option<&[u8]>, deltas: bool) -> (Report, Vec<u8>) {
     let before = s.cp.sent + s.cp.received;
     let tree = local.map(|d| Tree::build(d, ChunkerKind::Cdc));
     let base = local.zip(tree.as_ref()).map(|(d, t)| Base { tree: t, source: d });
-    let mut op = Download::new(name, s.salt, base, Vec::new(), s.net.clock);
+    let mut op = Download::new(name, s.salt, base, Vec::new(), s.net.clock).deltas(deltas);
     let outcome = run(&mut op, &mut s.cp, &mut s.server, &mut s.sp, &mut s.net).expect("download");
     let (out, tree) = op.take_result().unwrap();
     if outcome == Outcome::Written {
@@ -184,6 +194,172 @@ fn a_small_edit_costs_little_and_an_unchanged_file_almost_nothing() {
     assert_eq!(r.outcome, Outcome::Written);
     assert!(got == new);
     assert!(r.wire < 24 * 1024, "4 KiB download delta cost {} bytes", r.wire);
+}
+
+/// `n` one-byte edits spread evenly over `data`.
+fn scattered(data: &[u8], n: usize) -> Vec<u8> {
+    let mut v = data.to_vec();
+    for k in 0..n {
+        let at = (2 * k + 1) * v.len() / (2 * n);
+        v[at] ^= 0x5a;
+    }
+    v
+}
+
+#[test]
+fn a_byte_changed_in_a_chunk_costs_a_piece_not_the_chunk_both_ways() {
+    let old = random_bytes(21, 4 << 20);
+    let new = scattered(&old, 32);
+    // Uploads: the server asks for pieces only of a client that answers
+    // them (CAP_DELTA).
+    let mut wire = [0u64; 2];
+    for (i, caps) in [CAPS, CAPS & !CAP_DELTA].into_iter().enumerate() {
+        let files = Files::default();
+        files.borrow_mut().insert("f".into(), old.clone());
+        let mut s = connect_announcing(&files, usize::MAX, caps);
+        let r = upload(&mut s, "f", &new, ChunkerKind::Cdc);
+        assert_eq!(r.outcome, Outcome::Written);
+        assert!(files.borrow()["f"] == new, "upload rebuilt a different file");
+        wire[i] = r.wire;
+    }
+    // 32 chunks of 4 KiB on average re-sent whole, against pieces of 256.
+    assert!(wire[0] * 2 < wire[1], "upload: {} bytes with deltas, {} without", wire[0], wire[1]);
+    // Downloads, asking for deltas or not.
+    let files = Files::default();
+    files.borrow_mut().insert("f".into(), new.clone());
+    let mut s = connect(&files, usize::MAX);
+    let mut down = [0u64; 2];
+    for (i, deltas) in [true, false].into_iter().enumerate() {
+        let (r, got) = download_deltas(&mut s, "f", Some(&old), deltas);
+        assert_eq!(r.outcome, Outcome::Written);
+        assert!(got == new, "download rebuilt a different file");
+        down[i] = r.wire;
+    }
+    assert!(down[0] * 2 < down[1], "download: {} bytes with deltas, {} without", down[0], down[1]);
+    println!("upload {wire:?}, download {down:?}");
+}
+
+/// The payload of one frame `encode` wrote.
+fn payload(frame: &[u8]) -> &[u8] {
+    let mut at = 0;
+    while frame[at] & 0x80 != 0 {
+        at += 1;
+    }
+    &frame[at + 1..]
+}
+
+/// A receiver holding `old` asking (with deltas) for `new` of an honest
+/// sender whose `Pieces` pass through `meddle` first: the receiver's end,
+/// and the new tree if it accepted one.
+fn meddled_sync(
+    old: &[u8],
+    new: &[u8],
+    mut meddle: impl FnMut(u64, &[(u64, u64)]) -> Vec<(u64, u64)>,
+) -> (Result<Outcome, SessionError>, Option<Tree>) {
+    use deltasync_core::machine::{Machine, Poll};
+    use deltasync_core::message::{Message, PackedEntry, pack_entry, unpack_entries};
+    let (salt, now) = ([5u8; 8], Instant(0));
+    let (old_tree, new_tree) = (Tree::build(old, ChunkerKind::Cdc), Tree::build(new, ChunkerKind::Cdc));
+    let base = Base { tree: &old_tree, source: old };
+    let mut rx = Receiver::new(new_tree.summary(), salt, Some(base), Vec::new(), now).unwrap().deltas(true);
+    let mut tx = Sender::new(&new_tree, new, new_tree.summary(), salt, now);
+    let (mut buf, mut packed) = (vec![0u8; 80 * 1024], vec![0u8; 64 * 1024]);
+    for _ in 0..100_000 {
+        match rx.poll(now, &mut buf) {
+            Ok(Poll::Done(o)) => return (Ok(o), rx.into_parts().1),
+            Ok(Poll::Transmit(n)) => tx.handle(now, Message::decode(payload(&buf[..n])).unwrap()).unwrap(),
+            Ok(Poll::Wait(_)) => {}
+            Err(e) => return (Err(e), None),
+        }
+        let Ok(Poll::Transmit(n)) = tx.poll(now, &mut buf) else { continue };
+        let r = match Message::decode(payload(&buf[..n])).unwrap() {
+            Message::Pieces { offset, last, packed: p } => {
+                let listed: Vec<(u64, u64)> =
+                    unpack_entries(p).map(|e| e.map(|e| (e.short, e.len)).unwrap()).collect();
+                let mut pos = 0;
+                for (short, len) in meddle(offset, &listed) {
+                    pack_entry(&mut packed, &mut pos, PackedEntry { short, len }).unwrap();
+                }
+                rx.handle(now, Message::Pieces { offset, last, packed: &packed[..pos] })
+            }
+            m => rx.handle(now, m),
+        };
+        if let Err(e) = r {
+            return (Err(e), None);
+        }
+    }
+    panic!("the sync did not end");
+}
+
+#[test]
+fn damaged_or_lying_pieces_are_refused_and_nothing_is_accepted() {
+    let old = random_bytes(31, 200_000);
+    let new = scattered(&old, 4);
+    let bad = Err(SessionError::Protocol(ErrorCode::BadMessage));
+    // Honest: accepted, byte for byte.
+    let (r, tree) = meddled_sync(&old, &new, |_, p| p.to_vec());
+    assert_eq!(r, Ok(Outcome::Written));
+    assert_eq!(tree.unwrap().summary().file_hash, Hash::of(&new));
+    // A piece longer than a piece can be (the first ones joined, the range
+    // still covered exactly).
+    let (r, tree) = meddled_sync(&old, &new, |_, p| {
+        let k = (1..=p.len()).find(|&k| p[..k].iter().map(|e| e.1).sum::<u64>() > PIECE_MAX as u64).unwrap();
+        let mut out = vec![(p[0].0, p[..k].iter().map(|e| e.1).sum())];
+        out.extend_from_slice(&p[k..]);
+        out
+    });
+    assert_eq!(r, bad);
+    assert!(tree.is_none());
+    // Pieces that do not cover the range asked, or cover more.
+    for cut in [true, false] {
+        let (r, tree) = meddled_sync(&old, &new, |_, p| {
+            let mut p = p.to_vec();
+            if cut {
+                p.pop();
+            } else {
+                p.push((1, 64));
+            }
+            p
+        });
+        assert_eq!(r, bad, "cut {cut}");
+        assert!(tree.is_none());
+    }
+    // Pieces whose ids claim the old bytes where they changed: the copied
+    // old bytes fail the rebuilt tree's check.
+    let (r, tree) = meddled_sync(&old, &new, |offset, p| {
+        let mut at = offset;
+        p.iter()
+            .map(|&(_, len)| {
+                let id = deltasync_core::hash::piece_id(&[5; 8], &old[at as usize..(at + len) as usize]);
+                at += len;
+                (id, len)
+            })
+            .collect()
+    });
+    assert_eq!(r, Ok(Outcome::Integrity));
+    assert!(tree.is_none());
+}
+
+#[test]
+fn an_append_sends_the_appended_bytes_and_little_else() {
+    let old = random_bytes(22, 20_000);
+    let mut new = old.clone();
+    new.extend_from_slice(&random_bytes(23, 924));
+    let files = Files::default();
+    files.borrow_mut().insert("log".into(), old.clone());
+    let mut s = connect(&files, usize::MAX);
+    let r = upload(&mut s, "log", &new, ChunkerKind::Cdc);
+    assert_eq!(r.outcome, Outcome::Written);
+    assert!(files.borrow()["log"] == new);
+    println!("append of 924 bytes: {} bytes on the wire", r.wire);
+    assert!(r.wire <= 924 + 300, "an append of 924 bytes cost {} bytes", r.wire);
+    // A last chunk that does not extend the old one is sent whole.
+    let mut other = new.clone();
+    let n = other.len();
+    other[n - 1000] ^= 1;
+    let r = upload(&mut s, "log", &other, ChunkerKind::Cdc);
+    assert_eq!(r.outcome, Outcome::Written);
+    assert!(files.borrow()["log"] == other);
 }
 
 #[test]

@@ -9,7 +9,8 @@
 //!   mask byte, then the fields it names, see [`lie`]); bit 4 the sender
 //!   compresses (`DataZ`); bit 5 the output indexes the version itself
 //!   (`Output::index_in_background`); bit 6 the base is chunked as `Cdc`
-//!   whatever the offer's kind.
+//!   whatever the offer's kind; bit 7 the receiver asks for deltas within
+//!   chunks (`GetSuffix`, `GetPieces`).
 //! - chunking byte (`% 4`: Cdc, Fixed(1024), Fixed(4096), CdcScaled(1)).
 //! - the old version: a seed byte and a u16 LE half-length (pseudo-random
 //!   bytes); then an edit count byte (`% 4`) and that many edits, each an
@@ -271,7 +272,7 @@ pub fn run(data: &[u8]) -> Report {
     let out = FuzzOut { background: flags & 0x20 != 0, ..FuzzOut::default() };
     let mut report = Report::default();
     let rx = match Receiver::new(offer, SALT, base, out, now) {
-        Ok(rx) => rx,
+        Ok(rx) => rx.deltas(flags & 0x80 != 0),
         Err(e) => {
             assert!(!offer.chunking.suits(offer.size), "a suitable offer was refused: {e:?}");
             report.error = Some(e);

@@ -381,6 +381,14 @@ fn receiver_seeds() -> Vec<(&'static str, Vec<u8>)> {
     v.extend_from_slice(&[2, 3, 0, 0xff, 3, 4]);
     v.extend_from_slice(&40_000u32.to_le_bytes());
     seeds.push(("meddled", v));
+    seeds.push(("deltas-edits", head(0x81, 0, 10, 30_000, &[(0, 20_000, 1), (0, 45_000, 2)])));
+    seeds.push(("deltas-append", head(0x81, 0, 11, 30_000, &[(1, 60_000, 900)])));
+    let mut v = head(0x81, 0, 12, 20_000, &[(0, 30_000, 3)]);
+    let pieces = payload_of(&Message::Pieces { offset: 24_000, last: true, packed: &[3; 9] });
+    v.extend_from_slice(&[0, 0, 0, 1]);
+    v.extend_from_slice(&(pieces.len() as u16).to_le_bytes());
+    v.extend_from_slice(&pieces);
+    seeds.push(("deltas-meddled", v));
     seeds
 }
 
@@ -420,6 +428,9 @@ fn every_message() -> Vec<Vec<u8>> {
         Message::ListAll,
         Message::Partial(PartialInfo { name: "a/b", size: 3, modified: 4 }),
         Message::Replaced,
+        Message::GetSuffix { offset: 4096, len: 5000, have: 1000, id: 0x0102_0304_0506_0708 },
+        Message::GetPieces { offset: 4096, len: 3000 },
+        Message::Pieces { offset: 4096, last: false, packed: &[9, 9, 9, 9, 9, 9, 9, 9, 0x80, 0x02] },
     ]
     .iter()
     .map(payload_of)

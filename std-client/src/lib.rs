@@ -13,7 +13,7 @@ use deltasync_core::error::{ErrorCode, SessionError};
 use deltasync_core::frame::{MAX_ENCODED, MAX_SEALED};
 use deltasync_core::machine::Machine;
 pub use deltasync_core::message::Expect;
-use deltasync_core::message::{CAP_SKETCH, CAP_ZSTD, CAPS, Meta, Outcome};
+use deltasync_core::message::{CAP_DELTA, CAP_SKETCH, CAP_ZSTD, CAPS, Meta, Outcome};
 use deltasync_core::source::{FileSource, IoFailed, Output};
 use deltasync_core::tree::Tree;
 use deltasync_host::hints::{ChunkHints, Known, build_tree_hinted};
@@ -954,7 +954,8 @@ impl Connection {
         let out = LocalOut { file, out_of_space: false };
         let base = current.as_ref().map(|f| f.try_clone().map(FileSource)).transpose().map_err(local)?;
         let mut op: DownloadSession<'_, Tree, FileSource, LocalOut> =
-            DownloadSession::new(name, out, base, self.salt, self.version, now());
+            DownloadSession::new(name, out, base, self.salt, self.version, now())
+                .deltas(self.caps & CAP_DELTA != 0);
         if let Some(kind) = listed {
             op = op.listed(kind);
         }

@@ -1071,7 +1071,8 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
         // all of the offer is copied from, and the version published.
         let rx = Receiver::new(offer, self.salt, base, writer, now)
             .map_err(|_| ErrorCode::Unsupported)?
-            .holding(old_summary.map(|s| (s.root, s.size)));
+            .holding(old_summary.map(|s| (s.root, s.size)))
+            .deltas(self.caps & crate::message::CAP_DELTA != 0);
         self.events.push_back(Event::Started {
             name: name.to_string(),
             direction: Direction::Upload,

@@ -409,6 +409,7 @@ mod download {
         /// A tree given before it was asked for.
         tree: Option<T>,
         clock: Instant,
+        deltas: bool,
     }
 
     impl<'n, T: TreeView, R: Source, W: Output> DownloadSession<'n, T, R, W> {
@@ -430,7 +431,19 @@ mod download {
                 }
                 None => DState::Receiving(Download::new(name, salt, None, out, now)),
             };
-            DownloadSession { name, salt, state, need: None, tree: None, clock: now }
+            DownloadSession { name, salt, state, need: None, tree: None, clock: now, deltas: false }
+        }
+
+        /// Asks for deltas within chunks (see
+        /// [`crate::receiver::Receiver::deltas`]); set only if the server
+        /// announced [`crate::message::CAP_DELTA`].
+        pub fn deltas(mut self, on: bool) -> Self {
+            self.deltas = on;
+            self.state = match core::mem::replace(&mut self.state, DState::Poisoned) {
+                DState::Receiving(d) => DState::Receiving(d.deltas(on)),
+                s => s,
+            };
+            self
         }
 
         /// Skips the `Stat`: a tree sync's listing said how the server's
@@ -464,8 +477,8 @@ mod download {
                 && let DState::AwaitTree(out, local) = core::mem::replace(&mut self.state, DState::Poisoned)
             {
                 let base = Base { tree, source: local };
-                self.state =
-                    DState::Receiving(Download::new(self.name, self.salt, Some(base), out, self.clock));
+                let d = Download::new(self.name, self.salt, Some(base), out, self.clock).deltas(self.deltas);
+                self.state = DState::Receiving(d);
             }
         }
 
