@@ -48,7 +48,7 @@ const GIVE_UP: u32 = 256;
 /// Bytes read at a time.
 const WINDOW: usize = 1 << 20;
 /// Starts a stored hints file.
-const MAGIC: &[u8; 8] = b"DSHINTS1";
+const MAGIC: &[u8; 8] = b"DSHINTS2";
 
 /// Whether `id`, the `count`-th chunk of its group, ends the group. Uses a
 /// different byte of the id than the tree's node boundaries.
@@ -66,6 +66,10 @@ pub struct ChunkHints {
     /// bytes). Chunks after the last group (at least the file's last chunk)
     /// belong to none.
     groups: Vec<(u32, [u8; 32])>,
+    /// The root of the version's tree, and its whole-file SHA-256 once
+    /// known (the server reports it after an upload).
+    root: Hash,
+    sha256: Option<Hash>,
 }
 
 /// Groups whose BLAKE3 hash a build computed from the same read of the
@@ -170,7 +174,21 @@ impl ChunkHints {
                 (start, count) = (end, 0);
             }
         }
-        Ok(ChunkHints { kind: summary.chunking, chunks, groups })
+        Ok(ChunkHints { kind: summary.chunking, chunks, groups, root: summary.root, sha256: None })
+    }
+
+    /// Records the version's whole-file SHA-256.
+    pub fn with_file_hash(mut self, sha256: Hash) -> Self {
+        self.sha256 = Some(sha256);
+        self
+    }
+
+    /// The whole-file SHA-256 of the version whose tree's root is `root`,
+    /// if these hints describe it and know it: a tree's root names its
+    /// bytes, so a build that finds the same root has the same file. (Hints
+    /// are their owner's alone: see the client's `store_hints`.)
+    pub fn file_hash_of(&self, root: Hash) -> Option<Hash> {
+        self.sha256.filter(|_| root.is_known() && root == self.root)
     }
 
     /// The hints as bytes to store: a magic, the postcard encoding and a

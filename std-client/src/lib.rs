@@ -814,6 +814,7 @@ impl Connection {
         let waker = self.waker.clone();
         let ctl = self.ctl.try_clone().map_err(ClientError::Network)?;
         let file = &file;
+        let old_hints = hints_file.as_deref().and_then(load_hints).map(Arc::new);
         let (outcome, failed, hints) = std::thread::scope(|s| {
             let (mut hints, mut build) = (None, None);
             let outcome = self.run(&mut session, name, |m, _| {
@@ -821,15 +822,22 @@ impl Connection {
                 if let Some(Need::Tree { kind, streaming }) = m.need() {
                     // A file the server holds is most likely what was last
                     // sent: its hints spare re-chunking what did not change.
-                    let old = if streaming { None } else { hints_file.as_deref().and_then(load_hints) };
+                    let old = if streaming { None } else { old_hints.clone() };
                     let grouped = hints_file.is_some();
                     build = Some(Build::spawn(s, waker.clone(), &ctl, move || {
-                        chunk_tree(file, kind, old.as_ref(), grouped).map(|(t, k)| (Arc::new(t), k))
+                        chunk_tree(file, kind, old.as_deref(), grouped).map(|(t, k)| (Arc::new(t), k))
                     }));
                 }
                 if let Some(b) = build.as_mut() {
                     b.deliver(|(tree, known)| {
-                        m.tree_ready(tree.clone(), tree.summary());
+                        // The tree is built without the whole-file hash; the
+                        // hints know it if they are of this very version (the
+                        // session then sends nothing if the server holds it).
+                        let mut summary = tree.summary();
+                        if let Some(h) = old_hints.as_ref().and_then(|o| o.file_hash_of(summary.root)) {
+                            summary.file_hash = h;
+                        }
+                        m.tree_ready(tree.clone(), summary);
                         // The next version's hints, while the upload runs.
                         if hints_file.is_some() {
                             hints = Some(s.spawn(move || ChunkHints::collect(file, &tree, &known)));
@@ -844,18 +852,19 @@ impl Connection {
             return Err(local(e));
         }
         let outcome = outcome?;
-        if outcome != Outcome::Integrity
-            && let (Some(path), Some(Ok(hints))) = (&hints_file, hints)
-        {
-            store_hints(path, &hints);
-        }
         let ended = Ended {
             outcome,
             literal: session.literal_bytes(),
             reported: session.reported_hash(),
             replaced: session.replaced(),
         };
-        self.report(name, file, path, ended, size, (s0, r0), start)
+        let report = self.report(name, file, path, ended, size, (s0, r0), start)?;
+        if let (Some(path), Some(Ok(hints)), Some(sha256)) =
+            (&hints_file, hints, Hash::from_hex(&report.sha256))
+        {
+            store_hints(path, &hints.with_file_hash(sha256));
+        }
+        Ok(report)
     }
 
     /// The report of an upload of `file` that ended as `ended` after the

@@ -105,6 +105,36 @@ fn a_4k_edit_of_64_mib_moves_under_one_percent_both_ways() {
 }
 
 #[test]
+fn an_unchanged_upload_costs_at_most_256_bytes_handshake_included() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Server::start(&dir.path().join("root"));
+    // Bytes counted both ways by a relay on the path, from the hello on.
+    let relay = deltasync_server::relay::Relay::start(srv.port, None).unwrap();
+    let upload = |path: &Path| {
+        let mut c = srv.command(&key(), &["--json", "upload", s(path), "--as", "doc"]);
+        let out = c.env("DELTASYNC_SERVER", format!("127.0.0.1:{}", relay.port)).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let path = dir.path().join("doc");
+    for (seed, len) in [(60, 3_000), (61, 5 << 20)] {
+        let data = random(seed, len);
+        std::fs::write(&path, &data).unwrap();
+        assert_ne!(upload(&path)["mode"], "unchanged");
+        for _ in 0..2 {
+            let before = relay.captured().len();
+            let again = upload(&path);
+            assert_eq!(again["mode"], "unchanged");
+            assert_eq!(again["sha256"], deltasync_core::Hash::of(&data).to_string());
+            let cost = relay.captured().len() - before;
+            println!("unchanged upload of {len} bytes: {cost} bytes on the wire");
+            assert!(cost <= 256, "an unchanged upload of {len} bytes cost {cost} bytes on the wire");
+        }
+    }
+    assert!(srv.stored("doc").unwrap() == random(61, 5 << 20));
+}
+
+#[test]
 fn chunk_hints_never_mislead_an_upload() {
     let dir = tempfile::tempdir().unwrap();
     let srv = Server::start(&dir.path().join("root"));

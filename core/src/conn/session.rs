@@ -15,6 +15,7 @@
 //!   C: Upload{offer with the tree}   once the shell gave it
 //! otherwise, once the shell gave the tree:
 //!   C: Upload{offer with the tree}   a delta
+//!   (nothing, if `Info` gave the tree's size and SHA-256: unchanged)
 //! ```
 //! A conditional upload sends `UploadIf` in place of each `Upload`.
 
@@ -82,6 +83,8 @@ pub struct UploadSession<'n, T, S> {
     /// Whether the server takes sketches, and whether it holds the name.
     sketches: bool,
     remote: bool,
+    /// The size and SHA-256 of the stored version, as `Stat` told.
+    stored: Option<(u64, Hash)>,
     kind: ChunkerKind,
     state: State<'n, T, S>,
     /// The file's bytes, until a sender holds them.
@@ -117,6 +120,7 @@ impl<'n, T: TreeView, S: Source> UploadSession<'n, T, S> {
             compress: false,
             sketches: false,
             remote: false,
+            stored: None,
             kind: ChunkerKind::for_size(size),
             state: State::Stat(Query::new(QueryKind::Stat(name), version, ignore as fn(Listed<'_>), now)),
             source: Some(source),
@@ -297,6 +301,18 @@ impl<'n, T: TreeView, S: Source> UploadSession<'n, T, S> {
             self.state = State::Poisoned;
             return;
         };
+        // The server holds this version already (as `Stat` said): nothing
+        // to offer, unless it is to be published with a time and mode, or
+        // only over a version named.
+        if self.expect.is_none()
+            && self.meta.is_none()
+            && summary.file_hash.is_known()
+            && self.stored == Some((summary.size, summary.file_hash))
+        {
+            self.reported = Some(summary.file_hash);
+            self.state = State::Done(Outcome::Unchanged);
+            return;
+        }
         // A new name's data may be stored under another: say what it is.
         let wanted = self.sketches && !self.remote && self.size >= crate::message::SKETCH_MIN;
         let sketch = wanted.then(|| crate::tree::sketch(&tree));
@@ -346,7 +362,10 @@ impl<T: TreeView, S: Source> Machine for UploadSession<'_, T, S> {
         loop {
             match &mut self.state {
                 State::Stat(q) => match q.poll(now, out)? {
-                    Poll::Done(stat) => self.chose(stat.map(|s| s.chunking), now),
+                    Poll::Done(stat) => {
+                        self.stored = stat.map(|s| (s.size, s.sha256));
+                        self.chose(stat.map(|s| s.chunking), now)
+                    }
                     Poll::Transmit(n) => return Ok(Poll::Transmit(n)),
                     Poll::Wait(t) => return Ok(Poll::Wait(t)),
                 },
