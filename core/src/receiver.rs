@@ -590,9 +590,8 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
                 _ => out.push(seg),
             }
         }
-        match out.last_mut() {
-            Some(Seg::Fetch { cut, .. } | Seg::Copy { cut, .. }) => *cut = true,
-            _ => {}
+        if let Some(Seg::Fetch { cut, .. } | Seg::Copy { cut, .. }) = out.last_mut() {
+            *cut = true;
         }
         Ok(out)
     }

@@ -313,8 +313,9 @@ impl<T: TreeView, S: Source> Sender<T, S> {
         if fit == 0 {
             return Err(SessionError::Capacity);
         }
-        // Every piece but a range's last is at least PIECE_MIN long.
-        let last = (end - offset) / PIECE_MIN as u64 + 1 <= fit;
+        // Every piece but a range's last is at least PIECE_MIN long: there
+        // are at most (end - offset) / PIECE_MIN + 1.
+        let last = (end - offset) / (PIECE_MIN as u64) < fit;
         let (source, salt) = (&mut self.source, &self.salt);
         let mut at = offset;
         let template = Message::Pieces { offset, last, packed: &[] };
