@@ -95,11 +95,15 @@ impl<S: Source> Source for Option<S> {
 }
 
 /// Two sources read as one: `b`'s bytes follow the first `a_size` of `a`.
-/// (Reads never straddle the seam: they are ranges of one tree entry.)
+/// A read across the seam is split there (a tree entry's range never
+/// crosses it, but the old bytes a delta compares with may).
 impl<A: Source, B: Source> Source for crate::tree::Chain<A, B> {
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), IoFailed> {
         if offset < self.a_size {
-            self.a.read_at(offset, buf)
+            let n = (self.a_size - offset).min(buf.len() as u64) as usize;
+            let (head, tail) = buf.split_at_mut(n);
+            self.a.read_at(offset, head)?;
+            if tail.is_empty() { Ok(()) } else { self.b.read_at(0, tail) }
         } else {
             self.b.read_at(offset - self.a_size, buf)
         }
