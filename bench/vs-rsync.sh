@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the deltasync vs rsync comparison (see src/bin/vs-rsync.rs):
-#   bash bench/vs-rsync.sh [RUNS] [BIG_MIB] [LOG_MIB]
+#   bash bench/vs-rsync.sh [RUNS] [BIG_MIB]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if ! command -v rsync >/dev/null; then
