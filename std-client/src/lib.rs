@@ -957,7 +957,9 @@ impl Connection {
         };
         let base_name = dest.file_name().and_then(|n| n.to_str()).unwrap_or("download");
         let tmp = dir.join(format!(".deltasync-dl-{}-{base_name}", std::process::id()));
-        let file = BufWriter::with_capacity(1 << 20, File::create(&tmp).map_err(local)?);
+        // Read too: the new version's hints are read back from it.
+        let created = fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&tmp);
+        let file = BufWriter::with_capacity(1 << 20, created.map_err(local)?);
         let guard = RemoveOnDrop(Some(tmp.clone()));
         let (s0, r0) = self.wire_bytes();
         let out = LocalOut { file, out_of_space: false };
@@ -998,7 +1000,7 @@ impl Connection {
         })?;
         let offer = *op.offer().ok_or_else(|| ClientError::Protocol("no offer".into()))?;
         let stats = op.stats();
-        let (out, _tree) = op.take_result().ok_or_else(|| ClientError::Protocol("no result".into()))?;
+        let (out, tree) = op.take_result().ok_or_else(|| ClientError::Protocol("no result".into()))?;
         match outcome {
             Outcome::Integrity => return Err(ClientError::Integrity(name.into())),
             Outcome::Unchanged => {
@@ -1014,6 +1016,13 @@ impl Connection {
                 }
                 f.sync_all().map_err(local)?;
                 fs::rename(&tmp, dest).map_err(local)?;
+                // The copy's hints, for the next delta of this name either
+                // way (best effort: they are a cache).
+                if let (Some(path), Some(tree)) = (self.hints_file(name), tree)
+                    && let Ok(hints) = ChunkHints::collect(&f, &tree, &Known::default())
+                {
+                    store_hints(&path, &hints.with_file_hash(offer.file_hash));
+                }
             }
         }
         drop(guard);

@@ -135,6 +135,26 @@ fn an_unchanged_upload_costs_at_most_256_bytes_handshake_included() {
 }
 
 #[test]
+fn a_downloaded_file_leaves_hints_so_sending_it_back_unchanged_sends_no_offer() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Server::start(&dir.path().join("root"));
+    let src = dir.path().join("src");
+    let data = random(70, 3 << 20);
+    std::fs::write(&src, &data).unwrap();
+    // Uploaded without hints: the client keeps nothing of it.
+    assert!(srv.cli(&["--no-hints", "upload", s(&src), "--as", "doc"]).status.success());
+    let copy = dir.path().join("copy");
+    assert_eq!(srv.json(&["download", "doc", "-o", s(&copy)])["mode"], "full");
+    assert!(std::fs::read(&copy).unwrap() == data);
+    // The download's hints name the version and its SHA-256: the upload
+    // finds the server holds it from `Stat` alone.
+    let back = srv.json(&["upload", s(&copy), "--as", "doc"]);
+    assert_eq!(back["mode"], "unchanged");
+    assert_eq!(back["sha256"], deltasync_core::Hash::of(&data).to_string());
+    assert!(wire(&back) < 150, "an unchanged upload of a downloaded file cost {} bytes", wire(&back));
+}
+
+#[test]
 fn chunk_hints_never_mislead_an_upload() {
     let dir = tempfile::tempdir().unwrap();
     let srv = Server::start(&dir.path().join("root"));

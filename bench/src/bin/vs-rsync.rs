@@ -136,7 +136,9 @@ fn main() {
                         (Dir::Up, 0 | 1, Some(old)) => {
                             std::fs::copy(old, work.join("rsync-root").join(name(tool))).unwrap();
                         }
-                        (Dir::Up, _, Some(old)) => ds_ok(ds(&cli, dport, Some(&hints)), &["upload", s(old), "--as", &name(tool)]),
+                        (Dir::Up, _, Some(old)) => {
+                            ds_ok(ds(&cli, dport, Some(&hints)), &["upload", s(old), "--as", &name(tool)])
+                        }
                         (Dir::Down, 0 | 1, Some(old)) => {
                             std::fs::copy(new, work.join("rsync-root").join(name(tool))).unwrap();
                             std::fs::copy(old, local(tool)).unwrap();
@@ -145,7 +147,10 @@ fn main() {
                             // The client's hints describe its copy (the old
                             // version, which it sent); the server then gets
                             // the new one from elsewhere.
-                            ds_ok(ds(&cli, dport, Some(&down_hints)), &["upload", s(old), "--as", &name(tool)]);
+                            ds_ok(
+                                ds(&cli, dport, Some(&down_hints)),
+                                &["upload", s(old), "--as", &name(tool)],
+                            );
                             ds_ok(ds(&cli, dport, None), &["upload", s(new), "--as", &name(tool)]);
                             std::fs::copy(old, local(tool)).unwrap();
                         }
@@ -159,13 +164,20 @@ fn main() {
                     let (t, b) = match (dir, tool) {
                         (Dir::Up, 0 | 1) => rsync(rport, new, &name(tool), tool == 1, dir),
                         (Dir::Down, 0 | 1) => rsync(rport, &local(tool), &name(tool), tool == 1, dir),
-                        (Dir::Up, _) => timed_transfer(
-                            ds(&cli, dport, Some(&hints)).args(["--json", "upload", s(new), "--as", &name(tool)]),
-                        ),
-                        (Dir::Down, _) => timed_transfer(
-                            ds(&cli, dport, Some(&down_hints))
-                                .args(["--json", "download", &name(tool), "-o", s(&local(tool))]),
-                        ),
+                        (Dir::Up, _) => timed_transfer(ds(&cli, dport, Some(&hints)).args([
+                            "--json",
+                            "upload",
+                            s(new),
+                            "--as",
+                            &name(tool),
+                        ])),
+                        (Dir::Down, _) => timed_transfer(ds(&cli, dport, Some(&down_hints)).args([
+                            "--json",
+                            "download",
+                            &name(tool),
+                            "-o",
+                            s(&local(tool)),
+                        ])),
                     };
                     secs[tool].push(t);
                     wire[tool] = b;
@@ -212,8 +224,9 @@ fn main() {
     }
     println!("\nEvery run's seconds (rsync / rsync --fsync / deltasync):\n");
     for (label, dir, secs, _) in &rows {
-        let runs: Vec<String> =
-            (0..secs[0].len()).map(|i| format!("{:.2}/{:.2}/{:.2}", secs[0][i], secs[1][i], secs[2][i])).collect();
+        let runs: Vec<String> = (0..secs[0].len())
+            .map(|i| format!("{:.2}/{:.2}/{:.2}", secs[0][i], secs[1][i], secs[2][i]))
+            .collect();
         println!("- {} {label}: {}", if *dir == Dir::Up { "up" } else { "down" }, runs.join(", "));
     }
     println!("\ndeltasync-server peak RSS (VmHWM) over the whole run: {:.1} MiB", rss as f64 / 1024.0);
