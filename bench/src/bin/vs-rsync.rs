@@ -52,6 +52,10 @@ fn ds_ok(mut c: Command, args: &[&str]) {
     assert!(ok, "deltasync {args:?} failed");
 }
 
+/// One transfer's results: its label, its direction, every run's seconds
+/// per tool and the last run's bytes per tool.
+type Row = (String, Dir, [Vec<f64>; 3], [u64; 3]);
+
 fn same(a: &Path, b: &Path) {
     assert!(std::fs::read(a).unwrap() == std::fs::read(b).unwrap(), "{a:?} and {b:?} differ");
 }
@@ -113,8 +117,7 @@ fn main() {
     const TOOLS: [&str; 3] = ["rsync", "rsync --fsync", "deltasync"];
     let hints = work.join("hints");
     let down_hints = work.join("down-hints");
-    // (label, direction, seconds of every run per tool, bytes of the last run per tool)
-    let mut rows: Vec<(String, Dir, [Vec<f64>; 3], [u64; 3])> = Vec::new();
+    let mut rows: Vec<Row> = Vec::new();
     for (k, (label, old, new)) in scenarios.into_iter().enumerate() {
         let dirs: &[Dir] = if old.is_some() && old != Some(new) { &[Dir::Up, Dir::Down] } else { &[Dir::Up] };
         for &dir in dirs {
