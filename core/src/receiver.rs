@@ -245,7 +245,7 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
             cursor: 0,
             // An offer without the whole-file hash leaves it to the shell
             // (which hashes what it writes, on its own thread).
-            indexer: Some(if offer.file_hash.is_known() {
+            indexer: Some(if offer.file_hash.is_known() && !out.hashes_file() {
                 Indexer::new(offer.chunking, Levels::default())
             } else {
                 Indexer::without_file_hash(offer.chunking, Levels::default())

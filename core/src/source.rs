@@ -63,6 +63,14 @@ pub trait Output {
         let _ = (src, offset, len);
         Ok(false)
     }
+
+    /// Whether the output's owner checks the whole-file SHA-256 of what
+    /// was written against the offer's itself (the new tree carries the
+    /// offer's claim): the receiver then hashes no byte it reuses, and may
+    /// copy reused ranges with [`Output::copy_from`].
+    fn hashes_file(&self) -> bool {
+        false
+    }
 }
 
 impl Source for &[u8] {

@@ -962,7 +962,7 @@ impl Connection {
         let file = BufWriter::with_capacity(1 << 20, created.map_err(local)?);
         let guard = RemoveOnDrop(Some(tmp.clone()));
         let (s0, r0) = self.wire_bytes();
-        let out = LocalOut { file, out_of_space: false };
+        let out = LocalOut::new(file, true);
         let base = current.as_ref().map(|f| f.try_clone().map(FileSource)).transpose().map_err(local)?;
         let mut op: DownloadSession<'_, Tree, FileSource, LocalOut> =
             DownloadSession::new(name, out, base, self.salt, self.version, now())
@@ -1014,13 +1014,29 @@ impl Connection {
                 if let Some(meta) = meta {
                     set_local_meta(&f, meta).map_err(local)?;
                 }
-                f.sync_all().map_err(local)?;
+                // The receiver checked the root; the bytes written (reused
+                // ones copied from a local copy that may have changed
+                // since its tree was built) are checked against the
+                // offer's SHA-256 here, while they go to disk.
+                // A whole file fetched leaves its hints too, for the next
+                // delta of this name either way (a delta keeps the old
+                // version's: they still spare all but the changed groups).
+                let hints_file = self.hints_file(name).filter(|_| current.is_none());
+                let (synced, hash, hints) = std::thread::scope(|s| {
+                    let sync = s.spawn(|| f.sync_all());
+                    let hints = hints_file.is_some().then(|| {
+                        s.spawn(|| tree.and_then(|t| ChunkHints::collect(&f, &t, &Known::default()).ok()))
+                    });
+                    let hash = deltasync_host::build::file_hash(&f);
+                    let synced = sync.join().unwrap_or_else(|_| Err(io::Error::other("sync failed")));
+                    (synced, hash, hints.and_then(|h| h.join().ok().flatten()))
+                });
+                synced.map_err(local)?;
+                if hash.map_err(local)? != offer.file_hash {
+                    return Err(ClientError::Integrity(name.into()));
+                }
                 fs::rename(&tmp, dest).map_err(local)?;
-                // The copy's hints, for the next delta of this name either
-                // way (best effort: they are a cache).
-                if let (Some(path), Some(tree)) = (self.hints_file(name), tree)
-                    && let Ok(hints) = ChunkHints::collect(&f, &tree, &Known::default())
-                {
+                if let (Some(path), Some(hints)) = (hints_file, hints) {
                     store_hints(&path, &hints.with_file_hash(offer.file_hash));
                 }
             }
@@ -1087,6 +1103,32 @@ fn is_out_of_space(e: &io::Error) -> bool {
 struct LocalOut {
     file: BufWriter<File>,
     out_of_space: bool,
+    /// Bytes written, and how many of them the kernel was asked to start
+    /// writing to disk.
+    written: u64,
+    kicked: u64,
+    /// Its owner checks the file's SHA-256 once written (see
+    /// [`Output::hashes_file`]).
+    checked: bool,
+}
+
+/// Bytes written between two early writeback requests.
+const WRITEBACK_STEP: u64 = 4 << 20;
+
+impl LocalOut {
+    pub(crate) fn new(file: BufWriter<File>, checked: bool) -> LocalOut {
+        LocalOut { file, out_of_space: false, written: 0, kicked: 0, checked }
+    }
+
+    /// `n` more bytes are in the file (or its buffer): every few MiB, the
+    /// disk is asked to start on them.
+    fn wrote(&mut self, n: u64) {
+        self.written += n;
+        if self.written - self.kicked >= WRITEBACK_STEP && io::Write::flush(&mut self.file).is_ok() {
+            deltasync_host::start_writeback(self.file.get_ref(), self.kicked, self.written - self.kicked);
+            self.kicked = self.written;
+        }
+    }
 }
 
 impl Output for LocalOut {
@@ -1094,11 +1136,57 @@ impl Output for LocalOut {
         io::Write::write_all(&mut self.file, data).map_err(|e| {
             self.out_of_space = is_out_of_space(&e);
             IoFailed
-        })
+        })?;
+        self.wrote(data.len() as u64);
+        Ok(())
     }
 
     fn out_of_space(&self) -> bool {
         self.out_of_space
+    }
+
+    /// Reused ranges of the local copy are copied inside the kernel (a
+    /// reference on a file system with reflinks).
+    fn copy_from(&mut self, src: &dyn std::any::Any, offset: u64, len: u64) -> Result<bool, IoFailed> {
+        let Some(src) = src.downcast_ref::<File>() else { return Ok(false) };
+        if let Err(e) = io::Write::flush(&mut self.file) {
+            self.out_of_space = is_out_of_space(&e);
+            return Err(IoFailed);
+        }
+        let (mut from, end) = (offset, offset + len);
+        while from < end {
+            let step = (end - from).min(WRITEBACK_STEP) as usize;
+            // The destination's own position: plain writes continue there.
+            match rustix::fs::copy_file_range(src, Some(&mut from), self.file.get_ref(), None, step) {
+                Ok(0) => return Err(IoFailed),
+                Ok(n) => self.wrote(n as u64),
+                // Not possible here (another file system, an old kernel):
+                // the receiver copies through memory.
+                Err(e)
+                    if from == offset
+                        && [
+                            rustix::io::Errno::XDEV,
+                            rustix::io::Errno::NOSYS,
+                            rustix::io::Errno::OPNOTSUPP,
+                            rustix::io::Errno::INVAL,
+                        ]
+                        .contains(&e) =>
+                {
+                    return Ok(false);
+                }
+                Err(e) => {
+                    self.out_of_space = matches!(e, rustix::io::Errno::NOSPC | rustix::io::Errno::DQUOT);
+                    return Err(IoFailed);
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// The download checks the new file's SHA-256 once written (while it
+    /// syncs), rather than the receiver hashing each byte as it goes.
+    fn hashes_file(&self) -> bool {
+        self.checked
     }
 }
 

@@ -705,10 +705,7 @@ impl<O: Observer> Sync<'_, O> {
                 let tmp = self.local(&temp_name(&file.name));
                 match File::create(&tmp) {
                     Ok(f) => {
-                        outs.push(LocalOut {
-                            file: std::io::BufWriter::with_capacity(64 << 10, f),
-                            out_of_space: false,
-                        });
+                        outs.push(LocalOut::new(std::io::BufWriter::with_capacity(64 << 10, f), false));
                         guards.push(RemoveOnDrop(Some(tmp.clone())));
                         names.push(self.remote(&file.name));
                         group.push((file, path, tmp));

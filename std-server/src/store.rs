@@ -1330,14 +1330,7 @@ impl TempFile {
         if f.flush().is_err() {
             return; // the next write or the final sync reports it
         }
-        #[cfg(target_os = "linux")]
-        {
-            let (from, len) = (self.kicked as libc::off64_t, (self.written - self.kicked) as libc::off64_t);
-            let fd = std::os::fd::AsRawFd::as_raw_fd(f.get_ref());
-            // SAFETY: `fd` belongs to a file we own for the whole call; the
-            // call takes no pointers. Failure only means no early writeback.
-            let _ = unsafe { libc::sync_file_range(fd, from, len, libc::SYNC_FILE_RANGE_WRITE) };
-        }
+        deltasync_host::start_writeback(f.get_ref(), self.kicked, self.written - self.kicked);
         self.kicked = self.written;
         let ready = self.written;
         if let Some(h) = &self.hasher {
