@@ -340,6 +340,87 @@ fn damaged_or_lying_pieces_are_refused_and_nothing_is_accepted() {
     assert!(tree.is_none());
 }
 
+/// An old version whose bytes an output can copy by itself.
+struct Located(Vec<u8>);
+
+impl deltasync_core::source::Source for Located {
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), deltasync_core::source::IoFailed> {
+        deltasync_core::source::Source::read_at(&mut self.0.as_slice(), offset, buf)
+    }
+    fn locate(&self, offset: u64, _len: u64) -> Option<(&dyn std::any::Any, u64)> {
+        Some((&self.0, offset))
+    }
+}
+
+/// An output that copies located ranges itself, and whose owner checks
+/// the file's SHA-256 when `checked`.
+#[derive(Default)]
+struct Copying {
+    data: Vec<u8>,
+    copied: u64,
+    checked: bool,
+}
+
+impl deltasync_core::source::Output for Copying {
+    fn write(&mut self, data: &[u8]) -> Result<(), deltasync_core::source::IoFailed> {
+        self.data.extend_from_slice(data);
+        Ok(())
+    }
+    fn copy_from(
+        &mut self,
+        src: &dyn std::any::Any,
+        offset: u64,
+        len: u64,
+    ) -> Result<bool, deltasync_core::source::IoFailed> {
+        let Some(v) = src.downcast_ref::<Vec<u8>>() else { return Ok(false) };
+        self.data.extend_from_slice(&v[offset as usize..(offset + len) as usize]);
+        self.copied += len;
+        Ok(true)
+    }
+    fn hashes_file(&self) -> bool {
+        self.checked
+    }
+}
+
+#[test]
+fn an_output_that_checks_the_file_hash_itself_gets_reused_ranges_to_copy() {
+    use deltasync_core::machine::{Machine, Poll};
+    use deltasync_core::message::Message;
+    let old = random_bytes(41, 1 << 20);
+    let mut new = old.clone();
+    new[500_000..504_096].iter_mut().for_each(|b| *b ^= 0x33);
+    let (old_tree, new_tree) = (Tree::build(&old, ChunkerKind::Cdc), Tree::build(&new, ChunkerKind::Cdc));
+    for checked in [true, false] {
+        let (salt, now) = ([6u8; 8], Instant(0));
+        let base = Base { tree: &old_tree, source: Located(old.clone()) };
+        let out = Copying { checked, ..Copying::default() };
+        let mut rx = Receiver::new(new_tree.summary(), salt, Some(base), out, now).unwrap();
+        let mut tx = Sender::new(&new_tree, &new[..], new_tree.summary(), salt, now);
+        let mut buf = vec![0u8; 80 * 1024];
+        let outcome = loop {
+            match rx.poll(now, &mut buf).unwrap() {
+                Poll::Done(o) => break o,
+                Poll::Transmit(n) => tx.handle(now, Message::decode(payload(&buf[..n])).unwrap()).unwrap(),
+                Poll::Wait(_) => {}
+            }
+            if let Ok(Poll::Transmit(n)) = tx.poll(now, &mut buf) {
+                rx.handle(now, Message::decode(payload(&buf[..n])).unwrap()).unwrap();
+            }
+        };
+        assert_eq!(outcome, Outcome::Written);
+        let (out, tree) = rx.into_parts();
+        assert!(out.data == new, "rebuilt a different file (checked {checked})");
+        // The new tree carries the offer's SHA-256 either way: computed, or
+        // the claim the output's owner checks.
+        assert_eq!(tree.unwrap().summary().file_hash, Hash::of(&new));
+        if checked {
+            assert!(out.copied > (new.len() as u64) * 9 / 10, "only {} bytes copied", out.copied);
+        } else {
+            assert_eq!(out.copied, 0, "bytes hashed as they are rebuilt cannot be copied unseen");
+        }
+    }
+}
+
 #[test]
 fn an_append_sends_the_appended_bytes_and_little_else() {
     let old = random_bytes(22, 20_000);
