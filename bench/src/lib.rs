@@ -2,7 +2,7 @@
 //! its `--json` byte counts, an rsync daemon and rsync's counts, and a
 //! process's peak memory.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Instant;
 
@@ -97,6 +97,49 @@ pub fn peak_rss_kib(pid: u32) -> u64 {
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
+}
+
+/// A pseudo-random file and its edits, as the benchmarks compare them.
+pub struct Edits {
+    /// `big` pseudo-random bytes.
+    pub base: PathBuf,
+    /// 4 KiB in the middle inverted.
+    pub overwrite: PathBuf,
+    /// One byte inserted at 0.
+    pub insert: PathBuf,
+    /// 1 MiB deleted from the middle.
+    pub deletion: PathBuf,
+    /// 64 single bytes changed, spread over the file.
+    pub scattered: PathBuf,
+    /// 100 bytes put before the start.
+    pub prepend: PathBuf,
+}
+
+/// Writes the files of [`Edits`] into `dir`.
+pub fn edits(dir: &Path, big: usize) -> Edits {
+    let base_data = deltasync_core::sim::random_bytes(1, big);
+    let file = |name: &str, data: &[u8]| {
+        let p = dir.join(name);
+        std::fs::write(&p, data).unwrap();
+        p
+    };
+    let edit = |name: &str, f: &dyn Fn(&mut Vec<u8>)| {
+        let mut d = base_data.clone();
+        f(&mut d);
+        file(name, &d)
+    };
+    let mid = big / 2;
+    Edits {
+        base: file("base", &base_data),
+        overwrite: edit("overwrite", &|d| d[mid..mid + 4096].iter_mut().for_each(|b| *b = !*b)),
+        insert: edit("insert", &|d| d.insert(0, b'!')),
+        deletion: edit("deletion", &|d| drop(d.drain(mid..mid + (1 << 20)))),
+        scattered: edit("scattered", &|d| {
+            let n = d.len();
+            (0..64).for_each(|i| d[(i * 7919 + 1) * (n / 64) % n] ^= 0x55)
+        }),
+        prepend: edit("prepend", &|d| drop(d.splice(0..0, deltasync_core::sim::random_bytes(9, 100)))),
+    }
 }
 
 /// Flushes every dirty page to disk (before a timed transfer, so that no

@@ -305,8 +305,19 @@ fn scan(bytes: &[u8], h: &mut u64, mask: u64) -> Option<usize> {
 
 /// Calls `f` with the length of every complete chunk of `data` (cut as one
 /// whole stream), and returns the length of the trailing partial chunk.
-pub fn for_each_chunk(kind: ChunkerKind, data: &[u8], mut f: impl FnMut(&[u8])) -> usize {
-    let mut c = Chunker::new(kind);
+pub fn for_each_chunk(kind: ChunkerKind, data: &[u8], f: impl FnMut(&[u8])) -> usize {
+    for_each_cut(Chunker::new(kind), data, f)
+}
+
+/// Calls `f` with every piece of `data` (see [`Chunker::pieces`]), cut
+/// from its start, the last one ending with it.
+pub fn for_each_piece(data: &[u8], f: impl FnMut(&[u8])) {
+    for_each_cut(Chunker::pieces(), data, f);
+}
+
+/// Calls `f` with every part of `data` that `c` cuts, the last one ending
+/// with `data`; returns that last part's length if `c` did not end it.
+fn for_each_cut(mut c: Chunker, data: &[u8], mut f: impl FnMut(&[u8])) -> usize {
     let mut rest = data;
     while let Some(n) = c.next_boundary(rest) {
         f(&rest[..n]);
@@ -316,20 +327,6 @@ pub fn for_each_chunk(kind: ChunkerKind, data: &[u8], mut f: impl FnMut(&[u8])) 
         f(rest);
     }
     rest.len()
-}
-
-/// Calls `f` with every piece of `data` (see [`Chunker::pieces`]), cut
-/// from its start, the last one ending with it.
-pub fn for_each_piece(data: &[u8], mut f: impl FnMut(&[u8])) {
-    let mut c = Chunker::pieces();
-    let mut rest = data;
-    while let Some(n) = c.next_boundary(rest) {
-        f(&rest[..n]);
-        rest = &rest[n..];
-    }
-    if !rest.is_empty() {
-        f(rest);
-    }
 }
 
 #[cfg(test)]

@@ -8,6 +8,51 @@ pub mod build;
 pub mod hints;
 pub mod local;
 
+/// How one step of a kernel-side copy ([`copy_step`]) went.
+#[derive(Debug)]
+pub enum CopyStep {
+    /// This many bytes were copied.
+    Copied(usize),
+    /// The kernel cannot copy between these files (another file system, an
+    /// old kernel) and nothing was copied: the caller copies through memory.
+    Unsupported,
+    /// The copy failed; `out_of_space`: for want of space.
+    Failed {
+        /// What the kernel said.
+        error: std::io::Error,
+        /// A full disk or quota.
+        out_of_space: bool,
+    },
+}
+
+/// Copies up to `len` bytes of `src` from `*from` (which it advances) to
+/// `dst` at `dst`'s own position (where its next plain write continues),
+/// inside the kernel: references to the same blocks on a file system with
+/// reflinks. `first`: nothing of this copy is done yet (only then may a
+/// refusal fall back to copying through memory). A source that ends early
+/// fails.
+pub fn copy_step(
+    src: &std::fs::File,
+    from: &mut u64,
+    dst: &std::fs::File,
+    len: usize,
+    first: bool,
+) -> CopyStep {
+    use rustix::io::Errno;
+    match rustix::fs::copy_file_range(src, Some(from), dst, None, len) {
+        Ok(0) => {
+            CopyStep::Failed { error: std::io::Error::other("the source ended early"), out_of_space: false }
+        }
+        Ok(n) => CopyStep::Copied(n),
+        Err(e) if first && [Errno::XDEV, Errno::NOSYS, Errno::OPNOTSUPP, Errno::INVAL].contains(&e) => {
+            CopyStep::Unsupported
+        }
+        Err(e) => {
+            CopyStep::Failed { out_of_space: matches!(e, Errno::NOSPC | Errno::DQUOT), error: e.into() }
+        }
+    }
+}
+
 /// Asks the kernel to start writing bytes `from..from + len` of `file` to
 /// disk now, so that the disk works while a transfer goes on and the final
 /// `fsync` (which still makes the file durable and reports errors) has

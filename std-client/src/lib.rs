@@ -1157,25 +1157,13 @@ impl Output for LocalOut {
         while from < end {
             let step = (end - from).min(WRITEBACK_STEP) as usize;
             // The destination's own position: plain writes continue there.
-            match rustix::fs::copy_file_range(src, Some(&mut from), self.file.get_ref(), None, step) {
-                Ok(0) => return Err(IoFailed),
-                Ok(n) => self.wrote(n as u64),
-                // Not possible here (another file system, an old kernel):
-                // the receiver copies through memory.
-                Err(e)
-                    if from == offset
-                        && [
-                            rustix::io::Errno::XDEV,
-                            rustix::io::Errno::NOSYS,
-                            rustix::io::Errno::OPNOTSUPP,
-                            rustix::io::Errno::INVAL,
-                        ]
-                        .contains(&e) =>
-                {
-                    return Ok(false);
-                }
-                Err(e) => {
-                    self.out_of_space = matches!(e, rustix::io::Errno::NOSPC | rustix::io::Errno::DQUOT);
+            let first = from == offset;
+            match deltasync_host::copy_step(src, &mut from, self.file.get_ref(), step, first) {
+                deltasync_host::CopyStep::Copied(n) => self.wrote(n as u64),
+                // The receiver copies through memory.
+                deltasync_host::CopyStep::Unsupported => return Ok(false),
+                deltasync_host::CopyStep::Failed { out_of_space, .. } => {
+                    self.out_of_space = out_of_space;
                     return Err(IoFailed);
                 }
             }

@@ -1245,29 +1245,14 @@ impl Output for TempFile {
             let dst = self.file.as_ref().ok_or(IoFailed)?.get_ref();
             // No offset for the destination: it writes at, and advances,
             // the file position, where the next plain write continues.
-            match rustix::fs::copy_file_range(src, Some(&mut from), dst, None, step) {
-                Ok(0) => {
-                    tracing::warn!(path = self.path, "the old version ended early");
-                    return Err(IoFailed);
-                }
-                Ok(n) => self.written += n as u64,
-                // Not possible here (another filesystem, an old kernel):
-                // the receiver copies through memory instead.
-                Err(e)
-                    if from == offset
-                        && [
-                            rustix::io::Errno::XDEV,
-                            rustix::io::Errno::NOSYS,
-                            rustix::io::Errno::OPNOTSUPP,
-                            rustix::io::Errno::INVAL,
-                        ]
-                        .contains(&e) =>
-                {
-                    return Ok(false);
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, path = self.path, "copy failed");
-                    self.out_of_space = matches!(e, rustix::io::Errno::NOSPC | rustix::io::Errno::DQUOT);
+            let first = from == offset;
+            match deltasync_host::copy_step(src, &mut from, dst, step, first) {
+                deltasync_host::CopyStep::Copied(n) => self.written += n as u64,
+                // The receiver copies through memory instead.
+                deltasync_host::CopyStep::Unsupported => return Ok(false),
+                deltasync_host::CopyStep::Failed { error, out_of_space } => {
+                    tracing::warn!(%error, path = self.path, "copy failed");
+                    self.out_of_space = out_of_space;
                     return Err(IoFailed);
                 }
             }

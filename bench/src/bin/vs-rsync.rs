@@ -10,8 +10,9 @@
 //! `cargo build --release --workspace && target/release/vs-rsync [RUNS] [BIG_MIB]`
 //! (needs `rsync`; `bench/vs-rsync.sh` installs it and runs this).
 
-use deltasync_bench::{client, key, median, peak_rss_kib, rsync_daemon, settle, timed_rsync, timed_transfer};
-use deltasync_core::sim::random_bytes;
+use deltasync_bench::{
+    Edits, client, edits, key, median, peak_rss_kib, rsync_daemon, settle, timed_rsync, timed_transfer,
+};
 use deltasync_server::process::ServerProcess;
 
 use std::path::{Path, PathBuf};
@@ -79,31 +80,7 @@ fn main() {
     std::thread::sleep(std::time::Duration::from_millis(300));
 
     eprintln!("preparing files");
-    let base_data = random_bytes(1, big);
-    let file = |name: &str, data: &[u8]| {
-        let p = work.join("src").join(name);
-        std::fs::write(&p, data).unwrap();
-        p
-    };
-    let base = file("base", &base_data);
-    let edit = |f: &dyn Fn(&mut Vec<u8>)| {
-        let mut d = base_data.clone();
-        f(&mut d);
-        d
-    };
-    let mid = big / 2;
-    let overwrite = file("overwrite", &edit(&|d| d[mid..mid + 4096].iter_mut().for_each(|b| *b = !*b)));
-    let insert = file("insert", &edit(&|d| d.insert(0, b'!')));
-    let deletion = file("deletion", &edit(&|d| drop(d.drain(mid..mid + (1 << 20)))));
-    let scattered = file(
-        "scattered",
-        &edit(&|d| {
-            let n = d.len();
-            (0..64).for_each(|i| d[(i * 7919 + 1) * (n / 64) % n] ^= 0x55)
-        }),
-    );
-    let prepend = file("prepend", &edit(&|d| drop(d.splice(0..0, random_bytes(9, 100)))));
-    drop(base_data);
+    let Edits { base, overwrite, insert, deletion, scattered, prepend } = edits(&work.join("src"), big);
 
     let scenarios: [(&str, Option<&Path>, &Path); 7] = [
         ("4 KiB overwrite in the middle", Some(&base), &overwrite),

@@ -10,7 +10,7 @@
 //! SeaweedFS, sets `DELTASYNC_BENCH_S3=http://HOST:PORT/BUCKET`, runs this).
 //! `RUNS` 0: only the peak RSS; `RSS_GIB` 0: no peak RSS.
 
-use deltasync_bench::{client, key, median, peak_rss_kib, settle, timed_transfer};
+use deltasync_bench::{Edits, client, edits, key, median, peak_rss_kib, settle, timed_transfer};
 use deltasync_core::sim::random_bytes;
 use deltasync_server::process::ServerProcess;
 use std::collections::HashMap;
@@ -90,30 +90,12 @@ fn main() {
         return peak_rss(&server_bin, &cli, &work, endpoint, bucket, stamp, rss_gib);
     }
     eprintln!("preparing files");
-    let base_data = random_bytes(1, big);
+    let Edits { base, overwrite, insert, deletion, scattered, prepend } = edits(&work.join("src"), big);
     let file = |name: &str, data: &[u8]| {
         let p = work.join("src").join(name);
         std::fs::write(&p, data).unwrap();
         p
     };
-    let base = file("base", &base_data);
-    let edit = |f: &dyn Fn(&mut Vec<u8>)| {
-        let mut d = base_data.clone();
-        f(&mut d);
-        d
-    };
-    let mid = big / 2;
-    let overwrite = file("overwrite", &edit(&|d| d[mid..mid + 4096].iter_mut().for_each(|b| *b = !*b)));
-    let insert = file("insert", &edit(&|d| d.insert(0, b'!')));
-    let deletion = file("deletion", &edit(&|d| drop(d.drain(mid..mid + (1 << 20)))));
-    let scattered = file(
-        "scattered",
-        &edit(&|d| {
-            let n = d.len();
-            (0..64).for_each(|i| d[(i * 7919 + 1) * (n / 64) % n] ^= 0x55)
-        }),
-    );
-    let prepend = file("prepend", &edit(&|d| drop(d.splice(0..0, random_bytes(9, 100)))));
 
     // Each scenario: the version stored first (if any), and the new one.
     let ups: [(&str, Option<&Path>, &Path); 6] = [
