@@ -20,7 +20,7 @@
 //! nothing is walked or reused, every byte is fetched, and the root that
 //! follows in `Message::Root` is checked like an offered one.
 
-use crate::chunker::PIECE_MAX;
+use crate::chunker::{PIECE_MAX, PIECE_MIN};
 use crate::error::{ErrorCode, SessionError};
 use crate::hash::{ShortId, piece_id};
 use crate::machine::{self, Machine, Poll};
@@ -50,8 +50,16 @@ pub struct Base<T, R> {
 
 /// Old bytes a changed run of chunks is compared with, piece by piece: up
 /// to this many after the old data before it, and as many before the old
-/// data after it.
+/// data after it; no more than the run's length and a piece on each side,
+/// so that the old bytes hashed stay within about four times the changed
+/// ones (a run is a chunk at least: 1 KiB or more).
 const DELTA_REACH: u64 = DELTA_MAX / 2;
+
+/// How far from the old data around a changed run of `len` bytes its old
+/// bytes are looked for (see [`DELTA_REACH`]).
+fn reach(len: u64) -> u64 {
+    DELTA_REACH.min(len + PIECE_MAX as u64)
+}
 
 /// A stretch of the new version and where its bytes come from. `cut`: it
 /// ends a run of whole chunks (the indexer ends a chunk there).
@@ -180,6 +188,8 @@ pub struct Receiver<T, R, W> {
     suffix: Option<Get>,
     /// The whole file is asked as the suffix of the old one (no walk yet).
     probing: bool,
+    /// That was refused: the old bytes are not the new ones' start.
+    probe_refused: bool,
     cursor: usize,
     /// `None` once the output took over indexing (a whole version is
     /// fetched) or once the tree is finished.
@@ -242,6 +252,7 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
             splits: Vec::new(),
             suffix: None,
             probing: false,
+            probe_refused: false,
             cursor: 0,
             // An offer without the whole-file hash leaves it to the shell
             // (which hashes what it writes, on its own thread).
@@ -412,6 +423,7 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
     /// tree is walked.
     fn suffix_refused(&mut self, offset: u64, len: u64) {
         if core::mem::take(&mut self.probing) {
+            self.probe_refused = true;
             self.segs.clear();
             self.walk();
         } else {
@@ -488,6 +500,8 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
                 && have >= 1
                 && have < len
                 && have <= DELTA_MAX
+                // Not the probe again, refused already.
+                && !(self.probe_refused && at == 0 && from == 0)
             {
                 let mut old = vec![0u8; have as usize];
                 base.source.read_at(from, &mut old).map_err(|_| SessionError::Read)?;
@@ -498,10 +512,10 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
             if len > DELTA_MAX {
                 continue;
             }
-            let head =
-                after.map_or((0, 0), |a| (a.min(old_size), a.saturating_add(DELTA_REACH).min(old_size)));
-            let tail = before
-                .map_or((0, 0), |b| (b.saturating_sub(DELTA_REACH).max(head.1).min(b), b.min(old_size)));
+            let reach = reach(len);
+            let head = after.map_or((0, 0), |a| (a.min(old_size), a.saturating_add(reach).min(old_size)));
+            let tail =
+                before.map_or((0, 0), |b| (b.saturating_sub(reach).max(head.1).min(b), b.min(old_size)));
             let old = [head, tail];
             if old.iter().any(|&(a, b)| a < b) {
                 self.refine.push(Refine { seg: i, old });
@@ -530,7 +544,15 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
         let mut covered = covered;
         for e in message::unpack_entries(packed) {
             let e = e.map_err(SessionError::Protocol)?;
-            if e.len == 0 || e.len > PIECE_MAX as u64 || covered + e.len > len {
+            // Pieces are cut as the chunker cuts them: only a run's last
+            // may be shorter than PIECE_MIN (so a run has at most
+            // len / PIECE_MIN + 1, however a sender lists them).
+            let short_ok = covered + e.len == len;
+            if e.len == 0
+                || e.len > PIECE_MAX as u64
+                || covered + e.len > len
+                || (e.len < PIECE_MIN as u64 && !short_ok)
+            {
                 return Err(bad);
             }
             self.pieces.push((at + covered, e.len, e.short));
@@ -691,6 +713,7 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
                 return Err(bad);
             }
             self.copy_old(from, have, false)?;
+            self.probing = false;
             (o, len) = (o + have, len - have);
             if let Some(front) = self.sent.front_mut() {
                 *front = Sent::Data { offset: o, len, got, suffix: None };

@@ -48,6 +48,14 @@ enum Active {
     Refuse { offset: u64 },
 }
 
+/// Bytes a receiver may have a sender of `size` bytes hash for deltas:
+/// an honest one asks for the pieces of changed runs (at most the file)
+/// and for two suffixes (a probe and the last run). A receiver that asks
+/// for more, answered with little, would have this side hash for nothing.
+fn delta_budget(size: u64) -> u64 {
+    size.saturating_add(2 * DELTA_MAX)
+}
+
 /// Bytes read at a time while cutting and hashing pieces (on the stack).
 const PIECE_READ: usize = 256;
 
@@ -69,7 +77,7 @@ fn piece_at<S: Source>(
         let want = (end - offset - len).min(PIECE_READ as u64) as usize;
         let bytes = &mut buf[..want];
         source.read_at(offset + len, bytes).map_err(|_| SessionError::Read)?;
-        match chunker.next_boundary(bytes).filter(|_| cut) {
+        match if cut { chunker.next_boundary(bytes) } else { None } {
             Some(n) => {
                 hasher.update(&bytes[..n]);
                 len += n as u64;
@@ -96,6 +104,9 @@ pub struct Sender<T, S> {
     peer_hash: Option<Hash>,
     deadline: Instant,
     sent_bytes: u64,
+    /// Bytes that `GetSuffix` and `GetPieces` may still have this side
+    /// hash (see [`delta_budget`]).
+    delta_left: u64,
     /// A root given by [`Sender::set_root`] and not yet sent.
     root_due: bool,
     #[cfg(feature = "compress")]
@@ -138,6 +149,7 @@ impl<T: TreeView, S: Source> Sender<T, S> {
             peer_hash: None,
             deadline: now.plus_ms(IDLE_TIMEOUT_MS),
             sent_bytes: 0,
+            delta_left: delta_budget(summary.size),
             root_due: false,
             #[cfg(feature = "compress")]
             zstd: None,
@@ -481,6 +493,13 @@ impl<T: TreeView, S: Source> Machine for Sender<T, S> {
             _ => return Err(SessionError::Protocol(ErrorCode::UnexpectedMessage)),
         };
         self.check(r).map_err(SessionError::Protocol)?;
+        let hashed = match r {
+            Request::Suffix { have, .. } => have,
+            Request::Pieces { len, .. } => len,
+            Request::Children { .. } | Request::Data { .. } => 0,
+        };
+        self.delta_left =
+            self.delta_left.checked_sub(hashed).ok_or(SessionError::Protocol(ErrorCode::TooManyRequests))?;
         self.queue.push_back(r).map_err(|_| SessionError::Protocol(ErrorCode::TooManyRequests))
     }
 

@@ -389,6 +389,9 @@ struct Shell<'n> {
     /// Gives the tree the moment it is asked for, even between a message
     /// and the next poll (a shell with the tree at hand).
     eager: bool,
+    /// The whole-file hash the shell gives with the tree (as hints of
+    /// this very version know it), if any.
+    hash: Option<Hash>,
 }
 
 impl Machine for Shell<'_> {
@@ -436,7 +439,7 @@ impl Shell<'_> {
     }
 
     fn give(&mut self, tree: Tree) {
-        let summary = Summary { file_hash: Hash::UNKNOWN, ..tree.summary() };
+        let summary = Summary { file_hash: self.hash.unwrap_or(Hash::UNKNOWN), ..tree.summary() };
         self.session.tree_ready(tree, summary);
     }
 }
@@ -453,10 +456,64 @@ fn session_upload(
     let session = UploadSession::new(name, data.len() as u64, data.to_vec(), s.salt, s.version, s.net.clock)
         .streaming(stream)
         .expecting(expect);
-    let mut shell =
-        Shell { session, data: data.to_vec(), asked: Vec::new(), building: None, delay: 3, eager: false };
+    let mut shell = Shell {
+        session,
+        data: data.to_vec(),
+        asked: Vec::new(),
+        building: None,
+        delay: 3,
+        eager: false,
+        hash: None,
+    };
     let r = run(&mut shell, &mut s.cp, &mut s.server, &mut s.sp, &mut s.net);
     (r, shell.asked, shell.session.literal_bytes())
+}
+
+/// Uploads `data` as `name` with its whole-file hash said to be `hash`:
+/// the outcome and the hash the session reports.
+fn hashed_upload(
+    s: &mut Session,
+    name: &str,
+    data: &[u8],
+    hash: Hash,
+    expect: Option<Expect>,
+) -> (Outcome, Option<Hash>) {
+    let session = UploadSession::new(name, data.len() as u64, data.to_vec(), s.salt, s.version, s.net.clock)
+        .expecting(expect);
+    let mut shell = Shell {
+        session,
+        data: data.to_vec(),
+        asked: Vec::new(),
+        building: None,
+        delay: 0,
+        eager: false,
+        hash: Some(hash),
+    };
+    let r = run(&mut shell, &mut s.cp, &mut s.server, &mut s.sp, &mut s.net);
+    (r.expect("upload"), shell.session.reported_hash())
+}
+
+#[test]
+fn an_upload_offering_its_hash_reports_it_once_the_server_checked_it() {
+    // A server tells the whole-file hash only to an offer that left it
+    // unknown; one that offered it (from hints) needs it too, or its
+    // shell hashes the whole file again after the upload.
+    let v1 = random_bytes(7, 200_000);
+    let mut v2 = v1.clone();
+    v2[100_000] ^= 1;
+    let (h1, h2) = (Hash::of(&v1), Hash::of(&v2));
+    let files = files_with("f", &v1);
+    let mut s = connect(&files, None, PROTOCOL_VERSION);
+    // Written: the server checked the offered hash.
+    assert_eq!(hashed_upload(&mut s, "f", &v2, h2, None), (Outcome::Written, Some(h2)));
+    // Held already (offered all the same, to publish only over it): the
+    // hash `Stat` told, which is the offer's.
+    assert_eq!(hashed_upload(&mut s, "f", &v2, h2, Some(Expect::Match(h2))), (Outcome::Unchanged, Some(h2)));
+    // A wrong claim on a version held: unchecked, not reported.
+    assert_eq!(hashed_upload(&mut s, "f", &v2, h1, Some(Expect::Match(h2))), (Outcome::Unchanged, None));
+    // A wrong claim on a new version: refused, nothing published.
+    assert_eq!(hashed_upload(&mut s, "f", &v1, Hash([9; 32]), None), (Outcome::Integrity, None));
+    assert!(files.borrow()["f"] == v2);
 }
 
 #[test]
@@ -620,8 +677,15 @@ fn a_tree_given_before_the_streamed_offer_went_out_is_offered_instead() {
     let mut s = connect_to(store, keys(), 5);
     let session =
         UploadSession::new("f", 300_000, v1.clone(), s.salt, s.version, s.net.clock).streaming(true);
-    let mut shell =
-        Shell { session, data: v1.clone(), asked: Vec::new(), building: None, delay: 0, eager: true };
+    let mut shell = Shell {
+        session,
+        data: v1.clone(),
+        asked: Vec::new(),
+        building: None,
+        delay: 0,
+        eager: true,
+        hash: None,
+    };
     let r = run(&mut shell, &mut s.cp, &mut s.server, &mut s.sp, &mut s.net);
     assert_eq!(r.unwrap(), Outcome::Written);
     assert!(shell.session.literal_bytes() < 200_000, "a delta against the partial");

@@ -3,13 +3,13 @@
 
 use deltasync_core::access::Access;
 use deltasync_core::channel::ClientKey;
-use deltasync_core::chunker::{ChunkerKind, PIECE_MAX};
+use deltasync_core::chunker::{ChunkerKind, PIECE_MAX, PIECE_MIN};
 use deltasync_core::conn::server::Event;
 use deltasync_core::conn::{Download, Listed, Query, QueryKind, Upload};
 use deltasync_core::driver::DriveError;
 use deltasync_core::error::{ErrorCode, SessionError};
 use deltasync_core::message::{CAP_DELTA, CAPS, Outcome};
-use deltasync_core::receiver::{Base, Receiver};
+use deltasync_core::receiver::{Base, ReceiveStats, Receiver};
 use deltasync_core::sender::Sender;
 use deltasync_core::sim::*;
 use deltasync_core::tree::{FixedTree, Summary, Tree};
@@ -310,6 +310,17 @@ fn damaged_or_lying_pieces_are_refused_and_nothing_is_accepted() {
     });
     assert_eq!(r, bad);
     assert!(tree.is_none());
+    // Pieces shorter than the chunker cuts them, anywhere but at a range's
+    // end (a run of 64 KiB listed as 65,536 one-byte pieces would be as
+    // many segments to hold and copy).
+    let (r, tree) = meddled_sync(&old, &new, |_, p| {
+        let (id, len) = p[0];
+        let mut out = vec![(id, 1), (id, len - 1)];
+        out.extend_from_slice(&p[1..]);
+        out
+    });
+    assert_eq!(r, bad);
+    assert!(tree.is_none());
     // Pieces that do not cover the range asked, or cover more.
     for cut in [true, false] {
         let (r, tree) = meddled_sync(&old, &new, |_, p| {
@@ -338,6 +349,132 @@ fn damaged_or_lying_pieces_are_refused_and_nothing_is_accepted() {
     });
     assert_eq!(r, Ok(Outcome::Integrity));
     assert!(tree.is_none());
+}
+
+/// Old bytes that count what is read of them.
+struct Counted<'a>(&'a [u8], std::rc::Rc<std::cell::Cell<u64>>);
+
+impl deltasync_core::source::Source for Counted<'_> {
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), deltasync_core::source::IoFailed> {
+        self.1.set(self.1.get() + buf.len() as u64);
+        deltasync_core::source::Source::read_at(&mut self.0, offset, buf)
+    }
+}
+
+/// What an honest sync of `old` to `new` with deltas cost the receiver:
+/// its outcome, the requests it sent (by name), the old bytes it read
+/// beyond those it reused, and its counters.
+fn watched_sync(old: &[u8], new: &[u8]) -> (Outcome, Vec<&'static str>, u64, ReceiveStats) {
+    use deltasync_core::machine::{Machine, Poll};
+    use deltasync_core::message::Message;
+    let (salt, now) = ([5u8; 8], Instant(0));
+    let (old_tree, new_tree) = (Tree::build(old, ChunkerKind::Cdc), Tree::build(new, ChunkerKind::Cdc));
+    let read = std::rc::Rc::new(std::cell::Cell::new(0));
+    let base = Base { tree: &old_tree, source: Counted(old, read.clone()) };
+    let mut rx = Receiver::new(new_tree.summary(), salt, Some(base), Vec::new(), now).unwrap().deltas(true);
+    let mut tx = Sender::new(&new_tree, new, new_tree.summary(), salt, now);
+    let mut buf = vec![0u8; 80 * 1024];
+    let mut asked = Vec::new();
+    for _ in 0..100_000 {
+        match rx.poll(now, &mut buf).unwrap() {
+            Poll::Done(o) => {
+                let stats = rx.stats();
+                assert!(o != Outcome::Written || rx.into_parts().0 == new);
+                return (o, asked, read.get() - stats.reused_bytes, stats);
+            }
+            Poll::Transmit(n) => {
+                let m = Message::decode(payload(&buf[..n])).unwrap();
+                asked.push(match m {
+                    Message::GetSuffix { .. } => "GetSuffix",
+                    Message::GetPieces { .. } => "GetPieces",
+                    Message::GetData { .. } => "GetData",
+                    Message::GetChildren { .. } => "GetChildren",
+                    _ => "other",
+                });
+                tx.handle(now, m).unwrap();
+            }
+            Poll::Wait(_) => {}
+        }
+        if let Ok(Poll::Transmit(n)) = tx.poll(now, &mut buf) {
+            rx.handle(now, Message::decode(payload(&buf[..n])).unwrap()).unwrap();
+        }
+    }
+    panic!("the sync did not end");
+}
+
+#[test]
+fn the_old_bytes_compared_with_changed_chunks_stay_near_the_changed_ones() {
+    // A changed chunk is compared with the old bytes around where it was:
+    // as many as it holds and a piece more on each side, not 32 KiB
+    // whatever its size (a sender changing every other chunk would have
+    // the receiver hash 16 times the file).
+    let old = random_bytes(41, 2 << 20);
+    let new = scattered(&old, 48);
+    let (o, asked, extra, stats) = watched_sync(&old, &new);
+    assert_eq!(o, Outcome::Written);
+    let leaves = |data: &[u8]| {
+        use deltasync_core::tree::TreeView;
+        let t = Tree::build(data, ChunkerKind::Cdc);
+        (0..t.level_len(0)).map(|i| t.entry(0, i).unwrap()).map(|e| (e.id, e.len)).collect::<Vec<_>>()
+    };
+    let old_ids: std::collections::HashSet<_> = leaves(&old).into_iter().map(|e| e.0).collect();
+    let changed: Vec<u64> =
+        leaves(&new).into_iter().filter(|e| !old_ids.contains(&e.0)).map(|e| e.1).collect();
+    let bound = 2 * changed.iter().map(|&len| len + PIECE_MAX as u64).sum::<u64>();
+    assert!(asked.contains(&"GetPieces"), "{asked:?}");
+    assert!(
+        extra <= bound,
+        "{extra} old bytes read beyond those reused, for {} changed chunks",
+        changed.len()
+    );
+    assert!(stats.literal_bytes < 48 * 2 * PIECE_MAX as u64, "{stats:?}");
+}
+
+#[test]
+fn a_refused_probe_is_not_asked_again() {
+    // A small file that grew, but not at its end: the probe (its old bytes
+    // as the new start) is refused, and the walk that follows does not ask
+    // the same again.
+    let old = random_bytes(42, 3000);
+    let mut new = old.clone();
+    new[0] ^= 1;
+    new.extend_from_slice(&random_bytes(43, 1000));
+    let (o, asked, _, _) = watched_sync(&old, &new);
+    assert_eq!(o, Outcome::Written);
+    assert_eq!(asked.iter().filter(|&&a| a == "GetSuffix").count(), 1, "{asked:?}");
+    // Appended to: one probe, and only the new bytes come.
+    let mut grown = old.clone();
+    grown.extend_from_slice(&random_bytes(44, 1000));
+    let (o, asked, _, stats) = watched_sync(&old, &grown);
+    assert_eq!(o, Outcome::Written);
+    assert_eq!(asked, ["GetSuffix"]);
+    assert_eq!(stats.literal_bytes, 1000);
+}
+
+#[test]
+fn a_receiver_asking_for_more_deltas_than_the_file_holds_is_refused() {
+    // Each refused GetSuffix costs its sender the hash of up to 64 KiB and
+    // its receiver a few bytes: a sender hashes no more for deltas than an
+    // honest receiver could ask (the file once, and two suffixes).
+    use deltasync_core::machine::{Machine, Poll};
+    use deltasync_core::message::{DELTA_MAX, Message};
+    let data = random_bytes(45, 200_000);
+    let tree = Tree::build(&data, ChunkerKind::Cdc);
+    let now = Instant(0);
+    let mut tx = Sender::new(&tree, data.as_slice(), tree.summary(), [5; 8], now);
+    let mut buf = vec![0u8; 80 * 1024];
+    let ask = Message::GetSuffix { offset: 0, len: DELTA_MAX + 1, have: DELTA_MAX, id: 1 };
+    let mut answered = 0u64;
+    let refused = loop {
+        if let Err(e) = tx.handle(now, ask) {
+            break e;
+        }
+        assert!(matches!(tx.poll(now, &mut buf), Ok(Poll::Transmit(_))));
+        answered += 1;
+        assert!(answered < 100, "never refused");
+    };
+    assert_eq!(refused, SessionError::Protocol(ErrorCode::TooManyRequests));
+    assert_eq!(answered, (200_000 + 2 * DELTA_MAX) / DELTA_MAX);
 }
 
 /// An old version whose bytes an output can copy by itself.

@@ -261,6 +261,45 @@ fn a_write_only_key_can_put_whole_files_but_neither_list_nor_read_through_deltas
 }
 
 #[test]
+fn a_write_only_keys_upload_gets_no_deltas_within_chunks() {
+    // Which pieces of its chunks the stored bytes hold, and whether its
+    // bytes start with them (an id of them, which it could guess at), tell
+    // a key far more than which whole chunks are stored: a key that may
+    // not read the file is asked for changed chunks whole.
+    use deltasync_core::chunker::ChunkerKind;
+    use deltasync_core::conn::Upload;
+    use deltasync_core::sender::Sender;
+    use deltasync_core::tree::Tree;
+    let stored = random_bytes(6, 1 << 20);
+    let mut edited = stored.clone();
+    for k in 0..16 {
+        edited[(2 * k + 1) << 15] ^= 0x5a;
+    }
+    let writer = ClientKey { id: *b"writer02", secret: [4; 32] };
+    let access = Access { read: false, delete: false, ..Access::full("writer") };
+    let mut cost = Vec::new();
+    for key in [KEY, writer.clone()] {
+        let f = Files::default();
+        f.borrow_mut().insert("dev/log".into(), stored.clone());
+        let keyring = vec![(KEY, Access::full("sim")), (writer.clone(), access.clone())];
+        let mut s =
+            Session { server: server(&f, keyring), cp: pump(), sp: pump(), net: Net::new(), version: 0 };
+        let salt =
+            run(&mut handshake(key), &mut s.cp, &mut s.server, &mut s.sp, &mut s.net).expect("handshake");
+        let before = s.cp.sent + s.cp.received;
+        let tree = Tree::build(&edited, ChunkerKind::Cdc);
+        let sender = Sender::new(&tree, edited.as_slice(), tree.summary(), salt, Instant(0));
+        let mut op = Upload::new("dev/log", sender);
+        let outcome = run(&mut op, &mut s.cp, &mut s.server, &mut s.sp, &mut s.net).expect("upload");
+        assert_eq!(outcome, Outcome::Written);
+        assert!(f.borrow()["dev/log"] == edited);
+        cost.push(s.cp.sent + s.cp.received - before);
+    }
+    // 16 chunks of about 4 KiB whole, against 16 pieces of about 256.
+    assert!(cost[1] > 2 * cost[0], "reader {} bytes, write-only {} bytes", cost[0], cost[1]);
+}
+
+#[test]
 fn fetches_come_without_waiting_and_a_missing_file_fails_alone() {
     use deltasync_core::conn::fetch::FetchBatch;
     let f = files(&["a", "d/b", "empty"]);

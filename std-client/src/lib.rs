@@ -852,6 +852,13 @@ impl Connection {
             return Err(local(e));
         }
         let outcome = outcome?;
+        if outcome == Outcome::Integrity
+            && let Some(path) = &hints_file
+        {
+            // The offer's hash may have come from them: wrong hints would
+            // fail every upload of this file. The next one re-chunks it.
+            let _ = std::fs::remove_file(path);
+        }
         let ended = Ended {
             outcome,
             literal: session.literal_bytes(),

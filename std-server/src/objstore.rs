@@ -1766,6 +1766,12 @@ impl Output for ObjWriter {
         Ok(true)
     }
 
+    /// The store hashes every byte written (or copied) and refuses to
+    /// publish a version whose hash is not the offer's.
+    fn hashes_file(&self) -> bool {
+        true
+    }
+
     fn index_in_background(&mut self, kind: ChunkerKind) -> bool {
         // Chunked as the transfer is, this writer's chunks are the tree's
         // leaves; it builds the tree as it goes.

@@ -1263,6 +1263,12 @@ impl Output for TempFile {
         Ok(true)
     }
 
+    /// The store hashes every byte written (or copied) and refuses to
+    /// publish a version whose hash is not the offer's.
+    fn hashes_file(&self) -> bool {
+        true
+    }
+
     fn finish_tree(&mut self) -> Result<Tree, IoFailed> {
         let failed = |e: io::Error| {
             tracing::warn!(error = %e, "indexing the new version failed");

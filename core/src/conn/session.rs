@@ -382,7 +382,20 @@ impl<T: TreeView, S: Source> Machine for UploadSession<'_, T, S> {
                     }
                     Poll::Done(outcome) => {
                         self.literal += op.sender().literal_bytes();
-                        self.reported = op.sender().reported_hash();
+                        // A server tells the hash only when the offer
+                        // left it unknown. Else it is the offer's, which
+                        // the server checked before it published; for a
+                        // version it held already, only if `Stat` told
+                        // the same (the offer's is a claim it did not
+                        // check: the shell hashes the file).
+                        let offer = op.sender().summary();
+                        let offered = (offer.file_hash.is_known()).then_some(offer.file_hash);
+                        let told = self.stored == offered.map(|h| (offer.size, h));
+                        self.reported = op.sender().reported_hash().or(match outcome {
+                            Outcome::Written => offered,
+                            Outcome::Unchanged if told => offered,
+                            _ => None,
+                        });
                         self.replaced = op.replaced();
                         self.state = State::Done(outcome);
                     }
