@@ -851,14 +851,14 @@ impl Connection {
         if let Some(e) = failed {
             return Err(local(e));
         }
-        let outcome = outcome?;
-        if outcome == Outcome::Integrity
+        // The offer's hash may have come from the hints: wrong ones would
+        // fail every upload of this file. The next one re-chunks it.
+        if matches!(outcome, Ok(Outcome::Integrity) | Err(ClientError::Integrity(_)))
             && let Some(path) = &hints_file
         {
-            // The offer's hash may have come from them: wrong hints would
-            // fail every upload of this file. The next one re-chunks it.
             let _ = std::fs::remove_file(path);
         }
+        let outcome = outcome?;
         let ended = Ended {
             outcome,
             literal: session.literal_bytes(),

@@ -210,6 +210,34 @@ fn chunk_hints_never_mislead_an_upload() {
 }
 
 #[test]
+fn hints_naming_the_wrong_hash_fail_one_upload_not_every_one() {
+    use deltasync_host::hints::ChunkHints;
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Server::start(&dir.path().join("root"));
+    let (path, other) = (dir.path().join("doc"), dir.path().join("other"));
+    let (v1, v2) = (random(52, 1 << 20), random(53, 1 << 20));
+    std::fs::write(&path, &v1).unwrap();
+    assert_eq!(srv.json(&["upload", s(&path), "--as", "doc"])["mode"], "full");
+    // Another version published since, from elsewhere.
+    std::fs::write(&other, &v2).unwrap();
+    assert!(srv.cli(&["--no-hints", "upload", s(&other), "--as", "doc"]).status.success());
+    // The hints of this version name a hash that is not its own (well
+    // formed, as a bug or an edit could leave them): the offer claims it,
+    // and the server refuses to publish.
+    let hints: Vec<_> = std::fs::read_dir(srv.hints()).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(hints.len(), 1);
+    let stored = ChunkHints::from_bytes(&std::fs::read(&hints[0]).unwrap()).unwrap();
+    std::fs::write(&hints[0], stored.with_file_hash(deltasync_core::Hash([9; 32])).to_bytes()).unwrap();
+    let out = srv.cli(&["upload", s(&path), "--as", "doc"]);
+    assert!(!out.status.success());
+    assert!(srv.stored("doc").unwrap() == v2);
+    // Dropped with that failure: the next upload re-chunks the file.
+    let up = srv.json(&["upload", s(&path), "--as", "doc"]);
+    assert_eq!(up["sha256"], deltasync_core::Hash::of(&v1).to_string());
+    assert!(srv.stored("doc").unwrap() == v1);
+}
+
+#[test]
 fn fifty_concurrent_clients_get_byte_exact_results() {
     let dir = tempfile::tempdir().unwrap();
     let srv = Server::start(&dir.path().join("root"));
