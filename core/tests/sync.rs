@@ -3,7 +3,7 @@
 
 use deltasync_core::access::Access;
 use deltasync_core::channel::ClientKey;
-use deltasync_core::chunker::{ChunkerKind, PIECE_MAX, PIECE_MIN};
+use deltasync_core::chunker::{ChunkerKind, PIECE_MAX};
 use deltasync_core::conn::server::Event;
 use deltasync_core::conn::{Download, Listed, Query, QueryKind, Upload};
 use deltasync_core::driver::DriveError;
