@@ -177,6 +177,8 @@ pub struct Receiver<T, R, W> {
     /// May ask for deltas within chunks (the sender announced
     /// [`crate::message::CAP_DELTA`]).
     deltas: bool,
+    /// With deltas, may also compare changed runs piece by piece.
+    by_pieces: bool,
     /// Runs compared piece by piece, and the next one to ask for.
     refine: Vec<Refine>,
     refine_next: usize,
@@ -246,6 +248,7 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
             segs: Vec::new(),
             fetch: VecDeque::new(),
             deltas: false,
+            by_pieces: true,
             refine: Vec::new(),
             refine_next: 0,
             pieces: Vec::new(),
@@ -289,6 +292,15 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
     /// bytes around it lack (`GetPieces`).
     pub fn deltas(mut self, on: bool) -> Self {
         self.deltas = on;
+        self
+    }
+
+    /// With deltas on, asks only for suffixes, never for pieces: which
+    /// pieces of a chunk the old bytes hold is for a sender that may read
+    /// them (a suffix's id tells no more than the SHA-256 of the old
+    /// version, which `Stat` tells every key that may write it).
+    pub fn without_pieces(mut self) -> Self {
+        self.by_pieces = false;
         self
     }
 
@@ -509,7 +521,7 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
                 self.suffix = Some(Get::Suffix { offset: at, len, have, id, from });
                 continue;
             }
-            if len > DELTA_MAX {
+            if len > DELTA_MAX || !self.by_pieces {
                 continue;
             }
             let reach = reach(len);

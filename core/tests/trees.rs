@@ -261,11 +261,12 @@ fn a_write_only_key_can_put_whole_files_but_neither_list_nor_read_through_deltas
 }
 
 #[test]
-fn a_write_only_keys_upload_gets_no_deltas_within_chunks() {
-    // Which pieces of its chunks the stored bytes hold, and whether its
-    // bytes start with them (an id of them, which it could guess at), tell
-    // a key far more than which whole chunks are stored: a key that may
-    // not read the file is asked for changed chunks whole.
+fn a_write_only_keys_upload_gets_suffixes_but_no_pieces() {
+    // Which pieces of its chunks the stored bytes hold tells a key far
+    // more than which whole chunks are stored: a key that may not read the
+    // file is asked for changed chunks whole. Its appends still go as
+    // suffixes (a device's log): their id tells no more than the stored
+    // version's SHA-256, which `Stat` tells a writer.
     use deltasync_core::chunker::ChunkerKind;
     use deltasync_core::conn::Upload;
     use deltasync_core::sender::Sender;
@@ -277,8 +278,15 @@ fn a_write_only_keys_upload_gets_no_deltas_within_chunks() {
     }
     let writer = ClientKey { id: *b"writer02", secret: [4; 32] };
     let access = Access { read: false, delete: false, ..Access::full("writer") };
+    let mut appended = stored[..20_000].to_vec();
+    appended.extend_from_slice(&random_bytes(7, 924));
     let mut cost = Vec::new();
-    for key in [KEY, writer.clone()] {
+    for (key, old, new) in [
+        (KEY, &stored, &edited),
+        (writer.clone(), &stored, &edited),
+        (writer.clone(), &stored[..20_000].to_vec(), &appended),
+    ] {
+        let (stored, edited) = (old.clone(), new.clone());
         let f = Files::default();
         f.borrow_mut().insert("dev/log".into(), stored.clone());
         let keyring = vec![(KEY, Access::full("sim")), (writer.clone(), access.clone())];
@@ -297,6 +305,7 @@ fn a_write_only_keys_upload_gets_no_deltas_within_chunks() {
     }
     // 16 chunks of about 4 KiB whole, against 16 pieces of about 256.
     assert!(cost[1] > 2 * cost[0], "reader {} bytes, write-only {} bytes", cost[0], cost[1]);
+    assert!(cost[2] <= 924 + 300, "a write-only key's append of 924 bytes cost {}", cost[2]);
 }
 
 #[test]

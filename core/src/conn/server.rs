@@ -1072,10 +1072,11 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
         let rx = Receiver::new(offer, self.salt, base, writer, now)
             .map_err(|_| ErrorCode::Unsupported)?
             .holding(old_summary.map(|s| (s.root, s.size)))
-            // Which pieces of a chunk the old bytes hold, and whether the
-            // new bytes start with them, tell far more than which chunks
-            // they hold: only to a key that may read them anyway.
-            .deltas(self.caps & crate::message::CAP_DELTA != 0 && self.allowed(Operation::Read, name));
+            .deltas(self.caps & crate::message::CAP_DELTA != 0);
+        // Which pieces of a chunk the old bytes hold tells far more than
+        // which chunks they hold: only to a key that may read them anyway.
+        // A device's write-only key still gets its appends as suffixes.
+        let rx = if self.allowed(Operation::Read, name) { rx } else { rx.without_pieces() };
         self.events.push_back(Event::Started {
             name: name.to_string(),
             direction: Direction::Upload,
