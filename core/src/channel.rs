@@ -18,6 +18,7 @@
 //! This module holds the cryptographic state only; [`crate::conn`] runs the
 //! handshake and [`crate::driver::Pump`] seals and opens frames.
 
+#[cfg(not(feature = "ring"))]
 use clatter::crypto::cipher::ChaChaPoly;
 use clatter::crypto::dh::X25519;
 use clatter::crypto::hash::Sha256;
@@ -27,8 +28,8 @@ use clatter::transportstate::TransportState;
 use clatter::{KeyPair, NqHandshakeCore};
 use serde::{Deserialize, Serialize};
 
-#[cfg(feature = "aes")]
-use clatter::crypto::cipher::AesGcm;
+#[cfg(feature = "ring")]
+use crate::ringaead::{RingAesGcm as AesGcm, RingChaChaPoly as ChaChaPoly};
 
 /// Bytes a sealed frame adds to its plaintext (the AEAD tag).
 pub const TAG_LEN: usize = 16;
@@ -52,19 +53,26 @@ pub enum CipherKind {
 }
 
 impl CipherKind {
-    /// Whether this build implements it (AES-GCM needs the `aes` feature).
+    /// Whether this build implements it (AES-GCM needs the `ring` feature:
+    /// hosts have it, devices do not).
     pub fn supported(self) -> bool {
         match self {
             CipherKind::ChaChaPoly => true,
-            CipherKind::AesGcm => cfg!(feature = "aes"),
+            CipherKind::AesGcm => cfg!(feature = "ring"),
         }
     }
 
-    /// The cipher clients use unless told otherwise: ChaCha20-Poly1305. On
-    /// this project's x86-64 machines (AES-NI, PCLMULQDQ, AVX2) it sealed
-    /// and opened frames as fast as AES-GCM or faster (BENCHMARKS.md,
-    /// `cipher-bench`), and it is the only fast one on devices.
+    /// The cipher clients use unless told otherwise: AES-256-GCM where this
+    /// build has `ring` and the CPU has AES and carry-less multiply
+    /// instructions (there ring seals and opens it about four times as fast
+    /// as ChaCha20-Poly1305: BENCHMARKS.md §11), ChaCha20-Poly1305
+    /// elsewhere (devices, CPUs without AES instructions, where software AES
+    /// is slow).
     pub fn preferred() -> CipherKind {
+        #[cfg(all(feature = "ring", feature = "std"))]
+        if crate::ringaead::aes_is_fast() {
+            return CipherKind::AesGcm;
+        }
         CipherKind::ChaChaPoly
     }
 
@@ -144,7 +152,7 @@ macro_rules! each_cipher {
     ($v:expr, $enum:ident, $x:ident => $body:expr) => {
         match $v {
             $enum::ChaCha($x) => $body,
-            #[cfg(feature = "aes")]
+            #[cfg(feature = "ring")]
             $enum::Aes($x) => $body,
         }
     };
@@ -153,7 +161,7 @@ macro_rules! each_cipher {
 #[allow(clippy::large_enum_variant)]
 enum HsInner {
     ChaCha(Hs<ChaChaPoly>),
-    #[cfg(feature = "aes")]
+    #[cfg(feature = "ring")]
     Aes(Hs<AesGcm>),
 }
 
@@ -188,9 +196,9 @@ impl Handshake {
         }
         Ok(Handshake(match cipher {
             CipherKind::ChaChaPoly => HsInner::ChaCha(make(initiator, prologue, psk, ephemeral)?),
-            #[cfg(feature = "aes")]
+            #[cfg(feature = "ring")]
             CipherKind::AesGcm => HsInner::Aes(make(initiator, prologue, psk, ephemeral)?),
-            #[cfg(not(feature = "aes"))]
+            #[cfg(not(feature = "ring"))]
             CipherKind::AesGcm => return Err(ChannelError::Unsupported),
         }))
     }
@@ -222,7 +230,7 @@ impl Handshake {
     pub fn finish(self) -> Result<Channel, ChannelError> {
         Ok(Channel(match self.0 {
             HsInner::ChaCha(h) => ChInner::ChaCha(h.finalize().map_err(|_| ChannelError::State)?),
-            #[cfg(feature = "aes")]
+            #[cfg(feature = "ring")]
             HsInner::Aes(h) => ChInner::Aes(h.finalize().map_err(|_| ChannelError::State)?),
         }))
     }
@@ -231,7 +239,7 @@ impl Handshake {
 #[allow(clippy::large_enum_variant)]
 enum ChInner {
     ChaCha(TransportState<ChaChaPoly, Sha256>),
-    #[cfg(feature = "aes")]
+    #[cfg(feature = "ring")]
     Aes(TransportState<AesGcm, Sha256>),
 }
 

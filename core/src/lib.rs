@@ -36,6 +36,8 @@ pub mod machine;
 pub mod message;
 #[cfg(feature = "alloc")]
 pub mod plan;
+#[cfg(feature = "ring")]
+mod ringaead;
 pub mod sender;
 pub mod source;
 pub mod time;

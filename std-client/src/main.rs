@@ -28,11 +28,11 @@ struct Cli {
     /// or ~/.config/deltasync/key, which a server on this machine writes].
     #[arg(long, env = "DELTASYNC_KEY_FILE", global = true, value_name = "PATH")]
     key_file: Option<PathBuf>,
-    /// The session's cipher: chacha20-poly1305 (the default) or aes-256-gcm
-    /// (faster on some CPUs with AES instructions; measure with
-    /// `cipher-bench`).
-    #[arg(long, env = "DELTASYNC_CIPHER", global = true, default_value = "chacha20-poly1305", value_parser = parse_cipher)]
-    cipher: deltasync_client::CipherKind,
+    /// The session's cipher: aes-256-gcm or chacha20-poly1305 [default:
+    /// aes-256-gcm on CPUs with AES and carry-less multiply instructions,
+    /// chacha20-poly1305 elsewhere; `cipher-bench` measures both].
+    #[arg(long, env = "DELTASYNC_CIPHER", global = true, value_parser = parse_cipher)]
+    cipher: Option<deltasync_client::CipherKind>,
     /// Print one JSON object per result on stdout, and no progress bars.
     #[arg(long, global = true)]
     json: bool,
@@ -436,7 +436,12 @@ fn run(cli: Cli) -> Result<(), ClientError> {
     let key = find_key(cli.key, cli.key_file)?;
     let hints = if cli.no_hints { None } else { cli.hints.or_else(deltasync_client::default_hints_dir) };
     let connect = || -> Result<Connection, ClientError> {
-        let mut c = Connection::connect_using(&cli.server, &key, !cli.no_compress, cli.cipher)?;
+        let mut c = Connection::connect_using(
+            &cli.server,
+            &key,
+            !cli.no_compress,
+            cli.cipher.unwrap_or_else(deltasync_client::CipherKind::preferred),
+        )?;
         if let Some(r) = cli.limit_rate {
             c.limit_rate(r);
         }

@@ -33,7 +33,7 @@ const HELLO: (usize, usize, usize) = (512, 256, 256);
 /// a transfer (a whole request fits in the input, so it takes one read).
 const SMALL: (usize, usize, usize) = (MAX_NAME + 1024, MAX_NAME + 512, MAX_NAME + 512);
 /// Buffers while a request is served: full `Data` frames both ways.
-const LARGE: (usize, usize, usize) = (64 * 1024, MAX_SEALED, MAX_ENCODED);
+const LARGE: (usize, usize, usize) = (256 * 1024, MAX_SEALED, MAX_ENCODED);
 
 /// Threads for handshake steps (an X25519 exchange and a key lookup each).
 const HANDSHAKE_THREADS: usize = 2;

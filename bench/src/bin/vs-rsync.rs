@@ -95,7 +95,12 @@ fn main() {
     let hints = work.join("hints");
     let down_hints = work.join("down-hints");
     let mut rows: Vec<Row> = Vec::new();
+    // BENCH_ONLY=TEXT runs only the scenarios whose label holds TEXT.
+    let only = std::env::var("BENCH_ONLY").ok();
     for (k, (label, old, new)) in scenarios.into_iter().enumerate() {
+        if only.as_deref().is_some_and(|o| !label.contains(o)) {
+            continue;
+        }
         let dirs: &[Dir] = if old.is_some() && old != Some(new) { &[Dir::Up, Dir::Down] } else { &[Dir::Up] };
         for &dir in dirs {
             let mut secs: [Vec<f64>; 3] = Default::default();

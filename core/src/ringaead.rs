@@ -1,0 +1,213 @@
+//! Noise's two AEAD cipher functions over `ring`'s assembly
+//! implementations (hosts only: the `ring` feature). Same protocol, same
+//! bytes as clatter's RustCrypto ciphers (the published Noise vectors pass
+//! through both); several times the speed on CPUs with AES, carry-less
+//! multiply and wide vector instructions (BENCHMARKS.md §11).
+//!
+//! Noise fixes what each cipher function is (specification, section 5):
+//! the 96-bit nonce is 32 zero bits then the 64-bit counter, little-endian
+//! for ChaChaPoly and big-endian for AESGCM; the tag is 16 bytes, appended.
+//! Only that framing is here; the ciphers are `ring`'s.
+
+use clatter::bytearray::SensitiveByteArray;
+use clatter::error::{CipherError, CipherResult};
+use clatter::traits::{Cipher, CryptoComponent};
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey};
+
+const TAG: usize = 16;
+
+/// One of ring's AEADs with Noise's nonce layout.
+trait Algorithm {
+    const NAME: &'static str;
+    fn algorithm() -> &'static ring::aead::Algorithm;
+    fn nonce(n: u64) -> [u8; 8];
+}
+
+fn key<A: Algorithm>(k: &[u8; 32]) -> CipherResult<LessSafeKey> {
+    UnboundKey::new(A::algorithm(), k).map(LessSafeKey::new).map_err(|_| CipherError::MissingKeyMaterial)
+}
+
+fn nonce<A: Algorithm>(n: u64) -> Nonce {
+    let mut full = [0u8; 12];
+    full[4..].copy_from_slice(&A::nonce(n));
+    Nonce::assume_unique_for_key(full)
+}
+
+fn seal<A: Algorithm>(k: &[u8; 32], n: u64, ad: &[u8], in_out: &mut [u8], len: usize) -> CipherResult<usize> {
+    assert!(len.checked_add(TAG).is_some_and(|l| l <= in_out.len()));
+    let (text, rest) = in_out.split_at_mut(len);
+    let tag = key::<A>(k)?
+        .seal_in_place_separate_tag(nonce::<A>(n), Aad::from(ad), text)
+        .map_err(|_| CipherError::Encrypt)?;
+    rest[..TAG].copy_from_slice(tag.as_ref());
+    Ok(len + TAG)
+}
+
+fn open<A: Algorithm>(k: &[u8; 32], n: u64, ad: &[u8], in_out: &mut [u8], len: usize) -> CipherResult<usize> {
+    assert!(len <= in_out.len());
+    if len < TAG {
+        return Err(CipherError::Decrypt);
+    }
+    let plain = key::<A>(k)?
+        .open_in_place(nonce::<A>(n), Aad::from(ad), &mut in_out[..len])
+        .map_err(|_| CipherError::Decrypt)?;
+    Ok(plain.len())
+}
+
+/// Implements clatter's `Cipher` for a marker type over [`Algorithm`].
+macro_rules! noise_cipher {
+    ($ty:ident) => {
+        impl CryptoComponent for $ty {
+            fn name() -> &'static str {
+                <$ty as Algorithm>::NAME
+            }
+        }
+
+        impl Cipher for $ty {
+            type Key = SensitiveByteArray<[u8; 32]>;
+
+            fn tag_len() -> usize {
+                TAG
+            }
+
+            fn encrypt(
+                k: &Self::Key,
+                n: u64,
+                ad: &[u8],
+                plaintext: &[u8],
+                out: &mut [u8],
+            ) -> CipherResult<()> {
+                assert!(plaintext.len().checked_add(TAG) == Some(out.len()));
+                out[..plaintext.len()].copy_from_slice(plaintext);
+                seal::<$ty>(k, n, ad, out, plaintext.len()).map(|_| ())
+            }
+
+            fn encrypt_in_place(
+                k: &Self::Key,
+                n: u64,
+                ad: &[u8],
+                in_out: &mut [u8],
+                plaintext_len: usize,
+            ) -> CipherResult<usize> {
+                seal::<$ty>(k, n, ad, in_out, plaintext_len)
+            }
+
+            fn decrypt(
+                k: &Self::Key,
+                n: u64,
+                ad: &[u8],
+                ciphertext: &[u8],
+                out: &mut [u8],
+            ) -> CipherResult<()> {
+                assert!(ciphertext.len().checked_sub(TAG) == Some(out.len()));
+                // ring opens in place: work on a copy, and hand out the
+                // plaintext only once it authenticated.
+                let mut buf = alloc::vec::Vec::from(ciphertext);
+                let len = open::<$ty>(k, n, ad, &mut buf, ciphertext.len())?;
+                out.copy_from_slice(&buf[..len]);
+                Ok(())
+            }
+
+            fn decrypt_in_place(
+                k: &Self::Key,
+                n: u64,
+                ad: &[u8],
+                in_out: &mut [u8],
+                ciphertext_len: usize,
+            ) -> CipherResult<usize> {
+                open::<$ty>(k, n, ad, in_out, ciphertext_len)
+            }
+        }
+    };
+}
+
+/// Noise `AESGCM` (AES-256-GCM) through `ring`.
+#[derive(Clone)]
+pub struct RingAesGcm;
+
+impl Algorithm for RingAesGcm {
+    const NAME: &'static str = "AESGCM";
+    fn algorithm() -> &'static ring::aead::Algorithm {
+        &ring::aead::AES_256_GCM
+    }
+    fn nonce(n: u64) -> [u8; 8] {
+        n.to_be_bytes()
+    }
+}
+
+/// Noise `ChaChaPoly` (ChaCha20-Poly1305, RFC 8439) through `ring`.
+#[derive(Clone)]
+pub struct RingChaChaPoly;
+
+impl Algorithm for RingChaChaPoly {
+    const NAME: &'static str = "ChaChaPoly";
+    fn algorithm() -> &'static ring::aead::Algorithm {
+        &ring::aead::CHACHA20_POLY1305
+    }
+    fn nonce(n: u64) -> [u8; 8] {
+        n.to_le_bytes()
+    }
+}
+
+noise_cipher!(RingAesGcm);
+noise_cipher!(RingChaChaPoly);
+
+/// Whether this CPU runs AES-GCM faster than ChaCha20-Poly1305 in `ring`:
+/// it has AES and carry-less multiply instructions.
+#[cfg(feature = "std")]
+pub fn aes_is_fast() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("aes") && std::arch::is_x86_feature_detected!("pclmulqdq")
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        std::arch::is_aarch64_feature_detected!("aes") && std::arch::is_aarch64_feature_detected!("pmull")
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clatter::bytearray::ByteArray;
+    use clatter::crypto::cipher::ChaChaPoly;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// ring's ChaCha20-Poly1305 (hosts) and clatter's (devices) write
+        /// the same bytes and open each other's, and neither opens a frame
+        /// with any bit changed; the same vectors as clatter's check AESGCM
+        /// (`channel::tests`).
+        #[test]
+        fn rings_chacha_and_the_devices_agree_byte_for_byte(
+            key in any::<[u8; 32]>(),
+            n in any::<u64>(),
+            ad in proptest::collection::vec(any::<u8>(), 0..40),
+            text in proptest::collection::vec(any::<u8>(), 0..3000),
+            flip in any::<proptest::sample::Index>(),
+        ) {
+            let k = SensitiveByteArray::<[u8; 32]>::from_slice(&key);
+            let mut ours = text.clone();
+            ours.resize(text.len() + TAG, 0);
+            let mut theirs = ours.clone();
+            prop_assert_eq!(RingChaChaPoly::encrypt_in_place(&k, n, &ad, &mut ours, text.len()).ok(), Some(text.len() + TAG));
+            ChaChaPoly::encrypt_in_place(&k, n, &ad, &mut theirs, text.len()).unwrap();
+            prop_assert_eq!(&ours, &theirs);
+
+            let mut out = vec![0u8; text.len()];
+            RingChaChaPoly::decrypt(&k, n, &ad, &theirs, &mut out).unwrap();
+            prop_assert_eq!(&out, &text);
+            let mut bad = ours.clone();
+            bad[flip.index(ours.len())] ^= 1 << (n % 8);
+            prop_assert!(RingChaChaPoly::decrypt_in_place(&k, n, &ad, &mut bad.clone(), bad.len()).is_err());
+            prop_assert!(ChaChaPoly::decrypt_in_place(&k, n, &ad, &mut bad, ours.len()).is_err());
+            prop_assert!(RingChaChaPoly::decrypt_in_place(&k, n ^ 1, &ad, &mut theirs.clone(), ours.len()).is_err());
+            prop_assert_eq!(ChaChaPoly::decrypt_in_place(&k, n, &ad, &mut ours, theirs.len()).ok(), Some(text.len()));
+            prop_assert_eq!(&ours[..text.len()], &text[..]);
+        }
+    }
+}
