@@ -1,7 +1,8 @@
 //! Noise's two AEAD cipher functions over `ring`'s assembly
 //! implementations (hosts only: the `ring` feature). Same protocol, same
 //! bytes as clatter's RustCrypto ciphers (the published Noise vectors pass
-//! through both); several times the speed on CPUs with AES, carry-less
+//! through these, and a property test checks them against clatter's byte for
+//! byte); several times the speed on CPUs with AES, carry-less
 //! multiply and wide vector instructions (BENCHMARKS.md §11).
 //!
 //! Noise fixes what each cipher function is (specification, section 5):
@@ -20,7 +21,7 @@ use clatter::error::{CipherError, CipherResult};
 use clatter::traits::{Cipher, CryptoComponent};
 use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey};
 
-const TAG: usize = 16;
+use crate::channel::TAG_LEN as TAG;
 
 /// One of ring's AEADs with Noise's nonce layout.
 trait Algorithm {
@@ -49,15 +50,14 @@ fn seal<A: Algorithm>(k: &[u8; 32], n: u64, ad: &[u8], in_out: &mut [u8], len: u
     Ok(len + TAG)
 }
 
-fn open<A: Algorithm>(k: &[u8; 32], n: u64, ad: &[u8], in_out: &mut [u8], len: usize) -> CipherResult<usize> {
-    assert!(len <= in_out.len());
-    if len < TAG {
-        return Err(CipherError::Decrypt);
-    }
-    let plain = key::<A>(k)?
-        .open_in_place(nonce::<A>(n), Aad::from(ad), &mut in_out[..len])
+/// Opens `text` in place, authenticated by `tag`. On failure `text` holds
+/// no plaintext callers may use (they drop it).
+fn open<A: Algorithm>(k: &[u8; 32], n: u64, ad: &[u8], text: &mut [u8], tag: &[u8]) -> CipherResult<()> {
+    let tag = Tag::try_from(tag).map_err(|_| CipherError::Decrypt)?;
+    key::<A>(k)?
+        .open_in_place_separate_tag(nonce::<A>(n), Aad::from(ad), tag, text, 0..)
         .map_err(|_| CipherError::Decrypt)?;
-    Ok(plain.len())
+    Ok(())
 }
 
 /// Implements clatter's `Cipher` for a marker type over [`Algorithm`].
@@ -106,15 +106,9 @@ macro_rules! noise_cipher {
                 out: &mut [u8],
             ) -> CipherResult<()> {
                 assert!(ciphertext.len().checked_sub(TAG) == Some(out.len()));
-                // ring opens in place: into `out`, which callers drop when
-                // this fails.
                 let (body, tag) = ciphertext.split_at(out.len());
                 out.copy_from_slice(body);
-                let tag = Tag::try_from(tag).map_err(|_| CipherError::Decrypt)?;
-                key::<$ty>(k)?
-                    .open_in_place_separate_tag(nonce::<$ty>(n), Aad::from(ad), tag, out, 0..)
-                    .map_err(|_| CipherError::Decrypt)?;
-                Ok(())
+                open::<$ty>(k, n, ad, out, tag)
             }
 
             fn decrypt_in_place(
@@ -124,7 +118,11 @@ macro_rules! noise_cipher {
                 in_out: &mut [u8],
                 ciphertext_len: usize,
             ) -> CipherResult<usize> {
-                open::<$ty>(k, n, ad, in_out, ciphertext_len)
+                assert!(ciphertext_len <= in_out.len());
+                let text_len = ciphertext_len.checked_sub(TAG).ok_or(CipherError::Decrypt)?;
+                let (text, tag) = in_out[..ciphertext_len].split_at_mut(text_len);
+                open::<$ty>(k, n, ad, text, tag)?;
+                Ok(text_len)
             }
         }
     };
