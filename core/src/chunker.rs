@@ -34,6 +34,10 @@ pub const CDC_MAX: usize = 16 * 1024;
 pub const PIECE_MIN: usize = 64;
 /// Largest piece [`Chunker::pieces`] cuts.
 pub const PIECE_MAX: usize = 1024;
+/// Smallest fine piece [`Chunker::fine`] cuts (but the last of a range).
+pub const FINE_MIN: usize = 16;
+/// Largest fine piece [`Chunker::fine`] cuts: its length fits one byte.
+pub const FINE_MAX: usize = 128;
 /// Largest fixed chunk size accepted from a peer.
 pub const FIXED_MAX: u32 = 1 << 20;
 /// Smallest fixed chunk size accepted from a peer: tiny chunks would make
@@ -184,6 +188,12 @@ struct Cdc {
     max: usize,
     hard: u64,
     easy: u64,
+    /// Bits the hash shifts per byte: 1, so that a cut depends on the 64
+    /// bytes before it; 4 for fine pieces, so that it depends on the 16
+    /// before it only, and cuts of the same bytes from two starts agree
+    /// again a few fine pieces on. (Devices cut with 1 only.)
+    #[cfg(feature = "alloc")]
+    step: u32,
 }
 
 impl Chunker {
@@ -196,6 +206,8 @@ impl Chunker {
             max: CDC_MAX << s,
             hard: top_bits(12 + s),
             easy: top_bits(10 + s),
+            #[cfg(feature = "alloc")]
+            step: 1,
         };
         Chunker { kind, cdc, pos: 0, hash: 0 }
     }
@@ -204,7 +216,39 @@ impl Chunker {
     /// (256 normally), which deltas within a chunk compare (see
     /// [`crate::message::Message::GetPieces`]).
     pub fn pieces() -> Self {
-        let cdc = Cdc { min: PIECE_MIN, avg: 256, max: PIECE_MAX, hard: top_bits(8), easy: top_bits(6) };
+        let cdc = Cdc {
+            min: PIECE_MIN,
+            avg: 256,
+            max: PIECE_MAX,
+            hard: top_bits(8),
+            easy: top_bits(6),
+            #[cfg(feature = "alloc")]
+            step: 1,
+        };
+        Chunker { kind: ChunkerKind::Cdc, cdc, pos: 0, hash: 0 }
+    }
+
+    /// A chunker of pieces whose cuts resynchronise at once: 64 to 1,024
+    /// bytes apart (320 normally: 1 in 256 after the first 64), each cut
+    /// decided by the 16 bytes before it, not by where the piece started.
+    /// [`Chunker::pieces`] cuts with two masks and a 64-byte hash, so after
+    /// a changed byte its cuts can take a kilobyte to fall where the old
+    /// bytes' did, and every piece until then differs; these fall there
+    /// again one or two pieces on (see
+    /// [`crate::message::Message::GetPiecesV2`]).
+    #[cfg(feature = "alloc")]
+    pub fn pieces_v2() -> Self {
+        let cdc = Cdc { min: PIECE_MIN, avg: PIECE_MIN, max: PIECE_MAX, hard: 0, easy: top_bits(8), step: 4 };
+        Chunker { kind: ChunkerKind::Cdc, cdc, pos: 0, hash: 0 }
+    }
+
+    /// A chunker of fine pieces: content-defined cuts 16 to 128 bytes
+    /// apart (32 normally: 1 in 16 after the first 16), each decided by
+    /// the 16 bytes before it, which a changed piece is compared by (see
+    /// [`crate::message::Message::GetFine`]).
+    #[cfg(feature = "alloc")]
+    pub fn fine() -> Self {
+        let cdc = Cdc { min: FINE_MIN, avg: FINE_MIN, max: FINE_MAX, hard: 0, easy: top_bits(4), step: 4 };
         Chunker { kind: ChunkerKind::Cdc, cdc, pos: 0, hash: 0 }
     }
 
@@ -245,7 +289,11 @@ impl Chunker {
     }
 
     fn next_cdc(&mut self, data: &[u8]) -> Option<usize> {
-        let Cdc { min, avg, max, hard, easy } = self.cdc;
+        let Cdc { min, avg, max, hard, easy, .. } = self.cdc;
+        #[cfg(feature = "alloc")]
+        let step = self.cdc.step;
+        #[cfg(not(feature = "alloc"))]
+        let step = 1;
         // `i` indexes `data`; the byte data[i] sits at chunk position pos + i.
         let mut i = 0usize;
         if self.pos < min {
@@ -261,7 +309,7 @@ impl Chunker {
         // Hard mask up to the normal size.
         if base + i < avg {
             let end = (avg - base).min(data.len());
-            if let Some(n) = scan(&data[i..end], &mut h, hard) {
+            if let Some(n) = scan(&data[i..end], &mut h, hard, step) {
                 self.reset();
                 return Some(i + n);
             }
@@ -271,7 +319,7 @@ impl Chunker {
         // long always ends it.
         let end = (max - base).min(data.len());
         if i < end {
-            if let Some(n) = scan(&data[i..end], &mut h, easy) {
+            if let Some(n) = scan(&data[i..end], &mut h, easy, step) {
                 self.reset();
                 return Some(i + n);
             }
@@ -290,10 +338,15 @@ impl Chunker {
 /// Rolls the gear hash over `bytes`; returns the length up to and including
 /// the first byte after which `h & mask == 0`.
 #[inline(always)]
-fn scan(bytes: &[u8], h: &mut u64, mask: u64) -> Option<usize> {
+fn scan(bytes: &[u8], h: &mut u64, mask: u64, step: u32) -> Option<usize> {
+    if step == 4 { scan_by::<4>(bytes, h, mask) } else { scan_by::<1>(bytes, h, mask) }
+}
+
+/// [`scan`] with the hash shifted `STEP` bits per byte.
+fn scan_by<const STEP: u32>(bytes: &[u8], h: &mut u64, mask: u64) -> Option<usize> {
     let mut x = *h;
     for (k, &b) in bytes.iter().enumerate() {
-        x = (x << 1).wrapping_add(GEAR[b as usize]);
+        x = (x << STEP).wrapping_add(GEAR[b as usize]);
         if x & mask == 0 {
             *h = x;
             return Some(k + 1);
@@ -313,6 +366,20 @@ pub fn for_each_chunk(kind: ChunkerKind, data: &[u8], f: impl FnMut(&[u8])) -> u
 /// from its start, the last one ending with it.
 pub fn for_each_piece(data: &[u8], f: impl FnMut(&[u8])) {
     for_each_cut(Chunker::pieces(), data, f);
+}
+
+/// Calls `f` with every piece of `data` as [`Chunker::pieces_v2`] cuts
+/// them from its start, the last one ending with it.
+#[cfg(feature = "alloc")]
+pub fn for_each_piece_v2(data: &[u8], f: impl FnMut(&[u8])) {
+    for_each_cut(Chunker::pieces_v2(), data, f);
+}
+
+/// Calls `f` with every fine piece of `data` ([`Chunker::fine`]), the last
+/// one ending with `data`.
+#[cfg(feature = "alloc")]
+pub fn for_each_fine(data: &[u8], f: impl FnMut(&[u8])) {
+    for_each_cut(Chunker::fine(), data, f);
 }
 
 /// Calls `f` with every part of `data` that `c` cuts, the last one ending

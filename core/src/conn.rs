@@ -521,6 +521,7 @@ mod download {
         offer: Option<Summary>,
         deadline: Instant,
         deltas: bool,
+        fine: bool,
     }
 
     impl<'n, T: TreeView, R: Source, W: Output> Download<'n, T, R, W> {
@@ -535,6 +536,7 @@ mod download {
                 offer: None,
                 deadline: now.plus_ms(IDLE_TIMEOUT_MS),
                 deltas: false,
+                fine: false,
             }
         }
 
@@ -542,6 +544,14 @@ mod download {
         /// only if the server announced [`crate::message::CAP_DELTA`].
         pub fn deltas(mut self, on: bool) -> Self {
             self.deltas = on;
+            self
+        }
+
+        /// With deltas, also compares changed pieces by their fine pieces
+        /// (see [`Receiver::fine`]); set only if the server announced
+        /// [`crate::message::CAP_FINE`].
+        pub fn fine(mut self, on: bool) -> Self {
+            self.fine = on;
             self
         }
 
@@ -592,7 +602,7 @@ mod download {
                     };
                     self.offer = Some(offer);
                     self.state = State::Receiving(Box::new(
-                        Receiver::new(offer, self.salt, base, out, now)?.deltas(self.deltas),
+                        Receiver::new(offer, self.salt, base, out, now)?.deltas(self.deltas).fine(self.fine),
                     ));
                     Ok(())
                 }

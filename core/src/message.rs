@@ -34,9 +34,19 @@ pub const CAP_SKETCH: u32 = 2;
 /// a chunk). Every build has it: answering needs only SHA-256.
 pub const CAP_DELTA: u32 = 4;
 
+/// Capability bit: this peer, as a sender, answers [`Message::GetFine`]
+/// and [`Message::GetPiecesV2`], so its receiver may compare changed
+/// chunks by pieces that resynchronise, and a changed piece by its fine
+/// pieces. Builds with `alloc` (hosts) have it; devices keep their flash
+/// for what they do.
+pub const CAP_FINE: u32 = 8;
+
 /// Capability bits this build announces in the handshake; unknown bits are
 /// ignored, so later versions can add some.
-pub const CAPS: u32 = CAP_SKETCH | CAP_DELTA | if cfg!(feature = "compress") { CAP_ZSTD } else { 0 };
+pub const CAPS: u32 = CAP_SKETCH
+    | CAP_DELTA
+    | if cfg!(feature = "alloc") { CAP_FINE } else { 0 }
+    | if cfg!(feature = "compress") { CAP_ZSTD } else { 0 };
 
 /// Most bytes a [`Message::GetPieces`] may cover, and the most a
 /// [`Message::GetSuffix`] may say its receiver holds.
@@ -455,6 +465,39 @@ pub enum Message<'a> {
         /// The packed pieces.
         packed: &'a [u8],
     },
+    /// Receiver to a sender that announced [`CAP_FINE`]: list the fine
+    /// pieces of bytes `offset..offset + len` (one changed piece: at most
+    /// [`crate::chunker::PIECE_MAX`]), cut by
+    /// [`crate::chunker::Chunker::fine`] from `offset` on, as one `Fine`.
+    /// A piece that changed by a byte then costs the fine pieces around
+    /// that byte, not the whole piece. (This and the variants after it are
+    /// left out of builds without `alloc`, which never see them: a device
+    /// keeps its flash.)
+    #[cfg(feature = "alloc")]
+    GetFine {
+        /// First byte.
+        offset: u64,
+        /// Number of bytes.
+        len: u64,
+    },
+    /// Sender to receiver: every fine piece of the `GetFine` range asked
+    /// first, in order, packed by [`pack_fine`].
+    #[cfg(feature = "alloc")]
+    Fine {
+        /// The packed fine pieces.
+        packed: &'a [u8],
+    },
+    /// Receiver to a sender that announced [`CAP_FINE`]: like
+    /// [`Message::GetPieces`], with the range cut by
+    /// [`crate::chunker::Chunker::pieces_v2`], whose cuts fall where the
+    /// old bytes' did again soon after a change. Answered by `Pieces`.
+    #[cfg(feature = "alloc")]
+    GetPiecesV2 {
+        /// First byte.
+        offset: u64,
+        /// Number of bytes.
+        len: u64,
+    },
 }
 
 impl<'a> Message<'a> {
@@ -522,6 +565,44 @@ pub fn unpack_entries(packed: &[u8]) -> impl Iterator<Item = Result<PackedEntry,
         failed = parsed.is_none();
         Some(parsed.ok_or(ErrorCode::BadMessage))
     })
+}
+
+/// Bytes of one packed fine piece: its [`FineId`] (little-endian), then its
+/// length (1 to [`crate::chunker::FINE_MAX`]) in one byte.
+pub const PACKED_FINE: usize = 5;
+
+/// The id of a fine piece: the low 32 bits of its
+/// [`crate::hash::piece_id`]. A fine piece is only looked for among the
+/// few old ones next to it (a few hundred bytes), and what is rebuilt from
+/// it is checked by its chunk's full id, so 32 bits are enough.
+pub type FineId = u32;
+
+/// The [`FineId`] of `bytes`.
+pub fn fine_id(salt: &[u8; 8], bytes: &[u8]) -> FineId {
+    crate::hash::piece_id(salt, bytes) as FineId
+}
+
+/// Appends a fine piece to a packed list; `None` if `out` is full or
+/// `len` does not fit a byte.
+pub fn pack_fine(out: &mut [u8], pos: &mut usize, id: FineId, len: usize) -> Option<()> {
+    let slot = out.get_mut(*pos..*pos + PACKED_FINE)?;
+    slot[..4].copy_from_slice(&id.to_le_bytes());
+    slot[4] = u8::try_from(len).ok()?;
+    *pos += PACKED_FINE;
+    Some(())
+}
+
+/// The fine pieces of a packed list: (id, length); `Err` if its length is
+/// not a whole number of them.
+pub fn unpack_fine(packed: &[u8]) -> Result<impl Iterator<Item = (FineId, u64)> + '_, ErrorCode> {
+    let pieces = packed.chunks_exact(PACKED_FINE);
+    if !pieces.remainder().is_empty() {
+        return Err(ErrorCode::BadMessage);
+    }
+    Ok(pieces.map(|p| {
+        let id = FineId::from_le_bytes([p[0], p[1], p[2], p[3]]);
+        (id, u64::from(p[4]))
+    }))
 }
 
 /// Checks a file name: relative, `/`-separated, no empty, `.` or `..`

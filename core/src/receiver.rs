@@ -20,7 +20,7 @@
 //! nothing is walked or reused, every byte is fetched, and the root that
 //! follows in `Message::Root` is checked like an offered one.
 
-use crate::chunker::{PIECE_MAX, PIECE_MIN};
+use crate::chunker::{FINE_MAX, FINE_MIN, PIECE_MAX, PIECE_MIN};
 use crate::error::{ErrorCode, SessionError};
 use crate::hash::{ShortId, piece_id};
 use crate::machine::{self, Machine, Poll};
@@ -61,6 +61,22 @@ fn reach(len: u64) -> u64 {
     DELTA_REACH.min(len + PIECE_MAX as u64)
 }
 
+/// The old bytes a changed stretch is compared with: up to `reach` bytes
+/// after the old data before it ends (`after`), and up to `reach` before
+/// the old data after it starts (`before`), of an old version of
+/// `old_size` bytes. When both are known and in order, the old bytes
+/// between them are what the stretch replaced: neither range goes past
+/// them (a piece cut at `before` can then match the stretch's last).
+fn old_around(after: Option<u64>, before: Option<u64>, reach: u64, old_size: u64) -> [(u64, u64); 2] {
+    let limit = match (after, before) {
+        (Some(a), Some(b)) if a <= b => b.min(old_size),
+        _ => old_size,
+    };
+    let head = after.map_or((0, 0), |a| (a.min(limit), a.saturating_add(reach).min(limit)));
+    let tail = before.map_or((0, 0), |b| (b.saturating_sub(reach).max(head.1).min(b), b.min(old_size)));
+    [head, tail]
+}
+
 /// A stretch of the new version and where its bytes come from. `cut`: it
 /// ends a run of whole chunks (the indexer ends a chunk there).
 #[derive(Clone, Copy, Debug)]
@@ -95,11 +111,13 @@ enum Get {
 }
 
 /// A changed run of chunks (`segs[seg]`) to compare piece by piece with
-/// the old bytes `old` (up to two ranges).
+/// the old bytes `old` (up to two ranges); or with `fine`, one changed
+/// piece to compare fine piece by fine piece.
 #[derive(Clone, Debug)]
 struct Refine {
     seg: usize,
     old: [(u64, u64); 2],
+    fine: bool,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -125,7 +143,8 @@ enum Sent {
         got: u64,
         suffix: Option<(u64, u64)>,
     },
-    /// `GetPieces` for `refine[k]`'s run, `covered` bytes listed so far.
+    /// `GetPieces` (or `GetFine`) for `refine[k]`'s run, `covered` bytes
+    /// listed so far.
     Pieces {
         k: usize,
         covered: u64,
@@ -179,6 +198,11 @@ pub struct Receiver<T, R, W> {
     deltas: bool,
     /// With deltas, may also compare changed runs piece by piece.
     by_pieces: bool,
+    /// And compare a changed piece by its fine pieces (the sender announced
+    /// [`crate::message::CAP_FINE`]).
+    fine: bool,
+    /// The changed pieces are being compared by their fine pieces.
+    fine_round: bool,
     /// Runs compared piece by piece, and the next one to ask for.
     refine: Vec<Refine>,
     refine_next: usize,
@@ -249,6 +273,8 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
             fetch: VecDeque::new(),
             deltas: false,
             by_pieces: true,
+            fine: false,
+            fine_round: false,
             refine: Vec::new(),
             refine_next: 0,
             pieces: Vec::new(),
@@ -292,6 +318,14 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
     /// bytes around it lack (`GetPieces`).
     pub fn deltas(mut self, on: bool) -> Self {
         self.deltas = on;
+        self
+    }
+
+    /// With deltas on, also compares a changed piece by its fine pieces
+    /// (`GetFine`), if `on` (set only if the sender announced
+    /// [`crate::message::CAP_FINE`]).
+    pub fn fine(mut self, on: bool) -> Self {
+        self.fine = on;
         self
     }
 
@@ -524,13 +558,9 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
             if len > DELTA_MAX || !self.by_pieces {
                 continue;
             }
-            let reach = reach(len);
-            let head = after.map_or((0, 0), |a| (a.min(old_size), a.saturating_add(reach).min(old_size)));
-            let tail =
-                before.map_or((0, 0), |b| (b.saturating_sub(reach).max(head.1).min(b), b.min(old_size)));
-            let old = [head, tail];
+            let old = old_around(after, before, reach(len), old_size);
             if old.iter().any(|&(a, b)| a < b) {
-                self.refine.push(Refine { seg: i, old });
+                self.refine.push(Refine { seg: i, old, fine: false });
             }
         }
         if self.refine.is_empty() {
@@ -547,8 +577,10 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
         let Some(Sent::Pieces { k, covered }) = self.sent.front().copied() else {
             return Err(SessionError::Protocol(ErrorCode::UnexpectedMessage));
         };
-        let Some(&Seg::Fetch { at, len, .. }) = self.refine.get(k).and_then(|r| self.segs.get(r.seg)) else {
-            return Err(bad);
+        let Some(&Seg::Fetch { at, len, .. }) =
+            self.refine.get(k).filter(|r| !r.fine).and_then(|r| self.segs.get(r.seg))
+        else {
+            return Err(SessionError::Protocol(ErrorCode::UnexpectedMessage));
         };
         if offset != at + covered {
             return Err(bad);
@@ -581,7 +613,43 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
         }
         self.sent.pop_front();
         let pieces = core::mem::take(&mut self.pieces);
-        let split = self.split(k, &pieces)?;
+        self.take_split(k, &pieces)
+    }
+
+    /// Takes the `Fine` answer to the `GetFine` asked first: every fine
+    /// piece of the changed piece, in one frame.
+    fn on_fine(&mut self, packed: &[u8]) -> Result<(), SessionError> {
+        let bad = SessionError::Protocol(ErrorCode::BadMessage);
+        let Some(Sent::Pieces { k, .. }) = self.sent.front().copied() else {
+            return Err(SessionError::Protocol(ErrorCode::UnexpectedMessage));
+        };
+        let Some(&Seg::Fetch { at, len, .. }) =
+            self.refine.get(k).filter(|r| r.fine).and_then(|r| self.segs.get(r.seg))
+        else {
+            return Err(SessionError::Protocol(ErrorCode::UnexpectedMessage));
+        };
+        let mut pieces = Vec::new();
+        let mut covered = 0u64;
+        for (id, n) in message::unpack_fine(packed).map_err(SessionError::Protocol)? {
+            // Cut as the fine chunker cuts: only the last may be shorter
+            // than FINE_MIN.
+            let ends = covered + n == len;
+            if n == 0 || n > FINE_MAX as u64 || covered + n > len || (n < FINE_MIN as u64 && !ends) {
+                return Err(bad);
+            }
+            pieces.push((at + covered, n, ShortId::from(id)));
+            covered += n;
+        }
+        if covered != len {
+            return Err(bad);
+        }
+        self.sent.pop_front();
+        self.take_split(k, &pieces)
+    }
+
+    /// Keeps what `refine[k]`'s run becomes, if it reuses anything.
+    fn take_split(&mut self, k: usize, pieces: &[(u64, u64, ShortId)]) -> Result<(), SessionError> {
+        let split = self.split(k, pieces)?;
         if split.iter().any(|s| matches!(s, Seg::Copy { .. })) {
             self.splits.push((self.refine[k].seg, split));
         }
@@ -592,17 +660,30 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
     /// have a piece, and fetched bytes elsewhere.
     fn split(&mut self, k: usize, pieces: &[(u64, u64, ShortId)]) -> Result<Vec<Seg>, SessionError> {
         let base = self.base.as_mut().ok_or(SessionError::Read)?;
+        let Refine { seg, old, fine } = &self.refine[k];
+        let Some(&Seg::Fetch { cut: ends, .. }) = self.segs.get(*seg) else {
+            return Err(SessionError::Read);
+        };
         // The old pieces: (id, len, offset), sorted.
         let mut old_pieces: Vec<(ShortId, u64, u64)> = Vec::new();
         let mut bytes = Vec::new();
-        for &(from, to) in self.refine[k].old.iter().filter(|r| r.0 < r.1) {
+        for &(from, to) in old.iter().filter(|r| r.0 < r.1) {
             bytes.resize((to - from) as usize, 0);
             base.source.read_at(from, &mut bytes).map_err(|_| SessionError::Read)?;
             let mut at = from;
-            crate::chunker::for_each_piece(&bytes, |p| {
-                old_pieces.push((piece_id(&self.salt, p), p.len() as u64, at));
+            let salt = &self.salt;
+            let add = |p: &[u8]| {
+                let id = if *fine { ShortId::from(message::fine_id(salt, p)) } else { piece_id(salt, p) };
+                old_pieces.push((id, p.len() as u64, at));
                 at += p.len() as u64;
-            });
+            };
+            if *fine {
+                crate::chunker::for_each_fine(&bytes, add);
+            } else if self.fine {
+                crate::chunker::for_each_piece_v2(&bytes, add);
+            } else {
+                crate::chunker::for_each_piece(&bytes, add);
+            }
         }
         old_pieces.sort_unstable();
         let mut out: Vec<Seg> = Vec::new();
@@ -614,8 +695,10 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
                 }
                 _ => Seg::Fetch { at, len, cut: false },
             };
+            // Fetched pieces stay apart, so that the first and last of a
+            // fetched stretch can be compared by their fine pieces; they
+            // are joined before they are asked for (`join_fetches`).
             match (out.last_mut(), seg) {
-                (Some(Seg::Fetch { len: l, .. }), Seg::Fetch { len: l2, .. }) => *l += l2,
                 (Some(Seg::Copy { len: l, from: f, .. }), Seg::Copy { len: l2, from: f2, .. })
                     if *f + *l == f2 =>
                 {
@@ -625,9 +708,60 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
             }
         }
         if let Some(Seg::Fetch { cut, .. } | Seg::Copy { cut, .. }) = out.last_mut() {
-            *cut = true;
+            *cut = ends;
         }
         Ok(out)
+    }
+
+    /// After the runs were compared piece by piece: every fetched piece
+    /// next to reused old bytes is compared by its fine pieces with the
+    /// old bytes next to those (the first and last piece of a fetched
+    /// stretch: a one-byte edit's piece, the ends of an overwritten range).
+    /// Returns whether any is.
+    fn plan_fine(&mut self) -> bool {
+        self.refine.clear();
+        self.refine_next = 0;
+        let (Some(old_size), Some(base)) = (self.old_size(), self.base.as_ref()) else {
+            return false;
+        };
+        // Where a neighbour's old bytes end, or start.
+        let old_span = |s: Option<&Seg>| match s {
+            Some(&Seg::Copy { from, len, .. }) => Some((from, len)),
+            Some(&Seg::Reuse { level, index, len, .. }) => {
+                base.tree.entry(level, index).map(|e| (e.offset, len))
+            }
+            _ => None,
+        };
+        for (i, seg) in self.segs.iter().enumerate() {
+            let Seg::Fetch { len, .. } = *seg else { continue };
+            if len > PIECE_MAX as u64 {
+                continue;
+            }
+            let after = i.checked_sub(1).and_then(|j| old_span(self.segs.get(j))).map(|(o, l)| o + l);
+            let before = old_span(self.segs.get(i + 1)).map(|(o, _)| o);
+            let old = old_around(after, before, len + FINE_MAX as u64, old_size);
+            if old.iter().any(|&(a, b)| a < b) {
+                self.refine.push(Refine { seg: i, old, fine: true });
+            }
+        }
+        !self.refine.is_empty()
+    }
+
+    /// Joins adjacent fetched stretches that no chunk ends between.
+    fn join_fetches(&mut self) {
+        let mut joined: Vec<Seg> = Vec::with_capacity(self.segs.len());
+        for s in self.segs.drain(..) {
+            match (joined.last_mut(), s) {
+                (Some(Seg::Fetch { at, len, cut }), Seg::Fetch { at: a2, len: l2, cut: c2 })
+                    if !*cut && *at + *len == a2 =>
+                {
+                    *len += l2;
+                    *cut = c2;
+                }
+                _ => joined.push(s),
+            }
+        }
+        self.segs = joined;
     }
 
     /// Puts every compared run's pieces in place of the run.
@@ -884,6 +1018,7 @@ impl<T: TreeView, R: Source, W: Output> Machine for Receiver<T, R, W> {
             Message::Pieces { offset, last, packed } if self.phase == Phase::Refine => {
                 self.on_pieces(offset, last, packed)
             }
+            Message::Fine { packed } if self.phase == Phase::Refine => self.on_fine(packed),
             Message::Data { offset, bytes } if self.phase == Phase::Transfer => self.on_data(offset, bytes),
             #[cfg(feature = "compress")]
             Message::DataZ { offset, raw, bytes } if self.phase == Phase::Transfer => {
@@ -931,14 +1066,25 @@ impl<T: TreeView, R: Source, W: Output> Machine for Receiver<T, R, W> {
                         && let Some(r) = self.refine.get(self.refine_next)
                         && let Some(&Seg::Fetch { at, len, .. }) = self.segs.get(r.seg)
                     {
+                        let m = if r.fine {
+                            Message::GetFine { offset: at, len }
+                        } else if self.fine {
+                            Message::GetPiecesV2 { offset: at, len }
+                        } else {
+                            Message::GetPieces { offset: at, len }
+                        };
                         self.sent.push_back(Sent::Pieces { k: self.refine_next, covered: 0 });
                         self.refine_next += 1;
-                        return machine::emit(&Message::GetPieces { offset: at, len }, out);
+                        return machine::emit(&m, out);
                     }
                     if !self.sent.is_empty() {
                         return machine::wait_until(now, self.deadline);
                     }
                     self.apply_splits();
+                    if self.fine && !core::mem::replace(&mut self.fine_round, true) && self.plan_fine() {
+                        continue;
+                    }
+                    self.join_fetches();
                     self.queue_fetches();
                 }
                 Phase::Transfer => {

@@ -3,6 +3,8 @@
 //! state is a small fixed queue, and frames are written into the caller's
 //! buffer.
 
+#[cfg(feature = "alloc")]
+use crate::chunker::PIECE_MAX;
 use crate::chunker::{Chunker, PIECE_MIN};
 use crate::error::{ErrorCode, SessionError};
 use crate::frame::{self, MAX_DATA};
@@ -30,10 +32,31 @@ pub(crate) fn data_room(out: &[u8], left: u64) -> Result<usize, SessionError> {
 
 #[derive(Clone, Copy, Debug)]
 enum Request {
-    Children { level: u8, index: u32, count: u32 },
-    Data { offset: u64, len: u64 },
-    Suffix { offset: u64, len: u64, have: u64, id: ShortId },
-    Pieces { offset: u64, len: u64 },
+    Children {
+        level: u8,
+        index: u32,
+        count: u32,
+    },
+    Data {
+        offset: u64,
+        len: u64,
+    },
+    Suffix {
+        offset: u64,
+        len: u64,
+        have: u64,
+        id: ShortId,
+    },
+    Pieces {
+        offset: u64,
+        len: u64,
+        v2: bool,
+    },
+    #[cfg(feature = "alloc")]
+    Fine {
+        offset: u64,
+        len: u64,
+    },
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -42,34 +65,38 @@ enum Active {
     Entries { level: u8, next: u32, end: u32, offset: u64 },
     /// Sending bytes `offset..end`.
     Data { offset: u64, end: u64 },
-    /// Listing the pieces of `offset..end`, the next one at `offset`.
-    Pieces { offset: u64, end: u64 },
+    /// Listing the pieces of `offset..end`, the next one at `offset`
+    /// (cut by [`Chunker::pieces_v2`] if `v2`).
+    Pieces { offset: u64, end: u64, v2: bool },
+    /// Listing the fine pieces of `offset..offset + len` (one frame).
+    #[cfg(feature = "alloc")]
+    Fine { offset: u64, len: u64 },
     /// Answering a `GetSuffix` whose bytes differ: an empty `Data`.
     Refuse { offset: u64 },
 }
 
 /// Bytes a receiver may have a sender of `size` bytes hash for deltas:
-/// an honest one asks for the pieces of changed runs (at most the file)
-/// and for two suffixes (a probe and the last run). A receiver that asks
-/// for more, answered with little, would have this side hash for nothing.
+/// an honest one asks for the pieces of changed runs (at most the file),
+/// the fine pieces of some of those pieces (at most the file again) and
+/// two suffixes (a probe and the last run). A receiver that asks for more,
+/// answered with little, would have this side hash for nothing.
 fn delta_budget(size: u64) -> u64 {
-    size.saturating_add(2 * DELTA_MAX)
+    size.saturating_mul(2).saturating_add(2 * DELTA_MAX)
 }
 
 /// Bytes read at a time while cutting and hashing pieces (on the stack).
 const PIECE_READ: usize = 256;
 
 /// The id of bytes `offset..end` of `source` (see [`crate::hash::piece_id`]),
-/// or with `cut`, of the piece that starts at `offset` (and ends at `end` at
-/// the latest), with its length.
+/// or with a chunker `cut`, of the piece it cuts from `offset` (ending at
+/// `end` at the latest), with its length.
 fn piece_at<S: Source>(
     source: &mut S,
     salt: &[u8; 8],
     offset: u64,
     end: u64,
-    cut: bool,
+    mut cut: Option<Chunker>,
 ) -> Result<(ShortId, u64), SessionError> {
-    let mut chunker = Chunker::pieces();
     let mut hasher = PieceHasher::new(salt);
     let mut buf = [0u8; PIECE_READ];
     let mut len = 0u64;
@@ -77,7 +104,7 @@ fn piece_at<S: Source>(
         let want = (end - offset - len).min(PIECE_READ as u64) as usize;
         let bytes = &mut buf[..want];
         source.read_at(offset + len, bytes).map_err(|_| SessionError::Read)?;
-        match if cut { chunker.next_boundary(bytes) } else { None } {
+        match cut.as_mut().and_then(|c| c.next_boundary(bytes)) {
             Some(n) => {
                 hasher.update(&bytes[..n]);
                 len += n as u64;
@@ -234,8 +261,13 @@ impl<T: TreeView, S: Source> Sender<T, S> {
                     && have <= DELTA_MAX
                     && offset.checked_add(len).is_some_and(|e| e <= self.summary.size)
             }
-            Request::Pieces { offset, len } => {
+            Request::Pieces { offset, len, .. } => {
                 (1..=DELTA_MAX).contains(&len)
+                    && offset.checked_add(len).is_some_and(|e| e <= self.summary.size)
+            }
+            #[cfg(feature = "alloc")]
+            Request::Fine { offset, len } => {
+                (1..=PIECE_MAX as u64).contains(&len)
                     && offset.checked_add(len).is_some_and(|e| e <= self.summary.size)
             }
         };
@@ -253,7 +285,7 @@ impl<T: TreeView, S: Source> Sender<T, S> {
             }
             Request::Data { offset, len } => Active::Data { offset, end: offset + len },
             Request::Suffix { offset, len, have, id } => {
-                let (mine, _) = piece_at(&mut self.source, &self.salt, offset, offset + have, false)?;
+                let (mine, _) = piece_at(&mut self.source, &self.salt, offset, offset + have, None)?;
                 // Another start: an empty `Data` says so.
                 if mine == id {
                     Active::Data { offset: offset + have, end: offset + len }
@@ -261,7 +293,9 @@ impl<T: TreeView, S: Source> Sender<T, S> {
                     Active::Refuse { offset }
                 }
             }
-            Request::Pieces { offset, len } => Active::Pieces { offset, end: offset + len },
+            Request::Pieces { offset, len, v2 } => Active::Pieces { offset, end: offset + len, v2 },
+            #[cfg(feature = "alloc")]
+            Request::Fine { offset, len } => Active::Fine { offset, len },
         })
     }
 
@@ -319,7 +353,13 @@ impl<T: TreeView, S: Source> Sender<T, S> {
     /// The next `Pieces` frame of `offset..end`: every piece left if the
     /// most there can be fit (then it is the `last`), else as many as fit
     /// (a last frame may then carry none).
-    fn send_pieces(&mut self, offset: u64, end: u64, out: &mut [u8]) -> Result<usize, SessionError> {
+    fn send_pieces(
+        &mut self,
+        offset: u64,
+        end: u64,
+        v2: bool,
+        out: &mut [u8],
+    ) -> Result<usize, SessionError> {
         let room = out.len().min(frame::MAX_ENCODED).saturating_sub(FRAME_OVERHEAD);
         let fit = (room / PACKED_ENTRY_MAX) as u64;
         if fit == 0 {
@@ -329,12 +369,20 @@ impl<T: TreeView, S: Source> Sender<T, S> {
         // are at most (end - offset) / PIECE_MIN + 1.
         let last = (end - offset) / (PIECE_MIN as u64) < fit;
         let (source, salt) = (&mut self.source, &self.salt);
+        let cutter = || {
+            #[cfg(feature = "alloc")]
+            if v2 {
+                return Chunker::pieces_v2();
+            }
+            let _ = v2;
+            Chunker::pieces()
+        };
         let mut at = offset;
         let template = Message::Pieces { offset, last, packed: &[] };
         let written = frame::encode_with_tail(&template, out, |buf| {
             let (mut pos, mut n) = (0, 0);
             while at < end && n < fit {
-                let (short, len) = piece_at(source, salt, at, end, true)?;
+                let (short, len) = piece_at(source, salt, at, end, Some(cutter()))?;
                 message::pack_entry(buf, &mut pos, PackedEntry { short, len })
                     .ok_or(SessionError::Capacity)?;
                 at += len;
@@ -343,7 +391,27 @@ impl<T: TreeView, S: Source> Sender<T, S> {
             Ok(pos)
         })?
         .map_err(|_| SessionError::Capacity)?;
-        self.active = (!last).then_some(Active::Pieces { offset: at, end });
+        self.active = (!last).then_some(Active::Pieces { offset: at, end, v2 });
+        Ok(written)
+    }
+
+    /// The `Fine` frame of `offset..offset + len` (at most a piece: every
+    /// fine piece of it fits one frame).
+    #[cfg(feature = "alloc")]
+    fn send_fine(&mut self, offset: u64, len: u64, out: &mut [u8]) -> Result<usize, SessionError> {
+        let (source, salt) = (&mut self.source, &self.salt);
+        let written = frame::encode_with_tail(&Message::Fine { packed: &[] }, out, |buf| {
+            let (mut pos, mut at) = (0, offset);
+            while at < offset + len {
+                let (short, n) = piece_at(source, salt, at, offset + len, Some(Chunker::fine()))?;
+                message::pack_fine(buf, &mut pos, short as message::FineId, n as usize)
+                    .ok_or(SessionError::Capacity)?;
+                at += n;
+            }
+            Ok(pos)
+        })?
+        .map_err(|_| SessionError::Capacity)?;
+        self.active = None;
         Ok(written)
     }
 
@@ -483,7 +551,11 @@ impl<T: TreeView, S: Source> Machine for Sender<T, S> {
             Message::GetChildren { level, index, count } => Request::Children { level, index, count },
             Message::GetData { offset, len } => Request::Data { offset, len },
             Message::GetSuffix { offset, len, have, id } => Request::Suffix { offset, len, have, id },
-            Message::GetPieces { offset, len } => Request::Pieces { offset, len },
+            Message::GetPieces { offset, len } => Request::Pieces { offset, len, v2: false },
+            #[cfg(feature = "alloc")]
+            Message::GetPiecesV2 { offset, len } => Request::Pieces { offset, len, v2: true },
+            #[cfg(feature = "alloc")]
+            Message::GetFine { offset, len } => Request::Fine { offset, len },
             Message::Done { outcome, file_hash } => {
                 self.outcome = Some(outcome);
                 self.peer_hash = file_hash;
@@ -496,6 +568,8 @@ impl<T: TreeView, S: Source> Machine for Sender<T, S> {
         let hashed = match r {
             Request::Suffix { have, .. } => have,
             Request::Pieces { len, .. } => len,
+            #[cfg(feature = "alloc")]
+            Request::Fine { len, .. } => len,
             Request::Children { .. } | Request::Data { .. } => 0,
         };
         self.delta_left =
@@ -523,7 +597,9 @@ impl<T: TreeView, S: Source> Machine for Sender<T, S> {
                 self.send_entries(level, next, end, offset, out)?
             }
             Some(Active::Data { offset, end }) => self.send_data(offset, end, out)?,
-            Some(Active::Pieces { offset, end }) => self.send_pieces(offset, end, out)?,
+            Some(Active::Pieces { offset, end, v2 }) => self.send_pieces(offset, end, v2, out)?,
+            #[cfg(feature = "alloc")]
+            Some(Active::Fine { offset, len }) => self.send_fine(offset, len, out)?,
             Some(Active::Refuse { offset }) => {
                 self.active = None;
                 frame::encode(&Message::Data { offset, bytes: &[] }, out)

@@ -64,7 +64,7 @@ fn download_deltas(s: &mut Session, name: &str, local: Option<&[u8]>, deltas: bo
     let before = s.cp.sent + s.cp.received;
     let tree = local.map(|d| Tree::build(d, ChunkerKind::Cdc));
     let base = local.zip(tree.as_ref()).map(|(d, t)| Base { tree: t, source: d });
-    let mut op = Download::new(name, s.salt, base, Vec::new(), s.net.clock).deltas(deltas);
+    let mut op = Download::new(name, s.salt, base, Vec::new(), s.net.clock).deltas(deltas).fine(deltas);
     let outcome = run(&mut op, &mut s.cp, &mut s.server, &mut s.sp, &mut s.net).expect("download");
     let (out, tree) = op.take_result().unwrap();
     if outcome == Outcome::Written {
@@ -239,6 +239,45 @@ fn a_byte_changed_in_a_chunk_costs_a_piece_not_the_chunk_both_ways() {
     println!("upload {wire:?}, download {down:?}");
 }
 
+#[test]
+fn a_byte_changed_costs_its_fine_pieces_not_its_piece_both_ways() {
+    use deltasync_core::message::CAP_FINE;
+    let old = random_bytes(22, 4 << 20);
+    let new = scattered(&old, 32);
+    // Uploads: a server asks for fine pieces only of a client that
+    // announced CAP_FINE.
+    let mut wire = [0u64; 2];
+    for (i, caps) in [CAPS, CAPS & !CAP_FINE].into_iter().enumerate() {
+        let files = Files::default();
+        files.borrow_mut().insert("f".into(), old.clone());
+        let mut s = connect_announcing(&files, usize::MAX, caps);
+        let r = upload(&mut s, "f", &new, ChunkerKind::Cdc);
+        assert_eq!(r.outcome, Outcome::Written);
+        assert!(files.borrow()["f"] == new, "upload rebuilt a different file");
+        wire[i] = r.wire;
+    }
+    // Downloads from a server that announced it, or from one that did not.
+    let mut down = [0u64; 2];
+    for (i, caps) in [CAPS, CAPS & !CAP_FINE].into_iter().enumerate() {
+        let files = Files::default();
+        files.borrow_mut().insert("f".into(), new.clone());
+        let mut s = connect_announcing(&files, usize::MAX, caps);
+        let fine = caps & CAP_FINE != 0;
+        let tree = Tree::build(&old, ChunkerKind::Cdc);
+        let base = Base { tree: &tree, source: &old[..] };
+        let mut op = Download::new("f", s.salt, Some(base), Vec::new(), s.net.clock).deltas(true).fine(fine);
+        let outcome = run(&mut op, &mut s.cp, &mut s.server, &mut s.sp, &mut s.net).expect("download");
+        assert_eq!(outcome, Outcome::Written);
+        assert!(op.take_result().unwrap().0 == new, "download rebuilt a different file");
+        down[i] = s.cp.sent + s.cp.received;
+    }
+    println!("upload {wire:?}, download {down:?} (with fine pieces, without)");
+    // Pieces of 64 to 1,024 bytes whose cuts are slow to fall in place
+    // again after a change, against fine pieces around the changed byte.
+    assert!(wire[0] * 3 < wire[1] * 2, "upload: {} bytes with fine pieces, {} without", wire[0], wire[1]);
+    assert!(down[0] * 3 < down[1] * 2, "download: {} bytes with fine pieces, {} without", down[0], down[1]);
+}
+
 /// The payload of one frame `encode` wrote.
 fn payload(frame: &[u8]) -> &[u8] {
     let mut at = 0;
@@ -254,26 +293,55 @@ fn payload(frame: &[u8]) -> &[u8] {
 fn meddled_sync(
     old: &[u8],
     new: &[u8],
+    meddle: impl FnMut(u64, &[(u64, u64)]) -> Vec<(u64, u64)>,
+) -> (Result<Outcome, SessionError>, Option<Tree>) {
+    meddled_sync_as(old, new, false, meddle)
+}
+
+/// [`meddled_sync`]; with `fine`, the receiver also compares changed pieces
+/// by their fine pieces, and `meddle` changes the `Fine` answers instead
+/// (with the offset asked, ids widened).
+fn meddled_sync_as(
+    old: &[u8],
+    new: &[u8],
+    fine: bool,
     mut meddle: impl FnMut(u64, &[(u64, u64)]) -> Vec<(u64, u64)>,
 ) -> (Result<Outcome, SessionError>, Option<Tree>) {
     use deltasync_core::machine::{Machine, Poll};
-    use deltasync_core::message::{Message, PackedEntry, pack_entry, unpack_entries};
+    use deltasync_core::message::{Message, PackedEntry, pack_entry, pack_fine, unpack_entries, unpack_fine};
     let (salt, now) = ([5u8; 8], Instant(0));
     let (old_tree, new_tree) = (Tree::build(old, ChunkerKind::Cdc), Tree::build(new, ChunkerKind::Cdc));
     let base = Base { tree: &old_tree, source: old };
-    let mut rx = Receiver::new(new_tree.summary(), salt, Some(base), Vec::new(), now).unwrap().deltas(true);
+    let mut rx =
+        Receiver::new(new_tree.summary(), salt, Some(base), Vec::new(), now).unwrap().deltas(true).fine(fine);
     let mut tx = Sender::new(&new_tree, new, new_tree.summary(), salt, now);
     let (mut buf, mut packed) = (vec![0u8; 80 * 1024], vec![0u8; 64 * 1024]);
+    let mut asked = std::collections::VecDeque::new();
     for _ in 0..100_000 {
         match rx.poll(now, &mut buf) {
             Ok(Poll::Done(o)) => return (Ok(o), rx.into_parts().1),
-            Ok(Poll::Transmit(n)) => tx.handle(now, Message::decode(payload(&buf[..n])).unwrap()).unwrap(),
+            Ok(Poll::Transmit(n)) => {
+                let m = Message::decode(payload(&buf[..n])).unwrap();
+                if let Message::GetFine { offset, .. } = m {
+                    asked.push_back(offset);
+                }
+                tx.handle(now, m).unwrap()
+            }
             Ok(Poll::Wait(_)) => {}
             Err(e) => return (Err(e), None),
         }
         let Ok(Poll::Transmit(n)) = tx.poll(now, &mut buf) else { continue };
         let r = match Message::decode(payload(&buf[..n])).unwrap() {
-            Message::Pieces { offset, last, packed: p } => {
+            Message::Fine { packed: p } if fine => {
+                let listed: Vec<(u64, u64)> =
+                    unpack_fine(p).unwrap().map(|(id, n)| (u64::from(id), n)).collect();
+                let mut pos = 0;
+                for (id, len) in meddle(asked.pop_front().unwrap(), &listed) {
+                    pack_fine(&mut packed, &mut pos, id as u32, len as usize).unwrap();
+                }
+                rx.handle(now, Message::Fine { packed: &packed[..pos] })
+            }
+            Message::Pieces { offset, last, packed: p } if !fine => {
                 let listed: Vec<(u64, u64)> =
                     unpack_entries(p).map(|e| e.map(|e| (e.short, e.len)).unwrap()).collect();
                 let mut pos = 0;
@@ -344,6 +412,71 @@ fn damaged_or_lying_pieces_are_refused_and_nothing_is_accepted() {
                 let id = deltasync_core::hash::piece_id(&[5; 8], &old[at as usize..(at + len) as usize]);
                 at += len;
                 (id, len)
+            })
+            .collect()
+    });
+    assert_eq!(r, Ok(Outcome::Integrity));
+    assert!(tree.is_none());
+}
+
+#[test]
+fn damaged_or_lying_fine_pieces_are_refused_and_nothing_is_accepted() {
+    use deltasync_core::chunker::{FINE_MAX, FINE_MIN};
+    let old = random_bytes(33, 200_000);
+    let new = scattered(&old, 4);
+    let bad = Err(SessionError::Protocol(ErrorCode::BadMessage));
+    // Honest: accepted, byte for byte, with fine pieces listed.
+    let mut listed = 0;
+    let (r, tree) = meddled_sync_as(&old, &new, true, |_, p| {
+        listed += p.len();
+        p.to_vec()
+    });
+    assert_eq!(r, Ok(Outcome::Written));
+    assert_eq!(tree.unwrap().summary().file_hash, Hash::of(&new));
+    assert!(listed > 0, "no fine pieces were asked for");
+    // A fine piece longer than the chunker cuts them (the first ones
+    // joined, the range still covered exactly).
+    let (r, tree) = meddled_sync_as(&old, &new, true, |_, p| {
+        let k = (1..=p.len()).find(|&k| p[..k].iter().map(|e| e.1).sum::<u64>() > FINE_MAX as u64).unwrap();
+        let mut out = vec![(p[0].0, p[..k].iter().map(|e| e.1).sum())];
+        out.extend_from_slice(&p[k..]);
+        out
+    });
+    assert_eq!(r, bad);
+    assert!(tree.is_none());
+    // One shorter than the chunker cuts them, but at the range's end.
+    let (r, tree) = meddled_sync_as(&old, &new, true, |_, p| {
+        let (id, len) = p[0];
+        assert!(len > FINE_MIN as u64);
+        let mut out = vec![(id, 1), (id, len - 1)];
+        out.extend_from_slice(&p[1..]);
+        out
+    });
+    assert_eq!(r, bad);
+    assert!(tree.is_none());
+    // Fine pieces that do not cover the range, or cover more; an empty one.
+    for how in 0..3 {
+        let (r, tree) = meddled_sync_as(&old, &new, true, |_, p| {
+            let mut p = p.to_vec();
+            match how {
+                0 => drop(p.pop()),
+                1 => p.push((1, 20)),
+                _ => p.insert(0, (1, 0)),
+            }
+            p
+        });
+        assert_eq!(r, bad, "case {how}");
+        assert!(tree.is_none());
+    }
+    // Ids that claim the old bytes where they changed: what is rebuilt
+    // fails its chunk's check.
+    let (r, tree) = meddled_sync_as(&old, &new, true, |offset, p| {
+        let mut at = offset as usize;
+        p.iter()
+            .map(|&(_, len)| {
+                let id = deltasync_core::message::fine_id(&[5; 8], &old[at..at + len as usize]);
+                at += len as usize;
+                (u64::from(id), len)
             })
             .collect()
     });
@@ -455,7 +588,8 @@ fn a_refused_probe_is_not_asked_again() {
 fn a_receiver_asking_for_more_deltas_than_the_file_holds_is_refused() {
     // Each refused GetSuffix costs its sender the hash of up to 64 KiB and
     // its receiver a few bytes: a sender hashes no more for deltas than an
-    // honest receiver could ask (the file once, and two suffixes).
+    // honest receiver could ask (the file's pieces, the fine pieces of at
+    // most all of them, and two suffixes).
     use deltasync_core::machine::{Machine, Poll};
     use deltasync_core::message::{DELTA_MAX, Message};
     let data = random_bytes(45, 200_000);
@@ -474,7 +608,7 @@ fn a_receiver_asking_for_more_deltas_than_the_file_holds_is_refused() {
         assert!(answered < 100, "never refused");
     };
     assert_eq!(refused, SessionError::Protocol(ErrorCode::TooManyRequests));
-    assert_eq!(answered, (200_000 + 2 * DELTA_MAX) / DELTA_MAX);
+    assert_eq!(answered, (2 * 200_000 + 2 * DELTA_MAX) / DELTA_MAX);
 }
 
 /// An old version whose bytes an output can copy by itself.

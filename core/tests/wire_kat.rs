@@ -102,8 +102,11 @@ fn a_frame_of_every_message_variant_is_byte_exact() {
         (Message::GetSuffix { offset: 4096, len: 5000, have: 1000, id: 0x0102 }, "092580208827e8078202"),
         (Message::GetPieces { offset: 7, len: 300 }, "042607ac02"),
         (Message::Pieces { offset: 7, last: true, packed: &[1, 2] }, "06270701020102"),
+        (Message::GetFine { offset: 7, len: 300 }, "042807ac02"),
+        (Message::Fine { packed: &[1, 2, 3, 4, 5] }, "0729050102030405"),
+        (Message::GetPiecesV2 { offset: 7, len: 300 }, "042a07ac02"),
     ];
-    assert_eq!(cases.len(), 28, "one case per variant up to Replaced, then the deltas'");
+    assert_eq!(cases.len(), 31, "one case per variant up to Replaced, then the deltas'");
     for (m, want) in cases {
         let mut buf = [0u8; 256];
         let n = frame::encode(&m, &mut buf).unwrap();

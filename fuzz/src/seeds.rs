@@ -431,6 +431,9 @@ fn every_message() -> Vec<Vec<u8>> {
         Message::GetSuffix { offset: 4096, len: 5000, have: 1000, id: 0x0102_0304_0506_0708 },
         Message::GetPieces { offset: 4096, len: 3000 },
         Message::Pieces { offset: 4096, last: false, packed: &[9, 9, 9, 9, 9, 9, 9, 9, 0x80, 0x02] },
+        Message::GetFine { offset: 4096, len: 700 },
+        Message::Fine { packed: &[9, 9, 9, 9, 40, 8, 8, 8, 8, 16] },
+        Message::GetPiecesV2 { offset: 4096, len: 3000 },
     ]
     .iter()
     .map(payload_of)

@@ -13,7 +13,7 @@ use deltasync_core::error::{ErrorCode, SessionError};
 use deltasync_core::frame::{MAX_ENCODED, MAX_SEALED};
 use deltasync_core::machine::Machine;
 pub use deltasync_core::message::Expect;
-use deltasync_core::message::{CAP_DELTA, CAP_SKETCH, CAP_ZSTD, CAPS, Meta, Outcome};
+use deltasync_core::message::{CAP_DELTA, CAP_FINE, CAP_SKETCH, CAP_ZSTD, CAPS, Meta, Outcome};
 use deltasync_core::source::{FileSource, IoFailed, Output};
 use deltasync_core::tree::Tree;
 use deltasync_host::hints::{ChunkHints, Known, build_tree_hinted};
@@ -973,7 +973,8 @@ impl Connection {
         let base = current.as_ref().map(|f| f.try_clone().map(FileSource)).transpose().map_err(local)?;
         let mut op: DownloadSession<'_, Tree, FileSource, LocalOut> =
             DownloadSession::new(name, out, base, self.salt, self.version, now())
-                .deltas(self.caps & CAP_DELTA != 0);
+                .deltas(self.caps & CAP_DELTA != 0)
+                .fine(self.caps & CAP_FINE != 0);
         if let Some(kind) = listed {
             op = op.listed(kind);
         }

@@ -1072,7 +1072,8 @@ impl<S: Store, K: Keys> ServerConn<S, K> {
         let rx = Receiver::new(offer, self.salt, base, writer, now)
             .map_err(|_| ErrorCode::Unsupported)?
             .holding(old_summary.map(|s| (s.root, s.size)))
-            .deltas(self.caps & crate::message::CAP_DELTA != 0);
+            .deltas(self.caps & crate::message::CAP_DELTA != 0)
+            .fine(self.caps & crate::message::CAP_FINE != 0);
         // Which pieces of a chunk the old bytes hold tells far more than
         // which chunks they hold: only to a key that may read them anyway.
         // A device's write-only key still gets its appends as suffixes.

@@ -442,6 +442,7 @@ mod download {
         tree: Option<T>,
         clock: Instant,
         deltas: bool,
+        fine: bool,
     }
 
     impl<'n, T: TreeView, R: Source, W: Output> DownloadSession<'n, T, R, W> {
@@ -463,7 +464,16 @@ mod download {
                 }
                 None => DState::Receiving(Download::new(name, salt, None, out, now)),
             };
-            DownloadSession { name, salt, state, need: None, tree: None, clock: now, deltas: false }
+            DownloadSession {
+                name,
+                salt,
+                state,
+                need: None,
+                tree: None,
+                clock: now,
+                deltas: false,
+                fine: false,
+            }
         }
 
         /// Asks for deltas within chunks (see
@@ -473,6 +483,18 @@ mod download {
             self.deltas = on;
             self.state = match core::mem::replace(&mut self.state, DState::Poisoned) {
                 DState::Receiving(d) => DState::Receiving(d.deltas(on)),
+                s => s,
+            };
+            self
+        }
+
+        /// With deltas, also compares changed pieces by their fine pieces
+        /// (see [`crate::receiver::Receiver::fine`]); set only if the
+        /// server announced [`crate::message::CAP_FINE`].
+        pub fn fine(mut self, on: bool) -> Self {
+            self.fine = on;
+            self.state = match core::mem::replace(&mut self.state, DState::Poisoned) {
+                DState::Receiving(d) => DState::Receiving(d.fine(on)),
                 s => s,
             };
             self
@@ -509,7 +531,9 @@ mod download {
                 && let DState::AwaitTree(out, local) = core::mem::replace(&mut self.state, DState::Poisoned)
             {
                 let base = Base { tree, source: local };
-                let d = Download::new(self.name, self.salt, Some(base), out, self.clock).deltas(self.deltas);
+                let d = Download::new(self.name, self.salt, Some(base), out, self.clock)
+                    .deltas(self.deltas)
+                    .fine(self.fine);
                 self.state = DState::Receiving(d);
             }
         }
