@@ -339,7 +339,11 @@ impl Chunker {
 /// the first byte after which `h & mask == 0`.
 #[inline(always)]
 fn scan(bytes: &[u8], h: &mut u64, mask: u64, step: u32) -> Option<usize> {
-    if step == 4 { scan_by::<4>(bytes, h, mask) } else { scan_by::<1>(bytes, h, mask) }
+    if cfg!(feature = "alloc") && step == 4 {
+        scan_by::<4>(bytes, h, mask)
+    } else {
+        scan_by::<1>(bytes, h, mask)
+    }
 }
 
 /// [`scan`] with the hash shifted `STEP` bits per byte.

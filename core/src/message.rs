@@ -34,8 +34,9 @@ pub const CAP_SKETCH: u32 = 2;
 /// a chunk). Every build has it: answering needs only SHA-256.
 pub const CAP_DELTA: u32 = 4;
 
-/// Capability bit: this peer, as a sender, answers [`Message::GetFine`]
-/// and [`Message::GetPiecesV2`], so its receiver may compare changed
+/// Capability bit: this peer, as a sender, answers [`Message::GetFine`],
+/// [`Message::GetPiecesV2`] and [`Message::GetChildrenV2`] (shorter ids),
+/// so its receiver may compare changed
 /// chunks by pieces that resynchronise, and a changed piece by its fine
 /// pieces. Builds with `alloc` (hosts) have it; devices keep their flash
 /// for what they do.
@@ -490,13 +491,26 @@ pub enum Message<'a> {
     /// Receiver to a sender that announced [`CAP_FINE`]: like
     /// [`Message::GetPieces`], with the range cut by
     /// [`crate::chunker::Chunker::pieces_v2`], whose cuts fall where the
-    /// old bytes' did again soon after a change. Answered by `Pieces`.
+    /// old bytes' did again soon after a change. Answered by `Pieces`
+    /// whose ids are [`PIECE_ID_V2`] bytes.
     #[cfg(feature = "alloc")]
     GetPiecesV2 {
         /// First byte.
         offset: u64,
         /// Number of bytes.
         len: u64,
+    },
+    /// Receiver to a sender that announced [`CAP_FINE`]: like
+    /// [`Message::GetChildren`], answered by `Entries` whose ids are
+    /// [`ENTRY_ID_V2`] bytes.
+    #[cfg(feature = "alloc")]
+    GetChildrenV2 {
+        /// Level of the nodes (at least 1).
+        level: u8,
+        /// First node.
+        index: u32,
+        /// Number of consecutive nodes.
+        count: u32,
     },
 }
 
@@ -537,11 +551,34 @@ pub struct PackedEntry {
 /// Longest encoding of one packed entry.
 pub const PACKED_ENTRY_MAX: usize = 8 + 10;
 
+/// Bytes of an id in the `Entries` that answer [`Message::GetChildrenV2`]:
+/// the low 40 bits of the [`ShortId`]. An entry is looked up among every
+/// entry of the old version (about 80,000 for 256 MiB): a false match is
+/// then about one in 10^13 per entry, counting that its length must match
+/// too, and is caught by the rebuilt version's check.
+pub const ENTRY_ID_V2: usize = 5;
+
+/// Bytes of an id in the `Pieces` that answer [`Message::GetPiecesV2`]:
+/// the low 32 bits of the [`crate::hash::piece_id`]. A piece is looked for
+/// only among the old ones next to its run (a few dozen).
+pub const PIECE_ID_V2: usize = 4;
+
+/// `short` cut to its low `width` bytes (the whole id from 8 on).
+pub fn short_as(short: ShortId, width: usize) -> ShortId {
+    if width >= 8 { short } else { short & ((1u64 << (8 * width)) - 1) }
+}
+
 /// Appends an entry to a packed listing; `None` if `out` is full.
 pub fn pack_entry(out: &mut [u8], pos: &mut usize, e: PackedEntry) -> Option<()> {
-    let id = out.get_mut(*pos..*pos + 8)?;
-    id.copy_from_slice(&e.short.to_le_bytes());
-    let mut p = *pos + 8;
+    pack_entry_as(out, pos, e, 8)
+}
+
+/// [`pack_entry`] with the id cut to its low `width` bytes (1 to 8).
+#[inline(always)]
+pub fn pack_entry_as(out: &mut [u8], pos: &mut usize, e: PackedEntry, width: usize) -> Option<()> {
+    let id = out.get_mut(*pos..*pos + width)?;
+    id.copy_from_slice(e.short.to_le_bytes().get(..width)?);
+    let mut p = *pos + width;
     varint::put(out, &mut p, e.len)?;
     *pos = p;
     Some(())
@@ -549,15 +586,26 @@ pub fn pack_entry(out: &mut [u8], pos: &mut usize, e: PackedEntry) -> Option<()>
 
 /// Iterates a packed listing; yields `Err` once on malformed input.
 pub fn unpack_entries(packed: &[u8]) -> impl Iterator<Item = Result<PackedEntry, ErrorCode>> + '_ {
+    unpack_entries_as(packed, 8)
+}
+
+/// [`unpack_entries`] of a listing whose ids are `width` bytes (1 to 8).
+#[inline(always)]
+pub fn unpack_entries_as(
+    packed: &[u8],
+    width: usize,
+) -> impl Iterator<Item = Result<PackedEntry, ErrorCode>> + '_ {
     let mut pos = 0usize;
     let mut failed = false;
     core::iter::from_fn(move || {
         if failed || pos == packed.len() {
             return None;
         }
-        let parsed = packed.get(pos..pos + 8).and_then(|id| {
-            let short = u64::from_le_bytes(id.try_into().ok()?);
-            let mut p = pos + 8;
+        let parsed = packed.get(pos..pos + width).and_then(|id| {
+            let mut le = [0u8; 8];
+            le.get_mut(..width)?.copy_from_slice(id);
+            let short = u64::from_le_bytes(le);
+            let mut p = pos + width;
             let len = varint::get(packed, &mut p)?;
             pos = p;
             Some(PackedEntry { short, len })

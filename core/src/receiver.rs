@@ -324,9 +324,29 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
     /// With deltas on, also compares a changed piece by its fine pieces
     /// (`GetFine`), if `on` (set only if the sender announced
     /// [`crate::message::CAP_FINE`]).
+    ///
+    /// Such a sender also lists the walk's entries with shorter ids
+    /// (`GetChildrenV2`): the old entries are looked up by as much of
+    /// their ids.
     pub fn fine(mut self, on: bool) -> Self {
+        if on && !self.fine {
+            for h in &mut self.held {
+                h.0 = message::short_as(h.0, message::ENTRY_ID_V2);
+            }
+            self.held.sort_unstable_by_key(|h| h.0);
+        }
         self.fine = on;
         self
+    }
+
+    /// Bytes of each id in the walk's entries.
+    fn entry_width(&self) -> usize {
+        if self.fine { message::ENTRY_ID_V2 } else { 8 }
+    }
+
+    /// Bytes of each id in a `Pieces` answer.
+    fn piece_width(&self) -> usize {
+        if self.fine { message::PIECE_ID_V2 } else { 8 }
     }
 
     /// With deltas on, asks only for suffixes, never for pieces: which
@@ -444,7 +464,7 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
 
     /// Starts the walk of the sender's tree from its root.
     fn walk(&mut self) {
-        let short = self.offer.root.short(&self.salt);
+        let short = message::short_as(self.offer.root.short(&self.salt), self.entry_width());
         self.classify(self.offer.height, 0, 0, short, self.offer.size);
         self.phase = Phase::Walk;
     }
@@ -586,7 +606,7 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
             return Err(bad);
         }
         let mut covered = covered;
-        for e in message::unpack_entries(packed) {
+        for e in message::unpack_entries_as(packed, self.piece_width()) {
             let e = e.map_err(SessionError::Protocol)?;
             // Pieces are cut as the chunker cuts them: only a run's last
             // may be shorter than PIECE_MIN (so a run has at most
@@ -671,9 +691,13 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
             bytes.resize((to - from) as usize, 0);
             base.source.read_at(from, &mut bytes).map_err(|_| SessionError::Read)?;
             let mut at = from;
-            let salt = &self.salt;
+            let (salt, width) = (&self.salt, if self.fine { message::PIECE_ID_V2 } else { 8 });
             let add = |p: &[u8]| {
-                let id = if *fine { ShortId::from(message::fine_id(salt, p)) } else { piece_id(salt, p) };
+                let id = if *fine {
+                    ShortId::from(message::fine_id(salt, p))
+                } else {
+                    message::short_as(piece_id(salt, p), width)
+                };
                 old_pieces.push((id, p.len() as u64, at));
                 at += p.len() as u64;
             };
@@ -811,7 +835,7 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
         }
         let mut at = offset;
         let mut covered = covered;
-        for (k, e) in message::unpack_entries(packed).enumerate() {
+        for (k, e) in message::unpack_entries_as(packed, self.entry_width()).enumerate() {
             let e = e.map_err(SessionError::Protocol)?;
             let index = u32::try_from(k).ok().and_then(|k| start.checked_add(k)).ok_or(bad)?;
             let end = at.checked_add(e.len).filter(|&end| end <= self.offer.size).ok_or(bad)?;
@@ -1049,7 +1073,12 @@ impl<T: TreeView, R: Source, W: Output> Machine for Receiver<T, R, W> {
                             bytes: e.bytes,
                             covered: 0,
                         });
-                        let m = Message::GetChildren { level: e.level, index: e.index, count: e.count };
+                        let (level, index, count) = (e.level, e.index, e.count);
+                        let m = if self.fine {
+                            Message::GetChildrenV2 { level, index, count }
+                        } else {
+                            Message::GetChildren { level, index, count }
+                        };
                         return machine::emit(&m, out);
                     }
                     if !self.sent.is_empty() {

@@ -36,6 +36,8 @@ enum Request {
         level: u8,
         index: u32,
         count: u32,
+        /// Asked as `GetChildrenV2` (shorter ids).
+        v2: V2,
     },
     Data {
         offset: u64,
@@ -50,7 +52,7 @@ enum Request {
     Pieces {
         offset: u64,
         len: u64,
-        v2: bool,
+        v2: V2,
     },
     #[cfg(feature = "alloc")]
     Fine {
@@ -62,12 +64,12 @@ enum Request {
 #[derive(Clone, Copy, Debug)]
 enum Active {
     /// Listing entries `next..end` at `level`, the next one at `offset`.
-    Entries { level: u8, next: u32, end: u32, offset: u64 },
+    Entries { level: u8, next: u32, end: u32, offset: u64, v2: V2 },
     /// Sending bytes `offset..end`.
     Data { offset: u64, end: u64 },
     /// Listing the pieces of `offset..end`, the next one at `offset`
     /// (cut by [`Chunker::pieces_v2`] if `v2`).
-    Pieces { offset: u64, end: u64, v2: bool },
+    Pieces { offset: u64, end: u64, v2: V2 },
     /// Listing the fine pieces of `offset..offset + len` (one frame).
     #[cfg(feature = "alloc")]
     Fine { offset: u64, len: u64 },
@@ -84,6 +86,64 @@ fn delta_budget(size: u64) -> u64 {
     size.saturating_mul(2).saturating_add(2 * DELTA_MAX)
 }
 
+/// Whether a listing was asked in its second form (`GetChildrenV2`,
+/// `GetPiecesV2`: shorter ids, pieces that resynchronise). Only hosts are
+/// asked so: in builds without `alloc` it is a unit, and their listing
+/// code stays what it was.
+#[cfg(feature = "alloc")]
+type V2 = bool;
+#[cfg(not(feature = "alloc"))]
+type V2 = ();
+
+/// Whether `v` says the second form.
+#[cfg(feature = "alloc")]
+fn is_v2(v: V2) -> bool {
+    v
+}
+#[cfg(not(feature = "alloc"))]
+fn is_v2(_: V2) -> bool {
+    false
+}
+
+/// The first form.
+#[cfg(feature = "alloc")]
+const V1: V2 = false;
+#[cfg(not(feature = "alloc"))]
+const V1: V2 = ();
+
+/// How [`piece_at`] cuts: as [`Chunker::pieces`] (what devices are asked
+/// for), [`Chunker::pieces_v2`] or [`Chunker::fine`].
+#[derive(Clone, Copy)]
+enum Cut {
+    Pieces,
+    #[cfg(feature = "alloc")]
+    PiecesV2,
+    #[cfg(feature = "alloc")]
+    Fine,
+}
+
+impl Cut {
+    /// The pieces a listing asked in form `v2` is cut into.
+    fn of(v2: V2) -> Cut {
+        #[cfg(feature = "alloc")]
+        if is_v2(v2) {
+            return Cut::PiecesV2;
+        }
+        let _ = v2;
+        Cut::Pieces
+    }
+
+    fn chunker(self) -> Chunker {
+        match self {
+            Cut::Pieces => Chunker::pieces(),
+            #[cfg(feature = "alloc")]
+            Cut::PiecesV2 => Chunker::pieces_v2(),
+            #[cfg(feature = "alloc")]
+            Cut::Fine => Chunker::fine(),
+        }
+    }
+}
+
 /// Bytes read at a time while cutting and hashing pieces (on the stack).
 const PIECE_READ: usize = 256;
 
@@ -95,8 +155,9 @@ fn piece_at<S: Source>(
     salt: &[u8; 8],
     offset: u64,
     end: u64,
-    mut cut: Option<Chunker>,
+    cut: Option<Cut>,
 ) -> Result<(ShortId, u64), SessionError> {
+    let mut cut = cut.map(Cut::chunker);
     let mut hasher = PieceHasher::new(salt);
     let mut buf = [0u8; PIECE_READ];
     let mut len = 0u64;
@@ -246,7 +307,7 @@ impl<T: TreeView, S: Source> Sender<T, S> {
 
     fn check(&self, r: Request) -> Result<(), ErrorCode> {
         let ok = match r {
-            Request::Children { level, index, count } => {
+            Request::Children { level, index, count, .. } => {
                 level >= 1
                     && level <= self.tree.height()
                     && count >= 1
@@ -277,11 +338,11 @@ impl<T: TreeView, S: Source> Sender<T, S> {
     fn start(&mut self, r: Request) -> Result<Active, SessionError> {
         let bad = SessionError::Protocol(ErrorCode::OutOfRange);
         Ok(match r {
-            Request::Children { level, index, count } => {
+            Request::Children { level, index, count, v2 } => {
                 let next = self.tree.first_child(level, index).ok_or(bad)?;
                 let end = self.tree.first_child(level, index + count).ok_or(bad)?;
                 let offset = self.tree.entry(level - 1, next).map_or(self.summary.size, |e| e.offset);
-                Active::Entries { level: level - 1, next, end: end.max(next), offset }
+                Active::Entries { level: level - 1, next, end: end.max(next), offset, v2 }
             }
             Request::Data { offset, len } => Active::Data { offset, end: offset + len },
             Request::Suffix { offset, len, have, id } => {
@@ -302,11 +363,12 @@ impl<T: TreeView, S: Source> Sender<T, S> {
     fn send_entries(
         &mut self,
         level: u8,
-        next: u32,
-        end: u32,
+        (next, end): (u32, u32),
         offset: u64,
+        v2: V2,
         out: &mut [u8],
     ) -> Result<usize, SessionError> {
+        let width = if is_v2(v2) { message::ENTRY_ID_V2 } else { 8 };
         let room = out.len().min(frame::MAX_ENCODED).saturating_sub(FRAME_OVERHEAD);
         let fit = (room / PACKED_ENTRY_MAX) as u32;
         if fit == 0 {
@@ -323,13 +385,13 @@ impl<T: TreeView, S: Source> Sender<T, S> {
                 let e = tree.entry(level, i).ok_or(SessionError::Capacity)?;
                 covered += e.len;
                 let packed = PackedEntry { short: e.id.short(salt), len: e.len };
-                message::pack_entry(buf, &mut pos, packed).ok_or(SessionError::Capacity)?;
+                message::pack_entry_as(buf, &mut pos, packed, width).ok_or(SessionError::Capacity)?;
             }
             Ok(pos)
         })?
         .map_err(|_| SessionError::Capacity)?;
         self.active =
-            (!last).then_some(Active::Entries { level, next: next + n, end, offset: offset + covered });
+            (!last).then_some(Active::Entries { level, next: next + n, end, offset: offset + covered, v2 });
         Ok(written)
     }
 
@@ -353,13 +415,7 @@ impl<T: TreeView, S: Source> Sender<T, S> {
     /// The next `Pieces` frame of `offset..end`: every piece left if the
     /// most there can be fit (then it is the `last`), else as many as fit
     /// (a last frame may then carry none).
-    fn send_pieces(
-        &mut self,
-        offset: u64,
-        end: u64,
-        v2: bool,
-        out: &mut [u8],
-    ) -> Result<usize, SessionError> {
+    fn send_pieces(&mut self, offset: u64, end: u64, v2: V2, out: &mut [u8]) -> Result<usize, SessionError> {
         let room = out.len().min(frame::MAX_ENCODED).saturating_sub(FRAME_OVERHEAD);
         let fit = (room / PACKED_ENTRY_MAX) as u64;
         if fit == 0 {
@@ -369,21 +425,14 @@ impl<T: TreeView, S: Source> Sender<T, S> {
         // are at most (end - offset) / PIECE_MIN + 1.
         let last = (end - offset) / (PIECE_MIN as u64) < fit;
         let (source, salt) = (&mut self.source, &self.salt);
-        let cutter = || {
-            #[cfg(feature = "alloc")]
-            if v2 {
-                return Chunker::pieces_v2();
-            }
-            let _ = v2;
-            Chunker::pieces()
-        };
+        let width = if is_v2(v2) { message::PIECE_ID_V2 } else { 8 };
         let mut at = offset;
         let template = Message::Pieces { offset, last, packed: &[] };
         let written = frame::encode_with_tail(&template, out, |buf| {
             let (mut pos, mut n) = (0, 0);
             while at < end && n < fit {
-                let (short, len) = piece_at(source, salt, at, end, Some(cutter()))?;
-                message::pack_entry(buf, &mut pos, PackedEntry { short, len })
+                let (short, len) = piece_at(source, salt, at, end, Some(Cut::of(v2)))?;
+                message::pack_entry_as(buf, &mut pos, PackedEntry { short, len }, width)
                     .ok_or(SessionError::Capacity)?;
                 at += len;
                 n += 1;
@@ -403,7 +452,7 @@ impl<T: TreeView, S: Source> Sender<T, S> {
         let written = frame::encode_with_tail(&Message::Fine { packed: &[] }, out, |buf| {
             let (mut pos, mut at) = (0, offset);
             while at < offset + len {
-                let (short, n) = piece_at(source, salt, at, offset + len, Some(Chunker::fine()))?;
+                let (short, n) = piece_at(source, salt, at, offset + len, Some(Cut::Fine))?;
                 message::pack_fine(buf, &mut pos, short as message::FineId, n as usize)
                     .ok_or(SessionError::Capacity)?;
                 at += n;
@@ -548,10 +597,14 @@ impl<T: TreeView, S: Source> Machine for Sender<T, S> {
     fn handle(&mut self, now: Instant, msg: Message<'_>) -> Result<(), SessionError> {
         self.deadline = now.plus_ms(IDLE_TIMEOUT_MS);
         let r = match msg {
-            Message::GetChildren { level, index, count } => Request::Children { level, index, count },
+            Message::GetChildren { level, index, count } => Request::Children { level, index, count, v2: V1 },
+            #[cfg(feature = "alloc")]
+            Message::GetChildrenV2 { level, index, count } => {
+                Request::Children { level, index, count, v2: true }
+            }
             Message::GetData { offset, len } => Request::Data { offset, len },
             Message::GetSuffix { offset, len, have, id } => Request::Suffix { offset, len, have, id },
-            Message::GetPieces { offset, len } => Request::Pieces { offset, len, v2: false },
+            Message::GetPieces { offset, len } => Request::Pieces { offset, len, v2: V1 },
             #[cfg(feature = "alloc")]
             Message::GetPiecesV2 { offset, len } => Request::Pieces { offset, len, v2: true },
             #[cfg(feature = "alloc")]
@@ -593,8 +646,8 @@ impl<T: TreeView, S: Source> Machine for Sender<T, S> {
         }
         let n = match self.active {
             None => return machine::wait_until(now, self.deadline),
-            Some(Active::Entries { level, next, end, offset }) => {
-                self.send_entries(level, next, end, offset, out)?
+            Some(Active::Entries { level, next, end, offset, v2 }) => {
+                self.send_entries(level, (next, end), offset, v2, out)?
             }
             Some(Active::Data { offset, end }) => self.send_data(offset, end, out)?,
             Some(Active::Pieces { offset, end, v2 }) => self.send_pieces(offset, end, v2, out)?,

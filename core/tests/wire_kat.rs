@@ -105,8 +105,9 @@ fn a_frame_of_every_message_variant_is_byte_exact() {
         (Message::GetFine { offset: 7, len: 300 }, "042807ac02"),
         (Message::Fine { packed: &[1, 2, 3, 4, 5] }, "0729050102030405"),
         (Message::GetPiecesV2 { offset: 7, len: 300 }, "042a07ac02"),
+        (Message::GetChildrenV2 { level: 2, index: 1, count: 3 }, "042b020103"),
     ];
-    assert_eq!(cases.len(), 31, "one case per variant up to Replaced, then the deltas'");
+    assert_eq!(cases.len(), 32, "one case per variant up to Replaced, then the deltas'");
     for (m, want) in cases {
         let mut buf = [0u8; 256];
         let n = frame::encode(&m, &mut buf).unwrap();

@@ -434,6 +434,7 @@ fn every_message() -> Vec<Vec<u8>> {
         Message::GetFine { offset: 4096, len: 700 },
         Message::Fine { packed: &[9, 9, 9, 9, 40, 8, 8, 8, 8, 16] },
         Message::GetPiecesV2 { offset: 4096, len: 3000 },
+        Message::GetChildrenV2 { level: 2, index: 1, count: 3 },
     ]
     .iter()
     .map(payload_of)
