@@ -228,11 +228,12 @@ impl Handshake {
 
     /// The transport channel, once both messages have passed.
     pub fn finish(self) -> Result<Channel, ChannelError> {
-        Ok(Channel(match self.0 {
+        let inner = match self.0 {
             HsInner::ChaCha(h) => ChInner::ChaCha(h.finalize().map_err(|_| ChannelError::State)?),
             #[cfg(feature = "ring")]
             HsInner::Aes(h) => ChInner::Aes(h.finalize().map_err(|_| ChannelError::State)?),
-        }))
+        };
+        Ok(Channel { inner, batched: false })
     }
 }
 
@@ -244,7 +245,10 @@ enum ChInner {
 }
 
 /// An established channel: seals frames to the peer and opens the peer's.
-pub struct Channel(ChInner);
+pub struct Channel {
+    inner: ChInner,
+    batched: bool,
+}
 
 impl Channel {
     /// Encrypts `buf[..len]` in place and appends the tag; returns the
@@ -253,7 +257,8 @@ impl Channel {
         if len + TAG_LEN > buf.len().min(MAX_MESSAGE) {
             return Err(ChannelError::Capacity);
         }
-        each_cipher!(&mut self.0, ChInner, t => t.send_in_place(buf, len)).map_err(|_| ChannelError::Capacity)
+        each_cipher!(&mut self.inner, ChInner, t => t.send_in_place(buf, len))
+            .map_err(|_| ChannelError::Capacity)
     }
 
     /// Authenticates and decrypts the sealed frame `buf` in place; returns
@@ -264,15 +269,28 @@ impl Channel {
         if !(TAG_LEN..=MAX_MESSAGE).contains(&len) {
             return Err(ChannelError::Authentication);
         }
-        each_cipher!(&mut self.0, ChInner, t => t.receive_in_place(buf, len))
+        each_cipher!(&mut self.inner, ChInner, t => t.receive_in_place(buf, len))
             .map_err(|_| ChannelError::Authentication)
+    }
+
+    /// Whether a sealed frame may carry several messages, one after another
+    /// (both peers announced [`crate::message::CAP_BATCH`]; see
+    /// [`crate::driver::Pump`]).
+    pub fn batched(&self) -> bool {
+        self.batched
+    }
+
+    /// Sets whether a sealed frame may carry several messages: both sides
+    /// must agree, as they do on the capabilities they share.
+    pub fn set_batched(&mut self, on: bool) {
+        self.batched = on;
     }
 
     /// The handshake hash: a value both sides share and nobody else can
     /// choose, binding anything derived from it to this session.
     pub fn binding(&self) -> [u8; 32] {
         let mut out = [0u8; 32];
-        each_cipher!(&self.0, ChInner, t => out.copy_from_slice(t.get_handshake_hash().as_slice()));
+        each_cipher!(&self.inner, ChInner, t => out.copy_from_slice(t.get_handshake_hash().as_slice()));
         out
     }
 }

@@ -167,7 +167,8 @@ impl ClientHandshake {
         }
         self.version = agree(self.version, version)?;
         self.peer_caps = caps;
-        let channel = hs.finish().map_err(|_| SessionError::Protocol(ErrorCode::AuthFailed))?;
+        let mut channel = hs.finish().map_err(|_| SessionError::Protocol(ErrorCode::AuthFailed))?;
+        channel.set_batched(self.shared_caps() & crate::message::CAP_BATCH != 0);
         self.state = ClientState::Done(session_salt(&channel));
         self.channel = Some(channel);
         Ok(())

@@ -6,7 +6,9 @@
 
 use crate::channel::{Channel, TAG_LEN};
 use crate::error::{ErrorCode, SessionError};
-use crate::frame::{self, FrameDecoder, FrameError};
+#[cfg(feature = "alloc")]
+use crate::frame::Payload;
+use crate::frame::{self, FrameDecoder, FrameError, MAX_HEADER};
 use crate::machine::{Machine, Poll};
 use crate::message::Message;
 use crate::time::Instant;
@@ -52,6 +54,38 @@ pub enum Step<T> {
     Again,
     /// The machine finished.
     Done(T),
+    /// Write `Pump::output()[..n]`: then the machine is finished (its last
+    /// messages went into a batch, see [`BATCH_MAX`]).
+    Finish(usize, T),
+}
+
+/// Most plaintext bytes of the several messages a batching pump seals as
+/// one frame (when both peers announced
+/// [`crate::message::CAP_BATCH`]): messages ready at once (answers to the
+/// requests of one read, a receiver's requests) share one frame and its
+/// tag. A longer message goes alone, as without batching. Small enough
+/// that a server holding a connection small between requests takes any
+/// batch.
+pub const BATCH_MAX: usize = 1024;
+
+/// Where a batching pump has its machine write each message: past the
+/// batch being filled (with the room to seal it in place).
+const STAGE: usize = MAX_HEADER + BATCH_MAX + TAG_LEN + 1;
+
+/// What a batching pump's output buffer needs on top of one frame's room:
+/// give it [`frame::MAX_ENCODED`] + `BATCH_ROOM` to send full `Data`
+/// frames. (A pump whose output is shorter than `BATCH_ROOM` plus
+/// `MAX_NAME + 512` sends every message alone.)
+pub const BATCH_ROOM: usize = STAGE;
+
+/// Which buffer holds the messages of an opened frame not yet handled.
+#[derive(Clone, Copy, Debug)]
+#[cfg_attr(not(feature = "alloc"), allow(dead_code))]
+enum Held {
+    /// The input buffer.
+    Input,
+    /// The frame decoder's buffer.
+    Frame,
 }
 
 /// The buffers, counters and secure channel of one connection: frames in,
@@ -70,6 +104,14 @@ pub struct Pump<I, F, O> {
     decoder: FrameDecoder<F>,
     output: O,
     channel: Option<Channel>,
+    /// Plaintext bytes of messages waiting to be sealed as one frame, at
+    /// `output[MAX_HEADER..]`.
+    batched: usize,
+    /// A message at `output[STAGE..]`, of this many bytes (its frame
+    /// header included), that did not fit the batch sent last.
+    staged: usize,
+    /// The messages of an opened batched frame not yet handled: where.
+    held: Option<(Held, usize, usize)>,
     /// Bytes written to the transport.
     pub sent: u64,
     /// Bytes read from the transport.
@@ -92,6 +134,9 @@ where
             decoder: FrameDecoder::new(frame),
             output,
             channel: None,
+            batched: 0,
+            staged: 0,
+            held: None,
             sent: 0,
             received: 0,
             eof: false,
@@ -119,7 +164,7 @@ where
 
     /// Whether a frame is partly received or bytes wait to be decoded.
     pub fn is_mid_frame(&self) -> bool {
-        self.start < self.end || self.decoder.is_mid_frame()
+        self.start < self.end || self.decoder.is_mid_frame() || self.held.is_some()
     }
 
     /// Whether a step would have work: the buffered input finishes a frame
@@ -127,7 +172,8 @@ where
     /// frame being assembled), or the peer has closed. While none holds, a
     /// shell can read more before stepping.
     pub fn has_frame(&self) -> bool {
-        self.eof
+        self.held.is_some()
+            || self.eof
             || self.end == self.input.as_ref().len()
             || self.decoder.would_finish(&self.input.as_ref()[self.start..self.end])
     }
@@ -155,6 +201,9 @@ where
     /// Advances `m` by one step: sends what it has, else decodes one frame of
     /// buffered input, else asks for more input.
     pub fn step<M: Machine, E>(&mut self, m: &mut M, now: Instant) -> Result<Step<M::Output>, DriveError<E>> {
+        if self.batching() {
+            return self.step_batched(m, now);
+        }
         // Room for the tag and a longer length header once sealed.
         let out = self.output.as_mut();
         let room = out.len().saturating_sub(TAG_LEN + 1);
@@ -173,7 +222,7 @@ where
                 Ok(Step::Done(o))
             }
             Poll::Wait(deadline) => {
-                if self.start < self.end {
+                if self.start < self.end || self.held.is_some() {
                     self.take_frame(m, now)?;
                     return Ok(Step::Again);
                 }
@@ -185,8 +234,114 @@ where
         }
     }
 
+    /// Whether this side seals several messages into one frame: the
+    /// channel says both peers read such frames, and the output buffer
+    /// has room to stage a message past a batch.
+    fn batching(&self) -> bool {
+        // Devices (no `alloc`) never announce CAP_BATCH: their pump keeps
+        // its flash.
+        cfg!(feature = "alloc")
+            && self.channel.as_ref().is_some_and(Channel::batched)
+            && self.output.as_ref().len() >= STAGE + crate::message::MAX_NAME + 512
+    }
+
+    /// [`Self::step`] for a batching pump: each message is written at
+    /// `STAGE` with the room it would have alone, then joins the batch if
+    /// it fits. The batch goes out when the machine waits and no message it
+    /// was sent is left to handle, or when a message does not fit.
+    fn step_batched<M: Machine, E>(
+        &mut self,
+        m: &mut M,
+        now: Instant,
+    ) -> Result<Step<M::Output>, DriveError<E>> {
+        if self.staged > 0 {
+            let n = core::mem::take(&mut self.staged);
+            if let Some(w) = self.add_to_batch(n).map_err(DriveError::Session)? {
+                return Ok(Step::Write(w));
+            }
+        }
+        let room = self.output.as_ref().len() - (TAG_LEN + 1);
+        let polled = m.poll(now, &mut self.output.as_mut()[STAGE..room]).map_err(DriveError::Session)?;
+        match polled {
+            Poll::Transmit(n) => {
+                self.adopt(m);
+                match self.add_to_batch(n).map_err(DriveError::Session)? {
+                    Some(w) => Ok(Step::Write(w)),
+                    None => Ok(Step::Again),
+                }
+            }
+            Poll::Done(o) => {
+                self.adopt(m);
+                if self.batched > 0 {
+                    let w = self.seal_batch().map_err(DriveError::Session)?;
+                    return Ok(Step::Finish(w, o));
+                }
+                Ok(Step::Done(o))
+            }
+            Poll::Wait(deadline) => {
+                if self.start < self.end || self.held.is_some() {
+                    self.take_frame(m, now)?;
+                    return Ok(Step::Again);
+                }
+                if self.batched > 0 {
+                    return self.seal_batch().map(Step::Write).map_err(DriveError::Session);
+                }
+                if self.eof {
+                    return Err(DriveError::Closed);
+                }
+                Ok(Step::Read(deadline))
+            }
+        }
+    }
+
+    /// Takes the message of `n` bytes (frame header included) at
+    /// `output[STAGE..]` into the batch if it fits. If it does not: seals
+    /// it alone if the batch is empty, else seals the batch and keeps the
+    /// message for the next step. Returns the bytes to write, if any.
+    fn add_to_batch(&mut self, n: usize) -> Result<Option<usize>, SessionError> {
+        let out = self.output.as_mut();
+        let mut hdr = 0;
+        let len =
+            crate::varint::get(&out[STAGE..STAGE + n], &mut hdr).ok_or(SessionError::Capacity)? as usize;
+        if hdr + len != n {
+            return Err(SessionError::Capacity);
+        }
+        if self.batched + len <= BATCH_MAX {
+            out.copy_within(STAGE + hdr..STAGE + n, MAX_HEADER + self.batched);
+            self.batched += len;
+            return Ok(None);
+        }
+        if self.batched > 0 {
+            self.staged = n;
+            return self.seal_batch().map(Some);
+        }
+        self.seal_at(STAGE + hdr, len).map(Some)
+    }
+
+    /// Seals the batch.
+    fn seal_batch(&mut self) -> Result<usize, SessionError> {
+        let len = core::mem::take(&mut self.batched);
+        self.seal_at(MAX_HEADER, len)
+    }
+
+    /// Seals the plaintext `output[at..at + len]` as the frame at the
+    /// start of the output; returns its length.
+    fn seal_at(&mut self, at: usize, len: usize) -> Result<usize, SessionError> {
+        let channel = self.channel.as_mut().ok_or(SessionError::Capacity)?;
+        let out = self.output.as_mut();
+        let hdr = crate::varint::len((len + TAG_LEN) as u64);
+        out.copy_within(at..at + len, hdr);
+        let sealed = channel.seal(&mut out[hdr..], len).map_err(|_| SessionError::Capacity)?;
+        let mut pos = 0;
+        crate::varint::put(out, &mut pos, sealed as u64).ok_or(SessionError::Capacity)?;
+        self.sent += (hdr + sealed) as u64;
+        Ok(hdr + sealed)
+    }
+
     /// Decodes what buffered input holds of the next frame and, once one is
-    /// whole, opens it and hands it to `m`.
+    /// whole, opens it and hands it to `m`. (Devices: their peers never
+    /// batch, and this is the smaller code.)
+    #[cfg(not(feature = "alloc"))]
     fn take_frame<M: Machine, E>(&mut self, m: &mut M, now: Instant) -> Result<(), DriveError<E>> {
         let (used, payload) = self
             .decoder
@@ -214,6 +369,86 @@ where
         Ok(())
     }
 
+    /// Hands `m` the next message of an opened batched frame if one is
+    #[cfg(feature = "alloc")]
+    /// left; else decodes what buffered input holds of the next frame and,
+    /// once one is whole, opens it and hands it (or its first message) to
+    /// `m`.
+    fn take_frame<M: Machine, E>(&mut self, m: &mut M, now: Instant) -> Result<(), DriveError<E>> {
+        if let Some((held, start, end)) = self.held.take() {
+            return self.take_message(m, now, held, start..end);
+        }
+        let (used, payload) =
+            self.decoder.feed_at(&self.input.as_ref()[self.start..self.end]).map_err(DriveError::Frame)?;
+        // Consumed even if handling it fails: a connection that goes on
+        // after a refused request must not see it again.
+        let base = self.start;
+        self.start += used;
+        let (held, range) = match payload {
+            None => {
+                self.rewind();
+                return Ok(());
+            }
+            Some(Payload::Input(r)) => (Held::Input, base + r.start..base + r.end),
+            Some(Payload::Buffer(n)) => (Held::Frame, 0..n),
+        };
+        let opened = match self.channel.as_mut() {
+            Some(c) => {
+                let sealed = match held {
+                    Held::Input => &mut self.input.as_mut()[range.clone()],
+                    Held::Frame => &mut self.decoder.buffer_mut().as_mut()[range.clone()],
+                };
+                match c.open(sealed) {
+                    Ok(n) => n,
+                    Err(_) => return Err(DriveError::Session(SessionError::Protocol(ErrorCode::Tampered))),
+                }
+            }
+            None => range.len(),
+        };
+        self.take_message(m, now, held, range.start..range.start + opened)
+    }
+
+    /// Hands `m` the message (or, from a batching peer, the first of the
+    /// messages) in `range` of the `held` buffer, and keeps where the rest
+    /// lies.
+    #[cfg(feature = "alloc")]
+    fn take_message<M: Machine, E>(
+        &mut self,
+        m: &mut M,
+        now: Instant,
+        held: Held,
+        range: core::ops::Range<usize>,
+    ) -> Result<(), DriveError<E>> {
+        let batched = cfg!(feature = "alloc") && self.channel.as_ref().is_some_and(Channel::batched);
+        let bytes = match held {
+            Held::Input => &self.input.as_ref()[range.clone()],
+            Held::Frame => &self.decoder.buffer().as_ref()[range.clone()],
+        };
+        let protocol = |c| DriveError::Session(SessionError::Protocol(c));
+        let (msg, rest) = if batched {
+            Message::decode_first(bytes).map_err(protocol)?
+        } else {
+            (Message::decode(bytes).map_err(protocol)?, &[][..])
+        };
+        let next = (!rest.is_empty()).then(|| (held, range.end - rest.len(), range.end));
+        let handled = m.handle(now, msg).map_err(DriveError::Session);
+        self.held = next;
+        self.rewind();
+        handled?;
+        self.adopt(m);
+        Ok(())
+    }
+
+    /// Starts the input buffer over once all it holds was taken (and no
+    /// message left in it waits).
+    #[cfg(feature = "alloc")]
+    fn rewind(&mut self) {
+        if self.start == self.end && !matches!(self.held, Some((Held::Input, ..))) {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
     /// After a failed write: reads what the peer sent before it closed
     /// (a few reads at most) and feeds it to `m`, returning the error the
     /// peer reported, if it reported one.
@@ -226,7 +461,7 @@ where
         // Only what the peer sent is looked at: nothing more is produced
         // (it could not go out), and at most 64 reads are made.
         for _ in 0..64 {
-            while self.start < self.end {
+            while self.start < self.end || self.held.is_some() {
                 match self.take_frame::<M, T::Error>(m, now()) {
                     Err(e @ DriveError::Session(SessionError::Peer(_))) => return Some(e),
                     Err(_) => return None,
@@ -252,6 +487,7 @@ where
             DriveError::Frame(_) => ErrorCode::BadMessage,
             _ => return None,
         };
+        (self.batched, self.staged) = (0, 0);
         let n = frame::encode(&Message::Error(code), self.output.as_mut()).ok()?;
         let n = self.seal(n).ok()?;
         self.sent += n as u64;
@@ -270,8 +506,14 @@ impl Pump<alloc::vec::Vec<u8>, alloc::vec::Vec<u8>, alloc::vec::Vec<u8>> {
     pub fn resize(&mut self, input: usize, frame: usize, output: usize) -> bool {
         let pending = self.end - self.start;
         // Keep room to read into: an empty input slice would read as the
-        // end of the stream.
-        if pending >= input || self.decoder.capacity_needed() > frame {
+        // end of the stream. Nothing moves while messages wait in a
+        // buffer, or to be sent.
+        if pending >= input
+            || self.decoder.capacity_needed() > frame
+            || self.held.is_some()
+            || self.batched > 0
+            || self.staged > 0
+        {
             return false;
         }
         if self.start > 0 {
@@ -406,6 +648,11 @@ where
                 io.flush().map_err(DriveError::Io)?;
                 return Ok(o);
             }
+            Step::Finish(n, o) => {
+                io.write_all(pump.output(n)).map_err(DriveError::Io)?;
+                io.flush().map_err(DriveError::Io)?;
+                return Ok(o);
+            }
         }
     })();
     if let Err(e) = &result
@@ -454,6 +701,12 @@ where
         let deadline = match step.map_err(widen) {
             Err(e) => break Err(e),
             Ok(Step::Done(o)) => break io.flush().await.map(|()| o).map_err(DriveError::Io),
+            Ok(Step::Finish(n, o)) => {
+                if let Err(e) = io.write_all(session.pump.output(n)).await {
+                    break Err(DriveError::Io(e));
+                }
+                break io.flush().await.map(|()| o).map_err(DriveError::Io);
+            }
             Ok(Step::Write(n)) => {
                 if let Err(e) = io.write_all(session.pump.output(n)).await {
                     break Err(DriveError::Io(e));

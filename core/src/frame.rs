@@ -112,7 +112,7 @@ fn finish_frame(out: &mut [u8], n: usize) -> Result<usize, FrameError> {
 }
 
 /// Where a completed frame's payload lies.
-enum Payload {
+pub(crate) enum Payload {
     /// In the input, at this range.
     Input(core::ops::Range<usize>),
     /// At the start of the decoder's buffer, this long.
@@ -163,6 +163,13 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> FrameDecoder<B> {
         Ok((used, at.map(|at| at.slice(input, self.buf.as_ref()))))
     }
 
+    /// [`Self::feed`], saying where the payload lies instead of lending it:
+    /// in `input` or in this decoder's buffer ([`Self::buffer_mut`]).
+    #[cfg(feature = "alloc")]
+    pub(crate) fn feed_at(&mut self, input: &[u8]) -> Result<(usize, Option<Payload>), FrameError> {
+        self.take(input)
+    }
+
     /// [`Self::feed`], lending the payload mutably (to open it in place).
     pub fn feed_mut<'a>(
         &'a mut self,
@@ -202,6 +209,12 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> FrameDecoder<B> {
             }
         };
         self.filled + (input.len() - used) >= want
+    }
+
+    /// The decoder's buffer.
+    #[cfg(feature = "alloc")]
+    pub(crate) fn buffer(&self) -> &B {
+        &self.buf
     }
 
     /// The decoder's buffer, to resize it (see [`Self::capacity_needed`]).

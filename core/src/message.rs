@@ -21,6 +21,15 @@ pub const MAX_COMPONENT: usize = 255;
 /// Most requests a receiver may have in flight; a sender queues this many.
 pub const MAX_INFLIGHT: usize = 4;
 
+/// Most requests a receiver may have in flight to a sender that announced
+/// [`CAP_FINE`] (a host of this version), which queues this many: with
+/// [`CAP_BATCH`], the requests of a walk's level share frames.
+pub const HOST_INFLIGHT: usize = 64;
+
+/// Requests a sender queues: [`HOST_INFLIGHT`] on hosts (builds with
+/// `alloc`, which announce [`CAP_FINE`]), [`MAX_INFLIGHT`] on devices.
+pub const SENDER_QUEUE: usize = if cfg!(feature = "alloc") { HOST_INFLIGHT } else { MAX_INFLIGHT };
+
 /// Capability bit: this peer reads [`Message::DataZ`] (zstd), so its peer
 /// may send it.
 pub const CAP_ZSTD: u32 = 1;
@@ -38,15 +47,20 @@ pub const CAP_DELTA: u32 = 4;
 /// [`Message::GetPiecesV2`] and [`Message::GetChildrenV2`] (shorter ids),
 /// so its receiver may compare changed
 /// chunks by pieces that resynchronise, and a changed piece by its fine
-/// pieces. Builds with `alloc` (hosts) have it; devices keep their flash
-/// for what they do.
+/// pieces; and it queues [`HOST_INFLIGHT`] requests. Builds with `alloc`
+/// (hosts) have it; devices keep their flash for what they do.
 pub const CAP_FINE: u32 = 8;
+
+/// Capability bit: this peer reads sealed frames that carry several
+/// messages one after another (see [`crate::driver::Pump`]), so its peer
+/// may send them. Builds with `alloc` (hosts) have it.
+pub const CAP_BATCH: u32 = 16;
 
 /// Capability bits this build announces in the handshake; unknown bits are
 /// ignored, so later versions can add some.
 pub const CAPS: u32 = CAP_SKETCH
     | CAP_DELTA
-    | if cfg!(feature = "alloc") { CAP_FINE } else { 0 }
+    | if cfg!(feature = "alloc") { CAP_FINE | CAP_BATCH } else { 0 }
     | if cfg!(feature = "compress") { CAP_ZSTD } else { 0 };
 
 /// Most bytes a [`Message::GetPieces`] may cover, and the most a
@@ -527,6 +541,13 @@ impl<'a> Message<'a> {
                 _ => Err(ErrorCode::BadMessage),
             },
         }
+    }
+
+    /// Decodes the first of the messages one after another in `payload`
+    /// (a batched frame's, see [`CAP_BATCH`]); returns it and the bytes
+    /// after it.
+    pub fn decode_first(payload: &'a [u8]) -> Result<(Message<'a>, &'a [u8]), ErrorCode> {
+        postcard::take_from_bytes::<Message<'a>>(payload).map_err(|_| ErrorCode::BadMessage)
     }
 }
 

@@ -24,7 +24,7 @@ use crate::chunker::{FINE_MAX, FINE_MIN, PIECE_MAX, PIECE_MIN};
 use crate::error::{ErrorCode, SessionError};
 use crate::hash::{ShortId, piece_id};
 use crate::machine::{self, Machine, Poll};
-use crate::message::{self, DELTA_MAX, MAX_INFLIGHT, Message, Outcome};
+use crate::message::{self, DELTA_MAX, HOST_INFLIGHT, MAX_INFLIGHT, Message, Outcome};
 use crate::source::{Output, Source};
 use crate::time::{IDLE_TIMEOUT_MS, Instant};
 use crate::tree::{Entry, Indexer, Levels, Summary, Tree, TreeView};
@@ -337,6 +337,12 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
         }
         self.fine = on;
         self
+    }
+
+    /// Most requests in flight: a sender that answers fine pieces queues
+    /// [`HOST_INFLIGHT`].
+    fn inflight(&self) -> usize {
+        if self.fine { HOST_INFLIGHT } else { MAX_INFLIGHT }
     }
 
     /// Bytes of each id in the walk's entries.
@@ -1065,7 +1071,7 @@ impl<T: TreeView, R: Source, W: Output> Machine for Receiver<T, R, W> {
             match self.phase {
                 Phase::Start => self.start()?,
                 Phase::Walk => {
-                    if self.sent.len() < MAX_INFLIGHT
+                    if self.sent.len() < self.inflight()
                         && let Some(e) = self.expand.pop_front()
                     {
                         self.sent.push_back(Sent::Children {
@@ -1091,7 +1097,7 @@ impl<T: TreeView, R: Source, W: Output> Machine for Receiver<T, R, W> {
                     self.plan_deltas()?;
                 }
                 Phase::Refine => {
-                    if self.sent.len() < MAX_INFLIGHT
+                    if self.sent.len() < self.inflight()
                         && let Some(r) = self.refine.get(self.refine_next)
                         && let Some(&Seg::Fetch { at, len, .. }) = self.segs.get(r.seg)
                     {
@@ -1117,7 +1123,7 @@ impl<T: TreeView, R: Source, W: Output> Machine for Receiver<T, R, W> {
                     self.queue_fetches();
                 }
                 Phase::Transfer => {
-                    if self.sent.len() < MAX_INFLIGHT
+                    if self.sent.len() < self.inflight()
                         && let Some(get) = self.fetch.pop_front()
                     {
                         let (m, sent) = match get {

@@ -10,7 +10,7 @@ use crate::error::{ErrorCode, SessionError};
 use crate::frame::{self, MAX_DATA};
 use crate::hash::{Hash, PieceHasher, ShortId};
 use crate::machine::{self, Machine, Poll};
-use crate::message::{self, DELTA_MAX, MAX_INFLIGHT, Message, Outcome, PACKED_ENTRY_MAX, PackedEntry};
+use crate::message::{self, DELTA_MAX, Message, Outcome, PACKED_ENTRY_MAX, PackedEntry};
 use crate::source::Source;
 use crate::time::{IDLE_TIMEOUT_MS, Instant};
 use crate::tree::{Summary, TreeView};
@@ -124,12 +124,12 @@ enum Cut {
 
 impl Cut {
     /// The pieces a listing asked in form `v2` is cut into.
+    #[cfg_attr(not(feature = "alloc"), allow(unused_variables))]
     fn of(v2: V2) -> Cut {
         #[cfg(feature = "alloc")]
         if is_v2(v2) {
             return Cut::PiecesV2;
         }
-        let _ = v2;
         Cut::Pieces
     }
 
@@ -186,7 +186,7 @@ pub struct Sender<T, S> {
     source: S,
     summary: Summary,
     salt: [u8; 8],
-    queue: heapless::Deque<Request, MAX_INFLIGHT>,
+    queue: heapless::Deque<Request, { message::SENDER_QUEUE }>,
     active: Option<Active>,
     outcome: Option<Outcome>,
     peer_hash: Option<Hash>,

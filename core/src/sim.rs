@@ -7,6 +7,7 @@ use crate::channel::{CipherKind, ClientKey};
 use crate::chunker::ChunkerKind;
 use crate::conn::ClientHandshake;
 use crate::conn::server::{Published, ServerConn, Store, StoredFile};
+use crate::driver::BATCH_ROOM;
 use crate::driver::{DriveError, Pump, Step};
 use crate::error::ErrorCode;
 use crate::frame::{MAX_ENCODED, MAX_SEALED};
@@ -207,7 +208,7 @@ pub type StdPump = Pump<Buf, Buf, Buf>;
 
 /// A pump with full-size buffers.
 pub fn pump() -> StdPump {
-    Pump::new(vec![0u8; 64 * 1024], vec![0u8; MAX_SEALED], vec![0u8; MAX_ENCODED])
+    Pump::new(vec![0u8; 64 * 1024], vec![0u8; MAX_SEALED], vec![0u8; MAX_ENCODED + BATCH_ROOM])
 }
 
 /// The link between the two ends.
@@ -284,23 +285,11 @@ fn side<M: Machine>(
     } else {
         (&mut net.to_server, &mut net.to_client)
     };
-    match p.step::<M, ()>(m, net.clock)? {
-        Step::Write(n) => {
-            if !cut {
-                let start = outbox.len();
-                outbox.extend(p.output(n));
-                if let Some(bit) = net.flip_bit
-                    && let Some(at) = (bit / 8).checked_sub(net.carried).filter(|&at| at < n as u64)
-                {
-                    outbox[start + at as usize] ^= 1 << (bit % 8);
-                }
-                net.carried += n as u64;
-                net.frames.push((to_server, n as u64));
-            }
-            Ok((true, None))
-        }
-        Step::Again => Ok((true, None)),
-        Step::Done(o) => Ok((true, Some(o))),
+    let (written, done) = match p.step::<M, ()>(m, net.clock)? {
+        Step::Write(n) => (n, None),
+        Step::Finish(n, o) => (n, Some(o)),
+        Step::Again => return Ok((true, None)),
+        Step::Done(o) => return Ok((true, Some(o))),
         Step::Read(_) => {
             if cut {
                 p.filled(0);
@@ -315,9 +304,22 @@ fn side<M: Machine>(
                 buf[i] = b;
             }
             p.filled(n);
-            Ok((true, None))
+            return Ok((true, None));
         }
+    };
+    let n = written;
+    if !cut {
+        let start = outbox.len();
+        outbox.extend(p.output(n));
+        if let Some(bit) = net.flip_bit
+            && let Some(at) = (bit / 8).checked_sub(net.carried).filter(|&at| at < n as u64)
+        {
+            outbox[start + at as usize] ^= 1 << (bit % 8);
+        }
+        net.carried += n as u64;
+        net.frames.push((to_server, n as u64));
     }
+    Ok((true, done))
 }
 
 /// Runs `client` until it finishes, with `server` answering. The server's

@@ -119,7 +119,7 @@ proptest! {
         for _ in 0..10_000 {
             match sp.step::<_, ()>(&mut srv, Instant(0)) {
                 Ok(Step::Again | Step::Write(_)) => {}
-                Ok(Step::Read(_) | Step::Done(_)) | Err(_) => break,
+                Ok(Step::Read(_) | Step::Done(_) | Step::Finish(..)) | Err(_) => break,
             }
         }
         prop_assert!(files.borrow()["f"] == b"kept");
@@ -207,7 +207,14 @@ fn a_replayed_hello_gets_an_answer_but_never_a_session() {
     let Ok(Poll::Transmit(n)) = hs.poll(Instant(0), &mut hello) else { panic!("no hello") };
     hello.truncate(n);
     let mut del = Query::new(QueryKind::Delete("f"), PROTOCOL_VERSION, |_| {}, Instant(0));
-    let Ok(Step::Write(n)) = cp.step::<_, ()>(&mut del, Instant(0)) else { panic!("no request") };
+    // (Batched, it goes out once the machine waits: a step or two on.)
+    let n = loop {
+        match cp.step::<_, ()>(&mut del, Instant(0)) {
+            Ok(Step::Write(n)) => break n,
+            Ok(Step::Again) => {}
+            other => panic!("no request: {other:?}"),
+        }
+    };
     let recorded_request = cp.output(n).to_vec();
     // Replayed to a fresh connection: the server answers the hello (it
     // cannot tell a replay), but the request that follows does not open.
@@ -229,4 +236,64 @@ fn a_replayed_hello_gets_an_answer_but_never_a_session() {
     assert!(std::iter::from_fn(|| victim.next_event()).all(|e| !matches!(e, Event::Authenticated { .. })));
     assert_eq!(victim.key_name(), None);
     assert!(files.borrow()["f"] == b"kept");
+}
+
+/// Sends `frames` (each a frame as `frame::encode` writes it, or bytes
+/// laid out as one) one after another, then waits.
+struct Emit(Vec<Vec<u8>>);
+
+impl deltasync_core::machine::Machine for Emit {
+    type Output = ();
+    fn handle(&mut self, _: Instant, msg: deltasync_core::message::Message<'_>) -> Result<(), SessionError> {
+        match msg {
+            deltasync_core::message::Message::Error(c) => Err(SessionError::Peer(c)),
+            _ => Ok(()),
+        }
+    }
+    fn poll(
+        &mut self,
+        _: Instant,
+        out: &mut [u8],
+    ) -> Result<deltasync_core::machine::Poll<()>, SessionError> {
+        use deltasync_core::machine::Poll;
+        if self.0.is_empty() {
+            return Ok(Poll::Wait(Instant(u64::MAX)));
+        }
+        let f = self.0.remove(0);
+        out[..f.len()].copy_from_slice(&f);
+        Ok(Poll::Transmit(f.len()))
+    }
+}
+
+#[test]
+fn a_batched_frame_whose_later_message_is_garbage_ends_the_session() {
+    use deltasync_core::frame;
+    use deltasync_core::message::{CAP_BATCH, CAPS, Message};
+    let files = Files::default();
+    files.borrow_mut().insert("f".into(), b"kept".to_vec());
+    let encode = |m: &Message<'_>| {
+        let mut buf = vec![0u8; 256];
+        let n = frame::encode(m, &mut buf).unwrap();
+        buf.truncate(n);
+        buf
+    };
+    // A request, then bytes laid out as a frame that hold no message:
+    // batched, both go in one sealed frame.
+    for (caps, tail) in [(CAPS, vec![2, 0xff, 0xff]), (CAPS, vec![1, 99]), (CAPS & !CAP_BATCH, vec![2, 0xff, 0xff])]
+    {
+        let mut srv = server(&files, keys());
+        let (mut cp, mut sp, mut net) = (pump(), pump(), Net::new());
+        run(&mut handshake(KEY).announcing(caps), &mut cp, &mut srv, &mut sp, &mut net).unwrap();
+        let frames = vec![encode(&Message::Delete { name: "f" }), tail];
+        let frames_sent = net.frames.len();
+        let r = run(&mut Emit(frames), &mut cp, &mut srv, &mut sp, &mut net);
+        let Err(Stop::Server(e)) = r else { panic!("the server went on: {r:?}") };
+        assert!(matches!(e, DriveError::Session(SessionError::Protocol(ErrorCode::BadMessage))), "{e:?}");
+        // The request before the garbage was handled, in order; batched,
+        // the two went in one frame.
+        assert!(!files.borrow().contains_key("f"));
+        files.borrow_mut().insert("f".into(), b"kept".to_vec());
+        let to_server = net.frames[frames_sent..].iter().filter(|(to_server, _)| *to_server).count();
+        assert_eq!(to_server, if caps & CAP_BATCH != 0 { 1 } else { 2 }, "caps {caps}");
+    }
 }

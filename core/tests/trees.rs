@@ -9,7 +9,7 @@ use deltasync_core::conn::server::ServerConn;
 use deltasync_core::conn::{Listed, Query, QueryKind};
 use deltasync_core::driver::DriveError;
 use deltasync_core::error::{ErrorCode, SessionError};
-use deltasync_core::message::{EntryKind, Message, Meta, Outcome};
+use deltasync_core::message::{CAP_BATCH, CAPS, EntryKind, Message, Meta, Outcome};
 use deltasync_core::plan::Op;
 use deltasync_core::sim::*;
 use deltasync_core::{Hash, Instant, PROTOCOL_VERSION};
@@ -24,9 +24,16 @@ struct Session {
     version: u16,
 }
 
+/// A session whose frames each carry one message (no `CAP_BATCH`): these
+/// tests watch requests go ahead of their answers frame by frame.
 fn connect(files: &Files, key: ClientKey, keys: Keys, version: u16) -> Session {
+    connect_as(files, key, keys, version, CAPS & !CAP_BATCH)
+}
+
+/// A session whose client announces `caps`.
+fn connect_as(files: &Files, key: ClientKey, keys: Keys, version: u16, caps: u32) -> Session {
     let mut s = Session { server: server(files, keys), cp: pump(), sp: pump(), net: Net::new(), version: 0 };
-    let mut hs = handshake(key).at_most(version);
+    let mut hs = handshake(key).at_most(version).announcing(caps);
     run(&mut hs, &mut s.cp, &mut s.server, &mut s.sp, &mut s.net).expect("handshake");
     s.version = hs.version();
     s
@@ -79,9 +86,20 @@ fn a_prefixed_key_lists_only_what_it_covers_and_the_way_to_it() {
 
 #[test]
 fn ops_are_answered_in_order_and_a_refused_one_fails_alone() {
+    let unbatched = ops_in_order(CAPS & !CAP_BATCH);
+    // Sealed several to a frame (both peers announced CAP_BATCH): the
+    // same answers, in fewer frames.
+    let batched = ops_in_order(CAPS);
+    assert!(batched * 2 <= unbatched, "{batched} frames batched, {unbatched} not");
+}
+
+/// Runs four ops ahead of their answers on a session whose client
+/// announces `caps`; checks what they did, and returns how many frames
+/// went either way after the handshake.
+fn ops_in_order(caps: u32) -> usize {
     let f = files(&["a", "b"]);
     let sha_a = Hash::of(&f.borrow()["a"]);
-    let mut s = connect(&f, KEY, keys(), PROTOCOL_VERSION);
+    let mut s = connect_as(&f, KEY, keys(), PROTOCOL_VERSION, caps);
     let meta = Meta { modified: 1, nanos: 2, mode: 0o644 };
     let ops = vec![
         Op::Copy { from: "a".into(), sha256: sha_a, to: "copy of a".into(), meta },
@@ -109,8 +127,11 @@ fn ops_are_answered_in_order_and_a_refused_one_fails_alone() {
     // Sent ahead: requests went out before the first answer came back
     // (the harness lets each side run a few steps at a time).
     let after_handshake = &s.net.frames[2..];
-    let before_first_answer = after_handshake.iter().take_while(|(to_server, _)| *to_server).count();
-    assert!(before_first_answer >= 3, "requests waited for answers: {:?}", s.net.frames);
+    if caps & CAP_BATCH == 0 {
+        let before_first_answer = after_handshake.iter().take_while(|(to_server, _)| *to_server).count();
+        assert!(before_first_answer >= 3, "requests waited for answers: {:?}", s.net.frames);
+    }
+    after_handshake.len()
 }
 
 #[test]
@@ -160,7 +181,7 @@ fn put(
 fn connect_salted(files: &Files) -> (Session, [u8; 8]) {
     let mut s =
         Session { server: server(files, keys()), cp: pump(), sp: pump(), net: Net::new(), version: 0 };
-    let mut hs = handshake(KEY);
+    let mut hs = handshake(KEY).announcing(CAPS & !CAP_BATCH);
     let salt = run(&mut hs, &mut s.cp, &mut s.server, &mut s.sp, &mut s.net).expect("handshake");
     s.version = hs.version();
     (s, salt)

@@ -8,7 +8,7 @@ pub use deltasync_core::channel::{CipherKind, ClientKey};
 use deltasync_core::chunker::ChunkerKind;
 use deltasync_core::conn::session::{DownloadSession, Need, UploadSession};
 use deltasync_core::conn::{ClientHandshake, Listed, Query, QueryKind};
-use deltasync_core::driver::{DriveError, Pump, TimeoutAsTimedOut, run_blocking_observed};
+use deltasync_core::driver::{BATCH_ROOM, DriveError, Pump, TimeoutAsTimedOut, run_blocking_observed};
 use deltasync_core::error::{ErrorCode, SessionError};
 use deltasync_core::frame::{MAX_ENCODED, MAX_SEALED};
 use deltasync_core::machine::Machine;
@@ -613,7 +613,11 @@ impl Connection {
             ctl,
             rate,
             io: FromStd::new(TimeoutAsTimedOut(paced)),
-            pump: Pump::new(vec![0u8; 256 * 1024], vec![0u8; MAX_SEALED], vec![0u8; MAX_ENCODED]),
+            pump: Pump::new(
+                vec![0u8; 256 * 1024],
+                vec![0u8; MAX_SEALED],
+                vec![0u8; MAX_ENCODED + BATCH_ROOM],
+            ),
             salt: [0; 8],
             cancel: Arc::new(AtomicBool::new(false)),
             server: server.to_string(),

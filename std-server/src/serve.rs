@@ -9,7 +9,7 @@
 use crate::store::{FsStore, ServerStore};
 use crate::{gate::Gate, gate::Reason, keys::KeyRing};
 use deltasync_core::conn::server::{Event, Progress, ServerConn};
-use deltasync_core::driver::{DriveError, Pump, Session, Step, run_async};
+use deltasync_core::driver::{BATCH_ROOM, DriveError, Pump, Session, Step, run_async};
 use deltasync_core::error::{ErrorCode, SessionError};
 use deltasync_core::frame::{MAX_ENCODED, MAX_SEALED};
 use deltasync_core::message::{MAX_NAME, Message};
@@ -30,10 +30,11 @@ pub use crate::gate::Limits;
 /// until its client's hello passed: enough for a hello and the accept.
 const HELLO: (usize, usize, usize) = (512, 256, 256);
 /// Buffers between requests: enough for any request or reply that is not
-/// a transfer (a whole request fits in the input, so it takes one read).
-const SMALL: (usize, usize, usize) = (MAX_NAME + 1024, MAX_NAME + 512, MAX_NAME + 512);
+/// a transfer (a whole request fits in the input, so it takes one read),
+/// and for replies sealed several to a frame (`BATCH_ROOM`).
+const SMALL: (usize, usize, usize) = (MAX_NAME + 1024, MAX_NAME + 512, MAX_NAME + 512 + BATCH_ROOM);
 /// Buffers while a request is served: full `Data` frames both ways.
-const LARGE: (usize, usize, usize) = (256 * 1024, MAX_SEALED, MAX_ENCODED);
+const LARGE: (usize, usize, usize) = (256 * 1024, MAX_SEALED, MAX_ENCODED + BATCH_ROOM);
 
 /// Threads for handshake steps (an X25519 exchange and a key lookup each).
 const HANDSHAKE_THREADS: usize = 2;

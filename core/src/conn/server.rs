@@ -152,7 +152,8 @@ impl<K: Keys> Machine for ServerHandshake<K> {
                     .len();
                 let mut noise = [0u8; HANDSHAKE_NOISE];
                 let n = hs.write(&payload[..p], &mut noise).map_err(|_| SessionError::Capacity)?;
-                let channel = hs.finish().map_err(|_| SessionError::Capacity)?;
+                let mut channel = hs.finish().map_err(|_| SessionError::Capacity)?;
+                channel.set_batched(self.shared_caps() & crate::message::CAP_BATCH != 0);
                 self.salt = session_salt(&channel);
                 self.channel = Some(channel);
                 self.state = HsState::Done;
