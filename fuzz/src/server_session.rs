@@ -439,22 +439,33 @@ impl<S: Store> Session<S> {
             // A replayed hello was accepted: its channel is not ours.
             (true, None) => return,
         };
-        let m = Message::decode(plain).expect("the server writes messages that decode");
-        let r = match m {
-            Message::Accept { .. } => Reply::Accept,
-            Message::Info(_) => Reply::Info,
-            Message::Partial(_) => Reply::Partial,
-            Message::ListEnd => Reply::ListEnd,
-            Message::Deleted => Reply::Deleted,
-            Message::Offer(_) => Reply::Offer,
-            Message::Entries { .. } => Reply::Entries,
-            Message::Data { .. } | Message::DataZ { .. } => Reply::Data,
-            Message::Done { outcome, .. } => Reply::Done(outcome),
-            Message::Error(c) => Reply::Error(c),
-            _ => Reply::Other,
-        };
-        self.report.replies.push(r);
-        self.inbox.push(plain.to_vec());
+        // A session whose peers both announced CAP_BATCH may carry several
+        // messages in a frame, one after another.
+        let batched = secure && self.channel.as_ref().is_some_and(|c| c.batched());
+        let mut rest = plain;
+        while !rest.is_empty() {
+            let (m, tail) = if batched {
+                Message::decode_first(rest).expect("the server writes messages that decode")
+            } else {
+                (Message::decode(rest).expect("the server writes messages that decode"), &[][..])
+            };
+            let r = match m {
+                Message::Accept { .. } => Reply::Accept,
+                Message::Info(_) => Reply::Info,
+                Message::Partial(_) => Reply::Partial,
+                Message::ListEnd => Reply::ListEnd,
+                Message::Deleted => Reply::Deleted,
+                Message::Offer(_) => Reply::Offer,
+                Message::Entries { .. } => Reply::Entries,
+                Message::Data { .. } | Message::DataZ { .. } => Reply::Data,
+                Message::Done { outcome, .. } => Reply::Done(outcome),
+                Message::Error(c) => Reply::Error(c),
+                _ => Reply::Other,
+            };
+            self.report.replies.push(r);
+            self.inbox.push(rest[..rest.len() - tail.len()].to_vec());
+            rest = tail;
+        }
     }
 
     fn collect_events(&mut self) {
@@ -582,6 +593,12 @@ impl<S: Store> Client for Session<S> {
                     self.sp.filled(n);
                 }
                 Ok(Step::Done(())) => {
+                    self.report.end = Some("done".into());
+                    return false;
+                }
+                Ok(Step::Finish(n, ())) => {
+                    let frame = self.sp.output(n).to_vec();
+                    self.check_frame(&frame, secure);
                     self.report.end = Some("done".into());
                     return false;
                 }
