@@ -279,7 +279,8 @@ fn a_batched_frame_whose_later_message_is_garbage_ends_the_session() {
     };
     // A request, then bytes laid out as a frame that hold no message:
     // batched, both go in one sealed frame.
-    for (caps, tail) in [(CAPS, vec![2, 0xff, 0xff]), (CAPS, vec![1, 99]), (CAPS & !CAP_BATCH, vec![2, 0xff, 0xff])]
+    for (caps, tail) in
+        [(CAPS, vec![2, 0xff, 0xff]), (CAPS, vec![1, 99]), (CAPS & !CAP_BATCH, vec![2, 0xff, 0xff])]
     {
         let mut srv = server(&files, keys());
         let (mut cp, mut sp, mut net) = (pump(), pump(), Net::new());
