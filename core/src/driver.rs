@@ -55,7 +55,9 @@ pub enum Step<T> {
     /// The machine finished.
     Done(T),
     /// Write `Pump::output()[..n]`: then the machine is finished (its last
-    /// messages went into a batch, see [`BATCH_MAX`]).
+    /// messages went into a batch, see [`BATCH_MAX`]; only batching pumps,
+    /// which need `alloc`, finish so).
+    #[cfg(feature = "alloc")]
     Finish(usize, T),
 }
 
@@ -201,8 +203,15 @@ where
     /// Advances `m` by one step: sends what it has, else decodes one frame of
     /// buffered input, else asks for more input.
     pub fn step<M: Machine, E>(&mut self, m: &mut M, now: Instant) -> Result<Step<M::Output>, DriveError<E>> {
+        #[cfg(feature = "alloc")]
         if self.batching() {
-            return self.step_batched(m, now);
+            let r = self.step_batched(m, now);
+            if r.is_err() {
+                // What the failed session still had to send or handle is
+                // not the next one's (a connection may go on).
+                (self.batched, self.staged, self.held) = (0, 0, None);
+            }
+            return r;
         }
         // Room for the tag and a longer length header once sealed.
         let out = self.output.as_mut();
@@ -237,6 +246,7 @@ where
     /// Whether this side seals several messages into one frame: the
     /// channel says both peers read such frames, and the output buffer
     /// has room to stage a message past a batch.
+    #[cfg(feature = "alloc")]
     fn batching(&self) -> bool {
         // Devices (no `alloc`) never announce CAP_BATCH: their pump keeps
         // its flash.
@@ -249,6 +259,7 @@ where
     /// `STAGE` with the room it would have alone, then joins the batch if
     /// it fits. The batch goes out when the machine waits and no message it
     /// was sent is left to handle, or when a message does not fit.
+    #[cfg(feature = "alloc")]
     fn step_batched<M: Machine, E>(
         &mut self,
         m: &mut M,
@@ -298,6 +309,7 @@ where
     /// `output[STAGE..]` into the batch if it fits. If it does not: seals
     /// it alone if the batch is empty, else seals the batch and keeps the
     /// message for the next step. Returns the bytes to write, if any.
+    #[cfg(feature = "alloc")]
     fn add_to_batch(&mut self, n: usize) -> Result<Option<usize>, SessionError> {
         let out = self.output.as_mut();
         let mut hdr = 0;
@@ -319,6 +331,7 @@ where
     }
 
     /// Seals the batch.
+    #[cfg(feature = "alloc")]
     fn seal_batch(&mut self) -> Result<usize, SessionError> {
         let len = core::mem::take(&mut self.batched);
         self.seal_at(MAX_HEADER, len)
@@ -326,6 +339,7 @@ where
 
     /// Seals the plaintext `output[at..at + len]` as the frame at the
     /// start of the output; returns its length.
+    #[cfg(feature = "alloc")]
     fn seal_at(&mut self, at: usize, len: usize) -> Result<usize, SessionError> {
         let channel = self.channel.as_mut().ok_or(SessionError::Capacity)?;
         let out = self.output.as_mut();
@@ -426,7 +440,14 @@ where
         };
         let protocol = |c| DriveError::Session(SessionError::Protocol(c));
         let (msg, rest) = if batched {
-            Message::decode_first(bytes).map_err(protocol)?
+            let (msg, rest) = Message::decode_first(bytes).map_err(protocol)?;
+            // A peer batches at most BATCH_MAX bytes of messages; only a
+            // frame of one message is longer. (So a frame of 64 KiB cannot
+            // carry 65,000 one-byte requests.)
+            if !rest.is_empty() && range.len() > BATCH_MAX {
+                return Err(protocol(ErrorCode::BadMessage));
+            }
+            (msg, rest)
         } else {
             (Message::decode(bytes).map_err(protocol)?, &[][..])
         };
@@ -648,8 +669,11 @@ where
                 io.flush().map_err(DriveError::Io)?;
                 return Ok(o);
             }
+            #[cfg(feature = "alloc")]
             Step::Finish(n, o) => {
-                io.write_all(pump.output(n)).map_err(DriveError::Io)?;
+                if let Err(e) = io.write_all(pump.output(n)) {
+                    return Err(pump.last_word(m, io, &mut now).unwrap_or(DriveError::Io(e)));
+                }
                 io.flush().map_err(DriveError::Io)?;
                 return Ok(o);
             }
@@ -701,6 +725,7 @@ where
         let deadline = match step.map_err(widen) {
             Err(e) => break Err(e),
             Ok(Step::Done(o)) => break io.flush().await.map(|()| o).map_err(DriveError::Io),
+            #[cfg(feature = "alloc")]
             Ok(Step::Finish(n, o)) => {
                 if let Err(e) = io.write_all(session.pump.output(n)).await {
                     break Err(DriveError::Io(e));

@@ -762,9 +762,14 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
             }
             _ => None,
         };
+        let suffix_at = match self.suffix {
+            Some(Get::Suffix { offset, .. }) => Some(offset),
+            _ => None,
+        };
         for (i, seg) in self.segs.iter().enumerate() {
-            let Seg::Fetch { len, .. } = *seg else { continue };
-            if len > PIECE_MAX as u64 {
+            // The last run, asked as a suffix, stays whole.
+            let Seg::Fetch { at, len, .. } = *seg else { continue };
+            if len > PIECE_MAX as u64 || suffix_at == Some(at) {
                 continue;
             }
             let after = i.checked_sub(1).and_then(|j| old_span(self.segs.get(j))).map(|(o, l)| o + l);

@@ -239,14 +239,26 @@ fn a_replayed_hello_gets_an_answer_but_never_a_session() {
 }
 
 /// Sends `frames` (each a frame as `frame::encode` writes it, or bytes
-/// laid out as one) one after another, then waits.
+/// laid out as one; an empty one: wait for the next message) one after
+/// another, then waits; fails on an `Error`, and finishes on a `ListEnd`.
 struct Emit(Vec<Vec<u8>>);
+
+/// Stands first in an [`Emit`]'s frames while it waits for a message.
+const PAUSED: &[u8] = &[0xee];
 
 impl deltasync_core::machine::Machine for Emit {
     type Output = ();
     fn handle(&mut self, _: Instant, msg: deltasync_core::message::Message<'_>) -> Result<(), SessionError> {
+        use deltasync_core::message::Message;
+        if self.0.first().is_some_and(|f| f == PAUSED) {
+            self.0.remove(0);
+        }
         match msg {
-            deltasync_core::message::Message::Error(c) => Err(SessionError::Peer(c)),
+            Message::Error(c) => Err(SessionError::Peer(c)),
+            Message::ListEnd => {
+                self.0 = vec![vec![0xdd]];
+                Ok(())
+            }
             _ => Ok(()),
         }
     }
@@ -256,13 +268,55 @@ impl deltasync_core::machine::Machine for Emit {
         out: &mut [u8],
     ) -> Result<deltasync_core::machine::Poll<()>, SessionError> {
         use deltasync_core::machine::Poll;
-        if self.0.is_empty() {
+        if self.0 == [vec![0xdd]] {
+            return Ok(Poll::Done(()));
+        }
+        if self.0.is_empty() || self.0[0] == PAUSED {
             return Ok(Poll::Wait(Instant(u64::MAX)));
         }
         let f = self.0.remove(0);
+        if f.is_empty() {
+            self.0.insert(0, PAUSED.to_vec());
+            return Ok(Poll::Wait(Instant(u64::MAX)));
+        }
         out[..f.len()].copy_from_slice(&f);
         Ok(Poll::Transmit(f.len()))
     }
+}
+
+#[test]
+fn what_a_failed_session_had_batched_is_not_sent_for_the_next() {
+    use deltasync_core::frame;
+    use deltasync_core::message::Message;
+    let encode = |m: &Message<'_>| {
+        let mut buf = vec![0u8; 4096];
+        let n = frame::encode(m, &mut buf).unwrap();
+        buf.truncate(n);
+        buf
+    };
+    let files = Files::default();
+    files.borrow_mut().insert("f".into(), b"kept".to_vec());
+    let mut srv = server(&files, keys());
+    let (mut cp, mut sp, mut net) = (pump(), pump(), Net::new());
+    run(&mut handshake(KEY), &mut cp, &mut srv, &mut sp, &mut net).unwrap();
+    // Two requests go out in one frame, and their answers come back in
+    // one: "f" deleted, "nope" not found. The first answer has the machine
+    // batch a third request; the second fails the session before it goes.
+    let first = vec![
+        encode(&Message::Delete { name: "f" }),
+        encode(&Message::Delete { name: "nope" }),
+        vec![],
+        encode(&Message::Stat { name: "nope" }),
+    ];
+    let r = run(&mut Emit(first), &mut cp, &mut srv, &mut sp, &mut net);
+    assert!(
+        matches!(r, Err(Stop::Client(DriveError::Session(SessionError::Peer(ErrorCode::NotFound))))),
+        "{r:?}"
+    );
+    // The connection goes on: the next request is answered, not the
+    // failed session's batched one (whose NotFound would end this one).
+    let r = run(&mut Emit(vec![encode(&Message::List)]), &mut cp, &mut srv, &mut sp, &mut net);
+    assert!(r.is_ok(), "{r:?}");
 }
 
 #[test]
@@ -272,7 +326,7 @@ fn a_batched_frame_whose_later_message_is_garbage_ends_the_session() {
     let files = Files::default();
     files.borrow_mut().insert("f".into(), b"kept".to_vec());
     let encode = |m: &Message<'_>| {
-        let mut buf = vec![0u8; 256];
+        let mut buf = vec![0u8; 4096];
         let n = frame::encode(m, &mut buf).unwrap();
         buf.truncate(n);
         buf
@@ -297,4 +351,32 @@ fn a_batched_frame_whose_later_message_is_garbage_ends_the_session() {
         let to_server = net.frames[frames_sent..].iter().filter(|(to_server, _)| *to_server).count();
         assert_eq!(to_server, if caps & CAP_BATCH != 0 { 1 } else { 2 }, "caps {caps}");
     }
+    // A frame of more than BATCH_MAX bytes holds one message: a request
+    // followed by a long one in the same frame is refused before either
+    // is handled.
+    let mut srv = server(&files, keys());
+    let (mut cp, mut sp, mut net) = (pump(), pump(), Net::new());
+    run(&mut handshake(KEY), &mut cp, &mut srv, &mut sp, &mut net).unwrap();
+    let zeros = vec![0u8; deltasync_core::driver::BATCH_MAX];
+    let (a, b) =
+        (encode(&Message::Delete { name: "f" }), encode(&Message::Data { offset: 0, bytes: &zeros }));
+    // Frames as `encode` writes them: a LEB128 length, then the message.
+    let leb = |mut v: usize| {
+        let mut out = Vec::new();
+        loop {
+            let b = (v & 0x7f) as u8;
+            v >>= 7;
+            out.push(if v > 0 { b | 0x80 } else { b });
+            if v == 0 {
+                return out;
+            }
+        }
+    };
+    let strip = |f: &[u8]| f[leb(f.len() - 1).len()..].to_vec();
+    let both = [strip(&a), strip(&b)].concat();
+    let frame = [leb(both.len()), both].concat();
+    let r = run(&mut Emit(vec![frame]), &mut cp, &mut srv, &mut sp, &mut net);
+    let Err(Stop::Server(e)) = r else { panic!("the server went on: {r:?}") };
+    assert!(matches!(e, DriveError::Session(SessionError::Protocol(ErrorCode::BadMessage))), "{e:?}");
+    assert!(files.borrow().contains_key("f"), "the request before was handled");
 }

@@ -278,6 +278,35 @@ fn a_byte_changed_costs_its_fine_pieces_not_its_piece_both_ways() {
     assert!(down[0] * 3 < down[1] * 2, "download: {} bytes with fine pieces, {} without", down[0], down[1]);
 }
 
+#[test]
+fn a_grown_last_chunk_asked_as_a_suffix_is_not_cut_into_fine_pieces() {
+    use deltasync_core::chunker::for_each_chunk;
+    // An old version whose last chunk is 500 bytes (no chunk is cut
+    // before 2 KiB).
+    let base = random_bytes(61, 300_000);
+    let mut lens = Vec::new();
+    for_each_chunk(ChunkerKind::Cdc, &base, |c| lens.push(c.len()));
+    let boundary: usize = lens[..lens.len() - 1].iter().sum();
+    let old = base[..boundary + 500].to_vec();
+    // A byte changed in the middle (so runs are compared piece by piece),
+    // the last chunk's first bytes changed and 300 bytes appended: the
+    // last run is asked as the old last chunk's suffix, and refused.
+    let mut new = old.clone();
+    new[100_000] ^= 0x55;
+    new[boundary..boundary + 16].iter_mut().for_each(|b| *b = !*b);
+    new.extend_from_slice(&random_bytes(62, 300));
+    let files = Files::default();
+    files.borrow_mut().insert("f".into(), old.clone());
+    let mut s = connect(&files, usize::MAX);
+    let r = upload(&mut s, "f", &new, ChunkerKind::Cdc);
+    assert_eq!(r.outcome, Outcome::Written);
+    assert!(files.borrow()["f"] == new, "upload rebuilt a different file");
+    files.borrow_mut().insert("f".into(), new.clone());
+    let (r, got) = download(&mut s, "f", Some(&old));
+    assert_eq!(r.outcome, Outcome::Written);
+    assert!(got == new, "download rebuilt a different file");
+}
+
 /// The payload of one frame `encode` wrote.
 fn payload(frame: &[u8]) -> &[u8] {
     let mut at = 0;

@@ -9,7 +9,7 @@ use deltasync_core::chunker::ChunkerKind;
 use deltasync_core::conn::ClientHandshake;
 use deltasync_core::conn::session::{Need, UploadSession};
 use deltasync_core::driver::{DriveError, Pump, run_blocking};
-use deltasync_core::message::Outcome;
+use deltasync_core::message::{CAP_BATCH, CAP_FINE, CAPS, Outcome};
 use deltasync_core::tree::FixedTree;
 
 /// Tree entries (chunks and nodes) kept for one log: a 64 KiB log has at
@@ -68,6 +68,12 @@ pub fn sync_log<T: embedded_io::Read + embedded_io::Write>(
     let summary = tree.index(log, KIND).map_err(|_| SyncError::TreeTooBig)?;
     let mut pump = Pump::new([0u8; INPUT], [0u8; FRAME], [0u8; OUTPUT]);
     let mut hs = ClientHandshake::new(key.clone(), CipherKind::ChaChaPoly, ephemeral, now());
+    // Its buffers take neither batched frames nor 64 requests in flight,
+    // even where core is built with `alloc` (a host's tests); a device's
+    // core announces neither anyway.
+    if CAPS & (CAP_BATCH | CAP_FINE) != 0 {
+        hs = hs.announcing(CAPS & !(CAP_BATCH | CAP_FINE));
+    }
     let salt = run_blocking(&mut hs, io, &mut pump, &mut now).map_err(SyncError::Drive)?;
     let mut up = UploadSession::new(name, log.len() as u64, log, salt, hs.version(), now()).chunked_as(KIND);
     // It asks for the tree chunked as told: the one built above.
