@@ -526,15 +526,23 @@ impl Pump<alloc::vec::Vec<u8>, alloc::vec::Vec<u8>, alloc::vec::Vec<u8>> {
     /// (with room to read more).
     pub fn resize(&mut self, input: usize, frame: usize, output: usize) -> bool {
         let pending = self.end - self.start;
+        // While messages wait in a buffer (a batched frame's) or to be sent,
+        // nothing may move: the buffers may only grow, in place (a server
+        // grows them as soon as a batched request makes it busy, before the
+        // large frames that follow arrive).
+        if self.held.is_some() || self.batched > 0 || self.staged > 0 {
+            let (i, f, o) = self.sizes();
+            if input < i || frame < f || output < o {
+                return false;
+            }
+            self.input.resize(input, 0);
+            self.decoder.buffer_mut().resize(frame, 0);
+            self.output.resize(output, 0);
+            return true;
+        }
         // Keep room to read into: an empty input slice would read as the
-        // end of the stream. Nothing moves while messages wait in a
-        // buffer, or to be sent.
-        if pending >= input
-            || self.decoder.capacity_needed() > frame
-            || self.held.is_some()
-            || self.batched > 0
-            || self.staged > 0
-        {
+        // end of the stream.
+        if pending >= input || self.decoder.capacity_needed() > frame {
             return false;
         }
         if self.start > 0 {
