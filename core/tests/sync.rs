@@ -206,22 +206,25 @@ fn scattered(data: &[u8], n: usize) -> Vec<u8> {
     v
 }
 
+/// Uploads `new` over `old` from a client announcing `caps`; checks it is
+/// stored byte for byte and returns its bytes on the wire.
+fn upload_over(old: &[u8], new: &[u8], caps: u32) -> u64 {
+    let files = Files::default();
+    files.borrow_mut().insert("f".into(), old.to_vec());
+    let mut s = connect_announcing(&files, usize::MAX, caps);
+    let r = upload(&mut s, "f", new, ChunkerKind::Cdc);
+    assert_eq!(r.outcome, Outcome::Written);
+    assert!(files.borrow()["f"] == new, "upload rebuilt a different file");
+    r.wire
+}
+
 #[test]
 fn a_byte_changed_in_a_chunk_costs_a_piece_not_the_chunk_both_ways() {
     let old = random_bytes(21, 4 << 20);
     let new = scattered(&old, 32);
     // Uploads: the server asks for pieces only of a client that answers
     // them (CAP_DELTA).
-    let mut wire = [0u64; 2];
-    for (i, caps) in [CAPS, CAPS & !CAP_DELTA].into_iter().enumerate() {
-        let files = Files::default();
-        files.borrow_mut().insert("f".into(), old.clone());
-        let mut s = connect_announcing(&files, usize::MAX, caps);
-        let r = upload(&mut s, "f", &new, ChunkerKind::Cdc);
-        assert_eq!(r.outcome, Outcome::Written);
-        assert!(files.borrow()["f"] == new, "upload rebuilt a different file");
-        wire[i] = r.wire;
-    }
+    let wire = [CAPS, CAPS & !CAP_DELTA].map(|caps| upload_over(&old, &new, caps));
     // 32 chunks of 4 KiB on average re-sent whole, against pieces of 256.
     assert!(wire[0] * 2 < wire[1], "upload: {} bytes with deltas, {} without", wire[0], wire[1]);
     // Downloads, asking for deltas or not.
@@ -246,16 +249,7 @@ fn a_byte_changed_costs_its_fine_pieces_not_its_piece_both_ways() {
     let new = scattered(&old, 32);
     // Uploads: a server asks for fine pieces only of a client that
     // announced CAP_FINE.
-    let mut wire = [0u64; 2];
-    for (i, caps) in [CAPS, CAPS & !CAP_FINE].into_iter().enumerate() {
-        let files = Files::default();
-        files.borrow_mut().insert("f".into(), old.clone());
-        let mut s = connect_announcing(&files, usize::MAX, caps);
-        let r = upload(&mut s, "f", &new, ChunkerKind::Cdc);
-        assert_eq!(r.outcome, Outcome::Written);
-        assert!(files.borrow()["f"] == new, "upload rebuilt a different file");
-        wire[i] = r.wire;
-    }
+    let wire = [CAPS, CAPS & !CAP_FINE].map(|caps| upload_over(&old, &new, caps));
     // Downloads from a server that announced it, or from one that did not.
     let mut down = [0u64; 2];
     for (i, caps) in [CAPS, CAPS & !CAP_FINE].into_iter().enumerate() {
