@@ -77,6 +77,16 @@ fn old_around(after: Option<u64>, before: Option<u64>, reach: u64, old_size: u64
     [head, tail]
 }
 
+/// Where the old bytes of a segment start in the old version, and how
+/// many: a reused entry's or copied bytes' (`None` for fetched ones).
+fn old_span<T: TreeView>(tree: &T, s: Option<&Seg>) -> Option<(u64, u64)> {
+    match s {
+        Some(&Seg::Copy { from, len, .. }) => Some((from, len)),
+        Some(&Seg::Reuse { level, index, len, .. }) => tree.entry(level, index).map(|e| (e.offset, len)),
+        _ => None,
+    }
+}
+
 /// A stretch of the new version and where its bytes come from. `cut`: it
 /// ends a run of whole chunks (the indexer ends a chunk there).
 #[derive(Clone, Copy, Debug)]
@@ -552,20 +562,18 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
         else {
             return Ok(());
         };
-        let old_span = |s: Option<&Seg>| match s {
-            Some(&Seg::Reuse { level, index, len, .. }) => {
-                base.tree.entry(level, index).map(|e| (e.offset, len))
-            }
-            _ => None,
-        };
         let last = self.segs.len() - 1;
         for (i, seg) in self.segs.iter().enumerate() {
             let Seg::Fetch { at, len, .. } = *seg else { continue };
             // The old bytes that the run most likely replaced lie after the
             // old data before it and before the old data after it.
-            let after = if i == 0 { Some(0) } else { old_span(self.segs.get(i - 1)).map(|(o, l)| o + l) };
-            let before =
-                if i == last { Some(old_size) } else { old_span(self.segs.get(i + 1)).map(|(o, _)| o) };
+            let after =
+                if i == 0 { Some(0) } else { old_span(&base.tree, self.segs.get(i - 1)).map(|(o, l)| o + l) };
+            let before = if i == last {
+                Some(old_size)
+            } else {
+                old_span(&base.tree, self.segs.get(i + 1)).map(|(o, _)| o)
+            };
             if i == last
                 && let Some(from) = after
                 && let have = old_size.saturating_sub(from)
@@ -754,14 +762,6 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
         let (Some(old_size), Some(base)) = (self.old_size(), self.base.as_ref()) else {
             return false;
         };
-        // Where a neighbour's old bytes end, or start.
-        let old_span = |s: Option<&Seg>| match s {
-            Some(&Seg::Copy { from, len, .. }) => Some((from, len)),
-            Some(&Seg::Reuse { level, index, len, .. }) => {
-                base.tree.entry(level, index).map(|e| (e.offset, len))
-            }
-            _ => None,
-        };
         let suffix_at = match self.suffix {
             Some(Get::Suffix { offset, .. }) => Some(offset),
             _ => None,
@@ -772,8 +772,9 @@ impl<T: TreeView, R: Source, W: Output> Receiver<T, R, W> {
             if len > PIECE_MAX as u64 || suffix_at == Some(at) {
                 continue;
             }
-            let after = i.checked_sub(1).and_then(|j| old_span(self.segs.get(j))).map(|(o, l)| o + l);
-            let before = old_span(self.segs.get(i + 1)).map(|(o, _)| o);
+            let after =
+                i.checked_sub(1).and_then(|j| old_span(&base.tree, self.segs.get(j))).map(|(o, l)| o + l);
+            let before = old_span(&base.tree, self.segs.get(i + 1)).map(|(o, _)| o);
             let old = old_around(after, before, len + FINE_MAX as u64, old_size);
             if old.iter().any(|&(a, b)| a < b) {
                 self.refine.push(Refine { seg: i, old, fine: true });
