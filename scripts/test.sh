@@ -157,7 +157,8 @@ step_tests() {
     # check /metrics with promtool.
     section "3/4 tests: system packages for the dashboard and deployment tests"
     # systemd: `systemd-analyze verify` checks deploy/deltasync-server.service.
-    need_pkgs chromium chromium-driver prometheus systemd curl
+    # xfsprogs: host/tests/reflink.rs makes an XFS file system (reflinks).
+    need_pkgs chromium chromium-driver prometheus systemd curl xfsprogs
     section "3/4 tests: SeaweedFS for the object-store tests"
     start_seaweedfs
     # The end-to-end suite runs twice: on the file store, then (again) with
