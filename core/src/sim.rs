@@ -268,7 +268,15 @@ pub enum Stop {
     Server(DriveError<()>),
     /// Neither side could move.
     Stalled,
+    /// The client did not finish in [`MAX_TURNS`] turns although the sides
+    /// kept moving: a loop.
+    Endless,
 }
+
+/// Turns [`run`] and [`run_paced`] give the client to finish: far more than
+/// any simulated transfer takes (one frame or batch per side and turn), so
+/// that a machine that loops fails its test instead of hanging it.
+pub const MAX_TURNS: usize = 1 << 20;
 
 /// Advances one side (the client's when `to_server`) by one step over
 /// `net`, recording each frame it sends; returns whether it made progress,
@@ -360,7 +368,7 @@ pub fn run_paced<C: Machine, S: Machine>(
     window: usize,
     tick_ms: u64,
 ) -> Result<C::Output, Stop> {
-    loop {
+    for _ in 0..MAX_TURNS {
         let mut progress = false;
         if net.to_server.len() < window {
             let (p, done) = side(client, cp, net, true).map_err(Stop::Client)?;
@@ -378,6 +386,7 @@ pub fn run_paced<C: Machine, S: Machine>(
         }
         net.clock = net.clock.plus_ms(tick_ms);
     }
+    Err(Stop::Endless)
 }
 
 /// Runs both sides until the client is done.
@@ -388,16 +397,7 @@ pub fn run<C: Machine, S: Machine>(
     sp: &mut StdPump,
     net: &mut Net,
 ) -> Result<C::Output, Stop> {
-    loop {
-        let (c_prog, done) = side(client, cp, net, true).map_err(Stop::Client)?;
-        if let Some(o) = done {
-            return Ok(o);
-        }
-        let (s_prog, _) = side(server, sp, net, false).map_err(Stop::Server)?;
-        if !c_prog && !s_prog {
-            return Err(Stop::Stalled);
-        }
-    }
+    run_rounds(client, cp, server, sp, net, MAX_TURNS)?.ok_or(Stop::Endless)
 }
 
 /// The key of the simulations' client (not secret: tests only).

@@ -1267,6 +1267,27 @@ fn a_missing_root_is_waited_for_as_long_as_hashing_the_file_may_take() {
 }
 
 #[test]
+fn two_machines_that_talk_forever_end_the_simulation() {
+    // A machine that loops (here two that always have something to send)
+    // must fail its test, not hang it.
+    use deltasync_core::machine::{Machine, Poll};
+    use deltasync_core::message::Message;
+    struct Chatty;
+    impl Machine for Chatty {
+        type Output = ();
+        fn handle(&mut self, _: Instant, _: Message<'_>) -> Result<(), SessionError> {
+            Ok(())
+        }
+        fn poll(&mut self, _: Instant, out: &mut [u8]) -> Result<Poll<()>, SessionError> {
+            Ok(Poll::Transmit(deltasync_core::frame::encode(&Message::List, out).unwrap()))
+        }
+    }
+    let mut net = Net::default();
+    let r = run(&mut Chatty, &mut pump(), &mut Chatty, &mut pump(), &mut net);
+    assert!(matches!(r, Err(Stop::Endless)), "{r:?}");
+}
+
+#[test]
 fn after_a_failed_write_the_peers_last_word_is_read() {
     // A machine that always has something to send, and a peer that closed
     // after saying why (its write side shut): the driver reports what the
