@@ -2,11 +2,13 @@
 //! benchmarks) share on one machine, kept out of the sans-IO core: trees
 //! built from files on several threads ([`build`]), chunk hints that spare
 //! re-chunking what did not change ([`hints`]), and the machine's
-//! conventions: where keys and hints live, and the clock ([`local`]).
+//! conventions: where keys and hints live, and the clock ([`local`]); work
+//! over a file while it is written ([`readback`]).
 
 pub mod build;
 pub mod hints;
 pub mod local;
+pub mod readback;
 
 /// How one step of a kernel-side copy ([`copy_step`]) went.
 #[derive(Debug)]

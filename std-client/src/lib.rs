@@ -19,6 +19,7 @@ use deltasync_core::tree::Tree;
 use deltasync_host::hints::{ChunkHints, Known, build_tree_hinted};
 pub use deltasync_host::local::default_hints_dir;
 use deltasync_host::local::now;
+use deltasync_host::readback::{FileSha256, ReadBack};
 use embedded_io_adapters::std::FromStd;
 use serde::Serialize;
 use std::fs::{self, File};
@@ -1022,14 +1023,15 @@ impl Connection {
                 }
             }
             Outcome::Written => {
-                let f = out.file.into_inner().map_err(|e| local(e.into_error()))?;
+                let (f, hashed) = out.finish().map_err(local)?;
                 if let Some(meta) = meta {
                     set_local_meta(&f, meta).map_err(local)?;
                 }
                 // The receiver checked the root; the bytes written (reused
                 // ones copied from a local copy that may have changed
                 // since its tree was built) are checked against the
-                // offer's SHA-256 here, while they go to disk.
+                // offer's SHA-256 here, hashed as they were written (read
+                // back by another thread) while they go to disk.
                 // A whole file fetched leaves its hints too, for the next
                 // delta of this name either way (a delta keeps the old
                 // version's: they still spare all but the changed groups).
@@ -1039,7 +1041,10 @@ impl Connection {
                     let hints = hints_file.is_some().then(|| {
                         s.spawn(|| tree.and_then(|t| ChunkHints::collect(&f, &t, &Known::default()).ok()))
                     });
-                    let hash = deltasync_host::build::file_hash(&f);
+                    let hash = match hashed {
+                        Some((hasher, len)) => hasher.finish(len),
+                        None => deltasync_host::build::file_hash(&f),
+                    };
                     let synced = sync.join().unwrap_or_else(|_| Err(io::Error::other("sync failed")));
                     (synced, hash, hints.and_then(|h| h.join().ok().flatten()))
                 });
@@ -1120,26 +1125,50 @@ struct LocalOut {
     written: u64,
     kicked: u64,
     /// Its owner checks the file's SHA-256 once written (see
-    /// [`Output::hashes_file`]).
+    /// [`Output::hashes_file`]): hashed by `hasher` as it is written.
     checked: bool,
+    hasher: Option<ReadBack<FileSha256>>,
 }
+
+/// A file's SHA-256 as it is written, and the file's length.
+type Hashing = (ReadBack<FileSha256>, u64);
 
 /// Bytes written between two early writeback requests.
 const WRITEBACK_STEP: u64 = 4 << 20;
 
 impl LocalOut {
     pub(crate) fn new(file: BufWriter<File>, checked: bool) -> LocalOut {
-        LocalOut { file, out_of_space: false, written: 0, kicked: 0, checked }
+        LocalOut { file, out_of_space: false, written: 0, kicked: 0, checked, hasher: None }
     }
 
     /// `n` more bytes are in the file (or its buffer): every few MiB, the
-    /// disk is asked to start on them.
+    /// disk is asked to start on them, and the hasher may read them.
     fn wrote(&mut self, n: u64) {
+        if self.checked && self.hasher.is_none() && self.written == 0 {
+            // If no thread can be had, the file is hashed once written.
+            self.hasher = self
+                .file
+                .get_ref()
+                .try_clone()
+                .and_then(|f| ReadBack::start(f, FileSha256::default(), 0, "download-hash"))
+                .ok();
+        }
         self.written += n;
         if self.written - self.kicked >= WRITEBACK_STEP && io::Write::flush(&mut self.file).is_ok() {
             deltasync_host::start_writeback(self.file.get_ref(), self.kicked, self.written - self.kicked);
             self.kicked = self.written;
+            if let Some(h) = &self.hasher {
+                h.ready(self.kicked);
+            }
         }
+    }
+
+    /// The written file (flushed), and its hasher with the file's length
+    /// (see [`ReadBack::finish`]) if it was hashed as it was written.
+    fn finish(self) -> io::Result<(File, Option<Hashing>)> {
+        let LocalOut { file, written, hasher, .. } = self;
+        let file = file.into_inner().map_err(|e| e.into_error())?;
+        Ok((file, hasher.map(|h| (h, written))))
     }
 }
 

@@ -38,6 +38,8 @@ use deltasync_core::message::{EntryKind, Expect, MAX_NAME, MODE_BITS, Meta};
 use deltasync_core::source::{FileSource, IoFailed, Output};
 use deltasync_core::tree::{Summary, Tree, TreeIndexer};
 use deltasync_host::build::{build_tree, build_tree_unhashed};
+pub(crate) use deltasync_host::readback::Follow;
+use deltasync_host::readback::ReadBack;
 use rustix::fs::FileType;
 use sha2::digest::common::hazmat::{SerializableState, SerializedState};
 use sha2::{Digest, Sha256};
@@ -46,7 +48,7 @@ use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::UNIX_EPOCH;
 
@@ -978,24 +980,6 @@ pub struct TempFile {
 /// Bytes written between two writeback requests (and read-back updates).
 const WRITEBACK_STEP: u64 = 4 << 20;
 
-#[derive(Default)]
-struct Progress {
-    /// Bytes of the file that are written and may be read back.
-    ready: u64,
-    /// No more bytes will come.
-    closed: bool,
-    /// Stop without a result.
-    abandoned: bool,
-}
-
-/// What a [`ReadBack`] thread computes over a file being written (the
-/// object store's writer feeds a [`FileHash`] itself).
-pub(crate) trait Follow: Send + 'static {
-    type Out: Send + 'static;
-    fn feed(&mut self, data: &[u8]);
-    fn done(self) -> Self::Out;
-}
-
 /// The version an upload replaces, as far as hashing the new one goes: the
 /// file (by device and inode) and its kept SHA-256 midstates.
 struct HashBase {
@@ -1069,120 +1053,6 @@ impl Follow for FileTree {
     }
 }
 
-/// Read-back threads running at once, all uploads together; past this,
-/// the work waits for the end of the upload (see [`ReadBack`]).
-fn readback_limit() -> usize {
-    static LIMIT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *LIMIT.get_or_init(|| std::thread::available_parallelism().map_or(2, |n| n.get()).max(2) * 2)
-}
-
-/// Read-back threads running now.
-static READBACK_THREADS: AtomicUsize = AtomicUsize::new(0);
-
-/// Frees a read-back thread's place when the thread ends.
-struct ReadBackSlot;
-
-impl Drop for ReadBackSlot {
-    fn drop(&mut self) {
-        READBACK_THREADS.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-/// Work over a file being written, on its own thread: it reads back (from
-/// the page cache) what the writer has flushed, so that the connection's
-/// thread only receives and writes, and every core works. At most
-/// [`readback_limit`] such threads run; beyond that the work is deferred,
-/// and done by whoever calls [`ReadBack::finish`] (a connection's worker),
-/// so that a thousand uploads at once do not mean a thousand threads.
-struct ReadBack<F: Follow> {
-    shared: Arc<(Mutex<Progress>, Condvar)>,
-    thread: Option<std::thread::JoinHandle<io::Result<F::Out>>>,
-    deferred: Option<(File, F, u64)>,
-}
-
-/// Feeds `work` with `file` from `pos` up to `end`.
-fn read_into<F: Follow>(
-    file: &File,
-    work: &mut F,
-    buf: &mut [u8],
-    mut pos: u64,
-    end: u64,
-) -> io::Result<u64> {
-    while pos < end {
-        let n = (end - pos).min(buf.len() as u64) as usize;
-        std::os::unix::fs::FileExt::read_exact_at(file, &mut buf[..n], pos)?;
-        work.feed(&buf[..n]);
-        pos += n as u64;
-    }
-    Ok(pos)
-}
-
-impl<F: Follow> ReadBack<F> {
-    /// Starts the work at byte `from` of `file`.
-    fn start(file: File, mut work: F, from: u64, name: &str) -> io::Result<ReadBack<F>> {
-        let shared = Arc::new((Mutex::new(Progress::default()), Condvar::new()));
-        if READBACK_THREADS.fetch_add(1, Ordering::SeqCst) >= readback_limit() {
-            READBACK_THREADS.fetch_sub(1, Ordering::SeqCst);
-            return Ok(ReadBack { shared, thread: None, deferred: Some((file, work, from)) });
-        }
-        let slot = ReadBackSlot;
-        let progress = shared.clone();
-        let thread = std::thread::Builder::new().name(name.into()).spawn(move || {
-            let _slot = slot;
-            let (lock, wake) = &*progress;
-            let mut buf = vec![0u8; 1 << 20];
-            let mut pos = from;
-            loop {
-                let (ready, closed) = {
-                    let mut p = lock.lock().unwrap_or_else(|e| e.into_inner());
-                    while p.ready <= pos && !p.closed && !p.abandoned {
-                        p = wake.wait(p).unwrap_or_else(|e| e.into_inner());
-                    }
-                    if p.abandoned {
-                        return Err(io::Error::other("abandoned"));
-                    }
-                    (p.ready, p.closed)
-                };
-                pos = read_into(&file, &mut work, &mut buf, pos, ready)?;
-                if closed {
-                    return Ok(work.done());
-                }
-            }
-        })?;
-        Ok(ReadBack { shared, thread: Some(thread), deferred: None })
-    }
-
-    fn update(&self, f: impl FnOnce(&mut Progress)) {
-        let (lock, wake) = &*self.shared;
-        f(&mut lock.lock().unwrap_or_else(|e| e.into_inner()));
-        wake.notify_one();
-    }
-
-    /// The result over the first `len` bytes, once the thread has read them
-    /// (or, deferred, once this call has).
-    fn finish(mut self, len: u64) -> io::Result<F::Out> {
-        if let Some((file, mut work, from)) = self.deferred.take() {
-            read_into(&file, &mut work, &mut vec![0u8; 1 << 20], from, len)?;
-            return Ok(work.done());
-        }
-        self.update(|p| {
-            p.ready = len;
-            p.closed = true;
-        });
-        let t = self.thread.take().ok_or_else(|| io::Error::other("reader gone"))?;
-        t.join().map_err(|_| io::Error::other("read-back thread panicked"))?
-    }
-}
-
-impl<F: Follow> Drop for ReadBack<F> {
-    fn drop(&mut self) {
-        if let Some(t) = self.thread.take() {
-            self.update(|p| p.abandoned = true);
-            let _ = t.join();
-        }
-    }
-}
-
 impl Output for TempFile {
     fn write(&mut self, data: &[u8]) -> Result<(), IoFailed> {
         if !data.is_empty() {
@@ -1213,7 +1083,7 @@ impl Output for TempFile {
         match started {
             Ok(r) => {
                 let ready = self.kicked;
-                r.update(|p| p.ready = ready);
+                r.ready(ready);
                 self.indexer = Some(r);
                 true
             }
@@ -1307,7 +1177,7 @@ impl TempFile {
         let file = self.file.as_ref().ok_or_else(|| io::Error::other("closed"))?.get_ref().try_clone()?;
         let h = ReadBack::start(file, FileHash { sha, pos: from, midstates: Vec::new() }, from, "file-hash")?;
         let ready = self.kicked;
-        h.update(|p| p.ready = ready);
+        h.ready(ready);
         self.hasher = Some(h);
         self.kept_midstates = midstates;
         Ok(())
@@ -1325,10 +1195,10 @@ impl TempFile {
         self.kicked = self.written;
         let ready = self.written;
         if let Some(h) = &self.hasher {
-            h.update(|p| p.ready = ready);
+            h.ready(ready);
         }
         if let Some(t) = &self.indexer {
-            t.update(|p| p.ready = ready);
+            t.ready(ready);
         }
     }
 
@@ -1860,7 +1730,7 @@ mod tests {
     #[test]
     fn with_every_read_back_thread_busy_the_work_is_done_at_the_end() {
         // As if a thousand uploads held every place.
-        READBACK_THREADS.fetch_add(readback_limit(), Ordering::SeqCst);
+        let busy = deltasync_host::readback::AllBusy::new();
         let dir = tempfile::tempdir().unwrap();
         let mut store = FsStore::open(dir.path()).unwrap();
         let step = MIDSTATE_STEP as usize;
@@ -1874,7 +1744,7 @@ mod tests {
         store.wait_indexing();
         let tree = store.load_index("f", &meta).expect("the index");
         assert_eq!(tree.summary().root, Tree::build(&new, ChunkerKind::Cdc).summary().root);
-        assert_eq!(READBACK_THREADS.fetch_sub(readback_limit(), Ordering::SeqCst), readback_limit());
+        drop(busy);
     }
 
     #[test]
