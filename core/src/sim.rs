@@ -276,7 +276,7 @@ pub enum Stop {
 /// Turns [`run`] and [`run_paced`] give the client to finish: far more than
 /// any simulated transfer takes (one frame or batch per side and turn), so
 /// that a machine that loops fails its test instead of hanging it.
-pub const MAX_TURNS: usize = 1 << 20;
+pub const MAX_TURNS: usize = 1 << 22;
 
 /// Advances one side (the client's when `to_server`) by one step over
 /// `net`, recording each frame it sends; returns whether it made progress,

@@ -31,8 +31,9 @@ pub trait Follow: Send + 'static {
     fn done(self) -> Self::Out;
 }
 
-/// Read-back threads running at once, all uploads together; past this,
-/// the work waits for the end of the upload (see [`ReadBack`]).
+/// Read-back threads running at once in this process (all of a server's
+/// uploads together); past this, the work waits for the end of its
+/// transfer (see [`ReadBack`]).
 fn readback_limit() -> usize {
     static LIMIT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *LIMIT.get_or_init(|| std::thread::available_parallelism().map_or(2, |n| n.get()).max(2) * 2)
@@ -53,6 +54,12 @@ impl AllBusy {
         let n = readback_limit();
         READBACK_THREADS.fetch_add(n, Ordering::SeqCst);
         AllBusy(n)
+    }
+
+    /// Whether the places taken now are exactly the ones this holds: no
+    /// read-back work left a place taken.
+    pub fn only_these(&self) -> bool {
+        READBACK_THREADS.load(Ordering::SeqCst) == self.0
     }
 }
 

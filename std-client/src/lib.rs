@@ -969,8 +969,14 @@ impl Connection {
         };
         let base_name = dest.file_name().and_then(|n| n.to_str()).unwrap_or("download");
         let tmp = dir.join(format!(".deltasync-dl-{}-{base_name}", std::process::id()));
-        // Read too: the new version's hints are read back from it.
-        let created = fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&tmp);
+        // Read too: the new version's hints are read back from it. A new
+        // file of our own: whatever is at that name (a stale one, a
+        // planted link) goes first, and is never written through.
+        match fs::remove_file(&tmp) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(local(e)),
+            _ => {}
+        }
+        let created = fs::OpenOptions::new().read(true).write(true).create_new(true).open(&tmp);
         let file = BufWriter::with_capacity(1 << 20, created.map_err(local)?);
         let guard = RemoveOnDrop(Some(tmp.clone()));
         let (s0, r0) = self.wire_bytes();
@@ -1024,6 +1030,10 @@ impl Connection {
             }
             Outcome::Written => {
                 let (f, hashed) = out.finish().map_err(local)?;
+                // Hashed as far as we wrote: the file must end there.
+                if f.metadata().map_err(local)?.len() != offer.size {
+                    return Err(ClientError::Integrity(name.into()));
+                }
                 if let Some(meta) = meta {
                     set_local_meta(&f, meta).map_err(local)?;
                 }

@@ -1744,6 +1744,7 @@ mod tests {
         store.wait_indexing();
         let tree = store.load_index("f", &meta).expect("the index");
         assert_eq!(tree.summary().root, Tree::build(&new, ChunkerKind::Cdc).summary().root);
+        assert!(busy.only_these(), "deferred read-back work took a place");
         drop(busy);
     }
 
