@@ -1266,22 +1266,32 @@ fn a_missing_root_is_waited_for_as_long_as_hashing_the_file_may_take() {
     assert_eq!(rx.poll(Instant(30_062), &mut out), Err(SessionError::Timeout));
 }
 
+/// A machine that always has something to send, and ends only when its
+/// peer says an error.
+struct Chatty;
+
+impl deltasync_core::machine::Machine for Chatty {
+    type Output = ();
+    fn handle(&mut self, _: Instant, msg: deltasync_core::message::Message<'_>) -> Result<(), SessionError> {
+        match msg {
+            deltasync_core::message::Message::Error(c) => Err(SessionError::Peer(c)),
+            _ => Ok(()),
+        }
+    }
+    fn poll(
+        &mut self,
+        _: Instant,
+        out: &mut [u8],
+    ) -> Result<deltasync_core::machine::Poll<()>, SessionError> {
+        let n = deltasync_core::frame::encode(&deltasync_core::message::Message::List, out).unwrap();
+        Ok(deltasync_core::machine::Poll::Transmit(n))
+    }
+}
+
 #[test]
 fn two_machines_that_talk_forever_end_the_simulation() {
     // A machine that loops (here two that always have something to send)
     // must fail its test, not hang it.
-    use deltasync_core::machine::{Machine, Poll};
-    use deltasync_core::message::Message;
-    struct Chatty;
-    impl Machine for Chatty {
-        type Output = ();
-        fn handle(&mut self, _: Instant, _: Message<'_>) -> Result<(), SessionError> {
-            Ok(())
-        }
-        fn poll(&mut self, _: Instant, out: &mut [u8]) -> Result<Poll<()>, SessionError> {
-            Ok(Poll::Transmit(deltasync_core::frame::encode(&Message::List, out).unwrap()))
-        }
-    }
     let mut net = Net::default();
     let r = run(&mut Chatty, &mut pump(), &mut Chatty, &mut pump(), &mut net);
     assert!(matches!(r, Err(Stop::Endless)), "{r:?}");
@@ -1293,21 +1303,6 @@ fn after_a_failed_write_the_peers_last_word_is_read() {
     // after saying why (its write side shut): the driver reports what the
     // peer said, not the broken pipe.
     use deltasync_core::driver::run_blocking;
-    use deltasync_core::machine::{Machine, Poll};
-    use deltasync_core::message::Message;
-    struct Chatty;
-    impl Machine for Chatty {
-        type Output = ();
-        fn handle(&mut self, _: Instant, msg: Message<'_>) -> Result<(), SessionError> {
-            match msg {
-                Message::Error(c) => Err(SessionError::Peer(c)),
-                _ => Ok(()),
-            }
-        }
-        fn poll(&mut self, _: Instant, out: &mut [u8]) -> Result<Poll<()>, SessionError> {
-            Ok(Poll::Transmit(deltasync_core::frame::encode(&Message::List, out).unwrap()))
-        }
-    }
     struct Closed(Vec<u8>);
     impl embedded_io::ErrorType for Closed {
         type Error = embedded_io::ErrorKind;

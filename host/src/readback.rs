@@ -202,7 +202,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("deltasync-readback-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("f");
-        let bytes: Vec<u8> = (0..5_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let bytes = deltasync_core::sim::random_bytes(1, 5_000_000);
         let mut f = std::fs::File::create(&path).unwrap();
         let r =
             ReadBack::start(std::fs::File::open(&path).unwrap(), FileSha256::default(), 0, "test").unwrap();

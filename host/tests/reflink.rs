@@ -68,19 +68,6 @@ fn run(cmd: &mut Command, what: &str) {
     }
 }
 
-/// `n` pseudo-random bytes.
-fn noise(n: usize) -> Vec<u8> {
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 fn create(path: &Path) -> File {
     File::options().read(true).write(true).create_new(true).open(path).unwrap()
 }
@@ -90,7 +77,7 @@ const MIB: u64 = 1 << 20;
 #[test]
 fn a_copy_that_keeps_its_place_in_a_block_shares_all_its_whole_blocks() {
     let fs = Xfs::new();
-    let bytes = noise(16 * MIB as usize);
+    let bytes = deltasync_core::sim::random_bytes(1, 16 * MIB as usize);
     let old = create(&fs.mnt.join("old"));
     old.write_all_at(&bytes, 0).unwrap();
     let before = fs.used(vec![old]);

@@ -24,7 +24,7 @@
 //! are written once. Packs and versions no reference reaches are garbage
 //! (an upload that was never published, a replaced version).
 
-use crate::store::{FileHash, Follow, MIDSTATE_STEP, PartialLimits};
+use crate::store::{FileHash, MIDSTATE_STEP, PartialLimits};
 use bytes::Bytes;
 use deltasync_core::Hash;
 use deltasync_core::chunker::{Chunker, ChunkerKind};
@@ -33,6 +33,7 @@ use deltasync_core::error::ErrorCode;
 use deltasync_core::message::{EntryKind, Expect, MODE_BITS, Meta, validate_name};
 use deltasync_core::source::{IoFailed, Output, Source};
 use deltasync_core::tree::{Tree, TreeIndexer};
+use deltasync_host::readback::Follow;
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::{Path as Key, PathPart};
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
